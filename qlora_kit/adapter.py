@@ -1,0 +1,94 @@
+"""The adapter: saved in plain PEFT format so any PEFT user can load it, and used to generate text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from qlora_kit import model as models
+from qlora_kit.errors import UserError
+from qlora_kit.sources import resolve_model
+
+# Hub ids of the originals behind our aliases, so a saved adapter names a base that loads anywhere.
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_base_id(source: str, folder: Path) -> str:
+    """What adapter_config.json should name as the base: a hub id where one is known, else the local folder."""
+    if source in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[source]
+    if not Path(source).expanduser().exists():
+        return source  # a hub id
+    return str(folder.resolve())
+
+
+def save_adapter(model, tokenizer, folder: Path, base_id: str) -> int:
+    """Write adapter_config.json, adapter_model.safetensors and tokenizer files atomically; returns the weights' bytes."""
+    folder = Path(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_id
+        config_path.write_text(json.dumps(config, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
+def base_source_for(adapter_dir: Path) -> str:
+    """The base model a run's adapter was trained on: the run's recipe.yaml, else adapter_config.json."""
+    recipe_file = adapter_dir.parent / "recipe.yaml"
+    if recipe_file.is_file():
+        recipe = yaml.safe_load(recipe_file.read_text()) or {}
+        if recipe.get("model"):
+            return recipe["model"]
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto"):
+    """The 4-bit base (with the adapter on top when given) and its tokenizer, ready to generate."""
+    from peft import PeftModel
+
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise UserError(f"{adapter_dir} holds no adapter_config.json.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+        source = source or base_source_for(adapter_dir)
+    if source is None:
+        raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
+    device, dtype = models.pick_device_and_dtype(precision)
+    folder = resolve_model(source)
+    has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(adapter_dir if has_tokenizer else folder)
+    model = models.load_base_4bit(folder, dtype, device)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True) -> str:
+    """The model's reply to `prompt`, through the chat template when the tokenizer has one; greedy at temperature 0."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
+                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

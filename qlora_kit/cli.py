@@ -1,0 +1,118 @@
+"""The `qlora-kit` command: one thin function per verb; user mistakes become one sentence and a hint."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from qlora_kit.errors import UserError
+
+app = typer.Typer(
+    help="QLoRA fine-tuning for small GPUs: train a 4-bit base with LoRA and get a small PEFT adapter.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    # Library progress bars and advisories would bury our own output; errors still show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create, e.g. runs/my-run (must not hold a run yet)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe to start from; flags override its settings."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank r. [default: 16]"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; updates are scaled by alpha/rank. [default: 32]"),
+    dropout: Optional[float] = typer.Option(None, help="LoRA dropout. [default: 0.05]"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Longest sequence in tokens; longer examples are cut. [default: 512]"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Examples per forward/backward pass. [default: 4]"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step. [default: 1]"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps; 0 = derive from --epochs. [default: 0]"),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the data when --steps is 0. [default: 1]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine). [default: 2e-4]"),
+    seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and dropout. [default: 0]"),
+    precision: Optional[str] = typer.Option(None, help="auto, bf16, fp16 or fp32. [default: auto]"),
+    optimizer: Optional[str] = typer.Option(None, help="auto, paged_adamw_8bit, adamw_8bit or adamw. [default: auto]"),
+) -> None:
+    """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter."""
+    from qlora_kit.recipes import Recipe, load_recipe, with_overrides
+    from qlora_kit.train import run_training
+
+    base = load_recipe(recipe) if recipe else Recipe()
+    settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
+                              dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
+                              steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
+    summary = run_training(settings, out, console)
+    print_summary(summary)
+
+
+def print_summary(summary) -> None:
+    """The end-of-run lines: steps, loss, time, and where the adapter is."""
+    state = "[yellow]Interrupted[/]" if summary.interrupted else "[green]Done[/]"
+    console.print(f"{state}: {summary.steps} steps in {summary.seconds:.0f} s, {summary.tokens:,} tokens, "
+                  f"loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
+    console.print(f"Adapter: {summary.adapter_dir} ({summary.adapter_bytes / 2**20:.1f} MiB, plain PEFT format)")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask the model."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (repeatable); higher = more varied."),
+    raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
+) -> None:
+    """Answer a prompt with a base model, with or without a trained adapter."""
+    from qlora_kit.adapter import generate as generate_text, load_with_adapter
+
+    with console.status("Loading the model in 4-bit ..."):
+        lm, tokenizer = load_with_adapter(model, adapter)
+    console.print(generate_text(lm, tokenizer, prompt, max_new_tokens, temperature, chat=not raw), highlight=False, markup=False)
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/demo, or the next free runs/demo-N]"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (fewer = faster, weaker effect)."),
+) -> None:
+    """Offline demo: teach SmolLM2-135M to talk like a pirate in a few minutes, then compare answers."""
+    from qlora_kit.demo import run_demo
+
+    run_demo(out, steps, console)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning UserError into a message and exit code 1."""
+    _quiet_libraries()
+    try:
+        app()
+    except UserError as e:
+        errors.print(f"[bold red]Error:[/] {escape(e.message)}", highlight=False)
+        if e.hint:
+            errors.print(f"[bold]Hint:[/] {escape(e.hint)}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        errors.print("Interrupted.")
+        sys.exit(130)

@@ -1,0 +1,130 @@
+"""The model: a base loaded in 4-bit NF4 through bitsandbytes, with LoRA adapters from peft on top.
+
+Only LoRA weights train, in fp32. Every other weight stays as loaded: linear layers in NF4 with
+double-quantized constants, embeddings and norms in the 16-bit compute dtype (fp32 on CPU), never upcast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe
+
+# bitsandbytes' CPU backend warns at import that an optional hub kernel is missing; the fallback is fine.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """First CUDA GPU if present, else CPU; compute dtype bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"{torch.cuda.get_device_name(0)} does not support bf16.", hint="Use --precision fp16.")
+        return device, DTYPES[precision]
+    if precision == "fp16":
+        raise UserError("fp16 training needs a CUDA GPU, and none is visible.", hint="Use --precision fp32 (or bf16) on CPU.")
+    return torch.device("cpu"), DTYPES["fp32" if precision == "auto" else precision]
+
+
+def load_tokenizer(folder: Path):
+    """The model's tokenizer, with a pad token (the eos token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device):
+    """Load a causal LM with its linear layers quantized to NF4 with double quantization."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # quantizes the absmax constants too: ~0.4 bit/param saved
+        bnb_4bit_compute_dtype=dtype,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization, dtype=dtype, device_map={"": device}
+        )
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{folder} could not be loaded as a causal language model: {e}",
+                        hint="qlora-kit fine-tunes decoder-only text models (Llama, Gemma, Qwen, Mistral, Phi ...).") from None
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def attach_lora(model, recipe: Recipe):
+    """Freeze the base, enable gradient checkpointing, and add trainable fp32 LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if recipe.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no requires_grad on the inputs, so embeddings stay frozen as they are.
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    targets = recipe.target_modules
+    config = LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=recipe.dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names.") from None
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # optimizer updates of bf16 LoRA weights would round away
+    return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting each 4-bit weight as its unpacked size."""
+    return model.get_nb_trainable_parameters()
+
+
+def lm_parts(model):
+    """The decoder stack, the output projection weight and the logit soft-cap the chunked loss needs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return base.get_decoder(), head.weight, softcap
+
+
+def check_logits_path(model, device: torch.device) -> None:
+    """Refuse models whose logits are not `final_hidden @ head.T` (logit scaling, a head bias ...)."""
+    decoder, head_weight, softcap = lm_parts(model)
+    ids = torch.arange(1, 9, device=device).unsqueeze(0) % head_weight.shape[0]
+    # bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a 4-bit weight in place for inference the first
+    # time it sees an eval-mode forward without grad, and training on the repacked weight then goes wrong.
+    # So the 4-bit layers stay in train mode here and only dropout is switched off.
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        ours = (decoder(input_ids=ids).last_hidden_state.to(head_weight.dtype) @ head_weight.t()).float()
+        if softcap:
+            ours = torch.tanh(ours / softcap) * softcap
+    model.train()
+    scale = expected.abs().max().clamp(min=1e-6)
+    if ((ours - expected).abs().max() / scale) > 1e-2:
+        name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        raise UserError(f"{name} computes its logits in a way qlora-kit's chunked loss does not reproduce.",
+                        hint="Please report this model to qlora-kit; Llama, Gemma, Qwen, Mistral and Phi work.")

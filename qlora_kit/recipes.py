@@ -1,0 +1,123 @@
+"""Recipe: every setting of a training run, with a help line, type and allowed range per field.
+
+The same field metadata drives YAML loading, validation messages and the run's recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qlora_kit.errors import UserError
+
+
+def _setting(default, help: str, *, low=None, high=None, choices=None):
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+@dataclass
+class Recipe:
+    """Settings of one QLoRA run; `None` model/data means "given on the command line"."""
+
+    model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m")
+    data: str | None = _setting(None, "training data: a .jsonl file with `text` or `messages` per line")
+    rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)
+    alpha: float = _setting(32.0, "LoRA alpha: the update is scaled by alpha / rank", low=0.0)
+    dropout: float = _setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)
+    target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, or comma-separated names (q_proj,v_proj)")
+    seq_len: int = _setting(512, "longest sequence in tokens; longer examples are truncated", low=8, high=1_048_576)
+    micro_batch: int = _setting(4, "examples per forward/backward pass", low=1, high=4096)
+    grad_accum: int = _setting(1, "micro-batches per optimizer step (effective batch = micro_batch x grad_accum)", low=1, high=4096)
+    steps: int = _setting(0, "optimizer steps; 0 means derive them from epochs", low=0)
+    epochs: float = _setting(1.0, "passes over the data when steps is 0", low=0.0)
+    lr: float = _setting(2e-4, "peak learning rate", low=0.0, high=1.0)
+    warmup_ratio: float = _setting(0.05, "fraction of steps spent warming the learning rate up linearly", low=0.0, high=1.0)
+    schedule: str = _setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    weight_decay: float = _setting(0.0, "AdamW weight decay on LoRA weights", low=0.0, high=1.0)
+    max_grad_norm: float = _setting(1.0, "clip the gradient norm to this; 0 disables clipping", low=0.0)
+    gradient_checkpointing: bool = _setting(True, "recompute each layer in backward instead of keeping its activations")
+    loss_chunk_tokens: int = _setting(0, "tokens per chunk of the chunked loss; 0 picks from the vocabulary size", low=0)
+    optimizer: str = _setting("auto", "auto = paged 8-bit AdamW on CUDA, torch AdamW on CPU",
+                              choices=("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"))
+    precision: str = _setting("auto", "compute dtype: auto = bf16 if supported, else fp16 on GPU, fp32 on CPU",
+                              choices=("auto", "bf16", "fp16", "fp32"))
+    seed: int = _setting(0, "seed for LoRA init, data order and dropout", low=0)
+
+    def to_yaml(self) -> str:
+        """The recipe as commented YAML, one help line above each setting."""
+        lines = []
+        for f in dataclasses.fields(self):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(yaml.safe_dump({f.name: getattr(self, f.name)}, sort_keys=False).strip())
+        return "\n".join(lines) + "\n"
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    kind = _base_type(f).__name__
+    if meta["low"] is not None and meta["high"] is not None:
+        return f"{kind} from {meta['low']} to {meta['high']}"
+    if meta["low"] is not None:
+        return f"{kind} >= {meta['low']}"
+    return kind
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(Recipe)[f.name]
+    if isinstance(hint, types.UnionType):  # `str | None`
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
+
+
+def _coerce(f: dataclasses.Field, value, where: str):
+    kind = _base_type(f)
+    if value is None and f.default is None:
+        return None
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UserError(f"{where}: `{f.name}` is {value!r}, but it must be a {_allowed(f)}.", hint=f.metadata["help"])
+    meta = f.metadata
+    too_low = meta["low"] is not None and value < meta["low"]
+    too_high = meta["high"] is not None and value > meta["high"]
+    if too_low or too_high or (meta["choices"] and value not in meta["choices"]):
+        raise UserError(f"{where}: `{f.name}` is {value!r}, but it must be {_allowed(f)}.", hint=f.metadata["help"])
+    return value
+
+
+def recipe_from_dict(values: dict, where: str = "recipe") -> Recipe:
+    """Validate a mapping of settings into a Recipe; `where` names the source in error messages."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    for key in values:
+        if key not in fields:
+            raise UserError(f"{where}: unknown setting `{key}`.", hint="Known settings: " + ", ".join(fields))
+    return Recipe(**{k: _coerce(fields[k], v, where) for k, v in values.items()})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"Cannot read recipe {path}: {e.strerror}.", hint="Check the path.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}.", hint="Fix the line shown.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of settings.", hint="Write one `name: value` per line.")
+    return recipe_from_dict(values, where=str(path))
+
+
+def with_overrides(recipe: Recipe, **overrides) -> Recipe:
+    """A copy of `recipe` with every override that is not None applied and validated."""
+    values = dataclasses.asdict(recipe)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return recipe_from_dict(values, where="command line")

