@@ -109,9 +109,9 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        errors.print(f"[bold red]Error:[/] {escape(e.message)}", highlight=False)
+        errors.print(f"[bold red]Error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if e.hint:
-            errors.print(f"[bold]Hint:[/] {escape(e.hint)}", highlight=False)
+            errors.print(f"[bold]Hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         errors.print("Interrupted.")

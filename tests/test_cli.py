@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from qlora_kit import cli
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `qlora-kit ARGS` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr("sys.argv", ["qlora-kit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_help_lists_the_verbs(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "--help")
+    assert code == 0 and all(verb in out for verb in ("train", "generate", "demo"))
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
+    assert code == 0 and "--micro-batch" in out and "LoRA rank" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing data", "does not exist"),
+    ("empty data", "has no examples"),
+    ("bad line", "line 2 is not valid JSON"),
+    ("unknown model", "No model found"),
+    ("existing run", "already holds a run"),
+    ("bad setting", "`rank` is 0"),
+])
+def test_user_errors_are_one_sentence_and_a_hint(monkeypatch, capsys, tmp_path, llama_dir, case, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text({"empty data": "", "bad line": '{"text": "ok"}\n{oops\n'}.get(case, '{"text": "hello"}\n'))
+    if case == "missing data":
+        data = tmp_path / "missing.jsonl"
+    model = tmp_path / "no-such-model" if case == "unknown model" else llama_dir
+    out = tmp_path / "run"
+    if case == "existing run":
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("")
+    extra = ["--rank", "0"] if case == "bad setting" else []
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", model, "--data", data, "--out", out, "--steps", "1", *extra)
+    assert code == 1
+    assert "Error:" in err and message in err and "Hint:" in err
+    assert "Traceback" not in err
+    if case != "existing run":
+        assert not out.exists(), "nothing may be written when the input is bad"
+
+
+def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llama_dir, chat_data):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out", out,
+                              "--steps", "3", "--rank", "4", "--micro-batch", "2")
+    assert code in (0, None)
+    assert "Trainable:" in stdout and "Optimizer: torch AdamW" in stdout and "Adapter:" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out / "adapter", "--prompt", "one two?",
+                              "--max-new-tokens", "4")
+    assert code in (0, None) and stdout.strip()
+
+
+def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--adapter", tmp_path, "--prompt", "hi")
+    assert code == 1 and "holds no adapter_config.json" in err

@@ -1,0 +1,78 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora_kit import model as models
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe
+from tests.conftest import save_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def test_linear_layers_load_as_nf4_with_double_quant(tiny_model_dir):
+    base = models.load_base_4bit(tiny_model_dir, torch.float32, CPU)
+    quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    for layer in quantized:
+        assert layer.weight.quant_state.quant_type == "nf4"
+        assert layer.weight.quant_state.nested, "double quantization quantizes the absmax constants too"
+    assert not isinstance(base.get_output_embeddings(), bnb.nn.Linear4bit)
+
+
+def test_only_lora_trains_in_fp32_and_16_bit_weights_are_never_upcast(tiny_model_dir):
+    base = models.load_base_4bit(tiny_model_dir, torch.bfloat16, CPU)
+    lora = models.attach_lora(base, Recipe(rank=4))
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    embeddings = lora.get_base_model().get_input_embeddings().weight
+    assert embeddings.dtype == torch.bfloat16 and not embeddings.requires_grad
+
+
+def test_trainable_count_matches_peft_and_the_lora_formula(tiny_model_dir):
+    lora = models.attach_lora(models.load_base_4bit(tiny_model_dir, torch.float32, CPU), Recipe(rank=8))
+    trainable, total = models.parameter_counts(lora)
+    config = lora.get_base_model().config
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    q = config.num_attention_heads * config.head_dim
+    per_layer = sum(8 * (a + b) for a, b in [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)])
+    assert trainable == per_layer * config.num_hidden_layers
+    assert total > trainable
+
+
+def test_target_modules_can_be_named(llama_dir):
+    lora = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, target_modules="q_proj, v_proj"))
+    names = {n.split(".")[-4] for n, p in lora.named_parameters() if p.requires_grad}
+    assert names == {"q_proj", "v_proj"}
+    with pytest.raises(UserError, match="LoRA could not be attached"):
+        models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(target_modules="nothing_here"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "gemma2"])
+def test_logits_path_check_accepts_supported_architectures(tmp_path, kind):
+    lora = models.attach_lora(models.load_base_4bit(save_tiny_model(tmp_path, kind), torch.float32, CPU), Recipe())
+    models.check_logits_path(lora, CPU)
+    assert lora.training
+
+
+def test_logits_path_check_refuses_a_scaled_head(llama_dir):
+    lora = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe())
+    head = lora.get_base_model().lm_head
+    head.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(UserError, match="does not reproduce"):
+        models.check_logits_path(lora, CPU)
+
+
+def test_cpu_defaults_to_fp32_and_refuses_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.pick_device_and_dtype("auto") == (CPU, torch.float32)
+    assert models.pick_device_and_dtype("bf16") == (CPU, torch.bfloat16)
+    with pytest.raises(UserError, match="fp16 training needs a CUDA GPU"):
+        models.pick_device_and_dtype("fp16")
+
+
+def test_folder_that_is_not_a_causal_lm_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(UserError, match="could not be loaded"):
+        models.load_base_4bit(tmp_path, torch.float32, CPU)

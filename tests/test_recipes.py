@@ -1,0 +1,46 @@
+import pytest
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe, load_recipe, recipe_from_dict, with_overrides
+
+
+def test_recipe_yaml_round_trips_with_a_comment_per_setting(tmp_path):
+    recipe = Recipe(model="m", data="d.jsonl", rank=8, lr=1e-4, gradient_checkpointing=False)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+    lines = path.read_text().splitlines()
+    assert sum(line.startswith("# ") for line in lines) == len(lines) // 2
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rnak": 8}, "unknown setting `rnak`"),
+    ({"rank": "eight"}, "`rank` is 'eight', but it must be a int from 1 to 1024"),
+    ({"rank": 0}, "`rank` is 0, but it must be int from 1 to 1024"),
+    ({"lr": -1.0}, "`lr` is -1.0"),
+    ({"optimizer": "sgd"}, "must be one of auto, paged_adamw_8bit"),
+    ({"gradient_checkpointing": "yes"}, "must be a bool"),
+    ({"micro_batch": True}, "must be a int"),
+])
+def test_invalid_settings_name_the_key_and_what_is_allowed(values, message):
+    with pytest.raises(UserError, match=message) as error:
+        recipe_from_dict(values, where="my.yaml")
+    assert "my.yaml" in error.value.message
+
+
+def test_ints_are_accepted_for_float_settings():
+    assert recipe_from_dict({"alpha": 16}).alpha == 16.0
+
+
+def test_overrides_apply_only_what_is_given():
+    recipe = with_overrides(Recipe(rank=8), rank=None, lr=1e-3)
+    assert recipe.rank == 8 and recipe.lr == 1e-3
+
+
+def test_recipe_file_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="Cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_recipe(bad)

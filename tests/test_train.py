@@ -1,0 +1,103 @@
+import dataclasses
+import io
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from qlora_kit import data, model as models
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe, load_recipe
+from qlora_kit.train import count_steps, lr_multiplier, run_training, train_loop
+
+CPU = torch.device("cpu")
+QUIET = Console(file=io.StringIO())
+
+
+def trained(folder, data_path, recipe, steps):
+    """Train a fresh LoRA model in-process; returns the model, its state before training, and the losses."""
+    tokenizer = models.load_tokenizer(folder)
+    examples = data.tokenize(data.read_jsonl(data_path), tokenizer, recipe.seq_len)
+    torch.manual_seed(recipe.seed)
+    model = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), recipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = []
+    train_loop(model, examples, recipe, steps, tokenizer.pad_token_id, CPU, torch.float32,
+               lambda m: losses.append(m["loss"]), QUIET)
+    return model, before, losses
+
+
+def test_loss_falls_and_only_lora_weights_change(tiny_model_dir, text_data):
+    recipe = Recipe(rank=8, lr=1e-2, micro_batch=4, warmup_ratio=0.1, dropout=0.0)
+    model, before, losses = trained(tiny_model_dir, text_data, recipe, steps=40)
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_keys = {k for k in before if "lora_" in k}
+    assert changed and changed <= lora_keys
+    frozen = [k for k in before if k not in lora_keys]
+    assert any("embed" in k for k in frozen) and any("absmax" in k or "quant" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen), "frozen base must stay bit-identical"
+
+
+def test_same_seed_gives_identical_runs_on_cpu(llama_dir, text_data):
+    recipe = Recipe(rank=4, micro_batch=2, dropout=0.1)
+    *_, first = trained(llama_dir, text_data, recipe, steps=4)
+    *_, second = trained(llama_dir, text_data, recipe, steps=4)
+    assert first == second
+
+
+def test_gradient_accumulation_matches_one_large_batch(llama_dir, text_data):
+    # Labelled tokens differ per example; normalising per step (not per micro-batch) keeps these equal.
+    one = Recipe(rank=4, micro_batch=4, grad_accum=1, dropout=0.0, warmup_ratio=0.0)
+    split = dataclasses.replace(one, micro_batch=1, grad_accum=4)
+    model_a, _, loss_a = trained(llama_dir, text_data, one, steps=2)
+    model_b, _, loss_b = trained(llama_dir, text_data, split, steps=2)
+    assert loss_a[0] == pytest.approx(loss_b[0], rel=1e-5)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_schedule_warms_up_then_decays_by_cosine():
+    factor = lr_multiplier(100, Recipe(warmup_ratio=0.1))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.5)
+    assert 0 < factor(99) < 0.001
+    assert lr_multiplier(10, Recipe(schedule="constant", warmup_ratio=0))(9) == 1.0
+
+
+def test_steps_come_from_epochs_unless_given():
+    assert count_steps(10, Recipe(micro_batch=2, grad_accum=2, epochs=1)) == 3
+    assert count_steps(10, Recipe(micro_batch=2, epochs=2.5)) == math.ceil(12.5)
+    assert count_steps(10, Recipe(steps=7)) == 7
+
+
+def test_run_writes_recipe_metrics_and_a_peft_adapter(llama_dir, chat_data, tmp_path):
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=3, micro_batch=2)
+    out = tmp_path / "runs" / "one"
+    summary = run_training(recipe, out, QUIET)
+    assert summary.steps == 3 and summary.adapter_bytes > 0
+    assert load_recipe(out / "recipe.yaml") == recipe
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert {"loss", "lr", "tokens_per_s", "step_s", "rss_gib", "mem_alloc_gib"} <= set(lines[0])
+    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".adapter-")], "no staging folder left behind"
+
+
+def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("rank: 8\n")
+    with pytest.raises(UserError, match="already holds a run"):
+        run_training(Recipe(model=str(llama_dir), data=str(chat_data)), out, QUIET)
+    assert [p.name for p in out.iterdir()] == ["recipe.yaml"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError, match="does not exist"):
+        run_training(Recipe(model=str(llama_dir), data=str(tmp_path / "missing.jsonl")), fresh, QUIET)
+    with pytest.raises(UserError, match="No model found"):
+        run_training(Recipe(model=str(tmp_path / "no-model"), data=str(chat_data)), fresh, QUIET)
+    assert not fresh.exists()
