@@ -36,24 +36,33 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
 
 
+def _setting(name: str):
+    """A flag for a Recipe setting, with the help line and default the Recipe itself declares."""
+    from qlora_kit.recipes import Recipe
+
+    field = Recipe.__dataclass_fields__[name]
+    flag = "--" + name.replace("_", "-")
+    return typer.Option(None, flag, help=f"{field.metadata['help']} \\[default: {field.default}]", show_default=False)
+
+
 @app.command()
 def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create, e.g. runs/my-run (must not hold a run yet)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe to start from; flags override its settings."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank r. [default: 16]"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; updates are scaled by alpha/rank. [default: 32]"),
-    dropout: Optional[float] = typer.Option(None, help="LoRA dropout. [default: 0.05]"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Longest sequence in tokens; longer examples are cut. [default: 512]"),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Examples per forward/backward pass. [default: 4]"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step. [default: 1]"),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps; 0 = derive from --epochs. [default: 0]"),
-    epochs: Optional[float] = typer.Option(None, help="Passes over the data when --steps is 0. [default: 1]"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine). [default: 2e-4]"),
-    seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and dropout. [default: 0]"),
-    precision: Optional[str] = typer.Option(None, help="auto, bf16, fp16 or fp32. [default: auto]"),
-    optimizer: Optional[str] = typer.Option(None, help="auto, paged_adamw_8bit, adamw_8bit or adamw. [default: auto]"),
+    rank: Optional[int] = _setting("rank"),
+    alpha: Optional[float] = _setting("alpha"),
+    dropout: Optional[float] = _setting("dropout"),
+    seq_len: Optional[int] = _setting("seq_len"),
+    micro_batch: Optional[int] = _setting("micro_batch"),
+    grad_accum: Optional[int] = _setting("grad_accum"),
+    steps: Optional[int] = _setting("steps"),
+    epochs: Optional[float] = _setting("epochs"),
+    lr: Optional[float] = _setting("lr"),
+    seed: Optional[int] = _setting("seed"),
+    precision: Optional[str] = _setting("precision"),
+    optimizer: Optional[str] = _setting("optimizer"),
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
