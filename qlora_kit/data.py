@@ -26,6 +26,8 @@ class Example:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Parse a jsonl file into records, with the line number in every error."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a data file.", hint="Pass a .jsonl file with --data.")
     if not path.is_file():
         raise UserError(f"Data file {path} does not exist.", hint="Pass a .jsonl file with --data.")
     try:

@@ -33,6 +33,8 @@ def test_bad_jsonl_names_the_problem_and_the_line(tmp_path, content, message):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="is a folder, not a data file"):
+        read_jsonl(tmp_path)
 
 
 def test_text_examples_learn_every_token_and_end_with_eos(tokenizer):
