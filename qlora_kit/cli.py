@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,44 @@ def demo(
     from qlora_kit.demo import run_demo
 
     run_demo(out, steps, console)
+
+
+@app.command()
+def probe(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")) -> None:
+    """Show the GPUs, memory, disk and library versions qlora-kit will train with."""
+    from qlora_kit.hardware import probe as probe_machine, render
+
+    hardware = probe_machine()
+    if as_json:
+        print(json.dumps(hardware.to_dict(), indent=2))
+    else:
+        console.print(render(hardware))
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML whose settings to plan; flags override it."),
+    seq_len: Optional[int] = _setting("seq_len"),
+    micro_batch: Optional[int] = typer.Option(None, "--batch", "--micro-batch", help="Examples per forward/backward pass. \\[default: 4]", show_default=False),
+    rank: Optional[int] = _setting("rank"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
+    vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+) -> None:
+    """Estimate peak memory per component before loading anything; say what fits and how to make it fit."""
+    from qlora_kit.hardware import probe as probe_machine
+    from qlora_kit.plan import choose_target, make_plan, render
+    from qlora_kit.recipes import Recipe, load_recipe, with_overrides
+
+    settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank)
+    hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
+    report = make_plan(model, settings, choose_target(gpu, vram, hardware), compare=compare_full)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(render(report))
 
 
 def main() -> None:

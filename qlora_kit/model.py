@@ -6,16 +6,12 @@ double-quantized constants, embeddings and norms in the 16-bit compute dtype (fp
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe
-
-# bitsandbytes' CPU backend warns at import that an optional hub kernel is missing; the fallback is fine.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

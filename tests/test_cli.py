@@ -64,3 +64,14 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
 def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--adapter", tmp_path, "--prompt", "hi")
     assert code == 1 and "holds no adapter_config.json" in err
+
+
+def test_probe_and_plan_commands(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "probe", "--json")
+    assert code in (0, None) and "ram_total_gib" in json.loads(out)
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "RTX 3060", "--seq-len", "2048", "--batch", "1")
+    assert code in (0, None) and "FITS" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--vram", "6", "--json")
+    assert json.loads(out)["plan"]["verdict"] == "does not fit"
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma2b", "--vram", "4")
+    assert code == 1 and "Did you mean: gemma-2b" in err and "Traceback" not in err

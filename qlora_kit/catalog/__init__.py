@@ -1,0 +1,111 @@
+"""Offline catalogues, as data: config facts of popular models (models.yaml) and GPU specs (gpus.yaml).
+
+Lookups accept what people type ("gemma-2b", "rtx 4060 ti 16gb", "3060") and fail with the closest names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from qlora_kit.errors import UserError
+from qlora_kit.memory import ModelShape
+
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    vram_gib: float
+    compute_capability: str
+    bf16: bool
+
+
+@functools.cache
+def _models() -> dict:
+    return yaml.safe_load((HERE / "models.yaml").read_text())
+
+
+@functools.cache
+def gpu_catalogue() -> list[GpuSpec]:
+    """Every catalogued GPU, in the file's order (by family)."""
+    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    return [GpuSpec(e["name"], e["vram_gib"], e["compute_capability"], e["bf16"]) for e in entries]
+
+
+@functools.cache
+def _gpu_aliases() -> dict[str, str]:
+    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    return {_normal(alias): e["name"] for e in entries for alias in [e["name"], *e["aliases"]]}
+
+
+def model_ids() -> list[str]:
+    """Hub ids of every catalogued model."""
+    return list(_models()["models"])
+
+
+def _normal(text: str) -> str:
+    text = text.lower().replace("nvidia", "").replace("geforce", "")
+    return re.sub(r"[^a-z0-9.]", "", text)
+
+
+def find_gpu(query: str) -> GpuSpec:
+    """The catalogued GPU a user means: exact name or alias, else a unique partial match."""
+    by_name = {g.name: g for g in gpu_catalogue()}
+    aliases = _gpu_aliases()
+    key = _normal(query)
+    if key in aliases:
+        return by_name[aliases[key]]
+    partial = sorted({name for alias, name in aliases.items() if key and key in alias})
+    # "rtx 4060 ti" means the desktop card in some memory size, not the laptop or the Super variant.
+    same_card = [name for name in partial if re.fullmatch(r"(\d+gb)?", _normal(name).replace(key, "", 1))]
+    partial = same_card or partial
+    if len(partial) == 1:
+        return by_name[partial[0]]
+    if partial:
+        raise UserError(f"'{query}' matches several GPUs: {', '.join(partial[:8])}.", hint="Give the full name, e.g. with its memory size.")
+    close = difflib.get_close_matches(key, aliases, n=5, cutoff=0.5)
+    names = sorted({aliases[c] for c in close})
+    raise UserError(f"Unknown GPU '{query}'." + (f" Did you mean: {', '.join(names)}?" if names else ""),
+                    hint="Use --vram GB for a card that is not in the catalogue.")
+
+
+def find_model_shape(query: str) -> ModelShape:
+    """Config facts for a catalogue name or hub id, a local model folder, a .gguf file, or a cached hub model."""
+    catalogue = _models()
+    fused = catalogue["fused_projections"]
+    for model_id, config in catalogue["models"].items():
+        if query.lower() in [model_id.lower(), *config.get("short", [])]:
+            return ModelShape.from_config(model_id, config, fused.get(config["model_type"]))
+    config = _local_config(query)
+    if config is not None:
+        return ModelShape.from_config(query, config, fused.get(config.get("model_type")))
+    names = [n for model_id, c in catalogue["models"].items() for n in (model_id, *c.get("short", []))]
+    close = difflib.get_close_matches(query.lower(), [n.lower() for n in names], n=4, cutoff=0.4)
+    raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, not in the hub cache."
+                    + (f" Did you mean: {', '.join(close)}?" if close else ""),
+                    hint="Pass a model folder with config.json, or one of: " + ", ".join(c["short"][0] for c in catalogue["models"].values()))
+
+
+def _local_config(query: str) -> dict | None:
+    path = Path(query).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.is_file() and path.suffix == ".gguf":
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    if re.match(r"^[\w.-]+/[\w.-]+$", query) and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(query, "config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+    return None

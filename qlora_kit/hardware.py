@@ -1,0 +1,177 @@
+"""probe(): what this machine has for training: GPUs (through nvml where present, else torch), RAM, disk, versions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+GIB = 2**30
+
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    compute_capability: str
+    vram_total_gib: float
+    vram_free_gib: float  # what nvidia-smi reports as free (nvml), else torch.cuda.mem_get_info
+    bf16: bool
+    source: str  # "nvml" or "torch"
+
+
+@dataclass
+class Hardware:
+    gpus: list[Gpu]
+    ram_total_gib: float
+    ram_available_gib: float
+    swap_total_gib: float
+    swap_used_gib: float
+    cpu_cores: int
+    disk_free_gib: float
+    disk_path: str
+    driver_version: str | None
+    cuda_version: str | None
+    versions: dict[str, str | None]
+    bnb_4bit: str  # "works", or why not
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe(runs_dir: str | Path = "runs", check_bnb: bool = True) -> Hardware:
+    """Read the machine; never fails for lack of a GPU (the GPU list is then empty)."""
+    memory, swap = psutil.virtual_memory(), psutil.swap_memory()
+    disk_path = _existing_parent(Path(runs_dir))
+    versions = {name: _version(name) for name in ("torch", "bitsandbytes", "transformers", "peft", "datasets")}
+    gpus, driver, cuda, notes = _gpus()
+    return Hardware(
+        gpus=gpus,
+        ram_total_gib=memory.total / GIB,
+        ram_available_gib=memory.available / GIB,
+        swap_total_gib=swap.total / GIB,
+        swap_used_gib=swap.used / GIB,
+        cpu_cores=os.cpu_count() or 1,
+        disk_free_gib=shutil.disk_usage(disk_path).free / GIB,
+        disk_path=str(disk_path),
+        driver_version=driver,
+        cuda_version=cuda,
+        versions=versions,
+        bnb_4bit=_check_bnb_4bit() if check_bnb else "not checked",
+        notes=notes,
+    )
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpus() -> tuple[list[Gpu], str | None, str | None, list[str]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [], None, None, []
+    nvml = _nvml_readings()
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        capability = f"{props.major}.{props.minor}"
+        if index in nvml:
+            total, free = nvml[index]
+            source = "nvml"
+        else:
+            free, total = torch.cuda.mem_get_info(index)
+            source = "torch"
+        gpus.append(Gpu(index, props.name, capability, total / GIB, free / GIB, props.major >= 8, source))
+    driver = _nvml_driver()
+    notes = [] if nvml else ["nvml is not available (pip install nvidia-ml-py): free memory comes from torch."]
+    return gpus, driver, torch.version.cuda, notes
+
+
+def _nvml_readings() -> dict[int, tuple[int, int]]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        readings = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            readings[index] = (info.total, info.free)
+        return readings
+    except Exception:  # nvml missing or unusable: torch's numbers are the fallback
+        return {}
+
+
+def _nvml_driver() -> str | None:
+    try:
+        import pynvml
+
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return driver.decode() if isinstance(driver, bytes) else driver
+    except Exception:
+        return None
+
+
+def _check_bnb_4bit() -> str:
+    """Quantize a small weight to NF4 and run a matmul through it: the path training depends on."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True,
+                                  compute_dtype=torch.float32).to(device)
+        out = layer(torch.randn(2, 64, device=device))
+        return "works" if out.shape == (2, 64) and torch.isfinite(out).all() else "gives non-finite output"
+    except Exception as e:  # any failure here is what the user needs to see, not a crash
+        return f"fails: {type(e).__name__}: {e}"
+
+
+def render(hardware: Hardware):
+    """The probe as rich tables: GPUs, then host and software."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts = []
+    if hardware.gpus:
+        gpus = Table(title="GPUs")
+        for column in ("#", "name", "compute", "VRAM total", "VRAM free", "bf16", "source"):
+            gpus.add_column(column)
+        for g in hardware.gpus:
+            gpus.add_row(str(g.index), g.name, g.compute_capability, f"{g.vram_total_gib:.1f} GiB",
+                         f"{g.vram_free_gib:.1f} GiB", "yes" if g.bf16 else "no (fp16)", g.source)
+        parts.append(gpus)
+    else:
+        parts.append(Text("No GPU: training will run on the CPU, which works but is slow.", style="bold yellow"))
+    host = Table(title="Host and software", show_header=False)
+    host.add_column("what")
+    host.add_column("value")
+    host.add_row("RAM", f"{hardware.ram_available_gib:.1f} GiB available of {hardware.ram_total_gib:.1f} GiB")
+    host.add_row("swap", f"{hardware.swap_used_gib:.1f} GiB used of {hardware.swap_total_gib:.1f} GiB")
+    host.add_row("CPU cores", str(hardware.cpu_cores))
+    host.add_row("free disk", f"{hardware.disk_free_gib:.1f} GiB at {hardware.disk_path}")
+    if hardware.driver_version or hardware.cuda_version:
+        host.add_row("driver / CUDA", f"{hardware.driver_version or '?'} / {hardware.cuda_version or '?'}")
+    for name, version in hardware.versions.items():
+        host.add_row(name, version or "[red]not installed[/]")
+    colour = "green" if hardware.bnb_4bit == "works" else "red"
+    host.add_row("bitsandbytes 4-bit", f"[{colour}]{hardware.bnb_4bit}[/]")
+    parts.append(host)
+    parts += [Text(note, style="dim") for note in hardware.notes]
+    return Group(*parts)

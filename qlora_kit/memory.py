@@ -1,0 +1,239 @@
+"""The memory model: peak memory of a qlora-kit run, per component, from a model config and a recipe.
+
+Pure arithmetic: no torch, no weights. It follows what qlora-kit's own loop allocates (NF4 linear weights,
+16-bit everything else, fp32 LoRA, checkpointed layer inputs, one layer recomputed at a time, a chunked loss),
+so its numbers are for this tool, not for other trainers. docs/memory.md explains each term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from qlora_kit.recipes import Recipe
+
+GIB = 2**30
+NF4_BLOCK = 64  # weights per absmax constant
+DQ_BLOCK = 256  # absmax constants per second-level constant with double quantization
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace: seen by nvidia-smi, not by torch
+HOST_PROCESS_BYTES = int(1.0 * GIB)  # python + torch + transformers resident before any tensor (CPU plans)
+TIGHT_FRACTION = 0.90  # above this share of the card a run is "tight": fragmentation may tip it over
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config facts that decide memory, read from a config.json-like mapping."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    logit_softcap: bool = False
+    max_positions: int = 131072
+
+    @classmethod
+    def from_config(cls, name: str, config: dict, fused: dict | None = None) -> "ModelShape":
+        """Build from config.json keys; `fused` says which projections the architecture fuses."""
+        config = config.get("text_config", config)
+        heads = config["num_attention_heads"]
+        fused = fused or {}
+        return cls(
+            name=name,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            tie_embeddings=config.get("tie_word_embeddings", True),
+            qkv_bias=bool(config.get("attention_bias", False)),
+            fused_qkv=bool(fused.get("qkv")),
+            fused_gate_up=bool(fused.get("gate_up")),
+            logit_softcap=bool(config.get("final_logit_softcapping")),
+            max_positions=config.get("max_position_embeddings") or 131072,
+        )
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of each linear layer in one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv)]
+        mlp = [("gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("gate_proj", h, i), ("up_proj", h, i)]
+        return attention + [("o_proj", q, h)] + mlp + [("down_proj", i, h)]
+
+    def linear_params(self) -> int:
+        return self.num_layers * sum(a * b for _, a, b in self.linear_shapes())
+
+    def unquantized_params(self) -> int:
+        """Embeddings, an untied head, norms and biases: the weights bitsandbytes leaves in 16-bit."""
+        h = self.hidden_size
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        norms = (2 * self.num_layers + 1) * h
+        bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
+        return embeddings + norms + bias
+
+    def parameter_count(self) -> int:
+        return self.linear_params() + self.unquantized_params()
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one run, per component, against a device's capacity."""
+
+    model: str
+    device: str  # "cuda" or "cpu"
+    seq_len: int
+    micro_batch: int
+    rank: int
+    components: dict[str, int]  # bytes, in the order they are shown
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    capacity_bytes: int | None = None  # the card's memory (or the host's available RAM)
+    details: dict[str, int] = field(default_factory=dict)  # the two candidates for the backward peak
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """What torch.cuda.max_memory_allocated() should report."""
+        return sum(v for k, v in self.components.items() if k not in ("allocator_slack", "cuda_context"))
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the device must hold: what nvidia-smi shows at the peak (or the process RSS on CPU)."""
+        return sum(self.components.values())
+
+    @property
+    def verdict(self) -> str:
+        if self.capacity_bytes is None:
+            return "unknown"
+        if self.total_bytes > self.capacity_bytes:
+            return "does not fit"
+        return "tight" if self.total_bytes > TIGHT_FRACTION * self.capacity_bytes else "fits"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: components in bytes plus the derived totals and verdict."""
+        return {**asdict(self), "allocated_bytes": self.allocated_bytes, "total_bytes": self.total_bytes,
+                "verdict": self.verdict}
+
+
+def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear") -> int:
+    """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer."""
+    return shape.num_layers * rank * sum(a + b for _, a, b in targeted(shape, target_modules))
+
+
+def targeted(shape: ModelShape, target_modules: str) -> list[tuple[str, int, int]]:
+    if target_modules == "all-linear":
+        return shape.linear_shapes()
+    names = {t.strip() for t in target_modules.split(",")}
+    return [layer for layer in shape.linear_shapes() if layer[0] in names]
+
+
+def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
+    """NF4 linear weights: half a byte each, one absmax per 64 (8-bit with double quant, plus an fp32 one per
+    256 blocks and a 256-entry code table; else fp32), and NF4's 16-entry code table, per layer."""
+    total = 0
+    for _, a, b in shape.linear_shapes():
+        blocks = -(-a * b // NF4_BLOCK)
+        constants = blocks + 4 * -(-blocks // DQ_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
+        total += a * b // 2 + constants + 4 * 16
+    return shape.num_layers * total
+
+
+def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda",
+                         capacity_bytes: int | None = None) -> MemoryPlan:
+    """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU."""
+    on_gpu = device == "cuda"
+    cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
+    h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    tokens = recipe.seq_len * recipe.micro_batch
+    lora = lora_params(shape, recipe.rank, recipe.target_modules)
+    optimizer = recipe.optimizer if recipe.optimizer != "auto" else ("paged_adamw_8bit" if on_gpu else "adamw")
+    if not on_gpu:
+        optimizer = "adamw"
+
+    # One decoder layer's activations kept for backward (forward pass), in bytes per token.
+    dropout_copies = sum(a for _, a, _ in targeted(shape, recipe.target_modules)) * (cb + 1) if recipe.dropout > 0 else 0
+    per_token_layer = (
+        2 * h * 4 + 2 * h * cb  # two RMSNorms: fp32 upcast input and normalized output
+        + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
+        + 2 * q * cb + 2 * h * cb  # attention output (+ its o_proj input) and the two residual sums
+        + 4 * i * cb  # gate, up, act(gate), act(gate) * up
+        + dropout_copies  # each LoRA layer keeps its own dropped-out copy of its input, plus the mask
+    )
+    largest_linear = max(a * b for _, a, b in shape.linear_shapes())
+    # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
+    per_token_backward = 3 * i * cb // 2
+    if recipe.gradient_checkpointing:
+        saved = L * tokens * h * cb  # each layer's input only
+        layer = tokens * (per_token_layer + per_token_backward)  # one layer re-run forward, then backward
+    else:
+        saved = L * tokens * per_token_layer
+        layer = tokens * per_token_backward
+    layer += 2 * largest_linear * cb  # the dequantized 16-bit copy of a 4-bit weight, forward and backward
+
+    chunk = min(recipe.loss_chunk_tokens or _default_chunk_tokens(V), tokens)
+    per_logit = 12 + (4 if shape.logit_softcap else 0)  # measured: fp32 logits, log-softmax, gradient (+ tanh)
+    loss = tokens * h * (4 + 3 * cb) + chunk * V * per_logit  # final norm, labelled rows and their gradient
+
+    components = {
+        "quantized_weights": quantized_weight_bytes(shape),
+        "unquantized_weights": shape.unquantized_params() * cb,
+        "lora_weights": 4 * lora,
+        "lora_gradients": 4 * lora,
+        "optimizer_state": (2 if "8bit" in optimizer else 8) * lora,
+        "saved_activations": saved,
+        # The loss runs (and frees its chunks) before any layer is recomputed: only the larger is live.
+        "backward_working_set": max(layer, loss),
+    }
+    if on_gpu:
+        components["allocator_slack"] = int(0.10 * (saved + max(layer, loss))) + 64 * 2**20
+        components["cuda_context"] = CUDA_CONTEXT_BYTES
+    else:
+        components["process_overhead"] = HOST_PROCESS_BYTES
+    details = {"layer_recompute": layer, "loss_working_set": loss, "loss_chunk_tokens": chunk}
+    return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,
+                      rank=recipe.rank, components=components, trainable_params=lora,
+                      total_params=shape.parameter_count() + lora, adapter_bytes=4 * lora, capacity_bytes=capacity_bytes,
+                      details=details)
+
+
+def _default_chunk_tokens(vocab_size: int) -> int:
+    rows = max(32, 2**25 // vocab_size)  # same rule as loss.default_chunk_tokens, without importing torch
+    return 1 << (rows.bit_length() - 1)
+
+
+def longest_sequence(shape: ModelShape, recipe: Recipe, device: str, capacity: int) -> int:
+    """Longest seq_len (a multiple of 128) at micro-batch 1 that fits the capacity; 0 if none does."""
+    def fits(seq: int) -> bool:
+        plan = estimate_peak_memory(shape, replace(recipe, seq_len=seq, micro_batch=1), device, capacity)
+        return plan.total_bytes <= capacity
+    return _largest(fits, 128, shape.max_positions, step=128)
+
+
+def largest_micro_batch(shape: ModelShape, recipe: Recipe, device: str, capacity: int) -> int:
+    """Largest micro-batch at the recipe's seq_len that fits the capacity; 0 if none does."""
+    def fits(batch: int) -> bool:
+        plan = estimate_peak_memory(shape, replace(recipe, micro_batch=batch), device, capacity)
+        return plan.total_bytes <= capacity
+    return _largest(fits, 1, 4096, step=1)
+
+
+def _largest(fits, low: int, high: int, step: int) -> int:
+    """Binary search for the largest multiple of `step` in [low, high] where fits() holds (fits is monotone)."""
+    if not fits(low):
+        return 0
+    lo, hi = low // step, high // step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid - 1)
+    return lo * step

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import yaml
+
+from qlora_kit.catalog import HERE, find_gpu, find_model_shape, gpu_catalogue, model_ids
+from qlora_kit.errors import UserError
+
+REQUIRED = ["gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-2-9b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b",
+            "mistral-7b-v0.3", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "phi-3-mini",
+            "smollm2-135m", "smollm2-360m", "smollm2-1.7b"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_required_model_is_catalogued_and_consistent(name):
+    shape = find_model_shape(name)
+    assert shape.num_heads * shape.head_dim >= shape.hidden_size // 2
+    assert shape.num_heads % shape.num_kv_heads == 0
+    assert shape.intermediate_size > shape.hidden_size
+
+
+def test_hub_ids_and_short_names_find_the_same_model():
+    assert find_model_shape("google/gemma-2b") == find_model_shape("gemma-2b") == find_model_shape("GEMMA-2B")
+    assert len(model_ids()) >= len(REQUIRED)
+
+
+def test_fused_projections_change_the_linear_layers():
+    names = [name for name, _, _ in find_model_shape("phi-3-mini").linear_shapes()]
+    assert names == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(UserError, match="Did you mean: gemma-2b") as error:
+        find_model_shape("gemma2b")
+    assert "llama-3.1-8b" in error.value.hint
+
+
+def test_a_local_folder_is_read_from_its_config(llama_dir):
+    shape = find_model_shape(str(llama_dir))
+    assert shape.hidden_size == json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+
+
+def test_gpu_entries_are_complete_and_consistent():
+    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    assert len({e["name"] for e in entries}) == len(entries) >= 80
+    for e in entries:
+        assert set(e) == {"name", "vram_gib", "compute_capability", "bf16", "aliases"}, e["name"]
+        assert e["bf16"] == (float(e["compute_capability"]) >= 8.0), e["name"]
+        assert 2 <= e["vram_gib"] <= 192, e["name"]
+
+
+@pytest.mark.parametrize("query, name, vram", [
+    ("RTX 3060", "GeForce RTX 3060 12GB", 12),
+    ("3060", "GeForce RTX 3060 12GB", 12),
+    ("rtx 4060 ti 16gb", "GeForce RTX 4060 Ti 16GB", 16),
+    ("T4", "Tesla T4", 16),
+    ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090", 24),
+    ("4090 laptop", "GeForce RTX 4090 Laptop", 16),
+    ("gtx 1080 ti", "GeForce GTX 1080 Ti", 11),
+    ("a100 80gb", "NVIDIA A100 80GB", 80),
+])
+def test_gpu_names_match_the_way_people_type_them(query, name, vram):
+    spec = find_gpu(query)
+    assert (spec.name, spec.vram_gib) == (name, vram)
+
+
+def test_ambiguous_and_unknown_gpus_are_user_errors():
+    with pytest.raises(UserError, match="matches several GPUs: GeForce RTX 4060 Ti 16GB, GeForce RTX 4060 Ti 8GB"):
+        find_gpu("rtx 4060 ti")
+    with pytest.raises(UserError, match="Unknown GPU"):
+        find_gpu("voodoo 5")
+    assert all(g.vram_gib > 0 for g in gpu_catalogue())

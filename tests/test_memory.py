@@ -1,0 +1,129 @@
+"""The memory model against real bytes (weights, LoRA) and measured CPU allocation (activations and loss)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from qlora_kit import model as models
+from qlora_kit.catalog import find_model_shape
+from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, longest_sequence, quantized_weight_bytes
+from qlora_kit.recipes import Recipe
+from tests.conftest import build_tokenizer, save_tiny_model
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    """Large enough that activations dwarf allocator noise, small enough to step in a second on CPU."""
+    folder = tmp_path_factory.mktemp("small-llama")
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder, ModelShape.from_config("small-llama", config.to_dict())
+
+
+def real_weight_bytes(model) -> tuple[int, int]:
+    """(bytes of 4-bit layers with all their quantization constants, bytes of every other parameter)."""
+    seen, quantized = set(), 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            for t in (module.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    quantized += t.numel() * t.element_size()
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if not isinstance(p, bnb.nn.Params4bit))
+    return quantized, other
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_terms_match_the_real_bytes_of_a_4bit_model(small_llama, dtype):
+    folder, shape = small_llama
+    quantized, other = real_weight_bytes(models.load_base_4bit(folder, dtype, CPU))
+    assert quantized_weight_bytes(shape) == pytest.approx(quantized, rel=0.01)
+    assert shape.unquantized_params() * dtype.itemsize == other
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+@pytest.mark.parametrize("rank, targets", [(8, "all-linear"), (16, "q_proj,v_proj")])
+def test_lora_count_matches_peft_exactly(tmp_path, kind, rank, targets):
+    folder = save_tiny_model(tmp_path, kind)
+    config = json.loads((folder / "config.json").read_text())
+    lora = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), Recipe(rank=rank, target_modules=targets))
+    plan = estimate_peak_memory(ModelShape.from_config(kind, config), Recipe(rank=rank, target_modules=targets))
+    assert plan.trainable_params == models.parameter_counts(lora)[0]
+    assert plan.total_params == models.parameter_counts(lora)[1]
+
+
+def test_catalogue_parameter_counts_match_the_published_sizes():
+    published = {"gemma-2b": 2.51e9, "llama-3.1-8b": 8.03e9, "mistral-7b-v0.3": 7.25e9, "qwen2.5-7b": 7.62e9,
+                 "phi-3-mini": 3.82e9, "smollm2-135m": 0.135e9, "llama-3.2-1b": 1.24e9, "gemma-2-9b": 9.24e9}
+    for name, size in published.items():
+        assert find_model_shape(name).parameter_count() == pytest.approx(size, rel=0.02), name
+
+
+def test_weights_alone_match_the_design_anchors():
+    # shared/design.md, measured on an H100: weights alone on GPU
+    for name, anchor_gib in [("gemma-2b", 1.93), ("llama-3.1-8b", 5.32)]:
+        c = estimate_peak_memory(find_model_shape(name), Recipe()).components
+        assert (c["quantized_weights"] + c["unquantized_weights"]) / GIB == pytest.approx(anchor_gib, abs=0.02)
+
+
+def measured_transient(folder: Path, **settings) -> int:
+    """Peak transient bytes of one training step on CPU (benchmarks/measure_cpu_memory.py says how)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_cpu_memory.py"), str(folder), json.dumps(settings)],
+                         capture_output=True, text=True, env=env, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["step_peak_transient"]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(seq_len=1024, micro_batch=2),  # the loss chunk dominates the backward peak
+    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32),  # one recomputed layer dominates
+    dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, gradient_checkpointing=False),  # every layer's activations
+    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0),  # no per-LoRA dropout copies
+])
+def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, settings):
+    """What one step allocates beyond the weights (activations, loss, LoRA gradients) against the estimate."""
+    folder, shape = small_llama
+    c = estimate_peak_memory(shape, Recipe(**settings), device="cpu").components
+    estimate = c["saved_activations"] + c["backward_working_set"] + c["lora_gradients"]
+    measured = measured_transient(folder, **settings)
+    assert 0.9 * measured <= estimate <= 1.25 * measured, (estimate / 2**20, measured / 2**20)
+
+
+def test_longer_sequences_and_batches_cost_more_and_the_searches_agree():
+    shape = find_model_shape("gemma-2b")
+    recipe = Recipe(seq_len=2048, micro_batch=1)
+    capacity = 6 * GIB
+    totals = [estimate_peak_memory(shape, Recipe(seq_len=s, micro_batch=b)).total_bytes for s, b in [(512, 1), (2048, 1), (2048, 4)]]
+    assert totals == sorted(totals)
+    longest = longest_sequence(shape, recipe, "cuda", capacity)
+    assert estimate_peak_memory(shape, Recipe(seq_len=longest, micro_batch=1)).total_bytes <= capacity
+    if longest < shape.max_positions:
+        assert estimate_peak_memory(shape, Recipe(seq_len=longest + 128, micro_batch=1)).total_bytes > capacity
+    batch = largest_micro_batch(shape, recipe, "cuda", capacity)
+    assert estimate_peak_memory(shape, Recipe(seq_len=2048, micro_batch=batch + 1)).total_bytes > capacity
+
+
+def test_checkpointing_and_8bit_optimizer_save_memory():
+    shape = find_model_shape("llama-3.2-1b")
+    base = estimate_peak_memory(shape, Recipe(seq_len=2048)).total_bytes
+    assert estimate_peak_memory(shape, Recipe(seq_len=2048, gradient_checkpointing=False)).total_bytes > 1.5 * base
+    assert estimate_peak_memory(shape, Recipe(seq_len=2048, optimizer="adamw")).total_bytes > base
+
+
+def test_memory_model_needs_no_torch():
+    code = "import sys; import qlora_kit.memory; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))

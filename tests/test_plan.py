@@ -1,0 +1,71 @@
+import pytest
+from rich.console import Console
+
+from qlora_kit.catalog import find_model_shape
+from qlora_kit.errors import UserError
+from qlora_kit.hardware import Gpu, probe
+from qlora_kit.memory import GIB, estimate_peak_memory
+from qlora_kit.plan import choose_target, make_plan, render, suggest_fix
+from qlora_kit.recipes import Recipe
+
+
+def rendered(report) -> str:
+    console = Console(record=True, width=120, file=open("/dev/null", "w"))
+    console.print(render(report))
+    return console.export_text()
+
+
+def test_gemma_2b_fits_a_3060_and_the_table_says_so():
+    report = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=1), choose_target(gpu="RTX 3060"), compare=True)
+    assert report.plan.verdict == "fits" and report.fix is None
+    text = rendered(report)
+    for expected in ("FITS", "linear weights, NF4", "CUDA context", "total (what nvidia-smi shows)", "Longest sequence",
+                     "full fine-tuning", "Trainable: 19,611,648"):
+        assert expected in text
+    assert report.alternatives["full_finetune"] > 10 * report.alternatives["qlora_4bit"]
+    assert report.alternatives["qlora_4bit"] < report.alternatives["lora_16bit"] < report.alternatives["full_finetune"]
+
+
+def test_llama_8b_on_6gb_does_not_fit_and_says_why_with_numbers():
+    report = make_plan("llama-3.1-8b", Recipe(seq_len=2048), choose_target(vram_gib=6))
+    assert report.plan.verdict == "does not fit"
+    assert report.longest_seq_at_batch_1 == 0 and "nothing fits" in report.fix and "GiB" in report.fix
+
+
+def test_the_fix_keeps_the_effective_batch_when_micro_batch_is_enough():
+    shape, target = find_model_shape("gemma-2b"), choose_target(vram_gib=6)
+    recipe = Recipe(seq_len=2048, micro_batch=8, grad_accum=1)
+    assert estimate_peak_memory(shape, recipe).total_bytes > 6 * GIB
+    fix = suggest_fix(shape, recipe, target)
+    assert fix.startswith("--micro-batch") and "same effective batch of 8" in fix
+
+
+def test_the_fix_shortens_sequences_when_batch_1_is_not_enough():
+    fix = suggest_fix(find_model_shape("gemma-2b"), Recipe(seq_len=8192, micro_batch=1), choose_target(vram_gib=3))
+    assert "--seq-len" in fix
+
+
+def test_tight_when_within_ten_percent_of_the_card():
+    shape = find_model_shape("gemma-2b")
+    total = estimate_peak_memory(shape, Recipe(seq_len=2048, micro_batch=1)).total_bytes
+    report = make_plan(shape, Recipe(seq_len=2048, micro_batch=1), choose_target(vram_gib=1.05 * total / GIB))
+    assert report.plan.verdict == "tight"
+
+
+def test_targets_from_flags_probe_or_ram():
+    assert choose_target(gpu="T4").bf16 is False
+    with pytest.raises(UserError, match="either --gpu or --vram"):
+        choose_target(gpu="T4", vram_gib=8)
+    with pytest.raises(UserError, match="must be positive"):
+        choose_target(vram_gib=-1)
+    hardware = probe(check_bnb=False)
+    cpu = choose_target(hardware=hardware)
+    assert cpu.device == "cpu" and cpu.capacity_bytes > 0 and "No GPU" in cpu.note
+    hardware.gpus = [Gpu(0, "Tesla T4", "7.5", 15.0, 14.5, False, "nvml")]
+    assert choose_target(hardware=hardware).name == "Tesla T4"
+
+
+def test_no_bf16_card_gets_a_note_about_fp16():
+    report = make_plan("smollm2-135m", Recipe(), choose_target(gpu="T4"))
+    assert any("fp16" in note for note in report.plan.notes)
+    assert report.to_dict()["plan"]["verdict"] == "fits"
