@@ -5,6 +5,7 @@ run_training() is what `qlora-kit train` calls; train_loop() is the loop itself,
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from qlora_kit.recipes import Recipe
 from qlora_kit.sources import resolve_model
 
 GIB = 2**30
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter")
+RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter")
 
 
 @dataclass
@@ -62,6 +63,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    (out_dir / "plan.json").write_text(json.dumps(plan_for_run(folder, recipe), indent=2))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     losses, tokens, interrupted = [], 0, False
     start = time.perf_counter()
@@ -87,6 +89,14 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
     adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id=adapter.portable_base_id(recipe.model, folder))
     return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens,
                       trainable, total, adapter_dir, adapter_bytes, interrupted)
+
+
+def plan_for_run(folder: Path, recipe: Recipe) -> dict:
+    """The memory estimate for this run on this machine's GPU (or RAM), kept to compare with what it used."""
+    from qlora_kit.hardware import probe
+    from qlora_kit.plan import choose_target, make_plan
+
+    return make_plan(str(folder), recipe, choose_target(hardware=probe(check_bnb=False))).to_dict()
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -70,3 +70,17 @@ def test_ambiguous_and_unknown_gpus_are_user_errors():
     with pytest.raises(UserError, match="Unknown GPU"):
         find_gpu("voodoo 5")
     assert all(g.vram_gib > 0 for g in gpu_catalogue())
+
+
+@pytest.mark.parametrize("model_id", model_ids())
+def test_catalogue_entries_are_valid_transformers_configs(model_id):
+    """benchmarks/calibrate_memory.py builds models from these entries; transformers must read them the same way."""
+    from transformers import AutoConfig
+
+    from qlora_kit.catalog import _models
+    from qlora_kit.memory import ModelShape
+
+    entry = {k: v for k, v in _models()["models"][model_id].items() if k != "short"}
+    config = AutoConfig.for_model(**entry).to_dict()
+    fused = _models()["fused_projections"].get(entry["model_type"])
+    assert ModelShape.from_config(model_id, config, fused) == find_model_shape(model_id)

@@ -127,3 +127,23 @@ def test_checkpointing_and_8bit_optimizer_save_memory():
 def test_memory_model_needs_no_torch():
     code = "import sys; import qlora_kit.memory; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def calibration_points() -> list[dict]:
+    results = ROOT / "benchmarks" / "results"
+    lines = [line for path in sorted(results.glob("memory_*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
+    return [point for point in map(json.loads, lines) if point["status"] == "ok"]
+
+
+@pytest.mark.skipif(not calibration_points(), reason="no GPU calibration committed yet (benchmarks/calibrate_memory.py)")
+def test_plan_matches_every_committed_gpu_measurement():
+    """Within +-10% of torch's measured peak allocation, and never more than 5% under it."""
+    misses = []
+    for point in calibration_points():
+        recipe = Recipe(**point["recipe"])
+        estimate = estimate_peak_memory(find_model_shape(point["model"]), recipe, "cuda").allocated_bytes
+        ratio = estimate / point["peak_allocated"]
+        if not 0.95 <= ratio <= 1.10:
+            misses.append(f"{point['model']} seq {recipe.seq_len} x {recipe.micro_batch} r{recipe.rank} "
+                          f"ckpt={recipe.gradient_checkpointing}: estimate/measured = {ratio:.2f}")
+    assert not misses, "\n".join(misses)

@@ -81,6 +81,8 @@ def test_run_writes_recipe_metrics_and_a_peft_adapter(llama_dir, chat_data, tmp_
     summary = run_training(recipe, out, QUIET)
     assert summary.steps == 3 and summary.adapter_bytes > 0
     assert load_recipe(out / "recipe.yaml") == recipe
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["plan"]["trainable_params"] == summary.trainable_params and plan["plan"]["verdict"] == "fits"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert {"loss", "lr", "tokens_per_s", "step_s", "rss_gib", "mem_alloc_gib"} <= set(lines[0])
