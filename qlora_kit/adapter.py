@@ -30,6 +30,7 @@ def portable_base_id(source: str, folder: Path) -> str:
 def save_adapter(model, tokenizer, folder: Path, base_id: str) -> int:
     """Write adapter_config.json, adapter_model.safetensors and tokenizer files atomically; returns the weights' bytes."""
     folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
     try:
         model.save_pretrained(staging)

@@ -82,6 +82,8 @@ def print_summary(summary) -> None:
     state = "[yellow]Interrupted[/]" if summary.interrupted else "[green]Done[/]"
     console.print(f"{state}: {summary.steps} steps in {summary.seconds:.0f} s, {summary.tokens:,} tokens, "
                   f"loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
+    for change in summary.step_downs:
+        console.print(f"[yellow]Out-of-memory step-down:[/] {change}")
     console.print(f"Adapter: {summary.adapter_dir} ({summary.adapter_bytes / 2**20:.1f} MiB, plain PEFT format)")
 
 

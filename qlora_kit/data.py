@@ -108,15 +108,18 @@ def _ids(rendered) -> list[int]:
     return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
 
-def batches(examples: list[Example], micro_batch: int, pad_id: int, generator: torch.Generator):
-    """Endless shuffled micro-batches (one shuffle per epoch): (epoch, input_ids, attention_mask, labels)."""
+def example_stream(examples: list[Example], generator: torch.Generator):
+    """Endless (epoch, example) pairs, reshuffled every epoch with the seeded generator."""
     epoch = 0
     while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), micro_batch):
-            chunk = [examples[i] for i in order[start:start + micro_batch]]
-            yield (epoch,) + collate(chunk, pad_id)
+        for i in torch.randperm(len(examples), generator=generator).tolist():
+            yield epoch, examples[i]
         epoch += 1
+
+
+def truncate(examples: list[Example], seq_len: int) -> list[Example]:
+    """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
+    return [Example(e.input_ids[:seq_len], e.labels[:seq_len]) for e in examples]
 
 
 def collate(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

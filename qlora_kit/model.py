@@ -68,8 +68,7 @@ def attach_lora(model, recipe: Recipe):
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no requires_grad on the inputs, so embeddings stay frozen as they are.
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        set_checkpointing(model, offload=recipe.activation_offload and torch.cuda.is_available())
     targets = recipe.target_modules
     config = LoraConfig(
         r=recipe.rank,
@@ -87,6 +86,13 @@ def attach_lora(model, recipe: Recipe):
         if param.requires_grad:
             param.data = param.data.float()  # optimizer updates of bf16 LoRA weights would round away
     return model
+
+
+def set_checkpointing(model, offload: bool = False) -> None:
+    """Checkpoint every decoder layer (non-reentrant); with offload, saved activations wait in pinned host RAM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Non-reentrant checkpointing needs no requires_grad on the inputs, so embeddings stay frozen as they are.
+    base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
 
 
 def parameter_counts(model) -> tuple[int, int]:

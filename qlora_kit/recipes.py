@@ -41,12 +41,14 @@ class Recipe:
     weight_decay: float = _setting(0.0, "AdamW weight decay on LoRA weights", low=0.0, high=1.0)
     max_grad_norm: float = _setting(1.0, "clip the gradient norm to this; 0 disables clipping", low=0.0)
     gradient_checkpointing: bool = _setting(True, "recompute each layer in backward instead of keeping its activations")
+    activation_offload: bool = _setting(False, "with checkpointing on a GPU, keep saved activations in pinned host RAM")
     loss_chunk_tokens: int = _setting(0, "tokens per chunk of the chunked loss; 0 picks from the vocabulary size", low=0)
     optimizer: str = _setting("auto", "auto = paged 8-bit AdamW on CUDA, torch AdamW on CPU",
                               choices=("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"))
     precision: str = _setting("auto", "compute dtype: auto = bf16 if supported, else fp16 on GPU, fp32 on CPU",
                               choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = _setting(0, "seed for LoRA init, data order and dropout", low=0)
+    checkpoint_every: int = _setting(0, "save the adapter every N optimizer steps to checkpoints/step-N; 0 = only at the end", low=0)
 
     def to_yaml(self) -> str:
         """The recipe as commented YAML, one help line above each setting."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -38,6 +38,7 @@ class RunSummary:
     adapter_dir: Path
     adapter_bytes: int
     interrupted: bool = False
+    step_downs: list[str] = field(default_factory=list)
 
 
 def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
@@ -65,9 +66,10 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
     (out_dir / "plan.json").write_text(json.dumps(plan_for_run(folder, recipe), indent=2))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    losses, tokens, interrupted = [], 0, False
+    losses, tokens, step_downs, stopped = [], 0, [], None
     start = time.perf_counter()
     total_steps = count_steps(len(examples), recipe)
+    base_id = adapter.portable_base_id(recipe.model, folder)
     with TrainingProgress(console, total_steps) as progress:
 
         def on_step(m: dict) -> None:
@@ -76,19 +78,37 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
             tokens += m["tokens"]
             metrics.write(m)
             progress.update(m)
+            if recipe.checkpoint_every and m["step"] % recipe.checkpoint_every == 0 and m["step"] < total_steps:
+                adapter.save_adapter(model, tokenizer, out_dir / "checkpoints" / f"step-{m['step']}", base_id)
+
+        def on_event(event: dict) -> None:
+            step_downs.append(describe_step_down(event))
+            metrics.write(event)
+            console.print(f"[yellow]Out of memory at step {event['step']}: {step_downs[-1]}; redoing the step.[/]")
 
         try:
-            train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console)
-        except KeyboardInterrupt:
-            interrupted = True  # keep what was learned: the adapter of the last finished step is saved below
+            train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console, on_event)
+        except (KeyboardInterrupt, UserError) as stop:
+            stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
         finally:
             metrics.close()
     if not losses:
+        if isinstance(stopped, UserError):
+            raise stopped
         raise UserError("Stopped before the first step finished; no adapter was written.", hint="Run again.")
     adapter_dir = out_dir / "adapter"
-    adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id=adapter.portable_base_id(recipe.model, folder))
-    return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens,
-                      trainable, total, adapter_dir, adapter_bytes, interrupted)
+    adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id)
+    if isinstance(stopped, UserError):
+        raise UserError(stopped.message, hint=f"The adapter of step {len(losses)} is saved in {adapter_dir}. {stopped.hint}")
+    return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens, trainable, total,
+                      adapter_dir, adapter_bytes, interrupted=stopped is not None, step_downs=step_downs)
+
+
+def describe_step_down(event: dict) -> str:
+    """What an out-of-memory step-down changed, in words: 'micro-batch 4 -> 2'."""
+    before, after = event["from"], event["to"]
+    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing", "offload": "activation offload"}
+    return ", ".join(f"{names[k]} {before[k]} -> {after[k]}" for k in names if before[k] != after[k])
 
 
 def plan_for_run(folder: Path, recipe: Recipe) -> dict:
@@ -107,30 +127,39 @@ def check_out_dir(out_dir: Path) -> None:
         raise UserError(f"{out_dir} already holds a run.", hint="Choose another --out, or delete that folder first.")
 
 
-def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console) -> None:
-    """Optimizer steps over micro-batches with gradient accumulation; calls on_step(metrics) after each."""
+@dataclass
+class StepShape:
+    """How a step's examples are split and bounded; out-of-memory step-downs change it, never the examples drawn."""
+
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool
+    offload: bool
+
+
+def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console,
+               on_event=lambda event: None) -> None:
+    """Optimizer steps of micro_batch x grad_accum examples; calls on_step(metrics) after each step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe, device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    decoder, head_weight, softcap = models.lm_parts(model)
-    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
-    stream = data.batches(examples, recipe.micro_batch, pad_id, torch.Generator().manual_seed(recipe.seed))
+    shape = StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload)
+    per_step = recipe.micro_batch * recipe.grad_accum
+    stream = data.example_stream(examples, torch.Generator().manual_seed(recipe.seed))
     model.train()
     for step in range(1, total_steps + 1):
         started = time.perf_counter()
-        micro_batches = [next(stream) for _ in range(recipe.grad_accum)]
-        # Normalise by the step's labelled tokens, not per micro-batch, so accumulation equals one big batch.
-        n_targets = sum(int((labels[:, 1:] != data.IGNORE).sum()) for *_, labels in micro_batches)
-        step_loss, step_tokens = 0.0, 0
-        for epoch, input_ids, attention_mask, labels in micro_batches:
-            mask = None if attention_mask.all() else attention_mask.to(device)  # no mask lets SDPA use its fast path
-            hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
-            loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
-            loss = loss_sum / n_targets
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-            step_tokens += int(attention_mask.sum())
+        drawn = [next(stream) for _ in range(per_step)]
+        epoch, step_examples = drawn[-1][0], [example for _, example in drawn]
+        while True:
+            try:
+                step_loss, step_tokens = forward_backward(model, step_examples, shape, pad_id, device, scaler, recipe)
+                break
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)  # the half-done step is redone from scratch
+                before, shape = shape, step_down(shape, model, device)
+                on_event({"event": "out_of_memory_step_down", "step": step, "from": before.__dict__, "to": shape.__dict__})
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or math.inf).item()
         scaler.step(optimizer)
@@ -139,8 +168,45 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - started
-        on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                 "tokens": step_tokens, "step_s": seconds, "tokens_per_s": step_tokens / seconds, **read_memory(device)})
+        on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
+                 "step_s": seconds, "tokens_per_s": step_tokens / seconds, "micro_batch": shape.micro_batch,
+                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **read_memory(device)})
+
+
+def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int]:
+    """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens seen)."""
+    decoder, head_weight, softcap = models.lm_parts(model)
+    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
+    examples = data.truncate(examples, shape.seq_len)
+    # Normalise by the step's labelled tokens, not per micro-batch, so any split gives the same gradient.
+    n_targets = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
+    step_loss, step_tokens = 0.0, 0
+    for start in range(0, len(examples), shape.micro_batch):
+        input_ids, attention_mask, labels = data.collate(examples[start:start + shape.micro_batch], pad_id)
+        mask = None if attention_mask.all() else attention_mask.to(device)  # no mask lets SDPA use its fast path
+        hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
+        loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
+        loss = loss_sum / n_targets
+        scaler.scale(loss).backward()
+        step_loss += loss.item()
+        step_tokens += int(attention_mask.sum())
+    return step_loss, step_tokens
+
+
+def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
+    """The next cheaper way to run a step: halve the micro-batch (accumulation grows to keep the effective batch),
+    then checkpoint with activations offloaded to host RAM, then halve sequences; UserError when nothing is left."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if shape.micro_batch > 1:
+        return replace(shape, micro_batch=shape.micro_batch // 2)
+    if not (shape.checkpointing and (shape.offload or device.type != "cuda")):
+        models.set_checkpointing(model, offload=device.type == "cuda")
+        return replace(shape, checkpointing=True, offload=device.type == "cuda")
+    if shape.seq_len > 64:
+        return replace(shape, seq_len=shape.seq_len // 2)
+    raise UserError("Out of memory even at micro-batch 1, 64-token sequences, with activations offloaded.",
+                    hint="Use a smaller model or a larger card; `qlora-kit plan` shows what fits.")
 
 
 def count_steps(n_examples: int, recipe: Recipe) -> int:

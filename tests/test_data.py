@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_kit.data import IGNORE, batches, collate, read_jsonl, tokenize
+from qlora_kit.data import IGNORE, collate, example_stream, read_jsonl, tokenize, truncate
 from qlora_kit.errors import UserError
 from tests.conftest import build_tokenizer
 
@@ -69,13 +69,19 @@ def test_collate_pads_right_to_the_longest_example(tokenizer):
     assert (labels[0, short:] == IGNORE).all() and (input_ids[0, short:] == 0).all()
 
 
-def test_batches_cover_every_example_per_epoch_in_a_seeded_order(tokenizer):
+def test_stream_covers_every_example_per_epoch_in_a_seeded_order(tokenizer):
     examples = tokenize([{"text": f"{w} fox"} for w in "one two three four five".split()], tokenizer, seq_len=32)
 
-    def first_epoch(seed):
-        stream = batches(examples, 2, 0, torch.Generator().manual_seed(seed))
-        return [next(stream) for _ in range(3)]
+    def first_epochs(seed):
+        stream = example_stream(examples, torch.Generator().manual_seed(seed))
+        return [next(stream) for _ in range(10)]
 
-    a, b = first_epoch(0), first_epoch(0)
-    assert all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    assert sum(batch[1].shape[0] for batch in a) == 5 and {batch[0] for batch in a} == {0}
+    a = first_epochs(0)
+    assert [(epoch, e.input_ids) for epoch, e in a] == [(epoch, e.input_ids) for epoch, e in first_epochs(0)]
+    assert [epoch for epoch, _ in a] == [0] * 5 + [1] * 5
+    assert sorted(e.input_ids for _, e in a[:5]) == sorted(e.input_ids for e in examples)
+
+
+def test_truncate_cuts_ids_and_labels_together(tokenizer):
+    [example] = truncate(tokenize([{"text": "one two three four five six"}], tokenizer, seq_len=64), 3)
+    assert len(example.input_ids) == len(example.labels) == 3

@@ -103,3 +103,71 @@ def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path
     with pytest.raises(UserError, match="No model found"):
         run_training(Recipe(model=str(tmp_path / "no-model"), data=str(chat_data)), fresh, QUIET)
     assert not fresh.exists()
+
+
+def flaky_loss(monkeypatch, fails):
+    """Make the loss raise CUDA's out-of-memory error on the last micro-batch of the steps fails(step, batch) picks,
+    after earlier micro-batches have already accumulated gradients."""
+    from qlora_kit import train
+
+    real_loss, real_step = train.chunked_cross_entropy, train.forward_backward
+    state = {"step": 1, "calls": 0, "per_step": 0}
+
+    def loss(hidden, *args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == state["per_step"] and fails(state["step"], hidden.shape[0]):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_loss(hidden, *args, **kwargs)
+
+    def forward_backward(model, examples, shape, *args):
+        state["calls"], state["per_step"] = 0, -(-len(examples) // shape.micro_batch)
+        result = real_step(model, examples, shape, *args)
+        state["step"] += 1
+        return result
+
+    monkeypatch.setattr(train, "chunked_cross_entropy", loss)
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+
+
+def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_path, monkeypatch):
+    flaky_loss(monkeypatch, lambda step, batch: (step == 2 and batch == 4) or (step == 4 and batch == 2))
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=6, micro_batch=4, grad_accum=2, dropout=0.0)
+    console = Console(file=io.StringIO())
+    summary = run_training(recipe, tmp_path / "run", console)
+def test_a_redone_step_gives_the_same_update(llama_dir, text_data, tmp_path, monkeypatch):
+    recipe = Recipe(rank=4, micro_batch=4, grad_accum=1, dropout=0.0, warmup_ratio=0.0)
+    clean, _, clean_losses = trained(llama_dir, text_data, recipe, steps=3)
+    flaky_loss(monkeypatch, lambda step, batch: batch == 4)  # every step fails at micro-batch 4 and is redone at 2
+    redone, _, redone_losses = trained(llama_dir, text_data, recipe, steps=3)
+    assert redone_losses == pytest.approx(clean_losses, rel=1e-5)
+    for (name, a), b in zip(clean.named_parameters(), redone.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_data, tmp_path, monkeypatch):
+    from qlora_kit import train
+
+    real = train.chunked_cross_entropy
+    calls = {"n": 0}
+
+    def loss(hidden, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first micro-batch works, everything after runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(train, "chunked_cross_entropy", loss)
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=5, micro_batch=1, seq_len=256)
+    with pytest.raises(UserError, match="Out of memory even at micro-batch 1") as error:
+        run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
+    assert "The adapter of step 1 is saved" in error.value.hint
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_periodic_checkpoints_hold_a_loadable_adapter(llama_dir, chat_data, tmp_path):
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=5, micro_batch=2, checkpoint_every=2)
+    run_training(recipe, tmp_path / "run", QUIET)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["step-2", "step-4"]
+    assert (tmp_path / "run" / "checkpoints" / "step-4" / "adapter_model.safetensors").is_file()
