@@ -51,7 +51,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create, e.g. runs/my-run (must not hold a run yet)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe to start from; flags override its settings."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     rank: Optional[int] = _setting("rank"),
     alpha: Optional[float] = _setting("alpha"),
     dropout: Optional[float] = _setting("dropout"),
@@ -116,6 +116,23 @@ def demo(
 
 
 @app.command()
+def auto(
+    model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
+    data: Path = typer.Option(..., "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/auto, or the next free runs/auto-N]"),
+    vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
+) -> None:
+    """Probe, plan, pick and tune a recipe for this card and data, explain it, then train."""
+    from qlora_kit.auto import run_auto
+
+    summary = run_auto(model, data, out, console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run)
+    if not dry_run:
+        print_summary(summary)
+
+
+@app.command()
 def probe(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")) -> None:
     """Show the GPUs, memory, disk and library versions qlora-kit will train with."""
     from qlora_kit.hardware import probe as probe_machine, render
@@ -130,7 +147,7 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print JSON for scr
 @app.command()
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML whose settings to plan; flags override it."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),
     seq_len: Optional[int] = _setting("seq_len"),
     micro_batch: Optional[int] = typer.Option(None, "--batch", "--micro-batch", help="Examples per forward/backward pass. \\[default: 4]", show_default=False),
     rank: Optional[int] = _setting("rank"),
@@ -151,6 +168,40 @@ def plan(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(render(report))
+
+
+recipes_app = typer.Typer(help="List the shipped recipes, or show one.", invoke_without_command=True, no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes_list(context: typer.Context) -> None:
+    """List the shipped recipes with what each is for."""
+    if context.invoked_subcommand:
+        return
+    from rich.table import Table
+
+    from qlora_kit.recipes import card_recipes, load_recipe, recipe_summary
+
+    table = Table(title="Recipes (qlora-kit recipes show NAME; train --recipe NAME)")
+    for column in ("name", "rank", "seq", "micro-batch x accum", "for"):
+        table.add_column(column)
+    for name, path in card_recipes().items():
+        r = load_recipe(path)
+        table.add_row(name, str(r.rank), str(r.seq_len), f"{r.micro_batch} x {r.grad_accum}", recipe_summary(path))
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A shipped recipe (4gb ... 24gb, cpu) or a YAML file.")) -> None:
+    """Print one recipe, comments included."""
+    from rich.syntax import Syntax
+
+    from qlora_kit.recipes import find_recipe, load_recipe
+
+    path = find_recipe(name)
+    load_recipe(path)  # validate, so a broken file is reported rather than shown
+    console.print(Syntax(path.read_text(), "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
 
 
 def main() -> None:

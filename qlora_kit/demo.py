@@ -15,7 +15,7 @@ from rich.table import Table
 
 from qlora_kit.adapter import generate, load_with_adapter
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.train import next_free_run_dir, run_training
 
 DEMO_DATA = Path(__file__).parent / "demo_data" / "pirate.jsonl"
 # None of these is in the training data (see demo_data/make_pirate_data.py).
@@ -27,18 +27,9 @@ DEMO_RECIPE = Recipe(model="smollm2-135m", data=str(DEMO_DATA), rank=16, alpha=3
                      gradient_checkpointing=False)
 
 
-def next_free_run_dir(root: Path = Path("runs"), name: str = "demo") -> Path:
-    """runs/demo, or runs/demo-2, -3 ... so repeated demos never overwrite an earlier one."""
-    candidate, n = root / name, 1
-    while candidate.exists():
-        n += 1
-        candidate = root / f"{name}-{n}"
-    return candidate
-
-
 def run_demo(out: Path | None, steps: int | None, console: Console) -> None:
     """Train the demo adapter, then compare base and adapted answers side by side."""
-    out = out or next_free_run_dir()
+    out = out or next_free_run_dir(Path("runs"), "demo")
     recipe = DEMO_RECIPE if steps is None else dataclasses.replace(DEMO_RECIPE, steps=steps)
     console.rule("qlora-kit demo: teach SmolLM2-135M to talk like a pirate")
     summary = run_training(recipe, out, console)

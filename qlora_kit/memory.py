@@ -173,8 +173,11 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     largest_linear = max(a * b for _, a, b in shape.linear_shapes())
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
     per_token_backward = 3 * i * cb // 2
+    offloaded = 0
     if recipe.gradient_checkpointing:
         saved = L * tokens * h * cb  # each layer's input only
+        if recipe.activation_offload and on_gpu:
+            offloaded, saved = saved, 0  # they wait in pinned host RAM until backward needs them
         layer = tokens * (per_token_layer + per_token_backward)  # one layer re-run forward, then backward
     else:
         saved = L * tokens * per_token_layer
@@ -200,7 +203,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         components["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
-    notes = [] if on_gpu else [
+    notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
+    notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]
     details = {"layer_recompute": layer, "loss_working_set": loss, "loss_chunk_tokens": chunk}

@@ -6,6 +6,7 @@ The same field metadata drives YAML loading, validation messages and the run's r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from pathlib import Path
 import yaml
 
 from qlora_kit.errors import UserError
+
+# The card recipes live at the top of the project (recipes/*.yaml), beside this package.
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _setting(default, help: str, *, low=None, high=None, choices=None):
@@ -50,10 +54,12 @@ class Recipe:
     seed: int = _setting(0, "seed for LoRA init, data order and dropout", low=0)
     checkpoint_every: int = _setting(0, "save the adapter every N optimizer steps to checkpoints/step-N; 0 = only at the end", low=0)
 
-    def to_yaml(self) -> str:
-        """The recipe as commented YAML, one help line above each setting."""
-        lines = []
+    def to_yaml(self, header: str = "") -> str:
+        """The recipe as commented YAML, one help line above each setting; unset model/data are left out."""
+        lines = [f"# {line}".rstrip() for line in header.splitlines()] + ([""] if header else [])
         for f in dataclasses.fields(self):
+            if f.default is None and getattr(self, f.name) is None:
+                continue
             lines.append(f"# {f.metadata['help']}")
             lines.append(yaml.safe_dump({f.name: getattr(self, f.name)}, sort_keys=False).strip())
         return "\n".join(lines) + "\n"
@@ -105,8 +111,8 @@ def recipe_from_dict(values: dict, where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
-    path = Path(path)
+    """Read and validate a recipe: a shipped one by name ("8gb") or a YAML file."""
+    path = find_recipe(path) if str(path) in card_recipes() else Path(path)
     try:
         values = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -123,3 +129,31 @@ def with_overrides(recipe: Recipe, **overrides) -> Recipe:
     values = dataclasses.asdict(recipe)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return recipe_from_dict(values, where="command line")
+
+
+def card_gb(name: str) -> float:
+    """The card size a recipe name stands for: 8 for "8gb"; infinity for "cpu" so it sorts last."""
+    digits = name.removesuffix("gb")
+    return int(digits) if digits.isdigit() else math.inf
+
+
+def card_recipes() -> dict[str, Path]:
+    """The shipped recipes by name (4gb ... 24gb, cpu), smallest card first."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"), key=lambda p: card_gb(p.stem))}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe file: what the recipe is for."""
+    first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+    return first.lstrip("# ").strip()
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A shipped recipe by name ("8gb") or a recipe file by path."""
+    recipes = card_recipes()
+    if str(name_or_path) in recipes:
+        return recipes[str(name_or_path)]
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    raise UserError(f"No recipe named {name_or_path}.", hint=f"Use one of {', '.join(recipes)}, or a path to a YAML file.")

@@ -119,6 +119,15 @@ def plan_for_run(folder: Path, recipe: Recipe) -> dict:
     return make_plan(str(folder), recipe, choose_target(hardware=probe(check_bnb=False))).to_dict()
 
 
+def next_free_run_dir(root: Path, name: str) -> Path:
+    """root/name, or root/name-2, -3 ... so repeated runs never overwrite an earlier one."""
+    candidate, n = root / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{name}-{n}"
+    return candidate
+
+
 def check_out_dir(out_dir: Path) -> None:
     """Refuse to write into a folder that already holds a run, so no earlier result is overwritten."""
     if out_dir.is_file():

@@ -75,3 +75,21 @@ def test_probe_and_plan_commands(monkeypatch, capsys):
     assert json.loads(out)["plan"]["verdict"] == "does not fit"
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma2b", "--vram", "4")
     assert code == 1 and "Did you mean: gemma-2b" in err and "Traceback" not in err
+
+
+def test_recipes_list_show_and_a_broken_recipe(monkeypatch, capsys, tmp_path, llama_dir, chat_data):
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes")
+    assert code in (0, None) and all(name in out for name in ("4gb", "12gb", "24gb", "cpu"))
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "show", "8gb")
+    assert code in (0, None) and "micro_batch: 2" in out and "# LoRA rank" in out
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rank: 16\nseq_len: lots\n")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--recipe", broken, "--model", llama_dir, "--data", chat_data, "--out", tmp_path / "r")
+    assert code == 1 and str(broken) in err and "`seq_len` is 'lots'" in err and "int from 8" in err
+
+
+def test_auto_dry_run_through_the_cli(monkeypatch, capsys, chat_data):
+    code, out, _ = run_cli(monkeypatch, capsys, "auto", "--model", "gemma-2b", "--data", chat_data, "--gpu", "RTX 3060", "--dry-run")
+    assert code in (0, None) and "Recipe: 12gb" in out and "Planned peak" in out
+    code, _, err = run_cli(monkeypatch, capsys, "auto", "--model", "llama-3.1-8b", "--data", chat_data, "--vram-limit", "6", "--dry-run")
+    assert code == 1 and "does not fit" in err and "These catalogue models fit" in err

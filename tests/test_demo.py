@@ -9,16 +9,17 @@ import torch
 from peft import PeftModel
 
 from qlora_kit import data, model as models
-from qlora_kit.demo import DEMO_DATA, next_free_run_dir
+from qlora_kit.demo import DEMO_DATA
+from qlora_kit.train import next_free_run_dir
 from qlora_kit.loss import chunked_cross_entropy
 from qlora_kit.sources import resolve_model
 
 
 def test_next_free_run_dir_never_reuses_a_folder(tmp_path):
-    assert next_free_run_dir(tmp_path) == tmp_path / "demo"
+    assert next_free_run_dir(tmp_path, "demo") == tmp_path / "demo"
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo-2").mkdir()
-    assert next_free_run_dir(tmp_path) == tmp_path / "demo-3"
+    assert next_free_run_dir(tmp_path, "demo") == tmp_path / "demo-3"
 
 
 @pytest.mark.slow

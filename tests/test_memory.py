@@ -117,9 +117,12 @@ def test_longer_sequences_and_batches_cost_more_and_the_searches_agree():
     assert estimate_peak_memory(shape, Recipe(seq_len=2048, micro_batch=batch + 1)).total_bytes > capacity
 
 
-def test_checkpointing_and_8bit_optimizer_save_memory():
+def test_checkpointing_offload_and_8bit_optimizer_save_memory():
     shape = find_model_shape("llama-3.2-1b")
     base = estimate_peak_memory(shape, Recipe(seq_len=2048)).total_bytes
+    offloaded = estimate_peak_memory(shape, Recipe(seq_len=2048, activation_offload=True))
+    assert offloaded.total_bytes < base and offloaded.components["saved_activations"] == 0
+    assert "offloaded to host RAM" in offloaded.notes[0]
     assert estimate_peak_memory(shape, Recipe(seq_len=2048, gradient_checkpointing=False)).total_bytes > 1.5 * base
     assert estimate_peak_memory(shape, Recipe(seq_len=2048, optimizer="adamw")).total_bytes > base
 

@@ -1,0 +1,208 @@
+"""`qlora-kit auto`: probe -> plan -> choose a recipe and tune it to this card, model and data -> train.
+
+The choice, in a fixed order so it is predictable:
+1. start from the largest shipped recipe whose card size is not above the usable memory (cpu.yaml without a GPU);
+2. fit the sequence length to the data: the 95th percentile of token lengths, rounded up to 64;
+3. raise the micro-batch while the plan keeps 10% headroom, keeping the effective batch with accumulation;
+4. when it does not fit, step down: micro-batch, then sequence length, then activation offload, then rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from qlora_kit.catalog import find_model_shape, model_ids
+from qlora_kit.errors import UserError
+from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory
+from qlora_kit.plan import Target, choose_target
+from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary
+
+HEADROOM = 0.90  # plan to use at most 90% of the card: fragmentation and other processes need the rest
+
+
+@dataclass
+class Change:
+    setting: str
+    old: object
+    new: object
+    why: str
+
+
+@dataclass
+class Choice:
+    target: Target
+    recipe_name: str
+    recipe: Recipe
+    changes: list[Change] = field(default_factory=list)
+    planned_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.planned_bytes <= self.target.capacity_bytes
+
+
+def percentile(values: list[int], q: float) -> int:
+    """The q-th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None) -> Choice:
+    """Pick and tune a recipe for this model on this target; lengths are the data's token counts per example."""
+    recipes = card_recipes()
+    if target.device == "cpu":
+        name = "cpu"
+    else:
+        # A "12 GB" card reports a little under 12 GiB, hence the 5% grace.
+        sizes = [n for n in recipes if card_gb(n) <= target.capacity_bytes / GIB * 1.05]
+        name = sizes[-1] if sizes else next(iter(recipes))
+    choice = Choice(target, name, load_recipe(recipes[name]))
+
+    def change(why: str, **settings) -> None:
+        """Apply settings, keeping one Change per setting: from the recipe's value to the latest, with the latest reason."""
+        for key, value in settings.items():
+            earlier = next((c for c in choice.changes if c.setting == key), None)
+            if earlier:
+                earlier.new, earlier.why = value, why
+            elif getattr(choice.recipe, key) != value:
+                choice.changes.append(Change(key, getattr(choice.recipe, key), value, why))
+        choice.changes = [c for c in choice.changes if c.old != c.new]
+        choice.recipe = replace(choice.recipe, **settings)
+
+    def total(recipe: Recipe) -> int:
+        return estimate_peak_memory(shape, recipe, target.device).total_bytes
+
+    def roomy(recipe: Recipe) -> bool:
+        return total(recipe) <= HEADROOM * target.capacity_bytes
+
+    if target.device == "cuda" and not target.bf16:
+        change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
+    if target.device == "cpu":
+        choice.warnings.append("No GPU: training runs on the CPU. It works, but expect seconds per step even for small models.")
+
+    if lengths:
+        p95 = percentile(lengths, 95)
+        wanted = min(64 * math.ceil(p95 / 64), shape.max_positions)
+        if wanted < choice.recipe.seq_len:
+            change(f"95% of the examples are at most {p95} tokens", seq_len=wanted)
+        elif wanted > choice.recipe.seq_len and roomy(replace(choice.recipe, seq_len=wanted)):
+            change(f"95% of the examples are at most {p95} tokens, and the card has room", seq_len=wanted)
+
+    effective = choice.recipe.micro_batch * choice.recipe.grad_accum
+    while (choice.recipe.micro_batch * 2 <= effective
+           and roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
+        batch = choice.recipe.micro_batch * 2
+        change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
+
+    while not roomy(choice.recipe):
+        r = choice.recipe
+        if r.micro_batch > 1:
+            batch = r.micro_batch // 2
+            change(f"to fit; same effective batch of {effective}", micro_batch=batch, grad_accum=math.ceil(effective / batch))
+        elif r.seq_len > 128:
+            change("to fit: shorter sequences", seq_len=max(128, r.seq_len // 2))
+        elif target.device == "cuda" and not r.activation_offload:
+            change("to fit: checkpointed activations wait in host RAM", activation_offload=True)
+        elif r.rank > 4:
+            change("to fit: a smaller adapter", rank=r.rank // 2, alpha=r.alpha / 2)
+        else:
+            break
+    choice.planned_bytes = total(choice.recipe)
+    if choice.fits and not roomy(choice.recipe):
+        choice.warnings.append("Tight: the plan is within 10% of the card. If a step runs out of memory, "
+                               "training steps down (micro-batch, offload, sequence length) and redoes it.")
+    if lengths:
+        cut = sum(length > choice.recipe.seq_len for length in lengths)
+        if cut:
+            choice.warnings.append(f"{cut} of {len(lengths)} examples ({100 * cut / len(lengths):.0f}%) are longer than "
+                                   f"{choice.recipe.seq_len} tokens and will be truncated.")
+    return choice
+
+
+def smaller_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
+    """Catalogue models that fit the target with this recipe, largest first."""
+    shapes = sorted((find_model_shape(m) for m in model_ids()), key=lambda s: -s.parameter_count())
+    return [s.name for s in shapes if estimate_peak_memory(s, recipe, target.device).total_bytes <= HEADROOM * target.capacity_bytes]
+
+
+def render_choice(choice: Choice, shape: ModelShape) -> Group:
+    """The choice in a few lines: card, recipe, what changed and why, the planned peak against the card."""
+    t = choice.target
+    lines = [Text.from_markup(f"[bold]Card:[/] {t.name}, {t.capacity_bytes / GIB:.1f} GiB"
+                              + ("" if t.device == "cpu" else f", {'bf16' if t.bf16 else 'fp16 (no bf16)'}")),
+             Text.from_markup(f"[bold]Model:[/] {shape.name}, {shape.parameter_count() / 1e9:.2f}B parameters"),
+             Text.from_markup(f"[bold]Recipe:[/] {choice.recipe_name}: {recipe_summary(card_recipes()[choice.recipe_name])}")]
+    for c in choice.changes:
+        lines.append(Text(f"  {c.setting}: {c.old} -> {c.new}  ({c.why})"))
+    if not choice.changes:
+        lines.append(Text("  used as written"))
+    colour = "green" if choice.fits else "red"
+    lines.append(Text.from_markup(f"[bold]Planned peak:[/] [{colour}]{choice.planned_bytes / GIB:.2f} GiB[/] of "
+                                  f"{t.capacity_bytes / GIB:.2f} GiB ({'nvidia-smi' if t.device == 'cuda' else 'process memory'})"))
+    lines += [Text(w, style="yellow") for w in choice.warnings]
+    return Group(*lines)
+
+
+def data_lengths(records: list[dict], tokenizer=None) -> list[int]:
+    """Token count per example; without a tokenizer, about 4 characters per token."""
+    from qlora_kit.data import tokenize
+
+    if tokenizer is None:
+        return [max(1, len(r.get("text") or " ".join(m["content"] for m in r["messages"])) // 4) for r in records]
+    return [len(e.input_ids) for e in tokenize(records, tokenizer, seq_len=10**9)]
+
+
+def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
+             gpu: str | None = None, dry_run: bool = False):
+    """Probe, choose, print the choice, and (unless dry_run) train with it."""
+    from qlora_kit import data as data_module
+    from qlora_kit.hardware import probe
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.sources import resolve_model
+    from qlora_kit.train import next_free_run_dir, run_training
+
+    records = data_module.read_jsonl(data_path)
+    shape = find_model_shape(model)
+    hardware = probe(check_bnb=False)
+    target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
+    if not dry_run and target.device == "cuda" and not hardware.gpus:
+        raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
+                        hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")
+    try:
+        tokenizer = load_tokenizer(resolve_model(model))
+    except UserError:
+        if not dry_run:
+            raise
+        tokenizer = None
+    lengths = data_lengths(records, tokenizer)
+    choice = choose_recipe(shape, target, lengths)
+    if tokenizer is None:
+        choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")
+    console.print(render_choice(choice, shape))
+    if not choice.fits:
+        smaller = smaller_models_that_fit(target, choice.recipe)
+        raise UserError(f"{shape.name} does not fit {target.name} even at the smallest settings: "
+                        f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
+                        hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
+                        + " `qlora-kit plan` shows the details.")
+    if dry_run:
+        return choice
+    recipe = replace(choice.recipe, model=model, data=str(data_path))
+    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console)
+
+
+def _limited(vram_limit: float, hardware) -> Target:
+    """The probed GPU capped at --vram-limit GB, or a card of that size when there is none."""
+    if vram_limit <= 0:
+        raise UserError(f"--vram-limit must be positive, not {vram_limit}.", hint="Give gigabytes, e.g. --vram-limit 6.")
+    target = choose_target(hardware=hardware) if hardware.gpus else choose_target(vram_gib=vram_limit)
+    if hardware.gpus:
+        target = replace(target, name=f"{target.name} (limited to {vram_limit:g} GB)",
+                         capacity_bytes=min(target.capacity_bytes, int(vram_limit * GIB)))
+    return target

@@ -1,0 +1,109 @@
+import io
+
+import pytest
+import yaml
+from rich.console import Console
+
+from qlora_kit.auto import choose_recipe, percentile, run_auto, smaller_models_that_fit
+from qlora_kit.catalog import find_model_shape, gpu_catalogue
+from qlora_kit.errors import UserError
+from qlora_kit.hardware import probe
+from qlora_kit.memory import GIB
+from qlora_kit.plan import Target, choose_target
+from qlora_kit.recipes import card_gb, load_recipe
+
+LONG_DATA = [300] * 50 + [1500] * 45 + [6000] * 5  # p95 = 1500 tokens
+MODELS = ["smollm2-135m", "qwen2.5-0.5b", "gemma-2b", "llama-3.2-3b", "mistral-7b-v0.3", "llama-3.1-8b"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_choices_over_the_gpu_catalogue_are_sensible(model):
+    shape = find_model_shape(model)
+    for gpu in gpu_catalogue():
+        target = choose_target(gpu=gpu.name)
+        choice = choose_recipe(shape, target, LONG_DATA)
+        where = f"{model} on {gpu.name}"
+        assert card_gb(choice.recipe_name) <= gpu.vram_gib * 1.05 or choice.recipe_name == "4gb", where
+        assert choice.recipe.micro_batch * choice.recipe.grad_accum >= 16, where  # the effective batch is kept
+        assert choice.recipe.precision == ("auto" if gpu.bf16 else "fp16"), where
+        if choice.fits:
+            roomy = choice.planned_bytes <= 0.9 * target.capacity_bytes
+            assert roomy or any(w.startswith("Tight") for w in choice.warnings), where
+            assert choice.recipe.seq_len <= 1536, where  # never longer than the data needs
+
+
+def test_gemma_2b_fits_4gb_at_micro_batch_1():
+    choice = choose_recipe(find_model_shape("gemma-2b"), choose_target(vram_gib=4), LONG_DATA)
+    assert choice.fits and choice.recipe_name == "4gb" and choice.recipe.micro_batch == 1
+    assert choice.recipe.seq_len <= 1536 and any("truncated" in w for w in choice.warnings)
+    longer = choose_recipe(find_model_shape("gemma-2b"), choose_target(vram_gib=4), [8000] * 10)
+    assert longer.fits and longer.recipe.seq_len < 8000, "long data is cut to what fits"
+
+
+def test_llama_8b_on_6gb_does_not_fit_and_smaller_models_are_suggested():
+    target = choose_target(vram_gib=6)
+    choice = choose_recipe(find_model_shape("llama-3.1-8b"), target, LONG_DATA)
+    assert not choice.fits and choice.planned_bytes > 6 * GIB
+    smaller = smaller_models_that_fit(target, choice.recipe)
+    assert smaller and "meta-llama/Llama-3.1-8B" not in smaller
+    assert all(find_model_shape(m).parameter_count() < 8e9 for m in smaller)
+
+
+def test_bigger_cards_get_longer_sequences_and_bigger_batches():
+    shape = find_model_shape("llama-3.2-3b")
+    small = choose_recipe(shape, choose_target(gpu="RTX 4060"), LONG_DATA)  # 8 GB
+    large = choose_recipe(shape, choose_target(gpu="RTX 4090"), LONG_DATA)  # 24 GB
+    assert (small.recipe_name, large.recipe_name) == ("8gb", "24gb")
+    assert large.recipe.seq_len >= small.recipe.seq_len and large.recipe.micro_batch > small.recipe.micro_batch
+    assert large.recipe.rank > small.recipe.rank
+
+
+def test_short_data_shortens_sequences_and_every_change_says_why():
+    choice = choose_recipe(find_model_shape("gemma-2b"), choose_target(gpu="RTX 3060"), [100] * 20)
+    changes = {c.setting: c for c in choice.changes}
+    assert changes["seq_len"].new == 128 and "95%" in changes["seq_len"].why
+    assert len(choice.changes) == len(changes), "one line per setting"
+
+
+def test_cpu_gets_the_cpu_recipe_and_a_warning():
+    target = Target("RAM", "cpu", 16 * GIB)
+    choice = choose_recipe(find_model_shape("smollm2-135m"), target, [60] * 10)
+    assert choice.recipe_name == "cpu" and "No GPU" in choice.warnings[0]
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile(list(range(1, 101)), 95) == 95 and percentile([7], 95) == 7
+
+
+def test_every_shipped_recipe_is_valid_and_documented():
+    from qlora_kit.recipes import card_recipes
+
+    recipes = card_recipes()
+    assert list(recipes) == ["4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
+    for name, path in recipes.items():
+        load_recipe(name)
+        values = yaml.safe_load(path.read_text())
+        comments = [line for line in path.read_text().splitlines() if line.startswith("# ")]
+        assert len(comments) >= len(values), f"{name}: a comment per setting"
+
+
+def test_auto_end_to_end_on_cpu_with_a_tiny_model(llama_dir, chat_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    console = Console(file=io.StringIO(), width=120)
+    summary = run_auto(str(llama_dir), chat_data, None, console)
+    out = tmp_path / "runs" / "auto"
+    assert summary.adapter_dir.resolve() == out / "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    text = console.file.getvalue()
+    assert "Recipe: cpu" in text and "Planned peak" in text and "No GPU" in text
+    recipe = load_recipe(out / "recipe.yaml")
+    assert recipe.model == str(llama_dir) and recipe.data == str(chat_data) and recipe.seq_len == 64
+
+
+def test_auto_dry_run_trains_nothing_and_a_gpu_choice_needs_a_gpu(chat_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    console = Console(file=io.StringIO(), width=120)
+    choice = run_auto("gemma-2b", chat_data, None, console, gpu="T4", dry_run=True)
+    assert choice.recipe.precision == "fp16" and not (tmp_path / "runs").exists()
+    if not probe(check_bnb=False).gpus:
+        with pytest.raises(UserError, match="has no GPU"):
+            run_auto("gemma-2b", chat_data, None, console, vram_limit=6)
