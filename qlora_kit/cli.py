@@ -37,13 +37,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
 
 
-def _setting(name: str):
+def _setting(name: str, *aliases: str):
     """A flag for a Recipe setting, with the help line and default the Recipe itself declares."""
     from qlora_kit.recipes import Recipe
 
     field = Recipe.__dataclass_fields__[name]
     flag = "--" + name.replace("_", "-")
-    return typer.Option(None, flag, help=f"{field.metadata['help']} \\[default: {field.default}]", show_default=False)
+    return typer.Option(None, *aliases, flag, help=f"{field.metadata['help']} \\[default: {field.default}]", show_default=False)
 
 
 @app.command()
@@ -149,7 +149,7 @@ def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),
     seq_len: Optional[int] = _setting("seq_len"),
-    micro_batch: Optional[int] = typer.Option(None, "--batch", "--micro-batch", help="Examples per forward/backward pass. \\[default: 4]", show_default=False),
+    micro_batch: Optional[int] = _setting("micro_batch", "--batch"),
     rank: Optional[int] = _setting("rank"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
