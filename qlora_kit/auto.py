@@ -159,7 +159,7 @@ def data_lengths(records: list[dict], tokenizer=None) -> list[int]:
 
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
-             gpu: str | None = None, dry_run: bool = False):
+             gpu: str | None = None, dry_run: bool = False, display: str = "auto"):
     """Probe, choose, print the choice, and (unless dry_run) train with it."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
@@ -194,7 +194,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     if dry_run:
         return choice
     recipe = replace(choice.recipe, model=model, data=str(data_path))
-    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console)
+    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display)
 
 
 def _limited(vram_limit: float, hardware) -> Target:

@@ -37,6 +37,17 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
 
 
+PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
+QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
+
+
+def _run_console(plain: bool, quiet: bool) -> tuple[Console, str]:
+    """The console a run prints to and its dashboard mode: live, plain lines, or silent until the summary."""
+    if quiet:
+        return Console(quiet=True), "quiet"
+    return console, "plain" if plain else "auto"
+
+
 def _setting(name: str, *aliases: str):
     """A flag for a Recipe setting, with the help line and default the Recipe itself declares."""
     from qlora_kit.recipes import Recipe
@@ -64,6 +75,8 @@ def train(
     seed: Optional[int] = _setting("seed"),
     precision: Optional[str] = _setting("precision"),
     optimizer: Optional[str] = _setting("optimizer"),
+    plain: bool = PLAIN,
+    quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
@@ -73,18 +86,16 @@ def train(
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
-    summary = run_training(settings, out, console)
+    run_console, mode = _run_console(plain, quiet)
+    summary = run_training(settings, out, run_console, display=mode)
     print_summary(summary)
 
 
 def print_summary(summary) -> None:
-    """The end-of-run lines: steps, loss, time, and where the adapter is."""
-    state = "[yellow]Interrupted[/]" if summary.interrupted else "[green]Done[/]"
-    console.print(f"{state}: {summary.steps} steps in {summary.seconds:.0f} s, {summary.tokens:,} tokens, "
-                  f"loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
-    for change in summary.step_downs:
-        console.print(f"[yellow]Out-of-memory step-down:[/] {change}")
-    console.print(f"Adapter: {summary.adapter_dir} ({summary.adapter_bytes / 2**20:.1f} MiB, plain PEFT format)")
+    """The end-of-run table: steps, time, tokens, losses, peak memory against the plan, and the adapter."""
+    from qlora_kit.dashboard import print_summary as print_table
+
+    print_table(console, summary, summary.info)
 
 
 @app.command()
@@ -108,11 +119,12 @@ def generate(
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/demo, or the next free runs/demo-N]"),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (fewer = faster, weaker effect)."),
+    plain: bool = PLAIN,
 ) -> None:
     """Offline demo: teach SmolLM2-135M to talk like a pirate in a few minutes, then compare answers."""
     from qlora_kit.demo import run_demo
 
-    run_demo(out, steps, console)
+    run_demo(out, steps, console, display="plain" if plain else "auto")
 
 
 @app.command()
@@ -123,11 +135,14 @@ def auto(
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
+    plain: bool = PLAIN,
+    quiet: bool = QUIET,
 ) -> None:
     """Probe, plan, pick and tune a recipe for this card and data, explain it, then train."""
     from qlora_kit.auto import run_auto
 
-    summary = run_auto(model, data, out, console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run)
+    run_console, mode = _run_console(plain, quiet)
+    summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode)
     if not dry_run:
         print_summary(summary)
 
@@ -168,6 +183,21 @@ def plan(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(render(report))
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="One or more run folders, e.g. runs/first runs/second (overlaid in the plot)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write loss and memory over steps to this PNG (needs matplotlib)."),
+) -> None:
+    """Summarise finished or running runs, and plot them."""
+    from qlora_kit.report import load_run, summary_table, write_png
+
+    loaded = [load_run(folder) for folder in runs]
+    for run in loaded:
+        console.print(summary_table(run))
+    if png:
+        console.print(f"Plot written to {write_png(loaded, png)}")
 
 
 recipes_app = typer.Typer(help="List the shipped recipes, or show one.", invoke_without_command=True, no_args_is_help=False)

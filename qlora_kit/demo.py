@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qlora_kit.adapter import generate, load_with_adapter
+from qlora_kit.dashboard import summary_table
 from qlora_kit.recipes import Recipe
 from qlora_kit.train import next_free_run_dir, run_training
 
@@ -27,14 +28,13 @@ DEMO_RECIPE = Recipe(model="smollm2-135m", data=str(DEMO_DATA), rank=16, alpha=3
                      gradient_checkpointing=False)
 
 
-def run_demo(out: Path | None, steps: int | None, console: Console) -> None:
+def run_demo(out: Path | None, steps: int | None, console: Console, display: str = "auto") -> None:
     """Train the demo adapter, then compare base and adapted answers side by side."""
     out = out or next_free_run_dir(Path("runs"), "demo")
     recipe = DEMO_RECIPE if steps is None else dataclasses.replace(DEMO_RECIPE, steps=steps)
     console.rule("qlora-kit demo: teach SmolLM2-135M to talk like a pirate")
-    summary = run_training(recipe, out, console)
-    console.print(f"Trained {summary.steps} steps in {summary.seconds:.0f} s, loss {summary.first_loss:.3f} -> "
-                  f"{summary.last_loss:.3f}; adapter {summary.adapter_bytes / 2**20:.1f} MiB in {summary.adapter_dir}")
+    summary = run_training(recipe, out, console, display)
+    console.print(summary_table(summary, summary.info))
     with console.status("Loading the saved adapter and answering questions it never saw ..."):
         model, tokenizer = load_with_adapter(recipe.model, summary.adapter_dir)
         rows = []

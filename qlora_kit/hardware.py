@@ -127,6 +127,34 @@ def _nvml_driver() -> str | None:
         return None
 
 
+def usage_now(device) -> dict:
+    """Memory and GPU readings for one metrics line: torch's allocator, nvml (what nvidia-smi shows), the host."""
+    import torch
+
+    memory, swap = psutil.virtual_memory(), psutil.swap_memory()
+    host = {"rss_gib": psutil.Process().memory_info().rss / GIB, "ram_available_gib": memory.available / GIB,
+            "swap_used_gib": swap.used / GIB}
+    if device.type != "cuda":
+        return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None, "nvml_used_gib": None,
+                "gpu_util_pct": None, "gpu_temp_c": None, **host}
+    return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
+            "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **_nvml_now(device.index or 0), **host}
+
+
+def _nvml_now(index: int) -> dict:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return {"nvml_used_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB,
+                "gpu_util_pct": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)}
+    except Exception:  # no nvml: those readings are simply absent
+        return {"nvml_used_gib": None, "gpu_util_pct": None, "gpu_temp_c": None}
+
+
 def _check_bnb_4bit() -> str:
     """Quantize a small weight to NF4 and run a matmul through it: the path training depends on."""
     try:

@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import psutil
 import torch
 from rich.console import Console
 
 from qlora_kit import adapter, data, model as models
-from qlora_kit.dashboard import MetricsLog, TrainingProgress
+from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo
 from qlora_kit.errors import UserError
+from qlora_kit.hardware import usage_now
 from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
 from qlora_kit.recipes import Recipe
 from qlora_kit.sources import resolve_model
@@ -37,11 +37,14 @@ class RunSummary:
     total_params: int
     adapter_dir: Path
     adapter_bytes: int
+    best_loss: float = math.nan
+    peak_memory_gib: float = math.nan  # GPU reserved peak, or process RSS peak on CPU
     interrupted: bool = False
     step_downs: list[str] = field(default_factory=list)
+    info: RunInfo | None = None
 
 
-def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
+def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto") -> RunSummary:
     """Validate everything a user can get wrong, then train and write runs/NAME; nothing is written on bad input."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -64,27 +67,33 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    (out_dir / "plan.json").write_text(json.dumps(plan_for_run(folder, recipe), indent=2))
+    plan = plan_for_run(folder, recipe)
+    (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    losses, tokens, step_downs, stopped = [], 0, [], None
+    losses, tokens, peaks, step_downs, stopped = [], 0, [], [], None
     start = time.perf_counter()
     total_steps = count_steps(len(examples), recipe)
     base_id = adapter.portable_base_id(recipe.model, folder)
-    with TrainingProgress(console, total_steps) as progress:
+    info = RunInfo(out_dir.name, recipe.model, device.type, total_steps, plan["target"]["capacity_bytes"] / GIB,
+                   plan["plan"]["total_bytes"] / GIB)
+    with Dashboard(console, info, display) as dashboard:
 
         def on_step(m: dict) -> None:
             nonlocal tokens
+            m["time_s"] = time.perf_counter() - start
             losses.append(m["loss"])
             tokens += m["tokens"]
+            peaks.append(m["mem_reserved_gib"] if device.type == "cuda" else m["rss_gib"])
             metrics.write(m)
-            progress.update(m)
+            dashboard.step(m)
             if recipe.checkpoint_every and m["step"] % recipe.checkpoint_every == 0 and m["step"] < total_steps:
                 adapter.save_adapter(model, tokenizer, out_dir / "checkpoints" / f"step-{m['step']}", base_id)
+                dashboard.checkpoint(m["step"])
 
         def on_event(event: dict) -> None:
             step_downs.append(describe_step_down(event))
             metrics.write(event)
-            console.print(f"[yellow]Out of memory at step {event['step']}: {step_downs[-1]}; redoing the step.[/]")
+            dashboard.note(f"Out of memory at step {event['step']}: {step_downs[-1]}; redoing the step.")
 
         try:
             train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console, on_event)
@@ -101,7 +110,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console) -> RunSummary:
     if isinstance(stopped, UserError):
         raise UserError(stopped.message, hint=f"The adapter of step {len(losses)} is saved in {adapter_dir}. {stopped.hint}")
     return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens, trainable, total,
-                      adapter_dir, adapter_bytes, interrupted=stopped is not None, step_downs=step_downs)
+                      adapter_dir, adapter_bytes, best_loss=min(losses), peak_memory_gib=max(peaks),
+                      interrupted=stopped is not None, step_downs=step_downs, info=info)
 
 
 def describe_step_down(event: dict) -> str:
@@ -179,7 +189,7 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         seconds = time.perf_counter() - started
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                  "step_s": seconds, "tokens_per_s": step_tokens / seconds, "micro_batch": shape.micro_batch,
-                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **read_memory(device)})
+                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage_now(device)})
 
 
 def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int]:
@@ -256,13 +266,3 @@ def make_optimizer(params, recipe: Recipe, device: torch.device, console: Consol
     console.print(f"Optimizer: bitsandbytes {'PagedAdamW8bit' if name == 'paged_adamw_8bit' else 'AdamW8bit'}")
     optimizer_class = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return optimizer_class(params, **kwargs)
-
-
-def read_memory(device: torch.device) -> dict:
-    """GPU allocator figures in GiB (None on CPU) and this process's resident host memory."""
-    rss = psutil.Process().memory_info().rss / GIB
-    if device.type != "cuda":
-        return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None, "rss_gib": rss}
-    return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
-            "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
-            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, "rss_gib": rss}

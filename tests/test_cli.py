@@ -53,9 +53,13 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
     code, stdout, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out", out,
                               "--steps", "3", "--rank", "4", "--micro-batch", "2")
     assert code in (0, None)
-    assert "Trainable:" in stdout and "Optimizer: torch AdamW" in stdout and "Adapter:" in stdout
+    assert "Trainable:" in stdout and "Optimizer: torch AdamW" in stdout and "plain PEFT" in stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "step 3/3" in stdout, "not a terminal: compact lines instead of the live view"
+    code, quiet, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out", tmp_path / "q",
+                             "--steps", "2", "--rank", "4", "--quiet")
+    assert "Trainable:" not in quiet and "step 1/2" not in quiet and "plain PEFT" in quiet
     code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out / "adapter", "--prompt", "one two?",
                               "--max-new-tokens", "4")
     assert code in (0, None) and stdout.strip()
