@@ -63,6 +63,8 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create, e.g. runs/my-run (must not hold a run yet)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out .jsonl evaluated during training (eval loss on screen and in metrics)."),
+    eval_every: Optional[int] = _setting("eval_every"),
     rank: Optional[int] = _setting("rank"),
     alpha: Optional[float] = _setting("alpha"),
     dropout: Optional[float] = _setting("dropout"),
@@ -84,6 +86,7 @@ def train(
 
     base = load_recipe(recipe) if recipe else Recipe()
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
+                              eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
     run_console, mode = _run_console(plain, quiet)

@@ -6,6 +6,7 @@ double-quantized constants, embeddings and norms in the 16-bit compute dtype (fp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,23 +109,33 @@ def lm_parts(model):
     return base.get_decoder(), head.weight, softcap
 
 
-def check_logits_path(model, device: torch.device) -> None:
-    """Refuse models whose logits are not `final_hidden @ head.T` (logit scaling, a head bias ...)."""
-    decoder, head_weight, softcap = lm_parts(model)
-    ids = torch.arange(1, 9, device=device).unsqueeze(0) % head_weight.shape[0]
-    # bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a 4-bit weight in place for inference the first
-    # time it sees an eval-mode forward without grad, and training on the repacked weight then goes wrong.
-    # So the 4-bit layers stay in train mode here and only dropout is switched off.
+@contextmanager
+def no_dropout(model):
+    """Dropout off, 4-bit layers left in train mode, for forward passes that must not be random.
+
+    bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a 4-bit weight in place for inference the first time it
+    sees an eval-mode forward without gradients, and training on the repacked weight then goes wrong; so
+    model.eval() is never used while training, only this.
+    """
     model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.eval()
-    with torch.no_grad():
+    try:
+        yield model
+    finally:
+        model.train()
+
+
+def check_logits_path(model, device: torch.device) -> None:
+    """Refuse models whose logits are not `final_hidden @ head.T` (logit scaling, a head bias ...)."""
+    decoder, head_weight, softcap = lm_parts(model)
+    ids = torch.arange(1, 9, device=device).unsqueeze(0) % head_weight.shape[0]
+    with no_dropout(model), torch.no_grad():
         expected = model(input_ids=ids).logits.float()
         ours = (decoder(input_ids=ids).last_hidden_state.to(head_weight.dtype) @ head_weight.t()).float()
         if softcap:
             ours = torch.tanh(ours / softcap) * softcap
-    model.train()
     scale = expected.abs().max().clamp(min=1e-6)
     if ((ours - expected).abs().max() / scale) > 1e-2:
         name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__

@@ -51,17 +51,20 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
     records = data.read_jsonl(recipe.data)
+    eval_records = data.read_jsonl(recipe.eval_data) if recipe.eval_data else []
     device, dtype = models.pick_device_and_dtype(recipe.precision)
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
         tokenizer = models.load_tokenizer(folder)
         examples = data.tokenize(records, tokenizer, recipe.seq_len)
+        eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len) if eval_records else []
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
         model = models.attach_lora(models.load_base_4bit(folder, dtype, device), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
-    console.print(f"Data: {len(examples)} examples from {recipe.data}")
+    console.print(f"Data: {len(examples)} examples from {recipe.data}"
+                  + (f", {len(eval_examples)} held out in {recipe.eval_data}" if eval_examples else ""))
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
 
@@ -81,6 +84,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         def on_step(m: dict) -> None:
             nonlocal tokens
             m["time_s"] = time.perf_counter() - start
+            if eval_examples and (m["step"] == total_steps or (recipe.eval_every and m["step"] % recipe.eval_every == 0)):
+                m["eval_loss"] = evaluate(model, eval_examples, recipe, tokenizer.pad_token_id, device)
             losses.append(m["loss"])
             tokens += m["tokens"]
             peaks.append(m["mem_reserved_gib"] if device.type == "cuda" else m["rss_gib"])
@@ -226,6 +231,20 @@ def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
         return replace(shape, seq_len=shape.seq_len // 2)
     raise UserError("Out of memory even at micro-batch 1, 64-token sequences, with activations offloaded.",
                     hint="Use a smaller model or a larger card; `qlora-kit plan` shows what fits.")
+
+
+def evaluate(model, examples, recipe: Recipe, pad_id: int, device) -> float:
+    """Mean token loss on held-out examples, without gradients or dropout."""
+    decoder, head_weight, softcap = models.lm_parts(model)
+    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
+    total, count = 0.0, 0
+    with models.no_dropout(model), torch.no_grad():
+        for start in range(0, len(examples), recipe.micro_batch):
+            input_ids, attention_mask, labels = data.collate(examples[start:start + recipe.micro_batch], pad_id)
+            hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+            loss_sum, n = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
+            total, count = total + loss_sum.item(), count + n
+    return total / max(count, 1)
 
 
 def count_steps(n_examples: int, recipe: Recipe) -> int:

@@ -40,18 +40,14 @@ def test_demo_fine_tunes_real_smollm2_end_to_end(tmp_path):
     input_ids, attention_mask, labels = data.collate(examples, tokenizer.pad_token_id)
     base = models.load_base_4bit(folder, torch.float32, torch.device("cpu"))
     tuned = PeftModel.from_pretrained(base, out / "adapter")
-    tuned.train()  # 4-bit layers in train mode: see model.check_logits_path on bitsandbytes' CPU repacking
 
     def mean_loss():
         decoder, head, softcap = models.lm_parts(tuned)
-        with torch.no_grad():
+        with models.no_dropout(tuned), torch.no_grad():  # see no_dropout on bitsandbytes' CPU repacking
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             total, count = chunked_cross_entropy(hidden, head, labels, chunk_tokens=512, softcap=softcap)
         return total.item() / count
 
-    for module in tuned.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()
     adapted = mean_loss()
     with tuned.disable_adapter():
         original = mean_loss()

@@ -171,3 +171,26 @@ def test_periodic_checkpoints_hold_a_loadable_adapter(llama_dir, chat_data, tmp_
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["step-2", "step-4"]
     assert (tmp_path / "run" / "checkpoints" / "step-4" / "adapter_model.safetensors").is_file()
+
+
+def test_held_out_data_is_evaluated_on_schedule_and_at_the_end(llama_dir, text_data, tmp_path):
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), eval_every=2, rank=8,
+                    lr=1e-2, steps=5, micro_batch=4, dropout=0.0)
+    run_training(recipe, tmp_path / "run", QUIET)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {line["step"]: line["eval_loss"] for line in lines if "eval_loss" in line}
+    assert sorted(evaluated) == [2, 4, 5]
+    assert evaluated[5] < evaluated[2], "training on the same data lowers the held-out loss"
+
+
+def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
+    from qlora_kit.train import evaluate
+
+    recipe = Recipe(rank=4, micro_batch=4, dropout=0.1)
+    tokenizer = models.load_tokenizer(llama_dir)
+    examples = data.tokenize(data.read_jsonl(text_data), tokenizer, recipe.seq_len)
+    torch.manual_seed(0)
+    model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), recipe)
+    first = evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU)
+    assert evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU) == first, "no dropout in evaluation"
+    assert model.training and all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
