@@ -31,28 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_kit import data, model as models  # noqa: E402
-from qlora_kit.catalog import find_model_shape, _models  # noqa: E402
+from benchmarks.random_model import build_random_model  # noqa: E402
+from qlora_kit.catalog import find_model_shape  # noqa: E402
 from qlora_kit.memory import GIB, estimate_peak_memory  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
 from qlora_kit.train import train_loop  # noqa: E402
-
-
-def build_random_model(name: str, folder: Path) -> Path:
-    """Save a randomly initialised bf16 model with the catalogue config of `name` (init runs on the GPU: fast)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    shape = find_model_shape(name)
-    entry = dict(_models()["models"][shape.name])
-    entry.pop("short", None)
-    config = AutoConfig.for_model(**entry)
-    if (folder / "config.json").is_file():
-        return folder
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
-    return folder
 
 
 def nvml_used() -> int | None:
