@@ -178,7 +178,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--cap-gib", type=float, default=None, help="limit torch's GPU memory to this (CUDA only)")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence at batch 1 under --cap-gib")
-    parser.add_argument("--work", default="/tmp/qlora-kit-bench")
+    parser.add_argument("--work", default="/tmp/qlora-kit-bench", help="where random models are saved")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where results are appended")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,11 +208,11 @@ def main() -> None:
     else:
         record["hf"], record["ours"] = run_side("hf", args, args.seq), run_side("ours", args, args.seq)
         print_comparison(record)
-    out = ROOT / "benchmarks" / "results" / f"compare_hf_{device_name.replace(' ', '_')}.jsonl"
+    out = Path(args.results) / f"compare_hf_{device_name.replace(' ', '_')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(f"appended to {out.relative_to(ROOT)}")
+    print(f"appended to {out}")
 
 
 def print_comparison(record: dict) -> None:

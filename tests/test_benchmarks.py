@@ -1,0 +1,24 @@
+"""The benchmark harnesses must keep working between the GPU sessions that use them: run them small on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_compare_hf_runs_both_sides_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/compare_hf.py", "--model", "smollm2-135m", "--seq", "64", "--batch", "1",
+                          "--steps", "1", "--device", "cpu", "--work", str(tmp_path / "models"), "--results", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens_per_s" in out.stdout and "qlora-kit / HF" in out.stdout
+    [results] = tmp_path.glob("compare_hf_*.jsonl")
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["hf"]["status"] == record["ours"]["status"] == "ok"
+    assert record["ours"]["peak_rss_gib"] > 0 and record["versions"]["bitsandbytes"]
