@@ -12,15 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.data import IGNORE
-
-CHUNK_LOGIT_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk
-
-
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Rows per chunk so one chunk's fp32 logits stay near 128 MiB: 128 for a 256k vocabulary."""
-    rows = max(32, CHUNK_LOGIT_ELEMENTS // vocab_size)
-    return 1 << (rows.bit_length() - 1)  # a power of two keeps matmul shapes friendly
-
+from qlora_kit.memory import default_chunk_tokens  # noqa: F401  (the loss's chunk rule lives with the memory model)
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                           chunk_tokens: int, softcap: float | None = None) -> tuple[torch.Tensor, int]:

@@ -16,6 +16,7 @@ NF4_BLOCK = 64  # weights per absmax constant
 DQ_BLOCK = 256  # absmax constants per second-level constant with double quantization
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace: seen by nvidia-smi, not by torch
 HOST_PROCESS_BYTES = int(0.7 * GIB)  # measured: libraries, tokenizer and loading residue of a CPU run
+CHUNK_LOGIT_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk of the chunked loss
 TIGHT_FRACTION = 0.90  # above this share of the card a run is "tight": fragmentation may tip it over
 
 
@@ -184,7 +185,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         layer = tokens * per_token_backward
     layer += 2 * largest_linear * cb  # the dequantized 16-bit copy of a 4-bit weight, forward and backward
 
-    chunk = min(recipe.loss_chunk_tokens or _default_chunk_tokens(V), tokens)
+    chunk = min(recipe.loss_chunk_tokens or default_chunk_tokens(V), tokens)
     per_logit = 12 + (4 if shape.logit_softcap else 0)  # measured: fp32 logits, log-softmax, gradient (+ tanh)
     loss = tokens * h * (4 + 3 * cb) + chunk * V * per_logit  # final norm, labelled rows and their gradient
 
@@ -214,9 +215,10 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
                       details=details, notes=notes)
 
 
-def _default_chunk_tokens(vocab_size: int) -> int:
-    rows = max(32, 2**25 // vocab_size)  # same rule as loss.default_chunk_tokens, without importing torch
-    return 1 << (rows.bit_length() - 1)
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Rows per chunk of the chunked loss, so one chunk's fp32 logits stay near 128 MiB: 128 for a 256k vocabulary."""
+    rows = max(32, CHUNK_LOGIT_ELEMENTS // vocab_size)
+    return 1 << (rows.bit_length() - 1)  # a power of two keeps matmul shapes friendly
 
 
 def longest_sequence(shape: ModelShape, recipe: Recipe, device: str, capacity: int) -> int:
