@@ -17,6 +17,7 @@ from rich.console import Console, Group
 from rich.text import Text
 
 from qlora_kit.catalog import find_model_shape, model_ids
+from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory
 from qlora_kit.plan import Target, choose_target
@@ -45,12 +46,6 @@ class Choice:
     @property
     def fits(self) -> bool:
         return self.planned_bytes <= self.target.capacity_bytes
-
-
-def percentile(values: list[int], q: float) -> int:
-    """The q-th percentile (nearest rank) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None) -> Choice:
@@ -167,7 +162,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit.sources import resolve_model
     from qlora_kit.train import next_free_run_dir, run_training
 
-    records = data_module.read_jsonl(data_path)
+    records = data_module.read_records(data_path).records
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
     target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)

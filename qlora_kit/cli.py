@@ -65,6 +65,10 @@ def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out .jsonl evaluated during training (eval loss on screen and in metrics)."),
     eval_every: Optional[int] = _setting("eval_every"),
+    eval_fraction: Optional[float] = _setting("eval_fraction"),
+    data_format: Optional[str] = _setting("data_format", "--format"),
+    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs", help="Also learn prompts and user turns.", show_default=False),
+    skip_bad_lines: Optional[bool] = typer.Option(None, "--skip-bad-lines", help="Train on the good examples and report the bad ones.", show_default=False),
     rank: Optional[int] = _setting("rank"),
     alpha: Optional[float] = _setting("alpha"),
     dropout: Optional[float] = _setting("dropout"),
@@ -87,6 +91,8 @@ def train(
     base = load_recipe(recipe) if recipe else Recipe()
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
                               eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
+                              eval_fraction=eval_fraction, data_format=data_format, train_on_inputs=train_on_inputs,
+                              skip_bad_lines=skip_bad_lines,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
     run_console, mode = _run_console(plain, quiet)
@@ -201,6 +207,30 @@ def report(
         console.print(summary_table(run))
     if png:
         console.print(f"Plot written to {write_png(loaded, png)}")
+
+
+data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="A .jsonl or .json data file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenize with this model's tokenizer (exact lengths, rendering)."),
+    seq_len: int = typer.Option(512, "--seq", "--seq-len", help="Sequence length to check against."),
+    data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
+) -> None:
+    """Format, counts, token lengths, problems, and what the loss is on, for one data file."""
+    from qlora_kit.data import check_report
+
+    tokenizer = None
+    if model:
+        from qlora_kit.model import load_tokenizer
+        from qlora_kit.sources import resolve_model
+
+        with console.status(f"Loading the tokenizer of {model} ..."):
+            tokenizer = load_tokenizer(resolve_model(model))
+    console.print(check_report(file, tokenizer, seq_len, data_format))
 
 
 recipes_app = typer.Typer(help="List the shipped recipes, or show one.", invoke_without_command=True, no_args_is_help=False)

@@ -1,12 +1,18 @@
-"""Training data: jsonl lines -> token ids and labels -> padded micro-batches.
+"""Training data: a file of examples -> token ids and labels -> padded micro-batches.
 
-Each line is a JSON object with either `text` (trained on every token) or `messages` (a chat, rendered with
-the tokenizer's chat template; the loss covers the final assistant reply only).
+Formats, detected per file (or forced with --format), each normalised to one of three shapes:
+  text        {"text": ...}                                   -> loss on every token
+  completion  {"prompt": ..., "completion": ...}              -> loss on the completion
+  alpaca      {"instruction", "input", "output"}              -> a chat: user = instruction (+ input)
+  chat        {"messages": [{"role", "content"}, ...]}        -> loss on every assistant turn
+  sharegpt    {"conversations": [{"from", "value"}, ...]}     -> a chat: human/gpt/system
+Chats render with the tokenizer's chat template, or FALLBACK_TEMPLATE when it has none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +21,15 @@ import torch
 from qlora_kit.errors import UserError
 
 IGNORE = -100  # label value that the loss skips
+FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt")
+ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# For tokenizers without a chat template: plain, readable turns, closed by the end-of-sequence token.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+SHOWN_PROBLEMS = 5
 
 
 @dataclass
@@ -23,89 +38,205 @@ class Example:
     labels: list[int]  # IGNORE where no loss is taken
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse a jsonl file into records, with the line number in every error."""
+@dataclass
+class Records:
+    """A data file read and normalised: records as text / completion / chat, and what was skipped."""
+
+    path: Path
+    format: str
+    records: list[dict]
+    skipped: list[str]  # "line N: what is wrong", when bad lines were skipped
+
+
+def detect_format(record: dict) -> str | None:
+    """The format a record's keys say it is in, or None."""
+    if "messages" in record:
+        return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record or "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False) -> Records:
+    """Read a .jsonl or .json file, check every example, and normalise it; bad lines are listed with their numbers."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint="Pass a .jsonl file with --data.")
     if not path.is_file():
         raise UserError(f"Data file {path} does not exist.", hint="Pass a .jsonl file with --data.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"Cannot read data file {path}: {e}.", hint="The file must be UTF-8 text, one JSON object per line.") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    if format not in ("auto", *FORMATS):
+        raise UserError(f"Unknown data format {format}.", hint=f"Use one of: auto, {', '.join(FORMATS)}.")
+    records, problems, file_format = [], [], None if format == "auto" else format
+    for where, raw in _raw_items(path, problems):
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: a JSON {type(raw).__name__}, not an object")
+            continue
+        found = detect_format(raw)
+        if found is None:
+            problems.append(f"{where}: no known fields (has: {', '.join(raw) or 'none'}); "
+                            "expected text, prompt/completion, instruction/output, messages or conversations")
+            continue
+        if file_format is None:
+            file_format, first = found, where
+        elif found != file_format:
+            problems.append(f"{where}: looks like {found}, but the file is {file_format}"
+                            + ("" if format != "auto" else f" (from {first}); formats are mixed within the file"))
+            continue
+        try:
+            records.append(_normalise(raw, file_format))
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    if problems and not skip_bad_lines:
+        shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
+        raise UserError(f"{path} has {len(problems)} bad example{'s' * (len(problems) > 1)}: {shown}.",
+                        hint="Fix them, or pass --skip-bad-lines to train on the rest. `qlora-kit data check` shows the file.")
+    if not records:
+        raise UserError(f"Data file {path} has no examples" + (" left after skipping bad lines." if problems else "."),
+                        hint='Write one JSON object per line, e.g. {"text": "..."}.')
+    return Records(path, file_format, records, problems)
+
+
+def _raw_items(path: Path, problems: list[str]):
+    """(where, parsed JSON) for each example: lines of a .jsonl, or items of a .json array. Blank lines are fine."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: harmless
+        data = data[3:]
+    if path.suffix == ".json":
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON: {e}.", hint="A .json file must hold one array of objects.") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path} holds a JSON {type(items).__name__}, not an array of examples.", hint="Use [{...}, {...}].")
+        yield from ((f"item {i}", item) for i, item in enumerate(items, start=1))
+        return
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"line {number}: not UTF-8 text (byte {e.start + 1})")
+            continue
+        try:
+            yield f"line {number}", json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {number} is not valid JSON ({e.msg} at column {e.colno}).",
-                            hint="Each line must be one JSON object, e.g. {\"text\": \"...\"}.") from None
-        _check_record(record, path, number)
-        records.append(record)
-    if not records:
-        raise UserError(f"Data file {path} has no examples.", hint="Write one JSON object per line.")
-    return records
+            trailing = " (a trailing comma?)" if text[:e.pos].rstrip().endswith(",") else ""
+            problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}")
 
 
-def _check_record(record, path: Path, number: int) -> None:
-    where = f"{path}, line {number}"
-    hint = 'Use {"text": "..."} or {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}.'
-    if not isinstance(record, dict):
-        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object.", hint=hint)
-    if "text" in record:
-        if not isinstance(record["text"], str) or not record["text"].strip():
-            raise UserError(f"{where}: `text` must be a non-empty string.", hint=hint)
-        return
-    messages = record.get("messages")
-    if messages is None:
-        raise UserError(f"{where} has neither `text` nor `messages` (keys: {', '.join(record) or 'none'}).", hint=hint)
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: `messages` must be a non-empty list.", hint=hint)
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise UserError(f"{where}: message {i + 1} needs a string `role` and a string `content`.", hint=hint)
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{where}: the last message must be the assistant's reply, the text to learn.", hint=hint)
+def _text(raw: dict, key: str, *, required: bool = True) -> str:
+    value = raw.get(key, "" if not required else None)
+    if value is None:
+        raise ValueError(f"missing `{key}`")
+    if not isinstance(value, str):
+        raise ValueError(f"`{key}` must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        raise ValueError(f"`{key}` is empty")
+    return value
 
 
-def tokenize(records: list[dict], tokenizer, seq_len: int) -> list[Example]:
-    """Token ids and labels for every record, truncated to seq_len tokens."""
+def _normalise(raw: dict, format: str) -> dict:
+    """One record as {"text"}, {"prompt", "completion"} or {"messages"}; ValueError says what is wrong."""
+    if format == "text":
+        return {"text": _text(raw, "text")}
+    if format == "completion":
+        return {"prompt": _text(raw, "prompt"), "completion": _text(raw, "completion")}
+    if format == "alpaca":
+        instruction, extra = _text(raw, "instruction"), _text(raw, "input", required=False)
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(raw, "output")}]}
+    key, role_key, content_key = ("messages", "role", "content") if format == "chat" else ("conversations", "from", "value")
+    turns = raw.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"`{key}` must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} must be an object with `{role_key}` and `{content_key}`")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"turn {i} needs a string `{role_key}` and a string `{content_key}`")
+        known = ROLES if format == "chat" else SHAREGPT_ROLES
+        if role not in known:
+            raise ValueError(f"turn {i} has unknown role '{role}' (known: {', '.join(sorted(known))})")
+        if not content.strip():
+            raise ValueError(f"turn {i} has empty `{content_key}`")
+        messages.append({"role": role if format == "chat" else SHAREGPT_ROLES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant turn, so nothing to learn")
+    return {"messages": messages}
+
+
+def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False) -> list[Example]:
+    """Token ids and labels for every record, truncated to seq_len tokens; loss on completions and assistant turns
+    only, unless train_on_inputs."""
     examples = []
     for record in records:
-        if "text" in record:
-            ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                ids = ids + [tokenizer.eos_token_id]
+        ids, labels = tokenize_record(record, tokenizer)
+        if train_on_inputs:
             labels = list(ids)
-        else:
-            ids, labels = _tokenize_chat(record["messages"], tokenizer)
         ids, labels = ids[:seq_len], labels[:seq_len]
-        if sum(label != IGNORE for label in labels[1:]) > 0:  # an example with nothing to learn is dropped
+        if any(label != IGNORE for label in labels[1:]):  # an example with nothing to learn is dropped
             examples.append(Example(ids, labels))
     if not examples:
         raise UserError("No example has any token left to learn from after truncation.",
-                        hint="Raise --seq-len, or check that assistant replies are not empty.")
+                        hint="Raise --seq-len, or check that completions and assistant replies are not empty.")
     return examples
 
 
+def tokenize_record(record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one normalised record, untruncated."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
+        return ids, list(ids)
+    if "prompt" in record:
+        prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
+        return prompt + completion, [IGNORE] * len(prompt) + completion
+    return _tokenize_chat(record["messages"], tokenizer)
+
+
 def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("The data uses `messages`, but this model's tokenizer has no chat template.",
-                        hint='Use {"text": ...} lines for a base model, or an instruct model.')
-    prompt = _ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
-    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
-    if full[:len(prompt)] == prompt:
-        return full, [IGNORE] * len(prompt) + full[len(prompt):]
-    return full, list(full)  # template re-renders earlier turns: fall back to learning every token
+    """Render the whole chat once, then mark each assistant turn: the tokens between the conversation rendered up
+    to the turn's generation prompt and the conversation rendered through the turn."""
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+
+    def render(turns, generation_prompt=False) -> list[int]:
+        rendered = tokenizer.apply_chat_template(turns, chat_template=template, add_generation_prompt=generation_prompt,
+                                                 tokenize=True)
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+    full = render(messages)
+    if template == FALLBACK_TEMPLATE and tokenizer.eos_token_id is not None:
+        full = full + [tokenizer.eos_token_id]
+    labels = [IGNORE] * len(full)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:k], generation_prompt=True) if k else []  # an opening assistant turn: all of it
+        through = render(messages[:k + 1])
+        if full[:len(through)] != through or through[:len(before)] != before:
+            return full, list(full)  # a template that rewrites earlier turns: learn every token rather than guess
+        end = len(full) if k == len(messages) - 1 else len(through)
+        labels[len(before):end] = full[len(before):end]
+    return full, labels
 
 
-def _ids(rendered) -> list[int]:
-    # transformers returns a list, or a BatchEncoding when the template yields several fields
-    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+def split_off(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded random split: (training examples, held-out examples), at least one of each."""
+    if len(examples) < 2:
+        raise UserError("Holding out an evaluation split needs at least 2 examples.", hint="Drop --eval-fraction, or add data.")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
 
 
 def example_stream(examples: list[Example], generator: torch.Generator):
@@ -134,3 +265,62 @@ def collate(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
     return input_ids, attention_mask, labels
+
+
+def percentile(values: list[int], q: float) -> int:
+    """The q-th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: str = "auto"):
+    """`qlora-kit data check`: format, counts, token-length percentiles and histogram, problems, and the first
+    example rendered with the tokens the loss is on highlighted. Without a tokenizer, lengths are estimated."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    loaded = read_records(path, format, skip_bad_lines=True)
+    if tokenizer is not None:
+        tokenized = [tokenize_record(r, tokenizer) for r in loaded.records]
+        lengths = [len(ids) for ids, _ in tokenized]
+        nothing = sum(not any(label != IGNORE for label in labels[1:seq_len]) for _, labels in tokenized)
+    else:
+        lengths = [max(1, len(json.dumps(r)) // 4) for r in loaded.records]
+        nothing = 0
+    duplicates = len(loaded.records) - len({json.dumps(r, sort_keys=True) for r in loaded.records})
+    table = Table(title=f"{loaded.path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("format", loaded.format)
+    table.add_row("examples", f"{len(loaded.records):,}" + (f" ({len(loaded.skipped)} bad lines not counted)" if loaded.skipped else ""))
+    table.add_row("tokens per example", f"p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, max {max(lengths)}"
+                  + ("" if tokenizer else " (estimated: 4 characters a token; pass --model for exact counts)"))
+    table.add_row(f"longer than {seq_len}", f"{sum(n > seq_len for n in lengths)} (truncated in training)")
+    table.add_row("nothing to learn", f"{nothing} (dropped in training)" if tokenizer else "-")
+    table.add_row("duplicates", str(duplicates))
+    parts = [table, Text("Token lengths:", style="bold"), _histogram(lengths)]
+    if loaded.skipped:
+        parts.append(Text(f"Bad lines ({len(loaded.skipped)}):", style="bold red"))
+        parts += [Text(f"  {problem}", style="red") for problem in loaded.skipped[:10]]
+    if tokenizer is not None:
+        ids, labels = tokenized[0]
+        shown = Text()
+        for token, label in zip(ids[:seq_len], labels[:seq_len]):
+            shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
+        parts += [Text("First example as the model sees it (loss on the bright green tokens):", style="bold"), shown]
+    return Group(*parts)
+
+
+def _histogram(lengths: list[int], bins: int = 8, width: int = 40):
+    from rich.text import Text
+
+    low, high = min(lengths), max(lengths)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(bins - 1, (n - low) // step)] += 1
+    most = max(counts)
+    lines = [f"  {low + i * step:>6}-{low + (i + 1) * step - 1:<6} {'█' * round(c / most * width):<{width}} {c}"
+             for i, c in enumerate(counts) if c or i < bins - 1]
+    return Text("\n".join(lines))

@@ -31,7 +31,12 @@ class Recipe:
     model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m")
     data: str | None = _setting(None, "training data: a .jsonl file with `text` or `messages` per line")
     eval_data: str | None = _setting(None, "held-out data in the same format, evaluated during training")
+    eval_fraction: float = _setting(0.0, "without eval_data, hold out this fraction of data for evaluation", low=0.0, high=0.5)
     eval_every: int = _setting(0, "evaluate eval_data every N optimizer steps (and after the last); 0 = only after the last", low=0)
+    data_format: str = _setting("auto", "format of the data files; auto detects it per file",
+                                choices=("auto", "text", "completion", "alpaca", "chat", "sharegpt"))
+    train_on_inputs: bool = _setting(False, "also learn prompts and user turns, not only completions and assistant turns")
+    skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)
     alpha: float = _setting(32.0, "LoRA alpha: the update is scaled by alpha / rank", low=0.0)
     dropout: float = _setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)

@@ -50,21 +50,25 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     check_out_dir(out_dir)
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
-    records = data.read_jsonl(recipe.data)
-    eval_records = data.read_jsonl(recipe.eval_data) if recipe.eval_data else []
+    loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
+    eval_records = data.read_records(recipe.eval_data, recipe.data_format).records if recipe.eval_data else []
     device, dtype = models.pick_device_and_dtype(recipe.precision)
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
         tokenizer = models.load_tokenizer(folder)
-        examples = data.tokenize(records, tokenizer, recipe.seq_len)
-        eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len) if eval_records else []
+        examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
+        eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len, recipe.train_on_inputs) if eval_records else []
+        if recipe.eval_fraction and not eval_examples:
+            examples, eval_examples = data.split_off(examples, recipe.eval_fraction, recipe.seed)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
         model = models.attach_lora(models.load_base_4bit(folder, dtype, device), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
-    console.print(f"Data: {len(examples)} examples from {recipe.data}"
-                  + (f", {len(eval_examples)} held out in {recipe.eval_data}" if eval_examples else ""))
+    console.print(f"Data: {len(examples)} {loaded.format} examples from {recipe.data}"
+                  + (f", {len(eval_examples)} held out for evaluation" if eval_examples else ""))
+    if loaded.skipped:
+        console.print(f"[yellow]Skipped {len(loaded.skipped)} bad examples, the first: {loaded.skipped[0]}[/]")
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
 

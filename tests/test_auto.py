@@ -4,7 +4,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from qlora_kit.auto import choose_recipe, percentile, run_auto, smaller_models_that_fit
+from qlora_kit.auto import choose_recipe, run_auto, smaller_models_that_fit
+from qlora_kit.data import percentile
 from qlora_kit.catalog import find_model_shape, gpu_catalogue
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import probe

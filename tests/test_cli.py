@@ -24,7 +24,7 @@ def test_help_lists_the_verbs(monkeypatch, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing data", "does not exist"),
     ("empty data", "has no examples"),
-    ("bad line", "line 2 is not valid JSON"),
+    ("bad line", "line 2: not valid JSON"),
     ("unknown model", "No model found"),
     ("existing run", "already holds a run"),
     ("bad setting", "`rank` is 0"),
@@ -97,3 +97,29 @@ def test_auto_dry_run_through_the_cli(monkeypatch, capsys, chat_data):
     assert code in (0, None) and "Recipe: 12gb" in out and "Planned peak" in out
     code, _, err = run_cli(monkeypatch, capsys, "auto", "--model", "llama-3.1-8b", "--data", chat_data, "--vram-limit", "6", "--dry-run")
     assert code == 1 and "does not fit" in err and "These catalogue models fit" in err
+
+
+def test_data_check_shows_format_lengths_problems_and_the_trained_tokens(monkeypatch, capsys, tmp_path, llama_dir):
+    data = tmp_path / "d.jsonl"
+    good = '{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}\n'
+    data.write_text(good * 3 + '{"messages": [{"role": "user", "content": "x"}]}\n')
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data, "--model", llama_dir, "--seq", "64")
+    assert code in (0, None)
+    for expected in ("chat", "3 (1 bad lines not counted)", "p50", "longer than 64", "duplicates", "line 4: the conversation has no assistant turn",
+                     "First example as the model sees it", "<|assistant|>three</s>"):
+        assert expected in out, expected
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data)
+    assert "estimated" in out
+
+
+def test_skip_bad_lines_and_eval_fraction_through_train(monkeypatch, capsys, tmp_path, llama_dir, chat_data):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(chat_data.read_text() + "not json\n")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", data, "--out", tmp_path / "a", "--steps", "1")
+    assert code == 1 and "line 9: not valid JSON" in err and "--skip-bad-lines" in err
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", data, "--out", tmp_path / "b", "--steps", "2",
+                           "--skip-bad-lines", "--eval-fraction", "0.25", "--rank", "4")
+    out = " ".join(out.split())  # rich wraps long lines
+    assert code in (0, None) and "Skipped 1 bad examples" in out and "6 chat examples" in out and "2 held out" in out
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_loss" in lines[-1]

