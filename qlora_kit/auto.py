@@ -9,6 +9,7 @@ The choice, in a fixed order so it is predictable:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -149,7 +150,7 @@ def data_lengths(records: list[dict], tokenizer=None) -> list[int]:
     from qlora_kit.data import tokenize
 
     if tokenizer is None:
-        return [max(1, len(r.get("text") or " ".join(m["content"] for m in r["messages"])) // 4) for r in records]
+        return [max(1, len(json.dumps(r)) // 4) for r in records]
     return [len(e.input_ids) for e in tokenize(records, tokenizer, seq_len=10**9)]
 
 

@@ -108,3 +108,11 @@ def test_auto_dry_run_trains_nothing_and_a_gpu_choice_needs_a_gpu(chat_data, tmp
     if not probe(check_bnb=False).gpus:
         with pytest.raises(UserError, match="has no GPU"):
             run_auto("gemma-2b", chat_data, None, console, vram_limit=6)
+
+
+def test_length_estimates_cover_every_format_without_a_tokenizer():
+    from qlora_kit.auto import data_lengths
+
+    records = [{"text": "x" * 400}, {"prompt": "p" * 200, "completion": "c" * 200},
+               {"messages": [{"role": "user", "content": "u" * 200}, {"role": "assistant", "content": "a" * 200}]}]
+    assert all(100 <= n <= 140 for n in data_lengths(records))
