@@ -69,6 +69,8 @@ def train(
     data_format: Optional[str] = _setting("data_format", "--format"),
     train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs", help="Also learn prompts and user turns.", show_default=False),
     skip_bad_lines: Optional[bool] = typer.Option(None, "--skip-bad-lines", help="Train on the good examples and report the bad ones.", show_default=False),
+    packing: Optional[bool] = typer.Option(None, "--packing", help="Pack short examples into full sequences (no attention across them).", show_default=False),
+    drop_long: Optional[bool] = typer.Option(None, "--drop-long", help="Drop examples longer than --seq-len instead of truncating them.", show_default=False),
     rank: Optional[int] = _setting("rank"),
     alpha: Optional[float] = _setting("alpha"),
     dropout: Optional[float] = _setting("dropout"),
@@ -92,7 +94,7 @@ def train(
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
                               eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
                               eval_fraction=eval_fraction, data_format=data_format, train_on_inputs=train_on_inputs,
-                              skip_bad_lines=skip_bad_lines,
+                              skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
     run_console, mode = _run_console(plain, quiet)

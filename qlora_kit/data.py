@@ -36,6 +36,10 @@ SHOWN_PROBLEMS = 5
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
+    position_ids: list[int] | None = None  # packed examples only: positions restart at 0 for each packed example
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass
@@ -174,14 +178,16 @@ def _normalise(raw: dict, format: str) -> dict:
     return {"messages": messages}
 
 
-def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False) -> list[Example]:
-    """Token ids and labels for every record, truncated to seq_len tokens; loss on completions and assistant turns
-    only, unless train_on_inputs."""
+def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False, drop_long: bool = False) -> list[Example]:
+    """Token ids and labels for every record, truncated to seq_len tokens (or dropped, with drop_long); loss on
+    completions and assistant turns only, unless train_on_inputs."""
     examples = []
     for record in records:
         ids, labels = tokenize_record(record, tokenizer)
         if train_on_inputs:
             labels = list(ids)
+        if drop_long and len(ids) > seq_len:
+            continue
         ids, labels = ids[:seq_len], labels[:seq_len]
         if any(label != IGNORE for label in labels[1:]):  # an example with nothing to learn is dropped
             examples.append(Example(ids, labels))
@@ -230,6 +236,20 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
     return full, labels
 
 
+def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
+    """Concatenate examples, in a seeded random order, into sequences of at most seq_len tokens. Position ids restart
+    for each example, which makes transformers' attention block-diagonal (no attention across examples), and the
+    first token of each example is not learned, since it would be predicted from the previous example."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    packed, ids, labels, positions = [], [], [], []
+    for e in (examples[i] for i in order):
+        if ids and len(ids) + len(e) > seq_len:
+            packed.append(Example(ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids, labels, positions = ids + e.input_ids, labels + [IGNORE] + e.labels[1:], positions + list(range(len(e)))
+    return packed + ([Example(ids, labels, positions)] if ids else [])
+
+
 def split_off(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A seeded random split: (training examples, held-out examples), at least one of each."""
     if len(examples) < 2:
@@ -250,21 +270,27 @@ def example_stream(examples: list[Example], generator: torch.Generator):
 
 def truncate(examples: list[Example], seq_len: int) -> list[Example]:
     """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
-    return [Example(e.input_ids[:seq_len], e.labels[:seq_len]) for e in examples]
+    return [Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len]) for e in examples]
 
 
-def collate(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest example in the chunk, not to seq_len: no compute is spent on padding."""
-    width = max(len(e.input_ids) for e in chunk)
+def collate(chunk: list[Example], pad_id: int):
+    """Right-pad to the longest example in the chunk, not to seq_len: (input_ids, attention_mask, labels, position_ids).
+    position_ids is None unless the examples are packed; padding then forms its own segment, never attended to."""
+    width = max(len(e) for e in chunk)
     input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
     labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+    packed = any(e.position_ids is not None for e in chunk)
+    position_ids = torch.arange(width).repeat(len(chunk), 1) if packed else None
     for row, e in enumerate(chunk):
-        n = len(e.input_ids)
+        n = len(e)
         input_ids[row, :n] = torch.tensor(e.input_ids)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
-    return input_ids, attention_mask, labels
+        if packed:
+            position_ids[row, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+            position_ids[row, n:] = torch.arange(width - n)
+    return input_ids, attention_mask, labels, position_ids
 
 
 def percentile(values: list[int], q: float) -> int:

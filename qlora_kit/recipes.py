@@ -42,6 +42,8 @@ class Recipe:
     dropout: float = _setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)
     target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, or comma-separated names (q_proj,v_proj)")
     seq_len: int = _setting(512, "longest sequence in tokens; longer examples are truncated", low=8, high=1_048_576)
+    packing: bool = _setting(False, "pack short examples into full sequences (no attention across examples)")
+    drop_long: bool = _setting(False, "drop examples longer than seq_len instead of truncating them")
     micro_batch: int = _setting(4, "examples per forward/backward pass", low=1, high=4096)
     grad_accum: int = _setting(1, "micro-batches per optimizer step (effective batch = micro_batch x grad_accum)", low=1, high=4096)
     steps: int = _setting(0, "optimizer steps; 0 means derive them from epochs", low=0)

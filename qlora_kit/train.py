@@ -56,10 +56,14 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
         tokenizer = models.load_tokenizer(folder)
-        examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
+        examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long)
+        dropped = len(loaded.records) - len(examples)
         eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len, recipe.train_on_inputs) if eval_records else []
         if recipe.eval_fraction and not eval_examples:
             examples, eval_examples = data.split_off(examples, recipe.eval_fraction, recipe.seed)
+        unpacked = len(examples)
+        if recipe.packing:
+            examples = data.pack(examples, recipe.seq_len, recipe.seed)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
         model = models.attach_lora(models.load_base_4bit(folder, dtype, device), recipe)
         models.check_logits_path(model, device)
@@ -67,6 +71,11 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
     console.print(f"Data: {len(examples)} {loaded.format} examples from {recipe.data}"
                   + (f", {len(eval_examples)} held out for evaluation" if eval_examples else ""))
+    if dropped:
+        console.print(f"[yellow]{dropped} examples dropped: " + ("longer than seq_len or " if recipe.drop_long else "") + "nothing left to learn[/]")
+    if recipe.packing:
+        fill = sum(len(e) for e in examples) / (len(examples) * recipe.seq_len)
+        console.print(f"Packing: {unpacked} examples in {len(examples)} sequences of up to {recipe.seq_len} tokens, {fill:.0%} full")
     if loaded.skipped:
         console.print(f"[yellow]Skipped {len(loaded.skipped)} bad examples, the first: {loaded.skipped[0]}[/]")
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
@@ -205,20 +214,31 @@ def forward_backward(model, examples, shape: StepShape, pad_id: int, device, sca
     """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens seen)."""
     decoder, head_weight, softcap = models.lm_parts(model)
     chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
-    examples = data.truncate(examples, shape.seq_len)
+    # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
+    examples = sorted(data.truncate(examples, shape.seq_len), key=len)
     # Normalise by the step's labelled tokens, not per micro-batch, so any split gives the same gradient.
     n_targets = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
     step_loss, step_tokens = 0.0, 0
     for start in range(0, len(examples), shape.micro_batch):
-        input_ids, attention_mask, labels = data.collate(examples[start:start + shape.micro_batch], pad_id)
-        mask = None if attention_mask.all() else attention_mask.to(device)  # no mask lets SDPA use its fast path
-        hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
-        loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
+        hidden, labels, attention_mask = forward(decoder, examples[start:start + shape.micro_batch], pad_id, device)
+        loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
         loss = loss_sum / n_targets
         scaler.scale(loss).backward()
         step_loss += loss.item()
         step_tokens += int(attention_mask.sum())
     return step_loss, step_tokens
+
+
+def forward(decoder, examples, pad_id: int, device):
+    """Final hidden states of a micro-batch, with its labels on the device and its attention mask."""
+    input_ids, attention_mask, labels, position_ids = data.collate(examples, pad_id)
+    if position_ids is not None:  # packed: restarting positions give a block-diagonal mask, so no 2D mask is passed
+        position_ids, mask = position_ids.to(device), None
+    else:  # no mask at all when nothing is padded lets SDPA take its fast path
+        mask = None if attention_mask.all() else attention_mask.to(device)
+    # use_cache=False also matters for packing: transformers only reads segments from position_ids without a cache.
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    return hidden, labels.to(device), attention_mask
 
 
 def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
@@ -244,9 +264,8 @@ def evaluate(model, examples, recipe: Recipe, pad_id: int, device) -> float:
     total, count = 0.0, 0
     with models.no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch):
-            input_ids, attention_mask, labels = data.collate(examples[start:start + recipe.micro_batch], pad_id)
-            hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
-            loss_sum, n = chunked_cross_entropy(hidden, head_weight, labels.to(device), chunk_tokens=chunk_tokens, softcap=softcap)
+            hidden, labels, _ = forward(decoder, examples[start:start + recipe.micro_batch], pad_id, device)
+            loss_sum, n = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
             total, count = total + loss_sum.item(), count + n
     return total / max(count, 1)
 

@@ -17,7 +17,7 @@ def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tiny_model_dir
     recipe = Recipe(model=str(tiny_model_dir), data=str(text_data), rank=8, lr=3e-3, steps=10, micro_batch=4, dropout=0.0)
     tokenizer = models.load_tokenizer(tiny_model_dir)
     examples = data.tokenize(data.read_records(text_data).records, tokenizer, recipe.seq_len)
-    input_ids, attention_mask, _ = data.collate(examples[:3], tokenizer.pad_token_id)
+    input_ids, attention_mask, _, _ = data.collate(examples[:3], tokenizer.pad_token_id)
 
     # Train through the same entry point the CLI uses, keeping a handle on the in-memory model.
     captured = {}

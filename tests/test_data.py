@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, collate, example_stream, read_records, split_off, tokenize,
+from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, collate, example_stream, pack, read_records, split_off, tokenize,
                             tokenize_record, truncate)
 from qlora_kit.errors import UserError
 from tests.conftest import build_tokenizer
@@ -170,11 +170,11 @@ def test_text_learns_every_token_and_truncation_drops_what_has_nothing_to_learn(
 
 def test_collate_pads_right_to_the_longest_example(tokenizer):
     examples = tokenize([{"text": "one"}, {"text": "one two three four"}], tokenizer, seq_len=64)
-    input_ids, mask, labels = collate(examples, pad_id=0)
+    input_ids, mask, labels, positions = collate(examples, pad_id=0)
     short = len(examples[0].input_ids)
     assert input_ids.shape[1] == max(len(e.input_ids) for e in examples)
     assert mask[0, :short].all() and not mask[0, short:].any()
-    assert (labels[0, short:] == IGNORE).all() and (input_ids[0, short:] == 0).all()
+    assert (labels[0, short:] == IGNORE).all() and (input_ids[0, short:] == 0).all() and positions is None
 
 
 def test_stream_covers_every_example_per_epoch_in_a_seeded_order(tokenizer):
@@ -202,3 +202,21 @@ def test_evaluation_split_is_seeded_and_keeps_both_sides(tokenizer):
     assert len(split_off(examples[:2], 0.5, seed=0)[0]) == 1
     with pytest.raises(UserError, match="at least 2 examples"):
         split_off(examples[:1], 0.5, seed=0)
+
+
+def test_packing_fills_sequences_restarts_positions_and_masks_boundaries(tokenizer):
+    examples = tokenize([{"text": w} for w in ["one two", "three four five", "six", "seven eight nine ten"]], tokenizer, 12)
+    packed = pack(examples, seq_len=24, seed=0)  # each example is at most 12 tokens: any two fit together
+    assert sum(len(p) for p in packed) == sum(len(e) for e in examples) and all(len(p) <= 24 for p in packed)
+    assert len(packed) < len(examples)
+    for p in packed:
+        starts = [i for i, position in enumerate(p.position_ids) if position == 0]
+        assert starts[0] == 0 and all(p.labels[i] == IGNORE for i in starts), "no example is predicted from the one before"
+    input_ids, mask, labels, positions = collate(packed, pad_id=0)
+    assert positions is not None and positions.shape == input_ids.shape
+
+
+def test_drop_long_drops_instead_of_cutting(tokenizer):
+    records = [{"text": "one"}, {"text": "one two three four five six seven eight nine ten"}]
+    assert len(tokenize(records, tokenizer, seq_len=6)) == 2
+    assert len(tokenize(records, tokenizer, seq_len=6, drop_long=True)) == 1

@@ -37,7 +37,7 @@ def test_demo_fine_tunes_real_smollm2_end_to_end(tmp_path):
     folder = resolve_model("smollm2-135m")
     tokenizer = models.load_tokenizer(folder)
     examples = data.tokenize(data.read_records(DEMO_DATA).records[:16], tokenizer, 128)
-    input_ids, attention_mask, labels = data.collate(examples, tokenizer.pad_token_id)
+    input_ids, attention_mask, labels, _ = data.collate(examples, tokenizer.pad_token_id)
     base = models.load_base_4bit(folder, torch.float32, torch.device("cpu"))
     tuned = PeftModel.from_pretrained(base, out / "adapter")
 

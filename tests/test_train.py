@@ -194,3 +194,26 @@ def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
     first = evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU)
     assert evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU) == first, "no dropout in evaluation"
     assert model.training and all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_a_packed_sequence_gives_each_example_the_hidden_states_it_has_alone(llama_dir):
+    """Restarting position ids must mean no attention across packed examples (transformers' block-diagonal mask)."""
+    from qlora_kit.train import forward
+
+    model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, dropout=0.0))
+    decoder = models.lm_parts(model)[0]
+    a, b = data.Example([5, 9, 14, 20], [5, 9, 14, 20]), data.Example([7, 8, 30], [7, 8, 30])
+    [packed] = data.pack([a, b], seq_len=16, seed=0)
+    first, second = (a, b) if packed.input_ids[:len(a)] == a.input_ids else (b, a)
+    with models.no_dropout(model), torch.no_grad():
+        together = forward(decoder, [packed], 0, CPU)[0][0]
+        alone = [forward(decoder, [e], 0, CPU)[0][0] for e in (first, second)]
+    torch.testing.assert_close(together[:len(first)], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together[len(first):], alone[1], rtol=1e-4, atol=1e-4)
+
+
+def test_packed_training_runs_and_reports_the_fill(llama_dir, text_data, tmp_path):
+    console = Console(file=io.StringIO(), width=200)
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=3, micro_batch=2, seq_len=64, packing=True)
+    summary = run_training(recipe, tmp_path / "run", console)
+    assert summary.steps == 3 and "Packing: 16 examples in" in console.file.getvalue()
