@@ -68,7 +68,7 @@ def detect_format(record: dict) -> str | None:
 
 
 def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False) -> Records:
-    """Read a .jsonl or .json file, check every example, and normalise it; bad lines are listed with their numbers."""
+    """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint="Pass a .jsonl file with --data.")
@@ -108,6 +108,9 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
 
 def _raw_items(path: Path, problems: list[str]):
     """(where, parsed JSON) for each example: lines of a .jsonl, or items of a .json array. Blank lines are fine."""
+    if path.suffix in (".parquet", ".csv"):
+        yield from _table_rows(path)
+        return
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: harmless
         data = data[3:]
@@ -135,8 +138,22 @@ def _raw_items(path: Path, problems: list[str]):
             problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}")
 
 
+def _table_rows(path: Path):
+    """Rows of a parquet or csv file, read through `datasets` (memory-mapped Arrow, cached), as (where, dict)."""
+    from datasets import load_dataset
+
+    try:
+        table = load_dataset(path.suffix[1:], data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for a malformed file; the user needs the sentence
+        raise UserError(f"{path} could not be read as {path.suffix[1:]}: {e}", hint="Check the file, or convert it to .jsonl.") from None
+    for i, row in enumerate(table, start=1):
+        yield f"row {i}", row
+
+
 def _text(raw: dict, key: str, *, required: bool = True) -> str:
-    value = raw.get(key, "" if not required else None)
+    value = raw.get(key)
+    if value is None and not required:  # an absent optional field, or an empty csv cell
+        value = ""
     if value is None:
         raise ValueError(f"missing `{key}`")
     if not isinstance(value, str):

@@ -220,3 +220,16 @@ def test_drop_long_drops_instead_of_cutting(tokenizer):
     records = [{"text": "one"}, {"text": "one two three four five six seven eight nine ten"}]
     assert len(tokenize(records, tokenizer, seq_len=6)) == 2
     assert len(tokenize(records, tokenizer, seq_len=6, drop_long=True)) == 1
+
+
+def test_parquet_and_csv_through_datasets(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"instruction": "Add 2 and 2", "input": "", "output": "4"}, {"instruction": "Say hi", "input": None, "output": "hi"}]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.csv").write_text("prompt,completion\nQ: 1+1?, A: 2\nQ: 2+2?,\n")
+    loaded = read_records(tmp_path / "d.parquet")
+    assert loaded.format == "alpaca" and loaded.records[1]["messages"][0]["content"] == "Say hi"
+    with pytest.raises(UserError, match="row 2: missing `completion`"):
+        read_records(tmp_path / "d.csv")
+    assert len(read_records(tmp_path / "d.csv", skip_bad_lines=True).records) == 1
