@@ -39,6 +39,7 @@ class RunSummary:
     adapter_bytes: int
     best_loss: float = math.nan
     peak_memory_gib: float = math.nan  # GPU reserved peak, or process RSS peak on CPU
+    padding_pct: float = math.nan  # share of computed positions that were padding, averaged over steps
     interrupted: bool = False
     step_downs: list[str] = field(default_factory=list)
     info: RunInfo | None = None
@@ -86,7 +87,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     plan = plan_for_run(folder, recipe)
     (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    losses, tokens, peaks, step_downs, stopped = [], 0, [], [], None
+    losses, tokens, peaks, paddings, step_downs, stopped = [], 0, [], [], [], None
     start = time.perf_counter()
     total_steps = count_steps(len(examples), recipe)
     base_id = adapter.portable_base_id(recipe.model, folder)
@@ -102,6 +103,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             losses.append(m["loss"])
             tokens += m["tokens"]
             peaks.append(m["mem_reserved_gib"] if device.type == "cuda" else m["rss_gib"])
+            paddings.append(m["padding_pct"])
             metrics.write(m)
             dashboard.step(m)
             if recipe.checkpoint_every and m["step"] % recipe.checkpoint_every == 0 and m["step"] < total_steps:
@@ -129,6 +131,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         raise UserError(stopped.message, hint=f"The adapter of step {len(losses)} is saved in {adapter_dir}. {stopped.hint}")
     return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens, trainable, total,
                       adapter_dir, adapter_bytes, best_loss=min(losses), peak_memory_gib=max(peaks),
+                      padding_pct=sum(paddings) / len(paddings),
                       interrupted=stopped is not None, step_downs=step_downs, info=info)
 
 
@@ -191,7 +194,7 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         epoch, step_examples = drawn[-1][0], [example for _, example in drawn]
         while True:
             try:
-                step_loss, step_tokens = forward_backward(model, step_examples, shape, pad_id, device, scaler, recipe)
+                step_loss, step_tokens, padding = forward_backward(model, step_examples, shape, pad_id, device, scaler, recipe)
                 break
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)  # the half-done step is redone from scratch
@@ -206,27 +209,28 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         scheduler.step()
         seconds = time.perf_counter() - started
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                 "step_s": seconds, "tokens_per_s": step_tokens / seconds, "micro_batch": shape.micro_batch,
+                 "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding, "micro_batch": shape.micro_batch,
                  "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage_now(device)})
 
 
-def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int]:
-    """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens seen)."""
+def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int, float]:
+    """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens, % padding)."""
     decoder, head_weight, softcap = models.lm_parts(model)
     chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
     # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
     examples = sorted(data.truncate(examples, shape.seq_len), key=len)
     # Normalise by the step's labelled tokens, not per micro-batch, so any split gives the same gradient.
     n_targets = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
-    step_loss, step_tokens = 0.0, 0
+    step_loss, step_tokens, slots = 0.0, 0, 0
     for start in range(0, len(examples), shape.micro_batch):
         hidden, labels, attention_mask = forward(decoder, examples[start:start + shape.micro_batch], pad_id, device)
+        slots += attention_mask.numel()
         loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
         loss = loss_sum / n_targets
         scaler.scale(loss).backward()
         step_loss += loss.item()
         step_tokens += int(attention_mask.sum())
-    return step_loss, step_tokens
+    return step_loss, step_tokens, 100 * (1 - step_tokens / slots)
 
 
 def forward(decoder, examples, pad_id: int, device):

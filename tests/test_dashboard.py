@@ -74,11 +74,11 @@ def test_quiet_mode_prints_nothing():
 
 def test_summary_table_compares_peak_memory_with_the_plan(tmp_path):
     summary = RunSummary(40, 3.0, 0.075, 60.0, 163840, 100, 1000, tmp_path / "adapter", 2**20, best_loss=0.07,
-                         peak_memory_gib=4.5, step_downs=["micro-batch 4 -> 2"], info=GPU)
+                         peak_memory_gib=4.5, padding_pct=12.0, step_downs=["micro-batch 4 -> 2"], info=GPU)
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(summary_table(summary, GPU))
     text = console.export_text()
-    for expected in ("run-a: done", "40 of 40", "163,840", "best 0.0700", "4.50 GiB; planned 6.00 GiB of 8.0",
+    for expected in ("run-a: done", "40 of 40", "163,840", "12% padding", "best 0.0700", "4.50 GiB; planned 6.00 GiB of 8.0",
                      "micro-batch 4 -> 2", "1.0 MiB, plain PEFT"):
         assert expected in text, expected
 
