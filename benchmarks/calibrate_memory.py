@@ -33,19 +33,10 @@ sys.path.insert(0, str(ROOT))
 from qlora_kit import data, model as models  # noqa: E402
 from benchmarks.random_model import build_random_model  # noqa: E402
 from qlora_kit.catalog import find_model_shape  # noqa: E402
+from qlora_kit.hardware import gpu_readings  # noqa: E402
 from qlora_kit.memory import GIB, estimate_peak_memory  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
 from qlora_kit.train import train_loop  # noqa: E402
-
-
-def nvml_used() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
-    except Exception:
-        return None
 
 
 def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
@@ -64,7 +55,7 @@ def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
                    Console(file=io.StringIO()))
         torch.cuda.synchronize()
         result = {"status": "ok", "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
-                  "nvml_used": nvml_used(), "tokens_per_s": timings[-1]}
+                  "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "tokens_per_s": timings[-1]}
     except torch.OutOfMemoryError:
         result = {"status": "oom", "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved()}
     finally:

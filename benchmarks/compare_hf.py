@@ -72,16 +72,10 @@ def _memory(cuda: bool) -> dict:
         return {"peak_rss_gib": peak_rss_bytes() / GIB}
     import torch
 
-    used = None
-    try:
-        import pynvml
+    from qlora_kit.hardware import gpu_readings
 
-        pynvml.nvmlInit()
-        used = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / GIB
-    except Exception:
-        pass
     return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "nvml_used_gib": used, "peak_rss_gib": peak_rss_bytes() / GIB}
+            "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "peak_rss_gib": peak_rss_bytes() / GIB}
 
 
 def train_hf(args, rows, step_times) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -103,28 +104,35 @@ def _gpus() -> tuple[list[Gpu], str | None, str | None, list[str]]:
     return gpus, driver, torch.version.cuda, notes
 
 
-def _nvml_readings() -> dict[int, tuple[int, int]]:
+@functools.cache
+def _nvml():
+    """The initialised pynvml module, once per process; None where nvml is missing or unusable."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        readings = {}
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-            readings[index] = (info.total, info.free)
-        return readings
-    except Exception:  # nvml missing or unusable: torch's numbers are the fallback
+        return pynvml
+    except Exception:  # no nvml (or no driver): torch's numbers are the fallback
+        return None
+
+
+def _nvml_readings() -> dict[int, tuple[int, int]]:
+    nvml = _nvml()
+    if nvml is None:
         return {}
+    readings = {}
+    for index in range(nvml.nvmlDeviceGetCount()):
+        info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+        readings[index] = (info.total, info.free)
+    return readings
 
 
 def _nvml_driver() -> str | None:
-    try:
-        import pynvml
-
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return driver.decode() if isinstance(driver, bytes) else driver
-    except Exception:
+    nvml = _nvml()
+    if nvml is None:
         return None
+    driver = nvml.nvmlSystemGetDriverVersion()
+    return driver.decode() if isinstance(driver, bytes) else driver
 
 
 def usage_now(device) -> dict:
@@ -139,20 +147,18 @@ def usage_now(device) -> dict:
                 "gpu_util_pct": None, "gpu_temp_c": None, **host}
     return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
             "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
-            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **_nvml_now(device.index or 0), **host}
+            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **gpu_readings(device.index or 0), **host}
 
 
-def _nvml_now(index: int) -> dict:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return {"nvml_used_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB,
-                "gpu_util_pct": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)}
-    except Exception:  # no nvml: those readings are simply absent
+def gpu_readings(index: int = 0) -> dict:
+    """nvml's view of one GPU: used memory (what nvidia-smi shows, GiB), utilisation and temperature; None without nvml."""
+    nvml = _nvml()
+    if nvml is None:
         return {"nvml_used_gib": None, "gpu_util_pct": None, "gpu_temp_c": None}
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    return {"nvml_used_gib": nvml.nvmlDeviceGetMemoryInfo(handle).used / GIB,
+            "gpu_util_pct": nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            "gpu_temp_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)}
 
 
 def _check_bnb_4bit() -> str:
