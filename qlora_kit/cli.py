@@ -39,6 +39,15 @@ def _quiet_libraries() -> None:
 
 PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
 QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
+JSON = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
+
+
+def _show(as_json: bool, value) -> None:
+    """Print a plan or probe: its to_dict() as JSON for scripts, else its rich rendering for people."""
+    if as_json:
+        print(json.dumps(value.to_dict(), indent=2))
+    else:
+        console.print(value.render())
 
 
 def _run_console(plain: bool, quiet: bool) -> tuple[Console, str]:
@@ -159,15 +168,11 @@ def auto(
 
 
 @app.command()
-def probe(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")) -> None:
+def probe(as_json: bool = JSON) -> None:
     """Show the GPUs, memory, disk and library versions qlora-kit will train with."""
-    from qlora_kit.hardware import probe as probe_machine, render
+    from qlora_kit.hardware import probe as probe_machine
 
-    hardware = probe_machine()
-    if as_json:
-        print(json.dumps(hardware.to_dict(), indent=2))
-    else:
-        console.print(render(hardware))
+    _show(as_json, probe_machine())
 
 
 @app.command()
@@ -180,20 +185,16 @@ def plan(
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+    as_json: bool = JSON,
 ) -> None:
     """Estimate peak memory per component before loading anything; say what fits and how to make it fit."""
     from qlora_kit.hardware import probe as probe_machine
-    from qlora_kit.plan import choose_target, make_plan, render
+    from qlora_kit.plan import choose_target, make_plan
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank)
     hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
-    report = make_plan(model, settings, choose_target(gpu, vram, hardware), compare=compare_full)
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        console.print(render(report))
+    _show(as_json, make_plan(model, settings, choose_target(gpu, vram, hardware), compare=compare_full))
 
 
 @app.command()

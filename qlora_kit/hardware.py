@@ -44,6 +44,9 @@ class Hardware:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def render(self):
+        return render(self)
+
 
 def probe(runs_dir: str | Path = "runs", check_bnb: bool = True) -> Hardware:
     """Read the machine; never fails for lack of a GPU (the GPU list is then empty)."""

@@ -55,6 +55,9 @@ class PlanReport:
         return {"plan": self.plan.to_dict(), "target": self.target.__dict__, "longest_seq_at_batch_1": self.longest_seq_at_batch_1,
                 "largest_micro_batch": self.largest_micro_batch, "fix": self.fix, "alternatives": self.alternatives}
 
+    def render(self) -> Group:
+        return render(self)
+
 
 def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardware=None) -> Target:
     """The card named (--gpu), a card of a given size (--vram), else the probed GPU, else this machine's RAM."""
