@@ -215,22 +215,28 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
 
 def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int, float]:
     """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens, % padding)."""
-    decoder, head_weight, softcap = models.lm_parts(model)
-    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
     # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
     examples = sorted(data.truncate(examples, shape.seq_len), key=len)
     # Normalise by the step's labelled tokens, not per micro-batch, so any split gives the same gradient.
     n_targets = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
     step_loss, step_tokens, slots = 0.0, 0, 0
     for start in range(0, len(examples), shape.micro_batch):
-        hidden, labels, attention_mask = forward(decoder, examples[start:start + shape.micro_batch], pad_id, device)
+        loss_sum, _, attention_mask = micro_batch_loss(model, examples[start:start + shape.micro_batch], pad_id, device, recipe)
         slots += attention_mask.numel()
-        loss_sum, _ = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
         loss = loss_sum / n_targets
         scaler.scale(loss).backward()
         step_loss += loss.item()
         step_tokens += int(attention_mask.sum())
     return step_loss, step_tokens, 100 * (1 - step_tokens / slots)
+
+
+def micro_batch_loss(model, examples, pad_id: int, device, recipe: Recipe):
+    """(summed loss over the micro-batch's labelled tokens, their count, its attention mask), via the chunked loss."""
+    decoder, head_weight, softcap = models.lm_parts(model)
+    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
+    hidden, labels, attention_mask = forward(decoder, examples, pad_id, device)
+    loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
+    return loss_sum, count, attention_mask
 
 
 def forward(decoder, examples, pad_id: int, device):
@@ -263,13 +269,10 @@ def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
 
 def evaluate(model, examples, recipe: Recipe, pad_id: int, device) -> float:
     """Mean token loss on held-out examples, without gradients or dropout."""
-    decoder, head_weight, softcap = models.lm_parts(model)
-    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
     total, count = 0.0, 0
     with models.no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch):
-            hidden, labels, _ = forward(decoder, examples[start:start + recipe.micro_batch], pad_id, device)
-            loss_sum, n = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
+            loss_sum, n, _ = micro_batch_loss(model, examples[start:start + recipe.micro_batch], pad_id, device, recipe)
             total, count = total + loss_sum.item(), count + n
     return total / max(count, 1)
 
