@@ -145,13 +145,14 @@ def render_choice(choice: Choice, shape: ModelShape) -> Group:
     return Group(*lines)
 
 
-def data_lengths(records: list[dict], tokenizer=None) -> list[int]:
-    """Token count per example; without a tokenizer, about 4 characters per token."""
+def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = None) -> list[int]:
+    """Token count per example; without a tokenizer, about 4 characters per token. The tokenized table is cached
+    under cache_key, so the training run that follows does not tokenize again."""
     from qlora_kit.data import tokenize
 
     if tokenizer is None:
         return [max(1, len(json.dumps(r)) // 4) for r in records]
-    return [len(e.input_ids) for e in tokenize(records, tokenizer, seq_len=10**9)]
+    return tokenize(records, tokenizer, seq_len=2**31 - 1, cache_key=cache_key).lengths
 
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
@@ -163,7 +164,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit.sources import resolve_model
     from qlora_kit.train import next_free_run_dir, run_training
 
-    records = data_module.read_records(data_path).records
+    loaded = data_module.read_records(data_path)
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
     target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
@@ -176,7 +177,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
         if not dry_run:
             raise
         tokenizer = None
-    lengths = data_lengths(records, tokenizer)
+    lengths = data_lengths(loaded.records, tokenizer, tokenizer and data_module.cache_key(loaded, tokenizer))
     choice = choose_recipe(shape, target, lengths)
     if tokenizer is None:
         choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")

@@ -80,6 +80,8 @@ def train(
     skip_bad_lines: Optional[bool] = typer.Option(None, "--skip-bad-lines", help="Train on the good examples and report the bad ones.", show_default=False),
     packing: Optional[bool] = typer.Option(None, "--packing", help="Pack short examples into full sequences (no attention across them).", show_default=False),
     drop_long: Optional[bool] = typer.Option(None, "--drop-long", help="Drop examples longer than --seq-len instead of truncating them.", show_default=False),
+    group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", show_default=False,
+                                                   help="Draw examples of similar length into the same step, so little is padded [default: on]."),
     rank: Optional[int] = _setting("rank"),
     alpha: Optional[float] = _setting("alpha"),
     dropout: Optional[float] = _setting("dropout"),
@@ -103,7 +105,7 @@ def train(
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
                               eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
                               eval_fraction=eval_fraction, data_format=data_format, train_on_inputs=train_on_inputs,
-                              skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long,
+                              skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long, group_by_length=group_by_length,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
     run_console, mode = _run_console(plain, quiet)

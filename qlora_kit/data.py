@@ -11,14 +11,19 @@ Chats render with the tokenizer's chat template, or FALLBACK_TEMPLATE when it ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from qlora_kit.errors import UserError
+from qlora_kit.sources import cache_dir
 
 IGNORE = -100  # label value that the loss skips
 FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt")
@@ -30,6 +35,10 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
 SHOWN_PROBLEMS = 5
+TOKENIZED_VERSION = 1  # raise when tokenization changes, so cached tables from older code are not reused
+PARALLEL_FROM = 2000  # examples: below this, starting tokenizer processes costs more than it saves
+NEVER = 2**31 - 1  # first_label of an example with no learned token
+KEEP_TOKENIZED = 8  # cached tokenized tables kept
 
 
 @dataclass
@@ -111,10 +120,8 @@ def _raw_items(path: Path, problems: list[str]):
     if path.suffix in (".parquet", ".csv"):
         yield from _table_rows(path)
         return
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: harmless
-        data = data[3:]
     if path.suffix == ".json":
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
         try:
             items = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -123,19 +130,22 @@ def _raw_items(path: Path, problems: list[str]):
             raise UserError(f"{path} holds a JSON {type(items).__name__}, not an array of examples.", hint="Use [{...}, {...}].")
         yield from ((f"item {i}", item) for i, item in enumerate(items, start=1))
         return
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"line {number}: not UTF-8 text (byte {e.start + 1})")
-            continue
-        try:
-            yield f"line {number}", json.loads(text)
-        except json.JSONDecodeError as e:
-            trailing = " (a trailing comma?)" if text[:e.pos].rstrip().endswith(",") else ""
-            problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}")
+    with path.open("rb") as lines:  # line by line: a large file is never in memory as raw bytes too
+        for number, line in enumerate(lines, start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"line {number}: not UTF-8 text (byte {e.start + 1})")
+                continue
+            try:
+                yield f"line {number}", json.loads(text)
+            except json.JSONDecodeError as e:
+                trailing = " (a trailing comma?)" if text[:e.pos].rstrip().endswith(",") else ""
+                problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}")
 
 
 def _table_rows(path: Path):
@@ -195,23 +205,143 @@ def _normalise(raw: dict, format: str) -> dict:
     return {"messages": messages}
 
 
-def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False, drop_long: bool = False) -> list[Example]:
+def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False, drop_long: bool = False,
+             cache_key: str | None = None) -> TokenizedExamples:
     """Token ids and labels for every record, truncated to seq_len tokens (or dropped, with drop_long); loss on
-    completions and assistant turns only, unless train_on_inputs."""
-    examples = []
-    for record in records:
-        ids, labels = tokenize_record(record, tokenizer)
-        if train_on_inputs:
-            labels = list(ids)
-        if drop_long and len(ids) > seq_len:
-            continue
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        if any(label != IGNORE for label in labels[1:]):  # an example with nothing to learn is dropped
-            examples.append(Example(ids, labels))
+    completions and assistant turns only, unless train_on_inputs. With a cache_key, the tokenized table is kept on
+    disk and memory-mapped, and a later run with the same file and tokenizer skips tokenizing."""
+    examples = TokenizedExamples.of(tokenized_table(records, tokenizer, cache_key), seq_len, train_on_inputs, drop_long)
     if not examples:
         raise UserError("No example has any token left to learn from after truncation.",
                         hint="Raise --seq-len, or check that completions and assistant replies are not empty.")
     return examples
+
+
+def cache_key(loaded: Records, tokenizer) -> str:
+    """What the tokenized table depends on: this file's version, its format, the tokenizer and this code."""
+    stat = loaded.path.stat()
+    parts = [TOKENIZED_VERSION, str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, loaded.format,
+             len(loaded.records), len(loaded.skipped), type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
+             tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def tokenized_table(records: list[dict], tokenizer, key: str | None = None):
+    """An Arrow table (datasets) of every record's untruncated input_ids and labels as int32, with its length and
+    the index of its first learned label. Tokenized in several processes for large files; cached under key."""
+    import datasets
+
+    folder = cache_dir() / "tokenized" / key if key else None
+    if folder and (folder / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(folder))  # memory-mapped: pages in as examples are drawn
+    workers = min(os.cpu_count() or 1, 8) if len(records) >= PARALLEL_FROM else None
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")),
+                                  "length": datasets.Value("int32"), "first_label": datasets.Value("int32")})
+    if workers is None:  # small files tokenize in moments: no progress bars
+        datasets.disable_progress_bars()
+    try:
+        source = datasets.Dataset.from_list(records)
+        table = source.map(_tokenize_batch, batched=True, num_proc=workers, remove_columns=source.column_names,
+                           features=features, fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing",
+                           new_fingerprint=key or uuid.uuid4().hex)
+        return _save_to_cache(table, folder) if folder else table
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _save_to_cache(table, folder: Path):
+    """The table written to folder and memory-mapped back; the in-memory table if the cache cannot be written."""
+    import datasets
+    import pyarrow
+
+    staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    try:
+        table.save_to_disk(str(staging))
+        staging.rename(folder)  # whole or absent: an interrupted save is never read back
+    except OSError:  # a read-only or full cache costs only the reuse, so training goes on from memory
+        return table
+    _prune(folder.parent, keep=KEEP_TOKENIZED)
+    del table
+    pyarrow.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise: ~2x the table
+    return datasets.load_from_disk(str(folder))
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently written tables, so edited data files do not fill the disk."""
+    import shutil
+
+    tables = sorted((f for f in folder.iterdir() if f.is_dir()), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in tables[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenize_batch(batch: dict, tokenizer) -> dict:
+    out = {"input_ids": [], "labels": [], "length": [], "first_label": []}
+    for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
+        ids, labels = tokenize_record(record, tokenizer)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["first_label"].append(next((i for i, label in enumerate(labels) if i and label != IGNORE), NEVER))
+    return out
+
+
+@dataclass(eq=False)
+class TokenizedExamples(Sequence):
+    """Tokenized examples kept as int32 Arrow columns (memory-mapped when cached) and turned into an Example only
+    when drawn: a large file costs 8 bytes a token, not the ~70 of Python lists of ints."""
+
+    table: object  # datasets.Dataset from tokenized_table
+    rows: list[int]  # the table rows in use: truncation and filtering choose them, a split subsets them
+    lengths: list[int]  # tokens of each example in use, after truncation
+    seq_len: int
+    train_on_inputs: bool
+
+    @classmethod
+    def of(cls, table, seq_len: int, train_on_inputs: bool, drop_long: bool) -> TokenizedExamples:
+        """The usable rows: those with a learned token within seq_len, and, with drop_long, no longer than seq_len."""
+        lengths, firsts = table.data.column("length").to_pylist(), table.data.column("first_label").to_pylist()
+        rows = [i for i, (n, first) in enumerate(zip(lengths, firsts))
+                if (1 < min(n, seq_len) if train_on_inputs else first < min(n, seq_len)) and not (drop_long and n > seq_len)]
+        return cls(table, rows, [min(lengths[i], seq_len) for i in rows], seq_len, train_on_inputs)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.select(range(*index.indices(len(self))))
+        row = self.table[self.rows[index]]
+        ids = row["input_ids"][:self.seq_len]
+        return Example(ids, list(ids) if self.train_on_inputs else row["labels"][:self.seq_len])
+
+    def select(self, indices) -> TokenizedExamples:
+        """A subset, sharing the table."""
+        return replace(self, rows=[self.rows[i] for i in indices], lengths=[self.lengths[i] for i in indices])
+
+
+@dataclass(eq=False)
+class PackedExamples(Sequence):
+    """Sequences made of several examples each (see pack), assembled when drawn."""
+
+    source: Sequence[Example]
+    groups: list[list[int]]  # indices into source, in packing order
+    lengths: list[int]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> Example:
+        ids, labels, positions = [], [], []
+        for e in (self.source[i] for i in self.groups[index]):
+            ids, labels, positions = ids + e.input_ids, labels + [IGNORE] + e.labels[1:], positions + list(range(len(e)))
+        return Example(ids, labels, positions)
+
+
+def lengths_of(examples: Sequence[Example]) -> list[int]:
+    """Each example's token count, without assembling the examples where their lengths are known."""
+    return examples.lengths if hasattr(examples, "lengths") else [len(e) for e in examples]
 
 
 def tokenize_record(record: dict, tokenizer) -> tuple[list[int], list[int]]:
@@ -253,36 +383,56 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
     return full, labels
 
 
-def pack(examples: list[Example], seq_len: int, seed: int) -> list[Example]:
+def pack(examples: Sequence[Example], seq_len: int, seed: int) -> PackedExamples:
     """Concatenate examples, in a seeded random order, into sequences of at most seq_len tokens. Position ids restart
     for each example, which makes transformers' attention block-diagonal (no attention across examples), and the
     first token of each example is not learned, since it would be predicted from the previous example."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    packed, ids, labels, positions = [], [], [], []
-    for e in (examples[i] for i in order):
-        if ids and len(ids) + len(e) > seq_len:
-            packed.append(Example(ids, labels, positions))
-            ids, labels, positions = [], [], []
-        ids, labels, positions = ids + e.input_ids, labels + [IGNORE] + e.labels[1:], positions + list(range(len(e)))
-    return packed + ([Example(ids, labels, positions)] if ids else [])
+    lengths = lengths_of(examples)
+    groups, filled = [[]], [0]
+    for i in torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist():
+        if filled[-1] and filled[-1] + lengths[i] > seq_len:
+            groups.append([])
+            filled.append(0)
+        groups[-1].append(i)
+        filled[-1] += lengths[i]
+    return PackedExamples(examples, groups, filled)
 
 
-def split_off(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_off(examples: TokenizedExamples, fraction: float, seed: int) -> tuple[TokenizedExamples, TokenizedExamples]:
     """A seeded random split: (training examples, held-out examples), at least one of each."""
     if len(examples) < 2:
         raise UserError("Holding out an evaluation split needs at least 2 examples.", hint="Drop --eval-fraction, or add data.")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
+    return examples.select(order[held:]), examples.select(order[:held])
 
 
-def example_stream(examples: list[Example], generator: torch.Generator):
-    """Endless (epoch, example) pairs, reshuffled every epoch with the seeded generator."""
-    epoch = 0
+def epoch_order(lengths: list[int], seed: int, epoch: int, per_step: int = 1, group_by_length: bool = False) -> list[int]:
+    """The order an epoch draws examples in, fixed by (seed, epoch). With group_by_length, each step's per_step
+    examples are of similar length (sorted within windows of 64 steps' worth, the steps then shuffled), so little
+    is padded; step boundaries follow the stream's position, also when an epoch is not a whole number of steps."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length or per_step < 2:
+        return order
+    window = 64 * per_step
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lengths.__getitem__)]
+    head = -epoch * len(lengths) % per_step  # examples the step that straddles into this epoch still needs
+    steps = [order[head + k:head + k + per_step] for k in range(0, len(order) - head, per_step)]
+    full = [s for s in steps if len(s) == per_step]  # the first and last may be partial: they stay at the ends
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return order[:head] + [i for s in shuffled for i in s] + [i for s in steps if len(s) < per_step for i in s]
+
+
+def example_stream(examples: Sequence[Example], seed: int, per_step: int = 1, group_by_length: bool = False, start: int = 0):
+    """Endless (epoch, example) pairs from stream position `start`, each epoch in epoch_order. The order depends
+    only on the position, so a resumed run draws exactly what the interrupted one would have."""
+    lengths = lengths_of(examples)
+    epoch, offset = divmod(start, len(examples))
     while True:
-        for i in torch.randperm(len(examples), generator=generator).tolist():
+        for i in epoch_order(lengths, seed, epoch, per_step, group_by_length)[offset:]:
             yield epoch, examples[i]
-        epoch += 1
+        epoch, offset = epoch + 1, 0
 
 
 def truncate(examples: list[Example], seq_len: int) -> list[Example]:

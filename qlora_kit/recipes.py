@@ -44,6 +44,7 @@ class Recipe:
     seq_len: int = _setting(512, "longest sequence in tokens; longer examples are truncated", low=8, high=1_048_576)
     packing: bool = _setting(False, "pack short examples into full sequences (no attention across examples)")
     drop_long: bool = _setting(False, "drop examples longer than seq_len instead of truncating them")
+    group_by_length: bool = _setting(True, "draw examples of similar length into the same step, so little is padded")
     micro_batch: int = _setting(4, "examples per forward/backward pass", low=1, high=4096)
     grad_accum: int = _setting(1, "micro-batches per optimizer step (effective batch = micro_batch x grad_accum)", low=1, high=4096)
     steps: int = _setting(0, "optimizer steps; 0 means derive them from epochs", low=0)

@@ -57,8 +57,10 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
         tokenizer = models.load_tokenizer(folder)
-        examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long)
+        examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
+                                 cache_key=data.cache_key(loaded, tokenizer))
         dropped = len(loaded.records) - len(examples)
+        loaded.records = None  # the tokenized table replaces the text for the rest of the run
         eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len, recipe.train_on_inputs) if eval_records else []
         if recipe.eval_fraction and not eval_examples:
             examples, eval_examples = data.split_off(examples, recipe.eval_fraction, recipe.seed)
@@ -75,7 +77,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if dropped:
         console.print(f"[yellow]{dropped} examples dropped: " + ("longer than seq_len or " if recipe.drop_long else "") + "nothing left to learn[/]")
     if recipe.packing:
-        fill = sum(len(e) for e in examples) / (len(examples) * recipe.seq_len)
+        fill = sum(examples.lengths) / (len(examples) * recipe.seq_len)
         console.print(f"Packing: {unpacked} examples in {len(examples)} sequences of up to {recipe.seq_len} tokens, {fill:.0%} full")
     if loaded.skipped:
         console.print(f"[yellow]Skipped {len(loaded.skipped)} bad examples, the first: {loaded.skipped[0]}[/]")
@@ -186,7 +188,7 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     shape = StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload)
     per_step = recipe.micro_batch * recipe.grad_accum
-    stream = data.example_stream(examples, torch.Generator().manual_seed(recipe.seed))
+    stream = data.example_stream(examples, recipe.seed, per_step, recipe.group_by_length and not recipe.packing)
     model.train()
     for step in range(1, total_steps + 1):
         started = time.perf_counter()

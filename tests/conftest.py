@@ -25,6 +25,14 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def tokenized_cache(tmp_path_factory, monkeypatch):
+    """Tokenized tables of the tests' throwaway data files go to a temporary cache, not the user's."""
+    folder = tmp_path_factory.mktemp("tokenized-cache")
+    monkeypatch.setattr("qlora_kit.data.cache_dir", lambda: folder)
+    return folder / "tokenized"
+
+
 def build_tokenizer():
     """A byte-level BPE tokenizer of ~300 tokens with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, collate, example_stream, pack, read_records, split_off, tokenize,
-                            tokenize_record, truncate)
+from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, cache_key, collate, epoch_order, example_stream, pack, read_records,
+                            split_off, tokenize, tokenize_record, truncate)
 from qlora_kit.errors import UserError
 from tests.conftest import build_tokenizer
 
@@ -181,7 +181,7 @@ def test_stream_covers_every_example_per_epoch_in_a_seeded_order(tokenizer):
     examples = tokenize([{"text": f"{w} fox"} for w in "one two three four five".split()], tokenizer, seq_len=32)
 
     def first_epochs(seed):
-        stream = example_stream(examples, torch.Generator().manual_seed(seed))
+        stream = example_stream(examples, seed)
         return [next(stream) for _ in range(10)]
 
     a = first_epochs(0)
@@ -198,7 +198,7 @@ def test_truncate_cuts_ids_and_labels_together(tokenizer):
 def test_evaluation_split_is_seeded_and_keeps_both_sides(tokenizer):
     examples = tokenize([{"text": f"{w} fox"} for w in "one two three four five six seven eight".split()], tokenizer, 32)
     train, held = split_off(examples, 0.25, seed=0)
-    assert (len(train), len(held)) == (6, 2) and split_off(examples, 0.25, seed=0)[1] == held
+    assert (len(train), len(held)) == (6, 2) and split_off(examples, 0.25, seed=0)[1].rows == held.rows
     assert len(split_off(examples[:2], 0.5, seed=0)[0]) == 1
     with pytest.raises(UserError, match="at least 2 examples"):
         split_off(examples[:1], 0.5, seed=0)
@@ -233,3 +233,73 @@ def test_parquet_and_csv_through_datasets(tmp_path):
     with pytest.raises(UserError, match="row 2: missing `completion`"):
         read_records(tmp_path / "d.csv")
     assert len(read_records(tmp_path / "d.csv", skip_bad_lines=True).records) == 1
+
+
+def test_length_grouping_pads_less_and_still_draws_every_example_once_per_epoch():
+    lengths = [(i * 37) % 200 + 1 for i in range(100)]  # lengths spread from 1 to 200
+    per_step = 8
+
+    def padding(order):
+        steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+        return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
+
+    grouped = [epoch_order(lengths, seed=0, epoch=epoch, per_step=per_step, group_by_length=True) for epoch in range(3)]
+    assert all(sorted(order) == list(range(100)) for order in grouped)
+    shuffled = [epoch_order(lengths, seed=0, epoch=epoch) for epoch in range(3)]
+    assert padding(sum(grouped, [])) < padding(sum(shuffled, [])) / 4  # steps cut along the whole stream
+    assert epoch_order(lengths, 0, 1, per_step, True) != epoch_order(lengths, 0, 0, per_step, True)
+
+
+def test_grouped_steps_stay_aligned_when_an_epoch_is_not_a_whole_number_of_steps():
+    lengths = [7, 2, 9, 0, 5, 3, 8, 1, 6, 4]  # 10 distinct lengths, steps of 4: epochs end mid-step
+    stream = [i for epoch in range(4) for i in epoch_order(lengths, 0, epoch, per_step=4, group_by_length=True)]
+    steps = [[lengths[i] for i in stream[k:k + 4]] for k in range(0, 40, 4)]
+    within_epoch = [s for k, s in enumerate(steps) if (4 * k) // 10 == (4 * k + 3) // 10]
+    assert len(within_epoch) == 8 and all(max(s) - min(s) == 3 for s in within_epoch), "neighbours in length"
+
+
+def test_a_stream_started_at_a_position_continues_the_uninterrupted_stream(tokenizer):
+    examples = tokenize([{"text": " ".join(["fox"] * n)} for n in range(1, 12)], tokenizer, seq_len=32)
+    whole = example_stream(examples, 3, per_step=4, group_by_length=True)
+    drawn = [(epoch, e.input_ids) for epoch, e in (next(whole) for _ in range(30))]
+    resumed = example_stream(examples, 3, per_step=4, group_by_length=True, start=13)
+    assert [(epoch, e.input_ids) for epoch, e in (next(resumed) for _ in range(17))] == drawn[13:]
+
+
+def test_tokenized_tables_are_cached_and_memory_mapped(tmp_path, tokenizer, tokenized_cache):
+    loaded = read_records(write(tmp_path, "".join(json.dumps({"text": f"{w} fox"}) + "\n" for w in ["one", "two", "three"])))
+    key = cache_key(loaded, tokenizer)
+    first = tokenize(loaded.records, tokenizer, 32, cache_key=key)
+    assert (tokenized_cache / key).is_dir() and first.table.cache_files, "read back from disk, not held in memory"
+    again = tokenize([], tokenizer, 32, cache_key=key)  # the records are not even needed: the table is reused
+    assert [e.input_ids for e in again] == [e.input_ids for e in first]
+    (tmp_path / "data.jsonl").write_text('{"text": "changed"}\n')
+    assert cache_key(read_records(tmp_path / "data.jsonl"), tokenizer) != key
+
+
+def test_large_files_tokenize_in_several_processes_with_the_same_result(tokenizer, monkeypatch):
+    records = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a " * (i % 7 + 1)}]}
+               for i in range(40)]
+    alone = tokenize(records, tokenizer, 64)
+    monkeypatch.setattr("qlora_kit.data.PARALLEL_FROM", 10)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    together = tokenize(records, tokenizer, 64)
+    assert [(e.input_ids, e.labels) for e in together] == [(e.input_ids, e.labels) for e in alone]
+
+
+def test_an_unwritable_cache_only_costs_the_reuse(tokenizer, tokenized_cache, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("datasets.Dataset.save_to_disk", refuse)
+    examples = tokenize([{"text": "one two"}], tokenizer, 32, cache_key="k")
+    assert len(examples) == 1 and not (tokenized_cache / "k").exists()
+
+
+def test_truncation_and_train_on_inputs_apply_to_the_cached_table(tokenizer):
+    records = [{"prompt": "one", "completion": " two three four five six"}, {"prompt": "one two three four five six", "completion": " x"}]
+    prompt = len(tokenizer("one")["input_ids"])
+    [short] = tokenize(records, tokenizer, seq_len=prompt + 2)  # the second's completion lies beyond: nothing to learn
+    assert len(short.input_ids) == prompt + 2 and short.labels[:prompt] == [IGNORE] * prompt
+    both = tokenize(records, tokenizer, seq_len=prompt + 2, train_on_inputs=True)
+    assert len(both) == 2 and all(e.labels == e.input_ids for e in both) and both.lengths == [prompt + 2] * 2
