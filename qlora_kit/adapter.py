@@ -66,6 +66,9 @@ def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precis
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise UserError(f"{adapter_dir} holds no adapter_config.json.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+        if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin could run code when loaded
+            raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
+                            hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).")
         source = source or base_source_for(adapter_dir)
     if source is None:
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")

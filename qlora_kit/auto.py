@@ -156,7 +156,7 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
-             gpu: str | None = None, dry_run: bool = False, display: str = "auto"):
+             gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False):
     """Probe, choose, print the choice, and (unless dry_run) train with it."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
@@ -172,7 +172,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
         raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
                         hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")
     try:
-        tokenizer = load_tokenizer(resolve_model(model))
+        tokenizer = load_tokenizer(resolve_model(model), trust_remote_code)
     except UserError:
         if not dry_run:
             raise
@@ -191,7 +191,8 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     if dry_run:
         return choice
     recipe = replace(choice.recipe, model=model, data=str(data_path))
-    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display)
+    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
+                        trust_remote_code=trust_remote_code)
 
 
 def _limited(vram_limit: float, hardware) -> Target:

@@ -37,6 +37,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
 
 
+NAME = typer.Option(None, "--name", help="Run name: the run goes to runs/NAME (letters, digits, . _ -).", show_default=False)
+RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint, exactly where it stopped.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Start again in a run folder that holds a run, deleting that run's files.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
+                                 help="Allow a model's own Python code (from its folder or the hub) to run. Off by default: only for sources you trust.")
 PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
 QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
 JSON = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
@@ -70,7 +75,11 @@ def _setting(name: str, *aliases: str):
 def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create, e.g. runs/my-run (must not hold a run yet)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder, e.g. runs/my-run (must not hold a run, unless --resume or --overwrite)."),
+    name: Optional[str] = NAME,
+    resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out .jsonl evaluated during training (eval loss on screen and in metrics)."),
     eval_every: Optional[int] = _setting("eval_every"),
@@ -94,30 +103,58 @@ def train(
     seed: Optional[int] = _setting("seed"),
     precision: Optional[str] = _setting("precision"),
     optimizer: Optional[str] = _setting("optimizer"),
+    checkpoint_every: Optional[int] = _setting("checkpoint_every"),
+    keep_checkpoints: Optional[int] = _setting("keep_checkpoints"),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
 ) -> None:
-    """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter."""
+    """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter; --resume continues a stopped run."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.train import run_training
 
-    base = load_recipe(recipe) if recipe else Recipe()
+    out = _run_dir(out, name)
+    if recipe:
+        base = load_recipe(recipe)
+    elif resume and (out / "recipe.yaml").is_file():  # a resumed run keeps its settings; flags may only repeat them
+        base = load_recipe(out / "recipe.yaml")
+    else:
+        base = Recipe()
     settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
                               eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
                               eval_fraction=eval_fraction, data_format=data_format, train_on_inputs=train_on_inputs,
                               skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long, group_by_length=group_by_length,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
-                              steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer)
+                              steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer,
+                              checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
     run_console, mode = _run_console(plain, quiet)
-    summary = run_training(settings, out, run_console, display=mode)
+    summary = run_training(settings, out, run_console, display=mode, resume=resume, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code)
     print_summary(summary)
 
 
 def print_summary(summary) -> None:
-    """The end-of-run table: steps, time, tokens, losses, peak memory against the plan, and the adapter."""
+    """The end-of-run table: steps, time, tokens, losses, peak memory against the plan, and the adapter. A run
+    stopped by a signal exits with 128 + its number (130 for Ctrl-C, 143 for SIGTERM), as shells expect."""
     from qlora_kit.dashboard import print_summary as print_table
 
     print_table(console, summary, summary.info)
+    if summary.stopped_by:
+        raise typer.Exit(128 + summary.stopped_by)
+
+
+def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = None) -> Path:
+    """--out as given, or runs/NAME for --name (a plain name: it cannot point outside runs/)."""
+    from qlora_kit.train import named_run_dir, next_free_run_dir
+
+    if out and name:
+        raise UserError("--out and --name both say where the run goes.", hint="Pass one of them.")
+    if out:
+        return out
+    if name:
+        return named_run_dir(name)
+    if default:
+        return next_free_run_dir(Path("runs"), default)
+    raise UserError("Say where the run goes.", hint="Pass --out runs/my-run, or --name my-run.")
 
 
 @app.command()
@@ -154,6 +191,9 @@ def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/auto, or the next free runs/auto-N]"),
+    name: Optional[str] = NAME,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or --name) from its last good checkpoint, with the settings it chose."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
@@ -162,9 +202,20 @@ def auto(
 ) -> None:
     """Probe, plan, pick and tune a recipe for this card and data, explain it, then train."""
     from qlora_kit.auto import run_auto
+    from qlora_kit.recipes import load_recipe
+    from qlora_kit.train import run_training
 
     run_console, mode = _run_console(plain, quiet)
-    summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode)
+    if resume:  # the choice was made and saved when the run started: continue it as it is
+        out = _run_dir(out, name)
+        if not (out / "recipe.yaml").is_file():
+            raise UserError(f"{out} holds no run to resume.", hint="Pass the --out (or --name) of an earlier auto run.")
+        print_summary(run_training(load_recipe(out / "recipe.yaml"), out, run_console, mode, resume=True,
+                                   trust_remote_code=trust_remote_code))
+        return
+    out = _run_dir(out, name, default="auto")
+    summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode,
+                       trust_remote_code=trust_remote_code)
     if not dry_run:
         print_summary(summary)
 
@@ -273,7 +324,7 @@ def recipes_show(name: str = typer.Argument(..., help="A shipped recipe (4gb ...
 
 
 def main() -> None:
-    """Console entry point: run the app, turning UserError into a message and exit code 1."""
+    """Console entry point: run the app, turning UserError into a message and exit code 1 (typer turns Ctrl-C into 130)."""
     _quiet_libraries()
     try:
         app()
@@ -282,6 +333,3 @@ def main() -> None:
         if e.hint:
             errors.print(f"[bold]Hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        errors.print("Interrupted.")
-        sys.exit(130)

@@ -175,7 +175,7 @@ def _clock(seconds: float) -> str:
 
 def summary_table(summary, info: RunInfo) -> Table:
     """The end-of-run table: time, tokens, losses, peak memory against the plan, and the adapter."""
-    table = Table(title=f"{info.name}: {'interrupted' if summary.interrupted else 'done'}", show_header=False)
+    table = Table(title=f"{info.name}: {'stopped early' if summary.stopped_by else 'done'}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("steps", f"{summary.steps} of {info.total_steps}")

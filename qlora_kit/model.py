@@ -31,17 +31,18 @@ def pick_device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.
     return torch.device("cpu"), DTYPES["fp32" if precision == "auto" else precision]
 
 
-def load_tokenizer(folder: Path):
-    """The model's tokenizer, with a pad token (the eos token when the model defines none)."""
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (the eos token when the model defines none). Code shipped with a
+    model runs only with trust_remote_code (--trust-remote-code)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     """Load a causal LM with its linear layers quantized to NF4 with double quantization."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -53,7 +54,7 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device):
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, dtype=dtype, device_map={"": device}
+            folder, quantization_config=quantization, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
     except (ValueError, KeyError) as e:
         raise UserError(f"{folder} could not be loaded as a causal language model: {e}",

@@ -62,7 +62,9 @@ class Recipe:
     precision: str = _setting("auto", "compute dtype: auto = bf16 if supported, else fp16 on GPU, fp32 on CPU",
                               choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = _setting(0, "seed for LoRA init, data order and dropout", low=0)
-    checkpoint_every: int = _setting(0, "save the adapter every N optimizer steps to checkpoints/step-N; 0 = only at the end", low=0)
+    checkpoint_every: int = _setting(50, "write a checkpoint (adapter, optimizer, data position) every N optimizer steps, "
+                                     "so the run can resume; 0 = only at the end and when stopped", low=0)
+    keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep", low=1, high=1000)
 
     def to_yaml(self, header: str = "") -> str:
         """The recipe as commented YAML, one help line above each setting; unset model/data are left out."""

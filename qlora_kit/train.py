@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,16 +18,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from qlora_kit import adapter, data, model as models
+from qlora_kit import adapter, checkpoint, data, model as models
 from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import usage_now
 from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
-from qlora_kit.recipes import Recipe
+from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.sources import resolve_model
 
 GIB = 2**30
 RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter")
+MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
 
 
 @dataclass
@@ -40,15 +45,25 @@ class RunSummary:
     best_loss: float = math.nan
     peak_memory_gib: float = math.nan  # GPU reserved peak, or process RSS peak on CPU
     padding_pct: float = math.nan  # share of computed positions that were padding, averaged over steps
-    interrupted: bool = False
+    stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, after a checkpoint
     step_downs: list[str] = field(default_factory=list)
     info: RunInfo | None = None
 
 
-def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto") -> RunSummary:
-    """Validate everything a user can get wrong, then train and write runs/NAME; nothing is written on bad input."""
+class Stopped(Exception):
+    """The loop stopped after a step because a signal asked it to; a checkpoint of that step is written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto", resume: bool = False,
+                 overwrite: bool = False, trust_remote_code: bool = False) -> RunSummary:
+    """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
+    With resume, continue exactly from the run's last good checkpoint."""
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    resume_from = prepare_out_dir(out_dir, recipe, resume, overwrite, console)
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
     loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
@@ -56,7 +71,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     device, dtype = models.pick_device_and_dtype(recipe.precision)
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
-        tokenizer = models.load_tokenizer(folder)
+        tokenizer = models.load_tokenizer(folder, trust_remote_code)
         examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
                                  cache_key=data.cache_key(loaded, tokenizer))
         dropped = len(loaded.records) - len(examples)
@@ -68,7 +83,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         if recipe.packing:
             examples = data.pack(examples, recipe.seq_len, recipe.seed)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
-        model = models.attach_lora(models.load_base_4bit(folder, dtype, device), recipe)
+        model = models.attach_lora(models.load_base_4bit(folder, dtype, device, trust_remote_code), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
@@ -83,19 +98,26 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         console.print(f"[yellow]Skipped {len(loaded.skipped)} bad examples, the first: {loaded.skipped[0]}[/]")
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
+    total_steps = count_steps(len(examples), recipe)
+    check_free_disk(out_dir, trainable, recipe, device)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
     plan = plan_for_run(folder, recipe)
     (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    history = metrics_up_to(out_dir / "metrics.jsonl", resume_from_step(resume_from))  # earlier steps of a resumed run
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    losses, tokens, peaks, paddings, step_downs, stopped = [], 0, [], [], [], None
+    losses, tokens = [m["loss"] for m in history], sum(m["tokens"] for m in history)
+    peaks = [m["mem_reserved_gib" if device.type == "cuda" else "rss_gib"] for m in history]
+    paddings, step_downs, stopped = [m["padding_pct"] for m in history], [], None
     start = time.perf_counter()
-    total_steps = count_steps(len(examples), recipe)
     base_id = adapter.portable_base_id(recipe.model, folder)
+    resume_hint = f"qlora-kit train --out {out_dir} --resume"
     info = RunInfo(out_dir.name, recipe.model, device.type, total_steps, plan["target"]["capacity_bytes"] / GIB,
                    plan["plan"]["total_bytes"] / GIB)
-    with Dashboard(console, info, display) as dashboard:
+    with Dashboard(console, info, display) as dashboard, StopOnSignal(dashboard) as signals:
+        if resume_from:
+            dashboard.note(f"Resuming from {resume_from.name}: steps 1-{len(history)} are done.")
 
         def on_step(m: dict) -> None:
             nonlocal tokens
@@ -108,19 +130,34 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             paddings.append(m["padding_pct"])
             metrics.write(m)
             dashboard.step(m)
-            if recipe.checkpoint_every and m["step"] % recipe.checkpoint_every == 0 and m["step"] < total_steps:
-                adapter.save_adapter(model, tokenizer, out_dir / "checkpoints" / f"step-{m['step']}", base_id)
-                dashboard.checkpoint(m["step"])
 
         def on_event(event: dict) -> None:
             step_downs.append(describe_step_down(event))
             metrics.write(event)
             dashboard.note(f"Out of memory at step {event['step']}: {step_downs[-1]}; redoing the step.")
 
+        def save(step: int, optimizer, scheduler, scaler, trainer_state: dict) -> None:
+            try:
+                written = checkpoint.save_checkpoint(
+                    out_dir, step, lambda where: adapter.save_adapter(model, tokenizer, where, base_id),
+                    optimizer, scheduler, scaler, trainer_state, recipe.keep_checkpoints)
+            except OSError as e:
+                previous = checkpoint.complete_checkpoints(out_dir)
+                kept = f"The checkpoint {previous[0]} is intact. " if previous else ""
+                raise UserError(f"Could not write the checkpoint of step {step}: {e.strerror or e}.",
+                                hint=f"{kept}Free disk space or fix the folder, then resume: {resume_hint}") from None
+            dashboard.checkpoint(step)
+
         try:
-            train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console, on_event)
-        except (KeyboardInterrupt, UserError) as stop:
+            train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console,
+                       on_event, save=save, resume_from=resume_from, stop_requested=lambda: signals.received)
+        except (Stopped, UserError) as stop:
             stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
+        except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
+            last = checkpoint.complete_checkpoints(out_dir)
+            console.print(f"[bold red]Stopped at once.[/] " + (f"Resume from {last[0].name} with: {resume_hint}" if last else
+                                                                "No checkpoint was written yet."))
+            raise
         finally:
             metrics.close()
     if not losses:
@@ -128,13 +165,110 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             raise stopped
         raise UserError("Stopped before the first step finished; no adapter was written.", hint="Run again.")
     adapter_dir = out_dir / "adapter"
-    adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id)
+    try:
+        adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id)
+    except OSError as e:
+        if isinstance(stopped, UserError):
+            raise stopped from None
+        raise UserError(f"Could not write the adapter to {adapter_dir}: {e.strerror or e}.",
+                        hint="The last checkpoint holds the same weights; free space and run "
+                             f"`{resume_hint}` to write it.") from None
     if isinstance(stopped, UserError):
         raise UserError(stopped.message, hint=f"The adapter of step {len(losses)} is saved in {adapter_dir}. {stopped.hint}")
+    if isinstance(stopped, Stopped):
+        console.print(f"Stopped by {stopped}: step {len(losses)} is checkpointed and its adapter is in {adapter_dir}.\n"
+                      f"Resume with: {resume_hint}")
     return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens, trainable, total,
                       adapter_dir, adapter_bytes, best_loss=min(losses), peak_memory_gib=max(peaks),
                       padding_pct=sum(paddings) / len(paddings),
-                      interrupted=stopped is not None, step_downs=step_downs, info=info)
+                      stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=step_downs, info=info)
+
+
+class StopOnSignal:
+    """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, with a
+    checkpoint; a second one stops at once (checkpoints are written atomically, so the last one stays whole)."""
+
+    def __init__(self, dashboard: Dashboard):
+        self.dashboard, self.received, self.previous = dashboard, None, {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals to the main thread
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.dashboard.note(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                            "(Ctrl-C again to stop at once).")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_out_dir(out_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, console: Console) -> Path | None:
+    """Check the run folder: a new run needs it free of runs (or --overwrite); --resume needs a run with a good
+    checkpoint and the same settings. Returns the checkpoint to resume from."""
+    if out_dir.is_file():
+        raise UserError(f"{out_dir} is a file, not a run folder.", hint="Choose another --out.")
+    holds_run = out_dir.is_dir() and any((out_dir / name).exists() for name in (*RUN_FILES, "checkpoints"))
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other.", hint="Pass one of them.")
+    if not resume:
+        if holds_run and not overwrite:
+            raise UserError(f"{out_dir} already holds a run.",
+                            hint=f"Continue it with --resume, start it again with --overwrite, or choose another --out.")
+        if holds_run:
+            for name in (*RUN_FILES, "checkpoints"):
+                path = out_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
+    if not holds_run or not (out_dir / "recipe.yaml").is_file():
+        raise UserError(f"{out_dir} holds no run to resume.", hint="Drop --resume to start a new run there.")
+    saved = load_recipe(out_dir / "recipe.yaml")
+    changed = [f"{name} ({getattr(saved, name)!r} in the run, {getattr(recipe, name)!r} now)"
+               for name in recipe.__dataclass_fields__ if getattr(saved, name) != getattr(recipe, name)]
+    if changed:
+        raise UserError(f"A resumed run keeps its settings, but these differ: {', '.join(changed)}.",
+                        hint="Resume with only --out and --resume, or start a new run.")
+    found, passed_over = checkpoint.latest_good_checkpoint(out_dir)
+    for sentence in passed_over:
+        console.print(f"[yellow]Checkpoint {sentence}; falling back to an earlier one.[/]")
+    if found is None:
+        raise UserError(f"{out_dir} has no complete checkpoint to resume from.",
+                        hint="Start again with --overwrite (set checkpoint_every so a long run can resume).")
+    for newer in checkpoint.complete_checkpoints(out_dir):  # damaged ones after the resume point would be redone
+        if int(newer.name[5:]) > int(found.name[5:]):
+            shutil.rmtree(newer)
+    return found
+
+
+def resume_from_step(folder: Path | None) -> int:
+    return int(folder.name[5:]) if folder else 0
+
+
+def metrics_up_to(path: Path, step: int) -> list[dict]:
+    """Keep metrics.jsonl's lines up to `step` (those after it are redone by a resumed run); returns its step lines."""
+    if not path.exists():
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [m for m in kept if m.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return [m for m in kept if "loss" in m]
+
+
+def check_free_disk(out_dir: Path, trainable: int, recipe: Recipe, device: torch.device) -> None:
+    """Refuse to start a run whose checkpoints and adapter would not fit on the disk."""
+    optimizer = recipe.optimizer if recipe.optimizer != "auto" else ("paged_adamw_8bit" if device.type == "cuda" else "adamw")
+    needed = checkpoint.checkpoint_bytes(trainable, optimizer) * (recipe.keep_checkpoints + 1) + trainable * 4 + 64 * 2**20
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
+                        f"adapter need about {needed / 2**20:,.0f} MiB.",
+                        hint="Free space, choose another --out, or keep fewer checkpoints (keep_checkpoints).")
 
 
 def describe_step_down(event: dict) -> str:
@@ -152,6 +286,14 @@ def plan_for_run(folder: Path, recipe: Recipe) -> dict:
     return make_plan(str(folder), recipe, choose_target(hardware=probe(check_bnb=False))).to_dict()
 
 
+def named_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """root/name for a plain run name; a name with a path in it (../x, /x, a/b) could write outside root, so it is refused."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise UserError(f"The run name {name!r} is not a plain name.",
+                        hint="Use letters, digits, '.', '_' and '-' (starting with a letter or digit), or pass --out.")
+    return root / name
+
+
 def next_free_run_dir(root: Path, name: str) -> Path:
     """root/name, or root/name-2, -3 ... so repeated runs never overwrite an earlier one."""
     candidate, n = root / name, 1
@@ -159,14 +301,6 @@ def next_free_run_dir(root: Path, name: str) -> Path:
         n += 1
         candidate = root / f"{name}-{n}"
     return candidate
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse to write into a folder that already holds a run, so no earlier result is overwritten."""
-    if out_dir.is_file():
-        raise UserError(f"{out_dir} is a file, not a run folder.", hint="Choose another --out.")
-    if out_dir.is_dir() and any((out_dir / name).exists() for name in RUN_FILES):
-        raise UserError(f"{out_dir} already holds a run.", hint="Choose another --out, or delete that folder first.")
 
 
 @dataclass
@@ -180,17 +314,27 @@ class StepShape:
 
 
 def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console,
-               on_event=lambda event: None) -> None:
-    """Optimizer steps of micro_batch x grad_accum examples; calls on_step(metrics) after each step."""
+               on_event=lambda event: None, save=None, resume_from: Path | None = None, stop_requested=lambda: None) -> None:
+    """Optimizer steps of micro_batch x grad_accum examples; calls on_step(metrics) after each step and
+    save(step, optimizer, scheduler, scaler, trainer_state) every checkpoint_every steps, at the end and when
+    stop_requested() names a signal (then raises Stopped). Starts after resume_from's step when given."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe, device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     shape = StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload)
+    state = {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_steps": 0}
+    if resume_from:
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, scaler, device)
+        check_same_data(state, len(examples), total_steps)
+        shape = StepShape(**state["shape"])
+        if shape.checkpointing and not recipe.gradient_checkpointing:  # an out-of-memory step-down turned it on
+            models.set_checkpointing(model, offload=shape.offload)
     per_step = recipe.micro_batch * recipe.grad_accum
-    stream = data.example_stream(examples, recipe.seed, per_step, recipe.group_by_length and not recipe.packing)
+    stream = data.example_stream(examples, recipe.seed, per_step, recipe.group_by_length and not recipe.packing,
+                                 start=state["step"] * per_step)
     model.train()
-    for step in range(1, total_steps + 1):
+    for step in range(state["step"] + 1, total_steps + 1):
         started = time.perf_counter()
         drawn = [next(stream) for _ in range(per_step)]
         epoch, step_examples = drawn[-1][0], [example for _, example in drawn]
@@ -204,15 +348,40 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
                 on_event({"event": "out_of_memory_step_down", "step": step, "from": before.__dict__, "to": shape.__dict__})
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or math.inf).item()
-        scaler.step(optimizer)
+        # fp16's scaler skips overflowing steps itself; otherwise a NaN/inf loss or gradient must never reach the weights.
+        finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
+        if finite:
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        state["nonfinite_in_a_row"] = 0 if finite else state["nonfinite_in_a_row"] + 1
+        state["nonfinite_steps"] += not finite
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - started
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                  "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding, "micro_batch": shape.micro_batch,
-                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage_now(device)})
+                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage_now(device),
+                 **({} if finite else {"skipped_update": True, "nonfinite_steps": state["nonfinite_steps"]})})
+        if state["nonfinite_in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
+            raise UserError(f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
+                            f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
+                            hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.")
+        signum = stop_requested()
+        if save and (signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)):
+            state.update(step=step, position=step * per_step, shape=dict(shape.__dict__), total_steps=total_steps,
+                         examples=len(examples))
+            save(step, optimizer, scheduler, scaler, state)
+        if signum:
+            raise Stopped(signum)
+
+
+def check_same_data(state: dict, n_examples: int, total_steps: int) -> None:
+    """A resumed run must draw from the same examples, or it would not continue the same run."""
+    if state.get("examples") != n_examples or state.get("total_steps") != total_steps:
+        raise UserError(f"The data changed since the checkpoint: it had {state.get('examples')} examples and "
+                        f"{state.get('total_steps')} steps, now {n_examples} and {total_steps}.",
+                        hint="Resume with the data the run started with, or start a new run.")
 
 
 def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int, float]:

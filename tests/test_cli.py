@@ -28,6 +28,8 @@ def test_help_lists_the_verbs(monkeypatch, capsys):
     ("unknown model", "No model found"),
     ("existing run", "already holds a run"),
     ("bad setting", "`rank` is 0"),
+    ("name with a path", "is not a plain name"),
+    ("nothing to resume", "holds no run to resume"),
 ])
 def test_user_errors_are_one_sentence_and_a_hint(monkeypatch, capsys, tmp_path, llama_dir, case, message):
     data = tmp_path / "data.jsonl"
@@ -39,8 +41,9 @@ def test_user_errors_are_one_sentence_and_a_hint(monkeypatch, capsys, tmp_path, 
     if case == "existing run":
         out.mkdir()
         (out / "metrics.jsonl").write_text("")
-    extra = ["--rank", "0"] if case == "bad setting" else []
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", model, "--data", data, "--out", out, "--steps", "1", *extra)
+    extra = {"bad setting": ["--rank", "0"], "nothing to resume": ["--resume"]}.get(case, [])
+    where = ["--name", "../escape"] if case == "name with a path" else ["--out", out]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", model, "--data", data, *where, "--steps", "1", *extra)
     assert code == 1
     assert "Error:" in err and message in err and "Hint:" in err
     assert "Traceback" not in err

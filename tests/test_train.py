@@ -165,14 +165,6 @@ def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_periodic_checkpoints_hold_a_loadable_adapter(llama_dir, chat_data, tmp_path):
-    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=5, micro_batch=2, checkpoint_every=2)
-    run_training(recipe, tmp_path / "run", QUIET)
-    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert saved == ["step-2", "step-4"]
-    assert (tmp_path / "run" / "checkpoints" / "step-4" / "adapter_model.safetensors").is_file()
-
-
 def test_held_out_data_is_evaluated_on_schedule_and_at_the_end(llama_dir, text_data, tmp_path):
     recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), eval_every=2, rank=8,
                     lr=1e-2, steps=5, micro_batch=4, dropout=0.0)

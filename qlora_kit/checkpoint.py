@@ -1,0 +1,156 @@
+"""Checkpoints: everything a run needs to continue exactly, written so an interruption never leaves a broken one.
+
+runs/NAME/checkpoints/step-N/
+  adapter/             LoRA weights (safetensors) and config: loadable on their own with PEFT
+  optimizer.pt         optimizer state (torch AdamW, or bitsandbytes 8-bit / paged)
+  state.pt             scheduler, GradScaler and RNG states (python, numpy, torch, CUDA)
+  trainer_state.json   step, data position, the step shape after any out-of-memory step-downs, counters
+  manifest.json        every file above with its size and sha256, written last
+A checkpoint is written to checkpoints/.step-N.partial and renamed into place: step-N is complete or absent.
+Everything is read back with safetensors or torch.load(weights_only=True), never with pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer, scheduler, scaler, trainer_state: dict,
+                    keep: int) -> Path:
+    """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter) and delete all but the
+    newest `keep`; returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    final, staging = root / f"step-{step}", root / f".step-{step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        write_adapter(staging / "adapter")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, staging / "state.pt")
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_manifest(staging, step)
+        if final.exists():  # the same step again, after a resume from an earlier checkpoint
+            shutil.rmtree(final)
+        staging.rename(final)
+        _fsync(root)
+    except BaseException:  # a full disk, or a second Ctrl-C: leave no partial folder, keep the older checkpoints
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(root.parent)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """manifest.json: each file's size and sha256, flushed to disk first, so a torn write is detectable."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path, sync=True)}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync(folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest is missing or unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (partial ones excluded), newest first, without checking their contents."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match its manifest, and a sentence for each newer one passed over."""
+    passed_over = []
+    for folder in complete_checkpoints(run_dir):
+        problem = verify(folder)
+        if problem is None:
+            return folder, passed_over
+        passed_over.append(f"{folder.name} is damaged ({problem})")
+    return None, passed_over
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> dict:
+    """Restore the adapter weights, optimizer, scheduler, scaler and RNG states; returns trainer_state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(folder / "adapter" / ADAPTER_FILE, device=str(device)))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def rng_state() -> dict:
+    """Every random generator a step can draw from, in types that torch.load(weights_only=True) reads back."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_bytes(trainable_params: int, optimizer: str) -> int:
+    """About what one checkpoint takes on disk: fp32 LoRA weights plus the optimizer's two moments."""
+    state_bytes_per_param = 2 if "8bit" in optimizer else 8
+    return trainable_params * (4 + state_bytes_per_param) + 2**20
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (so a rename survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,272 @@
+"""The fault catalogue: kills, signals, full disks, damaged checkpoints, NaN losses, unsafe names and files.
+
+Subprocess tests run the real CLI on a tiny model, with each step slowed (a patch made in the child) so a
+signal reliably lands mid-run.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from qlora_kit import checkpoint, train
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe
+from qlora_kit.train import named_run_dir, run_training
+
+QUIET = Console(file=io.StringIO())
+STEPS, EVERY = 20, 5
+
+CHILD = """
+import sys, time
+import qlora_kit.train as train
+original, delay = train.forward_backward, float(sys.argv[1])
+def slow(*args, **kwargs):
+    time.sleep(delay)
+    return original(*args, **kwargs)
+train.forward_backward = slow
+sys.argv = ["qlora-kit", *sys.argv[2:]]
+from qlora_kit.cli import main
+main()
+"""
+
+
+def recipe_for(llama_dir, chat_data, **changes) -> Recipe:
+    """The recipe the CLI builds from the flags in start_child (so a resume sees the same settings)."""
+    settings = dict(model=str(llama_dir), data=str(chat_data), rank=4, steps=STEPS, micro_batch=2, checkpoint_every=EVERY)
+    return Recipe(**{**settings, **changes})
+
+
+def start_child(llama_dir, chat_data, out: Path, step_delay: float = 0.15, *extra: str) -> subprocess.Popen:
+    args = ["--model", str(llama_dir), "--data", str(chat_data), "--rank", "4", "--steps", str(STEPS),
+            "--micro-batch", "2", "--checkpoint-every", str(EVERY)]
+    env = {**os.environ, "QLORA_KIT_CACHE": str(out.parent / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(step_delay), "train", "--out", str(out), "--plain", *args, *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+
+
+def wait_for_step(out: Path, step: int, child: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until metrics.jsonl records `step` (the child is then mid-way through a later one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line):
+            return
+        assert child.poll() is None, child.communicate()[0]
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m}
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    assert losses(resumed) == losses(whole), "every step's loss, before and after the resume, bit for bit"
+    a, b = adapter_tensors(resumed), adapter_tensors(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final adapter bit for bit"
+
+
+@pytest.fixture
+def whole_run(llama_dir, chat_data, tmp_path):
+    """The uninterrupted reference run."""
+    run_training(recipe_for(llama_dir, chat_data), tmp_path / "whole", QUIET)
+    return tmp_path / "whole"
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly(llama_dir, chat_data, tmp_path, whole_run):
+    out = tmp_path / "killed"
+    child = start_child(llama_dir, chat_data, out)
+    wait_for_step(out, 12, child)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert max(losses(out)) >= 12 and not (out / "adapter").exists()
+    assert [p.name for p in checkpoint.complete_checkpoints(out)][0] == "step-10"
+    console = Console(file=io.StringIO(), width=200)
+    summary = run_training(recipe_for(llama_dir, chat_data), out, console, resume=True)
+    assert "Resuming from step-10" in console.file.getvalue() and summary.steps == STEPS
+    assert_same_run(out, whole_run)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_first_signal_finishes_the_step_checkpoints_and_says_how_to_resume(llama_dir, chat_data, tmp_path, whole_run, sig, code):
+    out = tmp_path / "stopped"
+    child = start_child(llama_dir, chat_data, out)
+    wait_for_step(out, 7, child)
+    child.send_signal(sig)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == code, output
+    stopped_at = max(losses(out))
+    assert 7 <= stopped_at < STEPS and f"step-{stopped_at}" in [p.name for p in checkpoint.complete_checkpoints(out)]
+    assert f"qlora-kit train --out {out} --resume" in output.replace("\n", "")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # The resume command as printed, through the CLI: only --out and --resume.
+    resumed = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--resume", "--quiet"],
+                             capture_output=True, text=True, env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")})
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, whole_run)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint_whole(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "twice"
+    child = start_child(llama_dir, chat_data, out, 0.5)
+    wait_for_step(out, 6, child)
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=60)
+    assert child.returncode == 130 and "Stopped at once" in output
+    assert max(losses(out)) < 8, "it did not go on to finish another step"
+    good, passed_over = checkpoint.latest_good_checkpoint(out)
+    assert good.name == "step-5" and not passed_over and not list((out / "checkpoints").glob(".*"))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(llama_dir, chat_data, tmp_path, whole_run):
+    out = tmp_path / "damaged"
+    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, QUIET)
+    newest = out / "checkpoints" / "step-20" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+    console = Console(file=io.StringIO(), width=200)
+    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, console, resume=True)
+    assert "step-20 is damaged (optimizer.pt has" in console.file.getvalue()
+    assert "Resuming from step-15" in console.file.getvalue()
+    assert losses(out) == losses(whole_run) and checkpoint.verify(out / "checkpoints" / "step-20") is None
+
+
+def test_an_existing_run_needs_resume_or_overwrite(llama_dir, chat_data, tmp_path):
+    recipe = recipe_for(llama_dir, chat_data, steps=2)
+    run_training(recipe, tmp_path / "run", QUIET)
+    with pytest.raises(UserError, match="already holds a run") as error:
+        run_training(recipe, tmp_path / "run", QUIET)
+    assert "--resume" in error.value.hint and "--overwrite" in error.value.hint
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    run_training(recipe, tmp_path / "run", QUIET, overwrite=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine", "only the run's own files are replaced"
+    assert len(losses(tmp_path / "run")) == 2
+    with pytest.raises(UserError, match="these differ: rank"):
+        run_training(recipe_for(llama_dir, chat_data, steps=2, rank=8), tmp_path / "run", QUIET, resume=True)
+    with pytest.raises(UserError, match="holds no run to resume"):
+        run_training(recipe, tmp_path / "empty", QUIET, resume=True)
+    with pytest.raises(UserError, match="contradict"):
+        run_training(recipe, tmp_path / "run", QUIET, resume=True, overwrite=True)
+
+
+def test_too_little_disk_is_refused_before_anything_is_written(llama_dir, chat_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    with pytest.raises(UserError, match="MiB free; this run's checkpoints and adapter need about"):
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch):
+    original, calls = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls.append(path)
+        if "step-10" in str(path):
+            raise OSError(28, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UserError, match="Could not write the checkpoint of step 10: No space left on device") as error:
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
+    assert "step-5 is intact" in error.value.hint and "--resume" in error.value.hint
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-5"]
+    assert checkpoint.verify(tmp_path / "run" / "checkpoints" / "step-5") is None
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*")), "the partial folder is cleaned up"
+
+
+def test_a_removed_run_folder_mid_run_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch):
+    import shutil
+
+    original = checkpoint.save_checkpoint
+
+    def remove_then_save(run_dir, step, *args, **kwargs):
+        if step == 10:
+            shutil.rmtree(run_dir)
+            run_dir.write_text("not a folder any more")
+        return original(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", remove_then_save)
+    with pytest.raises(UserError, match="Could not write the checkpoint of step 10"):
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
+
+
+def nan_on_steps(monkeypatch, bad_steps):
+    """Make the loss NaN on the given optimizer steps (counted by forward_backward calls)."""
+    original, calls = train.forward_backward, []
+
+    def forward_backward(model, examples, shape, pad_id, device, scaler, recipe):
+        calls.append(1)
+        loss, tokens, padding = original(model, examples, shape, pad_id, device, scaler, recipe)
+        if len(calls) in bad_steps:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+            return float("nan"), tokens, padding
+        return loss, tokens, padding
+
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+
+
+def test_a_nan_step_is_skipped_and_counted(llama_dir, chat_data, tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, {3})
+    summary = run_training(recipe_for(llama_dir, chat_data, steps=6), tmp_path / "run", QUIET)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m.get("skipped_update")] == [3] and summary.steps == 6
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "run").values())
+
+
+def test_nan_steps_in_a_row_stop_the_run_without_a_nan_adapter(llama_dir, chat_data, tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, set(range(3, 100)))
+    with pytest.raises(UserError, match="NaN or infinite for 5 steps in a row \\(up to step 7\\)") as error:
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
+    assert "weights are from step 2" in error.value.message and "--lr" in error.value.hint
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "run").values())
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "", "x" * 101])
+def test_run_names_cannot_leave_the_runs_folder(name):
+    with pytest.raises(UserError, match="not a plain name"):
+        named_run_dir(name)
+
+
+def test_run_names_that_are_plain_stay_under_runs():
+    assert named_run_dir("gemma-2b_v1.2") == Path("runs") / "gemma-2b_v1.2"
+
+
+def test_adapters_are_read_only_as_safetensors(tmp_path):
+    from qlora_kit.adapter import load_with_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match="only as safetensors"):
+        load_with_adapter(None, tmp_path)
+
+
+def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from qlora_kit import model as models
+
+    seen = []
+    original = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda folder, **kwargs: seen.append(kwargs["trust_remote_code"]) or original(folder, **kwargs))
+    models.load_tokenizer(llama_dir)
+    models.load_tokenizer(llama_dir, trust_remote_code=True)
+    assert seen == [False, True]
