@@ -5,6 +5,7 @@ run_training() is what `qlora-kit train` calls; train_loop() is the loop itself,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -370,7 +371,7 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         signum = stop_requested()
         if save and (signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)):
             state.update(step=step, position=step * per_step, shape=dict(shape.__dict__), total_steps=total_steps,
-                         examples=len(examples))
+                         examples=len(examples), recipe=dataclasses.asdict(recipe))
             save(step, optimizer, scheduler, scaler, state)
         if signum:
             raise Stopped(signum)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -126,3 +127,16 @@ def test_skip_bad_lines_and_eval_fraction_through_train(monkeypatch, capsys, tmp
     assert code in (0, None) and "Skipped 1 bad examples" in out and "6 chat examples" in out and "2 held out" in out
     lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert "eval_loss" in lines[-1]
+
+
+def test_auto_resume_continues_the_run_it_started(monkeypatch, capsys, tmp_path, llama_dir, chat_data):
+    out = tmp_path / "auto-run"
+    code, _, err = run_cli(monkeypatch, capsys, "auto", "--model", llama_dir, "--data", chat_data, "--out", out, "--plain")
+    assert code in (0, None), err
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    shutil.rmtree(out / "adapter")  # as if killed after the final checkpoint, before the adapter was written
+    code, stdout, err = run_cli(monkeypatch, capsys, "auto", "--model", llama_dir, "--data", chat_data, "--out", out,
+                                "--resume", "--plain")
+    assert code in (0, None), err
+    assert f"Resuming from step-{steps}" in stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == steps
