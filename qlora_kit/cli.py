@@ -174,6 +174,43 @@ def generate(
     console.print(generate_text(lm, tokenizer, prompt, max_new_tokens, temperature, chat=not raw), highlight=False, markup=False)
 
 
+@app.command("eval")
+def eval_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Held-out data, in any format train reads."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder; without it only the base is evaluated."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Truncate examples to this many tokens [default: the adapter's run, else 512]."),
+    micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="Examples per forward pass."),
+    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--no-train-on-inputs", show_default=False,
+                                                   help="Score prompts and user turns too [default: as the adapter's run did]."),
+    as_json: bool = JSON,
+) -> None:
+    """Loss and perplexity on held-out data: the base model beside base + adapter, masked as in training."""
+    from qlora_kit.evaluation import run_eval
+
+    with console.status("Loading the model in 4-bit and evaluating ..."):
+        result = run_eval(model, adapter, data, seq_len, micro_batch, train_on_inputs)
+    _show(as_json, result)
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (safetensors, config, tokenizer)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights: bf16, fp16 or fp32."),
+    from_quantized: bool = typer.Option(False, "--from-quantized",
+                                        help="Merge into the dequantized 4-bit base (no 16-bit reload; every weight keeps NF4's rounding error)."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+) -> None:
+    """Fold an adapter into its base: a standalone model folder that plain transformers loads."""
+    from qlora_kit.merge import merge_adapter
+
+    with console.status("Merging on the CPU ..."):
+        written = merge_adapter(model, adapter, out, dtype, from_quantized, trust_remote_code)
+    console.print(f"Merged model written to {written}: AutoModelForCausalLM.from_pretrained(\"{written}\") loads it.")
+
+
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/demo, or the next free runs/demo-N]"),

@@ -111,6 +111,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     losses, tokens = [m["loss"] for m in history], sum(m["tokens"] for m in history)
     peaks = [m["mem_reserved_gib" if device.type == "cuda" else "rss_gib"] for m in history]
     paddings, step_downs, stopped = [m["padding_pct"] for m in history], [], None
+    evals = [m["eval_loss"] for m in history if "eval_loss" in m]
     start = time.perf_counter()
     base_id = adapter.portable_base_id(recipe.model, folder)
     resume_hint = f"qlora-kit train --out {out_dir} --resume"
@@ -125,6 +126,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             m["time_s"] = time.perf_counter() - start
             if eval_examples and (m["step"] == total_steps or (recipe.eval_every and m["step"] % recipe.eval_every == 0)):
                 m["eval_loss"] = evaluate(model, eval_examples, recipe, tokenizer.pad_token_id, device)
+                evals.append(m["eval_loss"])
             losses.append(m["loss"])
             tokens += m["tokens"]
             peaks.append(m["mem_reserved_gib"] if device.type == "cuda" else m["rss_gib"])
@@ -166,8 +168,12 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             raise stopped
         raise UserError("Stopped before the first step finished; no adapter was written.", hint="Run again.")
     adapter_dir = out_dir / "adapter"
+    facts = dict(steps=len(losses), first_loss=losses[0], last_loss=losses[-1], examples=len(examples), format=loaded.format,
+                 eval_loss=evals[-1] if evals else None,
+                 peak_memory_gib=max(peaks), memory_kind="GPU reserved" if device.type == "cuda" else "process RSS",
+                 trainable_params=trainable, precision=str(dtype).removeprefix("torch."))
     try:
-        adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id)
+        adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id, adapter.adapter_card(recipe, base_id, facts))
     except OSError as e:
         if isinstance(stopped, UserError):
             raise stopped from None

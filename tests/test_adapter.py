@@ -64,3 +64,12 @@ def test_generate_with_and_without_adapter(llama_dir, chat_data, tmp_path):
     assert isinstance(reply, str)
     plain, plain_tokenizer = adapter.load_with_adapter(str(llama_dir), None)
     assert isinstance(adapter.generate(plain, plain_tokenizer, "the quick", max_new_tokens=3, chat=False), str)
+
+
+def test_every_run_writes_an_adapter_card(llama_dir, chat_data, tmp_path):
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=3, micro_batch=2, eval_fraction=0.25)
+    run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"base_model: {llama_dir}" in card and "library_name: peft" in card
+    assert "6 chat examples; loss on completions / assistant turns" in card and "Steps: 3 of micro-batch 2" in card
+    assert "rank 4, alpha 32" in card and "Eval loss at the end" in card and "PeftModel.from_pretrained" in card

@@ -1,0 +1,72 @@
+"""`qlora-kit eval`: loss and perplexity on held-out data, the base model beside base + adapter.
+
+The examples are read, rendered and masked exactly as training does (data.py), and the loss is the training
+loop's own (train.evaluate), so an eval loss here equals the eval loss a run reports on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.table import Table
+
+from qlora_kit import data
+from qlora_kit.adapter import load_with_adapter
+from qlora_kit.recipes import Recipe
+
+
+@dataclass
+class EvalResult:
+    data: str
+    examples: int
+    tokens: int  # tokens the loss is taken on
+    base_loss: float
+    adapter_loss: float | None  # None when no adapter was given
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "base_perplexity": perplexity(self.base_loss),
+                "adapter_perplexity": None if self.adapter_loss is None else perplexity(self.adapter_loss)}
+
+    def render(self) -> Table:
+        table = Table(title=f"{self.data}: {self.examples:,} examples, loss on {self.tokens:,} tokens")
+        for column in ("model", "loss", "perplexity"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_row("base", f"{self.base_loss:.4f}", f"{perplexity(self.base_loss):,.2f}")
+        if self.adapter_loss is not None:
+            change = 100 * (perplexity(self.adapter_loss) / perplexity(self.base_loss) - 1)
+            table.add_row("base + adapter", f"{self.adapter_loss:.4f}", f"{perplexity(self.adapter_loss):,.2f} ({change:+.1f}%)")
+        return table
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+
+
+def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_len: int | None = None,
+             micro_batch: int = 4, train_on_inputs: bool | None = None) -> EvalResult:
+    """Evaluate the 4-bit base, and base + adapter when given, on every example of data_path. seq_len and
+    train_on_inputs default to the adapter's run (recipe.yaml beside it), else 512 and off."""
+    from qlora_kit.train import evaluate
+
+    run = _run_recipe(adapter_dir)
+    recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
+                    train_on_inputs=run.get("train_on_inputs", False) if train_on_inputs is None else train_on_inputs)
+    loaded = data.read_records(data_path)
+    model, tokenizer = load_with_adapter(source, adapter_dir)
+    examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
+    tokens = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
+    pad_id, device = tokenizer.pad_token_id, model.device
+    if adapter_dir is None:
+        return EvalResult(str(data_path), len(examples), tokens, evaluate(model, examples, recipe, pad_id, device), None)
+    adapted = evaluate(model, examples, recipe, pad_id, device)
+    with model.disable_adapter():
+        base = evaluate(model, examples, recipe, pad_id, device)
+    return EvalResult(str(data_path), len(examples), tokens, base, adapted)
+
+
+def _run_recipe(adapter_dir: Path | None) -> dict:
+    recipe_file = Path(adapter_dir).parent / "recipe.yaml" if adapter_dir else None
+    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file and recipe_file.is_file() else {}

@@ -1,0 +1,81 @@
+"""`qlora-kit merge`: fold an adapter into its base and write a standalone model folder that plain transformers loads.
+
+Default: the base is reloaded in 16-bit (on the CPU, after checking RAM) and W + (alpha/r) B A is computed
+exactly in that precision. --from-quantized instead merges into the dequantized 4-bit weights the adapter was
+trained against: it needs no 16-bit copy of the base, but every weight carries NF4's rounding error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import torch
+
+from qlora_kit import model as models
+from qlora_kit.adapter import base_source_for, check_adapter_folder
+from qlora_kit.errors import UserError
+from qlora_kit.sources import resolve_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GIB = 2**30
+
+
+def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str = "bf16", from_quantized: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """Write out/ (safetensors shards, config, tokenizer) holding base + adapter merged; returns out."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    check_adapter_folder(adapter_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown --dtype {dtype}.", hint=f"Use one of: {', '.join(DTYPES)}.")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty.", hint="Choose a new --out folder.")
+    folder = resolve_model(source or base_source_for(adapter_dir))
+    torch_dtype = DTYPES[dtype]
+    check_ram_for(folder, torch_dtype)
+    cpu = torch.device("cpu")
+    if from_quantized:
+        base = models.load_base_4bit(folder, torch_dtype, cpu, trust_remote_code)
+        base = base.dequantize()  # the 4-bit weights as the adapter saw them, now plain tensors in torch_dtype
+    else:
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
+                                                    trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True  # a merged model is for inference
+    tokenizer = models.load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else folder,
+                                      trust_remote_code)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, max_shard_size="2GB")  # safetensors shards
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def check_ram_for(folder: Path, dtype: torch.dtype) -> None:
+    """Refuse a merge whose 16-bit model would not fit in available RAM (merging happens on the CPU)."""
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
+    stored_bytes_per_param = 4 if _stored_as_fp32(folder) else 2
+    needed = weights / stored_bytes_per_param * torch.finfo(dtype).bits / 8 * 1.2  # 20%: the copy being written
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f"Merging needs about {needed / GIB:.1f} GiB of RAM for the {str(dtype).removeprefix('torch.')} "
+                        f"model, and {available / GIB:.1f} GiB is available.",
+                        hint="Close other programs, or merge on a machine with more RAM; the adapter works unmerged too.")
+
+
+def _stored_as_fp32(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return (config.get("dtype") or config.get("torch_dtype")) == "float32"
