@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,35 +112,89 @@ def check_adapter_folder(adapter_dir: Path) -> None:
 
 def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto"):
     """The 4-bit base (with the adapter on top when given) and its tokenizer, ready to generate."""
+    model, tokenizer, _ = load_with_adapters(source, [adapter_dir] if adapter_dir is not None else [], precision)
+    return model, tokenizer
+
+
+def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = "auto", trust_remote_code: bool = False):
+    """The 4-bit base with every adapter loaded under its own name (the first one active), its tokenizer, and the
+    names. Switching is model.set_adapter(name): the base is loaded once however many adapters there are."""
     from peft import PeftModel
 
-    if adapter_dir is not None:
-        adapter_dir = Path(adapter_dir)
+    adapter_dirs = [Path(d) for d in adapter_dirs]
+    for adapter_dir in adapter_dirs:
         check_adapter_folder(adapter_dir)
-        source = source or base_source_for(adapter_dir)
+    if source is None and adapter_dirs:
+        bases = {base_source_for(d) for d in adapter_dirs}
+        if len(bases) > 1:
+            raise UserError(f"These adapters were trained on different bases: {', '.join(sorted(bases))}.",
+                            hint="Pass adapters of one base, or name the base with --model.")
+        source = bases.pop()
     if source is None:
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
     device, dtype = models.pick_device_and_dtype(precision)
     folder = resolve_model(source)
-    has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = models.load_tokenizer(adapter_dir if has_tokenizer else folder)
-    model = models.load_base_4bit(folder, dtype, device)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+    has_tokenizer = adapter_dirs and (adapter_dirs[0] / "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(adapter_dirs[0] if has_tokenizer else folder, trust_remote_code)
+    model = models.load_base_4bit(folder, dtype, device, trust_remote_code)
+    names = adapter_names(adapter_dirs)
+    for name, adapter_dir in zip(names, adapter_dirs):
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter_dir, adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+    if names:
+        model.set_adapter(names[0])
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, names
+
+
+def adapter_names(adapter_dirs: list[Path]) -> list[str]:
+    """A short unique name per adapter: the run's name for runs/NAME/adapter, else the folder's name."""
+    names = []
+    for d in adapter_dirs:
+        name = d.resolve().parent.name if d.name == "adapter" else d.name
+        candidate, n = name, 1
+        while candidate in names:
+            n += 1
+            candidate = f"{name}-{n}"
+        names.append(candidate)
+    return names
+
+
+@dataclass
+class Sampling:
+    """How replies are drawn: temperature 0 is greedy (repeatable)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The conversation rendered for the model's next reply: its chat template, or the fallback training used."""
+    from qlora_kit.data import FALLBACK_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True) -> str:
-    """The model's reply to `prompt`, through the chat template when the tokenizer has one; greedy at temperature 0."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None) -> str:
+    """The model's reply to a conversation (a list of messages), or its continuation of plain text (a str)."""
+    if isinstance(messages, str):
+        inputs = tokenizer(messages, return_tensors="pt")
     else:
-        inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = tokenizer(chat_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
     inputs = inputs.to(model.device)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
-                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    drawn = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p) if sampling.temperature > 0
+             else dict(do_sample=False))
+    output = model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, use_cache=True, streamer=streamer,
+                            pad_token_id=tokenizer.pad_token_id, **drawn)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True) -> str:
+    """The model's reply to one prompt, as a one-turn chat (or plain text continuation with chat=False)."""
+    request = [{"role": "user", "content": prompt}] if chat else prompt
+    return generate_reply(model, tokenizer, request, Sampling(temperature, 1.0, max_new_tokens))

@@ -157,21 +157,61 @@ def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = Non
     raise UserError("Say where the run goes.", hint="Pass --out runs/my-run, or --name my-run.")
 
 
+ADAPTERS = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter; repeat it to load several on one base.")
+TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (repeatable); higher = more varied.")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability.")
+
+
 @app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask the model."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask the model."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help='Many prompts: a .jsonl file with {"prompt": "..."} per line.'),
+    adapter: Optional[list[Path]] = ADAPTERS,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapters were trained on."),
+    compare: bool = typer.Option(False, "--compare", help="Also answer with the base model, side by side."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest reply in tokens."),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (repeatable); higher = more varied."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
     raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt: the prompt and each model's reply."),
 ) -> None:
-    """Answer a prompt with a base model, with or without a trained adapter."""
-    from qlora_kit.adapter import generate as generate_text, load_with_adapter
+    """Answer prompts with a base model and its adapters: one prompt, or a file of them, side by side."""
+    from qlora_kit.adapter import Sampling, load_with_adapters
+    from qlora_kit.chat import answer_all, answers_table, read_prompts
+
+    if (prompt is None) == (file is None):
+        raise UserError("Give either --prompt or --file.", hint='qlora-kit generate --adapter runs/NAME/adapter --prompt "Hello"')
+    prompts = read_prompts(file) if file else [prompt]
+    with console.status("Loading the model in 4-bit ..."):
+        lm, tokenizer, names = load_with_adapters(model, adapter or [])
+    columns = ([None] if compare or not names else []) + names
+    with console.status(f"Answering {len(prompts)} prompt{'s' * (len(prompts) > 1)} ..."):
+        rows = answer_all(lm, tokenizer, prompts, columns, Sampling(temperature, top_p, max_new_tokens), chat=not raw)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    elif len(rows) == 1 and len(columns) == 1:
+        console.print(next(iter(rows[0]["replies"].values())), highlight=False, markup=False)
+    else:
+        console.print(answers_table(rows))
+
+
+@app.command()
+def chat(
+    adapter: Optional[list[Path]] = ADAPTERS,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapters were trained on."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt to start with (/system changes it)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy (repeatable); higher = more varied."),
+    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability."),
+) -> None:
+    """Chat in the terminal with the 4-bit base and its adapters; replies stream as they are generated."""
+    from qlora_kit.adapter import Sampling, load_with_adapters
+    from qlora_kit.chat import run_chat
 
     with console.status("Loading the model in 4-bit ..."):
-        lm, tokenizer = load_with_adapter(model, adapter)
-    console.print(generate_text(lm, tokenizer, prompt, max_new_tokens, temperature, chat=not raw), highlight=False, markup=False)
+        lm, tokenizer, names = load_with_adapters(model, adapter or [])
+    run_chat(lm, tokenizer, names, console, Sampling(temperature, top_p, max_new_tokens), system=system)
 
 
 @app.command("eval")
@@ -209,6 +249,9 @@ def merge(
     with console.status("Merging on the CPU ..."):
         written = merge_adapter(model, adapter, out, dtype, from_quantized, trust_remote_code)
     console.print(f"Merged model written to {written}: AutoModelForCausalLM.from_pretrained(\"{written}\") loads it.")
+    if from_quantized:
+        console.print("[yellow]Merged into the dequantized 4-bit weights: it reproduces the model as trained, but every "
+                      "weight keeps NF4's rounding error (about 4 bits of precision) against the original base.[/]")
 
 
 @app.command()

@@ -22,11 +22,22 @@ def test_next_free_run_dir_never_reuses_a_folder(tmp_path):
     assert next_free_run_dir(tmp_path, "demo") == tmp_path / "demo-3"
 
 
-@pytest.mark.slow
-def test_demo_fine_tunes_real_smollm2_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo through the CLI, 20 steps: (its run folder, the finished process)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
     result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
                             capture_output=True, text=True, timeout=1200)
+    return out, result
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_kit", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_real_smollm2_end_to_end(demo_run):
+    out, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Same prompts, before and after fine-tuning" in result.stdout
     assert "Arr" in result.stdout, result.stdout  # the taught voice shows on prompts outside the training data
@@ -52,3 +63,30 @@ def test_demo_fine_tunes_real_smollm2_end_to_end(tmp_path):
     with tuned.disable_adapter():
         original = mean_loss()
     assert adapted < 0.5 * original, (adapted, original)
+
+
+@pytest.mark.slow
+def test_the_smollm2_adapter_evaluates_merges_and_answers(demo_run, tmp_path):
+    out, _ = demo_run
+    scored = cli("eval", "--adapter", out / "adapter", "--data", DEMO_DATA, "--json")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads(scored.stdout)
+    assert result["adapter_loss"] < 0.6 * result["base_loss"], result
+
+    card = (out / "adapter" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Steps: 20" in card
+
+    merged = cli("merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no PEFT
+    assert model.dtype == torch.bfloat16 and not any("lora" in name for name, _ in model.named_parameters())
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me about the moon."}\n{"prompt": "What is the capital of Japan?"}\n')
+    answered = cli("generate", "--adapter", out / "adapter", "--file", prompts, "--compare", "--json", "--max-new-tokens", "40")
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    rows = [json.loads(line) for line in answered.stdout.splitlines()]
+    assert len(rows) == 2 and all(set(r["replies"]) == {"base", "run"} for r in rows)
+    assert any("arr" in r["replies"]["run"].lower() for r in rows), rows

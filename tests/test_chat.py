@@ -1,0 +1,112 @@
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from qlora_kit import adapter, chat
+from qlora_kit.adapter import Sampling, load_with_adapters
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe
+from qlora_kit.train import run_training
+from tests.conftest import write_jsonl
+from tests.test_cli import run_cli
+
+GREEDY = Sampling(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(llama_dir, tmp_path_factory):
+    """Two adapters of the tiny Llama, trained on different text, as runs/pirate/adapter and runs/french/adapter."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, text in (("pirate", "arr matey the sea"), ("french", "bonjour le monde")):
+        data = write_jsonl(root / f"{name}.jsonl", [{"text": text}] * 8)
+        recipe = Recipe(model=str(llama_dir), data=str(data), rank=8, lr=5e-2, steps=6, micro_batch=4, dropout=0.0)
+        run_training(recipe, root / name, Console(file=io.StringIO()))
+    return root / "pirate" / "adapter", root / "french" / "adapter"
+
+
+def test_several_adapters_share_one_base_and_switch_by_name(two_adapters, llama_dir):
+    model, tokenizer, names = load_with_adapters(None, list(two_adapters))
+    assert names == ["pirate", "french"]
+    rows = chat.answer_all(model, tokenizer, ["the", "hello"], [None, *names], GREEDY)
+    for name, folder in zip(names, two_adapters):  # each switched answer is what that adapter alone gives
+        alone, alone_tokenizer = adapter.load_with_adapter(None, folder)
+        assert [r["replies"][name] for r in rows] == [adapter.generate(alone, alone_tokenizer, p, 6) for p in ("the", "hello")]
+    plain, plain_tokenizer = adapter.load_with_adapter(str(llama_dir), None)
+    assert [r["replies"]["base"] for r in rows] == [adapter.generate(plain, plain_tokenizer, p, 6) for p in ("the", "hello")]
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        model.set_adapter("pirate")
+        pirate = model(input_ids=ids).logits
+        model.set_adapter("french")
+        assert not torch.equal(pirate, model(input_ids=ids).logits)
+
+
+def test_adapters_of_different_bases_need_a_model(two_adapters, tmp_path):
+    other = tmp_path / "other" / "adapter"
+    other.mkdir(parents=True)
+    for f in two_adapters[0].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "some/other-model"}))
+    with pytest.raises(UserError, match="trained on different bases"):
+        load_with_adapters(None, [two_adapters[0], other])
+
+
+def test_the_chat_loop_keeps_history_and_obeys_commands(two_adapters, monkeypatch):
+    model, tokenizer, names = load_with_adapters(None, list(two_adapters))
+    seen = []
+
+    def fake_reply(model, tokenizer, messages, sampling, streamer):
+        seen.append((model.active_adapter, [dict(m) for m in messages]))
+        streamer.on_finalized_text("ok", stream_end=False)
+        streamer.end()
+        return "ok"
+
+    monkeypatch.setattr(chat, "generate_reply", fake_reply)
+    lines = iter(["hello", "/system Be brief.", "again", "/adapter french", "bonjour", "/adapter nope", "/reset", "fresh",
+                  "/adapters", "/wat", "", "/quit", "never read"])
+    console = Console(file=io.StringIO(), width=200)
+    transcript = chat.run_chat(model, tokenizer, names, console, GREEDY, read_line=lambda: next(lines))
+    assert transcript == [{"role": "user", "content": "fresh"}, {"role": "assistant", "content": "ok"}]
+    assert seen[0] == ("pirate", [{"role": "user", "content": "hello"}])
+    assert seen[1][1][0] == {"role": "system", "content": "Be brief."} and len(seen[1][1]) == 4
+    assert seen[2][0] == "french" and len(seen) == 4 and len(seen[3][1]) == 2
+    shown = console.file.getvalue()
+    assert "No adapter named 'nope'" in shown and "Unknown command /wat" in shown and "model> ok" in shown
+
+
+def test_chat_streams_a_real_reply_and_ends_at_end_of_input(two_adapters):
+    model, tokenizer, names = load_with_adapters(None, [two_adapters[0]])
+    lines = iter(["the sea", "/base", "the sea"])
+
+    def read_line():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    transcript = chat.run_chat(model, tokenizer, names, Console(file=io.StringIO()), GREEDY, read_line=read_line)
+    assert [m["role"] for m in transcript] == ["user", "assistant", "user", "assistant"]
+    assert transcript[1]["content"] == adapter.generate(model, tokenizer, "the sea", 6)
+
+
+def test_generate_a_file_of_prompts_with_compare(two_adapters, monkeypatch, capsys, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the"}, "hello"])
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--file", prompts, "--compare", "--json", "--max-new-tokens", "4",
+                             "--adapter", two_adapters[0], "--adapter", two_adapters[1])
+    assert code in (0, None), err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["the", "hello"] and list(rows[0]["replies"]) == ["base", "pirate", "french"]
+    code, out, _ = run_cli(monkeypatch, capsys, "generate", "--prompt", "the", "--compare", "--adapter", two_adapters[0])
+    assert code in (0, None) and "base" in out and "pirate" in out
+
+
+@pytest.mark.parametrize("content, message", [("", "holds no prompts"), ("{oops\n", "line 1: not valid JSON"),
+                                              ('{"text": "x"}\n', "line 1: no non-empty `prompt`")])
+def test_prompt_files_with_problems(tmp_path, content, message):
+    (tmp_path / "p.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message):
+        chat.read_prompts(tmp_path / "p.jsonl")
