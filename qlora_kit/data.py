@@ -297,6 +297,7 @@ class TokenizedExamples(Sequence):
     lengths: list[int]  # tokens of each example in use, after truncation
     seq_len: int
     train_on_inputs: bool
+    truncated: int = 0  # examples in use that were longer than seq_len and are cut
 
     @classmethod
     def of(cls, table, seq_len: int, train_on_inputs: bool, drop_long: bool) -> TokenizedExamples:
@@ -304,7 +305,8 @@ class TokenizedExamples(Sequence):
         lengths, firsts = table.data.column("length").to_pylist(), table.data.column("first_label").to_pylist()
         rows = [i for i, (n, first) in enumerate(zip(lengths, firsts))
                 if (1 < min(n, seq_len) if train_on_inputs else first < min(n, seq_len)) and not (drop_long and n > seq_len)]
-        return cls(table, rows, [min(lengths[i], seq_len) for i in rows], seq_len, train_on_inputs)
+        return cls(table, rows, [min(lengths[i], seq_len) for i in rows], seq_len, train_on_inputs,
+                   truncated=sum(lengths[i] > seq_len for i in rows))
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -75,7 +75,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         tokenizer = models.load_tokenizer(folder, trust_remote_code)
         examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
                                  cache_key=data.cache_key(loaded, tokenizer))
-        dropped = len(loaded.records) - len(examples)
+        dropped, truncated = len(loaded.records) - len(examples), examples.truncated
         loaded.records = None  # the tokenized table replaces the text for the rest of the run
         eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len, recipe.train_on_inputs) if eval_records else []
         if recipe.eval_fraction and not eval_examples:
@@ -90,6 +90,9 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
     console.print(f"Data: {len(examples)} {loaded.format} examples from {recipe.data}"
                   + (f", {len(eval_examples)} held out for evaluation" if eval_examples else ""))
+    if truncated:
+        console.print(f"[yellow]{truncated} examples longer than {recipe.seq_len} tokens are cut to it "
+                      "(--drop-long drops them instead; `qlora-kit data check` shows the lengths).[/]")
     if dropped:
         console.print(f"[yellow]{dropped} examples dropped: " + ("longer than seq_len or " if recipe.drop_long else "") + "nothing left to learn[/]")
     if recipe.packing:

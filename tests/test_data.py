@@ -218,8 +218,9 @@ def test_packing_fills_sequences_restarts_positions_and_masks_boundaries(tokeniz
 
 def test_drop_long_drops_instead_of_cutting(tokenizer):
     records = [{"text": "one"}, {"text": "one two three four five six seven eight nine ten"}]
-    assert len(tokenize(records, tokenizer, seq_len=6)) == 2
-    assert len(tokenize(records, tokenizer, seq_len=6, drop_long=True)) == 1
+    assert len(tokenize(records, tokenizer, seq_len=6)) == 2 and tokenize(records, tokenizer, seq_len=6).truncated == 1
+    kept = tokenize(records, tokenizer, seq_len=6, drop_long=True)
+    assert len(kept) == 1 and kept.truncated == 0
 
 
 def test_parquet_and_csv_through_datasets(tmp_path):
