@@ -40,6 +40,7 @@ def _quiet_libraries() -> None:
 NAME = typer.Option(None, "--name", help="Run name: the run goes to runs/NAME (letters, digits, . _ -).", show_default=False)
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint, exactly where it stopped.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Start again in a run folder that holds a run, deleting that run's files.")
+GPUS = typer.Option(1, "--gpus", min=1, help="Train data parallel on this many GPUs (one process each, through torchrun).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
                                  help="Allow a model's own Python code (from its folder or the hub) to run. Off by default: only for sources you trust.")
 PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
@@ -80,6 +81,7 @@ def train(
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    gpus: int = GPUS,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out .jsonl evaluated during training (eval loss on screen and in metrics)."),
     eval_every: Optional[int] = _setting("eval_every"),
@@ -112,6 +114,7 @@ def train(
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.train import run_training
 
+    _launch_if_several(gpus)
     out = _run_dir(out, name)
     if recipe:
         base = load_recipe(recipe)
@@ -137,9 +140,18 @@ def print_summary(summary) -> None:
     stopped by a signal exits with 128 + its number (130 for Ctrl-C, 143 for SIGTERM), as shells expect."""
     from qlora_kit.dashboard import print_summary as print_table
 
-    print_table(console, summary, summary.info)
+    if summary.rank == 0:
+        print_table(console, summary, summary.info)
     if summary.stopped_by:
         raise typer.Exit(128 + summary.stopped_by)
+
+
+def _launch_if_several(gpus: int) -> None:
+    """With --gpus N > 1 (and not yet under torchrun), re-run this command as N torchrun processes."""
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from qlora_kit.distributed import launch, without_gpus_flag
+
+        launch(gpus, without_gpus_flag(sys.argv[1:]))
 
 
 def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = None) -> Path:
@@ -274,6 +286,7 @@ def auto(
     name: Optional[str] = NAME,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or --name) from its last good checkpoint, with the settings it chose."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    gpus: int = GPUS,
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
@@ -285,6 +298,8 @@ def auto(
     from qlora_kit.recipes import load_recipe
     from qlora_kit.train import run_training
 
+    if not dry_run:
+        _launch_if_several(gpus)
     run_console, mode = _run_console(plain, quiet)
     if resume:  # the choice was made and saved when the run started: continue it as it is
         out = _run_dir(out, name)
@@ -318,16 +333,25 @@ def plan(
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Plan per GPU for this many GPUs of that kind."),
+    strategy: str = typer.Option("ddp", "--strategy", help="With --gpus: ddp (a whole model per GPU) or fsdp (weights sharded)."),
     as_json: bool = JSON,
 ) -> None:
     """Estimate peak memory per component before loading anything; say what fits and how to make it fit."""
+    from dataclasses import replace
+
     from qlora_kit.hardware import probe as probe_machine
     from qlora_kit.plan import choose_target, make_plan
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
+    if strategy not in ("ddp", "fsdp"):
+        raise UserError(f"Unknown --strategy {strategy}.", hint="Use ddp or fsdp.")
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank)
     hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
-    _show(as_json, make_plan(model, settings, choose_target(gpu, vram, hardware), compare=compare_full))
+    target = replace(choose_target(gpu, vram, hardware), gpus=gpus, strategy=strategy)
+    if gpus > 1 and target.device != "cuda":
+        raise UserError("--gpus plans for several GPUs, and no GPU is named or found.", hint='Add --gpu "RTX 3090" or --vram 24.')
+    _show(as_json, make_plan(model, settings, target, compare=compare_full))
 
 
 @app.command()

@@ -24,15 +24,17 @@ WARN_FRACTION = 0.95  # memory within 5% of the card turns red
 class MetricsLog:
     """Append one JSON object per line (steps and events); flushed every line so a crash loses nothing written."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path else None  # None: a rank other than 0 writes nothing
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 @dataclass
@@ -156,11 +158,15 @@ class Dashboard:
         else:
             grid.add_row("process memory", memory_bar(m["rss_gib"], info.planned_gib, info.capacity_gib).append(
                 f"  RSS {m['rss_gib']:.2f} of {info.capacity_gib:.1f} GiB, plan ^ {info.planned_gib:.1f}"))
+        if m.get("rank_memory"):
+            key = "mem_reserved_gib" if info.device == "cuda" else "rss_gib"
+            grid.add_row("every rank", "   ".join(f"{r}: {_gib(reading[key])} GiB" for r, reading in enumerate(m["rank_memory"]))
+                         + ("  (reserved)" if info.device == "cuda" else "  (RSS)"))
         grid.add_row("host", f"RSS {m['rss_gib']:.2f} GiB   RAM available {_gib(m.get('ram_available_gib'))} GiB   "
                               f"swap used {_gib(m.get('swap_used_gib'))} GiB")
-        grid.add_row("checkpoint", f"step {self.last_checkpoint}" if self.last_checkpoint else "none yet (adapter saved at the end)")
+        grid.add_row("checkpoint", f"step {self.last_checkpoint}" if self.last_checkpoint else "none yet")
         for note in self.notes[-3:]:
-            grid.add_row("[yellow]step-down", Text(note, style="yellow"))
+            grid.add_row("[yellow]note", Text(note, style="yellow"))
         return Panel(grid, title=f"qlora-kit  {info.name}  {info.model}  ({info.device})", border_style="cyan")
 
 

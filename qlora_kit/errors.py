@@ -8,3 +8,6 @@ class UserError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def __reduce__(self):  # keeps the hint when the error travels between processes (distributed training)
+        return UserError, (self.message, self.hint)

@@ -149,9 +149,10 @@ def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
     return shape.num_layers * total
 
 
-def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda",
-                         capacity_bytes: int | None = None) -> MemoryPlan:
-    """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU."""
+def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda", capacity_bytes: int | None = None,
+                         gpus: int = 1, strategy: str = "ddp") -> MemoryPlan:
+    """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU; with gpus > 1, on each
+    GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split) run."""
     on_gpu = device == "cuda"
     cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
@@ -199,12 +200,22 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         # The loss runs (and frees its chunks) before any layer is recomputed: only the larger is live.
         "backward_working_set": max(layer, loss),
     }
+    if gpus > 1 and strategy == "ddp":
+        components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
+    if gpus > 1 and strategy == "fsdp":
+        for key in ("quantized_weights", "unquantized_weights", "lora_weights", "lora_gradients", "optimizer_state"):
+            components[key] = -(-components[key] // gpus)
+        # Each layer's shards are gathered whole to compute with (the next one prefetched), and so are the embeddings.
+        components["fsdp_gathered_weights"] = 2 * (quantized_weight_bytes(shape) // L + 8 * lora // L) + V * h * cb
     if on_gpu:
         components["allocator_slack"] = int(0.10 * (saved + max(layer, loss))) + 64 * 2**20
         components["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
+    if gpus > 1:
+        notes.append(f"Per GPU, for {gpus} GPUs with {strategy.upper()}"
+                     + (" (sharding terms are first-principles estimates, not yet measured)." if strategy == "fsdp" else "."))
     notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]
@@ -221,18 +232,19 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return 1 << (rows.bit_length() - 1)  # a power of two keeps matmul shapes friendly
 
 
-def longest_sequence(shape: ModelShape, recipe: Recipe, device: str, capacity: int) -> int:
-    """Longest seq_len (a multiple of 128) at micro-batch 1 that fits the capacity; 0 if none does."""
+def longest_sequence(shape: ModelShape, recipe: Recipe, device: str, capacity: int, **layout) -> int:
+    """Longest seq_len (a multiple of 128) at micro-batch 1 that fits the capacity; 0 if none does.
+    layout: gpus and strategy, as for estimate_peak_memory."""
     def fits(seq: int) -> bool:
-        plan = estimate_peak_memory(shape, replace(recipe, seq_len=seq, micro_batch=1), device, capacity)
+        plan = estimate_peak_memory(shape, replace(recipe, seq_len=seq, micro_batch=1), device, capacity, **layout)
         return plan.total_bytes <= capacity
     return _largest(fits, 128, shape.max_positions, step=128)
 
 
-def largest_micro_batch(shape: ModelShape, recipe: Recipe, device: str, capacity: int) -> int:
+def largest_micro_batch(shape: ModelShape, recipe: Recipe, device: str, capacity: int, **layout) -> int:
     """Largest micro-batch at the recipe's seq_len that fits the capacity; 0 if none does."""
     def fits(batch: int) -> bool:
-        plan = estimate_peak_memory(shape, replace(recipe, micro_batch=batch), device, capacity)
+        plan = estimate_peak_memory(shape, replace(recipe, micro_batch=batch), device, capacity, **layout)
         return plan.total_bytes <= capacity
     return _largest(fits, 1, 4096, step=1)
 

@@ -17,10 +17,11 @@ from qlora_kit.recipes import Recipe
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def pick_device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """First CUDA GPU if present, else CPU; compute dtype bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+def pick_device_and_dtype(precision: str = "auto", gpu: int = 0) -> tuple[torch.device, torch.dtype]:
+    """CUDA GPU `gpu` (this rank's, when distributed) if present, else CPU; compute dtype bf16 where supported,
+    fp16 on older GPUs, fp32 on CPU."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", 0)
+        device = torch.device("cuda", gpu)
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -28,6 +28,8 @@ LABELS = {
     "allocator_slack": "allocator slack (reserved - allocated)",
     "cuda_context": "CUDA context (nvidia-smi only)",
     "process_overhead": "python + libraries",
+    "ddp_gradient_buckets": "DDP gradient buckets",
+    "fsdp_gathered_weights": "FSDP: one layer + embeddings gathered",
 }
 
 
@@ -40,6 +42,12 @@ class Target:
     capacity_bytes: int
     bf16: bool = True
     note: str = ""
+    gpus: int = 1  # several GPUs of this kind, each holding what the plan shows
+    strategy: str = "ddp"  # ddp: a whole model per GPU; fsdp: weights sharded across them
+
+    @property
+    def layout(self) -> dict:
+        return {"gpus": self.gpus, "strategy": self.strategy}
 
 
 @dataclass
@@ -82,15 +90,15 @@ def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardwar
 def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: bool = False) -> PlanReport:
     """Estimate, then the headroom searches and (when it does not fit) the cheapest change that fits."""
     shape = model if isinstance(model, ModelShape) else find_model_shape(model)
-    plan = estimate_peak_memory(shape, recipe, target.device, target.capacity_bytes)
+    plan = estimate_peak_memory(shape, recipe, target.device, target.capacity_bytes, **target.layout)
     if target.note:
         plan.notes.append(target.note)
     if target.device == "cuda" and not target.bf16 and recipe.precision in ("auto", "bf16"):
         plan.notes.append(f"{target.name} has no bf16: training uses fp16 with loss scaling (same memory).")
     return PlanReport(
         plan=plan, target=target,
-        longest_seq_at_batch_1=longest_sequence(shape, recipe, target.device, target.capacity_bytes),
-        largest_micro_batch=largest_micro_batch(shape, recipe, target.device, target.capacity_bytes),
+        longest_seq_at_batch_1=longest_sequence(shape, recipe, target.device, target.capacity_bytes, **target.layout),
+        largest_micro_batch=largest_micro_batch(shape, recipe, target.device, target.capacity_bytes, **target.layout),
         fix=None if plan.verdict != "does not fit" else suggest_fix(shape, recipe, target),
         alternatives=compare_full(plan, shape) if compare else None,
     )
@@ -99,7 +107,7 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
 def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
     """The first change, in a fixed order (checkpointing, micro-batch, sequence, rank), that makes the run fit."""
     def fits(candidate: Recipe) -> bool:
-        return estimate_peak_memory(shape, candidate, target.device).total_bytes <= target.capacity_bytes
+        return estimate_peak_memory(shape, candidate, target.device, **target.layout).total_bytes <= target.capacity_bytes
 
     if not recipe.gradient_checkpointing and fits(replace(recipe, gradient_checkpointing=True)):
         return "turn gradient checkpointing on"
@@ -136,7 +144,8 @@ def render(report: PlanReport) -> Group:
     """The plan as a rich table plus a verdict line and advice."""
     plan, target = report.plan, report.target
     gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-    table = Table(title=f"{plan.model}: seq {plan.seq_len} x micro-batch {plan.micro_batch}, LoRA rank {plan.rank}, on {target.name}")
+    where = target.name if target.gpus == 1 else f"each of {target.gpus} x {target.name} ({target.strategy.upper()})"
+    table = Table(title=f"{plan.model}: seq {plan.seq_len} x micro-batch {plan.micro_batch}, LoRA rank {plan.rank}, on {where}")
     table.add_column("component")
     table.add_column("memory", justify="right")
     for key, value in plan.components.items():

@@ -5,6 +5,7 @@ run_training() is what `qlora-kit train` calls; train_loop() is the loop itself,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from qlora_kit import adapter, checkpoint, data, model as models
+from qlora_kit import adapter, checkpoint, data, distributed, model as models
 from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo
+from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import usage_now
 from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
@@ -49,6 +51,7 @@ class RunSummary:
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, after a checkpoint
     step_downs: list[str] = field(default_factory=list)
     info: RunInfo | None = None
+    rank: int = 0  # with several processes, only rank 0 reports
 
 
 class Stopped(Exception):
@@ -63,13 +66,15 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                  overwrite: bool = False, trust_remote_code: bool = False) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint."""
-    out_dir = Path(out_dir)
-    resume_from = prepare_out_dir(out_dir, recipe, resume, overwrite, console)
+    out_dir, ranks = Path(out_dir), distributed.start()
+    if not ranks.main:  # rank 0 speaks and writes for all
+        console, display = Console(quiet=True), "quiet"
+    resume_from = distributed.on_main(lambda: prepare_out_dir(out_dir, recipe, resume, overwrite, console), ranks)
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
     loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
     eval_records = data.read_records(recipe.eval_data, recipe.data_format).records if recipe.eval_data else []
-    device, dtype = models.pick_device_and_dtype(recipe.precision)
+    device, dtype = models.pick_device_and_dtype(recipe.precision, ranks.local_rank)
     with console.status(f"Preparing {recipe.model} ..."):
         folder = resolve_model(recipe.model)
         tokenizer = models.load_tokenizer(folder, trust_remote_code)
@@ -102,15 +107,21 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         console.print(f"[yellow]Skipped {len(loaded.skipped)} bad examples, the first: {loaded.skipped[0]}[/]")
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
-    total_steps = count_steps(len(examples), recipe)
-    check_free_disk(out_dir, trainable, recipe, device)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if ranks.active:
+        console.print(f"Data parallel over {ranks.world} processes: {recipe.micro_batch * recipe.grad_accum} examples "
+                      f"each, {recipe.micro_batch * recipe.grad_accum * ranks.world} a step")
+    total_steps = count_steps(len(examples), recipe, ranks.world)
     plan = plan_for_run(folder, recipe)
-    (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
-    history = metrics_up_to(out_dir / "metrics.jsonl", resume_from_step(resume_from))  # earlier steps of a resumed run
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
+
+    def start_run_folder() -> list[dict]:
+        check_free_disk(out_dir, trainable, recipe, device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+        return metrics_up_to(out_dir / "metrics.jsonl", resume_from_step(resume_from))  # earlier steps of a resumed run
+
+    history = distributed.on_main(start_run_folder, ranks)
+    metrics = MetricsLog(out_dir / "metrics.jsonl" if ranks.main else None)
     losses, tokens = [m["loss"] for m in history], sum(m["tokens"] for m in history)
     peaks = [m["mem_reserved_gib" if device.type == "cuda" else "rss_gib"] for m in history]
     paddings, step_downs, stopped = [m["padding_pct"] for m in history], [], None
@@ -156,7 +167,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
 
         try:
             train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console,
-                       on_event, save=save, resume_from=resume_from, stop_requested=lambda: signals.received)
+                       on_event, save=save if ranks.main else None, resume_from=resume_from,
+                       stop_requested=lambda: signals.received, ranks=ranks)
         except (Stopped, UserError) as stop:
             stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
         except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
@@ -176,7 +188,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                  peak_memory_gib=max(peaks), memory_kind="GPU reserved" if device.type == "cuda" else "process RSS",
                  trainable_params=trainable, precision=str(dtype).removeprefix("torch."))
     try:
-        adapter_bytes = adapter.save_adapter(model, tokenizer, adapter_dir, base_id, adapter.adapter_card(recipe, base_id, facts))
+        adapter_bytes = (adapter.save_adapter(model, tokenizer, adapter_dir, base_id, adapter.adapter_card(recipe, base_id, facts))
+                         if ranks.main else 0)
     except OSError as e:
         if isinstance(stopped, UserError):
             raise stopped from None
@@ -188,10 +201,12 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if isinstance(stopped, Stopped):
         console.print(f"Stopped by {stopped}: step {len(losses)} is checkpointed and its adapter is in {adapter_dir}.\n"
                       f"Resume with: {resume_hint}")
+    distributed.finish(ranks)
     return RunSummary(len(losses), losses[0], losses[-1], time.perf_counter() - start, tokens, trainable, total,
                       adapter_dir, adapter_bytes, best_loss=min(losses), peak_memory_gib=max(peaks),
                       padding_pct=sum(paddings) / len(paddings),
-                      stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=step_downs, info=info)
+                      stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=step_downs, info=info,
+                      rank=ranks.rank)
 
 
 class StopOnSignal:
@@ -324,8 +339,9 @@ class StepShape:
 
 
 def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console,
-               on_event=lambda event: None, save=None, resume_from: Path | None = None, stop_requested=lambda: None) -> None:
-    """Optimizer steps of micro_batch x grad_accum examples; calls on_step(metrics) after each step and
+               on_event=lambda event: None, save=None, resume_from: Path | None = None, stop_requested=lambda: None,
+               ranks: Ranks = Ranks()) -> None:
+    """Optimizer steps of micro_batch x grad_accum examples per rank; calls on_step(metrics) after each step and
     save(step, optimizer, scheduler, scaler, trainer_state) every checkpoint_every steps, at the end and when
     stop_requested() names a signal (then raises Stopped). Starts after resume_from's step when given."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -334,25 +350,36 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     shape = StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload)
     state = {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_steps": 0}
+    per_step = recipe.micro_batch * recipe.grad_accum  # per rank; a step draws per_step x world examples
     if resume_from:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, scaler, device)
         check_same_data(state, len(examples), total_steps)
+        if state.get("ranks", 1) != ranks.world:
+            console.print(f"[yellow]Resuming on {ranks.world} process(es) instead of {state.get('ranks', 1)}: a step now takes "
+                          f"{per_step * ranks.world} examples instead of {per_step * state.get('ranks', 1)}, so the run "
+                          "goes on from the same data position but is not the one it would have been.[/]")
         shape = StepShape(**state["shape"])
         if shape.checkpointing and not recipe.gradient_checkpointing:  # an out-of-memory step-down turned it on
             models.set_checkpointing(model, offload=shape.offload)
-    per_step = recipe.micro_batch * recipe.grad_accum
-    stream = data.example_stream(examples, recipe.seed, per_step, recipe.group_by_length and not recipe.packing,
-                                 start=state["step"] * per_step)
+    position = state.get("position", 0)  # examples drawn so far, by every rank together
+    stream = data.example_stream(examples, recipe.seed, per_step * ranks.world, recipe.group_by_length and not recipe.packing,
+                                 start=position)
+    loss_module = distributed.wrap(CausalLMLoss(model, recipe), ranks, device)
     model.train()
     for step in range(state["step"] + 1, total_steps + 1):
         started = time.perf_counter()
-        drawn = [next(stream) for _ in range(per_step)]
-        epoch, step_examples = drawn[-1][0], [example for _, example in drawn]
+        drawn = [next(stream) for _ in range(per_step * ranks.world)]
+        position += len(drawn)
+        epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank::ranks.world]]
         while True:
             try:
-                step_loss, step_tokens, padding = forward_backward(model, step_examples, shape, pad_id, device, scaler, recipe)
+                step_loss, step_tokens, padding = forward_backward(loss_module, step_examples, shape, pad_id, device,
+                                                                   scaler, recipe, ranks)
                 break
             except torch.OutOfMemoryError:
+                if ranks.active:  # the other ranks are waiting in an all-reduce for this one: no redo in step
+                    raise UserError(f"Out of memory on rank {ranks.rank} at step {step}.",
+                                    hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.") from None
                 optimizer.zero_grad(set_to_none=True)  # the half-done step is redone from scratch
                 before, shape = shape, step_down(shape, model, device)
                 on_event({"event": "out_of_memory_step_down", "step": step, "from": before.__dict__, "to": shape.__dict__})
@@ -369,18 +396,21 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - started
+        usage = usage_now(device)
+        every_rank = distributed.gather({k: usage[k] for k in ("mem_reserved_gib", "nvml_used_gib", "rss_gib")}, ranks)
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                  "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding, "micro_batch": shape.micro_batch,
-                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage_now(device),
+                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage,
+                 **({"ranks": ranks.world, "rank_memory": every_rank} if ranks.active else {}),
                  **({} if finite else {"skipped_update": True, "nonfinite_steps": state["nonfinite_steps"]})})
         if state["nonfinite_in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
             raise UserError(f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
                             f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
                             hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.")
-        signum = stop_requested()
+        signum = distributed.largest(stop_requested() or 0, ranks)  # all ranks stop after the same step
         if save and (signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)):
-            state.update(step=step, position=step * per_step, shape=dict(shape.__dict__), total_steps=total_steps,
-                         examples=len(examples), recipe=dataclasses.asdict(recipe))
+            state.update(step=step, position=position, shape=dict(shape.__dict__), total_steps=total_steps,
+                         examples=len(examples), ranks=ranks.world, recipe=dataclasses.asdict(recipe))
             save(step, optimizer, scheduler, scaler, state)
         if signum:
             raise Stopped(signum)
@@ -394,30 +424,45 @@ def check_same_data(state: dict, n_examples: int, total_steps: int) -> None:
                         hint="Resume with the data the run started with, or start a new run.")
 
 
-def forward_backward(model, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe) -> tuple[float, int, float]:
-    """Accumulate gradients of one step's examples in micro-batches; returns (mean token loss, tokens, % padding)."""
+def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, device, scaler, recipe: Recipe,
+                     ranks: Ranks = Ranks()) -> tuple[float, int, float]:
+    """Accumulate gradients of this rank's share of a step in micro-batches; returns the step's (mean token loss,
+    tokens, % padding) over all ranks."""
     # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
     examples = sorted(data.truncate(examples, shape.seq_len), key=len)
-    # Normalise by the step's labelled tokens, not per micro-batch, so any split gives the same gradient.
-    n_targets = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
+    # Normalise by the whole step's labelled tokens (every rank's), not per micro-batch, so any split gives the same
+    # gradient; DistributedDataParallel averages over ranks, so each rank's share is scaled back up by the world size.
+    n_targets = distributed.total(sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples), ranks)
+    starts = range(0, len(examples), shape.micro_batch)
     step_loss, step_tokens, slots = 0.0, 0, 0
-    for start in range(0, len(examples), shape.micro_batch):
-        loss_sum, _, attention_mask = micro_batch_loss(model, examples[start:start + shape.micro_batch], pad_id, device, recipe)
+    for start in starts:
+        # With DDP, gradients are all-reduced once per step: on the last micro-batch's backward.
+        syncing = start == starts[-1] or not hasattr(loss_module, "no_sync")
+        with contextlib.nullcontext() if syncing else loss_module.no_sync():
+            loss_sum, _, attention_mask = loss_module(examples[start:start + shape.micro_batch], pad_id, device)
+            loss = loss_sum / n_targets
+            scaler.scale(loss * ranks.world).backward()
         slots += attention_mask.numel()
-        loss = loss_sum / n_targets
-        scaler.scale(loss).backward()
         step_loss += loss.item()
         step_tokens += int(attention_mask.sum())
-    return step_loss, step_tokens, 100 * (1 - step_tokens / slots)
+    step_loss, step_tokens, slots = (distributed.total(x, ranks) for x in (step_loss, step_tokens, slots))
+    return step_loss, int(step_tokens), 100 * (1 - step_tokens / max(slots, 1))
 
 
-def micro_batch_loss(model, examples, pad_id: int, device, recipe: Recipe):
-    """(summed loss over the micro-batch's labelled tokens, their count, its attention mask), via the chunked loss."""
-    decoder, head_weight, softcap = models.lm_parts(model)
-    chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(head_weight.shape[0])
-    hidden, labels, attention_mask = forward(decoder, examples, pad_id, device)
-    loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=chunk_tokens, softcap=softcap)
-    return loss_sum, count, attention_mask
+class CausalLMLoss(torch.nn.Module):
+    """A micro-batch's summed token loss as one module (decoder, then the chunked loss against the head), so that
+    DistributedDataParallel can wrap all a step computes. Returns (loss sum, labelled tokens, attention mask)."""
+
+    def __init__(self, model, recipe: Recipe):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = recipe.loss_chunk_tokens or default_chunk_tokens(models.lm_parts(model)[1].shape[0])
+
+    def forward(self, examples, pad_id: int, device):
+        decoder, head_weight, softcap = models.lm_parts(self.model)
+        hidden, labels, attention_mask = forward(decoder, examples, pad_id, device)
+        loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap)
+        return loss_sum, count, attention_mask
 
 
 def forward(decoder, examples, pad_id: int, device):
@@ -450,19 +495,19 @@ def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
 
 def evaluate(model, examples, recipe: Recipe, pad_id: int, device) -> float:
     """Mean token loss on held-out examples, without gradients or dropout."""
-    total, count = 0.0, 0
+    loss_module, total, count = CausalLMLoss(model, recipe), 0.0, 0
     with models.no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch):
-            loss_sum, n, _ = micro_batch_loss(model, examples[start:start + recipe.micro_batch], pad_id, device, recipe)
+            loss_sum, n, _ = loss_module(examples[start:start + recipe.micro_batch], pad_id, device)
             total, count = total + loss_sum.item(), count + n
     return total / max(count, 1)
 
 
-def count_steps(n_examples: int, recipe: Recipe) -> int:
-    """Optimizer steps: recipe.steps, else enough for recipe.epochs passes over the data."""
+def count_steps(n_examples: int, recipe: Recipe, world: int = 1) -> int:
+    """Optimizer steps: recipe.steps, else enough for recipe.epochs passes over the data (world ranks share a step)."""
     if recipe.steps:
         return recipe.steps
-    return max(1, math.ceil(recipe.epochs * n_examples / (recipe.micro_batch * recipe.grad_accum)))
+    return max(1, math.ceil(recipe.epochs * n_examples / (recipe.micro_batch * recipe.grad_accum * world)))
 
 
 def lr_multiplier(total_steps: int, recipe: Recipe):

@@ -90,3 +90,10 @@ def test_metrics_log_writes_one_object_per_line(tmp_path):
     log.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["tokens_per_s"] == 2730.0 and lines[1]["event"] == "out_of_memory_step_down"
+
+
+def test_a_distributed_run_shows_every_ranks_memory():
+    dashboard = Dashboard(Console(file=io.StringIO()), GPU, mode="quiet")
+    dashboard.step({**scripted(1), "ranks": 2, "rank_memory": [{"mem_reserved_gib": 4.5, "nvml_used_gib": 5.0, "rss_gib": 3.0},
+                                                               {"mem_reserved_gib": 4.25, "nvml_used_gib": 4.8, "rss_gib": 3.1}]})
+    assert "0: 4.50 GiB   1: 4.25 GiB  (reserved)" in screen(dashboard) and "every rank" in screen(dashboard)

@@ -150,3 +150,17 @@ def test_plan_matches_every_committed_gpu_measurement():
             misses.append(f"{point['model']} seq {recipe.seq_len} x {recipe.micro_batch} r{recipe.rank} "
                           f"ckpt={recipe.gradient_checkpointing}: estimate/measured = {ratio:.2f}")
     assert not misses, "\n".join(misses)
+
+
+def test_several_gpus_ddp_adds_gradient_buckets_and_fsdp_shards_the_weights():
+    from qlora_kit.catalog import find_model_shape
+
+    shape, recipe = find_model_shape("llama-3.1-8b"), Recipe(seq_len=2048, micro_batch=1)
+    one = estimate_peak_memory(shape, recipe)
+    ddp = estimate_peak_memory(shape, recipe, gpus=2, strategy="ddp")
+    fsdp = estimate_peak_memory(shape, recipe, gpus=4, strategy="fsdp")
+    assert ddp.components["ddp_gradient_buckets"] == one.components["lora_gradients"]
+    assert ddp.total_bytes > one.total_bytes
+    assert fsdp.components["quantized_weights"] == -(-one.components["quantized_weights"] // 4)
+    assert fsdp.components["saved_activations"] == one.components["saved_activations"], "activations are per GPU either way"
+    assert fsdp.total_bytes < one.total_bytes and "fsdp_gathered_weights" in fsdp.components

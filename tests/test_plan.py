@@ -1,3 +1,4 @@
+import json
 import pytest
 from rich.console import Console
 
@@ -69,3 +70,13 @@ def test_no_bf16_card_gets_a_note_about_fp16():
     report = make_plan("smollm2-135m", Recipe(), choose_target(gpu="T4"))
     assert any("fp16" in note for note in report.plan.notes)
     assert report.to_dict()["plan"]["verdict"] == "fits"
+
+
+def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
+    from tests.test_cli import run_cli
+
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--gpu", "RTX 3090", "--gpus", "2",
+                           "--strategy", "fsdp", "--json")
+    assert code in (0, None) and "fsdp_gathered_weights" in json.loads(out)["plan"]["components"]
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "T4", "--gpus", "2", "--strategy", "zero")
+    assert code == 1 and "Unknown --strategy zero" in err

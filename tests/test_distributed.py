@@ -1,0 +1,85 @@
+"""Data parallel training with two processes on CPU (torchrun, gloo): the GPU path runs the same code over NCCL."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from qlora_kit import checkpoint
+from qlora_kit.distributed import without_gpus_flag
+from qlora_kit.recipes import Recipe
+from qlora_kit.train import run_training
+from tests.test_reliability import adapter_tensors, losses
+
+ARGS = ["--rank", "4", "--steps", "6", "--micro-batch", "2", "--checkpoint-every", "3", "--dropout", "0", "--plain"]
+
+
+def torchrun(out: Path, llama_dir, chat_data, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qlora_kit", "train",
+               "--model", str(llama_dir), "--data", str(chat_data), "--out", str(out), *ARGS, *extra]
+    env = {**os.environ, "QLORA_KIT_CACHE": str(out.parent / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(llama_dir, tmp_path_factory):
+    from tests.conftest import write_jsonl
+
+    folder = tmp_path_factory.mktemp("ddp")
+    chat_data = write_jsonl(folder / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}, arr"}]}
+        for i in range(12)])
+    result = torchrun(folder / "ddp", llama_dir, chat_data)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder / "ddp", chat_data, result
+
+
+def test_two_processes_train_like_one_with_the_same_effective_batch(ddp_run, llama_dir, tmp_path):
+    out, chat_data, result = ddp_run
+    assert result.stdout.count("Trainable:") == 1, "only rank 0 speaks"
+    assert "Data parallel over 2 processes: 2 examples each, 4 a step" in result.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7)), "one metrics line per step, written once"
+    assert all(m["ranks"] == 2 and len(m["rank_memory"]) == 2 for m in lines), "every rank's memory is recorded"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "plan.json", "recipe.yaml"]
+
+    single = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
+                    checkpoint_every=3, dropout=0.0)
+    run_training(single, tmp_path / "single", Console(file=io.StringIO()))
+    ddp_losses, single_losses = losses(out), losses(tmp_path / "single")
+    for step in ddp_losses:  # the same examples and gradient; only the summation order differs
+        assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-4), step
+    a, b = adapter_tensors(out), adapter_tensors(tmp_path / "single")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llama_dir, tmp_path):
+    import shutil
+
+    out, chat_data, _ = ddp_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "checkpoints" / "step-6" / "optimizer.pt").write_bytes(b"torn")
+    resumed = torchrun(copy, llama_dir, chat_data, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming from step-3" in resumed.stdout and losses(copy) == losses(out)
+    assert checkpoint.verify(copy / "checkpoints" / "step-6") is None
+
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    shutil.rmtree(alone / "checkpoints" / "step-6")
+    console = Console(file=io.StringIO(), width=300)
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, checkpoint_every=3, dropout=0.0)
+    run_training(recipe, alone, console, resume=True)
+    assert "Resuming on 1 process(es) instead of 2: a step now takes 2 examples instead of 4" in console.file.getvalue()
+    assert len(losses(alone)) == 6
+
+
+def test_gpus_flag_is_removed_for_the_processes_torchrun_starts():
+    assert without_gpus_flag(["train", "--gpus", "2", "--out", "x", "--gpus=4"]) == ["train", "--out", "x"]
