@@ -28,14 +28,14 @@ def portable_base_id(source: str, folder: Path) -> str:
     return str(folder.resolve())
 
 
-def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None) -> int:
+def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None, state_dict: dict | None = None) -> int:
     """Write adapter_config.json, adapter_model.safetensors, tokenizer files and the card (README.md) atomically;
-    returns the weights' bytes."""
+    returns the weights' bytes. state_dict: the LoRA tensors gathered whole, when the model's are sharded."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         if card:
             (staging / "README.md").write_text(card)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,10 +73,18 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         choice.recipe = replace(choice.recipe, **settings)
 
     def total(recipe: Recipe) -> int:
-        return estimate_peak_memory(shape, recipe, target.device).total_bytes
+        return estimate_peak_memory(shape, recipe, target.device, gpus=target.gpus, strategy=recipe.parallel).total_bytes
 
     def roomy(recipe: Recipe) -> bool:
         return total(recipe) <= HEADROOM * target.capacity_bytes
+
+    if target.gpus > 1:  # DDP when one card holds the model at its smallest settings, else shard it with FSDP
+        smallest = replace(choice.recipe, parallel="ddp", micro_batch=1, seq_len=min(512, choice.recipe.seq_len))
+        if roomy(smallest):
+            choice.changes.append(Change("parallel", "-", "ddp", f"the model fits one card: each of the {target.gpus} GPUs holds it"))
+        else:
+            change(f"the model does not fit one card: its weights are sharded across the {target.gpus} GPUs (FSDP)",
+                   parallel="fsdp")
 
     if target.device == "cuda" and not target.bf16:
         change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
@@ -132,7 +141,8 @@ def render_choice(choice: Choice, shape: ModelShape) -> Group:
     t = choice.target
     lines = [Text.from_markup(f"[bold]Card:[/] {t.name}, {t.capacity_bytes / GIB:.1f} GiB"
                               + ("" if t.device == "cpu" else f", {'bf16' if t.bf16 else 'fp16 (no bf16)'}")),
-             Text.from_markup(f"[bold]Model:[/] {shape.name}, {shape.parameter_count() / 1e9:.2f}B parameters"),
+             Text.from_markup(f"[bold]Model:[/] {shape.name}, {shape.parameter_count() / 1e9:.2f}B parameters"
+                              + (f"; {t.gpus} GPUs, {choice.recipe.parallel.upper()}, memory per GPU" if t.gpus > 1 else "")),
              Text.from_markup(f"[bold]Recipe:[/] {choice.recipe_name}: {recipe_summary(card_recipes()[choice.recipe_name])}")]
     for c in choice.changes:
         lines.append(Text(f"  {c.setting}: {c.old} -> {c.new}  ({c.why})"))
@@ -156,7 +166,8 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
-             gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False):
+             gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
+             gpus: int = 1):
     """Probe, choose, print the choice, and (unless dry_run) train with it."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
@@ -168,6 +179,11 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
     target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
+    gpus = int(os.environ.get("WORLD_SIZE", gpus))  # under torchrun: one process per GPU
+    if gpus > 1:
+        target = replace(target, gpus=gpus)
+    if os.environ.get("RANK", "0") != "0":  # rank 0 explains the choice; every rank makes the same one
+        console = Console(quiet=True)
     if not dry_run and target.device == "cuda" and not hardware.gpus:
         raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
                         hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")

@@ -2,7 +2,7 @@
 
 runs/NAME/checkpoints/step-N/
   adapter/             LoRA weights (safetensors) and config: loadable on their own with PEFT
-  optimizer.pt         optimizer state (torch AdamW, or bitsandbytes 8-bit / paged)
+  optimizer.pt         optimizer state (torch AdamW, or bitsandbytes 8-bit / paged), whole and keyed by name
   state.pt             scheduler, GradScaler and RNG states (python, numpy, torch, CUDA)
   trainer_state.json   step, data position, the step shape after any out-of-memory step-downs, counters
   manifest.json        every file above with its size and sha256, written last
@@ -26,17 +26,32 @@ MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer, scheduler, scaler, trainer_state: dict,
+def gather_trainable(model) -> dict[str, torch.Tensor]:
+    """Every trainable (LoRA) tensor whole, on the CPU, by its name in the model. Sharded (FSDP) tensors are
+    gathered from every rank, so with several processes every rank must call this, in step."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def gather_optimizer(model, optimizer) -> dict:
+    """The optimizer state whole and keyed by parameter name (the same for one GPU, DDP and FSDP, so a run can
+    resume under another layout); a collective call, like gather_trainable."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: dict, scheduler, scaler, trainer_state: dict,
                     keep: int) -> Path:
-    """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter) and delete all but the
-    newest `keep`; returns its folder."""
+    """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter, optimizer_state comes from
+    gather_optimizer) and delete all but the newest `keep`; returns its folder."""
     root = Path(run_dir) / "checkpoints"
     final, staging = root / f"step-{step}", root / f".step-{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
         write_adapter(staging / "adapter")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, staging / "state.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         write_manifest(staging, step)
@@ -99,11 +114,16 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> dict:
     """Restore the adapter weights, optimizer, scheduler, scaler and RNG states; returns trainer_state."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    set_peft_model_state_dict(model, load_file(folder / "adapter" / ADAPTER_FILE, device=str(device)))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    # Every rank reads the whole files; sharded (FSDP) parameters then keep their own shard of each tensor.
+    options = StateDictOptions(full_state_dict=any(hasattr(p, "full_tensor") for p in model.parameters()), strict=False)
+    by_file_name = {name.replace(".default.", "."): name for name, p in model.named_parameters() if p.requires_grad}
+    saved = load_file(folder / "adapter" / ADAPTER_FILE, device=str(device))  # PEFT's files drop the adapter's name
+    set_model_state_dict(model, {by_file_name[key]: value for key, value in saved.items()}, options=options)
+    set_optimizer_state_dict(model, optimizer, torch.load(folder / "optimizer.pt", map_location=device, weights_only=True),
+                             options=options)
     state = torch.load(folder / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

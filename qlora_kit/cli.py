@@ -105,6 +105,7 @@ def train(
     seed: Optional[int] = _setting("seed"),
     precision: Optional[str] = _setting("precision"),
     optimizer: Optional[str] = _setting("optimizer"),
+    parallel: Optional[str] = _setting("parallel"),
     checkpoint_every: Optional[int] = _setting("checkpoint_every"),
     keep_checkpoints: Optional[int] = _setting("keep_checkpoints"),
     plain: bool = PLAIN,
@@ -128,7 +129,7 @@ def train(
                               skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long, group_by_length=group_by_length,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer,
-                              checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+                              parallel=parallel, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(settings, out, run_console, display=mode, resume=resume, overwrite=overwrite,
                            trust_remote_code=trust_remote_code)
@@ -310,7 +311,7 @@ def auto(
         return
     out = _run_dir(out, name, default="auto")
     summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, gpus=gpus)
     if not dry_run:
         print_summary(summary)
 

@@ -76,10 +76,22 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
     return kept
 
 
-def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around module when distributed, else module itself."""
+def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device, strategy: str = "ddp",
+         dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The loss module made data parallel when distributed: DistributedDataParallel (ddp), or FSDP2's fully_shard on
+    every decoder layer and then on the whole (fsdp), which shards the 4-bit weights and LoRA state across ranks."""
     if not ranks.active:
         return module
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from qlora_kit.model import lm_parts
+
+        # One dtype per all-gather: LoRA's fp32 weights are cast to the compute dtype to compute, reduced in fp32.
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+        for layer in lm_parts(module.model)[0].layers:
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm and head
     from torch.nn.parallel import DistributedDataParallel
 
     # Every rank loads the same weights and seeds LoRA alike, so rank 0's 4-bit weights need not be broadcast.

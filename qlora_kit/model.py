@@ -43,8 +43,10 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
-    """Load a causal LM with its linear layers quantized to NF4 with double quantization."""
+def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+                   shardable: bool = False):
+    """Load a causal LM with its linear layers quantized to NF4 with double quantization. shardable stores the
+    packed 4-bit values in tensors of the compute dtype (same bytes), so FSDP can shard them with the rest."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -52,6 +54,7 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,  # quantizes the absmax constants too: ~0.4 bit/param saved
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -89,7 +89,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         if recipe.packing:
             examples = data.pack(examples, recipe.seq_len, recipe.seed)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
-        model = models.attach_lora(models.load_base_4bit(folder, dtype, device, trust_remote_code), recipe)
+        model = models.attach_lora(models.load_base_4bit(folder, dtype, device, trust_remote_code,
+                                                         shardable=ranks.active and recipe.parallel == "fsdp"), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
@@ -108,7 +109,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
     if ranks.active:
-        console.print(f"Data parallel over {ranks.world} processes: {recipe.micro_batch * recipe.grad_accum} examples "
+        console.print(f"{'Sharded (FSDP)' if recipe.parallel == 'fsdp' else 'Data parallel (DDP)'} over {ranks.world} processes: "
+                      f"{recipe.micro_batch * recipe.grad_accum} examples "
                       f"each, {recipe.micro_batch * recipe.grad_accum * ranks.world} a step")
     total_steps = count_steps(len(examples), recipe, ranks.world)
     plan = plan_for_run(folder, recipe)
@@ -138,8 +140,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         def on_step(m: dict) -> None:
             nonlocal tokens
             m["time_s"] = time.perf_counter() - start
-            if eval_examples and (m["step"] == total_steps or (recipe.eval_every and m["step"] % recipe.eval_every == 0)):
-                m["eval_loss"] = evaluate(model, eval_examples, recipe, tokenizer.pad_token_id, device)
+            if "eval_loss" in m:
                 evals.append(m["eval_loss"])
             losses.append(m["loss"])
             tokens += m["tokens"]
@@ -154,10 +155,13 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             dashboard.note(f"Out of memory at step {event['step']}: {step_downs[-1]}; redoing the step.")
 
         def save(step: int, optimizer, scheduler, scaler, trainer_state: dict) -> None:
+            lora, optimizer_state = checkpoint.gather_trainable(model), checkpoint.gather_optimizer(model, optimizer)
+            if not ranks.main:  # every rank helps gather (FSDP shards); rank 0 writes
+                return
             try:
-                written = checkpoint.save_checkpoint(
-                    out_dir, step, lambda where: adapter.save_adapter(model, tokenizer, where, base_id),
-                    optimizer, scheduler, scaler, trainer_state, recipe.keep_checkpoints)
+                checkpoint.save_checkpoint(
+                    out_dir, step, lambda where: adapter.save_adapter(model, tokenizer, where, base_id, state_dict=lora),
+                    optimizer_state, scheduler, scaler, trainer_state, recipe.keep_checkpoints)
             except OSError as e:
                 previous = checkpoint.complete_checkpoints(out_dir)
                 kept = f"The checkpoint {previous[0]} is intact. " if previous else ""
@@ -167,8 +171,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
 
         try:
             train_loop(model, examples, recipe, total_steps, tokenizer.pad_token_id, device, dtype, on_step, console,
-                       on_event, save=save if ranks.main else None, resume_from=resume_from,
-                       stop_requested=lambda: signals.received, ranks=ranks)
+                       on_event, save=save, resume_from=resume_from, stop_requested=lambda: signals.received, ranks=ranks,
+                       eval_examples=eval_examples)
         except (Stopped, UserError) as stop:
             stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
         except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
@@ -187,9 +191,12 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                  eval_loss=evals[-1] if evals else None,
                  peak_memory_gib=max(peaks), memory_kind="GPU reserved" if device.type == "cuda" else "process RSS",
                  trainable_params=trainable, precision=str(dtype).removeprefix("torch."))
+    if isinstance(stopped, UserError) and ranks.active:
+        raise stopped  # other ranks may not be in step to gather the weights; the last checkpoint holds them
+    lora = checkpoint.gather_trainable(model)
     try:
-        adapter_bytes = (adapter.save_adapter(model, tokenizer, adapter_dir, base_id, adapter.adapter_card(recipe, base_id, facts))
-                         if ranks.main else 0)
+        adapter_bytes = (adapter.save_adapter(model, tokenizer, adapter_dir, base_id, adapter.adapter_card(recipe, base_id, facts),
+                                              state_dict=lora) if ranks.main else 0)
     except OSError as e:
         if isinstance(stopped, UserError):
             raise stopped from None
@@ -340,35 +347,29 @@ class StepShape:
 
 def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console,
                on_event=lambda event: None, save=None, resume_from: Path | None = None, stop_requested=lambda: None,
-               ranks: Ranks = Ranks()) -> None:
+               ranks: Ranks = Ranks(), eval_examples=()) -> None:
     """Optimizer steps of micro_batch x grad_accum examples per rank; calls on_step(metrics) after each step and
     save(step, optimizer, scheduler, scaler, trainer_state) every checkpoint_every steps, at the end and when
-    stop_requested() names a signal (then raises Stopped). Starts after resume_from's step when given."""
+    stop_requested() names a signal (then raises Stopped). Starts after resume_from's step when given. Evaluates
+    eval_examples every eval_every steps and after the last."""
+    # Wrapped first: FSDP replaces the parameters with sharded ones, which are what the optimizer must hold.
+    loss_module = distributed.wrap(CausalLMLoss(model, recipe), ranks, device, recipe.parallel, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe, device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    shape = StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload)
-    state = {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_steps": 0}
-    per_step = recipe.micro_batch * recipe.grad_accum  # per rank; a step draws per_step x world examples
+    state = {"step": 0, "position": 0, "nonfinite_in_a_row": 0, "nonfinite_steps": 0,
+             "shape": StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload).__dict__}
     if resume_from:
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, scaler, device)
-        check_same_data(state, len(examples), total_steps)
-        if state.get("ranks", 1) != ranks.world:
-            console.print(f"[yellow]Resuming on {ranks.world} process(es) instead of {state.get('ranks', 1)}: a step now takes "
-                          f"{per_step * ranks.world} examples instead of {per_step * state.get('ranks', 1)}, so the run "
-                          "goes on from the same data position but is not the one it would have been.[/]")
-        shape = StepShape(**state["shape"])
-        if shape.checkpointing and not recipe.gradient_checkpointing:  # an out-of-memory step-down turned it on
-            models.set_checkpointing(model, offload=shape.offload)
-    position = state.get("position", 0)  # examples drawn so far, by every rank together
+        state = resume(resume_from, model, optimizer, scheduler, scaler, device, recipe, len(examples), total_steps, ranks, console)
+    shape, per_step = StepShape(**state["shape"]), recipe.micro_batch * recipe.grad_accum  # per rank
+    position = state["position"]  # examples drawn so far, by every rank together
     stream = data.example_stream(examples, recipe.seed, per_step * ranks.world, recipe.group_by_length and not recipe.packing,
                                  start=position)
-    loss_module = distributed.wrap(CausalLMLoss(model, recipe), ranks, device)
     model.train()
     for step in range(state["step"] + 1, total_steps + 1):
         started = time.perf_counter()
-        drawn = [next(stream) for _ in range(per_step * ranks.world)]
+        drawn = [next(stream) for _ in range(per_step * ranks.world)]  # every rank draws alike, then takes its share
         position += len(drawn)
         epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank::ranks.world]]
         while True:
@@ -377,43 +378,75 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
                                                                    scaler, recipe, ranks)
                 break
             except torch.OutOfMemoryError:
-                if ranks.active:  # the other ranks are waiting in an all-reduce for this one: no redo in step
-                    raise UserError(f"Out of memory on rank {ranks.rank} at step {step}.",
-                                    hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.") from None
                 optimizer.zero_grad(set_to_none=True)  # the half-done step is redone from scratch
-                before, shape = shape, step_down(shape, model, device)
+                before, shape = shape, step_down(shape, model, device, ranks)
                 on_event({"event": "out_of_memory_step_down", "step": step, "from": before.__dict__, "to": shape.__dict__})
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or math.inf).item()
-        # fp16's scaler skips overflowing steps itself; otherwise a NaN/inf loss or gradient must never reach the weights.
-        finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
-        if finite:
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state["nonfinite_in_a_row"] = 0 if finite else state["nonfinite_in_a_row"] + 1
-        state["nonfinite_steps"] += not finite
-        lr = scheduler.get_last_lr()[0]
+        grad_norm, finite = apply_update(params, optimizer, scheduler, scaler, recipe, step_loss)
+        count_nonfinite(state, finite, step)
+        lr, seconds = scheduler.get_last_lr()[0], time.perf_counter() - started
         scheduler.step()
-        seconds = time.perf_counter() - started
-        usage = usage_now(device)
-        every_rank = distributed.gather({k: usage[k] for k in ("mem_reserved_gib", "nvml_used_gib", "rss_gib")}, ranks)
+        evaluated = {}
+        if eval_examples and (step == total_steps or (recipe.eval_every and step % recipe.eval_every == 0)):
+            evaluated["eval_loss"] = evaluate(model, eval_examples, recipe, pad_id, device, loss_module)
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                  "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding, "micro_batch": shape.micro_batch,
-                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **usage,
-                 **({"ranks": ranks.world, "rank_memory": every_rank} if ranks.active else {}),
-                 **({} if finite else {"skipped_update": True, "nonfinite_steps": state["nonfinite_steps"]})})
-        if state["nonfinite_in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
-            raise UserError(f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
-                            f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
-                            hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.")
+                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **memory_readings(device, ranks),
+                 **evaluated, **({} if finite else {"skipped_update": True, "nonfinite_steps": state["nonfinite_steps"]})})
         signum = distributed.largest(stop_requested() or 0, ranks)  # all ranks stop after the same step
         if save and (signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)):
-            state.update(step=step, position=position, shape=dict(shape.__dict__), total_steps=total_steps,
-                         examples=len(examples), ranks=ranks.world, recipe=dataclasses.asdict(recipe))
+            state.update(step=step, position=position, shape=dict(shape.__dict__), total_steps=total_steps, examples=len(examples), ranks=ranks.world,
+                         recipe=dataclasses.asdict(recipe))
             save(step, optimizer, scheduler, scaler, state)
         if signum:
             raise Stopped(signum)
+
+
+def apply_update(params, optimizer, scheduler, scaler, recipe: Recipe, step_loss: float) -> tuple[float, bool]:
+    """Clip and apply the accumulated gradient unless the loss or gradient is NaN/inf; returns (grad norm, applied)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or math.inf)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor
+    # fp16's scaler skips overflowing steps itself; otherwise a NaN/inf loss or gradient must never reach the weights.
+    finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def count_nonfinite(state: dict, finite: bool, step: int) -> None:
+    """Count skipped updates; several in a row stop the run (the weights are still those of the last good step)."""
+    state["nonfinite_in_a_row"] = 0 if finite else state["nonfinite_in_a_row"] + 1
+    state["nonfinite_steps"] += not finite
+    if state["nonfinite_in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
+        raise UserError(f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
+                        f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
+                        hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.")
+
+
+def memory_readings(device, ranks: Ranks) -> dict:
+    """This rank's memory readings, and with several ranks every rank's (rank 0 writes them all)."""
+    usage = usage_now(device)
+    if not ranks.active:
+        return usage
+    every_rank = distributed.gather({k: usage[k] for k in ("mem_reserved_gib", "nvml_used_gib", "rss_gib")}, ranks)
+    return {**usage, "ranks": ranks.world, "rank_memory": every_rank}
+
+
+def resume(folder: Path, model, optimizer, scheduler, scaler, device, recipe: Recipe, n_examples: int, total_steps: int,
+           ranks: Ranks, console) -> dict:
+    """Load a checkpoint into the model and training state; returns its trainer_state (step, position, shape)."""
+    state = checkpoint.load_checkpoint(folder, model, optimizer, scheduler, scaler, device)
+    check_same_data(state, n_examples, total_steps)
+    per_step, saved_ranks = recipe.micro_batch * recipe.grad_accum, state.get("ranks", 1)
+    if saved_ranks != ranks.world:
+        console.print(f"[yellow]Resuming on {ranks.world} process(es) instead of {saved_ranks}: a step now takes "
+                      f"{per_step * ranks.world} examples instead of {per_step * saved_ranks}, so the run "
+                      "goes on from the same data position but is not the one it would have been.[/]")
+    if state["shape"]["checkpointing"] and not recipe.gradient_checkpointing:  # an out-of-memory step-down turned it on
+        models.set_checkpointing(model, offload=state["shape"]["offload"])
+    return state
 
 
 def check_same_data(state: dict, n_examples: int, total_steps: int) -> None:
@@ -477,9 +510,12 @@ def forward(decoder, examples, pad_id: int, device):
     return hidden, labels.to(device), attention_mask
 
 
-def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
+def step_down(shape: StepShape, model, device: torch.device, ranks: Ranks = Ranks()) -> StepShape:
     """The next cheaper way to run a step: halve the micro-batch (accumulation grows to keep the effective batch),
     then checkpoint with activations offloaded to host RAM, then halve sequences; UserError when nothing is left."""
+    if ranks.active:  # the other ranks are waiting in a collective for this one: no redo in step
+        raise UserError(f"Out of memory on rank {ranks.rank}.",
+                        hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if shape.micro_batch > 1:
@@ -493,9 +529,10 @@ def step_down(shape: StepShape, model, device: torch.device) -> StepShape:
                     hint="Use a smaller model or a larger card; `qlora-kit plan` shows what fits.")
 
 
-def evaluate(model, examples, recipe: Recipe, pad_id: int, device) -> float:
-    """Mean token loss on held-out examples, without gradients or dropout."""
-    loss_module, total, count = CausalLMLoss(model, recipe), 0.0, 0
+def evaluate(model, examples, recipe: Recipe, pad_id: int, device, loss_module=None) -> float:
+    """Mean token loss on held-out examples, without gradients or dropout; through the training loss_module when
+    given (under FSDP only it gathers the sharded weights)."""
+    loss_module, total, count = loss_module or CausalLMLoss(model, recipe), 0.0, 0
     with models.no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch):
             loss_sum, n, _ = loss_module(examples[start:start + recipe.micro_batch], pad_id, device)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from qlora_kit.auto import choose_recipe, run_auto, smaller_models_that_fit
+from qlora_kit.auto import choose_recipe, render_choice, run_auto, smaller_models_that_fit
 from qlora_kit.data import percentile
 from qlora_kit.catalog import find_model_shape, gpu_catalogue
 from qlora_kit.errors import UserError
@@ -116,3 +116,17 @@ def test_length_estimates_cover_every_format_without_a_tokenizer():
     records = [{"text": "x" * 400}, {"prompt": "p" * 200, "completion": "c" * 200},
                {"messages": [{"role": "user", "content": "u" * 200}, {"role": "assistant", "content": "a" * 200}]}]
     assert all(100 <= n <= 140 for n in data_lengths(records))
+
+
+def test_several_gpus_choose_ddp_when_one_card_holds_the_model_and_fsdp_when_not():
+    from dataclasses import replace
+
+    card = choose_target(gpu="RTX 3090")
+    small = choose_recipe(find_model_shape("llama-3.2-3b"), replace(card, gpus=2))
+    assert small.recipe.parallel == "ddp" and any("fits one card" in c.why for c in small.changes)
+    tiny_cards = replace(choose_target(vram_gib=4), gpus=4)
+    big = choose_recipe(find_model_shape("llama-3.1-8b"), tiny_cards)
+    assert big.recipe.parallel == "fsdp" and big.fits, "sharded over four 4 GB cards, an 8B model fits"
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render_choice(big, find_model_shape("llama-3.1-8b")))
+    assert "4 GPUs, FSDP, memory per GPU" in console.export_text()

@@ -28,35 +28,50 @@ def torchrun(out: Path, llama_dir, chat_data, *extra: str) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def ddp_run(llama_dir, tmp_path_factory):
+def chat_data(tmp_path_factory):
     from tests.conftest import write_jsonl
 
-    folder = tmp_path_factory.mktemp("ddp")
-    chat_data = write_jsonl(folder / "chat.jsonl", [
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", [
         {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}, arr"}]}
         for i in range(12)])
-    result = torchrun(folder / "ddp", llama_dir, chat_data)
+
+
+@pytest.fixture(scope="module")
+def single_run(llama_dir, chat_data, tmp_path_factory):
+    """The reference: one process, micro-batch 2 x accumulation 2 (the effective batch of two ranks at 2)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
+                    checkpoint_every=3, dropout=0.0)
+    run_training(recipe, out, Console(file=io.StringIO()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(llama_dir, chat_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun(out, llama_dir, chat_data)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return folder / "ddp", chat_data, result
+    return out, chat_data, result
 
 
-def test_two_processes_train_like_one_with_the_same_effective_batch(ddp_run, llama_dir, tmp_path):
+def assert_same_training(out, reference):
+    ours, theirs = losses(out), losses(reference)
+    for step in ours:  # the same examples and gradient; only the summation order differs
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-4), step
+    a, b = adapter_tensors(out), adapter_tensors(reference)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_two_processes_train_like_one_with_the_same_effective_batch(ddp_run, single_run):
     out, chat_data, result = ddp_run
     assert result.stdout.count("Trainable:") == 1, "only rank 0 speaks"
-    assert "Data parallel over 2 processes: 2 examples each, 4 a step" in result.stdout
+    assert "Data parallel (DDP) over 2 processes: 2 examples each, 4 a step" in result.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 7)), "one metrics line per step, written once"
     assert all(m["ranks"] == 2 and len(m["rank_memory"]) == 2 for m in lines), "every rank's memory is recorded"
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "plan.json", "recipe.yaml"]
 
-    single = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
-                    checkpoint_every=3, dropout=0.0)
-    run_training(single, tmp_path / "single", Console(file=io.StringIO()))
-    ddp_losses, single_losses = losses(out), losses(tmp_path / "single")
-    for step in ddp_losses:  # the same examples and gradient; only the summation order differs
-        assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-4), step
-    a, b = adapter_tensors(out), adapter_tensors(tmp_path / "single")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert_same_training(out, single_run)
 
 
 def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llama_dir, tmp_path):
@@ -79,6 +94,22 @@ def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llam
     run_training(recipe, alone, console, resume=True)
     assert "Resuming on 1 process(es) instead of 2: a step now takes 2 examples instead of 4" in console.file.getvalue()
     assert len(losses(alone)) == 6
+
+
+def test_fsdp_shards_the_4bit_model_and_trains_like_one_process(llama_dir, chat_data, single_run, tmp_path):
+    out = tmp_path / "fsdp"
+    result = torchrun(out, llama_dir, chat_data, "--parallel", "fsdp")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Sharded (FSDP) over 2 processes" in result.stdout
+    assert_same_training(out, single_run)
+    copy = tmp_path / "resumed"  # resume across ranks from the whole-tensor checkpoint, re-sharded on load
+    import shutil
+
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-6")
+    resumed = torchrun(copy, llama_dir, chat_data, "--parallel", "fsdp", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_same_training(copy, single_run)
 
 
 def test_gpus_flag_is_removed_for_the_processes_torchrun_starts():
