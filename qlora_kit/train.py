@@ -66,7 +66,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                  overwrite: bool = False, trust_remote_code: bool = False) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint."""
-    out_dir, ranks = Path(out_dir), distributed.start()
+    ranks = distributed.start()
+    out_dir = Path(distributed.from_main(str(out_dir), ranks))  # a default name (runs/auto-N) is rank 0's choice
     if not ranks.main:  # rank 0 speaks and writes for all
         console, display = Console(quiet=True), "quiet"
     resume_from = distributed.on_main(lambda: prepare_out_dir(out_dir, recipe, resume, overwrite, console), ranks)
