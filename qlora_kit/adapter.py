@@ -179,19 +179,27 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
 
 
-@torch.no_grad()
 def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None) -> str:
     """The model's reply to a conversation (a list of messages), or its continuation of plain text (a str)."""
-    if isinstance(messages, str):
-        inputs = tokenizer(messages, return_tensors="pt")
-    else:
-        inputs = tokenizer(chat_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
+    return generate_replies(model, tokenizer, [messages], sampling, streamer)[0]
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Sampling(), streamer=None) -> list[str]:
+    """Replies to several requests (conversations or plain texts) in one batch, left-padded so every reply starts
+    right after its own prompt."""
+    texts = [r if isinstance(r, str) else chat_prompt(tokenizer, r) for r in requests]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:  # a chat prompt already holds its special tokens; a plain text gets the tokenizer's own
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(requests[0], str))
+    finally:
+        tokenizer.padding_side = side
     inputs = inputs.to(model.device)
     drawn = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p) if sampling.temperature > 0
              else dict(do_sample=False))
     output = model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, use_cache=True, streamer=streamer,
                             pad_token_id=tokenizer.pad_token_id, **drawn)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in output]
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True) -> str:

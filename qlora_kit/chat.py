@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qlora_kit.adapter import Sampling, generate_reply
+from qlora_kit.adapter import Sampling, generate_replies, generate_reply
 from qlora_kit.errors import UserError
 
 HELP = ("/reset forgets the conversation - /system TEXT sets the system prompt (/system alone clears it) - "
@@ -116,21 +116,22 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def answer_all(model, tokenizer, prompts: list[str], columns: list[str | None], sampling: Sampling, chat: bool = True) -> list[dict]:
-    """Every prompt answered by every column: an adapter's name, or None for the base model. The base is loaded
-    once; switching adapters is peft's set_adapter."""
+def answer_all(model, tokenizer, prompts: list[str], columns: list[str | None], sampling: Sampling, chat: bool = True,
+               batch_size: int = 8) -> list[dict]:
+    """Every prompt answered by every column: an adapter's name, or None for the base model, batch_size prompts
+    at a time. The base is loaded once; switching adapters is peft's set_adapter."""
     from contextlib import nullcontext
 
-    rows = []
-    for prompt in prompts:
-        replies = {}
-        for name in columns:
-            if name is not None:
-                model.set_adapter(name)
-            with model.disable_adapter() if name is None and hasattr(model, "disable_adapter") else nullcontext():
-                request = [{"role": "user", "content": prompt}] if chat else prompt
-                replies[name or "base"] = generate_reply(model, tokenizer, request, sampling)
-        rows.append({"prompt": prompt, "replies": replies})
+    requests = [[{"role": "user", "content": p}] if chat else p for p in prompts]
+    rows = [{"prompt": prompt, "replies": {}} for prompt in prompts]
+    for name in columns:
+        if name is not None:
+            model.set_adapter(name)
+        with model.disable_adapter() if name is None and hasattr(model, "disable_adapter") else nullcontext():
+            for start in range(0, len(requests), batch_size):
+                replies = generate_replies(model, tokenizer, requests[start:start + batch_size], sampling)
+                for row, reply in zip(rows[start:start + batch_size], replies):
+                    row["replies"][name or "base"] = reply
     return rows
 
 

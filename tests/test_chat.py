@@ -30,12 +30,13 @@ def two_adapters(llama_dir, tmp_path_factory):
 def test_several_adapters_share_one_base_and_switch_by_name(two_adapters, llama_dir):
     model, tokenizer, names = load_with_adapters(None, list(two_adapters))
     assert names == ["pirate", "french"]
-    rows = chat.answer_all(model, tokenizer, ["the", "hello"], [None, *names], GREEDY)
-    for name, folder in zip(names, two_adapters):  # each switched answer is what that adapter alone gives
+    prompts = ["the", "hello world, this is a tiny tokenizer for tests", "one two"]  # unequal: batched with left padding
+    rows = chat.answer_all(model, tokenizer, prompts, [None, *names], GREEDY)
+    for name, folder in zip(names, two_adapters):  # each switched, batched answer is what that adapter alone gives
         alone, alone_tokenizer = adapter.load_with_adapter(None, folder)
-        assert [r["replies"][name] for r in rows] == [adapter.generate(alone, alone_tokenizer, p, 6) for p in ("the", "hello")]
+        assert [r["replies"][name] for r in rows] == [adapter.generate(alone, alone_tokenizer, p, 6) for p in prompts]
     plain, plain_tokenizer = adapter.load_with_adapter(str(llama_dir), None)
-    assert [r["replies"]["base"] for r in rows] == [adapter.generate(plain, plain_tokenizer, p, 6) for p in ("the", "hello")]
+    assert [r["replies"]["base"] for r in rows] == [adapter.generate(plain, plain_tokenizer, p, 6) for p in prompts]
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         model.set_adapter("pirate")
