@@ -82,9 +82,12 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         smallest = replace(choice.recipe, parallel="ddp", micro_batch=1, seq_len=min(512, choice.recipe.seq_len))
         if roomy(smallest):
             choice.changes.append(Change("parallel", "-", "ddp", f"the model fits one card: each of the {target.gpus} GPUs holds it"))
-        else:
+        elif roomy(replace(smallest, parallel="fsdp")):
             change(f"the model does not fit one card: its weights are sharded across the {target.gpus} GPUs (FSDP)",
                    parallel="fsdp")
+        else:
+            change(f"even sharded across the {target.gpus} GPUs it does not fit: the shards wait in host RAM (FSDP offload)",
+                   parallel="fsdp_offload")
 
     if target.device == "cuda" and not target.bf16:
         change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")

@@ -335,7 +335,7 @@ def plan(
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Plan per GPU for this many GPUs of that kind."),
-    strategy: str = typer.Option("ddp", "--strategy", help="With --gpus: ddp (a whole model per GPU) or fsdp (weights sharded)."),
+    strategy: str = typer.Option("ddp", "--strategy", help="With --gpus: ddp (a whole model per GPU), fsdp (weights sharded) or fsdp_offload (shards in host RAM)."),
     as_json: bool = JSON,
 ) -> None:
     """Estimate peak memory per component before loading anything; say what fits and how to make it fit."""
@@ -345,8 +345,8 @@ def plan(
     from qlora_kit.plan import choose_target, make_plan
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
-    if strategy not in ("ddp", "fsdp"):
-        raise UserError(f"Unknown --strategy {strategy}.", hint="Use ddp or fsdp.")
+    if strategy not in ("ddp", "fsdp", "fsdp_offload"):
+        raise UserError(f"Unknown --strategy {strategy}.", hint="Use ddp, fsdp or fsdp_offload.")
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank)
     hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
     target = replace(choose_target(gpu, vram, hardware), gpus=gpus, strategy=strategy)

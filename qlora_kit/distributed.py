@@ -79,19 +79,22 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
 def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device, strategy: str = "ddp",
          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The loss module made data parallel when distributed: DistributedDataParallel (ddp), or FSDP2's fully_shard on
-    every decoder layer and then on the whole (fsdp), which shards the 4-bit weights and LoRA state across ranks."""
+    every decoder layer and then on the whole (fsdp, fsdp_offload), which shards the 4-bit weights and LoRA state
+    across ranks."""
     if not ranks.active:
         return module
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if strategy in ("fsdp", "fsdp_offload"):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         from qlora_kit.model import lm_parts
 
         # One dtype per all-gather: LoRA's fp32 weights are cast to the compute dtype to compute, reduced in fp32.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+        # fsdp_offload: the shards (and so the optimizer step) live in host RAM; each layer is copied in to compute.
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if strategy == "fsdp_offload" else OffloadPolicy()
         for layer in lm_parts(module.model)[0].layers:
-            fully_shard(layer, mp_policy=policy)
-        return fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm and head
+            fully_shard(layer, mp_policy=policy, offload_policy=offload)
+        return fully_shard(module, mp_policy=policy, offload_policy=offload)  # the root: embeddings, final norm, head
     from torch.nn.parallel import DistributedDataParallel
 
     # Every rank loads the same weights and seeds LoRA alike, so rank 0's 4-bit weights need not be broadcast.

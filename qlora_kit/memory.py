@@ -152,7 +152,8 @@ def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
 def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda", capacity_bytes: int | None = None,
                          gpus: int = 1, strategy: str = "ddp") -> MemoryPlan:
     """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU; with gpus > 1, on each
-    GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split) run."""
+    GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split;
+    fsdp_offload: the shards in host RAM) run."""
     on_gpu = device == "cuda"
     cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
@@ -202,9 +203,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     }
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
-    if gpus > 1 and strategy == "fsdp":
+    if gpus > 1 and strategy in ("fsdp", "fsdp_offload"):
         for key in ("quantized_weights", "unquantized_weights", "lora_weights", "lora_gradients", "optimizer_state"):
-            components[key] = -(-components[key] // gpus)
+            components[key] = -(-components[key] // gpus) if strategy == "fsdp" else 0  # offloaded: in host RAM
         # Each layer's shards are gathered whole to compute with (the next one prefetched), and so are the embeddings.
         components["fsdp_gathered_weights"] = 2 * (quantized_weight_bytes(shape) // L + 8 * lora // L) + V * h * cb
     if on_gpu:
@@ -215,7 +216,10 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
     if gpus > 1:
         notes.append(f"Per GPU, for {gpus} GPUs with {strategy.upper()}"
-                     + (" (sharding terms are first-principles estimates, not yet measured)." if strategy == "fsdp" else "."))
+                     + (" (sharding terms are first-principles estimates, not yet measured)." if strategy != "ddp" else "."))
+    if gpus > 1 and strategy == "fsdp_offload":
+        host = (quantized_weight_bytes(shape) + shape.unquantized_params() * cb) // gpus + 16 * lora // gpus
+        notes.append(f"fsdp_offload keeps {host / GIB:.2f} GiB of shards (weights, LoRA, fp32 AdamW) in each process's host RAM.")
     notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]

@@ -57,8 +57,9 @@ class Recipe:
     gradient_checkpointing: bool = _setting(True, "recompute each layer in backward instead of keeping its activations")
     activation_offload: bool = _setting(False, "with checkpointing on a GPU, keep saved activations in pinned host RAM")
     loss_chunk_tokens: int = _setting(0, "tokens per chunk of the chunked loss; 0 picks from the vocabulary size", low=0)
-    parallel: str = _setting("ddp", "on several GPUs: ddp (each holds the whole 4-bit model) or fsdp (weights sharded across them)",
-                             choices=("ddp", "fsdp"))
+    parallel: str = _setting("ddp", "on several GPUs: ddp (each holds the whole 4-bit model), fsdp (weights and LoRA state "
+                             "sharded across them), or fsdp_offload (the shards wait in host RAM between uses)",
+                             choices=("ddp", "fsdp", "fsdp_offload"))
     optimizer: str = _setting("auto", "auto = paged 8-bit AdamW on CUDA, torch AdamW on CPU",
                               choices=("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"))
     precision: str = _setting("auto", "compute dtype: auto = bf16 if supported, else fp16 on GPU, fp32 on CPU",

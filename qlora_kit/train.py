@@ -91,7 +91,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             examples = data.pack(examples, recipe.seq_len, recipe.seed)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
         model = models.attach_lora(models.load_base_4bit(folder, dtype, device, trust_remote_code,
-                                                         shardable=ranks.active and recipe.parallel == "fsdp"), recipe)
+                                                         shardable=ranks.active and recipe.parallel != "ddp"), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
     console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
@@ -110,7 +110,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                   f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
     if ranks.active:
-        console.print(f"{'Sharded (FSDP)' if recipe.parallel == 'fsdp' else 'Data parallel (DDP)'} over {ranks.world} processes: "
+        layout = {"ddp": "Data parallel (DDP)", "fsdp": "Sharded (FSDP)", "fsdp_offload": "Sharded (FSDP, shards in host RAM)"}
+        console.print(f"{layout[recipe.parallel]} over {ranks.world} processes: "
                       f"{recipe.micro_batch * recipe.grad_accum} examples "
                       f"each, {recipe.micro_batch * recipe.grad_accum * ranks.world} a step")
     total_steps = count_steps(len(examples), recipe, ranks.world)
@@ -566,7 +567,10 @@ def make_optimizer(params, recipe: Recipe, device: torch.device, console: Consol
     """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU."""
     name = recipe.optimizer
     if name == "auto":
-        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+        name = "paged_adamw_8bit" if device.type == "cuda" and recipe.parallel != "fsdp_offload" else "adamw"
+    if recipe.parallel == "fsdp_offload" and name != "adamw":  # offloaded shards step on the CPU
+        console.print(f"[yellow]{name} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]")
+        name = "adamw"
     if name != "adamw" and device.type != "cuda":
         console.print(f"[yellow]{name} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
         name = "adamw"

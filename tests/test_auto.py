@@ -124,9 +124,10 @@ def test_several_gpus_choose_ddp_when_one_card_holds_the_model_and_fsdp_when_not
     card = choose_target(gpu="RTX 3090")
     small = choose_recipe(find_model_shape("llama-3.2-3b"), replace(card, gpus=2))
     assert small.recipe.parallel == "ddp" and any("fits one card" in c.why for c in small.changes)
-    tiny_cards = replace(choose_target(vram_gib=4), gpus=4)
-    big = choose_recipe(find_model_shape("llama-3.1-8b"), tiny_cards)
-    assert big.recipe.parallel == "fsdp" and big.fits, "sharded over four 4 GB cards, an 8B model fits"
+    big = choose_recipe(find_model_shape("llama-3.1-8b"), replace(choose_target(vram_gib=6), gpus=4))
+    assert big.recipe.parallel == "fsdp" and big.fits, "sharded over four 6 GB cards, an 8B model fits"
+    offloaded = choose_recipe(find_model_shape("llama-3.1-8b"), replace(choose_target(vram_gib=4), gpus=4))
+    assert offloaded.recipe.parallel == "fsdp_offload" and offloaded.fits, "four 4 GB cards: the shards go to host RAM"
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(render_choice(big, find_model_shape("llama-3.1-8b")))
     assert "4 GPUs, FSDP, memory per GPU" in console.export_text()

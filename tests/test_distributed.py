@@ -112,5 +112,13 @@ def test_fsdp_shards_the_4bit_model_and_trains_like_one_process(llama_dir, chat_
     assert_same_training(copy, single_run)
 
 
+def test_fsdp_with_shards_in_host_ram_trains_the_same(llama_dir, chat_data, single_run, tmp_path):
+    out = tmp_path / "offload"
+    result = torchrun(out, llama_dir, chat_data, "--parallel", "fsdp_offload")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Sharded (FSDP, shards in host RAM) over 2 processes" in result.stdout
+    assert_same_training(out, single_run)
+
+
 def test_gpus_flag_is_removed_for_the_processes_torchrun_starts():
     assert without_gpus_flag(["train", "--gpus", "2", "--out", "x", "--gpus=4"]) == ["train", "--out", "x"]

@@ -164,3 +164,6 @@ def test_several_gpus_ddp_adds_gradient_buckets_and_fsdp_shards_the_weights():
     assert fsdp.components["quantized_weights"] == -(-one.components["quantized_weights"] // 4)
     assert fsdp.components["saved_activations"] == one.components["saved_activations"], "activations are per GPU either way"
     assert fsdp.total_bytes < one.total_bytes and "fsdp_gathered_weights" in fsdp.components
+    offload = estimate_peak_memory(shape, recipe, gpus=4, strategy="fsdp_offload")
+    assert offload.components["quantized_weights"] == 0 and offload.total_bytes < fsdp.total_bytes
+    assert any("host RAM" in note for note in offload.notes)
