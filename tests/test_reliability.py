@@ -172,17 +172,17 @@ def test_too_little_disk_is_refused_before_anything_is_written(llama_dir, chat_d
     assert not (tmp_path / "run").exists()
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch):
-    original, calls = torch.save, []
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch, fault):
+    original = torch.save
 
-    def full_disk(obj, path, *args, **kwargs):
-        calls.append(path)
+    def failing(obj, path, *args, **kwargs):
         if "step-10" in str(path):
-            raise OSError(28, "No space left on device")
+            raise fault
         return original(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(UserError, match="Could not write the checkpoint of step 10: No space left on device") as error:
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    with pytest.raises(UserError, match=f"Could not write the checkpoint of step 10: {fault.strerror}") as error:
         run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
     assert "step-5 is intact" in error.value.hint and "--resume" in error.value.hint
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-5"]
