@@ -71,7 +71,7 @@ def main() -> None:
     print(f"{args.examples:,} chat examples, {tokens:,} tokens, {workers} tokenizer processes")
     print(f"(a) Python lists:   {lists_bytes / tokens:6.1f} bytes of private memory per token ({lists_bytes / 2**20:,.0f} MiB)")
     print(f"(b) qlora-kit table: {max(table_bytes, 0) / tokens:6.1f} bytes per token ({table_bytes / 2**20:,.0f} MiB)")
-    print(f"memory ratio (b)/(a): {max(table_bytes, 0) / lists_bytes:.3f}")
+    print(f"memory ratio (b)/(a): {max(table_bytes, 0) / max(lists_bytes, 1):.3f}")
     print(f"tokenizing: {one_process_s:.1f} s in one process, {parallel_s:.1f} s with datasets.map over {workers} "
           f"(including the cache write): ratio {parallel_s / one_process_s:.2f}")
 

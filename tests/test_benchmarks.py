@@ -22,3 +22,19 @@ def test_compare_hf_runs_both_sides_on_cpu(tmp_path):
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["hf"]["status"] == record["ours"]["status"] == "ok"
     assert record["ours"]["peak_rss_gib"] > 0 and record["versions"]["bitsandbytes"]
+
+
+def test_padding_benchmark_counts_what_grouping_saves():
+    from benchmarks.padding import padding_share
+
+    lengths = [10, 200] * 16
+    assert padding_share(lengths, per_step=2, steps=16, grouped=True) < 0.01
+    assert padding_share(lengths, per_step=2, steps=16, grouped=False) > 0.2
+
+
+@pytest.mark.slow
+def test_data_memory_benchmark_runs_small():
+    out = subprocess.run([sys.executable, "benchmarks/data_memory.py", "--examples", "300"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory ratio (b)/(a)" in out.stdout
