@@ -132,7 +132,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
     start = time.perf_counter()
     base_id = adapter.portable_base_id(recipe.model, folder)
-    resume_hint = f"qlora-kit train --out {out_dir} --resume"
+    resume_hint = f"qlora-kit train --out {out_dir} --resume" + (f" --gpus {ranks.world}" if ranks.active else "")
     info = RunInfo(out_dir.name, recipe.model, device.type, total_steps, plan["target"]["capacity_bytes"] / GIB,
                    plan["plan"]["total_bytes"] / GIB)
     with Dashboard(console, info, display) as dashboard, StopOnSignal(dashboard) as signals:
