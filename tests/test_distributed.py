@@ -96,27 +96,21 @@ def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llam
     assert len(losses(alone)) == 6
 
 
-def test_fsdp_shards_the_4bit_model_and_trains_like_one_process(llama_dir, chat_data, single_run, tmp_path):
-    out = tmp_path / "fsdp"
-    result = torchrun(out, llama_dir, chat_data, "--parallel", "fsdp")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Sharded (FSDP) over 2 processes" in result.stdout
-    assert_same_training(out, single_run)
-    copy = tmp_path / "resumed"  # resume across ranks from the whole-tensor checkpoint, re-sharded on load
+@pytest.mark.parametrize("parallel, banner", [("fsdp", "Sharded (FSDP) over 2 processes"),
+                                             ("fsdp_offload", "Sharded (FSDP, shards in host RAM) over 2 processes")])
+def test_fsdp_shards_the_4bit_model_trains_like_one_process_and_resumes(llama_dir, chat_data, single_run, tmp_path,
+                                                                       parallel, banner):
     import shutil
 
-    shutil.copytree(out, copy)
-    shutil.rmtree(copy / "checkpoints" / "step-6")
-    resumed = torchrun(copy, llama_dir, chat_data, "--parallel", "fsdp", "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert_same_training(copy, single_run)
-
-
-def test_fsdp_with_shards_in_host_ram_trains_the_same(llama_dir, chat_data, single_run, tmp_path):
-    out = tmp_path / "offload"
-    result = torchrun(out, llama_dir, chat_data, "--parallel", "fsdp_offload")
+    out = tmp_path / parallel
+    result = torchrun(out, llama_dir, chat_data, "--parallel", parallel)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Sharded (FSDP, shards in host RAM) over 2 processes" in result.stdout
+    assert banner in result.stdout
+    assert_same_training(out, single_run)
+    shutil.rmtree(out / "checkpoints" / "step-6")  # resume from step 3's whole tensors, re-sharded on load
+    resumed = torchrun(out, llama_dir, chat_data, "--parallel", parallel, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming from step-3" in resumed.stdout
     assert_same_training(out, single_run)
 
 
