@@ -134,6 +134,15 @@ def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_pa
     recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=6, micro_batch=4, grad_accum=2, dropout=0.0)
     console = Console(file=io.StringIO())
     summary = run_training(recipe, tmp_path / "run", console)
+    assert summary.steps == 6 and summary.step_downs == ["micro-batch 4 -> 2", "micro-batch 2 -> 1"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["to"]["micro_batch"]) for m in lines if "event" in m] == [(2, 2), (4, 1)]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6], "no step lost, none repeated"
+    assert [(m["micro_batch"], m["grad_accum"]) for m in steps] == [(4, 2), (2, 4), (2, 4), (1, 8), (1, 8), (1, 8)]
+    assert "Out of memory at step 2" in console.file.getvalue()
+
+
 def test_a_redone_step_gives_the_same_update(llama_dir, text_data, tmp_path, monkeypatch):
     recipe = Recipe(rank=4, micro_batch=4, grad_accum=1, dropout=0.0, warmup_ratio=0.0)
     clean, _, clean_losses = trained(llama_dir, text_data, recipe, steps=3)
