@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +29,27 @@ def portable_base_id(source: str, folder: Path) -> str:
     return str(folder.resolve())
 
 
+@contextmanager
+def staged_folder(final: Path):
+    """An empty folder beside `final` to write into; when the block ends without error it replaces `final` in one
+    rename, so `final` is always whole (new or old) or absent. On any error, a second Ctrl-C included, it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None, state_dict: dict | None = None) -> int:
     """Write adapter_config.json, adapter_model.safetensors, tokenizer files and the card (README.md) atomically;
     returns the weights' bytes. state_dict: the LoRA tensors gathered whole, when the model's are sharded."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         if card:
@@ -43,13 +58,7 @@ def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None 
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_id
         config_path.write_text(json.dumps(config, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return (folder / "adapter_model.safetensors").stat().st_size
+    return (Path(folder) / "adapter_model.safetensors").stat().st_size
 
 
 def adapter_card(recipe, base_id: str, facts: dict) -> str:
@@ -91,14 +100,21 @@ or `qlora-kit generate --adapter path/to/this/folder --prompt "..."`; `qlora-kit
 """
 
 
+def run_settings(adapter_dir: Path | None) -> dict:
+    """The settings of the run that trained an adapter (its recipe.yaml, beside runs/NAME/adapter), or {}."""
+    recipe_file = Path(adapter_dir).parent / "recipe.yaml" if adapter_dir else None
+    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file and recipe_file.is_file() else {}
+
+
 def base_source_for(adapter_dir: Path) -> str:
     """The base model a run's adapter was trained on: the run's recipe.yaml, else adapter_config.json."""
-    recipe_file = adapter_dir.parent / "recipe.yaml"
-    if recipe_file.is_file():
-        recipe = yaml.safe_load(recipe_file.read_text()) or {}
-        if recipe.get("model"):
-            return recipe["model"]
-    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return (run_settings(adapter_dir).get("model")
+            or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+def tokenizer_folder(adapter_dir: Path | None, base_folder: Path) -> Path:
+    """Where the tokenizer to use with an adapter lives: the adapter folder (qlora-kit saves it there), else the base."""
+    return adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else base_folder
 
 
 def check_adapter_folder(adapter_dir: Path) -> None:
@@ -134,8 +150,7 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
     device, dtype = models.pick_device_and_dtype(precision)
     folder = resolve_model(source)
-    has_tokenizer = adapter_dirs and (adapter_dirs[0] / "tokenizer_config.json").is_file()
-    tokenizer = models.load_tokenizer(adapter_dirs[0] if has_tokenizer else folder, trust_remote_code)
+    tokenizer = models.load_tokenizer(tokenizer_folder(adapter_dirs[0] if adapter_dirs else None, folder), trust_remote_code)
     model = models.load_base_4bit(folder, dtype, device, trust_remote_code)
     names = adapter_names(adapter_dirs)
     for name, adapter_dir in zip(names, adapter_dirs):
@@ -177,6 +192,14 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+
+
+def answering_with(model, name: str | None):
+    """A context in which the model answers with adapter `name`, or with the bare base model for None."""
+    if name is not None:
+        model.set_adapter(name)
+        return nullcontext()
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qlora_kit.adapter import Sampling, generate_replies, generate_reply
+from qlora_kit.adapter import Sampling, answering_with, generate_replies, generate_reply
 from qlora_kit.errors import UserError
 
 HELP = ("/reset forgets the conversation - /system TEXT sets the system prompt (/system alone clears it) - "
@@ -52,7 +52,6 @@ def run_chat(model, tokenizer, names: list[str], console: Console, sampling: Sam
                 console.print("[dim]Answering with the base model, no adapter.[/]")
             elif command == "/adapter" and argument.strip() in names:
                 active = argument.strip()
-                model.set_adapter(active)
                 console.print(f"[dim]Answering with adapter {active}.[/]")
             elif command == "/adapter":
                 console.print(f"[red]No adapter named {argument.strip()!r}.[/] Loaded: {', '.join(names) or 'none'}.")
@@ -61,15 +60,14 @@ def run_chat(model, tokenizer, names: list[str], console: Console, sampling: Sam
             continue
         messages.append({"role": "user", "content": line})
         turn = ([{"role": "system", "content": system}] if system else []) + messages
-        reply = stream_reply(model, tokenizer, turn, sampling, console, use_adapter=active is not None)
+        reply = stream_reply(model, tokenizer, turn, sampling, console, adapter=active)
         messages.append({"role": "assistant", "content": reply})
     return messages
 
 
-def stream_reply(model, tokenizer, messages: list[dict], sampling: Sampling, console: Console, use_adapter: bool = True) -> str:
-    """Generate on a worker thread and print the text as it arrives; returns the whole reply."""
-    from contextlib import nullcontext
-
+def stream_reply(model, tokenizer, messages: list[dict], sampling: Sampling, console: Console, adapter: str | None = None) -> str:
+    """Generate with `adapter` (None: the base model) on a worker thread and print the text as it arrives; returns
+    the whole reply."""
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -77,7 +75,7 @@ def stream_reply(model, tokenizer, messages: list[dict], sampling: Sampling, con
 
     def work() -> None:
         try:
-            with nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter():
+            with answering_with(model, adapter):
                 result["reply"] = generate_reply(model, tokenizer, messages, sampling, streamer)
         except BaseException as e:  # surfaced on the main thread below; the streamer must still end
             result["error"] = e
@@ -120,14 +118,10 @@ def answer_all(model, tokenizer, prompts: list[str], columns: list[str | None], 
                batch_size: int = 8) -> list[dict]:
     """Every prompt answered by every column: an adapter's name, or None for the base model, batch_size prompts
     at a time. The base is loaded once; switching adapters is peft's set_adapter."""
-    from contextlib import nullcontext
-
     requests = [[{"role": "user", "content": p}] if chat else p for p in prompts]
     rows = [{"prompt": prompt, "replies": {}} for prompt in prompts]
     for name in columns:
-        if name is not None:
-            model.set_adapter(name)
-        with model.disable_adapter() if name is None and hasattr(model, "disable_adapter") else nullcontext():
+        with answering_with(model, name):
             for start in range(0, len(requests), batch_size):
                 replies = generate_replies(model, tokenizer, requests[start:start + batch_size], sampling)
                 for row, reply in zip(rows[start:start + batch_size], replies):

@@ -6,7 +6,7 @@ runs/NAME/checkpoints/step-N/
   state.pt             scheduler, GradScaler and RNG states (python, numpy, torch, CUDA)
   trainer_state.json   step, data position, the step shape after any out-of-memory step-downs, counters
   manifest.json        every file above with its size and sha256, written last
-A checkpoint is written to checkpoints/.step-N.partial and renamed into place: step-N is complete or absent.
+A checkpoint is written to checkpoints/.step-N.partial-* and renamed into place: step-N is complete or absent.
 Everything is read back with safetensors or torch.load(weights_only=True), never with pickle.
 """
 
@@ -45,23 +45,18 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: di
                     keep: int) -> Path:
     """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter, optimizer_state comes from
     gather_optimizer) and delete all but the newest `keep`; returns its folder."""
+    from qlora_kit.adapter import staged_folder
+
     root = Path(run_dir) / "checkpoints"
-    final, staging = root / f"step-{step}", root / f".step-{step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
+    final = root / f"step-{step}"  # replaced when the same step is saved again, after a resume from an earlier one
+    # A full disk or a second Ctrl-C leaves no partial folder and the older checkpoints as they were.
+    with staged_folder(final) as staging:
         write_adapter(staging / "adapter")
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, staging / "state.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         write_manifest(staging, step)
-        if final.exists():  # the same step again, after a resume from an earlier checkpoint
-            shutil.rmtree(final)
-        staging.rename(final)
-        _fsync(root)
-    except BaseException:  # a full disk, or a second Ctrl-C: leave no partial folder, keep the older checkpoints
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    _fsync(root)
     for old in complete_checkpoints(root.parent)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

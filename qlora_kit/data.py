@@ -437,6 +437,11 @@ def example_stream(examples: Sequence[Example], seed: int, per_step: int = 1, gr
         epoch, offset = epoch + 1, 0
 
 
+def learned_tokens(examples) -> int:
+    """Tokens the loss is taken on: labelled ones after the first (a first token has nothing to be predicted from)."""
+    return sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+
+
 def truncate(examples: list[Example], seq_len: int) -> list[Example]:
     """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
     return [Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len]) for e in examples]

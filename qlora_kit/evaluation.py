@@ -10,11 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
 from qlora_kit import data
-from qlora_kit.adapter import load_with_adapter
+from qlora_kit.adapter import load_with_adapter, run_settings
 from qlora_kit.recipes import Recipe
 
 
@@ -51,13 +50,13 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
     train_on_inputs default to the adapter's run (recipe.yaml beside it), else 512 and off."""
     from qlora_kit.train import evaluate
 
-    run = _run_recipe(adapter_dir)
+    run = run_settings(adapter_dir)
     recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
                     train_on_inputs=run.get("train_on_inputs", False) if train_on_inputs is None else train_on_inputs)
     loaded = data.read_records(data_path)
     model, tokenizer = load_with_adapter(source, adapter_dir)
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
-    tokens = sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples)
+    tokens = data.learned_tokens(examples)
     pad_id, device = tokenizer.pad_token_id, model.device
     if adapter_dir is None:
         return EvalResult(str(data_path), len(examples), tokens, evaluate(model, examples, recipe, pad_id, device), None)
@@ -66,7 +65,3 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
         base = evaluate(model, examples, recipe, pad_id, device)
     return EvalResult(str(data_path), len(examples), tokens, base, adapted)
 
-
-def _run_recipe(adapter_dir: Path | None) -> dict:
-    recipe_file = Path(adapter_dir).parent / "recipe.yaml" if adapter_dir else None
-    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file and recipe_file.is_file() else {}

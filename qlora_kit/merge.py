@@ -8,15 +8,13 @@ trained against: it needs no 16-bit copy of the base, but every weight carries N
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import psutil
 import torch
 
 from qlora_kit import model as models
-from qlora_kit.adapter import base_source_for, check_adapter_folder
+from qlora_kit.adapter import base_source_for, check_adapter_folder, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
 from qlora_kit.sources import resolve_model
 
@@ -48,19 +46,10 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
                                                     trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True  # a merged model is for inference
-    tokenizer = models.load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else folder,
-                                      trust_remote_code)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    tokenizer = models.load_tokenizer(tokenizer_folder(adapter_dir, folder), trust_remote_code)
+    with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         merged.save_pretrained(staging, max_shard_size="2GB")  # safetensors shards
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

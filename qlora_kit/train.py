@@ -179,7 +179,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
         except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
             last = checkpoint.complete_checkpoints(out_dir)
-            console.print(f"[bold red]Stopped at once.[/] " + (f"Resume from {last[0].name} with: {resume_hint}" if last else
+            console.print("[bold red]Stopped at once.[/] " + (f"Resume from {last[0].name} with: {resume_hint}" if last else
                                                                 "No checkpoint was written yet."))
             raise
         finally:
@@ -253,7 +253,7 @@ def prepare_out_dir(out_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
     if not resume:
         if holds_run and not overwrite:
             raise UserError(f"{out_dir} already holds a run.",
-                            hint=f"Continue it with --resume, start it again with --overwrite, or choose another --out.")
+                            hint="Continue it with --resume, start it again with --overwrite, or choose another --out.")
         if holds_run:
             for name in (*RUN_FILES, "checkpoints"):
                 path = out_dir / name
@@ -467,7 +467,7 @@ def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, devic
     examples = sorted(data.truncate(examples, shape.seq_len), key=len)
     # Normalise by the whole step's labelled tokens (every rank's), not per micro-batch, so any split gives the same
     # gradient; DistributedDataParallel averages over ranks, so each rank's share is scaled back up by the world size.
-    n_targets = distributed.total(sum(sum(label != data.IGNORE for label in e.labels[1:]) for e in examples), ranks)
+    n_targets = distributed.total(data.learned_tokens(examples), ranks)
     starts = range(0, len(examples), shape.micro_batch)
     step_loss, step_tokens, slots = 0.0, 0, 0
     for start in starts:

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, cache_key, collate, epoch_order, example_stream, pack, read_records,
                             split_off, tokenize, tokenize_record, truncate)
