@@ -130,7 +130,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     peaks = [m["mem_reserved_gib" if device.type == "cuda" else "rss_gib"] for m in history]
     paddings, step_downs, stopped = [m["padding_pct"] for m in history], [], None
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
-    start = time.perf_counter()
+    # A resumed run's clock goes on from its last recorded step, so time_s and tokens/s cover the whole run.
+    start = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
     base_id = adapter.portable_base_id(recipe.model, folder)
     resume_hint = f"qlora-kit train --out {out_dir} --resume" + (f" --gpus {ranks.world}" if ranks.active else "")
     info = RunInfo(out_dir.name, recipe.model, device.type, total_steps, plan["target"]["capacity_bytes"] / GIB,

@@ -100,6 +100,8 @@ def test_a_run_killed_with_sigkill_resumes_exactly(llama_dir, chat_data, tmp_pat
     summary = run_training(recipe_for(llama_dir, chat_data), out, console, resume=True)
     assert "Resuming from step-10" in console.file.getvalue() and summary.steps == STEPS
     assert_same_run(out, whole_run)
+    times = [m["time_s"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert times == sorted(times) and summary.seconds >= times[-1], "the run's clock goes on across the resume"
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
