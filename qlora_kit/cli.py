@@ -171,8 +171,17 @@ def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = Non
 
 
 ADAPTERS = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter; repeat it to load several on one base.")
-TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (repeatable); higher = more varied.")
-TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability.")
+BASE_MODEL = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on.")
+
+
+def _sampling_options(temperature: float, top_p: float):
+    """--temperature and --top-p with a command's own defaults (greedy for generate, varied for chat)."""
+    return (typer.Option(temperature, "--temperature", min=0.0, help="0 = greedy (repeatable); higher = more varied."),
+            typer.Option(top_p, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability."))
+
+
+GENERATE_TEMPERATURE, GENERATE_TOP_P = _sampling_options(0.0, 1.0)
+CHAT_TEMPERATURE, CHAT_TOP_P = _sampling_options(0.7, 0.9)
 
 
 @app.command()
@@ -180,11 +189,11 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask the model."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help='Many prompts: a .jsonl file with {"prompt": "..."} per line.'),
     adapter: Optional[list[Path]] = ADAPTERS,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapters were trained on."),
+    model: Optional[str] = BASE_MODEL,
     compare: bool = typer.Option(False, "--compare", help="Also answer with the base model, side by side."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest reply in tokens."),
-    temperature: float = TEMPERATURE,
-    top_p: float = TOP_P,
+    temperature: float = GENERATE_TEMPERATURE,
+    top_p: float = GENERATE_TOP_P,
     raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt: the prompt and each model's reply."),
 ) -> None:
@@ -212,11 +221,11 @@ def generate(
 @app.command()
 def chat(
     adapter: Optional[list[Path]] = ADAPTERS,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapters were trained on."),
+    model: Optional[str] = BASE_MODEL,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt to start with (/system changes it)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy (repeatable); higher = more varied."),
-    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability."),
+    temperature: float = CHAT_TEMPERATURE,
+    top_p: float = CHAT_TOP_P,
 ) -> None:
     """Chat in the terminal with the 4-bit base and its adapters; replies stream as they are generated."""
     from qlora_kit.adapter import Sampling, load_with_adapters
@@ -231,7 +240,7 @@ def chat(
 def eval_command(
     data: Path = typer.Option(..., "--data", "-d", help="Held-out data, in any format train reads."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder; without it only the base is evaluated."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    model: Optional[str] = BASE_MODEL,
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Truncate examples to this many tokens [default: the adapter's run, else 512]."),
     micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="Examples per forward pass."),
     train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--no-train-on-inputs", show_default=False,
@@ -250,7 +259,7 @@ def eval_command(
 def merge(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (safetensors, config, tokenizer)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on."),
+    model: Optional[str] = BASE_MODEL,
     dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights: bf16, fp16 or fp32."),
     from_quantized: bool = typer.Option(False, "--from-quantized",
                                         help="Merge into the dequantized 4-bit base (no 16-bit reload; every weight keeps NF4's rounding error)."),
