@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="512,2048,8192")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--ranks", default="8,64")
-    parser.add_argument("--checkpointing", default="on,off")
+    parser.add_argument("--checkpointing", default="on,half,off", help="on: every layer; half: the last half kept whole; off")
     parser.add_argument("--work", default="/tmp/qlora-kit-calibration", help="where random models are saved")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -89,13 +89,14 @@ def main() -> None:
         folder = build_random_model(name, Path(args.work) / name)
         base = models.load_base_4bit(folder, torch.bfloat16, torch.device("cuda", 0))
         grid = itertools.product([int(s) for s in args.seqs.split(",")], [int(b) for b in args.batches.split(",")],
-                                 [int(r) for r in args.ranks.split(",")], [c == "on" for c in args.checkpointing.split(",")])
+                                 [int(r) for r in args.ranks.split(",")], args.checkpointing.split(","))
         for seq, batch, rank, checkpointing in grid:
-            recipe = Recipe(seq_len=seq, micro_batch=batch, rank=rank, gradient_checkpointing=checkpointing)
+            recipe = Recipe(seq_len=seq, micro_batch=batch, rank=rank, gradient_checkpointing=checkpointing != "off",
+                            uncheckpointed_layers=shape.num_layers // 2 if checkpointing == "half" else 0)
             started = time.time()
             measured = measure_point(base, shape, recipe)
             plan = estimate_peak_memory(shape, recipe, "cuda")
-            record = {"model": name, "seq_len": seq, "micro_batch": batch, "rank": rank, "gradient_checkpointing": checkpointing,
+            record = {"model": name, "seq_len": seq, "micro_batch": batch, "rank": rank, "checkpointing": checkpointing,
                       **measured, "estimate_allocated": plan.allocated_bytes,
                       "estimate_reserved": plan.allocated_bytes + plan.components["allocator_slack"],
                       "estimate_total": plan.total_bytes, "device": device_name, "versions": versions,

@@ -3,7 +3,9 @@
 Each side runs in its own fresh process:
   hf   transformers Trainer + prepare_model_for_kbit_training, LoRA on all linear layers, gradient checkpointing,
        paged 8-bit AdamW (torch AdamW on CPU), bf16 on GPU, NF4 with double quantization;
-  ours qlora_kit.train.train_loop with the same settings.
+  ours qlora_kit.train.train_loop with the same model, data, sequence, batch and rank, and qlora-kit's own choices
+       where they differ: LoRA dropout 0 (--ours-dropout) and, where memory allows, the last layers kept whole
+       instead of recomputed (--ours-layers auto: the plan's choice under the cap or the device's memory).
 The model has its catalogue config and random weights (no download); the data is random tokens of exactly
 --seq length. GPU: peak allocated / reserved / nvml memory and tokens/s. CPU: peak RSS and tokens/s.
 Results append to benchmarks/results/compare_hf_<device>.jsonl with versions and the command.
@@ -18,6 +20,7 @@ Results append to benchmarks/results/compare_hf_<device>.jsonl with versions and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -59,12 +62,14 @@ def worker(args) -> dict:
     vocab = AutoConfig.from_pretrained(args.folder).vocab_size
     rows = random_examples(vocab, args.seq, args.batch * (args.steps + 1))
     step_times: list[float] = []
+    settings = {}
     try:
-        (train_hf if args.worker == "hf" else train_ours)(args, rows, step_times)
+        settings = (train_hf if args.worker == "hf" else train_ours)(args, rows, step_times)
     except torch.OutOfMemoryError:
         return {"status": "oom", **_memory(cuda)}
     timed = step_times[1:] or step_times  # the first step warms up
-    return {"status": "ok", "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed), **_memory(cuda)}
+    return {"status": "ok", "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed), **_memory(cuda),
+            "settings": settings}
 
 
 def _memory(cuda: bool) -> dict:
@@ -78,8 +83,8 @@ def _memory(cuda: bool) -> dict:
             "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "peak_rss_gib": peak_rss_bytes() / GIB}
 
 
-def train_hf(args, rows, step_times) -> None:
-    """The recipe most QLoRA tutorials use, as they write it."""
+def train_hf(args, rows, step_times) -> dict:
+    """The recipe most QLoRA tutorials use, as they write it; returns the settings that differ between the sides."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
@@ -118,29 +123,53 @@ def train_hf(args, rows, step_times) -> None:
                                  gradient_checkpointing=True, logging_steps=1, report_to=[], save_strategy="no",
                                  use_cpu=not cuda, dataloader_num_workers=0)
     Trainer(model=model, args=training, train_dataset=Rows(), callbacks=[StepTimer()]).train()
+    return {"dropout": 0.05, "checkpointed_layers": "all"}
 
 
-def train_ours(args, rows, step_times) -> None:
+def train_ours(args, rows, step_times) -> dict:
+    """qlora-kit's loop on the same rows; returns its dropout and how many layers it checkpointed."""
     import torch
     from rich.console import Console
 
     from qlora_kit import data, model as models
+    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.memory import most_uncheckpointed_layers
     from qlora_kit.recipes import Recipe
     from qlora_kit.train import train_loop
 
     cuda = args.device == "cuda"
     device, dtype = (torch.device("cuda", 0), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-    recipe = Recipe(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05, seq_len=args.seq, micro_batch=args.batch)
+    recipe = Recipe(rank=args.rank, alpha=2.0 * args.rank, dropout=args.ours_dropout, seq_len=args.seq, micro_batch=args.batch,
+                    gradient_checkpointing=True)
+    shape = find_model_shape(args.model)
+    layers = int(args.ours_layers) if args.ours_layers != "auto" else most_uncheckpointed_layers(
+        shape, recipe, args.device, int(0.9 * _capacity_bytes(args)))
+    recipe = dataclasses.replace(recipe, uncheckpointed_layers=layers)
     model = models.attach_lora(models.load_base_4bit(Path(args.folder), dtype, device), recipe)
     examples = [data.Example(row, row) for row in rows]
     train_loop(model, examples, recipe, args.steps + 1, 0, device, dtype, lambda m: step_times.append(m["step_s"]),
                Console(file=io.StringIO()))
+    return {"dropout": args.ours_dropout, "checkpointed_layers": shape.num_layers - min(layers, shape.num_layers)}
+
+
+def _capacity_bytes(args) -> int:
+    """The memory a run may use here: the cap, else the GPU's memory, else the RAM available now."""
+    if args.cap_gib:
+        return int(args.cap_gib * GIB)
+    if args.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def run_side(side: str, args, seq: int) -> dict:
     """One side in a fresh process, so peaks and caches never carry over."""
     command = [sys.executable, __file__, "--worker", side, "--folder", str(args.folder), "--seq", str(seq), "--batch", str(args.batch),
-               "--rank", str(args.rank), "--steps", str(args.steps), "--device", args.device]
+               "--rank", str(args.rank), "--steps", str(args.steps), "--device", args.device, "--model", args.model,
+               "--ours-dropout", str(args.ours_dropout), "--ours-layers", args.ours_layers]
     if args.cap_gib:
         command += ["--cap-gib", str(args.cap_gib)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
@@ -171,6 +200,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (one more runs first to warm up)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--cap-gib", type=float, default=None, help="limit torch's GPU memory to this (CUDA only)")
+    parser.add_argument("--ours-dropout", type=float, default=0.0,
+                        help="qlora-kit's LoRA dropout: 0 is its default (the fast path); 0.05 is the HF recipe's")
+    parser.add_argument("--ours-layers", default="auto",
+                        help="layers qlora-kit keeps whole (not recomputed): auto = the plan's choice for the memory; 0 = none")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence at batch 1 under --cap-gib")
     parser.add_argument("--work", default="/tmp/qlora-kit-bench", help="where random models are saved")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where results are appended")
@@ -220,6 +253,8 @@ def print_comparison(record: dict) -> None:
         ratio = f"{b / a:.2f}x" if a and b else "-"
         print(f"  {key:20s} HF recipe {_fmt(a):>10s}   qlora-kit {_fmt(b):>10s}   qlora-kit / HF {ratio}")
     for side, result in (("HF recipe", hf), ("qlora-kit", ours)):
+        if result.get("settings"):
+            print(f"  {side}: LoRA dropout {result['settings']['dropout']}, checkpointed layers {result['settings']['checkpointed_layers']}")
         if result["status"] != "ok":
             print(f"  {side}: {result['status']} {result.get('error', '')}")
 

@@ -3,8 +3,11 @@
 The choice, in a fixed order so it is predictable:
 1. start from the largest shipped recipe whose card size is not above the usable memory (cpu.yaml without a GPU);
 2. fit the sequence length to the data: the 95th percentile of token lengths, rounded up to 64;
-3. raise the micro-batch while the plan keeps 10% headroom, keeping the effective batch with accumulation;
-4. when it does not fit, step down: micro-batch, then sequence length, then activation offload, then rank.
+3. raise the micro-batch while the plan keeps 10% headroom, keeping the effective batch with accumulation, until
+   a micro-batch holds enough tokens to keep the device busy;
+4. when it does not fit, step down: checkpointing on, micro-batch, sequence length, activation offload, rank;
+5. spend what is left on speed: the last decoder layers keep their activations instead of being recomputed, and
+   only when nothing is recomputed any more, larger micro-batches.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from rich.text import Text
 from qlora_kit.catalog import find_model_shape, model_ids
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
-from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory
+from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
 from qlora_kit.plan import Target, choose_target
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary
 
 HEADROOM = 0.90  # plan to use at most 90% of the card: fragmentation and other processes need the rest
+# Tokens per micro-batch beyond which a larger micro-batch barely raises throughput, so spare memory does more by
+# skipping recomputation (a quarter of a step's work). GPU: the H100 anchors in shared/design.md (gemma-2b: 2,048
+# tokens 5.5k tok/s, 8,192 tokens 12.3-12.9k); CPU: measured on 2 cores (benchmarks/recompute.py).
+BUSY_TOKENS = {"cuda": 8192, "cpu": 1024}
 
 
 @dataclass
@@ -99,18 +106,27 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         wanted = min(64 * math.ceil(p95 / 64), shape.max_positions)
         if wanted < choice.recipe.seq_len:
             change(f"95% of the examples are at most {p95} tokens", seq_len=wanted)
-        elif wanted > choice.recipe.seq_len and roomy(replace(choice.recipe, seq_len=wanted)):
+        elif wanted > choice.recipe.seq_len and roomy(replace(choice.recipe, seq_len=wanted, gradient_checkpointing=True)):
             change(f"95% of the examples are at most {p95} tokens, and the card has room", seq_len=wanted)
+            if not roomy(choice.recipe):
+                change("to fit the longer sequences: layers are recomputed in backward instead of keeping their "
+                       "activations", gradient_checkpointing=True)
 
     effective = choice.recipe.micro_batch * choice.recipe.grad_accum
-    while (choice.recipe.micro_batch * 2 <= effective
-           and roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
-        batch = choice.recipe.micro_batch * 2
-        change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
+
+    def grow_micro_batch(busy_tokens: float) -> None:
+        while (choice.recipe.micro_batch * 2 <= effective and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
+               and roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
+            batch = choice.recipe.micro_batch * 2
+            change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
+
+    grow_micro_batch(BUSY_TOKENS[target.device])
 
     while not roomy(choice.recipe):
         r = choice.recipe
-        if r.micro_batch > 1:
+        if not r.gradient_checkpointing:
+            change("to fit: layers are recomputed in backward instead of keeping their activations", gradient_checkpointing=True)
+        elif r.micro_batch > 1:
             batch = r.micro_batch // 2
             change(f"to fit; same effective batch of {effective}", micro_batch=batch, grad_accum=math.ceil(effective / batch))
         elif r.seq_len > 128:
@@ -121,6 +137,17 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
             change("to fit: a smaller adapter", rank=r.rank // 2, alpha=r.alpha / 2)
         else:
             break
+    if choice.recipe.gradient_checkpointing and roomy(choice.recipe):
+        layers = most_uncheckpointed_layers(shape, choice.recipe, target.device, int(HEADROOM * target.capacity_bytes),
+                                            gpus=target.gpus, strategy=choice.recipe.parallel)
+        if layers >= shape.num_layers:
+            change("the card has room for every layer's activations: no recomputation, faster steps",
+                   gradient_checkpointing=False, uncheckpointed_layers=0)
+        elif layers:
+            change(f"the card has room: the last {layers} of {shape.num_layers} layers keep their activations "
+                   "instead of being recomputed, for faster steps", uncheckpointed_layers=layers)
+    if not choice.recipe.gradient_checkpointing:
+        grow_micro_batch(math.inf)
     choice.planned_bytes = total(choice.recipe)
     if choice.fits and not roomy(choice.recipe):
         choice.warnings.append("Tight: the plan is within 10% of the card. If a step runs out of memory, "

@@ -72,6 +72,10 @@ def _setting(name: str, *aliases: str):
     return typer.Option(None, *aliases, flag, help=f"{field.metadata['help']} \\[default: {field.default}]", show_default=False)
 
 
+CHECKPOINTING = typer.Option(None, "--checkpointing/--no-checkpointing", show_default=False,
+                             help="Recompute layers in backward instead of keeping their activations [default: the recipe's].")
+
+
 @app.command()
 def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
@@ -106,6 +110,8 @@ def train(
     precision: Optional[str] = _setting("precision"),
     optimizer: Optional[str] = _setting("optimizer"),
     parallel: Optional[str] = _setting("parallel"),
+    gradient_checkpointing: Optional[bool] = CHECKPOINTING,
+    uncheckpointed_layers: Optional[int] = _setting("uncheckpointed_layers"),
     checkpoint_every: Optional[int] = _setting("checkpoint_every"),
     keep_checkpoints: Optional[int] = _setting("keep_checkpoints"),
     plain: bool = PLAIN,
@@ -129,7 +135,9 @@ def train(
                               skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long, group_by_length=group_by_length,
                               dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                               steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer,
-                              parallel=parallel, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+                              parallel=parallel, gradient_checkpointing=gradient_checkpointing,
+                              uncheckpointed_layers=uncheckpointed_layers, checkpoint_every=checkpoint_every,
+                              keep_checkpoints=keep_checkpoints)
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(settings, out, run_console, display=mode, resume=resume, overwrite=overwrite,
                            trust_remote_code=trust_remote_code)
@@ -340,6 +348,8 @@ def plan(
     seq_len: Optional[int] = _setting("seq_len"),
     micro_batch: Optional[int] = _setting("micro_batch", "--batch"),
     rank: Optional[int] = _setting("rank"),
+    gradient_checkpointing: Optional[bool] = CHECKPOINTING,
+    uncheckpointed_layers: Optional[int] = _setting("uncheckpointed_layers"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
@@ -356,7 +366,8 @@ def plan(
 
     if strategy not in ("ddp", "fsdp", "fsdp_offload"):
         raise UserError(f"Unknown --strategy {strategy}.", hint="Use ddp, fsdp or fsdp_offload.")
-    settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank)
+    settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank,
+                              gradient_checkpointing=gradient_checkpointing, uncheckpointed_layers=uncheckpointed_layers)
     hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
     target = replace(choose_target(gpu, vram, hardware), gpus=gpus, strategy=strategy)
     if gpus > 1 and target.device != "cuda":

@@ -21,9 +21,9 @@ from qlora_kit.train import next_free_run_dir, run_training
 DEMO_DATA = Path(__file__).parent / "demo_data" / "pirate.jsonl"
 # None of these is in the training data (see demo_data/make_pirate_data.py).
 DEMO_PROMPTS = ["What is the capital of Japan?", "How can I get better at chess?", "Tell me about the moon."]
-# Measured on 2 CPU cores: 32 steps take about 80 s and the pirate voice is unmistakable afterwards.
-# Checkpointing is off because host RAM is plentiful for a 135M model and recomputation costs ~40% per step.
-DEMO_RECIPE = Recipe(model="smollm2-135m", data=str(DEMO_DATA), rank=16, alpha=32, dropout=0.05,
+# Measured on 2 CPU cores: 32 steps take about 65 s and the pirate voice is unmistakable afterwards.
+# Checkpointing is off because host RAM is plentiful for a 135M model and recomputation costs ~27% per step.
+DEMO_RECIPE = Recipe(model="smollm2-135m", data=str(DEMO_DATA), rank=16, alpha=32, dropout=0.0,
                      seq_len=128, micro_batch=8, grad_accum=1, steps=32, lr=1e-3, seed=0,
                      gradient_checkpointing=False)
 

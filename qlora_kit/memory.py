@@ -173,19 +173,17 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         + 4 * i * cb  # gate, up, act(gate), act(gate) * up
         + dropout_copies  # each LoRA layer keeps its own dropped-out copy of its input, plus the mask
     )
-    largest_linear = max(a * b for _, a, b in shape.linear_shapes())
+    dequantized = 2 * max(a * b for _, a, b in shape.linear_shapes()) * cb  # a 4-bit weight's 16-bit copy, fwd and bwd
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
-    per_token_backward = 3 * i * cb // 2
+    backward_only = tokens * 3 * i * cb // 2 + dequantized
+    recompute = tokens * per_token_layer + backward_only  # a checkpointed layer runs forward again first
+    checkpointed = L - min(recipe.uncheckpointed_layers, L) if recipe.gradient_checkpointing else 0
+    kept = (L - checkpointed) * tokens * per_token_layer  # the last layers keep every activation
+    inputs = checkpointed * tokens * h * cb  # a checkpointed layer keeps only its input
     offloaded = 0
-    if recipe.gradient_checkpointing:
-        saved = L * tokens * h * cb  # each layer's input only
-        if recipe.activation_offload and on_gpu:
-            offloaded, saved = saved, 0  # they wait in pinned host RAM until backward needs them
-        layer = tokens * (per_token_layer + per_token_backward)  # one layer re-run forward, then backward
-    else:
-        saved = L * tokens * per_token_layer
-        layer = tokens * per_token_backward
-    layer += 2 * largest_linear * cb  # the dequantized 16-bit copy of a 4-bit weight, forward and backward
+    if recipe.activation_offload and on_gpu:
+        offloaded, inputs = inputs, 0  # they wait in pinned host RAM until backward needs them
+    saved = inputs + kept
 
     chunk = min(recipe.loss_chunk_tokens or default_chunk_tokens(V), tokens)
     per_logit = 12 + (4 if shape.logit_softcap else 0)  # measured: fp32 logits, log-softmax, gradient (+ tanh)
@@ -198,8 +196,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         "lora_gradients": 4 * lora,
         "optimizer_state": (2 if "8bit" in optimizer else 8) * lora,
         "saved_activations": saved,
-        # The loss runs (and frees its chunks) before any layer is recomputed: only the larger is live.
-        "backward_working_set": max(layer, loss),
+        # Backward meets these one after another on top of what is saved: the loss (its chunks freed as it goes),
+        # then the kept layers, then the checkpointed ones, recomputed once the kept layers' activations are freed.
+        "backward_working_set": max(loss, backward_only, recompute - kept if checkpointed else 0),
     }
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
@@ -209,7 +208,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         # Each layer's shards are gathered whole to compute with (the next one prefetched), and so are the embeddings.
         components["fsdp_gathered_weights"] = 2 * (quantized_weight_bytes(shape) // L + 8 * lora // L) + V * h * cb
     if on_gpu:
-        components["allocator_slack"] = int(0.10 * (saved + max(layer, loss))) + 64 * 2**20
+        components["allocator_slack"] = int(0.10 * (saved + components["backward_working_set"])) + 64 * 2**20
         components["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
@@ -223,7 +222,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]
-    details = {"layer_recompute": layer, "loss_working_set": loss, "loss_chunk_tokens": chunk}
+    details = {"layer_recompute": recompute if checkpointed else backward_only, "loss_working_set": loss,
+               "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed}
     return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,
                       rank=recipe.rank, components=components, trainable_params=lora,
                       total_params=shape.parameter_count() + lora, adapter_bytes=4 * lora, capacity_bytes=capacity_bytes,
@@ -251,6 +251,16 @@ def largest_micro_batch(shape: ModelShape, recipe: Recipe, device: str, capacity
         plan = estimate_peak_memory(shape, replace(recipe, micro_batch=batch), device, capacity, **layout)
         return plan.total_bytes <= capacity
     return _largest(fits, 1, 4096, step=1)
+
+
+def most_uncheckpointed_layers(shape: ModelShape, recipe: Recipe, device: str, capacity: int, **layout) -> int:
+    """With checkpointing on, the most decoder layers that can keep their activations (skipping recomputation,
+    so steps run faster) while the run still fits the capacity; 0 if only full checkpointing fits (or nothing)."""
+    for layers in range(shape.num_layers, 0, -1):  # a scan, not a bisection: the total is not quite monotone here
+        candidate = replace(recipe, gradient_checkpointing=True, uncheckpointed_layers=layers)
+        if estimate_peak_memory(shape, candidate, device, capacity, **layout).total_bytes <= capacity:
+            return layers
+    return 0
 
 
 def _largest(fits, low: int, high: int, step: int) -> int:

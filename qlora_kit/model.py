@@ -74,7 +74,8 @@ def attach_lora(model, recipe: Recipe):
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        set_checkpointing(model, offload=recipe.activation_offload and torch.cuda.is_available())
+        set_checkpointing(model, offload=recipe.activation_offload and torch.cuda.is_available(),
+                          uncheckpointed_layers=recipe.uncheckpointed_layers)
     targets = recipe.target_modules
     config = LoraConfig(
         r=recipe.rank,
@@ -94,11 +95,19 @@ def attach_lora(model, recipe: Recipe):
     return model
 
 
-def set_checkpointing(model, offload: bool = False) -> None:
-    """Checkpoint every decoder layer (non-reentrant); with offload, saved activations wait in pinned host RAM."""
+def set_checkpointing(model, offload: bool = False, uncheckpointed_layers: int = 0) -> None:
+    """Checkpoint every decoder layer but the last `uncheckpointed_layers` (non-reentrant); with offload, the saved
+    layer inputs wait in pinned host RAM."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Non-reentrant checkpointing needs no requires_grad on the inputs, so embeddings stay frozen as they are.
     base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+    # The last layers are the ones left whole: backward reaches them first and frees their activations before
+    # any checkpointed layer is recomputed, so the two never add up.
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[max(0, len(layers) - uncheckpointed_layers):] if uncheckpointed_layers else []:
+        layer.gradient_checkpointing = False
 
 
 def parameter_counts(model) -> tuple[int, int]:

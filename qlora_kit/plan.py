@@ -13,8 +13,8 @@ from rich.text import Text
 
 from qlora_kit.catalog import find_gpu, find_model_shape
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (GIB, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
-                              longest_sequence)
+from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
+                              longest_sequence, most_uncheckpointed_layers)
 from qlora_kit.recipes import Recipe
 
 LABELS = {
@@ -23,7 +23,7 @@ LABELS = {
     "lora_weights": "LoRA weights (fp32)",
     "lora_gradients": "LoRA gradients (fp32)",
     "optimizer_state": "optimizer state",
-    "saved_activations": "checkpointed activations",
+    "saved_activations": "activations saved for backward",
     "backward_working_set": "backward peak: loss or one layer",
     "allocator_slack": "allocator slack (reserved - allocated)",
     "cuda_context": "CUDA context (nvidia-smi only)",
@@ -57,11 +57,14 @@ class PlanReport:
     longest_seq_at_batch_1: int
     largest_micro_batch: int
     fix: str | None
+    uncheckpointed_layers: int = 0  # with checkpointing: how many last layers could skip recomputation and still fit
+    faster: str | None = None  # the setting that spends spare memory on speed, when there is some
     alternatives: dict[str, int] | None = None  # full fine-tuning and 16-bit LoRA totals, for comparison
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "target": self.target.__dict__, "longest_seq_at_batch_1": self.longest_seq_at_batch_1,
-                "largest_micro_batch": self.largest_micro_batch, "fix": self.fix, "alternatives": self.alternatives}
+                "largest_micro_batch": self.largest_micro_batch, "fix": self.fix,
+                "uncheckpointed_layers": self.uncheckpointed_layers, "faster": self.faster, "alternatives": self.alternatives}
 
     def render(self) -> Group:
         return render(self)
@@ -95,11 +98,17 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
         plan.notes.append(target.note)
     if target.device == "cuda" and not target.bf16 and recipe.precision in ("auto", "bf16"):
         plan.notes.append(f"{target.name} has no bf16: training uses fp16 with loss scaling (same memory).")
+    spare = 0
+    if recipe.gradient_checkpointing and plan.verdict == "fits":  # spend only what keeps the plan out of "tight"
+        spare = most_uncheckpointed_layers(shape, recipe, target.device, int(TIGHT_FRACTION * target.capacity_bytes),
+                                           **target.layout)
     return PlanReport(
         plan=plan, target=target,
         longest_seq_at_batch_1=longest_sequence(shape, recipe, target.device, target.capacity_bytes, **target.layout),
         largest_micro_batch=largest_micro_batch(shape, recipe, target.device, target.capacity_bytes, **target.layout),
         fix=None if plan.verdict != "does not fit" else suggest_fix(shape, recipe, target),
+        uncheckpointed_layers=spare,
+        faster=room_to_go_faster(shape, recipe, spare),
         alternatives=compare_full(plan, shape) if compare else None,
     )
 
@@ -128,6 +137,16 @@ def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
     smallest = estimate_peak_memory(shape, replace(recipe, seq_len=128, rank=min(recipe.rank, 4)), target.device)
     return (f"nothing fits {target.name}: even seq 128, rank 4 needs {smallest.total_bytes / GIB:.1f} GiB; "
             "use a smaller model or a larger card")
+
+
+def room_to_go_faster(shape: ModelShape, recipe: Recipe, spare_layers: int) -> str | None:
+    """The flag that skips recomputing layers the card has memory to keep, or None when there is none to spare."""
+    if spare_layers <= recipe.uncheckpointed_layers:
+        return None
+    if spare_layers >= shape.num_layers:
+        return "--no-checkpointing: every layer's activations fit, so nothing needs recomputing in backward"
+    return (f"--uncheckpointed-layers {spare_layers}: the last {spare_layers} of {shape.num_layers} layers can keep their "
+            "activations instead of being recomputed in backward")
 
 
 def compare_full(plan: MemoryPlan, shape: ModelShape) -> dict[str, int]:
@@ -164,6 +183,8 @@ def render(report: PlanReport) -> Group:
                       f"largest micro-batch at seq {plan.seq_len}: {report.largest_micro_batch or 'none fits'}"))
     if report.fix:
         lines.append(Text.from_markup(f"[bold]To make it fit:[/] {report.fix}"))
+    if report.faster:
+        lines.append(Text.from_markup(f"[bold]Room to go faster:[/] {report.faster}"))
     if report.alternatives:
         a = report.alternatives
         lines.append(Text(f"Same run as 16-bit LoRA: {gib(a['lora_16bit'])}; as full fine-tuning: {gib(a['full_finetune'])} "

@@ -309,8 +309,9 @@ def check_free_disk(out_dir: Path, trainable: int, recipe: Recipe, device: torch
 def describe_step_down(event: dict) -> str:
     """What an out-of-memory step-down changed, in words: 'micro-batch 4 -> 2'."""
     before, after = event["from"], event["to"]
-    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing", "offload": "activation offload"}
-    return ", ".join(f"{names[k]} {before[k]} -> {after[k]}" for k in names if before[k] != after[k])
+    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing",
+             "uncheckpointed_layers": "uncheckpointed layers", "offload": "activation offload"}
+    return ", ".join(f"{names[k]} {before.get(k, 0)} -> {after.get(k, 0)}" for k in names if before.get(k, 0) != after.get(k, 0))
 
 
 def plan_for_run(folder: Path, recipe: Recipe) -> dict:
@@ -346,6 +347,7 @@ class StepShape:
     seq_len: int
     checkpointing: bool
     offload: bool
+    uncheckpointed_layers: int = 0  # with checkpointing: the last layers that keep their activations
 
 
 def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, device, dtype, on_step, console,
@@ -362,7 +364,8 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     state = {"step": 0, "position": 0, "nonfinite_in_a_row": 0, "nonfinite_steps": 0,
-             "shape": StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload).__dict__}
+             "shape": StepShape(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload,
+                                recipe.uncheckpointed_layers if recipe.gradient_checkpointing else 0).__dict__}
     if resume_from:
         state = resume(resume_from, model, optimizer, scheduler, scaler, device, recipe, len(examples), total_steps, ranks, console)
     shape, per_step = StepShape(**state["shape"]), recipe.micro_batch * recipe.grad_accum  # per rank
@@ -447,8 +450,9 @@ def resume(folder: Path, model, optimizer, scheduler, scaler, device, recipe: Re
         console.print(f"[yellow]Resuming on {ranks.world} process(es) instead of {saved_ranks}: a step now takes "
                       f"{per_step * ranks.world} examples instead of {per_step * saved_ranks}, so the run "
                       "goes on from the same data position but is not the one it would have been.[/]")
-    if state["shape"]["checkpointing"] and not recipe.gradient_checkpointing:  # an out-of-memory step-down turned it on
-        models.set_checkpointing(model, offload=state["shape"]["offload"])
+    shape = StepShape(**state["shape"])
+    if shape.checkpointing:  # as the run last stepped, which an out-of-memory step-down may have changed
+        models.set_checkpointing(model, offload=shape.offload and device.type == "cuda", uncheckpointed_layers=shape.uncheckpointed_layers)
     return state
 
 
@@ -514,13 +518,16 @@ def forward(decoder, examples, pad_id: int, device):
 
 
 def step_down(shape: StepShape, model, device: torch.device, ranks: Ranks = Ranks()) -> StepShape:
-    """The next cheaper way to run a step: halve the micro-batch (accumulation grows to keep the effective batch),
-    then checkpoint with activations offloaded to host RAM, then halve sequences; UserError when nothing is left."""
+    """The next cheaper way to run a step: recompute every layer, halve the micro-batch (accumulation grows to keep the
+    effective batch), checkpoint with activations offloaded to host RAM, halve sequences; UserError when nothing is left."""
     if ranks.active:  # the other ranks are waiting in a collective for this one: no redo in step
         raise UserError(f"Out of memory on rank {ranks.rank}.",
                         hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.")
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if shape.checkpointing and shape.uncheckpointed_layers:  # costs speed only, so it goes first
+        models.set_checkpointing(model, offload=shape.offload and device.type == "cuda")
+        return replace(shape, uncheckpointed_layers=0)
     if shape.micro_batch > 1:
         return replace(shape, micro_batch=shape.micro_batch // 2)
     if not (shape.checkpointing and (shape.offload or device.type != "cuda")):

@@ -131,3 +131,17 @@ def test_several_gpus_choose_ddp_when_one_card_holds_the_model_and_fsdp_when_not
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(render_choice(big, find_model_shape("llama-3.1-8b")))
     assert "4 GPUs, FSDP, memory per GPU" in console.export_text()
+
+
+def test_spare_memory_goes_to_speed_and_a_short_card_gets_checkpointing_back():
+    shape = find_model_shape("gemma-2b")
+    roomy = choose_recipe(shape, choose_target(gpu="RTX 4090"), [2000] * 20)  # 24 GB, sequences of 2048
+    changes = {c.setting: c for c in roomy.changes}
+    kept = roomy.recipe.uncheckpointed_layers
+    assert 0 < kept < shape.num_layers and "faster" in changes["uncheckpointed_layers"].why
+    assert roomy.planned_bytes <= 0.9 * roomy.target.capacity_bytes, "speed only spends the headroom"
+    short_data = choose_recipe(shape, choose_target(gpu="RTX 4090"), [100] * 20)
+    assert not short_data.recipe.gradient_checkpointing, "every layer's activations fit: nothing is recomputed"
+    cpu = choose_recipe(find_model_shape("llama-3.2-1b"), Target("RAM", "cpu", 8 * GIB), [1000] * 20)
+    assert cpu.recipe_name == "cpu" and cpu.fits
+    assert cpu.recipe.gradient_checkpointing and any(c.setting == "gradient_checkpointing" for c in cpu.changes)

@@ -22,6 +22,19 @@ def test_compare_hf_runs_both_sides_on_cpu(tmp_path):
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["hf"]["status"] == record["ours"]["status"] == "ok"
     assert record["ours"]["peak_rss_gib"] > 0 and record["versions"]["bitsandbytes"]
+    assert record["ours"]["settings"]["dropout"] == 0.0 and record["hf"]["settings"]["dropout"] == 0.05
+
+
+@pytest.mark.slow
+def test_recompute_benchmark_runs_every_configuration_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/recompute.py", "--seq", "32", "--batch", "1", "--steps", "1",
+                          "--work", str(tmp_path / "models"), "--results", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    [results] = tmp_path.glob("recompute_*.jsonl")
+    rows = json.loads(results.read_text())["rows"]
+    assert [row["status"] for row in rows] == ["ok"] * 4
+    assert [row["settings"]["checkpointed_layers"] for row in rows] == [30, 30, 15, 0]
 
 
 def test_padding_benchmark_counts_what_grouping_saves():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qlora_kit import model as models
 from qlora_kit.catalog import find_model_shape
-from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory, largest_micro_batch, longest_sequence, quantized_weight_bytes
+from qlora_kit.memory import (GIB, ModelShape, estimate_peak_memory, largest_micro_batch, longest_sequence,
+                              most_uncheckpointed_layers, quantized_weight_bytes)
 from qlora_kit.recipes import Recipe
 from tests.conftest import build_tokenizer, save_tiny_model
 
@@ -93,6 +95,7 @@ def measured_transient(folder: Path, **settings) -> int:
     dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32),  # one recomputed layer dominates
     dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, gradient_checkpointing=False),  # every layer's activations
     dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0),  # no per-LoRA dropout copies
+    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, uncheckpointed_layers=2),  # half the layers whole
 ])
 def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, settings):
     """What one step allocates beyond the weights (activations, loss, LoRA gradients) against the estimate."""
@@ -127,6 +130,22 @@ def test_checkpointing_offload_and_8bit_optimizer_save_memory():
     assert estimate_peak_memory(shape, Recipe(seq_len=2048, optimizer="adamw")).total_bytes > base
 
 
+def test_uncheckpointed_layers_sit_between_full_checkpointing_and_none_and_the_search_agrees():
+    shape, recipe = find_model_shape("gemma-2b"), Recipe(seq_len=2048, micro_batch=1, gradient_checkpointing=True)
+    def total(**settings):
+        return estimate_peak_memory(shape, replace(recipe, **settings)).total_bytes
+    every, none = total(), total(gradient_checkpointing=False)
+    assert total(uncheckpointed_layers=0) == every and total(uncheckpointed_layers=shape.num_layers) == none
+    assert total(uncheckpointed_layers=99) == none, "more layers than the model has: none is checkpointed"
+    middle = [total(uncheckpointed_layers=n) for n in (4, 8, 12)]
+    assert every < middle[0] < middle[1] < middle[2] < none
+    capacity = (every + none) // 2
+    layers = most_uncheckpointed_layers(shape, recipe, "cuda", capacity)
+    assert 0 < layers < shape.num_layers
+    assert total(uncheckpointed_layers=layers) <= capacity < total(uncheckpointed_layers=layers + 1)
+    assert most_uncheckpointed_layers(shape, recipe, "cuda", every - 1) == 0
+
+
 def test_memory_model_needs_no_torch():
     code = "import sys; import qlora_kit.memory; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -148,7 +167,7 @@ def test_plan_matches_every_committed_gpu_measurement():
         ratio = estimate / point["peak_allocated"]
         if not 0.95 <= ratio <= 1.10:
             misses.append(f"{point['model']} seq {recipe.seq_len} x {recipe.micro_batch} r{recipe.rank} "
-                          f"ckpt={recipe.gradient_checkpointing}: estimate/measured = {ratio:.2f}")
+                          f"ckpt={recipe.gradient_checkpointing} kept={recipe.uncheckpointed_layers}: estimate/measured = {ratio:.2f}")
     assert not misses, "\n".join(misses)
 
 

@@ -76,3 +76,19 @@ def test_folder_that_is_not_a_causal_lm_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(UserError, match="could not be loaded"):
         models.load_base_4bit(tmp_path, torch.float32, CPU)
+
+
+@pytest.mark.parametrize("uncheckpointed, expected_runs", [(0, [2, 2]), (1, [2, 1]), (2, [1, 1]), (5, [1, 1])])
+def test_only_the_last_uncheckpointed_layers_skip_recomputation(llama_dir, uncheckpointed, expected_runs):
+    recipe = Recipe(rank=4, dropout=0.0, gradient_checkpointing=True, uncheckpointed_layers=uncheckpointed)
+    lora = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), recipe)
+    layers = models.lm_parts(lora)[0].layers
+    runs = [0] * len(layers)
+    for index, layer in enumerate(layers):  # counted in forward itself: module hooks do not fire on recomputation
+        def counted(*args, index=index, forward=layer.mlp.forward, **kwargs):
+            runs[index] += 1
+            return forward(*args, **kwargs)
+        layer.mlp.forward = counted
+    lora.train()
+    lora(input_ids=torch.arange(1, 17).unsqueeze(0)).logits.sum().backward()
+    assert runs == expected_runs, "a checkpointed layer runs twice (forward, then recomputed in backward), a kept one once"

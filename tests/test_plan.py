@@ -80,3 +80,19 @@ def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
     assert code in (0, None) and "fsdp_gathered_weights" in json.loads(out)["plan"]["components"]
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "T4", "--gpus", "2", "--strategy", "zero")
     assert code == 1 and "Unknown --strategy zero" in err
+
+
+def test_spare_memory_is_offered_as_layers_that_skip_recomputation(monkeypatch, capsys):
+    from qlora_kit.cli import app
+    from typer.testing import CliRunner
+
+    roomy = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4), choose_target(gpu="RTX 3090"))
+    layers = roomy.uncheckpointed_layers
+    assert 0 < layers < 18 and f"--uncheckpointed-layers {layers}" in rendered(roomy)
+    faster = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4, uncheckpointed_layers=layers), choose_target(gpu="RTX 3090"))
+    assert faster.plan.verdict == "fits" and faster.faster is None, "nothing more to spare"
+    assert faster.plan.total_bytes <= 0.9 * faster.target.capacity_bytes
+    assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith("--no-checkpointing")
+    assert make_plan("llama-3.1-8b", Recipe(seq_len=2048), choose_target(vram_gib=6)).faster is None
+    result = CliRunner().invoke(app, ["plan", "--model", "gemma-2b", "--gpu", "RTX 3090", "--seq-len", "2048", "--no-checkpointing", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["plan"]["details"]["checkpointed_layers"] == 0

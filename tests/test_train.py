@@ -220,3 +220,33 @@ def test_packed_training_runs_and_reports_the_fill(llama_dir, text_data, tmp_pat
     assert summary.steps == 3 and "Packing: 16 examples in" in console.file.getvalue()
     unpacked = run_training(dataclasses.replace(recipe, packing=False, group_by_length=False), tmp_path / "plain", console)
     assert 0 <= summary.padding_pct < unpacked.padding_pct, "packing leaves less padding than padding to the batch"
+
+
+def test_keeping_the_last_layers_whole_trains_exactly_like_recomputing_them(llama_dir, text_data):
+    every = Recipe(rank=4, micro_batch=2, dropout=0.0, gradient_checkpointing=True)
+    model_a, _, loss_a = trained(llama_dir, text_data, every, steps=3)
+    model_b, _, loss_b = trained(llama_dir, text_data, dataclasses.replace(every, uncheckpointed_layers=1), steps=3)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(llama_dir, text_data, tmp_path, monkeypatch):
+    flaky_loss(monkeypatch, lambda step, batch: step == 2 and batch == 4)
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=4, micro_batch=4, dropout=0.0,
+                    gradient_checkpointing=True, uncheckpointed_layers=1, checkpoint_every=2)
+    summary = run_training(recipe, tmp_path / "run", QUIET)
+    assert summary.step_downs == ["uncheckpointed layers 1 -> 0", "micro-batch 4 -> 2"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["shape"]["uncheckpointed_layers"] == 0 and state["shape"]["micro_batch"] == 2
+
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    monkeypatch.undo()
+    calls = []
+    real = models.set_checkpointing
+    monkeypatch.setattr(models, "set_checkpointing", lambda model, **kw: (calls.append(kw), real(model, **kw)))
+    run_training(recipe, tmp_path / "run", QUIET, resume=True)
+    assert calls[0]["uncheckpointed_layers"] == 1, "the recipe's setting, when LoRA is attached"
+    assert calls[-1] == {"offload": False, "uncheckpointed_layers": 0}, "then the checkpoint's, as the run last stepped"
