@@ -161,7 +161,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     tokens = recipe.seq_len * recipe.micro_batch
     lora = lora_params(shape, recipe.rank, recipe.target_modules)
     optimizer = recipe.optimizer if recipe.optimizer != "auto" else ("paged_adamw_8bit" if on_gpu else "adamw")
-    if not on_gpu:
+    if not on_gpu and optimizer == "paged_adamw_8bit":  # paging needs CUDA: the run falls back to torch AdamW
         optimizer = "adamw"
 
     # One decoder layer's activations kept for backward (forward pass), in bytes per token.

@@ -63,7 +63,7 @@ class Recipe:
     parallel: str = _setting("ddp", "on several GPUs: ddp (each holds the whole 4-bit model), fsdp (weights and LoRA state "
                              "sharded across them), or fsdp_offload (the shards wait in host RAM between uses)",
                              choices=("ddp", "fsdp", "fsdp_offload"))
-    optimizer: str = _setting("auto", "auto = paged 8-bit AdamW on CUDA, torch AdamW on CPU",
+    optimizer: str = _setting("auto", "auto = paged 8-bit AdamW on CUDA, torch AdamW on CPU (adamw_8bit runs on both)",
                               choices=("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"))
     precision: str = _setting("auto", "compute dtype: auto = bf16 if supported, else fp16 on GPU, fp32 on CPU",
                               choices=("auto", "bf16", "fp16", "fp32"))

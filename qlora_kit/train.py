@@ -572,14 +572,15 @@ def lr_multiplier(total_steps: int, recipe: Recipe):
 
 
 def make_optimizer(params, recipe: Recipe, device: torch.device, console: Console):
-    """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU."""
+    """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU unless the recipe
+    asks for bitsandbytes' (unpaged) 8-bit AdamW, which runs there too."""
     name = recipe.optimizer
     if name == "auto":
         name = "paged_adamw_8bit" if device.type == "cuda" and recipe.parallel != "fsdp_offload" else "adamw"
     if recipe.parallel == "fsdp_offload" and name != "adamw":  # offloaded shards step on the CPU
         console.print(f"[yellow]{name} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]")
         name = "adamw"
-    if name != "adamw" and device.type != "cuda":
+    if name == "paged_adamw_8bit" and device.type != "cuda":  # paging needs CUDA's unified memory; 8-bit states do not
         console.print(f"[yellow]{name} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
         name = "adamw"
     kwargs = dict(lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.999))

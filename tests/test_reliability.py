@@ -7,6 +7,7 @@ signal reliably lands mid-run.
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,24 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(llama_dir, cha
     assert "step-20 is damaged (optimizer.pt has" in console.file.getvalue()
     assert "Resuming from step-15" in console.file.getvalue()
     assert losses(out) == losses(whole_run) and checkpoint.verify(out / "checkpoints" / "step-20") is None
+
+
+def test_an_8bit_optimizer_resumes_exactly(llama_dir, chat_data, tmp_path):
+    """bitsandbytes' 8-bit AdamW (paged, the default on a GPU; unpaged here) through a checkpoint: its quantized
+    states and their scaling constants survive the name-keyed save and load."""
+    # Rank 64 makes most LoRA matrices at least 4,096 values: bitsandbytes keeps smaller ones' states in 32-bit.
+    recipe = recipe_for(llama_dir, chat_data, steps=8, checkpoint_every=4, keep_checkpoints=3, optimizer="adamw_8bit", rank=64)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_training(recipe, whole, QUIET)
+    state = torch.load(whole / "checkpoints" / "step-8" / "optimizer.pt", weights_only=True)["state"]
+    quantized = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # how bitsandbytes nests them
+    assert any({"state1", "state2", "qmap1", "absmax1"} <= set(q) and q["state1"].dtype == torch.uint8 for q in quantized)
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-8")
+    console = Console(file=io.StringIO(), width=200)
+    run_training(recipe, resumed, console, resume=True)
+    assert "Resuming from step-4" in console.file.getvalue() and "AdamW8bit" in console.file.getvalue()
+    assert_same_run(resumed, whole)
 
 
 def test_an_existing_run_needs_resume_or_overwrite(llama_dir, chat_data, tmp_path):
