@@ -204,6 +204,7 @@ def main() -> None:
                         help="qlora-kit's LoRA dropout: 0 is its default (the fast path); 0.05 is the HF recipe's")
     parser.add_argument("--ours-layers", default="auto",
                         help="layers qlora-kit keeps whole (not recomputed): auto = the plan's choice for the memory; 0 = none")
+    parser.add_argument("--sides", default="hf,ours", help="which sides to run: hf,ours (both), hf or ours")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence at batch 1 under --cap-gib")
     parser.add_argument("--work", default="/tmp/qlora-kit-bench", help="where random models are saved")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where results are appended")
@@ -230,10 +231,12 @@ def main() -> None:
     if args.max_seq:
         assert args.device == "cuda" and args.cap_gib, "--max-seq searches under --cap-gib on a GPU"
         args.batch = 1
-        record.update({"max_seq_hf": longest_sequence("hf", args), "max_seq_ours": longest_sequence("ours", args)})
-        print(f"longest sequence at batch 1 under {args.cap_gib} GiB: HF recipe {record['max_seq_hf']}, qlora-kit {record['max_seq_ours']}")
+        for side in args.sides.split(","):  # each search loads the model a few times: one side fits a 10-minute call
+            record[f"max_seq_{side}"] = longest_sequence(side, args)
+            print(f"longest sequence at batch 1 under {args.cap_gib} GiB, {side}: {record[f'max_seq_{side}']}")
     else:
-        record["hf"], record["ours"] = run_side("hf", args, args.seq), run_side("ours", args, args.seq)
+        for side in args.sides.split(","):
+            record[side] = run_side(side, args, args.seq)
         print_comparison(record)
     out = Path(args.results) / f"compare_hf_{device_name.replace(' ', '_')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +246,7 @@ def main() -> None:
 
 
 def print_comparison(record: dict) -> None:
-    hf, ours = record["hf"], record["ours"]
+    hf, ours = record.get("hf", {"status": "not run"}), record.get("ours", {"status": "not run"})
     print(f"{record['model']} seq {record['seq']} x batch {record['batch']}, rank {record['rank']}, on {record['device']}")
     keys = ["peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "peak_rss_gib", "tokens_per_s"]
     for key in keys:

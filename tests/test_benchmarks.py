@@ -51,3 +51,10 @@ def test_data_memory_benchmark_runs_small():
                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memory ratio (b)/(a)" in out.stdout
+
+
+def test_gpu_smoke_passes_on_the_cpu_it_falls_back_to():
+    out = subprocess.run([sys.executable, "benchmarks/gpu_smoke.py"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:] if not line.startswith(" ")] == ["ok"] * 3
