@@ -179,6 +179,14 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def describe_step_down(event: dict) -> str:
+    """What an out-of-memory step-down changed, in words: 'micro-batch 4 -> 2'."""
+    before, after = event["from"], event["to"]
+    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing",
+             "uncheckpointed_layers": "uncheckpointed layers", "offload": "activation offload"}
+    return ", ".join(f"{names[k]} {before.get(k, 0)} -> {after.get(k, 0)}" for k in names if before.get(k, 0) != after.get(k, 0))
+
+
 def summary_table(summary, info: RunInfo) -> Table:
     """The end-of-run table: time, tokens, losses, peak memory against the plan, and the adapter."""
     table = Table(title=f"{info.name}: {'stopped early' if summary.stopped_by else 'done'}", show_header=False)

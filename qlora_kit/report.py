@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
+from qlora_kit.dashboard import describe_step_down
 from qlora_kit.errors import UserError
 
 GIB = 2**30
@@ -78,7 +79,7 @@ def summary_table(run: Run) -> Table:
     planned = f"; planned {run.planned_gib:.2f} GiB" if run.planned_gib is not None else ""
     table.add_row(label, f"{peak:.2f} GiB{planned}")
     for event in run.events:
-        table.add_row("[yellow]step-down", f"step {event['step']}: {event['from']} -> {event['to']}")
+        table.add_row("[yellow]step-down", f"step {event['step']}: {describe_step_down(event)}")
     weights = run.folder / "adapter" / "adapter_model.safetensors"
     table.add_row("adapter", f"{weights.parent} ({weights.stat().st_size / 2**20:.1f} MiB)" if weights.is_file() else "not written yet")
     return table

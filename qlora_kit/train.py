@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from qlora_kit import adapter, checkpoint, data, distributed, model as models
-from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo
+from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_down
 from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import usage_now
@@ -304,14 +304,6 @@ def check_free_disk(out_dir: Path, trainable: int, recipe: Recipe, device: torch
         raise UserError(f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
                         f"adapter need about {needed / 2**20:,.0f} MiB.",
                         hint="Free space, choose another --out, or keep fewer checkpoints (keep_checkpoints).")
-
-
-def describe_step_down(event: dict) -> str:
-    """What an out-of-memory step-down changed, in words: 'micro-batch 4 -> 2'."""
-    before, after = event["from"], event["to"]
-    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing",
-             "uncheckpointed_layers": "uncheckpointed layers", "offload": "activation offload"}
-    return ", ".join(f"{names[k]} {before.get(k, 0)} -> {after.get(k, 0)}" for k in names if before.get(k, 0) != after.get(k, 0))
 
 
 def plan_for_run(folder: Path, recipe: Recipe) -> dict:

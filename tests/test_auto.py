@@ -133,7 +133,7 @@ def test_several_gpus_choose_ddp_when_one_card_holds_the_model_and_fsdp_when_not
     assert "4 GPUs, FSDP, memory per GPU" in console.export_text()
 
 
-def test_spare_memory_goes_to_speed_and_a_short_card_gets_checkpointing_back():
+def test_spare_memory_goes_to_speed_and_a_tight_machine_turns_checkpointing_on():
     shape = find_model_shape("gemma-2b")
     roomy = choose_recipe(shape, choose_target(gpu="RTX 4090"), [2000] * 20)  # 24 GB, sequences of 2048
     changes = {c.setting: c for c in roomy.changes}

@@ -82,7 +82,7 @@ def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
     assert code == 1 and "Unknown --strategy zero" in err
 
 
-def test_spare_memory_is_offered_as_layers_that_skip_recomputation(monkeypatch, capsys):
+def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
     from qlora_kit.cli import app
     from typer.testing import CliRunner
 

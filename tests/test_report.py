@@ -54,7 +54,7 @@ def test_several_runs_overlay_gpu_memory_and_eval_loss(tmp_path):
     runs = [load_run(COMMITTED), load_run(gpu_run(tmp_path))]
     text = text_of(summary_table(runs[1]))
     assert "GPU peak (reserved)" in text and "4.50 GiB; planned 6.00 GiB" in text
-    assert "eval loss" in text and "step 4" in text
+    assert "eval loss" in text and "step 4: micro-batch 4 -> 2" in text
     assert png_size(write_png(runs, tmp_path / "both.png")) == (1000, 700)
 
 
