@@ -250,3 +250,9 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(lla
     run_training(recipe, tmp_path / "run", QUIET, resume=True)
     assert calls[0]["uncheckpointed_layers"] == 1, "the recipe's setting, when LoRA is attached"
     assert calls[-1] == {"offload": False, "uncheckpointed_layers": 0}, "then the checkpoint's, as the run last stepped"
+
+
+def test_a_run_with_memory_to_spare_says_how_to_go_faster(llama_dir, text_data, tmp_path):
+    console = Console(file=io.StringIO(), width=300)
+    run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, gradient_checkpointing=True), tmp_path / "run", console)
+    assert "Room to go faster: --no-checkpointing" in console.file.getvalue(), "a tiny model's activations fit any machine"
