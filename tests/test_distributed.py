@@ -96,19 +96,22 @@ def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llam
     assert len(losses(alone)) == 6
 
 
-@pytest.mark.parametrize("parallel, banner", [("fsdp", "Sharded (FSDP) over 2 processes"),
-                                             ("fsdp_offload", "Sharded (FSDP, shards in host RAM) over 2 processes")])
+@pytest.mark.parametrize("parallel, banner, extra", [
+    # FSDP wraps each decoder layer; the last one kept whole (not recomputed) must train the same.
+    ("fsdp", "Sharded (FSDP) over 2 processes", ["--uncheckpointed-layers", "1"]),
+    ("fsdp_offload", "Sharded (FSDP, shards in host RAM) over 2 processes", [])])
 def test_fsdp_shards_the_4bit_model_trains_like_one_process_and_resumes(llama_dir, chat_data, single_run, tmp_path,
-                                                                       parallel, banner):
+                                                                       parallel, banner, extra):
     import shutil
 
     out = tmp_path / parallel
-    result = torchrun(out, llama_dir, chat_data, "--parallel", parallel)
+    result = torchrun(out, llama_dir, chat_data, "--parallel", parallel, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert banner in result.stdout
+    assert not extra or "uncheckpointed_layers: 1" in (out / "recipe.yaml").read_text()
     assert_same_training(out, single_run)
     shutil.rmtree(out / "checkpoints" / "step-6")  # resume from step 3's whole tensors, re-sharded on load
-    resumed = torchrun(out, llama_dir, chat_data, "--parallel", parallel, "--resume")
+    resumed = torchrun(out, llama_dir, chat_data, "--parallel", parallel, *extra, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resuming from step-3" in resumed.stdout
     assert_same_training(out, single_run)
