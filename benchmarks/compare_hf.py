@@ -133,7 +133,7 @@ def train_ours(args, rows, step_times) -> dict:
 
     from qlora_kit import data, model as models
     from qlora_kit.catalog import find_model_shape
-    from qlora_kit.memory import most_uncheckpointed_layers
+    from qlora_kit.memory import TIGHT_FRACTION, most_uncheckpointed_layers
     from qlora_kit.recipes import Recipe
     from qlora_kit.train import train_loop
 
@@ -143,7 +143,7 @@ def train_ours(args, rows, step_times) -> dict:
                     gradient_checkpointing=True)
     shape = find_model_shape(args.model)
     layers = int(args.ours_layers) if args.ours_layers != "auto" else most_uncheckpointed_layers(
-        shape, recipe, args.device, int(0.9 * _capacity_bytes(args)))
+        shape, recipe, args.device, int(TIGHT_FRACTION * _capacity_bytes(args)))
     recipe = dataclasses.replace(recipe, uncheckpointed_layers=layers)
     model = models.attach_lora(models.load_base_4bit(Path(args.folder), dtype, device), recipe)
     examples = [data.Example(row, row) for row in rows]

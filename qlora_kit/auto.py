@@ -24,11 +24,12 @@ from rich.text import Text
 from qlora_kit.catalog import find_model_shape, model_ids
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
-from qlora_kit.memory import GIB, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
+from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
 from qlora_kit.plan import Target, choose_target
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary
 
-HEADROOM = 0.90  # plan to use at most 90% of the card: fragmentation and other processes need the rest
+# Plan to use no more of the card than `plan` calls a fit (90%): fragmentation and other processes need the rest.
+HEADROOM = TIGHT_FRACTION
 # Tokens per micro-batch beyond which a larger micro-batch barely raises throughput, so spare memory does more by
 # skipping recomputation (a quarter of a step's work). GPU: the H100 anchors in shared/design.md (gemma-2b: 2,048
 # tokens 5.5k tok/s, 8,192 tokens 12.3-12.9k); CPU: measured on 2 cores (benchmarks/recompute.py).

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_kit.memory import optimizer_state_bytes
+
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -93,7 +95,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders (partial ones excluded), newest first, without checking their contents."""
     root = Path(run_dir) / "checkpoints"
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+    return sorted(found, key=step_of, reverse=True)
+
+
+def step_of(folder: Path) -> int:
+    """The step a checkpoints/step-N folder holds."""
+    return int(folder.name.removeprefix("step-"))
 
 
 def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
@@ -148,8 +155,7 @@ def restore_rng(state: dict) -> None:
 
 def checkpoint_bytes(trainable_params: int, optimizer: str) -> int:
     """About what one checkpoint takes on disk: fp32 LoRA weights plus the optimizer's two moments."""
-    state_bytes_per_param = 2 if "8bit" in optimizer else 8
-    return trainable_params * (4 + state_bytes_per_param) + 2**20
+    return trainable_params * (4 + optimizer_state_bytes(optimizer)) + 2**20
 
 
 def _sha256(path: Path, sync: bool = False) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from qlora_kit.recipes import Recipe
+from qlora_kit.recipes import Recipe, optimizer_in_use
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax constant
@@ -160,9 +160,6 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     tokens = recipe.seq_len * recipe.micro_batch
     lora = lora_params(shape, recipe.rank, recipe.target_modules)
-    optimizer = recipe.optimizer if recipe.optimizer != "auto" else ("paged_adamw_8bit" if on_gpu else "adamw")
-    if not on_gpu and optimizer == "paged_adamw_8bit":  # paging needs CUDA: the run falls back to torch AdamW
-        optimizer = "adamw"
 
     # One decoder layer's activations kept for backward (forward pass), in bytes per token.
     dropout_copies = sum(a for _, a, _ in targeted(shape, recipe.target_modules)) * (cb + 1) if recipe.dropout > 0 else 0
@@ -194,7 +191,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         "unquantized_weights": shape.unquantized_params() * cb,
         "lora_weights": 4 * lora,
         "lora_gradients": 4 * lora,
-        "optimizer_state": (2 if "8bit" in optimizer else 8) * lora,
+        "optimizer_state": optimizer_state_bytes(optimizer_in_use(recipe, device)) * lora,
         "saved_activations": saved,
         # Backward meets these one after another on top of what is saved: the loss (its chunks freed as it goes),
         # then the kept layers, then the checkpointed ones, recomputed once the kept layers' activations are freed.
@@ -228,6 +225,11 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
                       rank=recipe.rank, components=components, trainable_params=lora,
                       total_params=shape.parameter_count() + lora, adapter_bytes=4 * lora, capacity_bytes=capacity_bytes,
                       details=details, notes=notes)
+
+
+def optimizer_state_bytes(optimizer: str) -> int:
+    """Bytes of optimizer state per trainable parameter: two 8-bit moments, or two fp32 ones."""
+    return 2 if "8bit" in optimizer else 8
 
 
 def default_chunk_tokens(vocab_size: int) -> int:

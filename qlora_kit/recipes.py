@@ -83,6 +83,17 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
 
+def optimizer_in_use(recipe: Recipe, device_type: str) -> str:
+    """The optimizer a run of `recipe` really uses on this device type ("cuda" or "cpu"): auto is paged 8-bit AdamW
+    on CUDA; fsdp_offload's shards step in host RAM and paging needs CUDA, so both fall back to torch AdamW."""
+    name = recipe.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device_type == "cuda" else "adamw"
+    if recipe.parallel == "fsdp_offload" or (name == "paged_adamw_8bit" and device_type != "cuda"):
+        name = "adamw"
+    return name
+
+
 def _allowed(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta["choices"]:

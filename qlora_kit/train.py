@@ -26,7 +26,7 @@ from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import usage_now
 from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
-from qlora_kit.recipes import Recipe, load_recipe
+from qlora_kit.recipes import Recipe, load_recipe, optimizer_in_use
 from qlora_kit.sources import resolve_model
 
 GIB = 2**30
@@ -124,7 +124,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
         (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
-        return metrics_up_to(out_dir / "metrics.jsonl", resume_from_step(resume_from))  # earlier steps of a resumed run
+        done = checkpoint.step_of(resume_from) if resume_from else 0
+        return metrics_up_to(out_dir / "metrics.jsonl", done)  # earlier steps of a resumed run
 
     history = distributed.on_main(start_run_folder, ranks)
     metrics = MetricsLog(out_dir / "metrics.jsonl" if ranks.main else None)
@@ -277,13 +278,9 @@ def prepare_out_dir(out_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
         raise UserError(f"{out_dir} has no complete checkpoint to resume from.",
                         hint="Start again with --overwrite (set checkpoint_every so a long run can resume).")
     for newer in checkpoint.complete_checkpoints(out_dir):  # damaged ones after the resume point would be redone
-        if int(newer.name[5:]) > int(found.name[5:]):
+        if checkpoint.step_of(newer) > checkpoint.step_of(found):
             shutil.rmtree(newer)
     return found
-
-
-def resume_from_step(folder: Path | None) -> int:
-    return int(folder.name[5:]) if folder else 0
 
 
 def metrics_up_to(path: Path, step: int) -> list[dict]:
@@ -298,7 +295,7 @@ def metrics_up_to(path: Path, step: int) -> list[dict]:
 
 def check_free_disk(out_dir: Path, trainable: int, recipe: Recipe, device: torch.device) -> None:
     """Refuse to start a run whose checkpoints and adapter would not fit on the disk."""
-    optimizer = recipe.optimizer if recipe.optimizer != "auto" else ("paged_adamw_8bit" if device.type == "cuda" else "adamw")
+    optimizer = optimizer_in_use(recipe, device.type)
     needed = checkpoint.checkpoint_bytes(trainable, optimizer) * (recipe.keep_checkpoints + 1) + trainable * 4 + 64 * 2**20
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     free = shutil.disk_usage(existing).free
@@ -568,15 +565,11 @@ def lr_multiplier(total_steps: int, recipe: Recipe):
 def make_optimizer(params, recipe: Recipe, device: torch.device, console: Console):
     """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU unless the recipe
     asks for bitsandbytes' (unpaged) 8-bit AdamW, which runs there too."""
-    name = recipe.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if device.type == "cuda" and recipe.parallel != "fsdp_offload" else "adamw"
-    if recipe.parallel == "fsdp_offload" and name != "adamw":  # offloaded shards step on the CPU
-        console.print(f"[yellow]{name} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]")
-        name = "adamw"
-    if name == "paged_adamw_8bit" and device.type != "cuda":  # paging needs CUDA's unified memory; 8-bit states do not
-        console.print(f"[yellow]{name} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
-        name = "adamw"
+    name, asked = optimizer_in_use(recipe, device.type), recipe.optimizer
+    if asked not in ("auto", name) and recipe.parallel == "fsdp_offload":  # offloaded shards step on the CPU
+        console.print(f"[yellow]{asked} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]")
+    elif asked not in ("auto", name):  # paging needs CUDA's unified memory; 8-bit states do not
+        console.print(f"[yellow]{asked} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
     kwargs = dict(lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.999))
     if name == "adamw":
         console.print("Optimizer: torch AdamW (fp32 states)")

@@ -44,3 +44,12 @@ def test_recipe_file_errors_are_user_errors(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="must hold a mapping"):
         load_recipe(bad)
+
+
+def test_the_optimizer_in_use_is_the_one_memory_disk_and_training_all_assume():
+    from qlora_kit.recipes import optimizer_in_use
+
+    assert optimizer_in_use(Recipe(), "cuda") == "paged_adamw_8bit" and optimizer_in_use(Recipe(), "cpu") == "adamw"
+    assert optimizer_in_use(Recipe(optimizer="paged_adamw_8bit"), "cpu") == "adamw", "paging needs CUDA"
+    assert optimizer_in_use(Recipe(optimizer="adamw_8bit"), "cpu") == "adamw_8bit"
+    assert optimizer_in_use(Recipe(parallel="fsdp_offload"), "cuda") == "adamw", "offloaded shards step in host RAM"
