@@ -483,8 +483,8 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     loaded = read_records(path, format, skip_bad_lines=True)
     if tokenizer is not None:  # the same cached table training uses: checking a file first makes training start sooner
         tokenized = tokenized_table(loaded.records, tokenizer, cache_key(loaded, tokenizer))
-        lengths, firsts = tokenized.data.column("length").to_pylist(), tokenized.data.column("first_label").to_pylist()
-        nothing = sum(first >= min(n, seq_len) for n, first in zip(lengths, firsts))
+        lengths = tokenized.data.column("length").to_pylist()
+        nothing = len(lengths) - len(TokenizedExamples.of(tokenized, seq_len, train_on_inputs=False, drop_long=False))
     else:
         lengths = [max(1, len(json.dumps(r)) // 4) for r in loaded.records]
         nothing = 0

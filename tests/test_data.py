@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -5,7 +6,7 @@ import pytest
 from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, cache_key, collate, epoch_order, example_stream, pack, read_records,
                             split_off, tokenize, tokenize_record, truncate)
 from qlora_kit.errors import UserError
-from tests.conftest import build_tokenizer
+from tests.conftest import build_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +304,17 @@ def test_truncation_and_train_on_inputs_apply_to_the_cached_table(tokenizer):
     assert len(short.input_ids) == prompt + 2 and short.labels[:prompt] == [IGNORE] * prompt
     both = tokenize(records, tokenizer, seq_len=prompt + 2, train_on_inputs=True)
     assert len(both) == 2 and all(e.labels == e.input_ids for e in both) and both.lengths == [prompt + 2] * 2
+
+
+def test_data_check_counts_as_nothing_to_learn_what_training_drops(tmp_path):
+    from rich.console import Console
+
+    from qlora_kit.data import check_report
+
+    records = [{"prompt": "one", "completion": " two"}, {"prompt": "one two three four five six seven", "completion": " eight"}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    tokenizer = build_tokenizer()
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(check_report(path, tokenizer, seq_len=6))
+    dropped = len(records) - len(tokenize(records, tokenizer, seq_len=6))
+    assert dropped == 1 and f"nothing to learn   │ {dropped} (dropped in training)" in console.export_text()
