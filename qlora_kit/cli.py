@@ -364,8 +364,9 @@ def plan(
     from qlora_kit.plan import choose_target, make_plan
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
-    if strategy not in ("ddp", "fsdp", "fsdp_offload"):
-        raise UserError(f"Unknown --strategy {strategy}.", hint="Use ddp, fsdp or fsdp_offload.")
+    layouts = Recipe.__dataclass_fields__["parallel"].metadata["choices"]  # the layouts a run can train with
+    if strategy not in layouts:
+        raise UserError(f"Unknown --strategy {strategy}.", hint=f"Use {', '.join(layouts[:-1])} or {layouts[-1]}.")
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank,
                               gradient_checkpointing=gradient_checkpointing, uncheckpointed_layers=uncheckpointed_layers)
     hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
