@@ -13,19 +13,19 @@ import torch
 import yaml
 
 from qlora_kit import model as models
+from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
-from qlora_kit.sources import resolve_model
-
-# Hub ids of the originals behind our aliases, so a saved adapter names a base that loads anywhere.
-ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from qlora_kit.hardware import CPU_SHARE
+from qlora_kit.sources import ALIASES, check_adapter_folder, describe_source, resolve_model
 
 
 def portable_base_id(source: str, folder: Path) -> str:
-    """What adapter_config.json should name as the base: a hub id where one is known, else the local folder."""
-    if source in ALIAS_HUB_IDS:
-        return ALIAS_HUB_IDS[source]
+    """What adapter_config.json should name as the base: a hub id where one is known (the original of a model
+    that a package ships), else the local folder."""
+    if source.lower() in ALIASES:
+        return ALIASES[source.lower()].hub_id
     if not Path(source).expanduser().exists():
-        return source  # a hub id
+        return catalogue_id(source) or source  # a hub id, or a catalogue name for one
     return str(folder.resolve())
 
 
@@ -65,6 +65,11 @@ def adapter_card(recipe, base_id: str, facts: dict) -> str:
     """adapter/README.md: what the adapter is, what made it, and how to load it with plain PEFT, so a shared adapter
     folder explains itself. facts: steps, first/last loss, eval loss, examples, data format, peak memory, params."""
     eval_line = f"- Eval loss at the end: {facts['eval_loss']:.4f}\n" if facts.get("eval_loss") is not None else ""
+    origin = describe_source(recipe.model)
+    origin_line = f" The base was {origin}." if origin else ""
+    if recipe.model.lower() in ALIASES:
+        origin_line += (f" The original `{base_id}` loads this adapter too; its weights differ from those trained on "
+                        "by the GGUF's rounding.")
     return f"""---
 base_model: {base_id}
 library_name: peft
@@ -72,7 +77,7 @@ tags: [lora, qlora, qlora-kit]
 ---
 # LoRA adapter for {base_id}
 
-Trained with [qlora-kit](https://pypi.org/project/qlora-kit/) on a 4-bit NF4 base (double quantization).
+Trained with [qlora-kit](https://pypi.org/project/qlora-kit/) on a 4-bit NF4 base (double quantization).{origin_line}
 
 ## Training
 - Data: `{Path(recipe.data).name}`, {facts['examples']:,} {facts['format']} examples; loss on {
@@ -115,15 +120,6 @@ def base_source_for(adapter_dir: Path) -> str:
 def tokenizer_folder(adapter_dir: Path | None, base_folder: Path) -> Path:
     """Where the tokenizer to use with an adapter lives: the adapter folder (qlora-kit saves it there), else the base."""
     return adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else base_folder
-
-
-def check_adapter_folder(adapter_dir: Path) -> None:
-    """A PEFT adapter folder with safetensors weights, or a UserError saying what is missing."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir} holds no adapter_config.json.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin could run code when loaded
-        raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
-                        hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).")
 
 
 def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto"):
@@ -211,6 +207,7 @@ def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampl
 def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Sampling(), streamer=None) -> list[str]:
     """Replies to several requests (conversations or plain texts) in one batch, left-padded so every reply starts
     right after its own prompt."""
+    CPU_SHARE.use_free_cores(model.device)  # here, in the generating thread: chat generates on a thread of its own
     texts = [r if isinstance(r, str) else chat_prompt(tokenizer, r) for r in requests]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:  # a chat prompt already holds its special tokens; a plain text gets the tokenizer's own

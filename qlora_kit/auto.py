@@ -2,7 +2,8 @@
 
 The choice, in a fixed order so it is predictable:
 1. start from the largest shipped recipe whose card size is not above the usable memory (cpu.yaml without a GPU);
-2. fit the sequence length to the data: the 95th percentile of token lengths, rounded up to 64;
+2. fit the sequence length to the data: the 95th percentile of token lengths, rounded up to 64; with little data,
+   shrink the effective batch so that an epoch still makes at least 10 optimizer steps;
 3. raise the micro-batch while the plan keeps 10% headroom, keeping the effective batch with accumulation, until
    a micro-batch holds enough tokens to keep the device busy;
 4. when it does not fit, step down: checkpointing on, micro-batch, sequence length, activation offload, rank;
@@ -19,14 +20,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.text import Text
 
-from qlora_kit.catalog import find_model_shape, model_ids
+from qlora_kit.catalog import find_model_shape
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
-from qlora_kit.plan import Target, choose_target
-from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary
+from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
+from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
+from qlora_kit.sources import describe_source
 
 # Plan to use no more of the card than `plan` calls a fit (90%): fragmentation and other processes need the rest.
 HEADROOM = TIGHT_FRACTION
@@ -34,6 +37,8 @@ HEADROOM = TIGHT_FRACTION
 # skipping recomputation (a quarter of a step's work). GPU: the H100 anchors in shared/design.md (gemma-2b: 2,048
 # tokens 5.5k tok/s, 8,192 tokens 12.3-12.9k); CPU: measured on 2 cores (benchmarks/recompute.py).
 BUSY_TOKENS = {"cuda": 8192, "cpu": 1024}
+MIN_STEPS_PER_EPOCH = 10  # with fewer examples than this many effective batches, the batch shrinks until an epoch
+# makes this many optimizer steps: 12 examples in one step of 16 teach nothing, 12 steps of 1 do
 
 
 @dataclass
@@ -114,6 +119,11 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
                        "activations", gradient_checkpointing=True)
 
     effective = choice.recipe.micro_batch * choice.recipe.grad_accum
+    if lengths and len(lengths) < MIN_STEPS_PER_EPOCH * effective:  # small data: more, smaller steps learn more
+        effective = 1 << (max(1, len(lengths) // MIN_STEPS_PER_EPOCH).bit_length() - 1)
+        batch = min(choice.recipe.micro_batch, effective)
+        change(f"{len(lengths)} examples: an effective batch of {effective} makes {len(lengths) // effective} optimizer "
+               "steps an epoch", micro_batch=batch, grad_accum=effective // batch)
 
     def grow_micro_batch(busy_tokens: float) -> None:
         while (choice.recipe.micro_batch * 2 <= effective and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
@@ -161,18 +171,15 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
     return choice
 
 
-def smaller_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
-    """Catalogue models that fit the target with this recipe, largest first."""
-    shapes = sorted((find_model_shape(m) for m in model_ids()), key=lambda s: -s.parameter_count())
-    return [s.name for s in shapes if estimate_peak_memory(s, recipe, target.device).total_bytes <= HEADROOM * target.capacity_bytes]
-
-
-def render_choice(choice: Choice, shape: ModelShape) -> Group:
-    """The choice in a few lines: card, recipe, what changed and why, the planned peak against the card."""
+def render_choice(choice: Choice, shape: ModelShape, source: str | None = None) -> Group:
+    """The choice in a few lines: card, recipe, what changed and why, the planned peak against the card. source is
+    the model as the user named it, shown with where its weights come from when the name does not say (a GGUF)."""
     t = choice.target
-    lines = [Text.from_markup(f"[bold]Card:[/] {t.name}, {t.capacity_bytes / GIB:.1f} GiB"
+    origin = describe_source(source) if source else None
+    model = f"{source} ({origin})" if origin else shape.name
+    lines = [Text.from_markup(f"[bold]Card:[/] {escape(t.name)}, {t.capacity_bytes / GIB:.1f} GiB"
                               + ("" if t.device == "cpu" else f", {'bf16' if t.bf16 else 'fp16 (no bf16)'}")),
-             Text.from_markup(f"[bold]Model:[/] {shape.name}, {shape.parameter_count() / 1e9:.2f}B parameters"
+             Text.from_markup(f"[bold]Model:[/] {escape(model)}, {shape.parameter_count() / 1e9:.2f}B parameters"
                               + (f"; {t.gpus} GPUs, {choice.recipe.parallel.upper()}, memory per GPU" if t.gpus > 1 else "")),
              Text.from_markup(f"[bold]Recipe:[/] {choice.recipe_name}: {recipe_summary(card_recipes()[choice.recipe_name])}")]
     for c in choice.changes:
@@ -198,8 +205,9 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
              gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
-             gpus: int = 1):
-    """Probe, choose, print the choice, and (unless dry_run) train with it."""
+             gpus: int = 1, steps: int | None = None, epochs: float | None = None):
+    """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
+    passes over the data when given (else the recipe's)."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
@@ -207,6 +215,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit.train import next_free_run_dir, run_training
 
     loaded = data_module.read_records(data_path)
+    with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
     target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
@@ -228,16 +237,16 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     choice = choose_recipe(shape, target, lengths)
     if tokenizer is None:
         choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")
-    console.print(render_choice(choice, shape))
+    console.print(render_choice(choice, shape, model))
     if not choice.fits:
-        smaller = smaller_models_that_fit(target, choice.recipe)
+        smaller = catalogue_models_that_fit(replace(target, strategy=choice.recipe.parallel), choice.recipe)
         raise UserError(f"{shape.name} does not fit {target.name} even at the smallest settings: "
                         f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
                         hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
                         + " `qlora-kit plan` shows the details.")
     if dry_run:
         return choice
-    recipe = replace(choice.recipe, model=model, data=str(data_path))
+    recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs)
     return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
                         trust_remote_code=trust_remote_code)
 

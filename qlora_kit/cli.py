@@ -17,6 +17,7 @@ from qlora_kit.errors import UserError
 app = typer.Typer(
     help="QLoRA fine-tuning for small GPUs: train a 4-bit base with LoRA and get a small PEFT adapter.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's tables cut flag names short on an 80-column terminal
 )
 console = Console()
 errors = Console(stderr=True)
@@ -46,6 +47,9 @@ TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
 PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
 QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
 JSON = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
+DATA_HELP = ("Training data: a .jsonl (or .json, .parquet, .csv) file of examples in one format: text, prompt/completion, "
+             "alpaca, chat messages or sharegpt conversations.")
+DOES_NOT_FIT = 3  # plan's exit status when the run would not fit (1 is an error, 2 a usage mistake)
 
 
 def _show(as_json: bool, value) -> None:
@@ -69,7 +73,7 @@ def _setting(name: str, *aliases: str):
 
     field = Recipe.__dataclass_fields__[name]
     flag = "--" + name.replace("_", "-")
-    return typer.Option(None, *aliases, flag, help=f"{field.metadata['help']} \\[default: {field.default}]", show_default=False)
+    return typer.Option(None, *aliases, flag, help=f"{field.metadata['help']} [default: {field.default}]", show_default=False)
 
 
 CHECKPOINTING = typer.Option(None, "--checkpointing/--no-checkpointing", show_default=False,
@@ -79,7 +83,7 @@ CHECKPOINTING = typer.Option(None, "--checkpointing/--no-checkpointing", show_de
 @app.command()
 def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder, e.g. runs/my-run (must not hold a run, unless --resume or --overwrite)."),
     name: Optional[str] = NAME,
     resume: bool = RESUME,
@@ -117,7 +121,7 @@ def train(
     plain: bool = PLAIN,
     quiet: bool = QUIET,
 ) -> None:
-    """Fine-tune a 4-bit base model with LoRA and write runs/NAME/adapter; --resume continues a stopped run."""
+    """Fine-tune a 4-bit base model with LoRA. Writes runs/NAME/adapter; --resume continues a stopped run."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.train import run_training
 
@@ -188,6 +192,14 @@ def _sampling_options(temperature: float, top_p: float):
             typer.Option(top_p, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability."))
 
 
+def _check_adapters(adapters: Optional[list[Path]]) -> None:
+    """Say at once when an --adapter is missing or incomplete, before the seconds that loading libraries takes."""
+    from qlora_kit.sources import check_adapter_folder
+
+    for adapter in adapters or []:
+        check_adapter_folder(adapter)
+
+
 GENERATE_TEMPERATURE, GENERATE_TOP_P = _sampling_options(0.0, 1.0)
 CHAT_TEMPERATURE, CHAT_TOP_P = _sampling_options(0.7, 0.9)
 
@@ -205,7 +217,8 @@ def generate(
     raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt: the prompt and each model's reply."),
 ) -> None:
-    """Answer prompts with a base model and its adapters: one prompt, or a file of them, side by side."""
+    """Answer prompts with a base model and its adapters. One prompt, or a file of them, side by side."""
+    _check_adapters(adapter)
     from qlora_kit.adapter import Sampling, load_with_adapters
     from qlora_kit.chat import answer_all, answers_table, read_prompts
 
@@ -235,7 +248,8 @@ def chat(
     temperature: float = CHAT_TEMPERATURE,
     top_p: float = CHAT_TOP_P,
 ) -> None:
-    """Chat in the terminal with the 4-bit base and its adapters; replies stream as they are generated."""
+    """Chat with the 4-bit base and its adapters. Replies stream as they are generated."""
+    _check_adapters(adapter)
     from qlora_kit.adapter import Sampling, load_with_adapters
     from qlora_kit.chat import run_chat
 
@@ -255,7 +269,8 @@ def eval_command(
                                                    help="Score prompts and user turns too [default: as the adapter's run did]."),
     as_json: bool = JSON,
 ) -> None:
-    """Loss and perplexity on held-out data: the base model beside base + adapter, masked as in training."""
+    """Loss and perplexity on held-out data. The base model beside base + adapter, masked as in training."""
+    _check_adapters([adapter] if adapter else None)
     from qlora_kit.evaluation import run_eval
 
     with console.status("Loading the model in 4-bit and evaluating ..."):
@@ -273,7 +288,8 @@ def merge(
                                         help="Merge into the dequantized 4-bit base (no 16-bit reload; every weight keeps NF4's rounding error)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
-    """Fold an adapter into its base: a standalone model folder that plain transformers loads."""
+    """Fold an adapter into its base model. Writes a standalone model folder that plain transformers loads."""
+    _check_adapters([adapter])
     from qlora_kit.merge import merge_adapter
 
     with console.status("Merging on the CPU ..."):
@@ -290,7 +306,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (fewer = faster, weaker effect)."),
     plain: bool = PLAIN,
 ) -> None:
-    """Offline demo: teach SmolLM2-135M to talk like a pirate in a few minutes, then compare answers."""
+    """Offline demo: teach SmolLM2-135M to talk like a pirate. A few minutes on a CPU; then compares answers."""
     from qlora_kit.demo import run_demo
 
     run_demo(out, steps, console, display="plain" if plain else "auto")
@@ -299,7 +315,7 @@ def demo(
 @app.command()
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
-    data: Path = typer.Option(..., "--data", "-d", help="Training data: .jsonl with a `text` or `messages` field per line."),
+    data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/auto, or the next free runs/auto-N]"),
     name: Optional[str] = NAME,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or --name) from its last good checkpoint, with the settings it chose."),
@@ -308,10 +324,12 @@ def auto(
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
+    steps: Optional[int] = _setting("steps"),
+    epochs: Optional[float] = _setting("epochs"),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
 ) -> None:
-    """Probe, plan, pick and tune a recipe for this card and data, explain it, then train."""
+    """Choose settings for this card and data, then train. Probes, plans, picks and tunes a recipe, and explains it."""
     from qlora_kit.auto import run_auto
     from qlora_kit.recipes import load_recipe
     from qlora_kit.train import run_training
@@ -328,14 +346,14 @@ def auto(
         return
     out = _run_dir(out, name, default="auto")
     summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode,
-                       trust_remote_code=trust_remote_code, gpus=gpus)
+                       trust_remote_code=trust_remote_code, gpus=gpus, steps=steps, epochs=epochs)
     if not dry_run:
         print_summary(summary)
 
 
 @app.command()
 def probe(as_json: bool = JSON) -> None:
-    """Show the GPUs, memory, disk and library versions qlora-kit will train with."""
+    """Show what qlora-kit will train with. GPUs, memory, disk and library versions."""
     from qlora_kit.hardware import probe as probe_machine
 
     _show(as_json, probe_machine())
@@ -357,7 +375,8 @@ def plan(
     strategy: str = typer.Option("ddp", "--strategy", help="With --gpus: ddp (a whole model per GPU), fsdp (weights sharded) or fsdp_offload (shards in host RAM)."),
     as_json: bool = JSON,
 ) -> None:
-    """Estimate peak memory per component before loading anything; say what fits and how to make it fit."""
+    """Estimate peak memory before loading anything. Per component; says what fits and how to make it fit.
+    Exits with 3 when it does not fit, so a script can ask before it trains."""
     from dataclasses import replace
 
     from qlora_kit.hardware import probe as probe_machine
@@ -373,7 +392,10 @@ def plan(
     target = replace(choose_target(gpu, vram, hardware), gpus=gpus, strategy=strategy)
     if gpus > 1 and target.device != "cuda":
         raise UserError("--gpus plans for several GPUs, and no GPU is named or found.", hint='Add --gpu "RTX 3090" or --vram 24.')
-    _show(as_json, make_plan(model, settings, target, compare=compare_full))
+    report = make_plan(model, settings, target, compare=compare_full)
+    _show(as_json, report)
+    if report.plan.verdict == "does not fit":
+        raise typer.Exit(DOES_NOT_FIT)
 
 
 @app.command()
@@ -391,7 +413,7 @@ def report(
         console.print(f"Plot written to {write_png(loaded, png)}")
 
 
-data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 
@@ -402,7 +424,8 @@ def data_check(
     seq_len: int = typer.Option(512, "--seq", "--seq-len", help="Sequence length to check against."),
     data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
 ) -> None:
-    """Format, counts, token lengths, problems, and what the loss is on, for one data file."""
+    """Format, counts, token lengths, every bad line, and what the loss is on, for one data file. Exits with 1 when
+    `train` would refuse the file (bad lines, or nothing to learn), so scripts can check data before training."""
     from qlora_kit.data import check_report
 
     tokenizer = None
@@ -412,10 +435,15 @@ def data_check(
 
         with console.status(f"Loading the tokenizer of {model} ..."):
             tokenizer = load_tokenizer(resolve_model(model))
-    console.print(check_report(file, tokenizer, seq_len, data_format))
+    report, refusals = check_report(file, tokenizer, seq_len, data_format)
+    console.print(report)
+    if refusals:
+        raise UserError(f"train would refuse {file}: {' and '.join(why for why, _ in refusals)}.",
+                        hint="; ".join(fix for _, fix in refusals).capitalize() + ".")
 
 
-recipes_app = typer.Typer(help="List the shipped recipes, or show one.", invoke_without_command=True, no_args_is_help=False)
+recipes_app = typer.Typer(help="List the shipped recipes, or show one.", invoke_without_command=True, no_args_is_help=False,
+                          rich_markup_mode=None)
 app.add_typer(recipes_app, name="recipes")
 
 
@@ -439,13 +467,17 @@ def recipes_list(context: typer.Context) -> None:
 
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="A shipped recipe (4gb ... 24gb, cpu) or a YAML file.")) -> None:
-    """Print one recipe, comments included."""
+    """Print one recipe, comments included: highlighted on a terminal, the file as it is when redirected
+    (`qlora-kit recipes show cpu > my.yaml` gives a recipe to edit)."""
     from rich.syntax import Syntax
 
     from qlora_kit.recipes import find_recipe, load_recipe
 
     path = find_recipe(name)
     load_recipe(path)  # validate, so a broken file is reported rather than shown
+    if not console.is_terminal:
+        sys.stdout.write(path.read_text())
+        return
     console.print(Syntax(path.read_text(), "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
 
 

@@ -7,6 +7,7 @@ step only stores a dict: the dashboard's cost does not grow with step rate (benc
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,29 +87,37 @@ class Dashboard:
         self.console, self.info = console, info
         self.mode = ("live" if console.is_terminal else "plain") if mode == "auto" else mode
         self.every = max(1, info.total_steps // 20)
+        # The loss is smoothed as the mean of the last tenth of the run (1-50 steps): a fixed-rate average would
+        # trail a short run's falling loss by most of the run.
+        self.window = min(50, max(1, info.total_steps // 10))
         self.latest: dict | None = None
         self.losses: list[float] = []
-        self.smoothed: float | None = None
         self.notes: list[str] = []
         self.last_checkpoint: int | None = None
         self.started = time.perf_counter()
         self.live = Live(get_renderable=self.render, console=console, refresh_per_second=2, transient=False) \
             if self.mode == "live" else None
+        self.restore_terminal = lambda: None
 
     def __enter__(self):
         if self.live:
+            self.restore_terminal = hide_control_echo()
             self.live.start()
         return self
 
     def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        """Draw the last frame and give the terminal back (again: harmless); what is printed next goes below it."""
         if self.live:
             self.live.stop()
+            self.restore_terminal()
 
     def step(self, m: dict) -> None:
         """Take one step's metrics; cheap, since drawing happens on rich's refresh thread."""
         self.latest = m
         self.losses.append(m["loss"])
-        self.smoothed = m["loss"] if self.smoothed is None else 0.9 * self.smoothed + 0.1 * m["loss"]
         if self.mode == "plain" and (m["step"] % self.every == 0 or m["step"] in (1, self.info.total_steps)):
             self.console.print(f"step {m['step']}/{self.info.total_steps}  {describe_step(m)}", highlight=False)
 
@@ -139,14 +148,17 @@ class Dashboard:
         progress.append("█" * round(done * 20), style="cyan").append("·" * (20 - round(done * 20)), style="dim")
         progress.append(f"  {done:.0%}  epoch {m['epoch']}  elapsed {_clock(elapsed)}  eta {_clock(eta)}")
         grid.add_row("progress", progress)
-        loss = Text(f"{m['loss']:.4f}  smoothed {self.smoothed:.4f}  best {min(self.losses):.4f}  ")
+        recent = self.losses[-self.window:]
+        mean = f"mean of last {len(recent)} {sum(recent) / len(recent):.4f}  " if len(recent) > 1 else ""
+        loss = Text(f"{m['loss']:.4f}  {mean}best {min(self.losses):.4f}  ")
         loss.append(sparkline(self.losses), style="cyan")
         if m.get("eval_loss") is not None:
             loss.append(f"  eval {m['eval_loss']:.4f}")
         grid.add_row("loss", loss)
         grid.add_row("learning rate", f"{m['lr']:.2e}   grad norm {m['grad_norm']:.3f}")
+        threads = f"   {m['cpu_threads']} CPU thread{'s' * (m['cpu_threads'] > 1)}" if m.get("cpu_threads") else ""
         grid.add_row("speed", f"{m['tokens_per_s']:,.0f} tokens/s   {m['step_s']:.2f} s/step   "
-                              f"micro-batch {m['micro_batch']} x {m['grad_accum']}, seq {m['seq_len']}")
+                              f"micro-batch {m['micro_batch']} x {m['grad_accum']}, seq {m['seq_len']}{threads}")
         if info.device == "cuda" and m.get("mem_alloc_gib") is not None:
             shown = m.get("nvml_used_gib") or m["mem_reserved_gib"]
             grid.add_row("GPU memory", f"allocated {m['mem_alloc_gib']:.2f}  reserved {m['mem_reserved_gib']:.2f}  "
@@ -168,6 +180,22 @@ class Dashboard:
         for note in self.notes[-3:]:
             grid.add_row("[yellow]note", Text(note, style="yellow"))
         return Panel(grid, title=f"qlora-kit  {info.name}  {info.model}  ({info.device})", border_style="cyan")
+
+
+def hide_control_echo():
+    """Stop the terminal from echoing ^C while the live view is drawn; returns what restores it. The echo lands after
+    the panel's last line and wraps it, so the next redraw starts a line too low and leaves a border behind."""
+    try:
+        import termios
+
+        if not sys.stdin.isatty():
+            return lambda: None
+        settings = termios.tcgetattr(sys.stdin)
+        quiet = [*settings[:3], settings[3] & ~termios.ECHOCTL, *settings[4:]]
+        termios.tcsetattr(sys.stdin, termios.TCSANOW, quiet)
+    except (ImportError, AttributeError, OSError, ValueError):  # Windows, or stdin closed or replaced
+        return lambda: None
+    return lambda: termios.tcsetattr(sys.stdin, termios.TCSANOW, settings)
 
 
 def _gib(value) -> str:

@@ -99,7 +99,7 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
             file_format, first = found, where
         elif found != file_format:
             problems.append(f"{where}: looks like {found}, but the file is {file_format}"
-                            + ("" if format != "auto" else f" (from {first}); formats are mixed within the file"))
+                            + ("" if format != "auto" else f" (from {first}); formats are mixed within the file: give each its own file"))
             continue
         try:
             records.append(_normalise(raw, file_format))
@@ -126,6 +126,8 @@ def _raw_items(path: Path, problems: list[str]):
             items = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path} is not valid JSON: {e}.", hint="A .json file must hold one array of objects.") from None
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to be training data.", hint="A .json file must hold one array of objects.") from None
         if not isinstance(items, list):
             raise UserError(f"{path} holds a JSON {type(items).__name__}, not an array of examples.", hint="Use [{...}, {...}].")
         yield from ((f"item {i}", item) for i, item in enumerate(items, start=1))
@@ -145,7 +147,17 @@ def _raw_items(path: Path, problems: list[str]):
                 yield f"line {number}", json.loads(text)
             except json.JSONDecodeError as e:
                 trailing = " (a trailing comma?)" if text[:e.pos].rstrip().endswith(",") else ""
-                problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}")
+                problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}: {_near(text, e.pos)}")
+            except RecursionError:  # the parser recurses once per level of nesting
+                problems.append(f"line {number}: nested too deeply (lists or objects inside each other) to be an example")
+
+
+def _near(text: str, position: int, width: int = 20) -> str:
+    """The text around a position, the position marked with <<here>>, on one line: where to look in a long line."""
+    before, after = text[max(0, position - width):position], text[position:position + width].rstrip("\r\n")
+    start = "…" if position > width else ""
+    end = "…" if len(text.rstrip()) > position + width else ""
+    return (start + before + "<<here>>" + after + end).replace("\n", " ")
 
 
 def _table_rows(path: Path):
@@ -474,17 +486,23 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: str = "auto"):
-    """`qlora-kit data check`: format, counts, token-length percentiles and histogram, problems, and the first
-    example rendered with the tokens the loss is on highlighted. Without a tokenizer, lengths are estimated."""
+    """`qlora-kit data check`: format, counts, token-length percentiles and histogram, every bad line, and the first
+    example rendered with the tokens the loss is on highlighted. Without a tokenizer, lengths are estimated.
+    Returns (the report, [(why `train` would refuse the file, what to do)], empty when it would train on it)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     loaded = read_records(path, format, skip_bad_lines=True)
+    refusals = [(f"{len(loaded.skipped)} bad line{'s' * (len(loaded.skipped) > 1)}",
+                 "fix the lines listed above, or train on the rest with --skip-bad-lines")] if loaded.skipped else []
     if tokenizer is not None:  # the same cached table training uses: checking a file first makes training start sooner
         tokenized = tokenized_table(loaded.records, tokenizer, cache_key(loaded, tokenizer))
         lengths = tokenized.data.column("length").to_pylist()
         nothing = len(lengths) - len(TokenizedExamples.of(tokenized, seq_len, train_on_inputs=False, drop_long=False))
+        if nothing == len(lengths):
+            refusals.append((f"no example has a token to learn within its first {seq_len}",
+                             "raise --seq-len, or check that completions and assistant replies are not empty"))
     else:
         lengths = [max(1, len(json.dumps(r)) // 4) for r in loaded.records]
         nothing = 0
@@ -502,20 +520,21 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     parts = [table, Text("Token lengths:", style="bold"), _histogram(lengths)]
     if loaded.skipped:
         parts.append(Text(f"Bad lines ({len(loaded.skipped)}):", style="bold red"))
-        parts += [Text(f"  {problem}", style="red") for problem in loaded.skipped[:10]]
+        parts += [Text(f"  {problem}", style="red") for problem in loaded.skipped]
     if tokenizer is not None:
         ids, labels = tokenized[0]["input_ids"], tokenized[0]["labels"]
         shown = Text()
         for token, label in zip(ids[:seq_len], labels[:seq_len]):
             shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
         parts += [Text("First example as the model sees it (loss on the bright green tokens):", style="bold"), shown]
-    return Group(*parts)
+    return Group(*parts), refusals
 
 
 def _histogram(lengths: list[int], bins: int = 8, width: int = 40):
     from rich.text import Text
 
     low, high = min(lengths), max(lengths)
+    bins = min(bins, high - low + 1)  # no empty bins narrower than a token
     step = max(1, -(-(high - low + 1) // bins))
     counts = [0] * bins
     for n in lengths:

@@ -7,7 +7,7 @@ answers to questions that are not in the training data, side by side.
 from __future__ import annotations
 
 import dataclasses
-
+from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +18,7 @@ from qlora_kit.dashboard import summary_table
 from qlora_kit.recipes import Recipe
 from qlora_kit.train import next_free_run_dir, run_training
 
-DEMO_DATA = Path(__file__).parent / "demo_data" / "pirate.jsonl"
+DEMO_DATA = Path(str(resources.files("qlora_kit").joinpath("demo_data", "pirate.jsonl")))
 # None of these is in the training data (see demo_data/make_pirate_data.py).
 DEMO_PROMPTS = ["What is the capital of Japan?", "How can I get better at chess?", "Tell me about the moon."]
 # Measured on 2 CPU cores: 32 steps take about 65 s and the pirate voice is unmistakable afterwards.

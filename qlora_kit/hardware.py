@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -147,10 +148,58 @@ def usage_now(device) -> dict:
             "swap_used_gib": swap.used / GIB}
     if device.type != "cuda":
         return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None, "nvml_used_gib": None,
-                "gpu_util_pct": None, "gpu_temp_c": None, **host}
+                "gpu_util_pct": None, "gpu_temp_c": None, "cpu_threads": torch.get_num_threads(), **host}
     return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
             "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
             "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **gpu_readings(device.index or 0), **host}
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(clock, CPU seconds every program has used on the cores this process may run on, CPU seconds of this process)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = 0.0
+    for times in (per_cpu[i] for i in cpus if i < len(per_cpu)):
+        # guest time is already counted in user time; steal is time the hypervisor gave to other machines
+        counted = sum(getattr(times, name) for name in times._fields if name not in ("guest", "guest_nice"))
+        busy += counted - times.idle - getattr(times, "iowait", 0.0)
+    own = psutil.Process().cpu_times()
+    return time.monotonic(), busy, own.user + own.system
+
+
+@dataclass
+class CpuShare:
+    """How many threads torch should use on the CPU: as many as the cores other programs leave free.
+
+    With more threads than free cores, each parallel op waits for a thread the system has descheduled while the
+    others spin (OpenMP's default wait): on 2 cores beside 1 and 3 busy programs, a training step took 3.3x and 6.2x
+    its free-machine time with 2 threads, 1.4x and 2.6x with this (benchmarks/cpu_contention.py, docs/performance.md).
+    OMP_NUM_THREADS, when set, is the user's choice and stays as it is."""
+
+    last: tuple[float, float, float] = field(default_factory=_cpu_seconds)
+    most: int = 0  # torch's own thread count (its choice for this machine), read at the first call
+    MIN_SECONDS = 1.0  # a shorter window says too little about what other programs do
+
+    def use_free_cores(self, device=None) -> int:
+        """Before work on the CPU (device None or a CPU device): set torch's threads, for the calling thread's next
+        ops, from how busy other programs kept the cores since the last call. Returns the thread count in use."""
+        import torch
+
+        self.most = self.most or torch.get_num_threads()
+        now = _cpu_seconds()
+        on_cpu = device is None or device.type == "cpu"
+        if not on_cpu or "OMP_NUM_THREADS" in os.environ or now[0] - self.last[0] < self.MIN_SECONDS:
+            return torch.get_num_threads()
+        others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / (now[0] - self.last[0])
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.last = now
+        threads = max(1, min(self.most, int(cores - others + 0.5)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+
+CPU_SHARE = CpuShare()  # measuring from import, so the first step already knows how busy loading found the machine
 
 
 def gpu_readings(index: int = 0) -> dict:

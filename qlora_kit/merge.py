@@ -14,9 +14,9 @@ import psutil
 import torch
 
 from qlora_kit import model as models
-from qlora_kit.adapter import base_source_for, check_adapter_folder, staged_folder, tokenizer_folder
+from qlora_kit.adapter import base_source_for, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
-from qlora_kit.sources import resolve_model
+from qlora_kit.sources import check_adapter_folder, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = 2**30

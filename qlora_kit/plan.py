@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from qlora_kit.catalog import find_gpu, find_model_shape
+from qlora_kit.catalog import find_gpu, find_model_shape, model_ids
 from qlora_kit.errors import UserError
 from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
                               longest_sequence, most_uncheckpointed_layers)
@@ -60,11 +60,13 @@ class PlanReport:
     uncheckpointed_layers: int = 0  # with checkpointing: how many last layers could skip recomputation and still fit
     faster: str | None = None  # the setting that spends spare memory on speed, when there is some
     alternatives: dict[str, int] | None = None  # full fine-tuning and 16-bit LoRA totals, for comparison
+    models_that_fit: list[str] | None = None  # when it does not fit: catalogue models that do, with these settings
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "target": self.target.__dict__, "longest_seq_at_batch_1": self.longest_seq_at_batch_1,
                 "largest_micro_batch": self.largest_micro_batch, "fix": self.fix,
-                "uncheckpointed_layers": self.uncheckpointed_layers, "faster": self.faster, "alternatives": self.alternatives}
+                "uncheckpointed_layers": self.uncheckpointed_layers, "faster": self.faster, "alternatives": self.alternatives,
+                "models_that_fit": self.models_that_fit}
 
     def render(self) -> Group:
         return render(self)
@@ -85,9 +87,10 @@ def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardwar
         gpu0 = hardware.gpus[0]
         return Target(gpu0.name, "cuda", int(gpu0.vram_total_gib * GIB), gpu0.bf16)
     available = hardware.ram_available_gib if hardware is not None else 0.0
-    return Target("this machine's RAM (no GPU)", "cpu", int(available * GIB), note=(
-        "No GPU found and no --gpu/--vram given: this plans a CPU run against available RAM. "
-        "Use --gpu NAME or --vram GB to plan for a card."))
+    in_use = f", {hardware.ram_total_gib - available:.1f} of {hardware.ram_total_gib:.1f} GiB in use" if hardware else ""
+    return Target(f"this machine's free RAM (no GPU{in_use})", "cpu", int(available * GIB), note=(
+        "No GPU found and no --gpu/--vram given: this plans a CPU run against the RAM that is free now (other "
+        "programs hold the rest). Use --gpu NAME or --vram GB to plan for a card."))
 
 
 def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: bool = False) -> PlanReport:
@@ -98,7 +101,7 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
         plan.notes.append(target.note)
     if target.device == "cuda" and not target.bf16 and recipe.precision in ("auto", "bf16"):
         plan.notes.append(f"{target.name} has no bf16: training uses fp16 with loss scaling (same memory).")
-    spare = 0
+    spare, fits = 0, plan.verdict != "does not fit"
     if recipe.gradient_checkpointing and plan.verdict == "fits":  # spend only what keeps the plan out of "tight"
         spare = most_uncheckpointed_layers(shape, recipe, target.device, int(TIGHT_FRACTION * target.capacity_bytes),
                                            **target.layout)
@@ -106,11 +109,19 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
         plan=plan, target=target,
         longest_seq_at_batch_1=longest_sequence(shape, recipe, target.device, target.capacity_bytes, **target.layout),
         largest_micro_batch=largest_micro_batch(shape, recipe, target.device, target.capacity_bytes, **target.layout),
-        fix=None if plan.verdict != "does not fit" else suggest_fix(shape, recipe, target),
+        fix=None if fits else suggest_fix(shape, recipe, target),
         uncheckpointed_layers=spare,
         faster=room_to_go_faster(shape, recipe, spare),
         alternatives=compare_full(plan, shape) if compare else None,
+        models_that_fit=None if fits else catalogue_models_that_fit(target, recipe),
     )
+
+
+def catalogue_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
+    """Catalogue models that fit the target with this recipe, keeping the 10% a plan calls tight; largest first."""
+    shapes = sorted((find_model_shape(m) for m in model_ids()), key=lambda s: -s.parameter_count())
+    return [s.name for s in shapes
+            if estimate_peak_memory(s, recipe, target.device, **target.layout).total_bytes <= TIGHT_FRACTION * target.capacity_bytes]
 
 
 def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
@@ -183,6 +194,9 @@ def render(report: PlanReport) -> Group:
                       f"largest micro-batch at seq {plan.seq_len}: {report.largest_micro_batch or 'none fits'}"))
     if report.fix:
         lines.append(Text.from_markup(f"[bold]To make it fit:[/] {report.fix}"))
+    if report.models_that_fit is not None:
+        lines.append(Text.from_markup("[bold]Catalogue models that fit these settings:[/] "
+                                      + (", ".join(report.models_that_fit[:6]) or "none")))
     if report.faster:
         lines.append(Text.from_markup(f"[bold]Room to go faster:[/] {report.faster}"))
     if report.alternatives:

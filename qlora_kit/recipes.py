@@ -10,14 +10,15 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from qlora_kit.errors import UserError
 
-# The card recipes live at the top of the project (recipes/*.yaml), beside this package.
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The card recipes: recipes/*.yaml at the top of the project, installed as this package (pyproject.toml maps it).
+SHIPPED_RECIPES = "qlora_kit.recipe_files"
 
 
 def _setting(default, help: str, *, low=None, high=None, choices=None):
@@ -29,7 +30,8 @@ class Recipe:
     """Settings of one QLoRA run; `None` model/data means "given on the command line"."""
 
     model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m")
-    data: str | None = _setting(None, "training data: a .jsonl file with `text` or `messages` per line")
+    data: str | None = _setting(None, "training data: a .jsonl file of examples in one format (text, prompt/completion, "
+                                      "alpaca, chat messages or sharegpt conversations)")
     eval_data: str | None = _setting(None, "held-out data in the same format, evaluated during training")
     eval_fraction: float = _setting(0.0, "without eval_data, hold out this fraction of data for evaluation", low=0.0, high=0.5)
     eval_every: int = _setting(0, "evaluate eval_data every N optimizer steps (and after the last); 0 = only after the last", low=0)
@@ -168,13 +170,14 @@ def card_gb(name: str) -> float:
 
 def card_recipes() -> dict[str, Path]:
     """The shipped recipes by name (4gb ... 24gb, cpu), smallest card first."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"), key=lambda p: card_gb(p.stem))}
+    names = {f.name.removesuffix(".yaml"): f for f in resources.files(SHIPPED_RECIPES).iterdir() if f.name.endswith(".yaml")}
+    return {name: Path(str(names[name])) for name in sorted(names, key=card_gb)}
 
 
 def recipe_summary(path: Path) -> str:
     """The first comment line of a recipe file: what the recipe is for."""
-    first = path.read_text().splitlines()[0] if path.stat().st_size else ""
-    return first.lstrip("# ").strip()
+    lines = path.read_text().splitlines()
+    return lines[0].lstrip("# ").strip() if lines else ""
 
 
 def find_recipe(name_or_path: str | Path) -> Path:

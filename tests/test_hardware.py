@@ -18,3 +18,43 @@ def test_probe_without_a_gpu_reports_the_rest():
     assert "RAM" in text and "bitsandbytes 4-bit" in text
     if not hardware.gpus:
         assert "No GPU" in text
+
+
+def test_threads_follow_the_cores_other_programs_leave_free(monkeypatch):
+    import os
+
+    import torch
+
+    from qlora_kit import hardware
+
+    cores = len(os.sched_getaffinity(0))
+    readings = iter([(10.0, 10.0 * cores, 0.0), (20.0, 20.0 * cores, 10.0 * cores), (20.5, 0.0, 0.0)])
+    monkeypatch.setattr(hardware, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        share = hardware.CpuShare(last=(0.0, 0.0, 0.0), most=cores)
+        assert share.use_free_cores() == 1, "other programs kept every core busy: one thread, nothing to wait for"
+        assert torch.get_num_threads() == 1
+        assert share.use_free_cores() == cores, "only this process was busy: every core"
+        assert share.use_free_cores() == cores, "half a second says too little: the count stays"
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        share.last = (0.0, 0.0, 0.0)
+        monkeypatch.setattr(hardware, "_cpu_seconds", lambda: (30.0, 30.0 * cores, 0.0))
+        assert share.use_free_cores() == cores, "the user's OMP_NUM_THREADS is left as it is"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_seconds_count_this_process_among_all_programs():
+    import time
+
+    from qlora_kit.hardware import _cpu_seconds
+
+    start = _cpu_seconds()
+    until = time.process_time() + 0.3
+    while time.process_time() < until:  # busy on one core
+        pass
+    end = _cpu_seconds()
+    own = end[2] - start[2]
+    assert own >= 0.25 and end[1] - start[1] >= 0.5 * own, "the system's busy time includes this process's"

@@ -95,4 +95,11 @@ def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
     assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith("--no-checkpointing")
     assert make_plan("llama-3.1-8b", Recipe(seq_len=2048), choose_target(vram_gib=6)).faster is None
     result = CliRunner().invoke(app, ["plan", "--model", "gemma-2b", "--gpu", "RTX 3090", "--seq-len", "2048", "--no-checkpointing", "--json"])
-    assert result.exit_code == 0 and json.loads(result.output)["plan"]["details"]["checkpointed_layers"] == 0
+    plan = json.loads(result.output)["plan"]
+    assert plan["details"]["checkpointed_layers"] == 0 and result.exit_code == (3 if plan["verdict"] == "does not fit" else 0)
+
+
+def test_a_cpu_plan_says_the_ram_other_programs_hold():
+    cpu = choose_target(hardware=probe(check_bnb=False))
+    assert cpu.name.startswith("this machine's free RAM (no GPU, ") and "GiB in use" in cpu.name
+    assert "other programs hold the rest" in cpu.note

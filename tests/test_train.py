@@ -256,3 +256,41 @@ def test_a_run_with_memory_to_spare_says_how_to_go_faster(llama_dir, text_data, 
     console = Console(file=io.StringIO(), width=300)
     run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, gradient_checkpointing=True), tmp_path / "run", console)
     assert "Room to go faster: --no-checkpointing" in console.file.getvalue(), "a tiny model's activations fit any machine"
+
+
+def test_staging_folders_a_killed_run_left_are_removed_when_it_resumes(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=2, micro_batch=2, checkpoint_every=1)
+    run_training(recipe, out, QUIET)
+    leftovers = [out / ".adapter.partial-x1y2", out / "checkpoints" / ".step-3.partial-z9"]
+    for folder in leftovers:
+        (folder / "adapter").mkdir(parents=True)
+    run_training(dataclasses.replace(recipe, steps=2), out, QUIET, resume=True)
+    assert not any(folder.exists() for folder in leftovers)
+    for folder in leftovers:
+        folder.mkdir()
+    run_training(recipe, out, QUIET, overwrite=True)
+    assert not any(folder.exists() for folder in leftovers)
+
+
+def test_a_cpu_run_its_plan_says_cannot_fit_stops_before_loading_the_model(llama_dir, tmp_path, monkeypatch):
+    from qlora_kit import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(train.models, "load_base_4bit", refuse)
+    long_text = tmp_path / "long.jsonl"
+    long_text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 200}) + "\n")
+    recipe = Recipe(model=str(llama_dir), data=str(long_text), seq_len=100_000, micro_batch=4096)
+    with pytest.raises(UserError, match=r"This run needs about .* GiB of RAM \(micro-batch 4096 x \d+ tokens\)") as error:
+        run_training(recipe, tmp_path / "run", QUIET)
+    assert "To make it fit: --micro-batch" in error.value.hint
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_is_made_for_the_longest_example_not_an_unused_seq_len(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, seq_len=100_000), out, QUIET)
+    longest = max(len(e) for e in data.tokenize(data.read_records(chat_data).records, models.load_tokenizer(llama_dir), 512))
+    assert json.loads((out / "plan.json").read_text())["plan"]["seq_len"] == longest

@@ -10,6 +10,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,11 @@ import yaml
 from qlora_kit.errors import UserError
 from qlora_kit.memory import ModelShape
 
-HERE = Path(__file__).parent
+
+@functools.cache
+def read_catalogue(name: str):
+    """One of the catalogue files (models.yaml, gpus.yaml), parsed; installed with the package."""
+    return yaml.safe_load(resources.files(__name__).joinpath(name).read_text())
 
 
 @dataclass(frozen=True)
@@ -28,21 +33,20 @@ class GpuSpec:
     bf16: bool
 
 
-@functools.cache
 def _models() -> dict:
-    return yaml.safe_load((HERE / "models.yaml").read_text())
+    return read_catalogue("models.yaml")
 
 
 @functools.cache
 def gpu_catalogue() -> list[GpuSpec]:
     """Every catalogued GPU, in the file's order (by family)."""
-    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    entries = read_catalogue("gpus.yaml")
     return [GpuSpec(e["name"], e["vram_gib"], e["compute_capability"], e["bf16"]) for e in entries]
 
 
 @functools.cache
 def _gpu_aliases() -> dict[str, str]:
-    entries = yaml.safe_load((HERE / "gpus.yaml").read_text())
+    entries = read_catalogue("gpus.yaml")
     return {_normal(alias): e["name"] for e in entries for alias in [e["name"], *e["aliases"]]}
 
 
@@ -77,20 +81,39 @@ def find_gpu(query: str) -> GpuSpec:
                     hint="Use --vram GB for a card that is not in the catalogue.")
 
 
+def catalogue_id(query: str) -> str | None:
+    """The hub id that a catalogue name or hub id stands for, whatever its case ("Gemma-2B" -> google/gemma-2b)."""
+    for model_id, config in _models()["models"].items():
+        if query.lower() in [model_id.lower(), *config.get("short", [])]:
+            return model_id
+    return None
+
+
+def model_names() -> list[str]:
+    """Every name the catalogue answers to: hub ids and the short names people type."""
+    return [n for model_id, c in _models()["models"].items() for n in (model_id, *c.get("short", []))]
+
+
+def did_you_mean(query: str, names: list[str], cutoff: float = 0.6) -> str:
+    """' Did you mean: a, b?' for the names closest to a mistyped one (any case), or ''."""
+    lower = {n.lower(): n for n in names}
+    close = [lower[c] for c in difflib.get_close_matches(query.lower(), lower, n=4, cutoff=cutoff)]
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
 def find_model_shape(query: str) -> ModelShape:
     """Config facts for a catalogue name or hub id, a local model folder, a .gguf file, or a cached hub model."""
     catalogue = _models()
     fused = catalogue["fused_projections"]
-    for model_id, config in catalogue["models"].items():
-        if query.lower() in [model_id.lower(), *config.get("short", [])]:
-            return ModelShape.from_config(model_id, config, fused.get(config["model_type"]))
+    model_id = catalogue_id(query)
+    if model_id is not None:
+        config = catalogue["models"][model_id]
+        return ModelShape.from_config(model_id, config, fused.get(config["model_type"]))
     config = _local_config(query)
     if config is not None:
         return ModelShape.from_config(query, config, fused.get(config.get("model_type")))
-    names = [n for model_id, c in catalogue["models"].items() for n in (model_id, *c.get("short", []))]
-    close = difflib.get_close_matches(query.lower(), [n.lower() for n in names], n=4, cutoff=0.4)
     raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, not in the hub cache."
-                    + (f" Did you mean: {', '.join(close)}?" if close else ""),
+                    + did_you_mean(query, model_names(), cutoff=0.4),
                     hint="Pass a model folder with config.json, or one of: " + ", ".join(c["short"][0] for c in catalogue["models"].values()))
 
 

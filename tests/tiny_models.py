@@ -1,0 +1,72 @@
+"""Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
+
+The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a pirate sails the sea and sings a song",
+    "one two three four five six seven eight nine ten",
+    "what is the capital of france? the capital is paris.",
+    "hello world, this is a tiny tokenizer for tests",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer of ~300 tokens with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(kind: str, vocab_size: int):
+    """2-layer configs of real architectures, small enough to train on CPU in seconds."""
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if kind == "gemma":
+        return GemmaConfig(**common, head_dim=16)
+    if kind == "gemma2":
+        return Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    raise ValueError(kind)
+
+
+def save_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
+    """Write a random tiny model and the test tokenizer as a normal Hugging Face model folder."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    print(save_tiny_model(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "llama"))
