@@ -76,3 +76,16 @@ def test_recipes_show_redirected_to_a_file_is_the_recipe_itself(monkeypatch, cap
     copy = tmp_path / "cpu.yaml"
     copy.write_text(out)
     assert yaml.safe_load(out)["checkpoint_every"] == 50 and load_recipe(copy) == load_recipe("cpu")
+
+
+def test_the_recipes_table_in_the_docs_says_what_the_files_say():
+    from pathlib import Path
+
+    from qlora_kit.recipes import card_recipes
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    rows = {cells[0]: cells[1:5] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
+                                               if line.startswith("| ") and line.count("|") == 7)}
+    for name in card_recipes():
+        r = load_recipe(name)
+        assert rows[name] == [str(r.rank), str(r.seq_len), f"{r.micro_batch} x {r.grad_accum}", f"{r.checkpoint_every} steps"], name
