@@ -16,14 +16,15 @@ from qlora_kit import model as models
 from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE
-from qlora_kit.sources import ALIASES, check_adapter_folder, describe_source, resolve_model
+from qlora_kit.sources import check_adapter_folder, describe_source, packaged_model, resolve_model
 
 
 def portable_base_id(source: str, folder: Path) -> str:
     """What adapter_config.json should name as the base: a hub id where one is known (the original of a model
     that a package ships), else the local folder."""
-    if source.lower() in ALIASES:
-        return ALIASES[source.lower()].hub_id
+    packaged = packaged_model(source)
+    if packaged:
+        return packaged.hub_id
     if not Path(source).expanduser().exists():
         return catalogue_id(source) or source  # a hub id, or a catalogue name for one
     return str(folder.resolve())
@@ -67,7 +68,7 @@ def adapter_card(recipe, base_id: str, facts: dict) -> str:
     eval_line = f"- Eval loss at the end: {facts['eval_loss']:.4f}\n" if facts.get("eval_loss") is not None else ""
     origin = describe_source(recipe.model)
     origin_line = f" The base was {origin}." if origin else ""
-    if recipe.model.lower() in ALIASES:
+    if packaged_model(recipe.model):
         origin_line += (f" The original `{base_id}` loads this adapter too; its weights differ from those trained on "
                         "by the GGUF's rounding.")
     return f"""---

@@ -154,12 +154,16 @@ def usage_now(device) -> dict:
             "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **gpu_readings(device.index or 0), **host}
 
 
+def _usable_cpus() -> list[int]:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def _cpu_seconds() -> tuple[float, float, float]:
     """(clock, CPU seconds every program has used on the cores this process may run on, CPU seconds of this process)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     per_cpu = psutil.cpu_times(percpu=True)
     busy = 0.0
-    for times in (per_cpu[i] for i in cpus if i < len(per_cpu)):
+    for times in (per_cpu[i] for i in _usable_cpus() if i < len(per_cpu)):
         # guest time is already counted in user time; steal is time the hypervisor gave to other machines
         counted = sum(getattr(times, name) for name in times._fields if name not in ("guest", "guest_nice"))
         busy += counted - times.idle - getattr(times, "iowait", 0.0)
@@ -191,9 +195,8 @@ class CpuShare:
         if not on_cpu or "OMP_NUM_THREADS" in os.environ or now[0] - self.last[0] < self.MIN_SECONDS:
             return torch.get_num_threads()
         others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / (now[0] - self.last[0])
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.last = now
-        threads = max(1, min(self.most, int(cores - others + 0.5)))
+        threads = max(1, min(self.most, int(len(_usable_cpus()) - others + 0.5)))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         return threads

