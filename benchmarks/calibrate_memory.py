@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import itertools
 import json
 import platform
@@ -25,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,8 +49,8 @@ def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
     timings = []
     result = {}
     try:
-        train_loop(lora, examples, recipe, steps, 0, device, torch.bfloat16, lambda m: timings.append(m["tokens_per_s"]),
-                   Console(file=io.StringIO()))
+        train_loop(lora, examples, recipe, total_steps=steps, pad_id=0, device=device, dtype=torch.bfloat16,
+                   on_step=lambda m: timings.append(m["tokens_per_s"]))
         torch.cuda.synchronize()
         result = {"status": "ok", "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
                   "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "tokens_per_s": timings[-1]}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -129,7 +128,6 @@ def train_hf(args, rows, step_times) -> dict:
 def train_ours(args, rows, step_times) -> dict:
     """qlora-kit's loop on the same rows; returns its dropout and how many layers it checkpointed."""
     import torch
-    from rich.console import Console
 
     from qlora_kit import data, model as models
     from qlora_kit.catalog import find_model_shape
@@ -147,8 +145,8 @@ def train_ours(args, rows, step_times) -> dict:
     recipe = dataclasses.replace(recipe, uncheckpointed_layers=layers)
     model = models.attach_lora(models.load_base_4bit(Path(args.folder), dtype, device), recipe)
     examples = [data.Example(row, row) for row in rows]
-    train_loop(model, examples, recipe, args.steps + 1, 0, device, dtype, lambda m: step_times.append(m["step_s"]),
-               Console(file=io.StringIO()))
+    train_loop(model, examples, recipe, total_steps=args.steps + 1, pad_id=0, device=device, dtype=dtype,
+               on_step=lambda m: step_times.append(m["step_s"]))
     return {"dropout": args.ours_dropout, "checkpointed_layers": shape.num_layers - min(layers, shape.num_layers)}
 
 

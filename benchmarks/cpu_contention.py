@@ -29,7 +29,6 @@ PROMPT = "Tell me about the moon."
 def train_worker(steps: int, seq: int, batch: int) -> dict:
     """Median seconds of a training step of the demo's shape (LoRA r16 on the 4-bit base), through train_loop."""
     import torch
-    from rich.console import Console
 
     from qlora_kit import data, model as models
     from qlora_kit.demo import DEMO_DATA
@@ -44,8 +43,8 @@ def train_worker(steps: int, seq: int, batch: int) -> dict:
     examples = data.tokenize(data.read_records(DEMO_DATA).records, tokenizer, seq)
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, torch.device("cpu")), recipe)
     seen = []
-    train_loop(model, examples, recipe, steps + 1, tokenizer.pad_token_id, torch.device("cpu"), torch.float32, seen.append,
-               Console(quiet=True))
+    train_loop(model, examples, recipe, total_steps=steps + 1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+               dtype=torch.float32, on_step=seen.append)
     timed = seen[1:]  # the first step warms allocators and kernels up
     return {"step_s": statistics.median(m["step_s"] for m in timed), "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
             "threads": [m["cpu_threads"] for m in seen]}

@@ -11,7 +11,6 @@ Usage: python benchmarks/dashboard_overhead.py
 
 from __future__ import annotations
 
-import io
 import statistics
 import sys
 import tempfile
@@ -71,8 +70,8 @@ def training_step_seconds(folder: Path, mode: str, steps: int = 12) -> float:
         def on_step(m):
             dashboard.step(m)
             times.append(m["step_s"])
-        train_loop(model, examples, recipe, steps, tokenizer.pad_token_id, torch.device("cpu"), torch.float32, on_step,
-                   Console(file=io.StringIO()))
+        train_loop(model, examples, recipe, total_steps=steps, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+                   dtype=torch.float32, on_step=on_step)
     return statistics.mean(times[2:])  # the first steps warm up
 
 

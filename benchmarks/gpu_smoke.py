@@ -9,14 +9,12 @@ check and exits non-zero on the first failure. Without a GPU it runs the same ch
 
 from __future__ import annotations
 
-import io
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,8 +50,9 @@ def train(folder: Path, recipe: Recipe, device, dtype, run_dir: Path, resume_fro
                                    optimizer_state, scheduler, scaler, state, keep=1)
 
     losses: list[float] = []
-    train_loop(model, examples, recipe, STEPS, 0, device, dtype, lambda m: losses.append(m["loss"]), Console(file=io.StringIO()),
-               save=lambda step, *rest: save(step, *rest) if step == SAVED_AT else None, resume_from=resume_from)
+    train_loop(model, examples, recipe, total_steps=STEPS, pad_id=0, device=device, dtype=dtype,
+               on_step=lambda m: losses.append(m["loss"]), save=lambda step, *rest: save(step, *rest) if step == SAVED_AT else None,
+               resume_from=resume_from)
     return losses
 
 

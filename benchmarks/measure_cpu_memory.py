@@ -12,13 +12,11 @@ Usage: MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/measure_cpu_memory.py MODE
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from qlora_kit import data, model as models
 from qlora_kit.recipes import Recipe
@@ -42,11 +40,11 @@ def measure(model_dir: Path, recipe: Recipe) -> dict:
     generator = torch.Generator().manual_seed(0)
     # Full-length random sequences: no padding, so every position is a labelled token.
     examples = [data.Example(ids, ids) for ids in torch.randint(3, vocab, (4 * batch, seq), generator=generator).tolist()]
-    quiet = Console(file=io.StringIO())
-    train_loop(model, examples, recipe, 1, 0, cpu, torch.float32, lambda m: None, quiet)  # warm-up step
+    one_step = dict(total_steps=1, pad_id=0, device=cpu, dtype=torch.float32, on_step=lambda m: None)
+    train_loop(model, examples, recipe, **one_step)  # warm-up step
     before = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    train_loop(model, examples, recipe, 1, 0, cpu, torch.float32, lambda m: None, quiet)
+    train_loop(model, examples, recipe, **one_step)
     return {"rss_before_step": before, "step_peak_transient": rss_bytes("VmHWM") - before}
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from qlora_kit import model as models
 from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE
+from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.sources import check_adapter_folder, describe_source, packaged_model, resolve_model
 
 
@@ -145,10 +145,10 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
         source = bases.pop()
     if source is None:
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
-    device, dtype = models.pick_device_and_dtype(precision)
+    device, dtype = pick_device_and_dtype(precision)
     folder = resolve_model(source)
-    tokenizer = models.load_tokenizer(tokenizer_folder(adapter_dirs[0] if adapter_dirs else None, folder), trust_remote_code)
-    model = models.load_base_4bit(folder, dtype, device, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(adapter_dirs[0] if adapter_dirs else None, folder), trust_remote_code)
+    model = load_base_4bit(folder, dtype, device, trust_remote_code)
     names = adapter_names(adapter_dirs)
     for name, adapter_dir in zip(names, adapter_dirs):
         if isinstance(model, PeftModel):

@@ -6,7 +6,8 @@ The choice, in a fixed order so it is predictable:
    shrink the effective batch so that an epoch still makes at least 10 optimizer steps;
 3. raise the micro-batch while the plan keeps 10% headroom, keeping the effective batch with accumulation, until
    a micro-batch holds enough tokens to keep the device busy;
-4. when it does not fit, step down: checkpointing on, micro-batch, sequence length, activation offload, rank;
+4. when it does not fit, step down as training would (plan.cheaper: checkpointing, micro-batch, activation
+   offload, sequence length), then a smaller rank;
 5. spend what is left on speed: the last decoder layers keep their activations instead of being recomputed, and
    only when nothing is recomputed any more, larger micro-batches.
 """
@@ -27,7 +28,7 @@ from qlora_kit.catalog import find_model_shape
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
-from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
+from qlora_kit.plan import StepShape, Target, catalogue_models_that_fit, cheaper, choose_target, make_plan
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
 from qlora_kit.sources import describe_source
 
@@ -54,6 +55,7 @@ class Choice:
     target: Target
     recipe_name: str
     recipe: Recipe
+    shape: ModelShape | None = None
     changes: list[Change] = field(default_factory=list)
     planned_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -61,6 +63,27 @@ class Choice:
     @property
     def fits(self) -> bool:
         return self.planned_bytes <= self.target.capacity_bytes
+
+    def change(self, why: str, **settings) -> None:
+        """Apply settings, keeping one Change per setting: from the recipe's value to the latest, with the latest reason."""
+        for key, value in settings.items():
+            earlier = next((c for c in self.changes if c.setting == key), None)
+            if earlier:
+                earlier.new, earlier.why = value, why
+            elif getattr(self.recipe, key) != value:
+                self.changes.append(Change(key, getattr(self.recipe, key), value, why))
+        self.changes = [c for c in self.changes if c.old != c.new]
+        self.recipe = replace(self.recipe, **settings)
+
+    def total(self, recipe: Recipe | None = None) -> int:
+        """The planned peak of recipe (the current one by default) on the target."""
+        recipe = recipe or self.recipe
+        return estimate_peak_memory(self.shape, recipe, self.target.device, gpus=self.target.gpus,
+                                    strategy=recipe.parallel).total_bytes
+
+    def roomy(self, recipe: Recipe | None = None) -> bool:
+        """Whether recipe (the current one by default) leaves the card the headroom a plan calls a fit."""
+        return self.total(recipe) <= HEADROOM * self.target.capacity_bytes
 
 
 def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None) -> Choice:
@@ -72,103 +95,110 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         # A "12 GB" card reports a little under 12 GiB, hence the 5% grace.
         sizes = [n for n in recipes if card_gb(n) <= target.capacity_bytes / GIB * 1.05]
         name = sizes[-1] if sizes else next(iter(recipes))
-    choice = Choice(target, name, load_recipe(recipes[name]))
-
-    def change(why: str, **settings) -> None:
-        """Apply settings, keeping one Change per setting: from the recipe's value to the latest, with the latest reason."""
-        for key, value in settings.items():
-            earlier = next((c for c in choice.changes if c.setting == key), None)
-            if earlier:
-                earlier.new, earlier.why = value, why
-            elif getattr(choice.recipe, key) != value:
-                choice.changes.append(Change(key, getattr(choice.recipe, key), value, why))
-        choice.changes = [c for c in choice.changes if c.old != c.new]
-        choice.recipe = replace(choice.recipe, **settings)
-
-    def total(recipe: Recipe) -> int:
-        return estimate_peak_memory(shape, recipe, target.device, gpus=target.gpus, strategy=recipe.parallel).total_bytes
-
-    def roomy(recipe: Recipe) -> bool:
-        return total(recipe) <= HEADROOM * target.capacity_bytes
-
-    if target.gpus > 1:  # DDP when one card holds the model at its smallest settings, else shard it with FSDP
-        smallest = replace(choice.recipe, parallel="ddp", micro_batch=1, seq_len=min(512, choice.recipe.seq_len))
-        if roomy(smallest):
-            choice.changes.append(Change("parallel", "-", "ddp", f"the model fits one card: each of the {target.gpus} GPUs holds it"))
-        elif roomy(replace(smallest, parallel="fsdp")):
-            change(f"the model does not fit one card: its weights are sharded across the {target.gpus} GPUs (FSDP)",
-                   parallel="fsdp")
-        else:
-            change(f"even sharded across the {target.gpus} GPUs it does not fit: the shards wait in host RAM (FSDP offload)",
-                   parallel="fsdp_offload")
-
+    choice = Choice(target, name, load_recipe(recipes[name]), shape)
+    if target.gpus > 1:
+        _choose_layout(choice)
     if target.device == "cuda" and not target.bf16:
-        change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
+        choice.change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
     if target.device == "cpu":
         choice.warnings.append("No GPU: training runs on the CPU. It works, but expect seconds per step even for small models.")
+    effective = _fit_to_data(choice, lengths) if lengths else choice.recipe.micro_batch * choice.recipe.grad_accum
+    _grow_micro_batch(choice, effective, BUSY_TOKENS[target.device])
+    _step_down_until_it_fits(choice)
+    _spend_spare_memory(choice, effective)
+    choice.planned_bytes = choice.total()
+    if choice.fits and not choice.roomy():
+        choice.warnings.append("Tight: the plan is within 10% of the card. If a step runs out of memory, "
+                               "training steps down (micro-batch, offload, sequence length) and redoes it.")
+    cut = sum(length > choice.recipe.seq_len for length in lengths or [])
+    if cut:
+        choice.warnings.append(f"{cut} of {len(lengths)} examples ({100 * cut / len(lengths):.0f}%) are longer than "
+                               f"{choice.recipe.seq_len} tokens and will be truncated.")
+    return choice
 
-    if lengths:
-        p95 = percentile(lengths, 95)
-        wanted = min(64 * math.ceil(p95 / 64), shape.max_positions)
-        if wanted < choice.recipe.seq_len:
-            change(f"95% of the examples are at most {p95} tokens", seq_len=wanted)
-        elif wanted > choice.recipe.seq_len and roomy(replace(choice.recipe, seq_len=wanted, gradient_checkpointing=True)):
-            change(f"95% of the examples are at most {p95} tokens, and the card has room", seq_len=wanted)
-            if not roomy(choice.recipe):
-                change("to fit the longer sequences: layers are recomputed in backward instead of keeping their "
-                       "activations", gradient_checkpointing=True)
 
+def _choose_layout(choice: Choice) -> None:
+    """On several GPUs: DDP when one card holds the model at its smallest settings, else shard it with FSDP."""
+    gpus = choice.target.gpus
+    smallest = replace(choice.recipe, parallel="ddp", micro_batch=1, seq_len=min(512, choice.recipe.seq_len))
+    if choice.roomy(smallest):
+        choice.changes.append(Change("parallel", "-", "ddp", f"the model fits one card: each of the {gpus} GPUs holds it"))
+    elif choice.roomy(replace(smallest, parallel="fsdp")):
+        choice.change(f"the model does not fit one card: its weights are sharded across the {gpus} GPUs (FSDP)", parallel="fsdp")
+    else:
+        choice.change(f"even sharded across the {gpus} GPUs it does not fit: the shards wait in host RAM (FSDP offload)",
+                      parallel="fsdp_offload")
+
+
+def _fit_to_data(choice: Choice, lengths: list[int]) -> int:
+    """Sequence length from the data's 95th percentile; with little data, a smaller effective batch, returned."""
+    p95 = percentile(lengths, 95)
+    wanted = min(64 * math.ceil(p95 / 64), choice.shape.max_positions)
+    if wanted < choice.recipe.seq_len:
+        choice.change(f"95% of the examples are at most {p95} tokens", seq_len=wanted)
+    elif wanted > choice.recipe.seq_len and choice.roomy(replace(choice.recipe, seq_len=wanted, gradient_checkpointing=True)):
+        choice.change(f"95% of the examples are at most {p95} tokens, and the card has room", seq_len=wanted)
+        if not choice.roomy():
+            choice.change("to fit the longer sequences: layers are recomputed in backward instead of keeping their "
+                          "activations", gradient_checkpointing=True)
     effective = choice.recipe.micro_batch * choice.recipe.grad_accum
-    if lengths and len(lengths) < MIN_STEPS_PER_EPOCH * effective:  # small data: more, smaller steps learn more
+    if len(lengths) < MIN_STEPS_PER_EPOCH * effective:  # small data: more, smaller steps learn more
         effective = 1 << (max(1, len(lengths) // MIN_STEPS_PER_EPOCH).bit_length() - 1)
         batch = min(choice.recipe.micro_batch, effective)
-        change(f"{len(lengths)} examples: an effective batch of {effective} makes {len(lengths) // effective} optimizer "
-               "steps an epoch", micro_batch=batch, grad_accum=effective // batch)
+        choice.change(f"{len(lengths)} examples: an effective batch of {effective} makes {len(lengths) // effective} "
+                      "optimizer steps an epoch", micro_batch=batch, grad_accum=effective // batch)
+    return effective
 
-    def grow_micro_batch(busy_tokens: float) -> None:
-        while (choice.recipe.micro_batch * 2 <= effective and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
-               and roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
-            batch = choice.recipe.micro_batch * 2
-            change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
 
-    grow_micro_batch(BUSY_TOKENS[target.device])
+def _grow_micro_batch(choice: Choice, effective: int, busy_tokens: float) -> None:
+    """Double the micro-batch (accumulation shrinking) while the card has room, up to the effective batch, until a
+    micro-batch holds busy_tokens."""
+    while (choice.recipe.micro_batch * 2 <= effective and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
+           and choice.roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
+        batch = choice.recipe.micro_batch * 2
+        choice.change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
 
-    while not roomy(choice.recipe):
-        r = choice.recipe
-        if not r.gradient_checkpointing:
-            change("to fit: layers are recomputed in backward instead of keeping their activations", gradient_checkpointing=True)
-        elif r.micro_batch > 1:
-            batch = r.micro_batch // 2
-            change(f"to fit; same effective batch of {effective}", micro_batch=batch, grad_accum=math.ceil(effective / batch))
-        elif r.seq_len > 128:
-            change("to fit: shorter sequences", seq_len=max(128, r.seq_len // 2))
-        elif target.device == "cuda" and not r.activation_offload:
-            change("to fit: checkpointed activations wait in host RAM", activation_offload=True)
-        elif r.rank > 4:
-            change("to fit: a smaller adapter", rank=r.rank // 2, alpha=r.alpha / 2)
+
+STEP_DOWN_REASONS = {"uncheckpointed_layers": "to fit: every layer is recomputed in backward",
+                     "checkpointing": "to fit: layers are recomputed in backward instead of keeping their activations",
+                     "micro_batch": "to fit; same effective batch of {effective}",
+                     "offload": "to fit: checkpointed activations wait in host RAM",
+                     "seq_len": "to fit: shorter sequences"}
+
+
+def _step_down_until_it_fits(choice: Choice) -> None:
+    """Step down as training would (plan.cheaper), then halve the rank, until the plan keeps its headroom."""
+    while not choice.roomy():
+        now = StepShape.of(choice.recipe)
+        smaller = cheaper(now, choice.target.device)
+        if smaller is not None:
+            changed = next(k for k in STEP_DOWN_REASONS if getattr(smaller, k) != getattr(now, k))
+            recipe = smaller.applied_to(choice.recipe)
+            settings = {f: getattr(recipe, f) for f in ("gradient_checkpointing", "micro_batch", "grad_accum",
+                                                        "activation_offload", "seq_len", "uncheckpointed_layers")}
+            effective = choice.recipe.micro_batch * choice.recipe.grad_accum
+            choice.change(STEP_DOWN_REASONS[changed].format(effective=effective),
+                          **{f: v for f, v in settings.items() if getattr(choice.recipe, f) != v})
+        elif choice.recipe.rank > 4:
+            choice.change("to fit: a smaller adapter", rank=choice.recipe.rank // 2, alpha=choice.recipe.alpha / 2)
         else:
-            break
-    if choice.recipe.gradient_checkpointing and roomy(choice.recipe):
+            return
+
+
+def _spend_spare_memory(choice: Choice, effective: int) -> None:
+    """Memory left over goes to speed: layers that keep their activations, then (nothing recomputed) bigger batches."""
+    target, shape = choice.target, choice.shape
+    if choice.recipe.gradient_checkpointing and choice.roomy():
         layers = most_uncheckpointed_layers(shape, choice.recipe, target.device, int(HEADROOM * target.capacity_bytes),
                                             gpus=target.gpus, strategy=choice.recipe.parallel)
         if layers >= shape.num_layers:
-            change("the card has room for every layer's activations: no recomputation, faster steps",
-                   gradient_checkpointing=False, uncheckpointed_layers=0)
+            choice.change("the card has room for every layer's activations: no recomputation, faster steps",
+                          gradient_checkpointing=False, uncheckpointed_layers=0)
         elif layers:
-            change(f"the card has room: the last {layers} of {shape.num_layers} layers keep their activations "
-                   "instead of being recomputed, for faster steps", uncheckpointed_layers=layers)
+            choice.change(f"the card has room: the last {layers} of {shape.num_layers} layers keep their activations "
+                          "instead of being recomputed, for faster steps", uncheckpointed_layers=layers)
     if not choice.recipe.gradient_checkpointing:
-        grow_micro_batch(math.inf)
-    choice.planned_bytes = total(choice.recipe)
-    if choice.fits and not roomy(choice.recipe):
-        choice.warnings.append("Tight: the plan is within 10% of the card. If a step runs out of memory, "
-                               "training steps down (micro-batch, offload, sequence length) and redoes it.")
-    if lengths:
-        cut = sum(length > choice.recipe.seq_len for length in lengths)
-        if cut:
-            choice.warnings.append(f"{cut} of {len(lengths)} examples ({100 * cut / len(lengths):.0f}%) are longer than "
-                                   f"{choice.recipe.seq_len} tokens and will be truncated.")
-    return choice
+        _grow_micro_batch(choice, effective, math.inf)
 
 
 def render_choice(choice: Choice, shape: ModelShape, source: str | None = None) -> Group:
@@ -211,8 +241,9 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
+    from qlora_kit.run_folder import next_free_run_dir
     from qlora_kit.sources import resolve_model
-    from qlora_kit.train import next_free_run_dir, run_training
+    from qlora_kit.train import run_training
 
     loaded = data_module.read_records(data_path)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
@@ -247,8 +278,10 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     if dry_run:
         return choice
     recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs)
+    # The run keeps the plan that made the choice (plan.json, the dashboard's marks), not one of its own for one GPU.
+    plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel)).to_dict()
     return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, plan=plan)
 
 
 def _limited(vram_limit: float, hardware) -> Target:

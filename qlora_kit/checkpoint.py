@@ -12,20 +12,50 @@ Everything is read back with safetensors or torch.load(weights_only=True), never
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qlora_kit.memory import optimizer_state_bytes
+from qlora_kit.plan import StepShape
 
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands (trainer_state.json): with the weights and optimizer, all it needs to continue exactly."""
+
+    shape: StepShape  # as the run last stepped, after any out-of-memory step-downs
+    step: int = 0  # optimizer steps done
+    position: int = 0  # examples drawn so far, by every rank together
+    total_steps: int = 0
+    examples: int = 0  # training examples (after packing), to tell a resume on other data
+    ranks: int = 1
+    nonfinite_in_a_row: int = 0
+    nonfinite_steps: int = 0
+    fingerprint: dict = field(default_factory=dict)  # run_folder.fingerprint of the data and base model
+    recipe: dict = field(default_factory=dict)  # for people reading the file; recipe.yaml is what a resume uses
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        """Read trainer_state.json, of this version or an earlier one (fields added since take their defaults)."""
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        return cls(**{**values, "shape": StepShape(**values["shape"])})
 
 
 def gather_trainable(model) -> dict[str, torch.Tensor]:
@@ -43,8 +73,8 @@ def gather_optimizer(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: dict, scheduler, scaler, trainer_state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: dict, scheduler, scaler,
+                    trainer_state: TrainerState, keep: int) -> Path:
     """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter, optimizer_state comes from
     gather_optimizer) and delete all but the newest `keep`; returns its folder."""
     from qlora_kit.adapter import staged_folder
@@ -56,7 +86,7 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: di
         write_adapter(staging / "adapter")
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, staging / "state.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (staging / "trainer_state.json").write_text(trainer_state.to_json())
         write_manifest(staging, step)
     _fsync(root)
     for old in complete_checkpoints(root.parent)[keep:]:
@@ -114,7 +144,7 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, passed_over
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> TrainerState:
     """Restore the adapter weights, optimizer, scheduler, scaler and RNG states; returns trainer_state."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -130,7 +160,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: t
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
-    return json.loads((folder / "trainer_state.json").read_text())
+    return TrainerState.from_json((folder / "trainer_state.json").read_text())
 
 
 def rng_state() -> dict:

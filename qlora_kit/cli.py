@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
+import inspect
 import json
 import os
 import sys
@@ -67,84 +71,82 @@ def _run_console(plain: bool, quiet: bool) -> tuple[Console, str]:
     return console, "plain" if plain else "auto"
 
 
-def _setting(name: str, *aliases: str):
-    """A flag for a Recipe setting, with the help line and default the Recipe itself declares."""
-    from qlora_kit.recipes import Recipe
+def with_recipe_flags(only: tuple[str, ...] | None = None):
+    """Give a command a flag for each Recipe setting (or only those named), made from the field's name, type, help
+    line, choices and aliases, so a new setting needs no edit here. The command receives the flags given as its
+    `settings` parameter, a dict, and lists them in --help where that parameter stands."""
+    from qlora_kit.recipes import Recipe, setting_type
 
-    field = Recipe.__dataclass_fields__[name]
-    flag = "--" + name.replace("_", "-")
-    return typer.Option(None, *aliases, flag, help=f"{field.metadata['help']} [default: {field.default}]", show_default=False)
+    fields = [f for f in dataclasses.fields(Recipe) if only is None or f.name in only]
 
+    def flag(f: dataclasses.Field) -> inspect.Parameter:
+        name = "--" + f.name.replace("_", "-")
+        names = [f"{name}/--no-{name[2:]}" if setting_type(f) is bool else name, *f.metadata["aliases"]]
+        shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        default = f" [default: {shown}]" if f.default is not None else ""
+        option = typer.Option(None, *names, help=f.metadata["help"][0].upper() + f.metadata["help"][1:] + "." + default,
+                              show_default=False)
+        # Choices as an Enum, which typer offers as click.Choice: a wrong value is a usage error listing the right ones.
+        kind = enum.Enum(f.name, {c: c for c in f.metadata["choices"]}, type=str) if f.metadata["choices"] else setting_type(f)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
 
-CHECKPOINTING = typer.Option(None, "--checkpointing/--no-checkpointing", show_default=False,
-                             help="Recompute layers in backward instead of keeping their activations [default: the recipe's].")
+    def old_flag(f: dataclasses.Field) -> inspect.Parameter:
+        return inspect.Parameter(f"{f.name}_old_flag", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[setting_type(f)],
+                                 default=typer.Option(None, f.metadata["old_flag"], hidden=True))
+
+    def decorate(command):
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        at = [p.name for p in own].index("settings")
+        flags = [flag(f) for f in fields] + [old_flag(f) for f in fields if f.metadata["old_flag"]]
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[:at] + flags + own[at + 1:]]
+
+        @functools.wraps(command)
+        def with_settings(**given):
+            settings = {}
+            for f in fields:
+                value, old = given.pop(f.name), given.pop(f"{f.name}_old_flag", None)
+                if old is not None:
+                    errors.print(f"{f.metadata['old_flag'].split('/')[0]} is now --{f.name.replace('_', '-')}; the old name "
+                                 "still works.", style="yellow")
+                    value = old if value is None else value
+                if value is not None:
+                    settings[f.name] = getattr(value, "value", value)
+            return command(**given, settings=settings)
+
+        with_settings.__signature__ = inspect.Signature(parameters)  # what typer reads the options from
+        with_settings.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_settings
+
+    return decorate
 
 
 @app.command()
+@with_recipe_flags()
 def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local folder, .gguf file, hub id, or smollm2-135m."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder, e.g. runs/my-run (must not hold a run, unless --resume or --overwrite)."),
     name: Optional[str] = NAME,
+    settings: dict = None,
     resume: bool = RESUME,
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="With --resume: go on although the data file's content changed since the checkpoint."),
     overwrite: bool = OVERWRITE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     gpus: int = GPUS,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out .jsonl evaluated during training (eval loss on screen and in metrics)."),
-    eval_every: Optional[int] = _setting("eval_every"),
-    eval_fraction: Optional[float] = _setting("eval_fraction"),
-    data_format: Optional[str] = _setting("data_format", "--format"),
-    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs", help="Also learn prompts and user turns.", show_default=False),
-    skip_bad_lines: Optional[bool] = typer.Option(None, "--skip-bad-lines", help="Train on the good examples and report the bad ones.", show_default=False),
-    packing: Optional[bool] = typer.Option(None, "--packing", help="Pack short examples into full sequences (no attention across them).", show_default=False),
-    drop_long: Optional[bool] = typer.Option(None, "--drop-long", help="Drop examples longer than --seq-len instead of truncating them.", show_default=False),
-    group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", show_default=False,
-                                                   help="Draw examples of similar length into the same step, so little is padded [default: on]."),
-    rank: Optional[int] = _setting("rank"),
-    alpha: Optional[float] = _setting("alpha"),
-    dropout: Optional[float] = _setting("dropout"),
-    seq_len: Optional[int] = _setting("seq_len"),
-    micro_batch: Optional[int] = _setting("micro_batch"),
-    grad_accum: Optional[int] = _setting("grad_accum"),
-    steps: Optional[int] = _setting("steps"),
-    epochs: Optional[float] = _setting("epochs"),
-    lr: Optional[float] = _setting("lr"),
-    seed: Optional[int] = _setting("seed"),
-    precision: Optional[str] = _setting("precision"),
-    optimizer: Optional[str] = _setting("optimizer"),
-    parallel: Optional[str] = _setting("parallel"),
-    gradient_checkpointing: Optional[bool] = CHECKPOINTING,
-    uncheckpointed_layers: Optional[int] = _setting("uncheckpointed_layers"),
-    checkpoint_every: Optional[int] = _setting("checkpoint_every"),
-    keep_checkpoints: Optional[int] = _setting("keep_checkpoints"),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA. Writes runs/NAME/adapter; --resume continues a stopped run."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
+    from qlora_kit.run_folder import recipe_of_run
     from qlora_kit.train import run_training
 
     _launch_if_several(gpus)
     out = _run_dir(out, name)
-    if recipe:
-        base = load_recipe(recipe)
-    elif resume and (out / "recipe.yaml").is_file():  # a resumed run keeps its settings; flags may only repeat them
-        base = load_recipe(out / "recipe.yaml")
-    else:
-        base = Recipe()
-    settings = with_overrides(base, model=model, data=str(data) if data else None, rank=rank, alpha=alpha,
-                              eval_data=str(eval_data) if eval_data else None, eval_every=eval_every,
-                              eval_fraction=eval_fraction, data_format=data_format, train_on_inputs=train_on_inputs,
-                              skip_bad_lines=skip_bad_lines, packing=packing, drop_long=drop_long, group_by_length=group_by_length,
-                              dropout=dropout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
-                              steps=steps, epochs=epochs, lr=lr, seed=seed, precision=precision, optimizer=optimizer,
-                              parallel=parallel, gradient_checkpointing=gradient_checkpointing,
-                              uncheckpointed_layers=uncheckpointed_layers, checkpoint_every=checkpoint_every,
-                              keep_checkpoints=keep_checkpoints)
+    base = load_recipe(recipe) if recipe else recipe_of_run(out) if resume else Recipe()
     run_console, mode = _run_console(plain, quiet)
-    summary = run_training(settings, out, run_console, display=mode, resume=resume, overwrite=overwrite,
-                           trust_remote_code=trust_remote_code)
+    summary = run_training(with_overrides(base, **settings), out, run_console, display=mode, resume=resume,
+                           overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data)
     print_summary(summary)
 
 
@@ -169,7 +171,7 @@ def _launch_if_several(gpus: int) -> None:
 
 def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = None) -> Path:
     """--out as given, or runs/NAME for --name (a plain name: it cannot point outside runs/)."""
-    from qlora_kit.train import named_run_dir, next_free_run_dir
+    from qlora_kit.run_folder import named_run_dir, next_free_run_dir
 
     if out and name:
         raise UserError("--out and --name both say where the run goes.", hint="Pass one of them.")
@@ -313,6 +315,7 @@ def demo(
 
 
 @app.command()
+@with_recipe_flags(only=("steps", "epochs"))
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
@@ -324,14 +327,13 @@ def auto(
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
-    steps: Optional[int] = _setting("steps"),
-    epochs: Optional[float] = _setting("epochs"),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
+    settings: dict = None,
 ) -> None:
     """Choose settings for this card and data, then train. Probes, plans, picks and tunes a recipe, and explains it."""
     from qlora_kit.auto import run_auto
-    from qlora_kit.recipes import load_recipe
+    from qlora_kit.run_folder import recipe_of_run
     from qlora_kit.train import run_training
 
     if not dry_run:
@@ -339,14 +341,11 @@ def auto(
     run_console, mode = _run_console(plain, quiet)
     if resume:  # the choice was made and saved when the run started: continue it as it is
         out = _run_dir(out, name)
-        if not (out / "recipe.yaml").is_file():
-            raise UserError(f"{out} holds no run to resume.", hint="Pass the --out (or --name) of an earlier auto run.")
-        print_summary(run_training(load_recipe(out / "recipe.yaml"), out, run_console, mode, resume=True,
-                                   trust_remote_code=trust_remote_code))
+        print_summary(run_training(recipe_of_run(out), out, run_console, mode, resume=True, trust_remote_code=trust_remote_code))
         return
     out = _run_dir(out, name, default="auto")
     summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode,
-                       trust_remote_code=trust_remote_code, gpus=gpus, steps=steps, epochs=epochs)
+                       trust_remote_code=trust_remote_code, gpus=gpus, **settings)
     if not dry_run:
         print_summary(summary)
 
@@ -360,14 +359,12 @@ def probe(as_json: bool = JSON) -> None:
 
 
 @app.command()
+@with_recipe_flags(only=("seq_len", "micro_batch", "grad_accum", "rank", "gradient_checkpointing", "uncheckpointed_layers",
+                         "activation_offload", "precision", "optimizer", "loss_chunk_tokens"))
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),
-    seq_len: Optional[int] = _setting("seq_len"),
-    micro_batch: Optional[int] = _setting("micro_batch", "--batch"),
-    rank: Optional[int] = _setting("rank"),
-    gradient_checkpointing: Optional[bool] = CHECKPOINTING,
-    uncheckpointed_layers: Optional[int] = _setting("uncheckpointed_layers"),
+    settings: dict = None,
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a card with this many GB."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
@@ -377,22 +374,11 @@ def plan(
 ) -> None:
     """Estimate peak memory before loading anything. Per component; says what fits and how to make it fit.
     Exits with 3 when it does not fit, so a script can ask before it trains."""
-    from dataclasses import replace
-
-    from qlora_kit.hardware import probe as probe_machine
-    from qlora_kit.plan import choose_target, make_plan
+    from qlora_kit.plan import plan_for_layout
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
-    layouts = Recipe.__dataclass_fields__["parallel"].metadata["choices"]  # the layouts a run can train with
-    if strategy not in layouts:
-        raise UserError(f"Unknown --strategy {strategy}.", hint=f"Use {', '.join(layouts[:-1])} or {layouts[-1]}.")
-    settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), seq_len=seq_len, micro_batch=micro_batch, rank=rank,
-                              gradient_checkpointing=gradient_checkpointing, uncheckpointed_layers=uncheckpointed_layers)
-    hardware = None if (gpu or vram) else probe_machine(check_bnb=False)
-    target = replace(choose_target(gpu, vram, hardware), gpus=gpus, strategy=strategy)
-    if gpus > 1 and target.device != "cuda":
-        raise UserError("--gpus plans for several GPUs, and no GPU is named or found.", hint='Add --gpu "RTX 3090" or --vram 24.')
-    report = make_plan(model, settings, target, compare=compare_full)
+    settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), **settings)
+    report = plan_for_layout(model, settings, gpu, vram, gpus, strategy, compare=compare_full)
     _show(as_json, report)
     if report.plan.verdict == "does not fit":
         raise typer.Exit(DOES_NOT_FIT)

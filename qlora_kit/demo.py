@@ -16,7 +16,8 @@ from rich.table import Table
 from qlora_kit.adapter import generate, load_with_adapter
 from qlora_kit.dashboard import summary_table
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import next_free_run_dir, run_training
+from qlora_kit.run_folder import next_free_run_dir
+from qlora_kit.train import run_training
 
 DEMO_DATA = Path(str(resources.files("qlora_kit").joinpath("demo_data", "pirate.jsonl")))
 # None of these is in the training data (see demo_data/make_pirate_data.py).

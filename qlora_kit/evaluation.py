@@ -1,7 +1,7 @@
 """`qlora-kit eval`: loss and perplexity on held-out data, the base model beside base + adapter.
 
 The examples are read, rendered and masked exactly as training does (data.py), and the loss is the training
-loop's own (train.evaluate), so an eval loss here equals the eval loss a run reports on the same data.
+loop's own (loss.evaluate), so an eval loss here equals the eval loss a run reports on the same data.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
              micro_batch: int = 4, train_on_inputs: bool | None = None) -> EvalResult:
     """Evaluate the 4-bit base, and base + adapter when given, on every example of data_path. seq_len and
     train_on_inputs default to the adapter's run (recipe.yaml beside it), else 512 and off."""
-    from qlora_kit.train import evaluate
+    from qlora_kit.loss import evaluate
 
     run = run_settings(adapter_dir)
     recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
@@ -59,9 +59,9 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
     tokens = data.learned_tokens(examples)
     pad_id, device = tokenizer.pad_token_id, model.device
     if adapter_dir is None:
-        return EvalResult(str(data_path), len(examples), tokens, evaluate(model, examples, recipe, pad_id, device), None)
-    adapted = evaluate(model, examples, recipe, pad_id, device)
+        return EvalResult(str(data_path), len(examples), tokens, evaluate(model, examples, recipe.micro_batch, pad_id, device), None)
+    adapted = evaluate(model, examples, recipe.micro_batch, pad_id, device)
     with model.disable_adapter():
-        base = evaluate(model, examples, recipe, pad_id, device)
+        base = evaluate(model, examples, recipe.micro_batch, pad_id, device)
     return EvalResult(str(data_path), len(examples), tokens, base, adapted)
 

@@ -1,6 +1,6 @@
-"""Chunked cross-entropy: the loss of a causal LM without full-vocabulary fp32 logits for the whole batch.
+"""The loss: what a micro-batch costs the model, for training and for evaluation.
 
-Only positions that carry a label are projected to the vocabulary, a chunk of rows at a time; each chunk
+Chunked cross-entropy is the loss of a causal LM without full-vocabulary fp32 logits for the whole batch. Only positions that carry a label are projected to the vocabulary, a chunk of rows at a time; each chunk
 runs under activation checkpointing, so backward recomputes its logits instead of keeping them. Peak
 memory for the loss is one chunk's logits (chunk x vocab) instead of batch x sequence x vocab, twice.
 """
@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qlora_kit import data
 from qlora_kit.data import IGNORE
-from qlora_kit.memory import default_chunk_tokens  # noqa: F401  (the loss's chunk rule lives with the memory model)
+from qlora_kit.hardware import CPU_SHARE
+from qlora_kit.memory import default_chunk_tokens  # the loss's chunk rule lives with the memory model
+from qlora_kit.model import lm_parts, no_dropout
+
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                           chunk_tokens: int, softcap: float | None = None) -> tuple[torch.Tensor, int]:
@@ -37,3 +41,44 @@ def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if softcap:  # Gemma-2 style final-logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A micro-batch's summed token loss as one module (decoder, then the chunked loss against the head), so that
+    DistributedDataParallel can wrap all a step computes. Returns (loss sum, labelled tokens, attention mask)."""
+
+    def __init__(self, model, loss_chunk_tokens: int = 0):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = loss_chunk_tokens or default_chunk_tokens(lm_parts(model)[1].shape[0])
+
+    def forward(self, examples, pad_id: int, device):
+        decoder, head_weight, softcap = lm_parts(self.model)
+        hidden, labels, attention_mask = final_hidden_states(decoder, examples, pad_id, device)
+        loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap)
+        return loss_sum, count, attention_mask
+
+
+def final_hidden_states(decoder, examples, pad_id: int, device):
+    """Final hidden states of a micro-batch, with its labels on the device and its attention mask."""
+    input_ids, attention_mask, labels, position_ids = data.collate(examples, pad_id)
+    if position_ids is not None:  # packed: restarting positions give a block-diagonal mask, so no 2D mask is passed
+        position_ids, mask = position_ids.to(device), None
+    else:  # no mask at all when nothing is padded lets SDPA take its fast path
+        mask = None if attention_mask.all() else attention_mask.to(device)
+    # use_cache=False also matters for packing: transformers only reads segments from position_ids without a cache.
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    return hidden, labels.to(device), attention_mask
+
+
+def evaluate(model, examples, micro_batch: int, pad_id: int, device, loss_module=None, seq_len: int | None = None) -> float:
+    """Mean token loss on held-out examples (cut to seq_len when given), without gradients or dropout; through the
+    training loss_module when given (under FSDP only it gathers the sharded weights)."""
+    loss_module, total, count = loss_module or CausalLMLoss(model), 0.0, 0
+    with no_dropout(model), torch.no_grad():
+        for start in range(0, len(examples), micro_batch):
+            CPU_SHARE.use_free_cores(device)
+            batch = examples[start:start + micro_batch]
+            loss_sum, n, _ = loss_module(data.truncate(batch, seq_len) if seq_len else batch, pad_id, device)
+            total, count = total + loss_sum.item(), count + n
+    return total / max(count, 1)

@@ -154,6 +154,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU; with gpus > 1, on each
     GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split;
     fsdp_offload: the shards in host RAM) run."""
+    # Longer than a screen on purpose: one term per component, in docs/memory.md's order, so the model is read and
+    # checked against the doc in one place; split up, each term would need the same dozen shape variables.
     on_gpu = device == "cuda"
     cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers

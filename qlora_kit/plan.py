@@ -5,16 +5,26 @@ Builds on memory.py's arithmetic; nothing here loads a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from qlora_kit import hardware
 from qlora_kit.catalog import find_gpu, find_model_shape, model_ids
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
-                              longest_sequence, most_uncheckpointed_layers)
+from qlora_kit.memory import (
+    GIB,
+    TIGHT_FRACTION,
+    MemoryPlan,
+    ModelShape,
+    estimate_peak_memory,
+    largest_micro_batch,
+    longest_sequence,
+    most_uncheckpointed_layers,
+)
 from qlora_kit.recipes import Recipe
 
 LABELS = {
@@ -31,6 +41,51 @@ LABELS = {
     "ddp_gradient_buckets": "DDP gradient buckets",
     "fsdp_gathered_weights": "FSDP: one layer + embeddings gathered",
 }
+
+
+MIN_SEQ_LEN = 128  # step-downs never shorten sequences below this: shorter ones rarely hold a whole example
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How a step's examples are split and bounded: the settings an out-of-memory step-down may change. The examples
+    a step draws, and so the effective batch, never change."""
+
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool  # recompute layers in backward (the recipe's gradient_checkpointing)
+    offload: bool  # with checkpointing on a GPU: saved layer inputs wait in host RAM
+    uncheckpointed_layers: int = 0  # with checkpointing: the last layers that keep their activations
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> StepShape:
+        return cls(recipe.micro_batch, recipe.seq_len, recipe.gradient_checkpointing, recipe.activation_offload,
+                   recipe.uncheckpointed_layers if recipe.gradient_checkpointing else 0)
+
+    def applied_to(self, recipe: Recipe) -> Recipe:
+        """The recipe with this shape; accumulation grows as the micro-batch shrinks, keeping the effective batch."""
+        effective = recipe.micro_batch * recipe.grad_accum
+        return replace(recipe, micro_batch=self.micro_batch, grad_accum=math.ceil(effective / self.micro_batch),
+                       seq_len=self.seq_len, gradient_checkpointing=self.checkpointing, activation_offload=self.offload,
+                       uncheckpointed_layers=self.uncheckpointed_layers)
+
+
+def cheaper(shape: StepShape, device: str) -> StepShape | None:
+    """The next cheaper way to run the same step, or None when nothing is left. One order for plan's advice, auto's
+    choice and training's out-of-memory recovery: what costs only speed first (recompute the layers kept whole, then
+    every layer; halve the micro-batch; offload activations on a GPU), and only then what changes what is learned
+    (halve the sequences, which cuts longer examples)."""
+    if shape.checkpointing and shape.uncheckpointed_layers:
+        return replace(shape, uncheckpointed_layers=0)
+    if not shape.checkpointing:
+        return replace(shape, checkpointing=True)
+    if shape.micro_batch > 1:
+        return replace(shape, micro_batch=shape.micro_batch // 2)
+    if device == "cuda" and not shape.offload:
+        return replace(shape, offload=True)
+    if shape.seq_len > MIN_SEQ_LEN:
+        return replace(shape, seq_len=max(MIN_SEQ_LEN, shape.seq_len // 2))
+    return None
 
 
 @dataclass
@@ -117,6 +172,19 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
     )
 
 
+def plan_for_layout(model: str, recipe: Recipe, gpu: str | None = None, vram_gib: float | None = None, gpus: int = 1,
+                    strategy: str = "ddp", compare: bool = False) -> PlanReport:
+    """`qlora-kit plan`: the plan on the card named (or sized, or probed) for `gpus` of them in a layout."""
+    layouts = Recipe.__dataclass_fields__["parallel"].metadata["choices"]  # the layouts a run can train with
+    if strategy not in layouts:
+        raise UserError(f"Unknown --strategy {strategy}.", hint=f"Use {', '.join(layouts[:-1])} or {layouts[-1]}.")
+    probed = None if (gpu or vram_gib) else hardware.probe(check_bnb=False)
+    target = replace(choose_target(gpu, vram_gib, probed), gpus=gpus, strategy=strategy)
+    if gpus > 1 and target.device != "cuda":
+        raise UserError("--gpus plans for several GPUs, and no GPU is named or found.", hint='Add --gpu "RTX 3090" or --vram 24.')
+    return make_plan(model, recipe, target, compare=compare)
+
+
 def catalogue_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
     """Catalogue models that fit the target with this recipe, keeping the 10% a plan calls tight; largest first."""
     shapes = sorted((find_model_shape(m) for m in model_ids()), key=lambda s: -s.parameter_count())
@@ -125,29 +193,47 @@ def catalogue_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
 
 
 def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
-    """The first change, in a fixed order (checkpointing, micro-batch, sequence, rank), that makes the run fit."""
+    """The flags for the first step of cheaper() that makes the run fit, with the longest sequence that then fits
+    when sequences must be shortened; a smaller rank when even the shortest does not."""
     def fits(candidate: Recipe) -> bool:
         return estimate_peak_memory(shape, candidate, target.device, **target.layout).total_bytes <= target.capacity_bytes
 
-    if not recipe.gradient_checkpointing and fits(replace(recipe, gradient_checkpointing=True)):
-        return "turn gradient checkpointing on"
-    recipe = replace(recipe, gradient_checkpointing=True)
-    batch = recipe.micro_batch
-    while batch > 1:
-        batch //= 2
-        accum = recipe.grad_accum * recipe.micro_batch // batch
-        if fits(replace(recipe, micro_batch=batch, grad_accum=accum)):
-            return f"--micro-batch {batch} --grad-accum {accum} (same effective batch of {batch * accum})"
-    recipe = replace(recipe, micro_batch=1)
-    longest = longest_sequence(shape, recipe, target.device, target.capacity_bytes)
-    if longest >= 128:
-        return f"--micro-batch 1 and --seq-len {longest} (the longest that fits)"
+    step = StepShape.of(recipe)
+    while (step := cheaper(step, target.device)) is not None:
+        candidate = step.applied_to(recipe)
+        if step.seq_len < recipe.seq_len:  # rather than halving: the longest sequence that fits
+            longest = longest_sequence(shape, candidate, target.device, target.capacity_bytes, **target.layout)
+            if longest >= MIN_SEQ_LEN:
+                return _as_flags(recipe, replace(candidate, seq_len=min(longest, recipe.seq_len)), "(the longest that fits)")
+        elif fits(candidate):
+            return _as_flags(recipe, candidate)
+    smallest = replace(StepShape.of(recipe), micro_batch=1, seq_len=MIN_SEQ_LEN, checkpointing=True,
+                       offload=target.device == "cuda", uncheckpointed_layers=0).applied_to(recipe)
     for rank in (8, 4):
-        if rank < recipe.rank and fits(replace(recipe, rank=rank, seq_len=128)):
-            return f"--rank {rank} with --seq-len 128"
-    smallest = estimate_peak_memory(shape, replace(recipe, seq_len=128, rank=min(recipe.rank, 4)), target.device)
-    return (f"nothing fits {target.name}: even seq 128, rank 4 needs {smallest.total_bytes / GIB:.1f} GiB; "
+        if rank < recipe.rank and fits(replace(smallest, rank=rank)):
+            return _as_flags(recipe, replace(smallest, rank=rank))
+    needed = estimate_peak_memory(shape, replace(smallest, rank=min(recipe.rank, 4)), target.device, **target.layout)
+    return (f"nothing fits {target.name}: even seq {MIN_SEQ_LEN}, rank 4 needs {needed.total_bytes / GIB:.1f} GiB; "
             "use a smaller model or a larger card")
+
+
+def _as_flags(recipe: Recipe, changed: Recipe, seq_note: str = "") -> str:
+    """The train flags that turn recipe into changed, e.g. "--micro-batch 2 --grad-accum 4 (same effective batch of 8)"."""
+    flags = []
+    if changed.gradient_checkpointing != recipe.gradient_checkpointing:
+        flags.append("--gradient-checkpointing")
+    if changed.uncheckpointed_layers != recipe.uncheckpointed_layers:
+        flags.append(f"--uncheckpointed-layers {changed.uncheckpointed_layers}")
+    if changed.micro_batch != recipe.micro_batch:
+        flags.append(f"--micro-batch {changed.micro_batch} --grad-accum {changed.grad_accum} (same effective batch of "
+                     f"{changed.micro_batch * changed.grad_accum})")
+    if changed.activation_offload != recipe.activation_offload:
+        flags.append("--activation-offload")
+    if changed.seq_len != recipe.seq_len:
+        flags.append(f"--seq-len {changed.seq_len} {seq_note}".strip())
+    if changed.rank != recipe.rank:
+        flags.append(f"--rank {changed.rank}")
+    return " ".join(flags)
 
 
 def room_to_go_faster(shape: ModelShape, recipe: Recipe, spare_layers: int) -> str | None:
@@ -155,7 +241,7 @@ def room_to_go_faster(shape: ModelShape, recipe: Recipe, spare_layers: int) -> s
     if spare_layers <= recipe.uncheckpointed_layers:
         return None
     if spare_layers >= shape.num_layers:
-        return "--no-checkpointing: every layer's activations fit, so nothing needs recomputing in backward"
+        return "--no-gradient-checkpointing: every layer's activations fit, so nothing needs recomputing in backward"
     return (f"--uncheckpointed-layers {spare_layers}: the last {spare_layers} of {shape.num_layers} layers can keep their "
             "activations instead of being recomputed in backward")
 

@@ -1,11 +1,13 @@
 """Recipe: every setting of a training run, with a help line, type and allowed range per field.
 
-The same field metadata drives YAML loading, validation messages and the run's recipe.yaml.
+The same field metadata drives validation (of every Recipe made), YAML loading, the run's recipe.yaml and the
+command-line flags of `train` (cli.py makes one per field), so a new setting is one edit here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -21,22 +23,26 @@ from qlora_kit.errors import UserError
 SHIPPED_RECIPES = "qlora_kit.recipe_files"
 
 
-def _setting(default, help: str, *, low=None, high=None, choices=None):
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+def _setting(default, help: str, *, low=None, high=None, choices=None, aliases=(), old_flag=None):
+    """A Recipe field: its help line, range or choices (checked on every Recipe made), extra flag names, and a flag
+    it had before (still taken, with a line saying the new name)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices, "aliases": aliases,
+                                            "old_flag": old_flag})
 
 
 @dataclass
 class Recipe:
     """Settings of one QLoRA run; `None` model/data means "given on the command line"."""
 
-    model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m")
-    data: str | None = _setting(None, "training data: a .jsonl file of examples in one format (text, prompt/completion, "
-                                      "alpaca, chat messages or sharegpt conversations)")
+    model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m", aliases=("-m",))
+    data: str | None = _setting(None, "training data: a .jsonl (or .json, .parquet, .csv) file of examples in one format "
+                                      "(text, prompt/completion, alpaca, chat messages or sharegpt conversations)",
+                                aliases=("-d",))
     eval_data: str | None = _setting(None, "held-out data in the same format, evaluated during training")
     eval_fraction: float = _setting(0.0, "without eval_data, hold out this fraction of data for evaluation", low=0.0, high=0.5)
     eval_every: int = _setting(0, "evaluate eval_data every N optimizer steps (and after the last); 0 = only after the last", low=0)
     data_format: str = _setting("auto", "format of the data files; auto detects it per file",
-                                choices=("auto", "text", "completion", "alpaca", "chat", "sharegpt"))
+                                choices=("auto", "text", "completion", "alpaca", "chat", "sharegpt"), aliases=("--format",))
     train_on_inputs: bool = _setting(False, "also learn prompts and user turns, not only completions and assistant turns")
     skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)
@@ -48,7 +54,7 @@ class Recipe:
     packing: bool = _setting(False, "pack short examples into full sequences (no attention across examples)")
     drop_long: bool = _setting(False, "drop examples longer than seq_len instead of truncating them")
     group_by_length: bool = _setting(True, "draw examples of similar length into the same step, so little is padded")
-    micro_batch: int = _setting(4, "examples per forward/backward pass", low=1, high=4096)
+    micro_batch: int = _setting(4, "examples per forward/backward pass", low=1, high=4096, aliases=("--batch",))
     grad_accum: int = _setting(1, "micro-batches per optimizer step (effective batch = micro_batch x grad_accum)", low=1, high=4096)
     steps: int = _setting(0, "optimizer steps; 0 means derive them from epochs", low=0)
     epochs: float = _setting(1.0, "passes over the data when steps is 0", low=0.0)
@@ -57,7 +63,9 @@ class Recipe:
     schedule: str = _setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
     weight_decay: float = _setting(0.0, "AdamW weight decay on LoRA weights", low=0.0, high=1.0)
     max_grad_norm: float = _setting(1.0, "clip the gradient norm to this; 0 disables clipping", low=0.0)
-    gradient_checkpointing: bool = _setting(True, "recompute each layer in backward instead of keeping its activations")
+    # --checkpointing was also read as "write checkpoints" (--checkpoint-every), hence the longer, usual name
+    gradient_checkpointing: bool = _setting(True, "recompute each layer in backward instead of keeping its activations",
+                                            old_flag="--checkpointing/--no-checkpointing")
     uncheckpointed_layers: int = _setting(0, "with checkpointing: how many of the last decoder layers keep their "
                                           "activations instead of recomputing them (faster, more memory)", low=0)
     activation_offload: bool = _setting(False, "with checkpointing on a GPU, keep saved activations in pinned host RAM")
@@ -73,6 +81,11 @@ class Recipe:
     checkpoint_every: int = _setting(50, "write a checkpoint (adapter, optimizer, data position) every N optimizer steps, "
                                      "so the run can resume; 0 = only at the end and when stopped", low=0)
     keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep", low=1, high=1000)
+
+    def __post_init__(self) -> None:
+        """Every Recipe is checked, however it is made (a file, flags, Recipe(...), dataclasses.replace)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name), "recipe"))
 
     def to_yaml(self, header: str = "") -> str:
         """The recipe as commented YAML, one help line above each setting; unset model/data are left out."""
@@ -100,7 +113,7 @@ def _allowed(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta["choices"]:
         return "one of " + ", ".join(meta["choices"])
-    kind = _base_type(f).__name__
+    kind = setting_type(f).__name__
     if meta["low"] is not None and meta["high"] is not None:
         return f"{kind} from {meta['low']} to {meta['high']}"
     if meta["low"] is not None:
@@ -108,15 +121,23 @@ def _allowed(f: dataclasses.Field) -> str:
     return kind
 
 
-def _base_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(Recipe)[f.name]
-    if isinstance(hint, types.UnionType):  # `str | None`
-        return next(t for t in typing.get_args(hint) if t is not type(None))
-    return hint
+def setting_type(f: dataclasses.Field) -> type:
+    """The type a Recipe field holds: int, float, str or bool (`str | None` is str)."""
+    return _setting_types()[f.name]
+
+
+@functools.cache
+def _setting_types() -> dict[str, type]:
+    types_ = {}
+    for name, hint in typing.get_type_hints(Recipe).items():
+        if isinstance(hint, types.UnionType):  # `str | None`
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        types_[name] = hint
+    return types_
 
 
 def _coerce(f: dataclasses.Field, value, where: str):
-    kind = _base_type(f)
+    kind = setting_type(f)
     if value is None and f.default is None:
         return None
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))

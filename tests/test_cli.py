@@ -92,12 +92,12 @@ def test_help_fits_80_columns_without_cutting_flag_names(monkeypatch, capsys):
         assert code == 0 and "…" not in out and max(map(len, out.splitlines())) <= 80, command
     code, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
     out = " ".join(out.split())
-    for flag in ("--micro-batch", "--uncheckpointed-layers", "--trust-remote-code", "--checkpointing / --no-checkpointing"):
+    for flag in ("--micro-batch", "--uncheckpointed-layers", "--trust-remote-code", "--gradient-checkpointing / --no-gradient-checkpointing"):
         assert flag in out, flag
-    assert "keeping their activations [default: the recipe's]." in out
+    assert "keeping its activations. [default: on]" in out and "--checkpointing" not in out, "old names are not shown"
     assert "prompt/completion, alpaca, chat messages or sharegpt conversations" in out
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--help")
-    assert "--batch, --micro-batch" in out
+    assert "--micro-batch, --batch" in out
 
 
 def test_probe_and_plan_commands(monkeypatch, capsys):

@@ -92,10 +92,11 @@ def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
     faster = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4, uncheckpointed_layers=layers), choose_target(gpu="RTX 3090"))
     assert faster.plan.verdict == "fits" and faster.faster is None, "nothing more to spare"
     assert faster.plan.total_bytes <= 0.9 * faster.target.capacity_bytes
-    assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith("--no-checkpointing")
+    assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith("--no-gradient-checkpointing")
     assert make_plan("llama-3.1-8b", Recipe(seq_len=2048), choose_target(vram_gib=6)).faster is None
     result = CliRunner().invoke(app, ["plan", "--model", "gemma-2b", "--gpu", "RTX 3090", "--seq-len", "2048", "--no-checkpointing", "--json"])
-    plan = json.loads(result.output)["plan"]
+    plan = json.loads(result.stdout)["plan"]  # the flag's old name still works, with a line saying the new one
+    assert "--checkpointing is now --gradient-checkpointing" in result.stderr
     assert plan["details"]["checkpointed_layers"] == 0 and result.exit_code == (3 if plan["verdict"] == "does not fit" else 0)
 
 

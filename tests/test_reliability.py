@@ -20,10 +20,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from qlora_kit import checkpoint, train
+from qlora_kit import checkpoint, run_folder, train
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import named_run_dir, run_training
+from qlora_kit.run_folder import named_run_dir
+from qlora_kit.train import run_training
 
 QUIET = Console(file=io.StringIO())
 STEPS, EVERY = 20, 5
@@ -187,7 +188,7 @@ def test_an_existing_run_needs_resume_or_overwrite(llama_dir, chat_data, tmp_pat
 
 
 def test_too_little_disk_is_refused_before_anything_is_written(llama_dir, chat_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
     with pytest.raises(UserError, match="MiB free; this run's checkpoints and adapter need about"):
         run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
     assert not (tmp_path / "run").exists()

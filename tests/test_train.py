@@ -24,8 +24,8 @@ def trained(folder, data_path, recipe, steps):
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
-    train_loop(model, examples, recipe, steps, tokenizer.pad_token_id, CPU, torch.float32,
-               lambda m: losses.append(m["loss"]), QUIET)
+    train_loop(model, examples, recipe, total_steps=steps, pad_id=tokenizer.pad_token_id, device=CPU, dtype=torch.float32,
+               on_step=lambda m: losses.append(m["loss"]))
     return model, before, losses
 
 
@@ -87,7 +87,7 @@ def test_run_writes_recipe_metrics_and_a_peft_adapter(llama_dir, chat_data, tmp_
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert {"loss", "lr", "tokens_per_s", "step_s", "rss_gib", "mem_alloc_gib"} <= set(lines[0])
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
-    assert not [p for p in out.iterdir() if p.name.startswith(".adapter-")], "no staging folder left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder or lock left behind"
 
 
 def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path):
@@ -108,9 +108,9 @@ def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path
 def flaky_loss(monkeypatch, fails):
     """Make the loss raise CUDA's out-of-memory error on the last micro-batch of the steps fails(step, batch) picks,
     after earlier micro-batches have already accumulated gradients."""
-    from qlora_kit import train
+    from qlora_kit import loss as losses, train
 
-    real_loss, real_step = train.chunked_cross_entropy, train.forward_backward
+    real_loss, real_step = losses.chunked_cross_entropy, train.forward_backward
     state = {"step": 1, "calls": 0, "per_step": 0}
 
     def loss(hidden, *args, **kwargs):
@@ -125,7 +125,7 @@ def flaky_loss(monkeypatch, fails):
         state["step"] += 1
         return result
 
-    monkeypatch.setattr(train, "chunked_cross_entropy", loss)
+    monkeypatch.setattr(losses, "chunked_cross_entropy", loss)
     monkeypatch.setattr(train, "forward_backward", forward_backward)
 
 
@@ -143,6 +143,28 @@ def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_pa
     assert "Out of memory at step 2" in console.file.getvalue()
 
 
+def test_out_of_memory_in_evaluation_steps_down_like_in_training(llama_dir, text_data, tmp_path, monkeypatch):
+    from qlora_kit import loss as losses
+
+    real = losses.chunked_cross_entropy
+
+    def loss(hidden, *args, **kwargs):  # evaluation runs without gradients; a micro-batch of 4 does not fit there
+        if not torch.is_grad_enabled() and hidden.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "chunked_cross_entropy", loss)
+    recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), eval_every=2, rank=4, steps=4,
+                    micro_batch=4, dropout=0.0)
+    console = Console(file=io.StringIO(), width=200)
+    summary = run_training(recipe, tmp_path / "run", console)
+    assert summary.steps == 4 and summary.step_downs == ["micro-batch 4 -> 2"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "event" in m] == [2]
+    assert [m["step"] for m in lines if "eval_loss" in m] == [2, 4] and lines[-1]["micro_batch"] == 2
+    assert "Out of memory at step 2" in console.file.getvalue()
+
+
 def test_a_redone_step_gives_the_same_update(llama_dir, text_data, tmp_path, monkeypatch):
     recipe = Recipe(rank=4, micro_batch=4, grad_accum=1, dropout=0.0, warmup_ratio=0.0)
     clean, _, clean_losses = trained(llama_dir, text_data, recipe, steps=3)
@@ -155,9 +177,9 @@ def test_a_redone_step_gives_the_same_update(llama_dir, text_data, tmp_path, mon
 
 
 def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_data, tmp_path, monkeypatch):
-    from qlora_kit import train
+    from qlora_kit import loss as losses
 
-    real = train.chunked_cross_entropy
+    real = losses.chunked_cross_entropy
     calls = {"n": 0}
 
     def loss(hidden, *args, **kwargs):
@@ -166,7 +188,7 @@ def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(hidden, *args, **kwargs)
 
-    monkeypatch.setattr(train, "chunked_cross_entropy", loss)
+    monkeypatch.setattr(losses, "chunked_cross_entropy", loss)
     recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=5, micro_batch=1, seq_len=256)
     with pytest.raises(UserError, match="Out of memory even at micro-batch 1") as error:
         run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
@@ -185,21 +207,21 @@ def test_held_out_data_is_evaluated_on_schedule_and_at_the_end(llama_dir, text_d
 
 
 def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
-    from qlora_kit.train import evaluate
+    from qlora_kit.loss import evaluate
 
     recipe = Recipe(rank=4, micro_batch=4, dropout=0.1)
     tokenizer = models.load_tokenizer(llama_dir)
     examples = data.tokenize(data.read_records(text_data).records, tokenizer, recipe.seq_len)
     torch.manual_seed(0)
     model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), recipe)
-    first = evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU)
-    assert evaluate(model, examples, recipe, tokenizer.pad_token_id, CPU) == first, "no dropout in evaluation"
+    first = evaluate(model, examples, recipe.micro_batch, tokenizer.pad_token_id, CPU)
+    assert evaluate(model, examples, recipe.micro_batch, tokenizer.pad_token_id, CPU) == first, "no dropout in evaluation"
     assert model.training and all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
 def test_a_packed_sequence_gives_each_example_the_hidden_states_it_has_alone(llama_dir):
     """Restarting position ids must mean no attention across packed examples (transformers' block-diagonal mask)."""
-    from qlora_kit.train import forward
+    from qlora_kit.loss import final_hidden_states as forward
 
     model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, dropout=0.0))
     decoder = models.lm_parts(model)[0]
@@ -244,9 +266,13 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(lla
     import shutil
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     monkeypatch.undo()
+    from qlora_kit import train
+
     calls = []
     real = models.set_checkpointing
-    monkeypatch.setattr(models, "set_checkpointing", lambda model, **kw: (calls.append(kw), real(model, **kw)))
+    spy = lambda model, **kw: (calls.append(kw), real(model, **kw))  # noqa: E731
+    monkeypatch.setattr(models, "set_checkpointing", spy)  # as attach_lora calls it
+    monkeypatch.setattr(train, "set_checkpointing", spy)  # as resuming calls it
     run_training(recipe, tmp_path / "run", QUIET, resume=True)
     assert calls[0]["uncheckpointed_layers"] == 1, "the recipe's setting, when LoRA is attached"
     assert calls[-1] == {"offload": False, "uncheckpointed_layers": 0}, "then the checkpoint's, as the run last stepped"
@@ -255,7 +281,7 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(lla
 def test_a_run_with_memory_to_spare_says_how_to_go_faster(llama_dir, text_data, tmp_path):
     console = Console(file=io.StringIO(), width=300)
     run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, gradient_checkpointing=True), tmp_path / "run", console)
-    assert "Room to go faster: --no-checkpointing" in console.file.getvalue(), "a tiny model's activations fit any machine"
+    assert "Room to go faster: --no-gradient-checkpointing" in console.file.getvalue(), "a tiny model's activations fit any machine"
 
 
 def test_staging_folders_a_killed_run_left_are_removed_when_it_resumes(llama_dir, chat_data, tmp_path):
@@ -279,7 +305,7 @@ def test_a_cpu_run_its_plan_says_cannot_fit_stops_before_loading_the_model(llama
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(train.models, "load_base_4bit", refuse)
+    monkeypatch.setattr(train, "load_base_4bit", refuse)
     long_text = tmp_path / "long.jsonl"
     long_text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 200}) + "\n")
     recipe = Recipe(model=str(llama_dir), data=str(long_text), seq_len=100_000, micro_batch=4096)

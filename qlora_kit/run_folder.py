@@ -1,0 +1,278 @@
+"""The run folder: everything a run keeps on disk, who may write it, and where a resumed run goes on from.
+
+runs/NAME/
+  recipe.yaml      the settings, as the run uses them
+  plan.json        the memory plan the settings were chosen by
+  metrics.jsonl    one line per optimizer step, and one per out-of-memory step-down
+  checkpoints/     step-N folders, each enough to continue exactly (checkpoint.py)
+  adapter/         the final PEFT adapter
+  .lock            held by the process training here; a second one is refused
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from qlora_kit import checkpoint
+from qlora_kit.errors import UserError
+from qlora_kit.recipes import Recipe, load_recipe
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs there are not guarded against a second process
+    fcntl = None
+
+RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints")
+LOCK = ".lock"
+PATH_SETTINGS = ("model", "data", "eval_data")  # the same file by another spelling is the same setting
+
+
+@dataclass
+class RunFolder:
+    """A run's folder, locked by this process while it trains; resume_from is the checkpoint a resumed run continues."""
+
+    path: Path
+    resume_from: Path | None = None
+    lock_fd: int | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def resume_step(self) -> int:
+        return checkpoint.step_of(self.resume_from) if self.resume_from else 0
+
+    def close(self) -> None:
+        """Let other processes use the folder again."""
+        if self.lock_fd is not None:
+            with contextlib.suppress(OSError):  # the folder may be gone (deleted mid-run): the lock goes with the fd
+                (self.path / LOCK).unlink(missing_ok=True)  # before the unlock: a process opening it next makes a new one
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def start(self, recipe: Recipe, plan: dict) -> list[dict]:
+        """Create the folder (locked), write recipe.yaml and plan.json, and return the metrics lines of the steps a
+        resumed run has done (the later ones are redone, so they are dropped)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.lock_fd is None:
+            self.lock_fd = lock(self.path)
+            if not self.resume_from and holds_run(self.path):  # another process started a run here meanwhile
+                self.close()
+                raise UserError(f"{self.path} already holds a run.", hint="Choose another --out.")
+        (self.path / "recipe.yaml").write_text(recipe.to_yaml())
+        if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
+            (self.path / "plan.json").write_text(json.dumps(plan, indent=2))
+        return self.history_up_to(self.resume_step)
+
+    def plan(self) -> dict | None:
+        """The plan the run started with, when it has one."""
+        try:
+            return json.loads((self.path / "plan.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def history_up_to(self, step: int) -> list[dict]:
+        """metrics.jsonl's step lines up to `step`, rewriting the file to hold only the lines up to it. A torn line
+        (a write cut short by a full disk or a kill) is dropped: the checkpoint holds all that a resume needs."""
+        if not self.metrics_path.exists():
+            return []
+        kept = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(record)
+        write_atomically(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        return [m for m in kept if "loss" in m]
+
+
+def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, console: Console) -> RunFolder:
+    """Check the folder before anything loads: a new run needs it free of runs (or --overwrite); --resume needs a run
+    with a good checkpoint and the same settings. A folder that exists is locked from here on."""
+    if path.is_file():
+        raise UserError(f"{path} is a file, not a run folder.", hint="Choose another --out.")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other.", hint="Pass one of them.")
+    if not resume and holds_run(path) and not overwrite:
+        raise UserError(f"{path} already holds a run.",
+                        hint="Continue it with --resume, start it again with --overwrite, or choose another --out.")
+    saved = recipe_of_run(path) if resume else None
+    run = RunFolder(path, lock_fd=lock(path) if path.is_dir() else None)
+    try:
+        if saved:
+            check_same_settings(saved, recipe)
+            run.resume_from = choose_resume_point(path, console)
+        else:
+            for name in RUN_FILES:  # only there with --overwrite
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_staging_leftovers(path)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def recipe_of_run(path: Path) -> Recipe:
+    """The settings the run in path started with: a resumed run keeps them (flags may only repeat them)."""
+    if not (path / "recipe.yaml").is_file():
+        raise UserError(f"{path} holds no run to resume.", hint="Drop --resume to start a new run there, or pass the "
+                                                                "--out (or --name) of an earlier run.")
+    return load_recipe(path / "recipe.yaml")
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def check_same_settings(saved: Recipe, now: Recipe) -> None:
+    """A resumed run keeps its settings; paths count as the same when they name the same file."""
+    def same(name: str) -> bool:
+        a, b = getattr(saved, name), getattr(now, name)
+        if a == b or name not in PATH_SETTINGS or a is None or b is None:
+            return a == b
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+    changed = [f"{f.name} ({getattr(saved, f.name)!r} in the run, {getattr(now, f.name)!r} now)"
+               for f in dataclasses.fields(Recipe) if not same(f.name)]
+    if changed:
+        raise UserError(f"A resumed run keeps its settings, but these differ: {', '.join(changed)}.",
+                        hint="Resume with only --out and --resume, or start a new run.")
+
+
+def choose_resume_point(path: Path, console: Console) -> Path:
+    """The newest checkpoint that verifies; newer damaged ones are said and deleted, since their steps are redone."""
+    found, passed_over = checkpoint.latest_good_checkpoint(path)
+    for sentence in passed_over:
+        console.print(f"[yellow]Checkpoint {sentence}; falling back to an earlier one.[/]")
+    if found is None:
+        raise UserError(f"{path} has no complete checkpoint to resume from.",
+                        hint="Start again with --overwrite (set checkpoint_every so a long run can resume).")
+    for newer in checkpoint.complete_checkpoints(path):
+        if checkpoint.step_of(newer) > checkpoint.step_of(found):
+            shutil.rmtree(newer)
+    return found
+
+
+def lock(path: Path) -> int | None:
+    """Hold path/.lock for this process, or refuse with who holds it. The lock is the kernel's (flock), so a killed
+    process never leaves one behind; the file only says who held it last."""
+    if fcntl is None:
+        return None
+    while True:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise UserError(f"{path} is in use by another qlora-kit process ({describe_holder(holder)}).",
+                            hint="Wait for it to finish or stop it; two processes would write the same files.") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path / LOCK).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the holder removed the file as we opened it: lock the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+    return fd
+
+
+def describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+        return f"pid {holder['pid']} on {holder['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return "it has not said which yet"
+
+
+def remove_staging_leftovers(path: Path) -> None:
+    """Delete the staging folders (.adapter.partial-*, checkpoints/.step-N.partial-*) of writes a killed run never
+    finished: whole ones are renamed into place, so these are never read, only left taking disk space."""
+    for leftover in [*path.glob(".*.partial-*"), *(path / "checkpoints").glob(".*.partial-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace a file's content so that a kill leaves the old content or the new, never a mix or nothing."""
+    staging = path.with_name(f".{path.name}.partial")
+    with open(staging, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+
+
+def check_free_disk(path: Path, needed: int) -> None:
+    """Refuse to start a run whose checkpoints and adapter would not fit on the disk."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
+                        f"adapter need about {needed / 2**20:,.0f} MiB.",
+                        hint="Free space, choose another --out, or keep fewer checkpoints (keep_checkpoints).")
+
+
+def fingerprint(data_files: list[str | None], model_folder: Path) -> dict:
+    """What a checkpoint was trained on: the data files' content and the base model's config and weight files, so
+    a resume can tell when either changed under the same names (or the same content moved to another name)."""
+    data = hashlib.sha256()
+    for name in data_files:
+        if name:
+            with open(name, "rb") as f:
+                for block in iter(lambda: f.read(2**20), b""):
+                    data.update(block)
+        data.update(b"\0")
+    config = json.loads((model_folder / "config.json").read_text()) if (model_folder / "config.json").is_file() else {}
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    weights = sorted((p.name, p.stat().st_size) for p in model_folder.glob("*.safetensors"))
+    model = hashlib.sha256(json.dumps([config, weights], sort_keys=True, default=str).encode())
+    return {"data": data.hexdigest()[:20], "model": model.hexdigest()[:20]}
+
+
+def check_fingerprint(saved: dict, now: dict, allow_changed_data: bool) -> None:
+    """Refuse to resume on another base model, or on changed data unless allowed; older checkpoints have none."""
+    if saved.get("model") and saved["model"] != now["model"]:
+        raise UserError("The base model differs from the one the checkpoint was trained on (its config or weight "
+                        "files changed).", hint="Resume with the model the run started with, or start a new run.")
+    if saved.get("data") and saved["data"] != now["data"] and not allow_changed_data:
+        raise UserError("The data file's content changed since the checkpoint was written, so the run would go on "
+                        "with other examples than it started with.",
+                        hint="Restore the data the run started with, start a new run, or pass --allow-changed-data "
+                             "to go on with the new content anyway.")
+
+
+def named_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """root/name for a plain run name; a name with a path in it (../x, /x, a/b) could write outside root, so it is refused."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise UserError(f"The run name {name!r} is not a plain name.",
+                        hint="Use letters, digits, '.', '_' and '-' (starting with a letter or digit), or pass --out.")
+    return root / name
+
+
+def next_free_run_dir(root: Path, name: str) -> Path:
+    """root/name, or root/name-2, -3 ... so repeated runs never overwrite an earlier one."""
+    candidate, n = root / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{name}-{n}"
+    return candidate
