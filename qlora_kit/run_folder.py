@@ -63,6 +63,17 @@ class RunFolder:
             os.close(self.lock_fd)
             self.lock_fd = None
 
+    def gone(self) -> str | None:
+        """Why the folder is no longer the one this run started in (deleted, moved or replaced), or None. Writing on
+        would recreate a folder without its recipe, plan and metrics that looks like a finished run."""
+        if self.lock_fd is None:  # not the writing rank, or no locks on this system
+            return None
+        try:
+            same = os.fstat(self.lock_fd).st_ino == os.stat(self.path / LOCK).st_ino and (self.path / "recipe.yaml").is_file()
+        except OSError:
+            same = False
+        return None if same else f"{self.path} was deleted, moved or replaced while the run trained"
+
     def start(self, recipe: Recipe, plan: dict) -> list[dict]:
         """Create the folder (locked), write recipe.yaml and plan.json, and return the metrics lines of the steps a
         resumed run has done (the later ones are redone, so they are dropped)."""

@@ -37,6 +37,7 @@ from qlora_kit.sources import describe_source, resolve_model
 GIB = 2**30
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
 FEW_STEPS = 20  # a run of fewer optimizer steps, derived from epochs, is warned about: it will learn little
+FOLDER_GONE_HINT = "Nothing more is written there. Start the run again, or resume a copy of the folder if you moved it."
 
 
 @dataclass
@@ -337,6 +338,8 @@ class CheckpointWriter:
         lora, optimizer_state = checkpoint.gather_trainable(setup.model), checkpoint.gather_optimizer(setup.model, optimizer)
         if not setup.ranks.main:  # every rank helps gather (FSDP shards); rank 0 writes
             return
+        if gone := setup.folder.gone():
+            raise UserError(f"Could not write the checkpoint of step {step}: {gone}.", hint=FOLDER_GONE_HINT)
         try:
             checkpoint.save_checkpoint(
                 setup.folder.path, step,
@@ -365,6 +368,8 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
                  peak_memory_gib=max(record.peaks_gib), memory_kind="GPU reserved" if setup.device.type == "cuda" else "process RSS",
                  trainable_params=trainable, precision=str(setup.dtype).removeprefix("torch."))
     lora = checkpoint.gather_trainable(setup.model)
+    if gone := setup.folder.gone():
+        raise stopped if isinstance(stopped, UserError) else UserError(f"Could not write the adapter: {gone}.", hint=FOLDER_GONE_HINT)
     try:
         card = adapter.adapter_card(setup.recipe, setup.base_id, facts)
         adapter_bytes = adapter.save_adapter(setup.model, setup.tokenizer, adapter_dir, setup.base_id, card,

@@ -188,3 +188,22 @@ def test_bitsandbytes_optional_kernel_warning_stays_off_the_screen():
 
     out = subprocess.run([sys.executable, "-c", "import qlora_kit, bitsandbytes"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "kernels" not in out.stderr, out.stderr
+
+
+def test_the_flags_users_have_today_still_work_and_every_setting_has_one(monkeypatch, capsys, tmp_path, llama_dir):
+    from qlora_kit.recipes import Recipe
+
+    old = ["--format", "auto", "--train-on-inputs", "--skip-bad-lines", "--packing", "--drop-long", "--no-group-by-length",
+           "--rank", "4", "--alpha", "8", "--dropout", "0.1", "--seq-len", "64", "--micro-batch", "2", "--grad-accum", "2",
+           "--steps", "3", "--epochs", "1", "--lr", "0.001", "--seed", "1", "--precision", "fp32", "--optimizer", "adamw",
+           "--parallel", "ddp", "--no-checkpointing", "--uncheckpointed-layers", "0", "--checkpoint-every", "5",
+           "--keep-checkpoints", "1", "--eval-every", "2", "--eval-fraction", "0.1", "--eval-data", tmp_path / "none.jsonl"]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "-m", llama_dir, "-d", tmp_path / "missing.jsonl", "--out",
+                           tmp_path / "run", *old)
+    assert code == 1 and "does not exist" in err, "every flag parsed; the run stops at the missing data"
+    assert "--checkpointing is now --gradient-checkpointing" in err
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
+    for name in Recipe.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in out, name
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--precision", "fp8")
+    assert code == 2 and "fp8" in err and "bf16" in err, "a wrong choice is a usage error listing the right ones"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from qlora_kit.errors import UserError
@@ -89,3 +91,11 @@ def test_the_recipes_table_in_the_docs_says_what_the_files_say():
     for name in card_recipes():
         r = load_recipe(name)
         assert rows[name] == [str(r.rank), str(r.seq_len), f"{r.micro_batch} x {r.grad_accum}", f"{r.checkpoint_every} steps"], name
+
+
+def test_every_recipe_is_checked_however_it_is_made():
+    with pytest.raises(UserError, match="`rank` is 0"):
+        Recipe(rank=0)
+    with pytest.raises(UserError, match="`precision` is 'fp8'"):
+        dataclasses.replace(Recipe(), precision="fp8")
+    assert Recipe(alpha=16).alpha == 16.0 and isinstance(Recipe(alpha=16).alpha, float)

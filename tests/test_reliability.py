@@ -228,6 +228,15 @@ def test_a_removed_run_folder_mid_run_stops_clearly(llama_dir, chat_data, tmp_pa
         run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
 
 
+def test_a_run_folder_deleted_mid_run_is_not_recreated_as_a_finished_run(llama_dir, chat_data, tmp_path, monkeypatch):
+    original = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda run_dir, step, *args, **kwargs: (
+        shutil.rmtree(run_dir) if step == 10 else original(run_dir, step, *args, **kwargs)))
+    with pytest.raises(UserError, match=r"Could not write the checkpoint of step 15: .*run was deleted, moved or replaced"):
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
+    assert not (tmp_path / "run").exists(), "no adapter/ or checkpoints/ without the run's recipe, plan and metrics"
+
+
 def nan_on_steps(monkeypatch, bad_steps):
     """Make the loss NaN on the given optimizer steps (counted by forward_backward calls)."""
     original, calls = train.forward_backward, []
@@ -292,3 +301,24 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
     models.load_tokenizer(llama_dir)
     models.load_tokenizer(llama_dir, trust_remote_code=True)
     assert seen == [False, True]
+
+
+def test_a_full_disk_during_a_metrics_write_stops_clearly_and_the_run_resumes(llama_dir, chat_data, tmp_path, monkeypatch):
+    from qlora_kit.dashboard import MetricsLog
+
+    original = MetricsLog.write
+
+    def torn(self, record):
+        if record.get("step") == 7:
+            self.file.write('{"step": 7, "loss": 5.4, "tok')  # what a full disk leaves: half a line
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+        return original(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", torn)
+    with pytest.raises(UserError, match="Could not write metrics.jsonl: No space left on device") as error:
+        run_training(recipe_for(llama_dir, chat_data, steps=10), tmp_path / "run", QUIET)
+    assert "--resume" in error.value.hint
+    monkeypatch.undo()
+    summary = run_training(recipe_for(llama_dir, chat_data, steps=10), tmp_path / "run", QUIET, resume=True)
+    assert summary.steps == 10 and list(losses(tmp_path / "run")) == list(range(1, 11)), "the torn line is gone"
