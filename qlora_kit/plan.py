@@ -15,16 +15,8 @@ from rich.text import Text
 from qlora_kit import hardware
 from qlora_kit.catalog import find_gpu, find_model_shape, model_ids
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (
-    GIB,
-    TIGHT_FRACTION,
-    MemoryPlan,
-    ModelShape,
-    estimate_peak_memory,
-    largest_micro_batch,
-    longest_sequence,
-    most_uncheckpointed_layers,
-)
+from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
+                              longest_sequence, most_uncheckpointed_layers)
 from qlora_kit.recipes import Recipe
 
 LABELS = {
