@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -10,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
+from qlora_kit.recipes import read_settings
 from qlora_kit.sources import check_adapter_folder, describe_source, packaged_model, resolve_model
 
 
@@ -37,6 +38,7 @@ def staged_folder(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; an adapter is meant to be shared
     try:
         yield staging
         if final.exists():
@@ -108,8 +110,13 @@ or `qlora-kit generate --adapter path/to/this/folder --prompt "..."`; `qlora-kit
 
 def run_settings(adapter_dir: Path | None) -> dict:
     """The settings of the run that trained an adapter (its recipe.yaml, beside runs/NAME/adapter), or {}."""
-    recipe_file = Path(adapter_dir).parent / "recipe.yaml" if adapter_dir else None
-    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file and recipe_file.is_file() else {}
+    return read_settings(Path(adapter_dir).parent / "recipe.yaml") if adapter_dir else {}
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def base_source_for(adapter_dir: Path) -> str:

@@ -103,21 +103,52 @@ def write_manifest(folder: Path, step: int) -> None:
     _fsync(folder / MANIFEST)
 
 
+REQUIRED = ("adapter/adapter_config.json", f"adapter/{ADAPTER_FILE}", "optimizer.pt", "state.pt", "trainer_state.json")
+
+
 def verify(folder: Path) -> str | None:
-    """What is wrong with a checkpoint folder, or None when every file matches its manifest."""
+    """What is wrong with a checkpoint folder, or None when it is whole: every file its manifest lists matches, none
+    a resume needs is missing from it, and each opens as what it should be (damage a manifest can agree with)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        listed = {str(name): (int(expected["bytes"]), str(expected["sha256"])) for name, expected in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "its manifest is missing or unreadable"
-    for name, expected in files.items():
+    for name in REQUIRED:
+        if name not in listed:
+            return f"its manifest does not list {name}"
+    for name, (size, sha256) in listed.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if _sha256(path) != sha256:
             return f"{name} does not match its checksum"
+    return _unreadable_part(folder)
+
+
+def _unreadable_part(folder: Path) -> str | None:
+    """The first file of a checkpoint that does not open as what it should be, said in a few words, or None."""
+    from safetensors import safe_open
+
+    try:
+        TrainerState.from_json((folder / "trainer_state.json").read_text())
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "trainer_state.json is not a trainer state"
+    try:
+        rank = int(json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"])
+        with safe_open(folder / "adapter" / ADAPTER_FILE, "pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    except Exception:  # safetensors raises its own error types for a file that is not safetensors
+        return f"adapter/{ADAPTER_FILE} or adapter_config.json does not open"
+    if not shapes or any((".lora_A." in k and s[0] != rank) or (".lora_B." in k and s[-1] != rank) for k, s in shapes.items()):
+        return f"the adapter's weights do not have the rank {rank} its config says"
+    for name in ("state.pt", "optimizer.pt"):
+        try:
+            torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a damaged file
+            return f"{name} does not open"
     return None
 
 

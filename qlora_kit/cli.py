@@ -130,6 +130,7 @@ def train(
     allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
                                             help="With --resume: go on although the data file's content changed since the checkpoint."),
     overwrite: bool = OVERWRITE,
+    force: bool = typer.Option(False, "--force", help="Start a CPU run although its plan says it does not fit in free RAM."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     gpus: int = GPUS,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
@@ -146,7 +147,8 @@ def train(
     base = load_recipe(recipe) if recipe else recipe_of_run(out) if resume else Recipe()
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(with_overrides(base, **settings), out, run_console, display=mode, resume=resume,
-                           overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data)
+                           overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data,
+                           force=force)
     print_summary(summary)
 
 

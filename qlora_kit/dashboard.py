@@ -227,6 +227,9 @@ def summary_table(summary, info: RunInfo) -> Table:
     table.add_row("loss", f"first {summary.first_loss:.4f}, final {summary.last_loss:.4f}, best {summary.best_loss:.4f}")
     label = "GPU peak (reserved)" if info.device == "cuda" else "process peak (RSS)"
     table.add_row(label, f"{summary.peak_memory_gib:.2f} GiB; planned {info.planned_gib:.2f} GiB of {info.capacity_gib:.1f}")
+    if summary.skipped_updates:
+        table.add_row("[yellow]skipped", f"{summary.skipped_updates} of {summary.steps} updates: the loss or gradient was "
+                                         "NaN/inf, so those steps did not change the weights")
     for change in summary.step_downs:
         table.add_row("[yellow]step-down", change)
     table.add_row("adapter", f"{summary.adapter_dir} ({summary.adapter_bytes / 2**20:.1f} MiB, plain PEFT)")

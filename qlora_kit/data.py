@@ -81,6 +81,10 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint="Pass a .jsonl file with --data.")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO, /dev/stdin: endless or read-once, never a data set
+        kind = "a pipe (FIFO)" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else "not a regular file"
+        raise UserError(f"{path} is {kind}, not a data file: training reads its data more than once.",
+                        hint="Save the data to a .jsonl file and pass that with --data.")
     if not path.is_file():
         raise UserError(f"Data file {path} does not exist.", hint="Pass a .jsonl file with --data.")
     if format not in ("auto", *FORMATS):

@@ -143,8 +143,11 @@ def _coerce(f: dataclasses.Field, value, where: str):
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if ok and kind is float and not math.isfinite(value):  # nan passes every range check, and poisons the run
+        ok = False
     if not ok:
-        raise UserError(f"{where}: `{f.name}` is {value!r}, but it must be a {_allowed(f)}.", hint=f.metadata["help"])
+        raise UserError(f"{where}: `{f.name}` is {value!r}, but it must be a {'finite ' * (kind is float)}{_allowed(f)}.",
+                        hint=f.metadata["help"])
     meta = f.metadata
     too_low = meta["low"] is not None and value < meta["low"]
     too_high = meta["high"] is not None and value > meta["high"]
@@ -174,6 +177,19 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of settings.", hint="Write one `name: value` per line.")
     return recipe_from_dict(values, where=str(path))
+
+
+def read_settings(path: Path) -> dict:
+    """A run's recipe.yaml as a plain mapping for reading (not validated: it may come from an older version), or {}
+    when there is none; a file safe_load refuses (a !!python tag) is one sentence, not a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not a recipe qlora-kit reads: {str(e).splitlines()[0]}.",
+                        hint="Fix or remove that file.") from None
+    return settings if isinstance(settings, dict) else {}
 
 
 def with_overrides(recipe: Recipe, **overrides) -> Recipe:

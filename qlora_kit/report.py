@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
 from qlora_kit.dashboard import describe_step_down
 from qlora_kit.errors import UserError
+from qlora_kit.recipes import read_settings
 
 GIB = 2**30
 FIGURE_INCHES, DPI = (10, 7), 100  # 1000 x 700 pixels
@@ -38,18 +38,19 @@ def load_run(folder: str | Path) -> Run:
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{folder} holds no metrics.jsonl, so it is not a qlora-kit run.", hint="Pass a folder under runs/.")
-    records = []
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+    records, lines = [], metrics.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
+                if number == len(lines):  # being written right now, or cut short by a full disk: a resume drops it too
+                    continue
                 raise UserError(f"{metrics}, line {number} is not valid JSON.", hint="The file may be damaged; the other lines are fine.") from None
     run = Run(folder.name, folder, [r for r in records if "event" not in r], [r for r in records if "event" in r])
     if not run.steps:
         raise UserError(f"{folder} has not finished a step yet.", hint="Wait for the first step, then run report again.")
-    if (folder / "recipe.yaml").is_file():
-        run.recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
+    run.recipe = read_settings(folder / "recipe.yaml")
     if (folder / "plan.json").is_file():
         plan = json.loads((folder / "plan.json").read_text())
         run.planned_gib = plan["plan"]["total_bytes"] / GIB

@@ -77,16 +77,18 @@ class RunFolder:
     def start(self, recipe: Recipe, plan: dict) -> list[dict]:
         """Create the folder (locked), write recipe.yaml and plan.json, and return the metrics lines of the steps a
         resumed run has done (the later ones are redone, so they are dropped)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         if self.lock_fd is None:
             self.lock_fd = lock(self.path)
             if not self.resume_from and holds_run(self.path):  # another process started a run here meanwhile
                 self.close()
                 raise UserError(f"{self.path} already holds a run.", hint="Choose another --out.")
-        (self.path / "recipe.yaml").write_text(recipe.to_yaml())
-        if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
-            (self.path / "plan.json").write_text(json.dumps(plan, indent=2))
-        return self.history_up_to(self.resume_step)
+        with writing(self.path):
+            (self.path / "recipe.yaml").write_text(recipe.to_yaml())
+            if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
+                (self.path / "plan.json").write_text(json.dumps(plan, indent=2))
+            return self.history_up_to(self.resume_step)
 
     def plan(self) -> dict | None:
         """The plan the run started with, when it has one."""
@@ -129,9 +131,10 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
             check_same_settings(saved, recipe)
             run.resume_from = choose_resume_point(path, console)
         else:
-            for name in RUN_FILES:  # only there with --overwrite
-                target = path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            with writing(path):
+                for name in RUN_FILES:  # only there with --overwrite
+                    target = path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         remove_staging_leftovers(path)
     except BaseException:
         run.close()
@@ -151,7 +154,7 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 
 
-def check_same_settings(saved: Recipe, now: Recipe) -> None:
+def check_same_settings(saved: Recipe, now: Recipe, saved_in: str = "the run") -> None:
     """A resumed run keeps its settings; paths count as the same when they name the same file."""
     def same(name: str) -> bool:
         a, b = getattr(saved, name), getattr(now, name)
@@ -159,7 +162,7 @@ def check_same_settings(saved: Recipe, now: Recipe) -> None:
             return a == b
         return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
 
-    changed = [f"{f.name} ({getattr(saved, f.name)!r} in the run, {getattr(now, f.name)!r} now)"
+    changed = [f"{f.name} ({getattr(saved, f.name)!r} in {saved_in}, {getattr(now, f.name)!r} now)"
                for f in dataclasses.fields(Recipe) if not same(f.name)]
     if changed:
         raise UserError(f"A resumed run keeps its settings, but these differ: {', '.join(changed)}.",
@@ -186,7 +189,8 @@ def lock(path: Path) -> int | None:
     if fcntl is None:
         return None
     while True:
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(path):
+            fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,6 +208,16 @@ def lock(path: Path) -> int | None:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
     return fd
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a folder that cannot be written (read-only disk, no permission, full disk) into one sentence."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"Cannot write the run folder {path}: {e.strerror or e}.",
+                        hint="Choose another --out, or fix the folder's permissions or free space.") from None
 
 
 def describe_holder(text: str) -> str:

@@ -31,7 +31,8 @@ from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, loa
                              pick_device_and_dtype, set_checkpointing)
 from qlora_kit.plan import StepShape, cheaper, choose_target, make_plan
 from qlora_kit.recipes import Recipe, optimizer_in_use
-from qlora_kit.run_folder import RunFolder, check_fingerprint, check_free_disk, fingerprint, open_run_folder
+from qlora_kit.run_folder import (RunFolder, check_fingerprint, check_free_disk, check_same_settings, fingerprint,
+                                 open_run_folder)
 from qlora_kit.sources import describe_source, resolve_model
 
 GIB = 2**30
@@ -56,6 +57,7 @@ class RunSummary:
     padding_pct: float = math.nan  # share of computed positions that were padding, averaged over steps
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, after a checkpoint
     step_downs: list[str] = field(default_factory=list)
+    skipped_updates: int = 0  # steps whose loss or gradient was NaN/inf, so their update was not applied
     info: RunInfo | None = None
     rank: int = 0  # with several processes, only rank 0 reports
 
@@ -112,6 +114,7 @@ class RunRecord:
     peaks_gib: list[float] = field(default_factory=list)
     paddings: list[float] = field(default_factory=list)
     tokens: int = 0
+    skipped_updates: int = 0
     step_downs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -122,6 +125,7 @@ class RunRecord:
         self.peaks_gib.append(m["mem_reserved_gib" if self.device_type == "cuda" else "rss_gib"])
         self.paddings.append(m["padding_pct"])
         self.tokens += m["tokens"]
+        self.skipped_updates += bool(m.get("skipped_update"))
         self.started = time.perf_counter() - m["time_s"]  # the clock goes on from the run's last recorded step
 
     def step(self, m: dict) -> None:
@@ -145,10 +149,11 @@ class RunRecord:
 
 def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto", resume: bool = False,
                  overwrite: bool = False, trust_remote_code: bool = False, plan: dict | None = None,
-                 allow_changed_data: bool = False) -> RunSummary:
+                 allow_changed_data: bool = False, force: bool = False) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
-    (auto's), written as the run's plan.json; without it the run plans for this machine itself."""
+    (auto's), written as the run's plan.json; without it the run plans for this machine itself. force: start a CPU
+    run its plan says cannot fit."""
     ranks = distributed.start()
     out_dir = Path(distributed.from_main(str(out_dir), ranks))  # a default name (runs/auto-N) is rank 0's choice
     if not ranks.main:  # rank 0 speaks and writes for all
@@ -166,9 +171,9 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             total_steps = count_steps(len(training.examples), recipe, ranks.world)
             trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
             if out.resume_from:
-                _check_resume_point(out, training, total_steps, trained_on, allow_changed_data)
+                _check_resume_point(out, recipe, training, total_steps, trained_on, allow_changed_data)
             plan = _setup_plan(plan, out, folder, recipe, training, ranks)
-            check_fits(plan, device, console)
+            check_fits(plan, device, console, force)
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
         setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), device,
                     dtype, ranks, total_steps, trained_on)
@@ -202,10 +207,13 @@ def _setup_data(recipe: Recipe, loaded: data.Records, tokenizer) -> TrainingData
     return TrainingData(examples, eval_examples, loaded.format, dropped, truncated, unpacked, loaded.skipped)
 
 
-def _check_resume_point(run: RunFolder, training: TrainingData, total_steps: int, trained_on: dict,
+def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, total_steps: int, trained_on: dict,
                         allow_changed_data: bool) -> None:
     """A resumed run must go on with the base model and data it was trained on, or it would not be the same run."""
     saved = TrainerState.from_json((run.resume_from / "trainer_state.json").read_text())
+    if saved.recipe:  # recipe.yaml edited since: the weights were trained with what the checkpoint says
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        check_same_settings(Recipe(**{k: v for k, v in saved.recipe.items() if k in fields}), recipe, "the checkpoint")
     check_fingerprint(saved.fingerprint, trained_on, allow_changed_data)
     if (saved.examples, saved.total_steps) != (len(training.examples), total_steps) and not allow_changed_data:
         raise UserError(f"The data changed since the checkpoint: it had {saved.examples} examples and "
@@ -226,16 +234,20 @@ def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe,
     return make_plan(str(folder), replace(recipe, seq_len=longest), target).to_dict()
 
 
-def check_fits(plan: dict, device: torch.device, console: Console) -> None:
-    """Stop a CPU run that its plan says cannot fit in free RAM: nothing steps down there, the system kills the
-    process. On a GPU, out-of-memory errors step the run down, so a plan that does not fit is only a warning."""
+def check_fits(plan: dict, device: torch.device, console: Console, force: bool = False) -> None:
+    """Stop a CPU run that its plan says cannot fit in free RAM (unless forced): nothing steps down there, the system
+    kills the process. On a GPU, out-of-memory errors step the run down, so a plan that does not fit is a warning."""
     if plan["plan"]["verdict"] != "does not fit":
         return
     planned, capacity, fix = plan["plan"]["total_bytes"] / GIB, plan["target"]["capacity_bytes"] / GIB, plan["fix"]
     shape = f"micro-batch {plan['plan']['micro_batch']} x {plan['plan']['seq_len']} tokens"
-    if device.type == "cpu":
+    if device.type == "cpu" and not force:
         raise UserError(f"This run needs about {planned:.1f} GiB of RAM ({shape}), and {capacity:.1f} GiB is free.",
-                        hint=f"To make it fit: {fix}. `qlora-kit plan` shows where the memory goes.")
+                        hint=f"To make it fit: {fix}. `qlora-kit plan` shows where the memory goes; --force starts it anyway.")
+    if device.type == "cpu":
+        console.print(f"[yellow]--force: this run needs about {planned:.1f} GiB of RAM ({shape}) and {capacity:.1f} GiB is "
+                      "free; the system may stop it for memory (a checkpoint, if one was written, resumes it).[/]")
+        return
     console.print(f"[yellow]The plan says this run does not fit {plan['target']['name']} ({planned:.1f} of {capacity:.1f} GiB, "
                   f"{shape}); it will step down when it runs out of memory. To make it fit: {fix}.[/]")
 
@@ -390,7 +402,7 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
                       trainable, total, adapter_dir, adapter_bytes, best_loss=min(record.losses),
                       peak_memory_gib=max(record.peaks_gib), padding_pct=sum(record.paddings) / steps,
                       stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=record.step_downs,
-                      info=record.dashboard.info, rank=ranks.rank)
+                      skipped_updates=record.skipped_updates, info=record.dashboard.info, rank=ranks.rank)
 
 
 def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int, device: torch.device, dtype: torch.dtype,

@@ -322,3 +322,142 @@ def test_a_full_disk_during_a_metrics_write_stops_clearly_and_the_run_resumes(ll
     monkeypatch.undo()
     summary = run_training(recipe_for(llama_dir, chat_data, steps=10), tmp_path / "run", QUIET, resume=True)
     assert summary.steps == 10 and list(losses(tmp_path / "run")) == list(range(1, 11)), "the torn line is gone"
+
+
+def truncate_adapter(folder: Path) -> None:
+    weights = folder / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def drop_state(folder: Path) -> None:
+    (folder / "state.pt").unlink()
+
+
+def invalid_trainer_state(folder: Path) -> None:
+    (folder / "trainer_state.json").write_text('{"step": "twenty"}')
+
+
+def wrong_rank(folder: Path) -> None:
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (truncate_adapter, "does not open"), (drop_state, "does not list state.pt"),
+    (invalid_trainer_state, "trainer_state.json is not a trainer state"), (wrong_rank, "do not have the rank 8"),
+    (lambda folder: None, "manifest is missing or unreadable"),  # with "files": [1, 2] below
+])
+def test_damage_the_manifest_agrees_with_falls_back_to_the_checkpoint_before(llama_dir, chat_data, tmp_path, whole_run,
+                                                                              damage, problem):
+    out = tmp_path / "damaged"
+    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, QUIET)
+    newest = out / "checkpoints" / "step-20"
+    damage(newest)
+    (newest / "manifest.json").unlink()
+    checkpoint.write_manifest(newest, 20)  # the manifest agrees with the damage: checksums alone cannot see it
+    if problem.startswith("manifest"):
+        (newest / "manifest.json").write_text('{"step": 20, "files": [1, 2]}')
+    console = Console(file=io.StringIO(), width=300)
+    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, console, resume=True)
+    assert "step-20 is damaged (" in console.file.getvalue() and problem in console.file.getvalue()
+    assert "Resuming from step-15" in console.file.getvalue()
+    assert_same_run(out, whole_run)
+
+
+@pytest.mark.parametrize("flag", ["--alpha", "--dropout", "--lr", "--epochs", "--eval-fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused_before_a_folder_exists(llama_dir, chat_data, tmp_path, monkeypatch, capsys, flag, value):
+    from qlora_kit import cli
+
+    monkeypatch.setattr("sys.argv", ["qlora-kit", "train", "-m", str(llama_dir), "-d", str(chat_data), "--out",
+                                     str(tmp_path / "run"), flag, value])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"is {float(value)!r}, but it must be a finite" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_summary_says_how_many_updates_were_skipped(llama_dir, chat_data, tmp_path, monkeypatch):
+    from qlora_kit.dashboard import summary_table
+
+    nan_on_steps(monkeypatch, {2, 4})
+    summary = run_training(recipe_for(llama_dir, chat_data, steps=6), tmp_path / "run", QUIET)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(summary_table(summary, summary.info))
+    assert summary.skipped_updates == 2 and "2 of 6 updates: the loss or gradient was NaN/inf" in console.file.getvalue()
+
+
+@pytest.mark.parametrize("edit", [{"lr": 0.001}, {"rank": 8}])
+def test_recipe_yaml_edited_between_stop_and_resume_is_refused(llama_dir, chat_data, tmp_path, edit):
+    from qlora_kit.run_folder import recipe_of_run
+
+    recipe = recipe_for(llama_dir, chat_data, steps=10)
+    run_training(recipe, tmp_path / "run", QUIET)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-10")
+    edited = Recipe(**{**recipe.__dict__, **edit})
+    (tmp_path / "run" / "recipe.yaml").write_text(edited.to_yaml())
+    name = next(iter(edit))
+    with pytest.raises(UserError, match=f"these differ: {name} .* in the checkpoint"):
+        run_training(recipe_of_run(tmp_path / "run"), tmp_path / "run", QUIET, resume=True)
+
+
+def test_a_folder_that_cannot_be_written_is_one_sentence(llama_dir, chat_data, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="Cannot write the run folder .*a-file/run: Not a directory"):
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "a-file" / "run", QUIET)
+    (tmp_path / "read-only").mkdir()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(run_folder.os, "open", read_only)
+    with pytest.raises(UserError, match="read-only: Read-only file system"):
+        run_training(recipe_for(llama_dir, chat_data), tmp_path / "read-only", QUIET)
+
+
+def test_a_recipe_yaml_with_a_python_tag_beside_an_adapter_is_one_sentence(tmp_path):
+    from qlora_kit.adapter import run_settings
+    from qlora_kit.report import load_run
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "recipe.yaml").write_text("rank: !!python/object/apply:os.system ['echo owned']\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "tokens": 1, "rss_gib": 0.1}) + "\n")
+    for read in (lambda: run_settings(tmp_path / "adapter"), lambda: load_run(tmp_path)):
+        with pytest.raises(UserError, match="recipe.yaml is not a recipe qlora-kit reads"):
+            read()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_as_data_says_what_it_is(tmp_path, kind):
+    from qlora_kit.data import read_records
+
+    path = Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+    with pytest.raises(UserError, match=f"is {'a pipe' if kind == 'fifo' else 'a device'}.*not a data file"):
+        read_records(path)
+
+
+def test_adapters_and_checkpoints_follow_the_umask(llama_dir, chat_data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_training(recipe_for(llama_dir, chat_data, steps=2), tmp_path / "run", QUIET)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "run" / "adapter", tmp_path / "run" / "checkpoints" / "step-2"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+
+
+def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
+    from qlora_kit.train import check_fits
+
+    plan = {"plan": {"verdict": "does not fit", "total_bytes": 100 * 2**30, "micro_batch": 64, "seq_len": 4096},
+            "target": {"capacity_bytes": 8 * 2**30, "name": "RAM"}, "fix": "--micro-batch 1"}
+    with pytest.raises(UserError, match="This run needs about 100.0 GiB of RAM") as error:
+        check_fits(plan, torch.device("cpu"), QUIET)
+    assert "--force starts it anyway" in error.value.hint
+    console = Console(file=io.StringIO(), width=300)
+    check_fits(plan, torch.device("cpu"), console, force=True)
+    assert "--force: this run needs about 100.0 GiB" in console.file.getvalue()

@@ -64,9 +64,16 @@ def test_bad_run_folders_are_user_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"event": "out_of_memory_step_down", "step": 1}\n')
     with pytest.raises(UserError, match="has not finished a step"):
         load_run(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text("{broken\n")
+    (tmp_path / "metrics.jsonl").write_text('{broken\n{"event": "out_of_memory_step_down", "step": 1}\n')
     with pytest.raises(UserError, match="line 1 is not valid JSON"):
         load_run(tmp_path)
+
+
+def test_a_torn_last_metrics_line_is_left_out_as_a_resume_leaves_it(tmp_path):
+    """A line being written as report reads, or one a full disk cut short, is not damage."""
+    step = {"step": 1, "loss": 2.0, "lr": 1e-4, "tokens": 10, "tokens_per_s": 5.0, "rss_gib": 0.5}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(step) + '\n{"step": 2, "loss": 1.9, "tok')
+    assert [m["step"] for m in load_run(tmp_path).steps] == [1]
 
 
 def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):
