@@ -461,3 +461,42 @@ def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
     console = Console(file=io.StringIO(), width=300)
     check_fits(plan, torch.device("cpu"), console, force=True)
     assert "--force: this run needs about 100.0 GiB" in console.file.getvalue()
+
+
+STUCK_CHILD = """
+import hashlib, sys
+import qlora_kit.train as train
+original, calls, marker = train.forward_backward, [], sys.argv[1]
+def stuck(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 7:
+        open(marker, "w").close()  # tell the test the step is stuck now
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10**9)  # minutes in one C call, as a huge CPU attention would be
+    return original(*args, **kwargs)
+train.forward_backward = stuck
+sys.argv = ["qlora-kit", *sys.argv[2:]]
+from qlora_kit.cli import main
+main()
+"""
+
+
+def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exactly(llama_dir, chat_data, tmp_path, whole_run):
+    out, stuck = tmp_path / "stuck", tmp_path / "stuck-now"
+    args = ["--model", str(llama_dir), "--data", str(chat_data), "--rank", "4", "--steps", str(STEPS), "--micro-batch", "2",
+            "--checkpoint-every", str(EVERY)]
+    env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", STUCK_CHILD, str(stuck), "train", "--out", str(out), "--plain", *args],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while not stuck.exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output = child.communicate(timeout=30)[0]
+    assert child.returncode == 143 and time.monotonic() - sent < 10, output
+    assert "Stopped at once. Resume from step-5 with: qlora-kit train --out" in output and "Traceback" not in output
+    run_training(recipe_for(llama_dir, chat_data), out, QUIET, resume=True)
+    assert_same_run(out, whole_run)
