@@ -15,8 +15,11 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -258,12 +261,39 @@ def tokenized_table(records: list[dict], tokenizer, key: str | None = None):
         datasets.disable_progress_bars()
     try:
         source = datasets.Dataset.from_list(records)
-        table = source.map(_tokenize_batch, batched=True, num_proc=workers, remove_columns=source.column_names,
-                           features=features, fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing",
-                           new_fingerprint=key or uuid.uuid4().hex)
+        with ctrl_c_stops_only_this_process():
+            table = source.map(_tokenize_batch, batched=True, num_proc=workers, remove_columns=source.column_names,
+                               features=features, fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing",
+                               new_fingerprint=key or uuid.uuid4().hex)
         return _save_to_cache(table, folder) if folder else table
     finally:
         datasets.enable_progress_bars()
+
+
+@contextmanager
+def ctrl_c_stops_only_this_process():
+    """While worker processes tokenize: Ctrl-C reaches the whole process group, but only this process acts on it (its
+    pool then ends the workers), so there is one clean KeyboardInterrupt, not one traceback per worker and a
+    TimeoutError from the pool's clean-up in its place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    parent, interrupted = os.getpid(), []
+
+    def handle(signum, frame):
+        if os.getpid() == parent:  # forked workers inherit this handler, and ignore the signal
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    except BaseException:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _save_to_cache(table, folder: Path):

@@ -364,3 +364,43 @@ def test_data_check_refuses_what_training_refuses(tmp_path):
     assert refusals and "no example has a token to learn" in refusals[0][0] and "--seq-len" in refusals[0][1]
     with pytest.raises(UserError, match="No example has any token left"):
         tokenize(records, build_tokenizer(), 6)
+
+
+SLOW_TOKENIZING_CHILD = """
+import sys, time
+import qlora_kit.data as data
+original, marker = data._tokenize_batch, sys.argv[1]
+def slow(*args, **kwargs):
+    open(marker, "w").close()  # a worker has started: the test presses Ctrl-C now
+    time.sleep(60)
+    return original(*args, **kwargs)
+data._tokenize_batch = slow
+sys.argv = ["qlora-kit", *sys.argv[2:]]
+from qlora_kit.cli import main
+main()
+"""
+
+
+def test_ctrl_c_during_parallel_tokenizing_stops_with_130_and_no_traceback(llama_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qlora_kit.data import PARALLEL_FROM
+
+    data_file = tmp_path / "many.jsonl"
+    data_file.write_text("".join(json.dumps({"text": f"line {n}"}) + "\n" for n in range(PARALLEL_FROM)))
+    marker = tmp_path / "tokenizing"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZING_CHILD, str(marker), "train", "-m", str(llama_dir), "-d",
+                              str(data_file), "--out", str(tmp_path / "run"), "--plain"],
+                             env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")}, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group, workers included
+    output = child.communicate(timeout=30)[0]
+    assert child.returncode == 130 and "Traceback" not in output, output
