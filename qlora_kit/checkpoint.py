@@ -98,7 +98,7 @@ def write_manifest(folder: Path, step: int) -> None:
     """manifest.json: each file's size and sha256, flushed to disk first, so a torn write is detectable."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path, sync=True)}
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path, sync=True)}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     _fsync(folder / MANIFEST)
 
@@ -123,7 +123,7 @@ def verify(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if _sha256(path) != sha256:
+        if file_sha256(path) != sha256:
             return f"{name} does not match its checksum"
     return _unreadable_part(folder)
 
@@ -219,7 +219,8 @@ def checkpoint_bytes(trainable_params: int, optimizer: str) -> int:
     return trainable_params * (4 + optimizer_state_bytes(optimizer)) + 2**20
 
 
-def _sha256(path: Path, sync: bool = False) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """A file's sha256, read in 1 MiB blocks; with sync, flushed to disk first."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):

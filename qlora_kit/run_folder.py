@@ -259,13 +259,7 @@ def check_free_disk(path: Path, needed: int) -> None:
 def fingerprint(data_files: list[str | None], model_folder: Path) -> dict:
     """What a checkpoint was trained on: the data files' content and the base model's config and weight files, so
     a resume can tell when either changed under the same names (or the same content moved to another name)."""
-    data = hashlib.sha256()
-    for name in data_files:
-        if name:
-            with open(name, "rb") as f:
-                for block in iter(lambda: f.read(2**20), b""):
-                    data.update(block)
-        data.update(b"\0")
+    data = hashlib.sha256(" ".join(checkpoint.file_sha256(Path(name)) if name else "-" for name in data_files).encode())
     config = json.loads((model_folder / "config.json").read_text()) if (model_folder / "config.json").is_file() else {}
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(volatile, None)
