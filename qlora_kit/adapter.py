@@ -130,9 +130,11 @@ def tokenizer_folder(adapter_dir: Path | None, base_folder: Path) -> Path:
     return adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else base_folder
 
 
-def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto"):
+def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto",
+                      trust_remote_code: bool = False):
     """The 4-bit base (with the adapter on top when given) and its tokenizer, ready to generate."""
-    model, tokenizer, _ = load_with_adapters(source, [adapter_dir] if adapter_dir is not None else [], precision)
+    model, tokenizer, _ = load_with_adapters(source, [adapter_dir] if adapter_dir is not None else [], precision,
+                                             trust_remote_code)
     return model, tokenizer
 
 

@@ -220,6 +220,7 @@ def generate(
     top_p: float = GENERATE_TOP_P,
     raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt: the prompt and each model's reply."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Answer prompts with a base model and its adapters. One prompt, or a file of them, side by side."""
     _check_adapters(adapter)
@@ -230,7 +231,7 @@ def generate(
         raise UserError("Give either --prompt or --file.", hint='qlora-kit generate --adapter runs/NAME/adapter --prompt "Hello"')
     prompts = read_prompts(file) if file else [prompt]
     with console.status("Loading the model in 4-bit ..."):
-        lm, tokenizer, names = load_with_adapters(model, adapter or [])
+        lm, tokenizer, names = load_with_adapters(model, adapter or [], trust_remote_code=trust_remote_code)
     columns = ([None] if compare or not names else []) + names
     with console.status(f"Answering {len(prompts)} prompt{'s' * (len(prompts) > 1)} ..."):
         rows = answer_all(lm, tokenizer, prompts, columns, Sampling(temperature, top_p, max_new_tokens), chat=not raw)
@@ -251,6 +252,7 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
     temperature: float = CHAT_TEMPERATURE,
     top_p: float = CHAT_TOP_P,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Chat with the 4-bit base and its adapters. Replies stream as they are generated."""
     _check_adapters(adapter)
@@ -258,7 +260,7 @@ def chat(
     from qlora_kit.chat import run_chat
 
     with console.status("Loading the model in 4-bit ..."):
-        lm, tokenizer, names = load_with_adapters(model, adapter or [])
+        lm, tokenizer, names = load_with_adapters(model, adapter or [], trust_remote_code=trust_remote_code)
     run_chat(lm, tokenizer, names, console, Sampling(temperature, top_p, max_new_tokens), system=system)
 
 
@@ -272,13 +274,14 @@ def eval_command(
     train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--no-train-on-inputs", show_default=False,
                                                    help="Score prompts and user turns too [default: as the adapter's run did]."),
     as_json: bool = JSON,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Loss and perplexity on held-out data. The base model beside base + adapter, masked as in training."""
     _check_adapters([adapter] if adapter else None)
     from qlora_kit.evaluation import run_eval
 
     with console.status("Loading the model in 4-bit and evaluating ..."):
-        result = run_eval(model, adapter, data, seq_len, micro_batch, train_on_inputs)
+        result = run_eval(model, adapter, data, seq_len, micro_batch, train_on_inputs, trust_remote_code)
     _show(as_json, result)
 
 
@@ -411,6 +414,7 @@ def data_check(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenize with this model's tokenizer (exact lengths, rendering)."),
     seq_len: int = typer.Option(512, "--seq", "--seq-len", help="Sequence length to check against."),
     data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Format, counts, token lengths, every bad line, and what the loss is on, for one data file. Exits with 1 when
     `train` would refuse the file (bad lines, or nothing to learn), so scripts can check data before training."""
@@ -422,7 +426,7 @@ def data_check(
         from qlora_kit.sources import resolve_model
 
         with console.status(f"Loading the tokenizer of {model} ..."):
-            tokenizer = load_tokenizer(resolve_model(model))
+            tokenizer = load_tokenizer(resolve_model(model), trust_remote_code)
     report, refusals = check_report(file, tokenizer, seq_len, data_format)
     console.print(report)
     if refusals:

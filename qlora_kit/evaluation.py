@@ -45,7 +45,7 @@ def perplexity(loss: float) -> float:
 
 
 def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_len: int | None = None,
-             micro_batch: int = 4, train_on_inputs: bool | None = None) -> EvalResult:
+             micro_batch: int = 4, train_on_inputs: bool | None = None, trust_remote_code: bool = False) -> EvalResult:
     """Evaluate the 4-bit base, and base + adapter when given, on every example of data_path. seq_len and
     train_on_inputs default to the adapter's run (recipe.yaml beside it), else 512 and off."""
     from qlora_kit.loss import evaluate
@@ -54,7 +54,7 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
     recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
                     train_on_inputs=run.get("train_on_inputs", False) if train_on_inputs is None else train_on_inputs)
     loaded = data.read_records(data_path)
-    model, tokenizer = load_with_adapter(source, adapter_dir)
+    model, tokenizer = load_with_adapter(source, adapter_dir, trust_remote_code=trust_remote_code)
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
     tokens = data.learned_tokens(examples)
     pad_id, device = tokenizer.pad_token_id, model.device

@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.adapter import base_source_for, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
-from qlora_kit.model import load_base_4bit, load_tokenizer
+from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer
 from qlora_kit.sources import check_adapter_folder, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,8 +42,9 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         base = load_base_4bit(folder, torch_dtype, cpu, trust_remote_code)
         base = base.dequantize()  # the 4-bit weights as the adapter saw them, now plain tensors in torch_dtype
     else:
-        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
-                                                    trust_remote_code=trust_remote_code)
+        with code_needs_trust(folder):
+            base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
+                                                        trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True  # a merged model is for inference
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, folder), trust_remote_code)

@@ -32,12 +32,27 @@ def pick_device_and_dtype(precision: str = "auto", gpu: int = 0) -> tuple[torch.
     return torch.device("cpu"), DTYPES["fp32" if precision == "auto" else precision]
 
 
+@contextmanager
+def code_needs_trust(folder: Path):
+    """Turn transformers' refusal to run a model folder's own code (a ValueError naming trust_remote_code) into
+    one sentence: which folder, and the flag that allows it."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"{folder} ships its own Python code (its config names it in auto_map), and qlora-kit runs a "
+                        "model's code only when you allow it.",
+                        hint="Read the .py files in that folder; if you trust them, add --trust-remote-code.") from None
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (the eos token when the model defines none). Code shipped with a
     model runs only with trust_remote_code (--trust-remote-code)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with code_needs_trust(folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -57,9 +72,10 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
         bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
     )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
-        )
+        with code_needs_trust(folder):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=quantization, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
+            )
     except (ValueError, KeyError) as e:
         raise UserError(f"{folder} could not be loaded as a causal language model: {e}",
                         hint="qlora-kit fine-tunes decoder-only text models (Llama, Gemma, Qwen, Mistral, Phi ...).") from None

@@ -173,7 +173,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as e:
         raise UserError(f"Cannot read recipe {path}: {e.strerror}.", hint="Check the path.") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}.", hint="Fix the line shown.") from None
+        raise not_a_recipe(path, e) from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of settings.", hint="Write one `name: value` per line.")
     return recipe_from_dict(values, where=str(path))
@@ -187,9 +187,18 @@ def read_settings(path: Path) -> dict:
     try:
         settings = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not a recipe qlora-kit reads: {str(e).splitlines()[0]}.",
-                        hint="Fix or remove that file.") from None
+        raise not_a_recipe(path, e) from None
     return settings if isinstance(settings, dict) else {}
+
+
+def not_a_recipe(path: Path, error: yaml.YAMLError) -> UserError:
+    """A YAML file safe_load refuses, in one sentence with where: broken syntax, or a tag such as !!python that would
+    run code."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return UserError(f"{path} is not a recipe qlora-kit reads{where}: {problem}.",
+                     hint="A recipe is plain YAML, one `name: value` per line, with no !!python tags: fix that line.")
 
 
 def with_overrides(recipe: Recipe, **overrides) -> Recipe:

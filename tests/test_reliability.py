@@ -4,14 +4,18 @@ Subprocess tests run the real CLI on a tiny model, with each step slowed (a patc
 signal reliably lands mid-run.
 """
 
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,9 +24,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from qlora_kit import checkpoint, run_folder, train
+from qlora_kit import checkpoint, cli, run_folder, train
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe
+from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.run_folder import named_run_dir
 from qlora_kit.train import run_training
 
@@ -139,18 +143,6 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint_whole(llam
     assert good.name == "step-5" and not passed_over and not list((out / "checkpoints").glob(".*"))
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(llama_dir, chat_data, tmp_path, whole_run):
-    out = tmp_path / "damaged"
-    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, QUIET)
-    newest = out / "checkpoints" / "step-20" / "optimizer.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
-    console = Console(file=io.StringIO(), width=200)
-    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, console, resume=True)
-    assert "step-20 is damaged (optimizer.pt has" in console.file.getvalue()
-    assert "Resuming from step-15" in console.file.getvalue()
-    assert losses(out) == losses(whole_run) and checkpoint.verify(out / "checkpoints" / "step-20") is None
-
-
 def test_an_8bit_optimizer_resumes_exactly(llama_dir, chat_data, tmp_path):
     """bitsandbytes' 8-bit AdamW (paged, the default on a GPU; unpaged here) through a checkpoint: its quantized
     states and their scaling constants survive the name-keyed save and load."""
@@ -187,89 +179,6 @@ def test_an_existing_run_needs_resume_or_overwrite(llama_dir, chat_data, tmp_pat
         run_training(recipe, tmp_path / "run", QUIET, resume=True, overwrite=True)
 
 
-def test_too_little_disk_is_refused_before_anything_is_written(llama_dir, chat_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
-    with pytest.raises(UserError, match="MiB free; this run's checkpoints and adapter need about"):
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
-def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch, fault):
-    original = torch.save
-
-    def failing(obj, path, *args, **kwargs):
-        if "step-10" in str(path):
-            raise fault
-        return original(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing)
-    with pytest.raises(UserError, match=f"Could not write the checkpoint of step 10: {fault.strerror}") as error:
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
-    assert "step-5 is intact" in error.value.hint and "--resume" in error.value.hint
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-5"]
-    assert checkpoint.verify(tmp_path / "run" / "checkpoints" / "step-5") is None
-    assert not list((tmp_path / "run" / "checkpoints").glob(".*")), "the partial folder is cleaned up"
-
-
-def test_a_removed_run_folder_mid_run_stops_clearly(llama_dir, chat_data, tmp_path, monkeypatch):
-    import shutil
-
-    original = checkpoint.save_checkpoint
-
-    def remove_then_save(run_dir, step, *args, **kwargs):
-        if step == 10:
-            shutil.rmtree(run_dir)
-            run_dir.write_text("not a folder any more")
-        return original(run_dir, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", remove_then_save)
-    with pytest.raises(UserError, match="Could not write the checkpoint of step 10"):
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
-
-
-def test_a_run_folder_deleted_mid_run_is_not_recreated_as_a_finished_run(llama_dir, chat_data, tmp_path, monkeypatch):
-    original = checkpoint.save_checkpoint
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda run_dir, step, *args, **kwargs: (
-        shutil.rmtree(run_dir) if step == 10 else original(run_dir, step, *args, **kwargs)))
-    with pytest.raises(UserError, match=r"Could not write the checkpoint of step 15: .*run was deleted, moved or replaced"):
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
-    assert not (tmp_path / "run").exists(), "no adapter/ or checkpoints/ without the run's recipe, plan and metrics"
-
-
-def nan_on_steps(monkeypatch, bad_steps):
-    """Make the loss NaN on the given optimizer steps (counted by forward_backward calls)."""
-    original, calls = train.forward_backward, []
-
-    def forward_backward(model, examples, shape, *args):
-        calls.append(1)
-        loss, tokens, padding = original(model, examples, shape, *args)
-        if len(calls) in bad_steps:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-            return float("nan"), tokens, padding
-        return loss, tokens, padding
-
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
-
-
-def test_a_nan_step_is_skipped_and_counted(llama_dir, chat_data, tmp_path, monkeypatch):
-    nan_on_steps(monkeypatch, {3})
-    summary = run_training(recipe_for(llama_dir, chat_data, steps=6), tmp_path / "run", QUIET)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines if m.get("skipped_update")] == [3] and summary.steps == 6
-    assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "run").values())
-
-
-def test_nan_steps_in_a_row_stop_the_run_without_a_nan_adapter(llama_dir, chat_data, tmp_path, monkeypatch):
-    nan_on_steps(monkeypatch, set(range(3, 100)))
-    with pytest.raises(UserError, match="NaN or infinite for 5 steps in a row \\(up to step 7\\)") as error:
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "run", QUIET)
-    assert "weights are from step 2" in error.value.message and "--lr" in error.value.hint
-    assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "run").values())
-
-
 @pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "", "x" * 101])
 def test_run_names_cannot_leave_the_runs_folder(name):
     with pytest.raises(UserError, match="not a plain name"):
@@ -301,153 +210,6 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
     models.load_tokenizer(llama_dir)
     models.load_tokenizer(llama_dir, trust_remote_code=True)
     assert seen == [False, True]
-
-
-def test_a_full_disk_during_a_metrics_write_stops_clearly_and_the_run_resumes(llama_dir, chat_data, tmp_path, monkeypatch):
-    from qlora_kit.dashboard import MetricsLog
-
-    original = MetricsLog.write
-
-    def torn(self, record):
-        if record.get("step") == 7:
-            self.file.write('{"step": 7, "loss": 5.4, "tok')  # what a full disk leaves: half a line
-            self.file.flush()
-            raise OSError(28, "No space left on device")
-        return original(self, record)
-
-    monkeypatch.setattr(MetricsLog, "write", torn)
-    with pytest.raises(UserError, match="Could not write metrics.jsonl: No space left on device") as error:
-        run_training(recipe_for(llama_dir, chat_data, steps=10), tmp_path / "run", QUIET)
-    assert "--resume" in error.value.hint
-    monkeypatch.undo()
-    summary = run_training(recipe_for(llama_dir, chat_data, steps=10), tmp_path / "run", QUIET, resume=True)
-    assert summary.steps == 10 and list(losses(tmp_path / "run")) == list(range(1, 11)), "the torn line is gone"
-
-
-def truncate_adapter(folder: Path) -> None:
-    weights = folder / "adapter" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-
-
-def drop_state(folder: Path) -> None:
-    (folder / "state.pt").unlink()
-
-
-def invalid_trainer_state(folder: Path) -> None:
-    (folder / "trainer_state.json").write_text('{"step": "twenty"}')
-
-
-def wrong_rank(folder: Path) -> None:
-    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-
-
-@pytest.mark.parametrize("damage, problem", [
-    (truncate_adapter, "does not open"), (drop_state, "does not list state.pt"),
-    (invalid_trainer_state, "trainer_state.json is not a trainer state"), (wrong_rank, "do not have the rank 8"),
-    (lambda folder: None, "manifest is missing or unreadable"),  # with "files": [1, 2] below
-])
-def test_damage_the_manifest_agrees_with_falls_back_to_the_checkpoint_before(llama_dir, chat_data, tmp_path, whole_run,
-                                                                              damage, problem):
-    out = tmp_path / "damaged"
-    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, QUIET)
-    newest = out / "checkpoints" / "step-20"
-    damage(newest)
-    (newest / "manifest.json").unlink()
-    checkpoint.write_manifest(newest, 20)  # the manifest agrees with the damage: checksums alone cannot see it
-    if problem.startswith("manifest"):
-        (newest / "manifest.json").write_text('{"step": 20, "files": [1, 2]}')
-    console = Console(file=io.StringIO(), width=300)
-    run_training(recipe_for(llama_dir, chat_data, keep_checkpoints=3), out, console, resume=True)
-    assert "step-20 is damaged (" in console.file.getvalue() and problem in console.file.getvalue()
-    assert "Resuming from step-15" in console.file.getvalue()
-    assert_same_run(out, whole_run)
-
-
-@pytest.mark.parametrize("flag", ["--alpha", "--dropout", "--lr", "--epochs", "--eval-fraction"])
-@pytest.mark.parametrize("value", ["nan", "inf"])
-def test_non_finite_settings_are_refused_before_a_folder_exists(llama_dir, chat_data, tmp_path, monkeypatch, capsys, flag, value):
-    from qlora_kit import cli
-
-    monkeypatch.setattr("sys.argv", ["qlora-kit", "train", "-m", str(llama_dir), "-d", str(chat_data), "--out",
-                                     str(tmp_path / "run"), flag, value])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and f"is {float(value)!r}, but it must be a finite" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-def test_the_summary_says_how_many_updates_were_skipped(llama_dir, chat_data, tmp_path, monkeypatch):
-    from qlora_kit.dashboard import summary_table
-
-    nan_on_steps(monkeypatch, {2, 4})
-    summary = run_training(recipe_for(llama_dir, chat_data, steps=6), tmp_path / "run", QUIET)
-    console = Console(file=io.StringIO(), width=200)
-    console.print(summary_table(summary, summary.info))
-    assert summary.skipped_updates == 2 and "2 of 6 updates: the loss or gradient was NaN/inf" in console.file.getvalue()
-
-
-@pytest.mark.parametrize("edit", [{"lr": 0.001}, {"rank": 8}])
-def test_recipe_yaml_edited_between_stop_and_resume_is_refused(llama_dir, chat_data, tmp_path, edit):
-    from qlora_kit.run_folder import recipe_of_run
-
-    recipe = recipe_for(llama_dir, chat_data, steps=10)
-    run_training(recipe, tmp_path / "run", QUIET)
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-10")
-    edited = Recipe(**{**recipe.__dict__, **edit})
-    (tmp_path / "run" / "recipe.yaml").write_text(edited.to_yaml())
-    name = next(iter(edit))
-    with pytest.raises(UserError, match=f"these differ: {name} .* in the checkpoint"):
-        run_training(recipe_of_run(tmp_path / "run"), tmp_path / "run", QUIET, resume=True)
-
-
-def test_a_folder_that_cannot_be_written_is_one_sentence(llama_dir, chat_data, tmp_path, monkeypatch):
-    (tmp_path / "a-file").write_text("")
-    with pytest.raises(UserError, match="Cannot write the run folder .*a-file/run: Not a directory"):
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "a-file" / "run", QUIET)
-    (tmp_path / "read-only").mkdir()
-
-    def read_only(path, *args, **kwargs):
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(run_folder.os, "open", read_only)
-    with pytest.raises(UserError, match="read-only: Read-only file system"):
-        run_training(recipe_for(llama_dir, chat_data), tmp_path / "read-only", QUIET)
-
-
-def test_a_recipe_yaml_with_a_python_tag_beside_an_adapter_is_one_sentence(tmp_path):
-    from qlora_kit.adapter import run_settings
-    from qlora_kit.report import load_run
-
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "recipe.yaml").write_text("rank: !!python/object/apply:os.system ['echo owned']\n")
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "tokens": 1, "rss_gib": 0.1}) + "\n")
-    for read in (lambda: run_settings(tmp_path / "adapter"), lambda: load_run(tmp_path)):
-        with pytest.raises(UserError, match="recipe.yaml is not a recipe qlora-kit reads"):
-            read()
-
-
-@pytest.mark.parametrize("kind", ["fifo", "device"])
-def test_a_pipe_or_device_as_data_says_what_it_is(tmp_path, kind):
-    from qlora_kit.data import read_records
-
-    path = Path("/dev/zero")
-    if kind == "fifo":
-        path = tmp_path / "pipe"
-        os.mkfifo(path)
-    with pytest.raises(UserError, match=f"is {'a pipe' if kind == 'fifo' else 'a device'}.*not a data file"):
-        read_records(path)
-
-
-def test_adapters_and_checkpoints_follow_the_umask(llama_dir, chat_data, tmp_path):
-    old = os.umask(0o022)
-    try:
-        run_training(recipe_for(llama_dir, chat_data, steps=2), tmp_path / "run", QUIET)
-    finally:
-        os.umask(old)
-    for folder in (tmp_path / "run" / "adapter", tmp_path / "run" / "checkpoints" / "step-2"):
-        assert folder.stat().st_mode & 0o777 == 0o755, folder
 
 
 def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
@@ -500,3 +262,455 @@ def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exac
     assert "Stopped at once. Resume from step-5 with: qlora-kit train --out" in output and "Traceback" not in output
     run_training(recipe_for(llama_dir, chat_data), out, QUIET, resume=True)
     assert_same_run(out, whole_run)
+
+
+# The fault catalogue: every fault a user can meet, as they meet it, through the CLI in this process. Each row says
+# what it does to the run, the exit code, the one line that must say what happened (no traceback), and what must
+# hold afterwards: in most rows that `train --out X --resume` finishes the run bit for bit as if nothing happened.
+# Faults are injected through the code's own write helpers; a kill is an exception nothing but `finally` sees.
+# The faults only a separate process can meet (SIGKILL, signals, a step stuck in C, Ctrl-C to parallel tokenizing
+# workers) are the subprocess tests above and in test_data.py. docs/training.md's table follows this one.
+
+
+class Killed(BaseException):
+    """A SIGKILL at that instant, as far as the run's files can tell: nothing runs after it but `finally` blocks."""
+
+
+@dataclass
+class Case:
+    """What a catalogue row works with: the reference run, the row's own folder, and the fault's patches."""
+
+    ref: SimpleNamespace
+    tmp: Path
+    patches: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture
+    cleanup: contextlib.ExitStack
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "run"
+
+    def train(self, *extra, out: Path | None = None, model: Path | None = None, data: Path | None = None) -> list:
+        """The reference run's command line, into this row's folder."""
+        return ["train", "--out", out or self.out, "--model", model or self.ref.model, "--data", data or self.ref.data,
+                "--rank", "4", "--steps", STEPS, "--micro-batch", "2", "--checkpoint-every", EVERY, "--plain", *extra]
+
+    def resume(self) -> list:
+        return ["train", "--out", self.out, "--resume", "--plain"]
+
+    def copy_of_reference(self, stopped_at: int | None = None) -> None:
+        """The reference run in this row's folder; stopped_at drops the checkpoints after that step, as a stop there."""
+        shutil.copytree(self.ref.run, self.out)
+        for folder in checkpoint.complete_checkpoints(self.out):
+            if stopped_at and checkpoint.step_of(folder) > stopped_at:
+                shutil.rmtree(folder)
+
+    def cli(self, *args) -> tuple[int, str, str]:
+        """Run `qlora-kit ARGS` in this process: (exit code, stdout, stderr)."""
+        self.monkeypatch.setattr("sys.argv", ["qlora-kit", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out, err = self.capsys.readouterr()
+        return exit_info.value.code, out, err
+
+
+def resumes_exactly(case: Case) -> None:
+    code, out, err = case.cli(*case.resume())
+    assert code == 0, out + err
+    assert_same_run(case.out, case.ref.run)
+
+
+def same_as_reference(case: Case) -> None:
+    assert_same_run(case.out, case.ref.run)
+
+
+def no_run_left(case: Case) -> None:
+    assert not run_folder.holds_run(case.out), "nothing that blocks this --out"
+
+
+def runs_when_trusted(command: Callable[[Case], list]) -> Callable[[Case], None]:
+    def check(case: Case) -> None:
+        code, out, err = case.cli(*command(case), "--trust-remote-code")
+        assert code == 0, out + err
+    return check
+
+
+def finite_adapter(case: Case) -> None:
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(case.out).values())
+
+
+def nothing_ran(case: Case) -> None:
+    assert not (case.tmp / "owned").exists(), "the recipe's !!python tag ran"
+
+
+def full_disk_mid_metrics(case: Case, patches) -> list:
+    from qlora_kit.dashboard import MetricsLog
+
+    original = MetricsLog.write
+
+    def torn(self, record):
+        if record.get("step") == 7:
+            self.file.write('{"step": 7, "loss": 5.4, "tok')  # what a full disk leaves: half a line
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+        return original(self, record)
+
+    patches.setattr(MetricsLog, "write", torn)
+    return case.train()
+
+
+def torn_metrics_line(case: Case, patches) -> list:
+    case.copy_of_reference(stopped_at=15)
+    with open(case.out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 61, "loss": 5.4, "lr": 0.0')
+    return case.resume()
+
+
+def failed_checkpoint_write(error: OSError):
+    def cause(case: Case, patches) -> list:
+        original = torch.save
+        patches.setattr(checkpoint.torch, "save", lambda obj, path, *args, **kwargs: (
+            _raise(error) if "step-10" in str(path) else original(obj, path, *args, **kwargs)))
+        return case.train()
+    return cause
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+def little_disk(case: Case, patches) -> list:
+    patches.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    return case.train()
+
+
+def killed_rewriting_metrics(case: Case, patches) -> list:
+    case.copy_of_reference(stopped_at=15)
+    patches.setattr(run_folder.os, "fsync", lambda fd: _raise(Killed()))
+    return case.resume()
+
+
+def deleted_mid_run(case: Case, patches) -> list:
+    original = checkpoint.save_checkpoint
+    patches.setattr(checkpoint, "save_checkpoint", lambda run_dir, step, *args, **kwargs: (
+        shutil.rmtree(run_dir) if step == 10 else original(run_dir, step, *args, **kwargs)))
+    return case.train()
+
+
+def replaced_by_a_file_mid_run(case: Case, patches) -> list:
+    original = checkpoint.save_checkpoint
+
+    def replace_then_save(run_dir, step, *args, **kwargs):
+        if step == 10:
+            shutil.rmtree(run_dir)
+            run_dir.write_text("not a folder any more")
+        return original(run_dir, step, *args, **kwargs)
+
+    patches.setattr(checkpoint, "save_checkpoint", replace_then_save)
+    return case.train()
+
+
+def plan_cannot_fit(case: Case, patches) -> list:
+    from qlora_kit.hardware import probe
+
+    patches.setattr(train, "probe", lambda **kwargs: replace(probe(**kwargs), ram_available_gib=0.001))
+    return case.train()
+
+
+def torn_optimizer(folder: Path) -> None:
+    state = folder / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+def truncate_adapter(folder: Path) -> None:
+    weights = folder / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def drop_state(folder: Path) -> None:
+    (folder / "state.pt").unlink()
+
+
+def invalid_trainer_state(folder: Path) -> None:
+    (folder / "trainer_state.json").write_text('{"step": "twenty"}')
+
+
+def wrong_rank(folder: Path) -> None:
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+
+
+def damaged_checkpoint(damage: Callable[[Path], None], manifest_agrees: bool = True):
+    """Damage the newest checkpoint; manifest_agrees rewrites its manifest to match, so checksums alone cannot see it."""
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        newest = case.out / "checkpoints" / f"step-{STEPS}"
+        damage(newest)
+        if manifest_agrees:
+            (newest / "manifest.json").unlink()
+            checkpoint.write_manifest(newest, STEPS)
+        return case.resume()
+    return cause
+
+
+def garbled_manifest(folder: Path) -> None:
+    (folder / "manifest.json").write_text('{"step": 20, "files": [1, 2]}')
+
+
+def nan_on_steps(monkeypatch, bad_steps: set) -> None:
+    """Make the loss NaN on the given optimizer steps (counted by forward_backward calls)."""
+    original, calls = train.forward_backward, []
+
+    def forward_backward(model, examples, shape, *args):
+        calls.append(1)
+        loss, tokens, padding = original(model, examples, shape, *args)
+        if len(calls) in bad_steps:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+            return float("nan"), tokens, padding
+        return loss, tokens, padding
+
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+
+
+def nan_updates(steps: set):
+    def cause(case: Case, patches) -> list:
+        nan_on_steps(patches, steps)
+        return case.train()
+    return cause
+
+
+def recipe_edited(edit: dict):
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference(stopped_at=15)
+        recipe = load_recipe(case.out / "recipe.yaml")
+        (case.out / "recipe.yaml").write_text(Recipe(**{**recipe.__dict__, **edit}).to_yaml())
+        return case.resume()
+    return cause
+
+
+def recipe_put_back(case: Case) -> None:
+    shutil.copy(case.ref.run / "recipe.yaml", case.out / "recipe.yaml")
+    resumes_exactly(case)
+
+
+def unwritable_out(error: OSError):
+    def cause(case: Case, patches) -> list:
+        case.out.mkdir()
+        patches.setattr(run_folder.os, "open", lambda *args, **kwargs: _raise(error))
+        return case.train()
+    return cause
+
+
+def out_under_a_file(case: Case, patches) -> list:
+    (case.tmp / "a-file").write_text("")
+    return case.train(out=case.tmp / "a-file" / "run")
+
+
+def with_python_tag(command: Callable[[Case], list]):
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        (case.out / "recipe.yaml").write_text(f"rank: !!python/object/apply:os.system ['touch {case.tmp}/owned']\n")
+        return command(case)
+    return cause
+
+
+def deep_json_data(command: str):
+    def cause(case: Case, patches) -> list:
+        deep = case.tmp / "deep.jsonl"
+        deep.write_text('{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+        return ["data", "check", deep] if command == "data check" else case.train(data=deep)
+    return cause
+
+
+def fifo_as_data(case: Case, patches) -> list:
+    os.mkfifo(case.tmp / "pipe")
+    return case.train(data=case.tmp / "pipe")
+
+
+def with_umask(case: Case, patches) -> list:
+    case.cleanup.callback(os.umask, os.umask(0o027))
+    return case.train()
+
+
+def folders_follow_umask(case: Case) -> None:
+    for folder in (case.out / "adapter", case.out / "checkpoints" / f"step-{STEPS}"):
+        assert folder.stat().st_mode & 0o777 == 0o750, folder
+
+
+def trained_with_custom_tokenizer(case: Case) -> list:
+    return case.train(model=case.ref.custom_tokenizer)
+
+
+def generate_with(model_key: str):
+    return lambda case: ["generate", "--model", getattr(case.ref, model_key), "--prompt", "hi", "--max-new-tokens", "2"]
+
+
+def eval_with_custom_tokenizer(case: Case) -> list:
+    return ["eval", "--model", case.ref.custom_tokenizer, "--data", case.ref.data]
+
+
+def merge_into_custom_model(case: Case) -> list:
+    return ["merge", "--adapter", case.ref.run / "adapter", "--model", case.ref.custom_model, "--out", case.tmp / "merged"]
+
+
+def data_check_with_custom_tokenizer(case: Case) -> list:
+    return ["data", "check", case.ref.data, "--model", case.ref.custom_tokenizer]
+
+
+def as_is(command: Callable[[Case], list]):
+    return lambda case, patches: command(case)
+
+
+@dataclass(frozen=True)
+class Fault:
+    item: int  # its number in the issue that listed the faults (18), which docs/training.md's table follows
+    name: str
+    cause: Callable  # (case, patches) -> the command line, with the fault set up
+    code: int | None  # the exit code; None: the process was killed
+    says: str  # regex: the one error line when code is 1, else what the output shows
+    then: Callable[[Case], None] | None = resumes_exactly
+    hint: str = ""  # regex the hint line must match
+
+
+TRUSTED = "ships its own Python code .* only when you allow it"
+FINITE = "is (nan|inf), but it must be a finite"
+FAULTS = [
+    Fault(1, "full disk during a metrics write", full_disk_mid_metrics, 1, "Could not write metrics.jsonl: No space left on device",
+          hint="--resume"),
+    Fault(1, "torn last line in metrics.jsonl", torn_metrics_line, 0, "Resuming from step-15", same_as_reference),
+    Fault(1, "full disk during a checkpoint write", failed_checkpoint_write(OSError(28, "No space left on device")), 1,
+          "Could not write the checkpoint of step 10: No space left on device", hint="step-5 is intact.*--resume"),
+    Fault(1, "no permission to write a checkpoint", failed_checkpoint_write(PermissionError(13, "Permission denied")), 1,
+          "Could not write the checkpoint of step 10: Permission denied", hint="step-5 is intact"),
+    Fault(1, "too little disk for the run", little_disk, 1, "MiB free; this run's checkpoints and adapter need about",
+          no_run_left),
+    Fault(2, "kill while a resume rewrites metrics.jsonl", killed_rewriting_metrics, None, "", resumes_exactly),
+    Fault(3, "run folder deleted mid-run", deleted_mid_run, 1,
+          "Could not write the checkpoint of step 15: .*run was deleted, moved or replaced", lambda case: not case.out.exists()),
+    Fault(3, "run folder replaced by a file mid-run", replaced_by_a_file_mid_run, 1, "Could not write the checkpoint of step 10",
+          lambda case: case.out.is_file()),
+    Fault(4, "a run its plan says cannot fit", plan_cannot_fit, 1, r"This run needs about .* GiB of RAM .*, and 0.0 GiB is free",
+          no_run_left, hint="--force starts it anyway"),
+    Fault(5, "torn optimizer state", damaged_checkpoint(torn_optimizer, manifest_agrees=False), 0,
+          "step-20 is damaged \\(optimizer.pt has", same_as_reference),
+    Fault(5, "truncated adapter, manifest agrees", damaged_checkpoint(truncate_adapter), 0, "step-20 is damaged .*does not open",
+          same_as_reference),
+    Fault(5, "state file dropped, manifest agrees", damaged_checkpoint(drop_state), 0, "does not list state.pt", same_as_reference),
+    Fault(5, "invalid trainer_state.json, manifest agrees", damaged_checkpoint(invalid_trainer_state), 0,
+          "trainer_state.json is not a trainer state", same_as_reference),
+    Fault(5, "adapter of another rank, manifest agrees", damaged_checkpoint(wrong_rank), 0, "do not have the rank 8",
+          same_as_reference),
+    Fault(5, "manifest listing numbers", damaged_checkpoint(garbled_manifest, manifest_agrees=False), 0,
+          "manifest is missing or unreadable", same_as_reference),
+    *[Fault(6, f"{flag} {value}", as_is(lambda case, flag=flag, value=value: case.train(flag, value)), 1, FINITE, no_run_left)
+      for flag, value in [("--alpha", "nan"), ("--dropout", "inf"), ("--lr", "nan"), ("--epochs", "inf"),
+                          ("--eval-fraction", "nan")]],
+    Fault(6, "updates skipped as NaN", nan_updates({2, 4}), 0, "2 of 20 updates: the loss or gradient was NaN/inf", finite_adapter),
+    Fault(6, "NaN for steps in a row", nan_updates(set(range(3, 100))), 1,
+          r"NaN or infinite for 5 steps in a row \(up to step 7\).*weights are from step 2", finite_adapter, hint="--lr"),
+    Fault(7, "lr edited in recipe.yaml before a resume", recipe_edited({"lr": 0.001}), 1, "these differ: lr .* in the checkpoint",
+          recipe_put_back),
+    Fault(7, "rank edited in recipe.yaml before a resume", recipe_edited({"rank": 8}), 1, "these differ: rank", recipe_put_back),
+    Fault(8, "read-only --out", unwritable_out(OSError(30, "Read-only file system")), 1,
+          "Cannot write the run folder .*: Read-only file system", no_run_left),
+    Fault(8, "--out without write permission", unwritable_out(PermissionError(13, "Permission denied")), 1,
+          "Cannot write the run folder .*: Permission denied", no_run_left),
+    Fault(8, "--out under a file", out_under_a_file, 1, "Cannot write the run folder .*a-file/run: Not a directory", None),
+    Fault(8, "tokenizer code in train", as_is(trained_with_custom_tokenizer), 1, TRUSTED,
+          runs_when_trusted(trained_with_custom_tokenizer), hint="--trust-remote-code"),
+    Fault(8, "tokenizer code in data check", as_is(data_check_with_custom_tokenizer), 1, TRUSTED,
+          runs_when_trusted(data_check_with_custom_tokenizer)),
+    Fault(8, "tokenizer code in generate", as_is(generate_with("custom_tokenizer")), 1, TRUSTED,
+          runs_when_trusted(generate_with("custom_tokenizer"))),
+    Fault(8, "tokenizer code in eval", as_is(eval_with_custom_tokenizer), 1, TRUSTED, runs_when_trusted(eval_with_custom_tokenizer)),
+    Fault(8, "model code in merge", as_is(merge_into_custom_model), 1, TRUSTED, runs_when_trusted(merge_into_custom_model)),
+    Fault(8, "model code in generate", as_is(generate_with("custom_model")), 1, TRUSTED, runs_when_trusted(generate_with("custom_model"))),
+    Fault(8, "!!python recipe.yaml in generate",
+          with_python_tag(lambda case: ["generate", "--adapter", case.out / "adapter", "--prompt", "hi", "--max-new-tokens", "2"]),
+          1, "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
+    Fault(8, "!!python recipe.yaml in eval",
+          with_python_tag(lambda case: ["eval", "--adapter", case.out / "adapter", "--data", case.ref.data]),
+          1, "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
+    Fault(8, "!!python recipe.yaml in report", with_python_tag(lambda case: ["report", case.out]), 1,
+          "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
+    Fault(8, "!!python recipe.yaml in a resume", with_python_tag(lambda case: case.resume()), 1,
+          "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
+    Fault(8, "depth-100k JSON line in data check", deep_json_data("data check"), 1, "train would refuse .*deep.jsonl: 1 bad line",
+          None),
+    Fault(8, "depth-100k JSON line in train", deep_json_data("train"), 1, "line 2: nested too deeply", no_run_left),
+    Fault(9, "/dev/zero as data", as_is(lambda case: case.train(data=Path("/dev/zero"))), 1, "/dev/zero is a device", no_run_left),
+    Fault(9, "a FIFO as data", fifo_as_data, 1, "pipe is a pipe \\(FIFO\\)", no_run_left),
+    Fault(9, "/dev/stdin as data", as_is(lambda case: case.train(data=Path("/dev/stdin"))), 1,
+          "/dev/stdin is (a pipe|a device|not a regular file)", no_run_left),
+    Fault(10, "umask 027", with_umask, 0, "adapter", folders_follow_umask),
+]
+
+
+def test_the_catalogue_has_every_fault_the_issue_listed():
+    assert {fault.item for fault in FAULTS} == set(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, tmp_path_factory) -> SimpleNamespace:
+    """The uninterrupted run the catalogue compares with, its model and data, and two model folders that ship code:
+    one whose tokenizer is its own class, one whose model is."""
+    folder = tmp_path_factory.mktemp("catalogue")
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]]
+    data_file = folder / "chat.jsonl"
+    data_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats * 4))
+    with pytest.MonkeyPatch.context() as patches:
+        patches.setattr("qlora_kit.data.cache_dir", lambda: folder / "cache")
+        run_training(recipe_for(llama_dir, data_file), folder / "reference", QUIET)
+    return SimpleNamespace(run=folder / "reference", model=llama_dir, data=data_file,
+                           custom_tokenizer=with_tokenizer_code(llama_dir, folder / "custom-tokenizer"),
+                           custom_model=with_model_code(llama_dir, folder / "custom-model"))
+
+
+def with_tokenizer_code(model: Path, folder: Path) -> Path:
+    shutil.copytree(model, folder)
+    (folder / "tokenization_mine.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass MineTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="MineTokenizer", auto_map={"AutoTokenizer": ["tokenization_mine.MineTokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def with_model_code(model: Path, folder: Path) -> Path:
+    shutil.copytree(model, folder)
+    (folder / "modeling_mine.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class MineConfig(LlamaConfig):\n    model_type = \"mine\"\n\n\n"
+        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mine", architectures=["MineForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f"{fault.item}: {fault.name}" for fault in FAULTS])
+def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
+    with contextlib.ExitStack() as cleanup, pytest.MonkeyPatch.context() as patches:
+        case = Case(reference, tmp_path, patches, monkeypatch, capsys, cleanup)
+        command = fault.cause(case, patches)
+        if fault.code is None:
+            with pytest.raises(Killed):
+                case.cli(*command)
+            capsys.readouterr()
+        else:
+            code, out, err = case.cli(*command)
+            assert code == fault.code and "Traceback" not in out + err, out + err
+            if code == 1:
+                error, *hint = err.strip().splitlines()
+                assert error.startswith("Error: ") and re.search(fault.says, error), err
+                assert len(hint) <= 1 and all(line.startswith("Hint: ") for line in hint), err
+                assert re.search(fault.hint, hint[0] if hint else ""), err
+            else:
+                assert re.search(fault.says, out.replace("\n", " ")), out
+    if fault.then:  # the fault is over (the disk freed, the process restarted): what the user runs next
+        fault.then(case)
