@@ -84,10 +84,10 @@ class RunFolder:
             if not self.resume_from and holds_run(self.path):  # another process started a run here meanwhile
                 self.close()
                 raise UserError(f"{self.path} already holds a run.", hint="Choose another --out.")
-        with writing(self.path):
-            (self.path / "recipe.yaml").write_text(recipe.to_yaml())
+        with writing(self.path):  # atomically: a kill while a resume rewrites recipe.yaml must not lose the run
+            write_atomically(self.path / "recipe.yaml", recipe.to_yaml())
             if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
-                (self.path / "plan.json").write_text(json.dumps(plan, indent=2))
+                write_atomically(self.path / "plan.json", json.dumps(plan, indent=2))
             return self.history_up_to(self.resume_step)
 
     def plan(self) -> dict | None:
@@ -130,9 +130,9 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
         if saved:
             check_same_settings(saved, recipe)
             run.resume_from = choose_resume_point(path, console)
-        else:
+        if not run.resume_from:
             with writing(path):
-                for name in RUN_FILES:  # only there with --overwrite
+                for name in RUN_FILES:  # there with --overwrite, or a --resume before any checkpoint
                     target = path / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         remove_staging_leftovers(path)
@@ -169,14 +169,16 @@ def check_same_settings(saved: Recipe, now: Recipe, saved_in: str = "the run") -
                         hint="Resume with only --out and --resume, or start a new run.")
 
 
-def choose_resume_point(path: Path, console: Console) -> Path:
-    """The newest checkpoint that verifies; newer damaged ones are said and deleted, since their steps are redone."""
+def choose_resume_point(path: Path, console: Console) -> Path | None:
+    """The newest checkpoint that verifies; newer damaged ones are said and deleted, since their steps are redone.
+    None when there is none (the run was killed before its first): the run starts again, as it began."""
     found, passed_over = checkpoint.latest_good_checkpoint(path)
     for sentence in passed_over:
         console.print(f"[yellow]Checkpoint {sentence}; falling back to an earlier one.[/]")
     if found is None:
-        raise UserError(f"{path} has no complete checkpoint to resume from.",
-                        hint="Start again with --overwrite (set checkpoint_every so a long run can resume).")
+        console.print(f"[yellow]{path} has no whole checkpoint to resume from (it stopped before its first): starting it "
+                      "again from step 0, with its settings.[/]")
+        return None
     for newer in checkpoint.complete_checkpoints(path):
         if checkpoint.step_of(newer) > checkpoint.step_of(found):
             shutil.rmtree(newer)
@@ -230,10 +232,10 @@ def describe_holder(text: str) -> str:
 
 
 def remove_staging_leftovers(path: Path) -> None:
-    """Delete the staging folders (.adapter.partial-*, checkpoints/.step-N.partial-*) of writes a killed run never
-    finished: whole ones are renamed into place, so these are never read, only left taking disk space."""
-    for leftover in [*path.glob(".*.partial-*"), *(path / "checkpoints").glob(".*.partial-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Delete what writes a killed run never finished left behind (.adapter.partial-*, checkpoints/.step-N.partial-*,
+    .metrics.jsonl.partial): whole ones are renamed into place, so these are never read, only left taking disk space."""
+    for leftover in [*path.glob(".*.partial*"), *(path / "checkpoints").glob(".*.partial*")]:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, text: str) -> None:

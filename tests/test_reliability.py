@@ -269,7 +269,8 @@ def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exac
 # hold afterwards: in most rows that `train --out X --resume` finishes the run bit for bit as if nothing happened.
 # Faults are injected through the code's own write helpers; a kill is an exception nothing but `finally` sees.
 # The faults only a separate process can meet (SIGKILL, signals, a step stuck in C, Ctrl-C to parallel tokenizing
-# workers) are the subprocess tests above and in test_data.py. docs/training.md's table follows this one.
+# workers) are the subprocess tests above, the kill at every write point below, and test_data.py's Ctrl-C test.
+# docs/training.md's table follows this one.
 
 
 class Killed(BaseException):
@@ -714,3 +715,30 @@ def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
                 assert re.search(fault.says, out.replace("\n", " ")), out
     if fault.then:  # the fault is over (the disk freed, the process restarted): what the user runs next
         fault.then(case)
+
+
+def kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth: int) -> list[dict]:
+    """Run tests/kill_at_every_write.py: one row per write point killed, with what the user did after and its result."""
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("kill_at_every_write.py")), str(llama_dir),
+                             str(chat_data), str(tmp_path), str(every_nth)], capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def assert_every_kill_recovers(rows: list[dict]) -> None:
+    assert rows and all(row["killed"] == 137 for row in rows)
+    failed = [row for row in rows if not row["same"] or row["traceback"]]
+    assert not failed, "\n".join(f"{row['point']}/{row['of']} {row['write']}: {row['then']} -> {row['said']}" for row in failed)
+
+
+def test_a_kill_at_every_fifth_write_point_recovers_exactly(llama_dir, chat_data, tmp_path):
+    rows = kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth=5)
+    assert_every_kill_recovers(rows)
+    assert rows[0]["of"] >= 40 and {row["then"] for row in rows} == {"again", "resume"}
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_write_point_recovers_exactly(llama_dir, chat_data, tmp_path):
+    assert_every_kill_recovers(kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth=1))
