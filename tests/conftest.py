@@ -49,3 +49,15 @@ def chat_data(tmp_path) -> Path:
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]]
     return write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats] * 4)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo through the CLI on the real SmolLM2-135M, 20 steps (slow tests only): (its run folder, the process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
+                            capture_output=True, text=True, timeout=1200)
+    return out, result

@@ -22,15 +22,6 @@ def test_next_free_run_dir_never_reuses_a_folder(tmp_path):
     assert next_free_run_dir(tmp_path, "demo") == tmp_path / "demo-3"
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The demo through the CLI, 20 steps: (its run folder, the finished process)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
-                            capture_output=True, text=True, timeout=1200)
-    return out, result
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlora_kit", *map(str, args)], capture_output=True, text=True, timeout=600)
 

@@ -1,0 +1,169 @@
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from qlora_kit.errors import UserError
+from qlora_kit.export import export_gguf_adapter, interleave_rotary_rows
+from qlora_kit.recipes import Recipe
+from qlora_kit.train import run_training
+from tests.test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, request) -> dict:
+    """A trained adapter of the tiny Llama and of the tiny Gemma, with their base folders."""
+    from tests.tiny_models import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("export")
+    data = folder / "d.jsonl"
+    data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
+    found = {}
+    for kind in ("llama", "gemma"):
+        base = save_tiny_model(folder / kind, kind)
+        recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4)
+        run_training(recipe, folder / f"{kind}-run", Console(file=io.StringIO()))
+        found[kind] = (folder / f"{kind}-run" / "adapter", base)
+    return found
+
+
+def read_gguf(path):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_a_gguf_adapter_holds_every_lora_matrix_under_llama_cpp_names(adapters, tmp_path, kind):
+    adapter_dir, base = adapters[kind]
+    fields, tensors = read_gguf(export_gguf_adapter(adapter_dir, tmp_path / "a.gguf"))
+    assert fields["general.architecture"] == kind and fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora" and fields["adapter.lora.alpha"] == 8.0
+    lora = load_file(adapter_dir / "adapter_model.safetensors")
+    assert len(tensors) == len(lora) == 2 * 2 * 7, "A and B of 7 linear layers in each of 2 blocks"
+    a, b = tensors["blk.1.ffn_down.weight.lora_a"], tensors["blk.1.ffn_down.weight.lora_b"]
+    # GGUF lists dimensions fastest first: A is (in, rank), B (rank, out), as llama.cpp checks against its weight.
+    assert list(a.shape) == [128, 4] and list(b.shape) == [4, 64] and a.tensor_type.name == "F32"
+    down_b = lora["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    np.testing.assert_array_equal(np.asarray(b.data).reshape(64, 4), down_b.numpy())
+    q_b = lora["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    written = torch.from_numpy(np.asarray(tensors["blk.0.attn_q.weight.lora_b"].data).reshape(q_b.shape).copy())
+    # Llama's query rows follow llama.cpp's rotary layout; Gemma's are as transformers has them.
+    torch.testing.assert_close(written, interleave_rotary_rows(q_b, 4) if kind == "llama" else q_b, rtol=0, atol=0)
+
+
+def test_rotary_rows_are_interleaved_as_llama_cpp_rotates_pairs():
+    """Per head of d rows, transformers' row i pairs with row i + d/2; llama.cpp's row 2i with row 2i + 1."""
+    heads, d = 3, 8
+    weight = torch.arange(heads * d * 2, dtype=torch.float32).reshape(heads * d, 2)
+    moved = interleave_rotary_rows(weight, heads)
+    for h in range(heads):
+        for i in range(d // 2):
+            assert torch.equal(moved[h * d + 2 * i], weight[h * d + i])
+            assert torch.equal(moved[h * d + 2 * i + 1], weight[h * d + d // 2 + i])
+
+
+def test_rslora_alpha_is_scaled_so_llama_cpp_scales_as_peft_did(adapters, tmp_path):
+    adapter_dir, _ = adapters["llama"]
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_rslora": True}))
+    fields, _ = read_gguf(export_gguf_adapter(tmp_path / "adapter", tmp_path / "a.gguf"))
+    assert fields["adapter.lora.alpha"] == pytest.approx(8 * 2), "alpha / sqrt(r) == (alpha * sqrt(r)) / r at r = 4"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "DoRA adapter"),
+    ({"rank_pattern": {"q_proj": 8}}, "own rank or alpha"),
+    ({"peft_type": "IA3"}, "IA3 adapter; GGUF adapters are LoRA only"),
+])
+def test_what_a_gguf_adapter_cannot_hold_is_refused(adapters, tmp_path, change, message):
+    adapter_dir, _ = adapters["llama"]
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(UserError, match=message):
+        export_gguf_adapter(tmp_path / "adapter", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(adapters, tmp_path):
+    adapter_dir, base = adapters["llama"]
+    shutil.copytree(base, tmp_path / "base")
+    config_path = tmp_path / "base" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "gpt_neox"}))
+    with pytest.raises(UserError, match="gpt_neox models to GGUF is not supported yet") as error:
+        export_gguf_adapter(adapter_dir, tmp_path / "a.gguf", str(tmp_path / "base"))
+    assert "gemma2" in error.value.hint and "qwen2" in error.value.hint
+
+
+def test_export_writes_the_gguf_beside_the_adapter_and_says_how_to_use_it(adapters, tmp_path, monkeypatch, capsys):
+    adapter_dir, _ = adapters["gemma"]
+    shutil.copytree(adapter_dir.parent, tmp_path / "run")
+    code, out, _ = run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "run" / "adapter")
+    assert code == 0 and (tmp_path / "run" / "adapter.gguf").is_file()
+    assert "--lora" in out and "ADAPTER" in out
+    code, _, err = run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "run" / "adapter", "--format", "onnx")
+    assert code == 2 and "gguf-adapter" in err
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(demo_run, tmp_path):
+    """The demo's adapter (20 steps on the real SmolLM2-135M), exported and loaded by llama.cpp itself on the GGUF
+    the demo trained from (Q4_1): its logits follow transformers' base + adapter as closely as llama.cpp's base
+    follows transformers' base, while the adapter moves them far more than that."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.sources import gguf_file_of, resolve_model
+
+    out, _ = demo_run
+    adapter_gguf = export_gguf_adapter(out / "adapter", tmp_path / "adapter.gguf")
+    base_gguf = gguf_file_of("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the moon."}], add_generation_prompt=True,
+                                        return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def llama_cpp_logits(lora_path=None) -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=lora_path and str(lora_path), n_ctx=256, logits_all=True,
+                              n_threads=2, verbose=False)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
+    with torch.no_grad():
+        hf_base = base(input_ids=torch.tensor([ids])).logits[0].numpy()
+        adapted = PeftModel.from_pretrained(base, out / "adapter")
+        hf_adapted = adapted(input_ids=torch.tensor([ids])).logits[0].numpy()
+    cpp_base, cpp_adapted = llama_cpp_logits(), llama_cpp_logits(adapter_gguf)
+
+    def gap(a, b) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    # Measured: base 0.030 (llama.cpp's own rounding: its Q4_1 matmuls quantize activations), base + adapter 0.037,
+    # adapter effect 0.49; the same adapter without the query/key row reordering: 0.086.
+    base_gap, adapted_gap, effect = gap(cpp_base, hf_base), gap(cpp_adapted, hf_adapted), gap(hf_adapted, hf_base)
+    print(f"relative logit gap to transformers: base {base_gap:.4f}, base + adapter {adapted_gap:.4f}; adapter effect {effect:.3f}")
+    assert adapted_gap < 1.5 * base_gap and effect > 10 * adapted_gap
+    assert (cpp_adapted.argmax(-1) == hf_adapted.argmax(-1)).mean() >= 0.85
+
+    # What a user sees: llama.cpp answers as the fine-tuned model does (measured: the same 20 greedy tokens,
+    # "Arr, matey! The moon be a celestial body, ...").
+    llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf), n_ctx=256, n_threads=2, verbose=False)
+    cpp_tokens = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        if token == tokenizer.eos_token_id or len(cpp_tokens) == 12:
+            break
+        cpp_tokens.append(token)
+    with torch.no_grad():
+        hf_tokens = adapted.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert cpp_tokens == hf_tokens[: len(cpp_tokens)] and "arr" in tokenizer.decode(cpp_tokens).lower()
