@@ -309,22 +309,33 @@ def merge(
 
 class ExportFormat(str, enum.Enum):
     gguf_adapter = "gguf-adapter"
+    gguf = "gguf"
 
 
 @app.command()
 def export(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .gguf file to write [default: runs/NAME/adapter.gguf, beside the adapter]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .gguf file to write [default: beside the adapter: runs/NAME/adapter.gguf, or runs/NAME/NAME-QUANT.gguf merged]."),
     export_format: ExportFormat = typer.Option(ExportFormat.gguf_adapter, "--format",
-                                               help="gguf-adapter: the LoRA weights alone (a few MB), for llama.cpp --lora, Ollama's ADAPTER and LM Studio, on any GGUF of the same base."),
+                                               help="gguf-adapter: the LoRA weights alone (a few MB), for llama.cpp --lora, Ollama's ADAPTER and LM Studio on any GGUF of the same base. gguf: base + adapter merged into one standalone model, tokenizer and chat template inside."),
+    quant: str = typer.Option("f16", "--quant", help="With --format gguf: f32, f16, bf16 or q8_0 (written here), or q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer, the [export] extra)."),
     model: Optional[str] = BASE_MODEL,
 ) -> None:
-    """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio."""
+    """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio: alone (small, on a GGUF of its base) or merged."""
     _check_adapters([adapter])
     from qlora_kit.adapter import base_source_for
-    from qlora_kit.export import export_gguf_adapter
+    from qlora_kit.export import export_gguf_adapter, export_merged_gguf
     from qlora_kit.sources import gguf_file_of
 
+    run_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
+    if export_format is ExportFormat.gguf:
+        target = out or adapter.parent / f"{run_name}-{quant}.gguf"
+        with console.status(f"Merging and writing {target} ..."):
+            written = export_merged_gguf(adapter, target, model, quant)
+        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), base + adapter merged, with its tokenizer and "
+                      f"chat template:\n  llama.cpp:  llama-cli -m {written} -cnv\n  Ollama:     a Modelfile with "
+                      f"`FROM {written.resolve()}`, then `ollama create {run_name} -f Modelfile`", highlight=False, soft_wrap=True)
+        return
     target = out or adapter.with_name(adapter.name + ".gguf")
     with console.status(f"Writing {target} ..."):
         written = export_gguf_adapter(adapter, target, model)
@@ -332,7 +343,7 @@ def export(
     console.print(f"Wrote {written} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on a GGUF of "
                   f"the same base model, quantized or not:\n  llama.cpp:  llama-cli -m {base} --lora {written}\n"
                   f"  Ollama:     a Modelfile with `FROM {base}` and `ADAPTER {written.resolve()}`, then "
-                  "`ollama create NAME -f Modelfile`", highlight=False, soft_wrap=True)
+                  f"`ollama create {run_name} -f Modelfile`", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -12,8 +12,11 @@ transformers the two halves), so B, which makes those rows, is reordered the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +137,251 @@ def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None)
     writer.close()
     staging.replace(out)
     return out
+
+
+# The merged GGUF: base + adapter folded into one standalone model, with the tokenizer and chat template inside.
+
+TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # written by the gguf package itself
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+MERGED_ARCHITECTURES = ("llama", "mistral")  # the others export as adapters so far
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One adapted weight's LoRA matrices; the change they make, scale * B @ A, is made only when that weight is
+    written, so a large model's changes never sit in RAM together."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.b.float() @ self.a.float())
+
+
+def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
+    """The adapter's updates by the base weight's name (model.layers.0.mlp.up_proj.weight)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    check_plain_lora(config, adapter_dir)
+    scale = gguf_alpha(config) / int(config["r"])
+    lora = load_file(adapter_dir / "adapter_model.safetensors")
+    return {key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight":
+            LoraUpdate(a, lora[key.replace(".lora_A.", ".lora_B.")], scale)
+            for key, a in lora.items() if ".lora_A." in key}
+
+
+def base_weights(folder: Path):
+    """(name, tensor) for every weight of a model folder, one at a time: safetensors are memory-mapped, so a large
+    model never sits in RAM whole."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights to export.", hint="Save the base model with safetensors.")
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                yield name, weights.get_tensor(name)
+
+
+def write_llama_metadata(writer, config: dict, file_type: int) -> None:
+    """The hyperparameters llama.cpp's llama architecture reads."""
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+        raise UserError("This model scales its rotary embeddings (rope_scaling), which the merged GGUF export does not "
+                        "write yet.", hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of "
+                                           "the base.")
+    heads = config["num_attention_heads"]
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(file_type)
+
+
+def copy_tokenizer_from_gguf(writer, gguf_file: Path) -> None:
+    """A base that came as a GGUF keeps its tokenizer exactly as llama.cpp already reads it."""
+    import gguf
+
+    for field in gguf.GGUFReader(gguf_file).fields.values():
+        if field.name.startswith("tokenizer."):
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type)
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for how a byte-level BPE tokenizer splits text before merging, read from tokenizer.json."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    raise UserError("This tokenizer splits text in a way qlora-kit cannot name for llama.cpp yet.",
+                    hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+
+
+def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id, their types, merges,
+    special tokens and the chat template (gguf.SpecialVocab reads those last three)."""
+    import gguf
+
+    tokenizer_json = json.loads((tokenizer_folder / "tokenizer.json").read_text())
+    model = tokenizer_json["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError("The merged GGUF export handles byte-level BPE tokenizers so far; this one is "
+                        f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}.",
+                        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, token_id in model["vocab"].items():
+        tokens[token_id], types[token_id] = token, gguf.TokenType.NORMAL
+    for added in tokenizer_json.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(tokenizer_folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+
+
+def as_tensor_type(weight: torch.Tensor, tensor_type: str):
+    """(numpy data, GGML type) for one weight: vectors stay F32 as llama.cpp keeps them; rows that do not divide into
+    Q8_0's 32-value blocks stay F16."""
+    import gguf
+
+    data = weight.float().numpy()
+    kind = tensor_type if data.ndim == 2 else "f32"
+    if kind == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+        kind = "f16"
+    qtype = getattr(gguf.GGMLQuantizationType, TENSOR_TYPES[kind])
+    if kind == "f32":
+        return data, None
+    if kind == "f16":
+        return data.astype("float16"), None
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, quant: str = "f16") -> Path:
+    """Write base + adapter merged as one standalone GGUF at out, with the tokenizer and chat template inside; quant
+    is a tensor type the gguf package writes (f32, f16, bf16, q8_0) or a k-quant llama.cpp makes from the f16 file."""
+    adapter_dir = Path(adapter_dir)
+    check_adapter_folder(adapter_dir)
+    if quant not in TENSOR_TYPES and quant not in K_QUANTS:
+        raise UserError(f"Unknown --quant {quant}.", hint=f"Use one of: {', '.join([*TENSOR_TYPES, *K_QUANTS])}.")
+    source = source or base_source_for(adapter_dir)
+    base = resolve_model(source)
+    config = json.loads((base / "config.json").read_text())
+    if config.get("model_type") not in MERGED_ARCHITECTURES:
+        architecture_of(config)  # an unknown architecture is named as such
+        raise UserError(f"The merged GGUF export handles {' and '.join(MERGED_ARCHITECTURES)} models so far, not "
+                        f"{config['model_type']}.", hint="Export the adapter instead (--format gguf-adapter) and use it "
+                                                         "on a GGUF of the base.")
+    updates = lora_updates(adapter_dir)
+    llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        write_merged_gguf(staging, adapter_dir, base, config, updates, source, "f16" if llama_cpp else quant)
+        if llama_cpp:
+            quantize_with_llama_cpp(llama_cpp, staging, out, quant)
+        else:
+            staging.replace(out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return out
+
+
+def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, updates: dict, source: str,
+                      written_type: str) -> None:
+    """Stream the base's weights, each with its adapter change added, into a llama-architecture GGUF at path."""
+    import gguf
+
+    from qlora_kit.sources import gguf_file_of
+
+    writer = gguf.GGUFWriter(path, "llama", use_temp_file=True)  # each tensor goes to disk as it is made
+    writer.add_name(adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type]
+    write_llama_metadata(writer, config, int(file_type))
+    source_gguf = gguf_file_of(source)
+    if source_gguf:
+        copy_tokenizer_from_gguf(writer, source_gguf)
+    else:
+        write_bpe_tokenizer(writer, adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base, config["vocab_size"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    heads = {"q_proj": config["num_attention_heads"],
+             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    for name, weight in base_weights(base):
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            continue  # rotary caches and the like, which llama.cpp computes itself
+        weight = weight.float() + updates.pop(name).delta() if name in updates else weight
+        projection = name.rsplit(".", 2)[-2]
+        if projection in heads and name.endswith(".weight"):
+            weight = interleave_rotary_rows(weight, heads[projection])
+        data, qtype = as_tensor_type(weight, written_type)
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+    if updates:
+        raise UserError(f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
+                        hint="Pass the base it was trained on with --model.")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_for(quant: str):
+    """llama-cpp-python (the [export] extra), whose llama.cpp quantizer makes the k-quants."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--quant {quant} needs llama.cpp's quantizer, which is not installed.",
+                        hint='Run: pip install "qlora-kit[export]" (pip builds llama.cpp, 6-14 minutes), or export '
+                             f"--quant f16 and let Ollama quantize it: ollama create NAME --quantize q{quant[1:].upper()} "
+                             "-f Modelfile.") from None
+    return llama_cpp
+
+
+def quantize_with_llama_cpp(llama_cpp, f16_file: Path, out: Path, quant: str) -> None:
+    """Quantize an f16 GGUF to a k-quant with llama.cpp's own quantizer, its per-tensor report kept off the screen."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[quant])
+    with tempfile.TemporaryFile() as log, c_output_to(log):  # llama.cpp reports every tensor on stderr
+        failed = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out).encode(), params) != 0
+        log.seek(0)
+        said = log.read().decode(errors="replace").strip().splitlines()
+    if failed:
+        raise UserError(f"llama.cpp could not quantize to {quant}: {said[-1] if said else 'no reason given'}.",
+                        hint="Try --quant q8_0 or f16.")
+
+
+@contextlib.contextmanager
+def c_output_to(file):
+    """Send what C code writes to stdout and stderr (file descriptors 1 and 2) to file for the block."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)

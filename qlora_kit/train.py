@@ -658,5 +658,6 @@ class StopOnSignal:
         if self.wakeup is not None:
             signal.set_wakeup_fd(self.previous_wakeup)
             self.done.set()
-            os.write(self.wakeup, b"\0")  # wakes the watcher, which then ends
+            with contextlib.suppress(OSError):  # after a second signal the watcher may have ended already: EPIPE
+                os.write(self.wakeup, b"\0")  # wakes the watcher, which then ends
             os.close(self.wakeup)

@@ -137,7 +137,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint_whole(llam
     time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     output, _ = child.communicate(timeout=60)
-    assert child.returncode == 130 and "Stopped at once" in output
+    assert child.returncode == 130 and "Stopped at once" in output, output
     assert max(losses(out)) < 8, "it did not go on to finish another step"
     good, passed_over = checkpoint.latest_good_checkpoint(out)
     assert good.name == "step-5" and not passed_over and not list((out / "checkpoints").glob(".*"))

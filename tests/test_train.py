@@ -320,3 +320,23 @@ def test_the_plan_is_made_for_the_longest_example_not_an_unused_seq_len(llama_di
     run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, seq_len=100_000), out, QUIET)
     longest = max(len(e) for e in data.tokenize(data.read_records(chat_data).records, models.load_tokenizer(llama_dir), 512))
     assert json.loads((out / "plan.json").read_text())["plan"]["seq_len"] == longest
+
+
+def test_signal_handling_ends_quietly_when_its_watcher_has_ended_first():
+    """After a second Ctrl-C the watcher thread can end, closing its pipe, before training leaves the block; waking
+    it then hit EPIPE, and the run exited 1 instead of 130 (seen in CI)."""
+    import os
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from qlora_kit.train import StopOnSignal
+
+    signals = StopOnSignal(SimpleNamespace(note=print, restore_terminal=lambda: None))
+    signals.__enter__()
+    signals.done.set()
+    os.write(signals.wakeup, b"\0")
+    deadline = time.monotonic() + 10
+    while any(t.name == "qlora-kit-signals" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signals.__exit__(None, None, None)
