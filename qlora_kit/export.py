@@ -1,13 +1,15 @@
 """`qlora-kit export`: an adapter as GGUF, the format llama.cpp, Ollama and LM Studio read.
 
-`--format gguf-adapter` writes the LoRA A and B matrices under llama.cpp's tensor names (`blk.N.attn_q.weight.lora_a`)
-with `general.type = adapter`, `adapter.type = lora` and the alpha, through the `gguf` package (llama.cpp's own
-Python library). llama.cpp (`--lora`) and Ollama (`ADAPTER` in a Modelfile) add it to any GGUF of the same base,
-quantized ones included: a few MB that travel instead of a whole model.
+Two forms. `--format gguf-adapter` writes the LoRA A and B matrices under llama.cpp's tensor names
+(`blk.N.attn_q.weight.lora_a`) with `general.type = adapter`, `adapter.type = lora` and the alpha: llama.cpp
+(`--lora`) and Ollama (`ADAPTER` in a Modelfile) add it to any GGUF of the same base, quantized ones included, so a
+few MB travel instead of a whole model. `--format gguf` streams the base's weights with the adapter's change added
+into one standalone GGUF, tokenizer and chat template inside. Both are written with the `gguf` package (llama.cpp's
+own Python library); k-quants come from llama.cpp's quantizer.
 
-llama.cpp stores some weights differently from transformers, and an adapter must follow its base: for Llama and
-Mistral the rows of the query and key projections are reordered (llama.cpp rotates interleaved pairs of dimensions,
-transformers the two halves), so B, which makes those rows, is reordered the same way; A is untouched.
+llama.cpp stores some weights differently from transformers, and both forms follow it: for Llama and Mistral the
+rows of the query and key projections are reordered (llama.cpp rotates interleaved pairs of dimensions,
+transformers the two halves), in the merged weights and in the adapter's B, which makes those rows; A is untouched.
 """
 
 from __future__ import annotations
@@ -225,8 +227,6 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
     raise UserError("This tokenizer splits text in a way qlora-kit cannot name for llama.cpp yet.",
                     hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
 
