@@ -329,7 +329,12 @@ def export(
 
     run_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
     if export_format is ExportFormat.gguf:
+        from qlora_kit.export import merged_export_ram
+        from qlora_kit.sources import resolve_model
+
         target = out or adapter.parent / f"{run_name}-{quant}.gguf"
+        peak = merged_export_ram(resolve_model(model or base_source_for(adapter)))
+        console.print(f"Merging one weight at a time: about {peak / 2**30:.1f} GiB of RAM at the peak.", highlight=False)
         with console.status(f"Merging and writing {target} ..."):
             written = export_merged_gguf(adapter, target, model, quant)
         console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), base + adapter merged, with its tokenizer and "

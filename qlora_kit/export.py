@@ -188,6 +188,34 @@ def base_weights(folder: Path):
                 yield name, weights.get_tensor(name)
 
 
+WRITE_BUFFER_BYTES = 256 * 2**20  # the gguf package's SpooledTemporaryFile keeps this much in memory
+
+
+def merged_export_ram(folder: Path) -> int:
+    """Bytes of RAM a merged export needs at its peak: the largest weight as loaded, in fp32, with its adapter change
+    and its converted copy, plus the write buffer (the weights are read one at a time)."""
+    from safetensors import safe_open
+
+    largest = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as weights:
+            largest = max([largest, *(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())])
+    return largest * 4 * 3 + WRITE_BUFFER_BYTES
+
+
+def check_ram_for_export(folder: Path) -> int:
+    """Say the peak before starting, and refuse an export that would not fit in the RAM available now."""
+    import psutil
+
+    needed, available = merged_export_ram(folder), psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f"Exporting needs about {needed / 2**30:.1f} GiB of RAM at its peak, and "
+                        f"{available / 2**30:.1f} GiB is available.",
+                        hint="Close other programs, or export the adapter alone (--format gguf-adapter): it reads no "
+                             "base weights.")
+    return needed
+
+
 def write_llama_metadata(writer, config: dict, file_type: int) -> None:
     """The hyperparameters llama.cpp's llama architecture reads."""
     rope = config.get("rope_parameters") or {}
@@ -290,6 +318,7 @@ def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, 
                                                          "on a GGUF of the base.")
     updates = lora_updates(adapter_dir)
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
+    check_ram_for_export(base)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")

@@ -158,6 +158,20 @@ def test_what_the_merged_export_cannot_write_yet_is_one_sentence(adapters, tmp_p
     assert not list(tmp_path.iterdir()), "nothing half-written is left"
 
 
+def test_a_merged_export_says_its_peak_ram_and_refuses_when_it_is_not_there(adapters, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qlora_kit.export import WRITE_BUFFER_BYTES, merged_export_ram
+
+    adapter_dir, base = adapters["llama"]
+    largest = 300 * 64  # the tiny Llama's embeddings and output head, the largest weights it has
+    assert merged_export_ram(base) == largest * 4 * 3 + WRITE_BUFFER_BYTES
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=100 * 2**20))
+    with pytest.raises(UserError, match=r"needs about 0.3 GiB of RAM at its peak, and 0.1 GiB is available") as error:
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf")
+    assert "--format gguf-adapter" in error.value.hint and not list(tmp_path.iterdir())
+
+
 def llama_cpp_logits(llama_cpp, path, ids, lora_path=None) -> np.ndarray:
     llm = llama_cpp.Llama(model_path=str(path), lora_path=lora_path and str(lora_path), n_ctx=256, logits_all=True,
                           n_threads=2, verbose=False)
