@@ -324,19 +324,14 @@ def export(
     """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio: alone (small, on a GGUF of its base) or merged."""
     _check_adapters([adapter])
     from qlora_kit.adapter import base_source_for
-    from qlora_kit.export import export_gguf_adapter, export_merged_gguf
+    from qlora_kit.export import export_gguf_adapter, export_merged_gguf, run_name_of
     from qlora_kit.sources import gguf_file_of
 
-    run_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
+    run_name = run_name_of(adapter)
     if export_format is ExportFormat.gguf:
-        from qlora_kit.export import merged_export_ram
-        from qlora_kit.sources import resolve_model
-
         target = out or adapter.parent / f"{run_name}-{quant}.gguf"
-        peak = merged_export_ram(resolve_model(model or base_source_for(adapter)))
-        console.print(f"Merging one weight at a time: about {peak / 2**30:.1f} GiB of RAM at the peak.", highlight=False)
         with console.status(f"Merging and writing {target} ..."):
-            written = export_merged_gguf(adapter, target, model, quant)
+            written = export_merged_gguf(adapter, target, model, quant, say=lambda s: console.print(s, highlight=False))
         console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), base + adapter merged, with its tokenizer and "
                       f"chat template:\n  llama.cpp:  llama-cli -m {written} -cnv\n  Ollama:     a Modelfile with "
                       f"`FROM {written.resolve()}`, then `ollama create {run_name} -f Modelfile`", highlight=False, soft_wrap=True)

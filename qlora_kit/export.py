@@ -66,6 +66,32 @@ def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def rotary_heads(config: dict) -> dict[str, int]:
+    """The heads of the projections whose rows interleave_rotary_rows reorders: queries, and keys (fewer under GQA)."""
+    return {"q_proj": config["num_attention_heads"],
+            "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+
+
+def run_name_of(adapter_dir: Path) -> str:
+    """runs/NAME/adapter -> NAME; any other adapter folder -> its own name."""
+    adapter_dir = Path(adapter_dir)
+    return adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
+
+
+@contextlib.contextmanager
+def staged_file(out: Path):
+    """A path beside `out` to write into; when the block ends without error it replaces `out` in one rename, else it
+    is removed, so `out` is whole or absent."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        yield staging
+        staging.replace(out)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def gguf_alpha(adapter_config: dict) -> float:
     """The alpha llama.cpp needs to scale by alpha / rank as peft did: rsLoRA scales by alpha / sqrt(rank)."""
     alpha, rank = float(adapter_config["lora_alpha"]), int(adapter_config["r"])
@@ -90,8 +116,7 @@ def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, archit
 
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture.gguf_name)
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = rotary_heads(config)
     tensors = {}
     for key, tensor in lora.items():
         module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
@@ -123,22 +148,24 @@ def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None)
     config = json.loads((base / "config.json").read_text())
     architecture = architecture_of(config)
     tensors = adapter_tensors_for_gguf(load_file(adapter_dir / "adapter_model.safetensors"), config, architecture)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(staging, architecture.gguf_name)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, gguf_alpha(adapter_config))
-    writer.add_name(adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name)
-    for name, tensor in tensors.items():
-        writer.add_tensor(name, tensor.numpy())
+    with staged_file(out) as staging:
+        writer = gguf.GGUFWriter(staging, architecture.gguf_name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, gguf_alpha(adapter_config))
+        writer.add_name(run_name_of(adapter_dir))
+        for name, tensor in tensors.items():
+            writer.add_tensor(name, tensor.numpy())
+        write_out(writer)
+    return Path(out)
+
+
+def write_out(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, in the order the format has them, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    staging.replace(out)
-    return out
 
 
 # The merged GGUF: base + adapter folded into one standalone model, with the tokenizer and chat template inside.
@@ -204,15 +231,12 @@ def merged_export_ram(folder: Path) -> int:
 
 
 def check_ram_for_export(folder: Path) -> int:
-    """Say the peak before starting, and refuse an export that would not fit in the RAM available now."""
-    import psutil
+    """Refuse an export that would not fit in the RAM available now; returns its peak."""
+    from qlora_kit.hardware import check_ram_available
 
-    needed, available = merged_export_ram(folder), psutil.virtual_memory().available
-    if needed > available:
-        raise UserError(f"Exporting needs about {needed / 2**30:.1f} GiB of RAM at its peak, and "
-                        f"{available / 2**30:.1f} GiB is available.",
-                        hint="Close other programs, or export the adapter alone (--format gguf-adapter): it reads no "
-                             "base weights.")
+    needed = merged_export_ram(folder)
+    check_ram_available(needed, "Exporting", what=" at its peak", hint="Close other programs, or export the adapter alone "
+                                                                       "(--format gguf-adapter): it reads no base weights.")
     return needed
 
 
@@ -301,9 +325,11 @@ def as_tensor_type(weight: torch.Tensor, tensor_type: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, quant: str = "f16") -> Path:
+def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, quant: str = "f16",
+                       say=lambda sentence: None) -> Path:
     """Write base + adapter merged as one standalone GGUF at out, with the tokenizer and chat template inside; quant
-    is a tensor type the gguf package writes (f32, f16, bf16, q8_0) or a k-quant llama.cpp makes from the f16 file."""
+    is a tensor type the gguf package writes (f32, f16, bf16, q8_0) or a k-quant llama.cpp makes from the f16 file.
+    say(sentence) hears the RAM the export needs at its peak, before it starts."""
     adapter_dir = Path(adapter_dir)
     check_adapter_folder(adapter_dir)
     if quant not in TENSOR_TYPES and quant not in K_QUANTS:
@@ -318,19 +344,18 @@ def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, 
                                                          "on a GGUF of the base.")
     updates = lora_updates(adapter_dir)
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
-    check_ram_for_export(base)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial")
-    try:
-        write_merged_gguf(staging, adapter_dir, base, config, updates, source, "f16" if llama_cpp else quant)
-        if llama_cpp:
-            quantize_with_llama_cpp(llama_cpp, staging, out, quant)
+    say(f"Merging one weight at a time: about {check_ram_for_export(base) / 2**30:.1f} GiB of RAM at the peak.")
+    with staged_file(out) as staging:
+        if llama_cpp:  # llama.cpp quantizes from an f16 file, written beside the output and removed after
+            f16 = staging.with_name(staging.name + ".f16")
+            try:
+                write_merged_gguf(f16, adapter_dir, base, config, updates, source, "f16")
+                quantize_with_llama_cpp(llama_cpp, f16, staging, quant)
+            finally:
+                f16.unlink(missing_ok=True)
         else:
-            staging.replace(out)
-    finally:
-        staging.unlink(missing_ok=True)
-    return out
+            write_merged_gguf(staging, adapter_dir, base, config, updates, source, quant)
+    return Path(out)
 
 
 def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, updates: dict, source: str,
@@ -341,7 +366,7 @@ def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, u
     from qlora_kit.sources import gguf_file_of
 
     writer = gguf.GGUFWriter(path, "llama", use_temp_file=True)  # each tensor goes to disk as it is made
-    writer.add_name(adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name)
+    writer.add_name(run_name_of(adapter_dir))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type]
     write_llama_metadata(writer, config, int(file_type))
@@ -351,8 +376,7 @@ def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, u
     else:
         write_bpe_tokenizer(writer, adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base, config["vocab_size"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = rotary_heads(config)
     for name, weight in base_weights(base):
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -366,10 +390,7 @@ def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, u
     if updates:
         raise UserError(f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
                         hint="Pass the base it was trained on with --model.")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_out(writer)
 
 
 def llama_cpp_for(quant: str):

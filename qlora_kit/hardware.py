@@ -15,6 +15,17 @@ import psutil
 GIB = 2**30
 
 
+
+def check_ram_available(needed: float, doing: str, hint: str, what: str = "") -> None:
+    """Refuse work on the CPU that needs more RAM than is available now, in one sentence: "{doing} needs about N GiB
+    of RAM{what}, and M GiB is available."."""
+    from qlora_kit.errors import UserError
+
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f"{doing} needs about {needed / GIB:.1f} GiB of RAM{what}, and {available / GIB:.1f} GiB is "
+                        "available.", hint=hint)
+
 @dataclass
 class Gpu:
     index: int

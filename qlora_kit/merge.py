@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
 import torch
 
 from qlora_kit.adapter import base_source_for, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
+from qlora_kit.hardware import check_ram_available
 from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer
 from qlora_kit.sources import check_adapter_folder, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GIB = 2**30
 
 
 def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str = "bf16", from_quantized: bool = False,
@@ -59,10 +58,7 @@ def check_ram_for(folder: Path, dtype: torch.dtype) -> None:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
     stored_bytes_per_param = 4 if _stored_as_fp32(folder) else 2
     needed = weights / stored_bytes_per_param * torch.finfo(dtype).bits / 8 * 1.2  # 20%: the copy being written
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise UserError(f"Merging needs about {needed / GIB:.1f} GiB of RAM for the {str(dtype).removeprefix('torch.')} "
-                        f"model, and {available / GIB:.1f} GiB is available.",
+    check_ram_available(needed, "Merging", what=f" for the {str(dtype).removeprefix('torch.')} model",
                         hint="Close other programs, or merge on a machine with more RAM; the adapter works unmerged too.")
 
 
