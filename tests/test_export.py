@@ -185,6 +185,24 @@ def relative_gap(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+MOON = [{"role": "user", "content": "Tell me about the moon."}]
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def greedy_tokens(llm, ids, eos_id: int, count: int = 12) -> list[int]:
+    """llama.cpp's greedy continuation of ids, up to count tokens or the end of the answer."""
+    tokens = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        if token == eos_id or len(tokens) == count:
+            break
+        tokens.append(token)
+    return tokens
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_merged_tiny_llama_as_transformers_does(adapters, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
@@ -213,9 +231,7 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
 
     out, _ = demo_run
     tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the moon."}], add_generation_prompt=True,
-                                        return_dict=False)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = chat_ids(tokenizer, MOON)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32),
                                       out / "adapter")
     with torch.no_grad():
@@ -226,15 +242,10 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
         path = export_merged_gguf(out / "adapter", tmp_path / f"{quant}.gguf", quant=quant)
         assert relative_gap(llama_cpp_logits(llama_cpp, path, ids), expected) < largest_gap, quant
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
-        tokens = []
-        for token in llm.generate(ids, temp=0.0, top_k=1):
-            if token == tokenizer.eos_token_id or len(tokens) == 12:
-                break
-            tokens.append(token)
+        tokens = greedy_tokens(llm, ids, tokenizer.eos_token_id)
         assert tokens == answer[: len(tokens)], quant
         if quant == "f16":  # the chat template inside the file formats the conversation as training did
-            reply = llm.create_chat_completion([{"role": "user", "content": "Tell me about the moon."}], temperature=0,
-                                               max_tokens=12)["choices"][0]["message"]["content"]
+            reply = llm.create_chat_completion(MOON, temperature=0, max_tokens=12)["choices"][0]["message"]["content"]
             assert reply.startswith(tokenizer.decode(answer[: 6]).strip()), reply
         llm.close()
 
@@ -254,29 +265,18 @@ def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(dem
     adapter_gguf = export_gguf_adapter(out / "adapter", tmp_path / "adapter.gguf")
     base_gguf = gguf_file_of("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the moon."}], add_generation_prompt=True,
-                                        return_dict=False)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-    def llama_cpp_logits(lora_path=None) -> np.ndarray:
-        llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=lora_path and str(lora_path), n_ctx=256, logits_all=True,
-                              n_threads=2, verbose=False)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-
+    ids = chat_ids(tokenizer, MOON)
     base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
     with torch.no_grad():
         hf_base = base(input_ids=torch.tensor([ids])).logits[0].numpy()
         adapted = PeftModel.from_pretrained(base, out / "adapter")
         hf_adapted = adapted(input_ids=torch.tensor([ids])).logits[0].numpy()
-    cpp_base, cpp_adapted = llama_cpp_logits(), llama_cpp_logits(adapter_gguf)
-
-    def gap(a, b) -> float:
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
+    cpp_base = llama_cpp_logits(llama_cpp, base_gguf, ids)
+    cpp_adapted = llama_cpp_logits(llama_cpp, base_gguf, ids, lora_path=adapter_gguf)
     # Measured: base 0.030 (llama.cpp's own rounding: its Q4_1 matmuls quantize activations), base + adapter 0.037,
     # adapter effect 0.49; the same adapter without the query/key row reordering: 0.086.
-    base_gap, adapted_gap, effect = gap(cpp_base, hf_base), gap(cpp_adapted, hf_adapted), gap(hf_adapted, hf_base)
+    base_gap, adapted_gap = relative_gap(cpp_base, hf_base), relative_gap(cpp_adapted, hf_adapted)
+    effect = relative_gap(hf_adapted, hf_base)
     print(f"relative logit gap to transformers: base {base_gap:.4f}, base + adapter {adapted_gap:.4f}; adapter effect {effect:.3f}")
     assert adapted_gap < 1.5 * base_gap and effect > 10 * adapted_gap
     assert (cpp_adapted.argmax(-1) == hf_adapted.argmax(-1)).mean() >= 0.85
@@ -284,11 +284,8 @@ def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(dem
     # What a user sees: llama.cpp answers as the fine-tuned model does (measured: the same 20 greedy tokens,
     # "Arr, matey! The moon be a celestial body, ...").
     llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf), n_ctx=256, n_threads=2, verbose=False)
-    cpp_tokens = []
-    for token in llm.generate(ids, temp=0.0, top_k=1):
-        if token == tokenizer.eos_token_id or len(cpp_tokens) == 12:
-            break
-        cpp_tokens.append(token)
+    cpp_tokens = greedy_tokens(llm, ids, tokenizer.eos_token_id)
+    llm.close()
     with torch.no_grad():
         hf_tokens = adapted.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     assert cpp_tokens == hf_tokens[: len(cpp_tokens)] and "arr" in tokenizer.decode(cpp_tokens).lower()
