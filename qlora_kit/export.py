@@ -26,7 +26,7 @@ import torch
 
 from qlora_kit.adapter import base_source_for
 from qlora_kit.errors import UserError
-from qlora_kit.sources import check_adapter_folder, resolve_model
+from qlora_kit.sources import check_adapter_folder, gguf_file_of, resolve_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -37,14 +37,16 @@ class Architecture:
 
     gguf_name: str  # general.architecture, and the gguf package's tensor name map
     rotary_rows_interleaved: bool = False  # llama.cpp's Llama layout: q and k rows reordered (see the module doc)
+    norms_plus_one: bool = False  # Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight it reads
+    output_is_embeddings: bool = False  # Gemma always ties its output head; llama.cpp reads token_embd for it
 
 
 ARCHITECTURES = {
     "llama": Architecture("llama", rotary_rows_interleaved=True),
     "mistral": Architecture("llama", rotary_rows_interleaved=True),
     "qwen2": Architecture("qwen2"),
-    "gemma": Architecture("gemma"),
-    "gemma2": Architecture("gemma2"),
+    "gemma": Architecture("gemma", norms_plus_one=True, output_is_embeddings=True),
+    "gemma2": Architecture("gemma2", norms_plus_one=True, output_is_embeddings=True),
     "phi3": Architecture("phi3"),
 }
 
@@ -110,12 +112,17 @@ def check_plain_lora(adapter_config: dict, adapter_dir: Path) -> None:
                         hint="Export it merged instead: --format gguf.")
 
 
-def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, architecture: Architecture) -> dict:
-    """The adapter's A and B matrices under llama.cpp's names (`blk.0.attn_q.weight.lora_a`), in llama.cpp's layout."""
+def tensor_name_map(architecture: Architecture, config: dict):
+    """The gguf package's map from transformers' weight names to llama.cpp's, for this architecture and depth."""
     import gguf
 
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture.gguf_name)
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+
+
+def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, architecture: Architecture) -> dict:
+    """The adapter's A and B matrices under llama.cpp's names (`blk.0.attn_q.weight.lora_a`), in llama.cpp's layout."""
+    names = tensor_name_map(architecture, config)
     heads = rotary_heads(config)
     tensors = {}
     for key, tensor in lora.items():
@@ -172,9 +179,6 @@ def write_out(writer) -> None:
 
 TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # written by the gguf package itself
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
-MERGED_ARCHITECTURES = ("llama", "mistral")  # the others export as adapters so far
-
-
 @dataclass(frozen=True)
 class LoraUpdate:
     """One adapted weight's LoRA matrices; the change they make, scale * B @ A, is made only when that weight is
@@ -240,36 +244,76 @@ def check_ram_for_export(folder: Path) -> int:
     return needed
 
 
-def write_llama_metadata(writer, config: dict, file_type: int) -> None:
-    """The hyperparameters llama.cpp's llama architecture reads."""
+def write_model_metadata(writer, config: dict, file_type: int) -> None:
+    """The hyperparameters llama.cpp reads for the base's architecture; what llama.cpp would compute differently
+    from transformers is refused."""
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
         raise UserError("This model scales its rotary embeddings (rope_scaling), which the merged GGUF export does not "
                         "write yet.", hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of "
                                            "the base.")
-    heads = config["num_attention_heads"]
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_block_count(layers)
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
+    if config["model_type"] == "gemma2":
+        # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 46-layer 27B,
+        # where transformers reads query_pre_attn_scalar: the two agree on Google's models, not necessarily others.
+        scaled_by = config["hidden_size"] // heads if layers == 46 else head_dim
+        if config.get("query_pre_attn_scalar", scaled_by) != scaled_by:
+            raise UserError(f"This Gemma 2 scales attention by query_pre_attn_scalar {config['query_pre_attn_scalar']}, "
+                            f"and llama.cpp would use {scaled_by}.", hint="Export the adapter instead (--format "
+                                                                          "gguf-adapter) and use it on a GGUF of the base.")
+        if config.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        writer.add_sliding_window(config["sliding_window"])
+    if config["model_type"] == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
+                                             or config["max_position_embeddings"])
+        writer.add_sliding_window(config.get("sliding_window") or 0)  # 0: no sliding window, as llama.cpp reads it
 
 
-def copy_tokenizer_from_gguf(writer, gguf_file: Path) -> None:
-    """A base that came as a GGUF keeps its tokenizer exactly as llama.cpp already reads it."""
+def copy_tokenizer_from_gguf(writer, gguf_file: Path) -> list[str]:
+    """A base that came as a GGUF keeps its tokenizer exactly as llama.cpp already reads it; returns its tokens."""
     import gguf
 
-    for field in gguf.GGUFReader(gguf_file).fields.values():
+    fields = gguf.GGUFReader(gguf_file).fields
+    for field in fields.values():
         if field.name.startswith("tokenizer."):
             value_type = field.types[0]
             sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), value_type, sub_type)
+    return fields["tokenizer.ggml.tokens"].contents()
+
+
+def name_llama_cpp_loads(name: str, tokens: list[str]) -> str:
+    """The model name to write: llama.cpp marks Phi-3's special tokens by the model's name, and refuses to load a
+    model named phi3 or phi-3 whose vocabulary lacks them."""
+    if any(kind in name.lower() for kind in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(tokens):
+        return name.lower().replace("phi-3", "phi 3").replace("phi3", "phi 3")
+    return name
+
+
+# The regular expressions byte-level BPE tokenizers split text with before merging, by llama.cpp's name for them.
+SPLIT_PATTERNS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",  # Llama 3.x: digits in threes
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",  # Qwen2 and 2.5: digits one by one
+}
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -279,11 +323,15 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLIT_PATTERNS.get(steps[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
     raise UserError("This tokenizer splits text in a way qlora-kit cannot name for llama.cpp yet.",
                     hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
 
 
-def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> None:
+def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> list[str]:
     """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id, their types, merges,
     special tokens and the chat template (gguf.SpecialVocab reads those last three)."""
     import gguf
@@ -299,6 +347,8 @@ def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> None
     for token, token_id in model["vocab"].items():
         tokens[token_id], types[token_id] = token, gguf.TokenType.NORMAL
     for added in tokenizer_json.get("added_tokens", []):
+        if added["id"] >= vocab_size:
+            continue  # a token the model has no embedding for (some tokenizer classes add one when loaded)
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
@@ -306,6 +356,7 @@ def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(tokenizer_folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+    return tokens
 
 
 def as_tensor_type(weight: torch.Tensor, tensor_type: str):
@@ -325,72 +376,94 @@ def as_tensor_type(weight: torch.Tensor, tensor_type: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def export_merged_gguf(adapter_dir: Path, out: Path, source: str | None = None, quant: str = "f16",
+@dataclass
+class Merged:
+    """What a merged GGUF is made of."""
+
+    name: str
+    base: Path
+    config: dict
+    architecture: Architecture
+    updates: dict[str, LoraUpdate]
+    tokenizer_folder: Path
+    source_gguf: Path | None  # the GGUF the base came as, whose tokenizer fields are copied exactly
+
+
+def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None = None, quant: str = "f16",
                        say=lambda sentence: None) -> Path:
-    """Write base + adapter merged as one standalone GGUF at out, with the tokenizer and chat template inside; quant
-    is a tensor type the gguf package writes (f32, f16, bf16, q8_0) or a k-quant llama.cpp makes from the f16 file.
-    say(sentence) hears the RAM the export needs at its peak, before it starts."""
-    adapter_dir = Path(adapter_dir)
-    check_adapter_folder(adapter_dir)
+    """Write base + adapter merged as one standalone GGUF at out, with the tokenizer and chat template inside (with
+    no adapter_dir, the base alone, to carry GGUF adapters); quant is a tensor type the gguf package writes (f32, f16,
+    bf16, q8_0) or a k-quant llama.cpp makes from the f16 file. say(sentence) hears the RAM the export needs at its
+    peak, before it starts."""
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        check_adapter_folder(adapter_dir)
     if quant not in TENSOR_TYPES and quant not in K_QUANTS:
         raise UserError(f"Unknown --quant {quant}.", hint=f"Use one of: {', '.join([*TENSOR_TYPES, *K_QUANTS])}.")
     source = source or base_source_for(adapter_dir)
     base = resolve_model(source)
     config = json.loads((base / "config.json").read_text())
-    if config.get("model_type") not in MERGED_ARCHITECTURES:
-        architecture_of(config)  # an unknown architecture is named as such
-        raise UserError(f"The merged GGUF export handles {' and '.join(MERGED_ARCHITECTURES)} models so far, not "
-                        f"{config['model_type']}.", hint="Export the adapter instead (--format gguf-adapter) and use it "
-                                                         "on a GGUF of the base.")
-    updates = lora_updates(adapter_dir)
+    architecture = architecture_of(config)
+    updates = lora_updates(adapter_dir) if adapter_dir else {}
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
     say(f"Merging one weight at a time: about {check_ram_for_export(base) / 2**30:.1f} GiB of RAM at the peak.")
+    tokenizer_folder = adapter_dir if adapter_dir and (adapter_dir / "tokenizer.json").is_file() else base
+    merged = Merged(run_name_of(adapter_dir) if adapter_dir else base.name, base, config, architecture, updates,
+                    tokenizer_folder, gguf_file_of(source))
     with staged_file(out) as staging:
         if llama_cpp:  # llama.cpp quantizes from an f16 file, written beside the output and removed after
             f16 = staging.with_name(staging.name + ".f16")
             try:
-                write_merged_gguf(f16, adapter_dir, base, config, updates, source, "f16")
+                write_merged_gguf(f16, merged, "f16")
                 quantize_with_llama_cpp(llama_cpp, f16, staging, quant)
             finally:
                 f16.unlink(missing_ok=True)
         else:
-            write_merged_gguf(staging, adapter_dir, base, config, updates, source, quant)
+            write_merged_gguf(staging, merged, quant)
     return Path(out)
 
 
-def write_merged_gguf(path: Path, adapter_dir: Path, base: Path, config: dict, updates: dict, source: str,
-                      written_type: str) -> None:
-    """Stream the base's weights, each with its adapter change added, into a llama-architecture GGUF at path."""
+def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
+    """Stream the base's weights, each with its adapter change added, into a GGUF at path."""
     import gguf
 
-    from qlora_kit.sources import gguf_file_of
-
-    writer = gguf.GGUFWriter(path, "llama", use_temp_file=True)  # each tensor goes to disk as it is made
-    writer.add_name(run_name_of(adapter_dir))
+    writer = gguf.GGUFWriter(path, merged.architecture.gguf_name, use_temp_file=True)  # each tensor goes to disk as made
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type]
-    write_llama_metadata(writer, config, int(file_type))
-    source_gguf = gguf_file_of(source)
-    if source_gguf:
-        copy_tokenizer_from_gguf(writer, source_gguf)
+    write_model_metadata(writer, merged.config, int(file_type))
+    if merged.source_gguf:
+        tokens = copy_tokenizer_from_gguf(writer, merged.source_gguf)
     else:
-        write_bpe_tokenizer(writer, adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base, config["vocab_size"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    heads = rotary_heads(config)
-    for name, weight in base_weights(base):
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            continue  # rotary caches and the like, which llama.cpp computes itself
-        weight = weight.float() + updates.pop(name).delta() if name in updates else weight
-        projection = name.rsplit(".", 2)[-2]
-        if projection in heads and name.endswith(".weight"):
-            weight = interleave_rotary_rows(weight, heads[projection])
+        tokens = write_bpe_tokenizer(writer, merged.tokenizer_folder, merged.config["vocab_size"])
+    writer.add_name(name_llama_cpp_loads(merged.name, tokens))
+    updates = dict(merged.updates)
+    for gguf_name, weight in llama_cpp_weights(merged, updates):
         data, qtype = as_tensor_type(weight, written_type)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     if updates:
         raise UserError(f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
                         hint="Pass the base it was trained on with --model.")
     write_out(writer)
+
+
+def llama_cpp_weights(merged: Merged, updates: dict):
+    """(llama.cpp's name, weight as llama.cpp reads it) for every base weight llama.cpp uses, one at a time, each with
+    its adapter change added; updates used are taken out of updates."""
+    architecture = merged.architecture
+    names = tensor_name_map(architecture, merged.config)
+    heads = rotary_heads(merged.config) if architecture.rotary_rows_interleaved else {}
+    for name, weight in base_weights(merged.base):
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
+            continue  # rotary caches and the like, which llama.cpp computes itself; Gemma's tied head
+        if name in updates:
+            weight = weight.float() + updates.pop(name).delta()
+        projection = name.rsplit(".", 2)[-2]
+        if projection in heads:
+            weight = interleave_rotary_rows(weight, heads[projection])
+        if architecture.norms_plus_one and name.endswith("norm.weight"):
+            weight = weight.float() + 1
+        yield gguf_name, weight
 
 
 def llama_cpp_for(quant: str):

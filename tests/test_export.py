@@ -15,21 +15,44 @@ from qlora_kit.train import run_training
 from tests.test_cli import run_cli
 
 
+FAMILIES = ("llama", "qwen2", "gemma", "gemma2", "phi3")
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, request) -> dict:
-    """A trained adapter of the tiny Llama and of the tiny Gemma, with their base folders."""
+    """A trained adapter of each tiny model family, with its base folder."""
     from tests.tiny_models import save_tiny_model
 
     folder = tmp_path_factory.mktemp("export")
     data = folder / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
     found = {}
-    for kind in ("llama", "gemma"):
+    for kind in FAMILIES:
         base = save_tiny_model(folder / kind, kind)
         recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4)
         run_training(recipe, folder / f"{kind}-run", Console(file=io.StringIO()))
         found[kind] = (folder / f"{kind}-run" / "adapter", base)
     return found
+
+
+@pytest.fixture(scope="module")
+def merged_models(adapters, tmp_path_factory) -> dict:
+    """Each family's adapter merged into its base by peft, in fp32: what every export is compared with."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merge import merge_adapter
+
+    folder = tmp_path_factory.mktemp("merged")
+    return {kind: AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter_dir, folder / kind, dtype="fp32")).eval()
+            for kind, (adapter_dir, _) in adapters.items()}
+
+
+IDS = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
+
+
+def logits_of(model, ids=IDS) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
 def read_gguf(path):
@@ -146,16 +169,65 @@ def test_a_q8_0_merged_gguf_quantizes_matrices_and_keeps_norms_in_f32(adapters, 
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
 
 
-def test_what_the_merged_export_cannot_write_yet_is_one_sentence(adapters, tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="handles llama and mistral models so far, not gemma"):
-        export_merged_gguf(adapters["gemma"][0], tmp_path / "m.gguf")
+def with_config(base, folder, **changes):
+    """A copy of a base model folder with its config.json changed."""
+    shutil.copytree(base, folder)
+    config_path = folder / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **changes}))
+    return str(folder)
+
+
+def test_what_the_merged_export_cannot_write_is_one_sentence(adapters, tmp_path, monkeypatch):
+    adapter_dir, base = adapters["llama"]
+    with pytest.raises(UserError, match="gpt_neox models to GGUF is not supported yet"):
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "neox", model_type="gpt_neox"))
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(UserError, match="scales its rotary embeddings"):
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "rope", rope_parameters=llama3_rope))
+    # llama.cpp scales Gemma 2's queries by head_dim whatever query_pre_attn_scalar says.
+    with pytest.raises(UserError, match="query_pre_attn_scalar 32, and llama.cpp would use 16"):
+        export_merged_gguf(adapters["gemma2"][0], tmp_path / "m.gguf",
+                           with_config(adapters["gemma2"][1], tmp_path / "g2", query_pre_attn_scalar=32))
     with pytest.raises(UserError, match="Unknown --quant q3"):
-        export_merged_gguf(adapters["llama"][0], tmp_path / "m.gguf", quant="q3")
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", quant="q3")
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     with pytest.raises(UserError, match="needs llama.cpp's quantizer") as error:
-        export_merged_gguf(adapters["llama"][0], tmp_path / "m.gguf", quant="q4_k_m")
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", quant="q4_k_m")
     assert "ollama create NAME --quantize q4_K_M" in error.value.hint
-    assert not list(tmp_path.iterdir()), "nothing half-written is left"
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*")), "nothing half-written is left"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "phi3"])
+def test_transformers_reads_each_merged_gguf_back_as_the_merged_model(adapters, merged_models, tmp_path, kind):
+    """transformers' own GGUF loader (which knows these four families, not Gemma) undoes llama.cpp's layouts: what it
+    reads must be the merged model exactly, so a broken export fails here without llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    path = export_merged_gguf(adapters[kind][0], tmp_path / f"{kind}.gguf", quant="f32")
+    # Its Gemma 2 reader leaves query_pre_attn_scalar at the 2B's 256, which GGUF does not hold; llama.cpp uses head_dim.
+    changes = {"query_pre_attn_scalar": 16} if kind == "gemma2" else {}
+    read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32, **changes)
+    assert relative_gap(logits_of(read_back), logits_of(merged_models[kind])) < 1e-6  # measured: 0.0
+
+
+def test_a_gemma_gguf_holds_its_norms_as_llama_cpp_scales_them_and_no_output_head(adapters, tmp_path):
+    adapter_dir, base = adapters["gemma"]
+    fields, tensors = read_gguf(export_merged_gguf(adapter_dir, tmp_path / "g.gguf", quant="f32"))
+    assert fields["general.architecture"] == "gemma" and fields["gemma.attention.key_length"] == 16
+    weights = load_file(base / "model.safetensors")
+    np.testing.assert_array_equal(gguf_array(tensors["blk.1.ffn_norm.weight"]),
+                                  weights["model.layers.1.post_attention_layernorm.weight"].numpy() + 1)
+    assert "output.weight" not in tensors, "llama.cpp reads Gemma's tied output head from token_embd"
+
+
+def test_the_base_alone_exports_for_gguf_adapters_to_ride_on(adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, base = adapters["qwen2"]
+    path = export_merged_gguf(None, tmp_path / "base.gguf", str(base), quant="f32")
+    read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert relative_gap(logits_of(read_back), logits_of(AutoModelForCausalLM.from_pretrained(base))) < 1e-6
 
 
 def test_a_merged_export_says_its_peak_ram_and_refuses_when_it_is_not_there(adapters, tmp_path, monkeypatch):
@@ -204,19 +276,73 @@ def greedy_tokens(llm, ids, eos_id: int, count: int = 12) -> list[int]:
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_the_merged_tiny_llama_as_transformers_does(adapters, tmp_path):
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transformers_does(adapters, merged_models,
+                                                                                          tmp_path, kind):
+    """Each tiny family three ways in llama.cpp itself: merged f16; the base alone in f16 with adapter.gguf on top;
+    the merged model's greedy continuation."""
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
-    from transformers import AutoModelForCausalLM
+    adapter_dir, base = adapters[kind]
+    expected = logits_of(merged_models[kind])
+    merged = export_merged_gguf(adapter_dir, tmp_path / "merged.gguf")
+    base_gguf = export_merged_gguf(None, tmp_path / "base.gguf", str(base))
+    adapter_gguf = export_gguf_adapter(adapter_dir, tmp_path / "adapter.gguf")
+    got = llama_cpp_logits(llama_cpp, merged, IDS)
+    # Measured (relative logit gap, merged / base + adapter): llama 0.0016 / 0.0016, qwen2 0.0014 / 0.0016,
+    # gemma 0.0012 / 0.0012, gemma2 0.0007 / 0.0008, phi3 0.0015 / 0.0016; the adapter's own effect 0.2-0.46.
+    assert relative_gap(got, expected) < 0.01 and (got.argmax(-1) == expected.argmax(-1)).all()
+    assert relative_gap(llama_cpp_logits(llama_cpp, base_gguf, IDS, lora_path=adapter_gguf), expected) < 0.01
+    llm = llama_cpp.Llama(model_path=str(merged), n_ctx=256, n_threads=2, verbose=False)
+    tokens = greedy_tokens(llm, IDS, eos_id=2, count=8)
+    llm.close()
+    answer = merged_models[kind].generate(input_ids=torch.tensor([IDS]), max_new_tokens=8, do_sample=False)
+    assert tokens == answer[0, len(IDS):].tolist()[: len(tokens)]
 
-    from qlora_kit.merge import merge_adapter
 
-    adapter_dir, _ = adapters["llama"]
-    ids = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter_dir, tmp_path / "merged", dtype="fp32"))
-    with torch.no_grad():
-        expected = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = llama_cpp_logits(llama_cpp, export_merged_gguf(adapter_dir, tmp_path / "m.gguf"), ids)
-    assert relative_gap(got, expected) < 0.01 and (got.argmax(-1) == expected.argmax(-1)).all()  # measured: 0.0016
+TOKENIZER_TEXT = ["IT'S 2024, THEY'LL pay 1234567 (or 89)!\nYes,ok  fine\n\n\tdone", "it's we've i'd 3.14159 ,,hello"]
+
+
+def tokenizer_splitting_with(pattern: str | None):
+    """A ~300-token byte-level BPE tokenizer trained on TOKENIZER_TEXT after splitting it with pattern (None: GPT-2's
+    own), so that its merges differ where the splitting rules do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pattern is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(TOKENIZER_TEXT * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2"])
+def test_llama_cpp_tokenizes_as_transformers_does_with_each_splitting_rule(adapters, tmp_path, monkeypatch, name):
+    """Byte-level BPE tokenizers differ in the regular expression that splits text before merging (Llama 3 keeps
+    digits in threes, Qwen2 one by one, both split contractions case-blind); llama.cpp knows them by name."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
+    import qlora_kit.export as export
+
+    pattern = next((regex for regex, known in export.SPLIT_PATTERNS.items() if known == name), None)
+    tokenizer = tokenizer_splitting_with(pattern)
+    base = tmp_path / "base"
+    shutil.copytree(adapters["llama"][1], base)
+    for old in base.glob("tokenizer*"):
+        old.unlink()
+    tokenizer.save_pretrained(base)
+
+    def tokenized_by_llama_cpp(path) -> list[list[int]]:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        return [llm.tokenize(text.encode(), add_bos=False, special=True) for text in TOKENIZER_TEXT]
+
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TOKENIZER_TEXT]
+    assert tokenized_by_llama_cpp(export_merged_gguf(None, tmp_path / "right.gguf", str(base))) == expected
+    # The check has teeth: the same file naming another rule tokenizes differently.
+    monkeypatch.setattr(export, "pre_tokenizer_name", lambda _: "qwen2" if name == "gpt-2" else "gpt-2")
+    assert tokenized_by_llama_cpp(export_merged_gguf(None, tmp_path / "wrong.gguf", str(base))) != expected
 
 
 @pytest.mark.slow
