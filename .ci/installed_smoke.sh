@@ -67,4 +67,7 @@ expect "runs/smoke"
 run export --adapter runs/smoke/adapter
 expect "llama-cli"
 python -c "import gguf; assert gguf.GGUFReader('runs/smoke/adapter.gguf').fields['general.type'].contents() == 'adapter'"
+run export --adapter runs/smoke/adapter --format gguf --quant q8_0 --ollama
+expect "ollama create smoke"
+grep -q "FROM ./smoke-q8_0.gguf" runs/smoke/Modelfile
 echo "installed smoke test passed"

@@ -314,36 +314,63 @@ class ExportFormat(str, enum.Enum):
 
 @app.command()
 def export(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter. Without it, --format gguf --model M exports the base model alone (a base for GGUF adapters)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .gguf file to write [default: beside the adapter: runs/NAME/adapter.gguf, or runs/NAME/NAME-QUANT.gguf merged]."),
     export_format: ExportFormat = typer.Option(ExportFormat.gguf_adapter, "--format",
                                                help="gguf-adapter: the LoRA weights alone (a few MB), for llama.cpp --lora, Ollama's ADAPTER and LM Studio on any GGUF of the same base. gguf: base + adapter merged into one standalone model, tokenizer and chat template inside."),
-    quant: str = typer.Option("f16", "--quant", help="With --format gguf: f32, f16, bf16 or q8_0 (written here), or q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer, the [export] extra)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f32, f16 (default), bf16 or q8_0 (written here), or q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer, the [export] extra)."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write an Ollama Modelfile beside the file: FROM, ADAPTER, the chat template as a TEMPLATE, stop tokens and the training data's system prompt."),
     model: Optional[str] = BASE_MODEL,
 ) -> None:
     """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio: alone (small, on a GGUF of its base) or merged."""
-    _check_adapters([adapter])
-    from qlora_kit.adapter import base_source_for
+    _check_adapters([adapter] if adapter else [])
+    from qlora_kit.adapter import base_source_for, tokenizer_folder
     from qlora_kit.export import export_gguf_adapter, export_merged_gguf, run_name_of
-    from qlora_kit.sources import gguf_file_of
+    from qlora_kit.sources import gguf_file_of, resolve_model
 
-    run_name = run_name_of(adapter)
+    if adapter is None and (export_format is not ExportFormat.gguf or model is None):
+        raise UserError("Give the --adapter to export.", hint="qlora-kit export --adapter runs/NAME/adapter; or the base "
+                                                              "alone: qlora-kit export --format gguf --model BASE.")
+    if quant and export_format is ExportFormat.gguf_adapter:
+        raise UserError("--quant applies to --format gguf: an adapter GGUF keeps its LoRA matrices in f32 (a few MB), "
+                        "and llama.cpp applies them to a base of any quantization.",
+                        hint=f"Quantize the merged model: --format gguf --quant {quant}.")
+    source = model or base_source_for(adapter)
+    name = run_name_of(adapter) if adapter else resolve_model(source).name
     if export_format is ExportFormat.gguf:
-        target = out or adapter.parent / f"{run_name}-{quant}.gguf"
-        with console.status(f"Merging and writing {target} ..."):
+        quant = quant or "f16"
+        target = out or (adapter.parent if adapter else Path(".")) / f"{name}-{quant}.gguf"
+        with console.status(f"{'Merging and writing' if adapter else 'Writing'} {target} ..."):
             written = export_merged_gguf(adapter, target, model, quant, say=lambda s: console.print(s, highlight=False))
-        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), base + adapter merged, with its tokenizer and "
-                      f"chat template:\n  llama.cpp:  llama-cli -m {written} -cnv\n  Ollama:     a Modelfile with "
-                      f"`FROM {written.resolve()}`, then `ollama create {run_name} -f Modelfile`", highlight=False, soft_wrap=True)
+        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), "
+                      f"{'base + adapter merged' if adapter else 'the base model'}, with its tokenizer and chat template:"
+                      f"\n  llama.cpp:  llama-cli -m {written} -cnv", highlight=False, soft_wrap=True)
+        from_, lora = f"./{written.name}", None
+    else:
+        target = out or adapter.with_name(adapter.name + ".gguf")
+        with console.status(f"Writing {target} ..."):
+            written = export_gguf_adapter(adapter, target, model)
+        base = gguf_file_of(source)  # a GGUF of the base, when qlora-kit knows one
+        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on a GGUF "
+                      f"of the same base model, quantized or not:\n  llama.cpp:  llama-cli -m {base or 'BASE.gguf'} --lora "
+                      f"{written}", highlight=False, soft_wrap=True)
+        from_, lora = str(base or resolve_model(source)), f"./{written.name}"
+    if not ollama:
+        console.print(f"  Ollama:     qlora-kit export ... --ollama writes the Modelfile for `ollama create {name}`",
+                      highlight=False, soft_wrap=True)
         return
-    target = out or adapter.with_name(adapter.name + ".gguf")
-    with console.status(f"Writing {target} ..."):
-        written = export_gguf_adapter(adapter, target, model)
-    base = gguf_file_of(model or base_source_for(adapter)) or "BASE.gguf"  # a GGUF of the base, when qlora-kit knows one
-    console.print(f"Wrote {written} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on a GGUF of "
-                  f"the same base model, quantized or not:\n  llama.cpp:  llama-cli -m {base} --lora {written}\n"
-                  f"  Ollama:     a Modelfile with `FROM {base}` and `ADAPTER {written.resolve()}`, then "
-                  f"`ollama create {run_name} -f Modelfile`", highlight=False, soft_wrap=True)
+    from transformers import AutoTokenizer
+
+    from qlora_kit.ollama import gguf_adds_bos, training_system_prompt, write_modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, resolve_model(source)))
+    system = training_system_prompt(adapter) if adapter else None
+    modelfile, templated = write_modelfile(written.parent, from_, lora, tokenizer, system,
+                                           gguf_adds_bos(written if lora is None else gguf_file_of(source)))
+    console.print(f"  Ollama:     ollama create {name} -f {modelfile}   then   ollama run {name}"
+                  + ("" if templated else "\n[yellow]The chat template has logic beyond fixed text around each turn, so "
+                                          "the Modelfile has no TEMPLATE: Ollama reads the template inside the GGUF.[/]"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -244,14 +244,33 @@ def check_ram_for_export(folder: Path) -> int:
     return needed
 
 
+LLAMA_CPP_ROPE_SCALING = {"llama": ("llama3",)}  # rotary scalings written so far, by model_type
+
+
+def rope_frequency_factors(base: Path) -> torch.Tensor | None:
+    """Llama 3.1's rotary scaling as llama.cpp applies it (the rope_freqs tensor): what each rotary frequency is
+    divided by, computed by transformers' own code; None for a model without it."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(base)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    dim = 2 * len(scaled)
+    plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return plain / scaled
+
+
 def write_model_metadata(writer, config: dict, file_type: int) -> None:
     """The hyperparameters llama.cpp reads for the base's architecture; what llama.cpp would compute differently
     from transformers is refused."""
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise UserError("This model scales its rotary embeddings (rope_scaling), which the merged GGUF export does not "
-                        "write yet.", hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of "
-                                           "the base.")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", *LLAMA_CPP_ROPE_SCALING.get(config["model_type"], ())):
+        raise UserError(f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
+                        "merged GGUF export does not write yet.", hint="Export the adapter instead (--format gguf-adapter) "
+                                                                       "and use it on a GGUF of the base.")
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_context_length(config["max_position_embeddings"])
@@ -331,32 +350,69 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
                     hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
 
 
-def write_bpe_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> list[str]:
-    """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id, their types, merges,
-    special tokens and the chat template (gguf.SpecialVocab reads those last three)."""
+def write_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> list[str]:
+    """The tokenizer in tokenizer.json as llama.cpp reads it: byte-level BPE (Llama 3, Qwen2, SmolLM2) as its "gpt2"
+    model with merges; SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3) as its "llama"
+    model, where merges follow token scores. gguf.SpecialVocab adds the special tokens and the chat template.
+    Returns the tokens by id."""
     import gguf
 
     tokenizer_json = json.loads((tokenizer_folder / "tokenizer.json").read_text())
     model = tokenizer_json["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError("The merged GGUF export handles byte-level BPE tokenizers so far; this one is "
-                        f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}.",
+    if model.get("type") != "BPE":
+        raise UserError(f"The merged GGUF export handles BPE tokenizers; this one is {model.get('type')}.",
                         hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+    sentencepiece = bool(model.get("byte_fallback"))
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, token_id in model["vocab"].items():
-        tokens[token_id], types[token_id] = token, gguf.TokenType.NORMAL
+        byte = sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        tokens[token_id], types[token_id] = token, gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL
     for added in tokenizer_json.get("added_tokens", []):
         if added["id"] >= vocab_size:
             continue  # a token the model has no embedding for (some tokenizer classes add one when loaded)
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    if sentencepiece:
+        if model.get("unk_token") in model["vocab"]:
+            types[model["vocab"][model["unk_token"]]] = gguf.TokenType.UNKNOWN
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        # SentencePiece merges the pair whose result scores highest; converted to tokenizer.json, a token's id
+        # follows its score, and the merges follow the ids.
+        writer.add_token_scores([-float(token_id) for token_id in range(vocab_size)])
+        writer.add_add_space_prefix(adds_space_prefix(tokenizer_json))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(tokenizer_folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+    special = gguf.SpecialVocab(tokenizer_folder, load_merges=not sentencepiece, n_vocab=vocab_size)
+    special.add_special_token.update(special_tokens_added(tokenizer_folder))
+    special.add_to_gguf(writer)
     return tokens
+
+
+def special_tokens_added(tokenizer_folder: Path) -> dict[str, bool]:
+    """Whether transformers' tokenizer puts a beginning- and an end-of-sequence token around a text, so that
+    llama.cpp does the same (left unsaid, llama.cpp decides by the tokenizer's kind)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return {"bos": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id}
+
+
+def adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (Llama 2, Mistral) or not (Gemma)."""
+    def steps(part):
+        part = part or {}
+        return part.get("normalizers") or part.get("pretokenizers") or [part]
+
+    prepends = [step for step in steps(tokenizer_json.get("normalizer")) if step.get("type") == "Prepend"]
+    metaspace = [step for step in steps(tokenizer_json.get("pre_tokenizer")) if step.get("type") == "Metaspace"]
+    return bool(prepends) or any(step.get("prepend_scheme", "always") != "never" for step in metaspace)
 
 
 def as_tensor_type(weight: torch.Tensor, tensor_type: str):
@@ -434,8 +490,11 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
     if merged.source_gguf:
         tokens = copy_tokenizer_from_gguf(writer, merged.source_gguf)
     else:
-        tokens = write_bpe_tokenizer(writer, merged.tokenizer_folder, merged.config["vocab_size"])
+        tokens = write_tokenizer(writer, merged.tokenizer_folder, merged.config["vocab_size"])
     writer.add_name(name_llama_cpp_loads(merged.name, tokens))
+    factors = rope_frequency_factors(merged.base)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
     updates = dict(merged.updates)
     for gguf_name, weight in llama_cpp_weights(merged, updates):
         data, qtype = as_tensor_type(weight, written_type)

@@ -132,7 +132,7 @@ def test_export_writes_the_gguf_beside_the_adapter_and_says_how_to_use_it(adapte
     shutil.copytree(adapter_dir.parent, tmp_path / "run")
     code, out, _ = run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "run" / "adapter")
     assert code == 0 and (tmp_path / "run" / "adapter.gguf").is_file()
-    assert "--lora" in out and "ADAPTER" in out
+    assert "--lora" in out and "--ollama" in out
     code, _, err = run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "run" / "adapter", "--format", "onnx")
     assert code == 2 and "gguf-adapter" in err
 
@@ -181,10 +181,9 @@ def test_what_the_merged_export_cannot_write_is_one_sentence(adapters, tmp_path,
     adapter_dir, base = adapters["llama"]
     with pytest.raises(UserError, match="gpt_neox models to GGUF is not supported yet"):
         export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "neox", model_type="gpt_neox"))
-    llama3_rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    with pytest.raises(UserError, match="scales its rotary embeddings"):
-        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "rope", rope_parameters=llama3_rope))
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(UserError, match=r"scales its rotary embeddings \(yarn\)"):
+        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "rope", rope_parameters=yarn))
     # llama.cpp scales Gemma 2's queries by head_dim whatever query_pre_attn_scalar says.
     with pytest.raises(UserError, match="query_pre_attn_scalar 32, and llama.cpp would use 16"):
         export_merged_gguf(adapters["gemma2"][0], tmp_path / "m.gguf",
@@ -299,6 +298,79 @@ def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transform
     assert tokens == answer[0, len(IDS):].tolist()[: len(tokens)]
 
 
+def sentencepiece_style_tokenizer(space_prefix: bool):
+    """A tokenizer laid out as SentencePiece models are in tokenizer.json (Llama 2, Mistral, Gemma, Phi-3): <unk>,
+    <s>, </s>, the 256 byte tokens, then pieces in merge order; "▁" for spaces, put before the text (Llama 2) or not
+    (Gemma); bytes for what the pieces do not cover."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import CORPUS
+
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Replace(" ", "▁")
+    learner.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    learner.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=200))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in learned["merges"]]
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * space_prefix + [normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                     + [decoders.Strip(" ", 1, 0)] * space_prefix)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    return tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space_prefix", [True, False], ids=["llama-2-style", "gemma-style"])
+def test_llama_cpp_tokenizes_sentencepiece_style_tokenizers_as_transformers_does(tmp_path, monkeypatch, space_prefix):
+    llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
+    import gguf
+
+    from tests.tiny_models import save_tiny_model
+
+    tokenizer = sentencepiece_style_tokenizer(space_prefix)
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer=tokenizer)
+    texts = ["The quick brown fox, it's 2024! Ünïcödé 🙂 done.", " leading space and  double", "<|user|>a pirate sails"]
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def tokenized_by_llama_cpp(path) -> list[list[int]]:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        return [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
+
+    assert tokenized_by_llama_cpp(export_merged_gguf(None, tmp_path / "right.gguf", str(base))) == expected
+    # The check has teeth: without the scores that order the merges, llama.cpp splits words differently.
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_scores", lambda writer, scores: None)
+    assert tokenized_by_llama_cpp(export_merged_gguf(None, tmp_path / "unscored.gguf", str(base))) != expected
+
+
+LLAMA_3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 64: the tiny head's frequencies span it
+
+
+@pytest.mark.slow
+def test_llama_cpp_scales_rotary_frequencies_as_llama_3_does(adapters, tmp_path, monkeypatch):
+    """Llama 3.1 and 3.2 stretch their low rotary frequencies (rope_type llama3); llama.cpp reads the factors from a
+    rope_freqs tensor that the export computes with transformers' own code."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
+    from transformers import AutoModelForCausalLM
+
+    import qlora_kit.export as export
+
+    base = with_config(adapters["llama"][1], tmp_path / "llama3", rope_parameters=LLAMA_3_ROPE)
+    ids = list(range(5, 250, 4))
+    expected = logits_of(AutoModelForCausalLM.from_pretrained(base), ids)
+    got = llama_cpp_logits(llama_cpp, export_merged_gguf(None, tmp_path / "scaled.gguf", base), ids)
+    monkeypatch.setattr(export, "rope_frequency_factors", lambda _: None)
+    unscaled = llama_cpp_logits(llama_cpp, export_merged_gguf(None, tmp_path / "unscaled.gguf", base), ids)
+    # Measured: 0.0022 with the factors, 0.99 without them.
+    assert relative_gap(got, expected) < 0.01 and relative_gap(unscaled, expected) > 0.1
+
+
 TOKENIZER_TEXT = ["IT'S 2024, THEY'LL pay 1234567 (or 89)!\nYes,ok  fine\n\n\tdone", "it's we've i'd 3.14159 ,,hello"]
 
 
@@ -373,7 +445,13 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
         if quant == "f16":  # the chat template inside the file formats the conversation as training did
             reply = llm.create_chat_completion(MOON, temperature=0, max_tokens=12)["choices"][0]["message"]["content"]
             assert reply.startswith(tokenizer.decode(answer[: 6]).strip()), reply
+            merged_f16 = llama_cpp_logits(llama_cpp, path, ids)
         llm.close()
+    # The other route to the same model: the base alone in f16 with adapter.gguf on top (measured: 0.0017 from the
+    # merged f16 file, whose weights were rounded to f16 after the adapter was added).
+    base_f16 = export_merged_gguf(None, tmp_path / "base-f16.gguf", "smollm2-135m")
+    adapter_gguf = export_gguf_adapter(out / "adapter", tmp_path / "adapter.gguf")
+    assert relative_gap(llama_cpp_logits(llama_cpp, base_f16, ids, lora_path=adapter_gguf), merged_f16) < 0.01
 
 
 @pytest.mark.slow

@@ -60,11 +60,11 @@ def tiny_config(kind: str, vocab_size: int):
     raise ValueError(kind)
 
 
-def save_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Write a random tiny model and the test tokenizer as a normal Hugging Face model folder."""
+def save_tiny_model(folder: Path, kind: str, seed: int = 0, tokenizer=None) -> Path:
+    """Write a random tiny model and a tokenizer (the test one by default) as a normal Hugging Face model folder."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)), dtype=torch.float32)
     model.save_pretrained(folder)
