@@ -15,6 +15,7 @@ transformers the two halves), in the merged weights and in the adapter's B, whic
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -80,16 +81,24 @@ def run_name_of(adapter_dir: Path) -> str:
     return adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def staged_file(out: Path):
     """A path beside `out` to write into; when the block ends without error it replaces `out` in one rename, else it
-    is removed, so `out` is whole or absent."""
+    is removed, so `out` is whole or absent. A full disk or a folder it may not write is one sentence."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         yield staging
         staging.replace(out)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(f"Could not write {out}: {error.strerror}.",
+                        hint="Nothing was left there. Free some space (or choose another --out) and export again.") from None
     finally:
         staging.unlink(missing_ok=True)
 

@@ -565,9 +565,56 @@ def as_is(command: Callable[[Case], list]):
     return lambda case, patches: command(case)
 
 
+def export_with(fault: Callable[[Case, pytest.MonkeyPatch], list]):
+    """`qlora-kit export` of a copy of the reference run's adapter, with what fault adds to the command line."""
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        return ["export", "--adapter", case.out / "adapter", *fault(case, patches)]
+    return cause
+
+
+def base_gone(case: Case, patches) -> list:
+    recipe = load_recipe(case.out / "recipe.yaml")
+    (case.out / "recipe.yaml").write_text(replace(recipe, model=str(case.tmp / "moved-away")).to_yaml())
+    return []
+
+
+def base_of_another_architecture(case: Case, patches) -> list:
+    shutil.copytree(case.ref.model, case.tmp / "neox")
+    config = json.loads((case.tmp / "neox" / "config.json").read_text())
+    (case.tmp / "neox" / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    return ["--model", case.tmp / "neox"]
+
+
+def no_llama_cpp(case: Case, patches) -> list:
+    patches.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    return ["--format", "gguf", "--quant", "q4_k_m"]
+
+
+def full_disk_mid_export(case: Case, patches) -> list:
+    import gguf
+
+    def torn(writer, *args, **kwargs):
+        writer.fout[0].write(b"\0" * 1000)  # part of the tensors, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    patches.setattr(gguf.GGUFWriter, "write_tensors_to_file", torn)
+    return ["--format", "gguf"]
+
+
+def little_ram(case: Case, patches) -> list:
+    patches.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=10 * 2**20))
+    return ["--format", "gguf"]
+
+
+def nothing_exported(case: Case) -> None:
+    left = [path.name for path in case.tmp.rglob("*") if ".gguf" in path.name or path.name.endswith(".partial")]
+    assert not left, f"half-written files left: {left}"
+
+
 @dataclass(frozen=True)
 class Fault:
-    item: int  # its number in the issue that listed the faults (18), which docs/training.md's table follows
+    item: int  # its number in the issue that listed the faults (18; 11: export's, from 19); docs/training.md follows
     name: str
     cause: Callable  # (case, patches) -> the command line, with the fault set up
     code: int | None  # the exit code; None: the process was killed
@@ -647,11 +694,23 @@ FAULTS = [
     Fault(9, "/dev/stdin as data", as_is(lambda case: case.train(data=Path("/dev/stdin"))), 1,
           "/dev/stdin is (a pipe|a device|not a regular file)", no_run_left),
     Fault(10, "umask 027", with_umask, 0, "adapter", folders_follow_umask),
+    Fault(11, "export: the base model moved away", export_with(base_gone), 1, "No model found at .*moved-away",
+          nothing_exported),
+    Fault(11, "export: an architecture llama.cpp does not run", export_with(base_of_another_architecture), 1,
+          "Exporting gpt_neox models to GGUF is not supported yet", nothing_exported, hint="Supported: gemma, gemma2"),
+    Fault(11, "export: a k-quant without llama.cpp installed", export_with(no_llama_cpp), 1,
+          "--quant q4_k_m needs llama.cpp's quantizer", nothing_exported, hint=r"qlora-kit\[export\].*ollama create"),
+    Fault(11, "export: full disk mid-export", export_with(full_disk_mid_export), 1,
+          "Could not write .*run-f16.gguf: No space left on device", nothing_exported, hint="Nothing was left there"),
+    Fault(11, "export: too little RAM for a merged export", export_with(little_ram), 1,
+          "needs about .* GiB of RAM at its peak, and 0.0 GiB is available", nothing_exported, hint="--format gguf-adapter"),
+    Fault(11, "export: --quant on the adapter form", export_with(lambda case, patches: ["--quant", "q8_0"]), 1,
+          "--quant applies to --format gguf", nothing_exported, hint="--format gguf --quant q8_0"),
 ]
 
 
 def test_the_catalogue_has_every_fault_the_issue_listed():
-    assert {fault.item for fault in FAULTS} == set(range(1, 11))
+    assert {fault.item for fault in FAULTS} == set(range(1, 12))  # 1-10: issue 18's list; 11: export's (issue 19)
 
 
 @pytest.fixture(scope="module")
