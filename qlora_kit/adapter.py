@@ -68,6 +68,9 @@ def adapter_card(recipe, base_id: str, facts: dict) -> str:
     """adapter/README.md: what the adapter is, what made it, and how to load it with plain PEFT, so a shared adapter
     folder explains itself. facts: steps, first/last loss, eval loss, examples, data format, peak memory, params."""
     eval_line = f"- Eval loss at the end: {facts['eval_loss']:.4f}\n" if facts.get("eval_loss") is not None else ""
+    chain = lineage(recipe.init_adapter)
+    started_from = (f"- Started from the weights of the adapter `{recipe.init_adapter}`: "
+                    f"{' → '.join([base_id, *chain, 'this adapter'])}\n") if chain else ""
     origin = describe_source(recipe.model)
     origin_line = f" The base was {origin}." if origin else ""
     if packaged_model(recipe.model):
@@ -87,7 +90,7 @@ Trained with [qlora-kit](https://pypi.org/project/qlora-kit/) on a 4-bit NF4 bas
         'every token' if recipe.train_on_inputs or facts['format'] == 'text' else 'completions / assistant turns'}
 - Steps: {facts['steps']} of micro-batch {recipe.micro_batch} x {recipe.grad_accum} accumulation, sequences up to {recipe.seq_len} tokens
 - LoRA: rank {recipe.rank}, alpha {recipe.alpha:g}, dropout {recipe.dropout:g}, on {recipe.target_modules}; {facts['trainable_params']:,} trainable parameters
-- Learning rate {recipe.lr:g} ({recipe.schedule}), seed {recipe.seed}, precision {facts['precision']}
+{started_from}- Learning rate {recipe.lr:g} ({recipe.schedule}), seed {recipe.seed}, precision {facts['precision']}
 - Loss: {facts['first_loss']:.4f} at the first step, {facts['last_loss']:.4f} at the last
 {eval_line}- Peak memory: {facts['peak_memory_gib']:.2f} GiB ({facts['memory_kind']})
 
@@ -106,6 +109,15 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 
 or `qlora-kit generate --adapter path/to/this/folder --prompt "..."`; `qlora-kit merge` writes a standalone model.
 """
+
+
+def lineage(init_adapter: str | None) -> list[str]:
+    """The adapters a run's adapter was trained on top of, oldest first, as far as their runs' recipe.yaml say."""
+    chain: list[str] = []
+    while init_adapter and init_adapter not in chain:
+        chain.insert(0, init_adapter)
+        init_adapter = run_settings(Path(init_adapter)).get("init_adapter")
+    return chain
 
 
 def run_settings(adapter_dir: Path | None) -> dict:

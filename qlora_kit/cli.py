@@ -142,6 +142,9 @@ def train(
     from qlora_kit.run_folder import recipe_of_run
     from qlora_kit.train import run_training
 
+    if resume and settings.get("init_adapter"):
+        raise UserError("--from-adapter starts a new run from an adapter's weights; --resume continues this run from "
+                        "its own checkpoints.", hint="Use one: --resume with only --out, or --from-adapter with a new --out.")
     _launch_if_several(gpus)
     out = _run_dir(out, name)
     base = load_recipe(recipe) if recipe else recipe_of_run(out) if resume else Recipe()

@@ -6,6 +6,8 @@ double-quantized constants, embeddings and norms in the 16-bit compute dtype (fp
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe
+from qlora_kit.sources import check_adapter_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,14 +87,24 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
 
 
 def attach_lora(model, recipe: Recipe):
-    """Freeze the base, enable gradient checkpointing, and add trainable fp32 LoRA weights."""
-    from peft import LoraConfig, get_peft_model
-
+    """Freeze the base, enable gradient checkpointing, and add trainable fp32 LoRA weights: fresh ones, or those of
+    the adapter the recipe starts from."""
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.gradient_checkpointing:
         set_checkpointing(model, offload=recipe.activation_offload and torch.cuda.is_available(),
                           uncheckpointed_layers=recipe.uncheckpointed_layers)
+    model = start_from_adapter(model, recipe) if recipe.init_adapter else add_fresh_lora(model, recipe)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # optimizer updates of bf16 LoRA weights would round away
+    return model
+
+
+def add_fresh_lora(model, recipe: Recipe):
+    """LoRA weights as peft initialises them (B zero, so training starts from the base)."""
+    from peft import LoraConfig, get_peft_model
+
     targets = recipe.target_modules
     config = LoraConfig(
         r=recipe.rank,
@@ -102,13 +115,74 @@ def attach_lora(model, recipe: Recipe):
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, config)
+        return get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names.") from None
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()  # optimizer updates of bf16 LoRA weights would round away
+
+
+# What a LoRA adapter fixes about itself: a run started from it takes these from its adapter_config.json.
+ADAPTER_SETTINGS = {"rank": "r", "alpha": "lora_alpha", "target_modules": "target_modules"}
+
+
+def settings_from_adapter(recipe: Recipe) -> Recipe:
+    """recipe with the rank, alpha and layers of the adapter it starts from (recipe.init_adapter); a different value
+    set in the recipe or on the command line is refused, since the adapter's weights have its own."""
+    if not recipe.init_adapter:
+        return recipe
+    folder = Path(recipe.init_adapter)
+    check_adapter_folder(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{folder} is a {config['peft_type']} adapter; qlora-kit continues LoRA adapters.",
+                        hint="Start a fresh run without --from-adapter.")
+    targets = config.get("target_modules") or "all-linear"
+    found = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
+             "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets))}
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    differ = [f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})" for name, value in found.items()
+              if getattr(recipe, name) not in (value, defaults[name])]
+    if differ:
+        raise UserError(f"{folder} has its own LoRA settings, and these differ: {', '.join(differ)}.",
+                        hint="Leave them out: a run started from an adapter takes them from it.")
+    return dataclasses.replace(recipe, **found)
+
+
+def start_from_adapter(model, recipe: Recipe):
+    """LoRA with the configuration and weights of recipe.init_adapter (its dropout is the recipe's: a training choice)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(recipe.init_adapter)
+    config = LoraConfig.from_pretrained(folder)
+    config.lora_dropout, config.inference_mode = recipe.dropout, False
+    weights = load_file(folder / "adapter_model.safetensors")
+    check_adapter_fits(model, weights, folder)
+    model = get_peft_model(model, config)
+    loaded = set_peft_model_state_dict(model, weights)
+    if loaded.unexpected_keys:
+        raise UserError(f"{folder} holds weights qlora-kit cannot place: {', '.join(loaded.unexpected_keys[:3])}.",
+                        hint="Start a fresh run without --from-adapter.")
     return model
+
+
+def check_adapter_fits(base, weights: dict, folder: Path) -> None:
+    """Refuse an adapter made for another base model: every layer it adapts must exist here with its shape."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    hint = (f"Train on the base it was made for ({config.get('base_model_name_or_path') or 'see its adapter_config.json'}) "
+            "with --model, or start a fresh run without --from-adapter.")
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        try:
+            layer = base.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{folder} adapts {name}, which this base model does not have: it was made for another "
+                            "model.", hint=hint) from None
+        if (b.shape[0], a.shape[1]) != (layer.out_features, layer.in_features):
+            raise UserError(f"{folder} was made for another base model: its {name} maps {a.shape[1]} to {b.shape[0]} "
+                            f"features, this model's {layer.in_features} to {layer.out_features}.", hint=hint)
 
 
 def set_checkpointing(model, offload: bool = False, uncheckpointed_layers: int = 0) -> None:

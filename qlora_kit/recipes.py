@@ -50,6 +50,9 @@ class Recipe:
     dropout: float = _setting(0.0, "dropout on the LoRA input; 0 is the fast path (no mask, no copy of each input)",
                               low=0.0, high=0.9)
     target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, or comma-separated names (q_proj,v_proj)")
+    init_adapter: str | None = _setting(None, "start from this PEFT adapter's weights (a finished run's adapter, or "
+                                              "anyone's), with a fresh optimizer and schedule; its rank, alpha and "
+                                              "layers are taken from it", aliases=("--from-adapter",))
     seq_len: int = _setting(512, "longest sequence in tokens; longer examples are truncated", low=8, high=1_048_576)
     packing: bool = _setting(False, "pack short examples into full sequences (no attention across examples)")
     drop_long: bool = _setting(False, "drop examples longer than seq_len instead of truncating them")

@@ -36,7 +36,7 @@ except ImportError:  # Windows: no advisory locks; runs there are not guarded ag
 
 RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints")
 LOCK = ".lock"
-PATH_SETTINGS = ("model", "data", "eval_data")  # the same file by another spelling is the same setting
+PATH_SETTINGS = ("model", "data", "eval_data", "init_adapter")  # the same file by another spelling is the same setting
 
 
 @dataclass

@@ -29,7 +29,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE, probe, usage_now
 from qlora_kit.loss import CausalLMLoss, evaluate
 from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, load_tokenizer, parameter_counts,
-                             pick_device_and_dtype, set_checkpointing)
+                             pick_device_and_dtype, set_checkpointing, settings_from_adapter)
 from qlora_kit.plan import StepShape, cheaper, choose_target, make_plan
 from qlora_kit.recipes import Recipe, optimizer_in_use
 from qlora_kit.run_folder import (RunFolder, check_fingerprint, check_free_disk, check_same_settings, fingerprint,
@@ -155,6 +155,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
     (auto's), written as the run's plan.json; without it the run plans for this machine itself. force: start a CPU
     run its plan says cannot fit."""
+    recipe = settings_from_adapter(recipe)  # before recipe.yaml is written: it records what the adapter fixed
     ranks = distributed.start()
     out_dir = Path(distributed.from_main(str(out_dir), ranks))  # a default name (runs/auto-N) is rank 0's choice
     if not ranks.main:  # rank 0 speaks and writes for all

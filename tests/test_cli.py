@@ -67,6 +67,11 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
     code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out / "adapter", "--prompt", "one two?",
                               "--max-new-tokens", "4")
     assert code in (0, None) and stdout.strip()
+    code, stdout, _ = run_cli(monkeypatch, capsys, "train", "--data", chat_data, "--model", llama_dir, "--out", tmp_path / "more",
+                              "--from-adapter", out / "adapter", "--steps", "1", "--quiet")
+    assert code in (0, None) and "rank: 4" in (tmp_path / "more" / "recipe.yaml").read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--resume", "--from-adapter", out / "adapter")
+    assert code == 1 and "--from-adapter starts a new run" in err and "Use one" in err
 
 
 def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_path):

@@ -92,3 +92,32 @@ def test_only_the_last_uncheckpointed_layers_skip_recomputation(llama_dir, unche
     lora.train()
     lora(input_ids=torch.arange(1, 17).unsqueeze(0)).logits.sum().backward()
     assert runs == expected_runs, "a checkpointed layer runs twice (forward, then recomputed in backward), a kept one once"
+
+
+def test_an_adapter_made_for_another_base_is_refused_by_layer_and_shape(llama_dir, tmp_path):
+    import io
+    import shutil
+
+    from rich.console import Console
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kit.errors import UserError
+    from qlora_kit.recipes import Recipe
+    from qlora_kit.train import run_training
+    from tests.conftest import save_tiny_model
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(4)))
+    run_training(Recipe(model=str(llama_dir), data=str(data), rank=4, steps=1, micro_batch=4), tmp_path / "a", Console(file=io.StringIO()))
+    adapter = tmp_path / "a" / "adapter"
+    phi3 = save_tiny_model(tmp_path / "phi3", "phi3")  # fused qkv_proj: no q_proj to adapt
+    with pytest.raises(UserError, match=r"adapts model.layers.0.(mlp.gate|self_attn.[qkv])_proj, which this base model does not have"):
+        models.attach_lora(models.load_base_4bit(phi3, torch.float32, torch.device("cpu")), Recipe(init_adapter=str(adapter)))
+    shutil.copytree(adapter, tmp_path / "wider")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    save_file({**weights, key: torch.zeros(4, 96)}, tmp_path / "wider" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="its model.layers.1.mlp.down_proj maps 96 to 64 features, this model's 128 to 64") as error:
+        models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")),
+                           Recipe(init_adapter=str(tmp_path / "wider")))
+    assert "--model" in error.value.hint

@@ -340,3 +340,58 @@ def test_signal_handling_ends_quietly_when_its_watcher_has_ended_first():
     while any(t.name == "qlora-kit-signals" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     signals.__exit__(None, None, None)
+
+
+def metric_lines(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_from_an_adapter_continues_from_its_loss_and_records_its_lineage(llama_dir, text_data, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=4, eval_fraction=0.25)
+    run_training(Recipe(**settings, rank=4, alpha=8, target_modules="q_proj,v_proj", lr=5e-2, steps=6), tmp_path / "a", QUIET)
+    # lr 0: one step that changes nothing, then the evaluation every run ends with.
+    run_training(Recipe(**settings, lr=0.0, steps=1, init_adapter=str(tmp_path / "a" / "adapter")), tmp_path / "b", QUIET)
+    first = [m["eval_loss"] for m in metric_lines(tmp_path / "a") if "eval_loss" in m]
+    then = [m["eval_loss"] for m in metric_lines(tmp_path / "b") if "eval_loss" in m]
+    assert then[0] == pytest.approx(first[-1], rel=1e-6)  # measured: equal to the last digit
+    recipe = load_recipe(tmp_path / "b" / "recipe.yaml")
+    assert (recipe.rank, recipe.alpha, recipe.target_modules) == (4, 8.0, "q_proj,v_proj"), "taken from the adapter"
+    a, b = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "b" / "adapter")
+    run_training(Recipe(**settings, lr=1e-2, steps=1, init_adapter=str(tmp_path / "b" / "adapter")), tmp_path / "c", QUIET)
+    card = (tmp_path / "c" / "adapter" / "README.md").read_text()
+    assert f"{tmp_path / 'a' / 'adapter'} → {tmp_path / 'b' / 'adapter'} → this adapter" in card
+
+
+def test_a_run_from_an_adapter_refuses_settings_its_adapter_contradicts(llama_dir, text_data, tmp_path):
+    run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, micro_batch=4), tmp_path / "a", QUIET)
+    with pytest.raises(UserError, match=r"has its own LoRA settings, and these differ: rank 8 \(the adapter's: 4\)") as error:
+        run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=8, steps=1, init_adapter=str(tmp_path / "a" / "adapter")),
+                     tmp_path / "b", QUIET)
+    assert "takes them from it" in error.value.hint and not (tmp_path / "b").exists()
+
+
+def test_a_run_from_an_adapter_resumes_exactly(llama_dir, text_data, tmp_path):
+    import shutil
+
+    from qlora_kit import checkpoint
+
+    settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4)
+    run_training(Recipe(**settings, steps=2), tmp_path / "a", QUIET)
+    recipe = Recipe(**settings, steps=6, checkpoint_every=2, keep_checkpoints=3, dropout=0.1,
+                    init_adapter=str(tmp_path / "a" / "adapter"))
+    run_training(recipe, tmp_path / "whole", QUIET)
+    shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
+    for folder in checkpoint.complete_checkpoints(tmp_path / "stopped"):
+        if checkpoint.step_of(folder) > 2:
+            shutil.rmtree(folder)
+    run_training(load_recipe(tmp_path / "stopped" / "recipe.yaml"), tmp_path / "stopped", QUIET, resume=True)
+    assert [m.get("loss") for m in metric_lines(tmp_path / "stopped")] == [m.get("loss") for m in metric_lines(tmp_path / "whole")]
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("stopped", "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
