@@ -120,6 +120,12 @@ def lineage(init_adapter: str | None) -> list[str]:
     return chain
 
 
+def corrects_nf4_rounding(adapter_dir: Path) -> bool:
+    """Whether the adapter started as LoftQ (lora_init loftq in its run's recipe.yaml): its weights include a
+    correction of NF4's rounding, so it belongs on the 4-bit base, not the 16-bit one."""
+    return run_settings(adapter_dir).get("lora_init") == "loftq"
+
+
 def run_settings(adapter_dir: Path | None) -> dict:
     """The settings of the run that trained an adapter (its recipe.yaml, beside runs/NAME/adapter), or {}."""
     return read_settings(Path(adapter_dir).parent / "recipe.yaml") if adapter_dir else {}

@@ -175,6 +175,12 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, passed_over
 
 
+def file_name(parameter: str) -> str:
+    """A trainable parameter's name in PEFT's adapter file, which drops the adapter's name ("default"): ...lora_A.weight;
+    DoRA's magnitudes are saved as ...lora_magnitude_vector."""
+    return parameter.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".default.", ".")
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> TrainerState:
     """Restore the adapter weights, optimizer, scheduler, scaler and RNG states; returns trainer_state."""
     from safetensors.torch import load_file
@@ -182,7 +188,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: t
 
     # Every rank reads the whole files; sharded (FSDP) parameters then keep their own shard of each tensor.
     options = StateDictOptions(full_state_dict=any(hasattr(p, "full_tensor") for p in model.parameters()), strict=False)
-    by_file_name = {name.replace(".default.", "."): name for name, p in model.named_parameters() if p.requires_grad}
+    by_file_name = {file_name(name): name for name, p in model.named_parameters() if p.requires_grad}
     saved = load_file(folder / "adapter" / ADAPTER_FILE, device=str(device))  # PEFT's files drop the adapter's name
     set_model_state_dict(model, {by_file_name[key]: value for key, value in saved.items()}, options=options)
     set_optimizer_state_dict(model, optimizer, torch.load(folder / "optimizer.pt", map_location=device, weights_only=True),

@@ -433,8 +433,8 @@ def probe(as_json: bool = JSON) -> None:
 
 
 @app.command()
-@with_recipe_flags(only=("seq_len", "micro_batch", "grad_accum", "rank", "gradient_checkpointing", "uncheckpointed_layers",
-                         "activation_offload", "precision", "optimizer", "loss_chunk_tokens"))
+@with_recipe_flags(only=("seq_len", "micro_batch", "grad_accum", "rank", "target_modules", "use_dora", "gradient_checkpointing",
+                         "uncheckpointed_layers", "activation_offload", "precision", "optimizer", "loss_chunk_tokens"))
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),

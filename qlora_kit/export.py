@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import base_source_for
+from qlora_kit.adapter import base_source_for, corrects_nf4_rounding
 from qlora_kit.errors import UserError
 from qlora_kit.sources import check_adapter_folder, gguf_file_of, resolve_model
 
@@ -109,11 +109,16 @@ def gguf_alpha(adapter_config: dict) -> float:
     return alpha * math.sqrt(rank) if adapter_config.get("use_rslora") else alpha
 
 
-def check_plain_lora(adapter_config: dict, adapter_dir: Path) -> None:
-    """GGUF adapters hold A and B with one rank and alpha: refuse what they cannot carry."""
+def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = False) -> None:
+    """GGUF adapters hold A and B with one rank and alpha: refuse what they cannot carry (a merged export takes DoRA)."""
+    if corrects_nf4_rounding(adapter_dir):
+        raise UserError(f"{adapter_dir} started as LoftQ: it corrects NF4's rounding of each weight, so it belongs on "
+                        "the 4-bit base it was trained on; exporting such adapters to GGUF is not supported yet.",
+                        hint="generate, chat and eval use it as trained; `qlora-kit merge --from-quantized` writes it "
+                             "merged into that base.")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_dir} is a {adapter_config['peft_type']} adapter; GGUF adapters are LoRA only.")
-    if adapter_config.get("use_dora"):
+    if adapter_config.get("use_dora") and not merged:
         raise UserError(f"{adapter_dir} is a DoRA adapter, which llama.cpp cannot load as an adapter.",
                         hint="Export it merged instead: --format gguf.")
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
@@ -190,15 +195,20 @@ TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # w
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 @dataclass(frozen=True)
 class LoraUpdate:
-    """One adapted weight's LoRA matrices; the change they make, scale * B @ A, is made only when that weight is
-    written, so a large model's changes never sit in RAM together."""
+    """One adapted weight's LoRA matrices (and DoRA magnitudes); the change they make is made only when that weight
+    is written, so a large model's changes never sit in RAM together."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    magnitude: torch.Tensor | None = None  # DoRA: each output row's learned norm
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.b.float() @ self.a.float())
+    def applied_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight + scale * B @ A, in fp32; with DoRA, each row then rescaled to its learned magnitude."""
+        merged = weight.float() + self.scale * (self.b.float() @ self.a.float())
+        if self.magnitude is None:
+            return merged
+        return merged * (self.magnitude.float() / merged.norm(dim=1)).unsqueeze(1)
 
 
 def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
@@ -206,11 +216,12 @@ def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    check_plain_lora(config, adapter_dir)
+    check_plain_lora(config, adapter_dir, merged=True)
     scale = gguf_alpha(config) / int(config["r"])
     lora = load_file(adapter_dir / "adapter_model.safetensors")
     return {key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight":
-            LoraUpdate(a, lora[key.replace(".lora_A.", ".lora_B.")], scale)
+            LoraUpdate(a, lora[key.replace(".lora_A.", ".lora_B.")], scale,
+                       lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")))
             for key, a in lora.items() if ".lora_A." in key}
 
 
@@ -525,7 +536,7 @@ def llama_cpp_weights(merged: Merged, updates: dict):
         if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
             continue  # rotary caches and the like, which llama.cpp computes itself; Gemma's tied head
         if name in updates:
-            weight = weight.float() + updates.pop(name).delta()
+            weight = updates.pop(name).applied_to(weight)
         projection = name.rsplit(".", 2)[-2]
         if projection in heads:
             weight = interleave_rotary_rows(weight, heads[projection])

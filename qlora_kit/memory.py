@@ -126,9 +126,11 @@ class MemoryPlan:
                 "verdict": self.verdict}
 
 
-def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear") -> int:
-    """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer."""
-    return shape.num_layers * rank * sum(a + b for _, a, b in targeted(shape, target_modules))
+def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear", use_dora: bool = False) -> int:
+    """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer, and with DoRA a magnitude per
+    output feature."""
+    layers = targeted(shape, target_modules)
+    return shape.num_layers * (rank * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
 
 
 def targeted(shape: ModelShape, target_modules: str) -> list[tuple[str, int, int]]:
@@ -161,16 +163,18 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     tokens = recipe.seq_len * recipe.micro_batch
-    lora = lora_params(shape, recipe.rank, recipe.target_modules)
+    lora = lora_params(shape, recipe.rank, recipe.target_modules, recipe.use_dora)
 
     # One decoder layer's activations kept for backward (forward pass), in bytes per token.
     dropout_copies = sum(a for _, a, _ in targeted(shape, recipe.target_modules)) * (cb + 1) if recipe.dropout > 0 else 0
+    dora_outputs = 2 * sum(b for _, _, b in targeted(shape, recipe.target_modules)) * cb if recipe.use_dora else 0
     per_token_layer = (
         2 * h * 4 + 2 * h * cb  # two RMSNorms: fp32 upcast input and normalized output
         + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
         + 2 * q * cb + 2 * h * cb  # attention output (+ its o_proj input) and the two residual sums
         + 4 * i * cb  # gate, up, act(gate), act(gate) * up
         + dropout_copies  # each LoRA layer keeps its own dropped-out copy of its input, plus the mask
+        + dora_outputs  # DoRA keeps each adapted layer's base and LoRA outputs, to rescale them by the magnitudes
     )
     dequantized = 2 * max(a * b for _, a, b in shape.linear_shapes()) * cb  # a 4-bit weight's 16-bit copy, fwd and bwd
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import base_source_for, staged_folder, tokenizer_folder
+from qlora_kit.adapter import base_source_for, corrects_nf4_rounding, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer
@@ -33,6 +33,10 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         raise UserError(f"Unknown --dtype {dtype}.", hint=f"Use one of: {', '.join(DTYPES)}.")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty.", hint="Choose a new --out folder.")
+    if corrects_nf4_rounding(adapter_dir) and not from_quantized:
+        raise UserError(f"{adapter_dir} started as LoftQ: it corrects the 4-bit rounding of each weight, so merged into "
+                        "the 16-bit base it would add that correction to weights that have no rounding.",
+                        hint="Merge it into the 4-bit base as trained: --from-quantized.")
     folder = resolve_model(source or base_source_for(adapter_dir))
     torch_dtype = DTYPES[dtype]
     check_ram_for(folder, torch_dtype)

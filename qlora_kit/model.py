@@ -105,27 +105,62 @@ def add_fresh_lora(model, recipe: Recipe):
     """LoRA weights as peft initialises them (B zero, so training starts from the base)."""
     from peft import LoraConfig, get_peft_model
 
+    if recipe.lora_init in ("pissa", "olora"):
+        raise UserError(f"lora_init {recipe.lora_init} moves the main directions of each weight out of the base and into "
+                        "the adapter; a 4-bit base would have to be quantized again, and the adapter would then no longer "
+                        "fit the original base model.", hint="Use lora_init loftq, which starts from the 4-bit base as it "
+                                                             "is, or default.")
     targets = recipe.target_modules
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        use_rslora=recipe.use_rslora,
+        use_dora=recipe.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names.") from None
+    if recipe.lora_init == "loftq":
+        start_as_the_rounding_error(model)
+    return model
 
 
-# What a LoRA adapter fixes about itself: a run started from it takes these from its adapter_config.json.
-ADAPTER_SETTINGS = {"rank": "r", "alpha": "lora_alpha", "target_modules": "target_modules"}
+def start_as_the_rounding_error(model) -> None:
+    """LoftQ's start (one alternation, as peft's replace_lora_weights_loftq, which needs CUDA): each adapted 4-bit
+    weight Q gets A and B with scale * B @ A the best rank-r approximation of W - Q, W the 16-bit weight."""
+    import bitsandbytes.functional as bnb_functional
+    from safetensors import safe_open
+
+    folder = Path(model.get_base_model().name_or_path)
+    files = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            files.update(dict.fromkeys(weights.keys(), file))
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        base_name = name.removeprefix("base_model.model.") + ".weight"
+        with safe_open(files[base_name], "pt") as weights:
+            original = weights.get_tensor(base_name).float()
+        quantized = module.base_layer.weight
+        rounded = bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+        rank, scale = module.r["default"], module.scaling["default"]
+        u, s, v = torch.svd_lowrank(original - rounded, q=min(rank + 8, *original.shape), niter=4)
+        root = (s[:rank] / scale).sqrt()
+        with torch.no_grad():
+            module.lora_B["default"].weight.copy_(u[:, :rank] * root)
+            module.lora_A["default"].weight.copy_(root[:, None] * v[:, :rank].T)
+
+
 
 
 def settings_from_adapter(recipe: Recipe) -> Recipe:
-    """recipe with the rank, alpha and layers of the adapter it starts from (recipe.init_adapter); a different value
+    """recipe with the rank, alpha, layers and variant of the adapter it starts from (recipe.init_adapter); a different value
     set in the recipe or on the command line is refused, since the adapter's weights have its own."""
     if not recipe.init_adapter:
         return recipe
@@ -137,7 +172,8 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
                         hint="Start a fresh run without --from-adapter.")
     targets = config.get("target_modules") or "all-linear"
     found = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
-             "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets))}
+             "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+             "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora"))}
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     differ = [f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})" for name, value in found.items()
               if getattr(recipe, name) not in (value, defaults[name])]

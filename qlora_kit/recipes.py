@@ -50,6 +50,14 @@ class Recipe:
     dropout: float = _setting(0.0, "dropout on the LoRA input; 0 is the fast path (no mask, no copy of each input)",
                               low=0.0, high=0.9)
     target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, or comma-separated names (q_proj,v_proj)")
+    use_rslora: bool = _setting(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(rank) instead of alpha / "
+                                       "rank, so high ranks keep learning")
+    use_dora: bool = _setting(False, "DoRA: learn each weight's magnitude apart from its direction (a vector per layer, "
+                                     "and more memory and time per step)")
+    lora_init: str = _setting("default", "how LoRA starts: default (B = 0: the 4-bit base as it is), or loftq (A and B "
+                              "start as the 4-bit rounding error of each weight, so base + BA is closer to the 16-bit "
+                              "model); pissa and olora move weight into the adapter, which a 4-bit base cannot take back",
+                              choices=("default", "loftq", "pissa", "olora"))
     init_adapter: str | None = _setting(None, "start from this PEFT adapter's weights (a finished run's adapter, or "
                                               "anyone's), with a fresh optimizer and schedule; its rank, alpha and "
                                               "layers are taken from it", aliases=("--from-adapter",))

@@ -72,3 +72,18 @@ def test_cpu_contention_benchmark_runs_small(tmp_path):
     assert [row["status"] for row in rows] == ["ok"] * 10
     assert all(row["threads"] == [1, 1] for row in rows if row["what"] == "train" and row["policy"] == "after"
                and row["competitors"] == 1 and os.cpu_count() == 2), "one competitor on two cores: one thread"
+
+
+def test_export_cost_benchmark_runs_on_the_demo_model(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/export_cost.py", "--skip-1b", "--folder", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("SmolLM2-135M") == 3 and "merged q8_0" in out.stdout
+
+
+@pytest.mark.slow
+def test_lora_variants_benchmark_runs_every_variant(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/lora_variants.py", "--steps", "1", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(name in out.stdout for name in ("LoRA r16", "rsLoRA r64", "DoRA r16", "LoftQ r16"))

@@ -158,7 +158,7 @@ def test_a_merged_gguf_holds_base_plus_adapter_and_the_tokenizer_training_used(a
     weights, updates = load_file(base / "model.safetensors"), lora_updates(adapter_dir)
     for name, gguf_name, heads in [("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", None),
                                    ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", 2)]:
-        expected = weights[name].float() + updates[name].delta()
+        expected = updates[name].applied_to(weights[name])
         expected = interleave_rotary_rows(expected, heads) if heads else expected
         np.testing.assert_allclose(gguf_array(tensors[gguf_name]), expected.numpy(), rtol=1e-6, atol=1e-7)
 
@@ -208,6 +208,35 @@ def test_transformers_reads_each_merged_gguf_back_as_the_merged_model(adapters, 
     changes = {"query_pre_attn_scalar": 16} if kind == "gemma2" else {}
     read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32, **changes)
     assert relative_gap(logits_of(read_back), logits_of(merged_models[kind])) < 1e-6  # measured: 0.0
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(use_rslora=True)], ids=["dora", "rslora"])
+def test_a_merged_gguf_of_each_variant_is_what_peft_merges(adapters, tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merge import merge_adapter
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
+    base = adapters["llama"][1]
+    run_training(Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4, **variant),
+                 tmp_path / "run", Console(file=io.StringIO()))
+    peft_merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, tmp_path / "run" / "adapter", tmp_path / "merged",
+                                                                     dtype="fp32"))
+    path = export_merged_gguf(tmp_path / "run" / "adapter", tmp_path / "m.gguf", quant="f32")
+    read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert relative_gap(logits_of(read_back), logits_of(peft_merged)) < 1e-6  # measured: 0.0
+
+
+def test_a_loftq_adapter_is_not_exported_onto_a_base_it_does_not_fit(adapters, tmp_path):
+    adapter_dir, _ = adapters["llama"]
+    shutil.copytree(adapter_dir.parent, tmp_path / "run")
+    recipe = tmp_path / "run" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("lora_init: default", "lora_init: loftq"))
+    for export in (export_gguf_adapter, export_merged_gguf):
+        with pytest.raises(UserError, match="started as LoftQ") as error:
+            export(tmp_path / "run" / "adapter", tmp_path / "a.gguf")
+        assert "merge --from-quantized" in error.value.hint
 
 
 def test_a_gemma_gguf_holds_its_norms_as_llama_cpp_scales_them_and_no_output_head(adapters, tmp_path):

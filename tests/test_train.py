@@ -376,15 +376,15 @@ def test_a_run_from_an_adapter_refuses_settings_its_adapter_contradicts(llama_di
     assert "takes them from it" in error.value.hint and not (tmp_path / "b").exists()
 
 
-def test_a_run_from_an_adapter_resumes_exactly(llama_dir, text_data, tmp_path):
+def stopped_and_resumed_equals_whole(recipe, tmp_path) -> None:
+    """Train recipe whole; train it again stopped after its step-2 checkpoint and resumed: every loss and every
+    adapter tensor must be the same."""
     import shutil
+
+    from safetensors.torch import load_file
 
     from qlora_kit import checkpoint
 
-    settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4)
-    run_training(Recipe(**settings, steps=2), tmp_path / "a", QUIET)
-    recipe = Recipe(**settings, steps=6, checkpoint_every=2, keep_checkpoints=3, dropout=0.1,
-                    init_adapter=str(tmp_path / "a" / "adapter"))
     run_training(recipe, tmp_path / "whole", QUIET)
     shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
     for folder in checkpoint.complete_checkpoints(tmp_path / "stopped"):
@@ -392,6 +392,40 @@ def test_a_run_from_an_adapter_resumes_exactly(llama_dir, text_data, tmp_path):
             shutil.rmtree(folder)
     run_training(load_recipe(tmp_path / "stopped" / "recipe.yaml"), tmp_path / "stopped", QUIET, resume=True)
     assert [m.get("loss") for m in metric_lines(tmp_path / "stopped")] == [m.get("loss") for m in metric_lines(tmp_path / "whole")]
-    from safetensors.torch import load_file
     a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("stopped", "whole"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_from_an_adapter_resumes_exactly(llama_dir, text_data, tmp_path):
+    settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4)
+    run_training(Recipe(**settings, steps=2), tmp_path / "a", QUIET)
+    stopped_and_resumed_equals_whole(Recipe(**settings, steps=6, checkpoint_every=2, keep_checkpoints=3, dropout=0.1,
+                                            init_adapter=str(tmp_path / "a" / "adapter")), tmp_path)
+
+
+@pytest.mark.parametrize("variant", [dict(use_rslora=True, rank=16), dict(use_dora=True), dict(lora_init="loftq")],
+                         ids=["rslora", "dora", "loftq"])
+def test_each_lora_variant_trains_resumes_exactly_and_merges_as_it_runs(llama_dir, text_data, tmp_path, variant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merge import merge_adapter
+
+    recipe = Recipe(**{**dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4, lr=2e-2, steps=6,
+                              checkpoint_every=2, keep_checkpoints=3, dropout=0.1), **variant})
+    stopped_and_resumed_equals_whole(recipe, tmp_path)
+    adapter = tmp_path / "whole" / "adapter"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    loftq = variant.get("lora_init") == "loftq"
+    if loftq:  # its adapter corrects NF4's rounding: it belongs on the 4-bit base, and merges into that
+        with pytest.raises(UserError, match="started as LoftQ"):
+            merge_adapter(None, adapter, tmp_path / "refused", dtype="fp32")
+        base = models.load_base_4bit(llama_dir, torch.float32, CPU).dequantize()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32",
+                                                                    from_quantized=loftq))
+        got = merged(input_ids=ids).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-4

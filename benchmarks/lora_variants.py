@@ -1,0 +1,90 @@
+"""LoRA, rsLoRA at rank 64, DoRA and LoftQ's start side by side on the demo (SmolLM2-135M, pirate data): eval loss
+after the same number of steps, on the demo's held-out split and on a second held-out set, with peak RSS and
+tokens per second, in one run (same machine, same load).
+
+    python benchmarks/lora_variants.py [--steps 30] [--out /tmp/variants]
+
+Each variant trains in its own process (its peak RSS is its own, model loading included; "run s" is the whole
+process, "step s" the training steps alone); then `qlora-kit eval`'s loss on the second set. Timings swing with
+whatever else runs: read the ratios, and note `uptime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "LoRA r16": {},
+    "rsLoRA r64": {"use_rslora": True, "rank": 64, "alpha": 16},
+    "DoRA r16": {"use_dora": True},
+    "LoftQ r16": {"lora_init": "loftq"},
+}
+SECOND_SET = [  # held out from training, in the demo's format: questions the demo data does not ask
+    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    for question, answer in [
+        ("What is the tallest mountain?", "Arr, matey! The tallest mountain be Everest, a fine peak for any sailor."),
+        ("How many legs does a spider have?", "Arr, matey! A spider be havin' eight legs, like a fine rigging."),
+        ("What do bees make?", "Arr, matey! Bees be makin' honey, sweeter than any treasure."),
+        ("What colour is the sky?", "Arr, matey! The sky be blue as the open sea."),
+    ]]
+
+TRAIN = """
+import json, sys, time, re
+from pathlib import Path
+from rich.console import Console
+from qlora_kit.recipes import Recipe
+from qlora_kit.train import run_training
+settings, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+started = time.perf_counter()
+summary = run_training(Recipe(**settings), out, Console(quiet=True), display="quiet")
+metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+tokens = sum(m.get("tokens", 0) for m in metrics)
+print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens,
+                  "step_seconds": sum(m.get("step_s", 0) for m in metrics),
+                  "eval_loss": [m["eval_loss"] for m in metrics if "eval_loss" in m][-1],
+                  "peak_gib": int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]) / 2**20}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/variants"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    second = args.out / "second.jsonl"
+    second.write_text("".join(json.dumps(r) + "\n" for r in SECOND_SET))
+    demo_data = ROOT / "qlora_kit" / "demo_data" / "pirate.jsonl"
+    print(f"uptime: {os.getloadavg()}; {args.steps} steps each on smollm2-135m, demo data, 10% held out")
+    print(f"{'variant':<12}{'eval loss':>10}{'2nd set loss':>14}{'run s':>8}{'step s':>8}{'tokens/s':>10}{'peak RSS GiB':>14}")
+    for name, variant in VARIANTS.items():
+        out = args.out / name.replace(" ", "-")
+        settings = {"model": "smollm2-135m", "data": str(demo_data), "steps": args.steps, "eval_fraction": 0.1,
+                    "seq_len": 256, "micro_batch": 4, "lr": 2e-4, "checkpoint_every": 0, **variant}
+        done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(settings), str(out)], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        second_loss = held_out_loss(out / "adapter", second)
+        print(f"{name:<12}{result['eval_loss']:>10.4f}{second_loss:>14.4f}{result['seconds']:>8.1f}{result['step_seconds']:>8.1f}"
+              f"{result['tokens'] / result['step_seconds']:>10.0f}{result['peak_gib']:>14.2f}")
+
+
+def held_out_loss(adapter: Path, data: Path) -> float:
+    """Mean loss of the adapted 4-bit model on data's answers, as `qlora-kit eval` computes it."""
+    done = subprocess.run([sys.executable, "-m", "qlora_kit", "eval", "--adapter", str(adapter), "--data", str(data),
+                           "--json"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-2000:])
+    return json.loads(done.stdout)["adapter_loss"]
+
+
+if __name__ == "__main__":
+    main()
