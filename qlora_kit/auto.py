@@ -86,8 +86,9 @@ class Choice:
         return self.total(recipe) <= HEADROOM * self.target.capacity_bytes
 
 
-def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None) -> Choice:
-    """Pick and tune a recipe for this model on this target; lengths are the data's token counts per example."""
+def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None, chosen: dict | None = None) -> Choice:
+    """Pick and tune a recipe for this model on this target; lengths are the data's token counts per example; chosen:
+    settings the user fixed (the adapter's layers and variant), which the tuning plans with and never changes."""
     recipes = card_recipes()
     if target.device == "cpu":
         name = "cpu"
@@ -96,6 +97,8 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         sizes = [n for n in recipes if card_gb(n) <= target.capacity_bytes / GIB * 1.05]
         name = sizes[-1] if sizes else next(iter(recipes))
     choice = Choice(target, name, load_recipe(recipes[name]), shape)
+    if chosen:
+        choice.change("you chose it", **chosen)
     if target.gpus > 1:
         _choose_layout(choice)
     if target.device == "cuda" and not target.bf16:
@@ -104,7 +107,7 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         choice.warnings.append("No GPU: training runs on the CPU. It works, but expect seconds per step even for small models.")
     effective = _fit_to_data(choice, lengths) if lengths else choice.recipe.micro_batch * choice.recipe.grad_accum
     _grow_micro_batch(choice, effective, BUSY_TOKENS[target.device])
-    _step_down_until_it_fits(choice)
+    _step_down_until_it_fits(choice, rank_fixed="rank" in (chosen or {}))
     _spend_spare_memory(choice, effective)
     choice.planned_bytes = choice.total()
     if choice.fits and not choice.roomy():
@@ -166,8 +169,9 @@ STEP_DOWN_REASONS = {"uncheckpointed_layers": "to fit: every layer is recomputed
                      "seq_len": "to fit: shorter sequences"}
 
 
-def _step_down_until_it_fits(choice: Choice) -> None:
-    """Step down as training would (plan.cheaper), then halve the rank, until the plan keeps its headroom."""
+def _step_down_until_it_fits(choice: Choice, rank_fixed: bool = False) -> None:
+    """Step down as training would (plan.cheaper), then halve the rank (unless an adapter to start from fixes it),
+    until the plan keeps its headroom."""
     while not choice.roomy():
         now = StepShape.of(choice.recipe)
         smaller = cheaper(now, choice.target.device)
@@ -179,7 +183,7 @@ def _step_down_until_it_fits(choice: Choice) -> None:
             effective = choice.recipe.micro_batch * choice.recipe.grad_accum
             choice.change(STEP_DOWN_REASONS[changed].format(effective=effective),
                           **{f: v for f, v in settings.items() if getattr(choice.recipe, f) != v})
-        elif choice.recipe.rank > 4:
+        elif choice.recipe.rank > 4 and not rank_fixed:
             choice.change("to fit: a smaller adapter", rank=choice.recipe.rank // 2, alpha=choice.recipe.alpha / 2)
         else:
             return
@@ -235,9 +239,10 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
              gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
-             gpus: int = 1, steps: int | None = None, epochs: float | None = None):
+             gpus: int = 1, steps: int | None = None, epochs: float | None = None, **lora):
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
-    passes over the data when given (else the recipe's)."""
+    passes over the data when given (else the recipe's). lora: the LoRA settings the user chose (target_modules,
+    use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and keeps."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
@@ -247,6 +252,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
 
     loaded = data_module.read_records(data_path)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
+    chosen = lora_choices(lora)
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
     target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
@@ -265,7 +271,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
             raise
         tokenizer = None
     lengths = data_lengths(loaded.records, tokenizer, tokenizer and data_module.cache_key(loaded, tokenizer))
-    choice = choose_recipe(shape, target, lengths)
+    choice = choose_recipe(shape, target, lengths, chosen)
     if tokenizer is None:
         choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")
     console.print(render_choice(choice, shape, model))
@@ -282,6 +288,19 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel)).to_dict()
     return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
                         trust_remote_code=trust_remote_code, plan=plan)
+
+
+def lora_choices(lora: dict) -> dict:
+    """The settings the user chose for the adapter, with those an adapter to start from fixes (rank, alpha,
+    layers, variant): auto plans with them and does not change them."""
+    from qlora_kit.model import settings_from_adapter
+
+    given = with_overrides(Recipe(), **lora)
+    if not given.init_adapter:
+        return {k: v for k, v in lora.items() if v is not None}
+    fixed = settings_from_adapter(given)
+    return {**{k: v for k, v in lora.items() if v is not None},
+            **{k: getattr(fixed, k) for k in ("rank", "alpha", "target_modules", "use_rslora", "use_dora")}}
 
 
 def _limited(vram_limit: float, hardware) -> Target:

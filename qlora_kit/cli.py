@@ -389,7 +389,7 @@ def demo(
 
 
 @app.command()
-@with_recipe_flags(only=("steps", "epochs"))
+@with_recipe_flags(only=("steps", "epochs", "target_modules", "use_rslora", "use_dora", "lora_init", "init_adapter"))
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),

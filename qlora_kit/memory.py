@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from qlora_kit.recipes import Recipe, optimizer_in_use
+from qlora_kit.recipes import Recipe, optimizer_in_use, target_names
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax constant
@@ -134,10 +134,8 @@ def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear"
 
 
 def targeted(shape: ModelShape, target_modules: str) -> list[tuple[str, int, int]]:
-    if target_modules == "all-linear":
-        return shape.linear_shapes()
-    names = {t.strip() for t in target_modules.split(",")}
-    return [layer for layer in shape.linear_shapes() if layer[0] in names]
+    names = target_names(target_modules)
+    return shape.linear_shapes() if names == "all-linear" else [layer for layer in shape.linear_shapes() if layer[0] in names]
 
 
 def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:

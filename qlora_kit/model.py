@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe
+from qlora_kit.recipes import Recipe, target_names
 from qlora_kit.sources import check_adapter_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,12 +110,11 @@ def add_fresh_lora(model, recipe: Recipe):
                         "the adapter; a 4-bit base would have to be quantized again, and the adapter would then no longer "
                         "fit the original base model.", hint="Use lora_init loftq, which starts from the 4-bit base as it "
                                                              "is, or default.")
-    targets = recipe.target_modules
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        target_modules=present_in(model, target_names(recipe.target_modules)),
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
         bias="none",
@@ -159,6 +158,15 @@ def start_as_the_rounding_error(model) -> None:
 
 
 
+def present_in(model, names: str | list[str]) -> str | list[str]:
+    """The layer names the model has (a preset lists every architecture's), so the adapter's config names only
+    those; all of them when none is there, for peft to say so."""
+    if isinstance(names, str):
+        return names
+    layers = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [name for name in names if name in layers] or names
+
+
 def settings_from_adapter(recipe: Recipe) -> Recipe:
     """recipe with the rank, alpha, layers and variant of the adapter it starts from (recipe.init_adapter); a different value
     set in the recipe or on the command line is refused, since the adapter's weights have its own."""
@@ -171,8 +179,10 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
         raise UserError(f"{folder} is a {config['peft_type']} adapter; qlora-kit continues LoRA adapters.",
                         hint="Start a fresh run without --from-adapter.")
     targets = config.get("target_modules") or "all-linear"
+    # peft saves the layers' names, sometimes with their paths (model.layers.0.mlp.up_proj); the recipe keeps the
+    # names (up_proj), which the plan counts per block. The weights are placed by the adapter's own config.
     found = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
-             "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+             "target_modules": targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
              "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora"))}
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     differ = [f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})" for name, value in found.items()

@@ -49,7 +49,8 @@ class Recipe:
     alpha: float = _setting(32.0, "LoRA alpha: the update is scaled by alpha / rank", low=0.0)
     dropout: float = _setting(0.0, "dropout on the LoRA input; 0 is the fast path (no mask, no copy of each input)",
                               low=0.0, high=0.9)
-    target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, or comma-separated names (q_proj,v_proj)")
+    target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, attention (q, k, v, o), mlp (gate, up, "
+                                                 "down), or comma-separated names (q_proj,v_proj)")
     use_rslora: bool = _setting(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(rank) instead of alpha / "
                                        "rank, so high ranks keep learning")
     use_dora: bool = _setting(False, "DoRA: learn each weight's magnitude apart from its direction (a vector per layer, "
@@ -107,6 +108,18 @@ class Recipe:
             lines.append(f"# {f.metadata['help']}")
             lines.append(yaml.safe_dump({f.name: getattr(self, f.name)}, sort_keys=False).strip())
         return "\n".join(lines) + "\n"
+
+
+# target_modules presets: every architecture's names for them (Phi-3 fuses qkv_proj and gate_up_proj).
+TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
+                  "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}
+
+
+def target_names(target_modules: str) -> str | list[str]:
+    """What peft's target_modules takes for a recipe's setting: "all-linear", or the layer names."""
+    if target_modules == "all-linear":
+        return target_modules
+    return [name for part in target_modules.split(",") for name in TARGET_PRESETS.get(part.strip(), (part.strip(),))]
 
 
 def optimizer_in_use(recipe: Recipe, device_type: str) -> str:

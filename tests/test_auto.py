@@ -200,3 +200,30 @@ def test_the_run_auto_starts_keeps_the_plan_auto_printed(llama_dir, chat_data, t
     assert plan["target"]["name"] == "Pretend GPU (limited to 6 GB)" and plan["target"]["capacity_bytes"] == 6 * 2**30
     assert f"{plan['plan']['total_bytes'] / 2**30:.2f}" == printed[1] and printed[2] == "6.00"
     assert plan["plan"]["seq_len"] == load_recipe(tmp_path / "run" / "recipe.yaml").seq_len
+
+
+def test_lora_choices_are_planned_with_and_kept():
+    """DoRA costs memory: auto plans with it, keeps it, and steps the rest down to fit; an adapter's rank is kept."""
+    shape, target = find_model_shape("llama-3.1-8b"), choose_target(vram_gib=12)
+    plain = choose_recipe(shape, target, LONG_DATA)
+    dora = choose_recipe(shape, target, LONG_DATA, {"use_dora": True})
+    assert dora.fits and dora.recipe.use_dora and not plain.recipe.use_dora
+    assert any(c.setting == "use_dora" and "you chose it" in c.why for c in dora.changes)
+    assert dora.recipe.seq_len * dora.recipe.micro_batch <= plain.recipe.seq_len * plain.recipe.micro_batch
+    squeezed = choose_recipe(shape, choose_target(vram_gib=8), LONG_DATA, {"rank": 64, "alpha": 128.0})
+    assert squeezed.recipe.rank == 64, "a rank an adapter fixes is never halved to fit"
+
+
+def test_auto_starts_from_an_adapter_with_its_settings(llama_dir, chat_data, tmp_path, monkeypatch):
+    from qlora_kit.recipes import Recipe
+    from qlora_kit.train import run_training
+
+    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, alpha=8, target_modules="attention", steps=1),
+                 tmp_path / "first", Console(file=io.StringIO()))
+    choice = run_auto(str(llama_dir), chat_data, None, Console(file=io.StringIO()), dry_run=True,
+                      init_adapter=str(tmp_path / "first" / "adapter"))
+    assert (choice.recipe.rank, choice.recipe.alpha, choice.recipe.init_adapter) == (4, 8.0, str(tmp_path / "first" / "adapter"))
+    assert choice.recipe.target_modules == "k_proj,o_proj,q_proj,v_proj"
+    with pytest.raises(UserError, match="these differ: use_dora True"):
+        run_auto(str(llama_dir), chat_data, None, Console(file=io.StringIO()), dry_run=True,
+                 init_adapter=str(tmp_path / "first" / "adapter"), use_dora=True)
