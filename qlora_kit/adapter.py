@@ -121,9 +121,12 @@ def lineage(init_adapter: str | None) -> list[str]:
 
 
 def corrects_nf4_rounding(adapter_dir: Path) -> bool:
-    """Whether the adapter started as LoftQ (lora_init loftq in its run's recipe.yaml): its weights include a
-    correction of NF4's rounding, so it belongs on the 4-bit base, not the 16-bit one."""
-    return run_settings(adapter_dir).get("lora_init") == "loftq"
+    """Whether the adapter, or one it was trained on top of, started as LoftQ (lora_init loftq in its run's
+    recipe.yaml): its weights include a correction of NF4's rounding, so it belongs on the 4-bit base, not the
+    16-bit one."""
+    settings = run_settings(adapter_dir)
+    return settings.get("lora_init") == "loftq" or any(run_settings(Path(a)).get("lora_init") == "loftq"
+                                                        for a in lineage(settings.get("init_adapter")))
 
 
 def run_settings(adapter_dir: Path | None) -> dict:
@@ -143,9 +146,10 @@ def base_source_for(adapter_dir: Path) -> str:
             or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
 
 
-def tokenizer_folder(adapter_dir: Path | None, base_folder: Path) -> Path:
-    """Where the tokenizer to use with an adapter lives: the adapter folder (qlora-kit saves it there), else the base."""
-    return adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else base_folder
+def tokenizer_folder(adapter_dir: Path | None, base_folder: Path, needs: str = "tokenizer_config.json") -> Path:
+    """Where the tokenizer to use with an adapter lives: the adapter folder (qlora-kit saves it there) when it holds
+    the file `needs`, else the base."""
+    return adapter_dir if adapter_dir is not None and (Path(adapter_dir) / needs).is_file() else base_folder
 
 
 def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto",

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import base_source_for, corrects_nf4_rounding
+from qlora_kit.adapter import base_source_for, corrects_nf4_rounding, tokenizer_folder
 from qlora_kit.errors import UserError
-from qlora_kit.sources import check_adapter_folder, gguf_file_of, resolve_model
+from qlora_kit.model import nf4_rounded
+from qlora_kit.sources import check_adapter_folder, gguf_file_of, model_weights, resolve_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -111,11 +112,11 @@ def gguf_alpha(adapter_config: dict) -> float:
 
 def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = False) -> None:
     """GGUF adapters hold A and B with one rank and alpha: refuse what they cannot carry (a merged export takes DoRA)."""
-    if corrects_nf4_rounding(adapter_dir):
+    if corrects_nf4_rounding(adapter_dir) and not merged:
         raise UserError(f"{adapter_dir} started as LoftQ: it corrects NF4's rounding of each weight, so it belongs on "
-                        "the 4-bit base it was trained on; exporting such adapters to GGUF is not supported yet.",
-                        hint="generate, chat and eval use it as trained; `qlora-kit merge --from-quantized` writes it "
-                             "merged into that base.")
+                        "the 4-bit base it was trained on, which a GGUF base does not hold.",
+                        hint="Export it merged instead (--format gguf): the adapter is added to each weight as NF4 "
+                             "rounds it.")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_dir} is a {adapter_config['peft_type']} adapter; GGUF adapters are LoRA only.")
     if adapter_config.get("use_dora") and not merged:
@@ -202,9 +203,11 @@ class LoraUpdate:
     b: torch.Tensor
     scale: float
     magnitude: torch.Tensor | None = None  # DoRA: each output row's learned norm
+    on_nf4_rounding: bool = False  # LoftQ: B @ A corrects the weight as NF4 rounds it, so it is added to that
 
     def applied_to(self, weight: torch.Tensor) -> torch.Tensor:
         """weight + scale * B @ A, in fp32; with DoRA, each row then rescaled to its learned magnitude."""
+        weight = nf4_rounded(weight) if self.on_nf4_rounding else weight
         merged = weight.float() + self.scale * (self.b.float() @ self.a.float())
         if self.magnitude is None:
             return merged
@@ -219,24 +222,11 @@ def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
     check_plain_lora(config, adapter_dir, merged=True)
     scale = gguf_alpha(config) / int(config["r"])
     lora = load_file(adapter_dir / "adapter_model.safetensors")
+    loftq = corrects_nf4_rounding(adapter_dir)
     return {key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight":
             LoraUpdate(a, lora[key.replace(".lora_A.", ".lora_B.")], scale,
-                       lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")))
+                       lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")), loftq)
             for key, a in lora.items() if ".lora_A." in key}
-
-
-def base_weights(folder: Path):
-    """(name, tensor) for every weight of a model folder, one at a time: safetensors are memory-mapped, so a large
-    model never sits in RAM whole."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has no .safetensors weights to export.", hint="Save the base model with safetensors.")
-    for file in files:
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():
-                yield name, weights.get_tensor(name)
 
 
 WRITE_BUFFER_BYTES = 256 * 2**20  # the gguf package's SpooledTemporaryFile keeps this much in memory
@@ -483,9 +473,8 @@ def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None =
     updates = lora_updates(adapter_dir) if adapter_dir else {}
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
     say(f"Merging one weight at a time: about {check_ram_for_export(base) / 2**30:.1f} GiB of RAM at the peak.")
-    tokenizer_folder = adapter_dir if adapter_dir and (adapter_dir / "tokenizer.json").is_file() else base
     merged = Merged(run_name_of(adapter_dir) if adapter_dir else base.name, base, config, architecture, updates,
-                    tokenizer_folder, gguf_file_of(source))
+                    tokenizer_folder(adapter_dir, base, needs="tokenizer.json"), gguf_file_of(source))
     with staged_file(out) as staging:
         if llama_cpp:  # llama.cpp quantizes from an f16 file, written beside the output and removed after
             f16 = staging.with_name(staging.name + ".f16")
@@ -531,7 +520,7 @@ def llama_cpp_weights(merged: Merged, updates: dict):
     architecture = merged.architecture
     names = tensor_name_map(architecture, merged.config)
     heads = rotary_heads(merged.config) if architecture.rotary_rows_interleaved else {}
-    for name, weight in base_weights(merged.base):
+    for name, weight in model_weights(merged.base):
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
             continue  # rotary caches and the like, which llama.cpp computes itself; Gemma's tied head

@@ -2,7 +2,8 @@
 
 Default: the base is reloaded in 16-bit (on the CPU, after checking RAM) and W + (alpha/r) B A is computed
 exactly in that precision. --from-quantized instead merges into the dequantized 4-bit weights the adapter was
-trained against: it needs no 16-bit copy of the base, but every weight carries NF4's rounding error.
+trained against: it needs no 16-bit copy of the base, but every weight carries NF4's rounding error. An adapter that
+started as LoftQ corrects that rounding, so the weights it adapts are NF4-rounded before it is added either way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from qlora_kit.adapter import base_source_for, corrects_nf4_rounding, staged_folder, tokenizer_folder
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import check_ram_available
-from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer
+from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer, nf4_rounded
 from qlora_kit.sources import check_adapter_folder, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,10 +34,6 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         raise UserError(f"Unknown --dtype {dtype}.", hint=f"Use one of: {', '.join(DTYPES)}.")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty.", hint="Choose a new --out folder.")
-    if corrects_nf4_rounding(adapter_dir) and not from_quantized:
-        raise UserError(f"{adapter_dir} started as LoftQ: it corrects the 4-bit rounding of each weight, so merged into "
-                        "the 16-bit base it would add that correction to weights that have no rounding.",
-                        hint="Merge it into the 4-bit base as trained: --from-quantized.")
     folder = resolve_model(source or base_source_for(adapter_dir))
     torch_dtype = DTYPES[dtype]
     check_ram_for(folder, torch_dtype)
@@ -48,13 +45,25 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         with code_needs_trust(folder):
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
                                                         trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir)
+    if corrects_nf4_rounding(adapter_dir) and not from_quantized:
+        round_adapted_weights(with_adapter)
+    merged = with_adapter.merge_and_unload()
     merged.config.use_cache = True  # a merged model is for inference
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, folder), trust_remote_code)
     with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         merged.save_pretrained(staging, max_shard_size="2GB")  # safetensors shards
         tokenizer.save_pretrained(staging)
     return out
+
+
+def round_adapted_weights(model) -> None:
+    """Give each adapted 16-bit weight NF4's rounding: a LoftQ adapter corrects exactly that rounding, so added to the
+    unrounded weight it would correct an error that is not there."""
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            weight = module.base_layer.weight
+            weight.data = nf4_rounded(weight.data).to(weight.dtype)
 
 
 def check_ram_for(folder: Path, dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, target_names
-from qlora_kit.sources import check_adapter_folder
+from qlora_kit.sources import check_adapter_folder, model_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -133,19 +133,14 @@ def start_as_the_rounding_error(model) -> None:
     """LoftQ's start (one alternation, as peft's replace_lora_weights_loftq, which needs CUDA): each adapted 4-bit
     weight Q gets A and B with scale * B @ A the best rank-r approximation of W - Q, W the 16-bit weight."""
     import bitsandbytes.functional as bnb_functional
-    from safetensors import safe_open
 
-    folder = Path(model.get_base_model().name_or_path)
-    files = {}
-    for file in folder.glob("*.safetensors"):
-        with safe_open(file, "pt") as weights:
-            files.update(dict.fromkeys(weights.keys(), file))
-    for name, module in model.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+    adapted = {name.removeprefix("base_model.model.") + ".weight": module for name, module in model.named_modules()
+               if hasattr(module, "lora_A") and "default" in module.lora_A}
+    for name, original in model_weights(model.get_base_model().name_or_path):
+        module = adapted.get(name)
+        if module is None:
             continue
-        base_name = name.removeprefix("base_model.model.") + ".weight"
-        with safe_open(files[base_name], "pt") as weights:
-            original = weights.get_tensor(base_name).float()
+        original = original.float()
         quantized = module.base_layer.weight
         rounded = bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
         rank, scale = module.r["default"], module.scaling["default"]
@@ -156,6 +151,14 @@ def start_as_the_rounding_error(model) -> None:
             module.lora_A["default"].weight.copy_(root[:, None] * v[:, :rank].T)
 
 
+def nf4_rounded(weight: torch.Tensor) -> torch.Tensor:
+    """weight as the 4-bit base holds it (NF4 with double-quantized constants, as load_base_4bit quantizes), in fp32:
+    what a LoftQ adapter's correction was fitted to."""
+    import bitsandbytes.functional as bnb_functional
+
+    packed, state = bnb_functional.quantize_4bit(weight.float().contiguous(), blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    return bnb_functional.dequantize_4bit(packed, state).float()
 
 
 def present_in(model, names: str | list[str]) -> str | list[str]:
@@ -174,6 +177,9 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
         return recipe
     folder = Path(recipe.init_adapter)
     check_adapter_folder(folder)
+    if recipe.lora_init != "default":
+        raise UserError(f"lora_init {recipe.lora_init} says how a fresh adapter starts; this run starts from {folder}'s "
+                        "weights.", hint="Leave lora_init out with --from-adapter.")
     config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{folder} is a {config['peft_type']} adapter; qlora-kit continues LoRA adapters.",
@@ -202,7 +208,7 @@ def start_from_adapter(model, recipe: Recipe):
     config = LoraConfig.from_pretrained(folder)
     config.lora_dropout, config.inference_mode = recipe.dropout, False
     weights = load_file(folder / "adapter_model.safetensors")
-    check_adapter_fits(model, weights, folder)
+    check_adapter_fits(model, weights, folder, config.base_model_name_or_path)
     model = get_peft_model(model, config)
     loaded = set_peft_model_state_dict(model, weights)
     if loaded.unexpected_keys:
@@ -211,10 +217,10 @@ def start_from_adapter(model, recipe: Recipe):
     return model
 
 
-def check_adapter_fits(base, weights: dict, folder: Path) -> None:
-    """Refuse an adapter made for another base model: every layer it adapts must exist here with its shape."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    hint = (f"Train on the base it was made for ({config.get('base_model_name_or_path') or 'see its adapter_config.json'}) "
+def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) -> None:
+    """Refuse an adapter made for another base model (made_for, as its config names it): every layer it adapts must
+    exist here with its shape."""
+    hint = (f"Train on the base it was made for ({made_for or 'see its adapter_config.json'}) "
             "with --model, or start a fresh run without --from-adapter.")
     for key, a in weights.items():
         if ".lora_A." not in key:

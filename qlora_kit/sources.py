@@ -161,6 +161,20 @@ def gguf_to_folder(gguf: Path) -> Path:
     return folder
 
 
+def model_weights(folder: Path):
+    """(name, tensor) for every weight of a model folder, one at a time: safetensors are memory-mapped, so a large
+    model never sits in RAM whole."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights.", hint="Save the base model with safetensors.")
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                yield name, weights.get_tensor(name)
+
+
 def check_adapter_folder(adapter_dir: Path) -> None:
     """A PEFT adapter folder with safetensors weights, or a UserError saying what is missing; cheap, so the CLI
     checks before it loads anything."""

@@ -7,7 +7,7 @@ torch.save and each metrics.jsonl line (neither raises an audit event); the same
 The kill is os._exit(137) in the process, before that call runs: no `finally`, no flush, as SIGKILL. Each run is a
 fork of this process, so torch, transformers and peft load once. tests/test_reliability.py runs this file:
 
-    python tests/kill_at_every_write.py MODEL DATA WORK_FOLDER [EVERY_NTH]
+    python tests/kill_at_every_write.py MODEL DATA WORK_FOLDER [EVERY_NTH [TRAIN FLAGS ...]]
 
 and reads one JSON line per write point from stdout.
 """
@@ -121,7 +121,7 @@ def same_run(a: Path, b: Path) -> bool:
     return losses(a) == losses(b) and x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
 
 
-def main(model: str, data: str, work: Path, every_nth: int = 1) -> None:
+def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str] = ()) -> None:
     # Imported once, before the forks, so that each child starts with them loaded (seconds each otherwise); qlora_kit
     # first, as it quiets a bitsandbytes logger.
     from qlora_kit import cli, train  # noqa: F401, I001
@@ -131,7 +131,7 @@ def main(model: str, data: str, work: Path, every_nth: int = 1) -> None:
 
     def command(out: Path) -> list:
         return ["train", "--out", out, "--model", model, "--data", data, "--rank", "4", "--steps", "6", "--micro-batch", "2",
-                "--checkpoint-every", "2", "--quiet"]
+                "--checkpoint-every", "2", "--quiet", *flags]
 
     reference = work / "reference"  # watched, not killed: the uninterrupted run, and the list of its write points
     code = killed_run(command(reference), reference, None, work / "reference.log", work / "points.json")
@@ -148,4 +148,4 @@ def main(model: str, data: str, work: Path, every_nth: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1, sys.argv[5:])

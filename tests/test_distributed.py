@@ -119,3 +119,20 @@ def test_fsdp_shards_the_4bit_model_trains_like_one_process_and_resumes(llama_di
 
 def test_gpus_flag_is_removed_for_the_processes_torchrun_starts():
     assert without_gpus_flag(["train", "--gpus", "2", "--out", "x", "--gpus=4"]) == ["train", "--out", "x"]
+
+
+@pytest.mark.parametrize("parallel, variant", [("ddp", "use_dora"), ("fsdp", "use_dora"), ("fsdp", "loftq")])
+def test_lora_variants_train_over_two_processes_like_one(llama_dir, chat_data, tmp_path, parallel, variant):
+    """DoRA's magnitudes are parameters of their own that DDP must reduce and FSDP shard; LoftQ's start is computed
+    on every rank and must be the same on each."""
+    settings = {"use_dora": True} if variant == "use_dora" else {"lora_init": "loftq"}
+    flags = ["--use-dora"] if variant == "use_dora" else ["--lora-init", "loftq"]
+    reference = tmp_path / "single"
+    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
+                        checkpoint_every=3, dropout=0.0, **settings), reference, Console(file=io.StringIO()))
+    out = tmp_path / parallel
+    result = torchrun(out, llama_dir, chat_data, "--parallel", parallel, *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_training(out, reference)
+    if variant == "use_dora":
+        assert any("lora_magnitude_vector" in key for key in adapter_tensors(out))

@@ -776,10 +776,10 @@ def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
         fault.then(case)
 
 
-def kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth: int) -> list[dict]:
+def kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth: int, flags: tuple = ()) -> list[dict]:
     """Run tests/kill_at_every_write.py: one row per write point killed, with what the user did after and its result."""
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("kill_at_every_write.py")), str(llama_dir),
-                             str(chat_data), str(tmp_path), str(every_nth)], capture_output=True, text=True, timeout=1200,
+                             str(chat_data), str(tmp_path), str(every_nth), *flags], capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
@@ -801,3 +801,17 @@ def test_a_kill_at_every_fifth_write_point_recovers_exactly(llama_dir, chat_data
 @pytest.mark.slow
 def test_a_kill_at_every_write_point_recovers_exactly(llama_dir, chat_data, tmp_path):
     assert_every_kill_recovers(kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dora", "loftq", "rslora-from-adapter"])
+def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly(llama_dir, chat_data, tmp_path, variant):
+    """DoRA keeps magnitudes beside A and B, LoftQ starts from computed weights, a run from an adapter loads them
+    first: each must come back from a kill exactly as the plain run does."""
+    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq")}.get(variant)
+    if variant == "rslora-from-adapter":
+        train.run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2,
+                                  use_rslora=True), tmp_path / "a", Console(quiet=True), display="quiet")
+        flags = ("--from-adapter", str(tmp_path / "a" / "adapter"))
+    (tmp_path / "kills").mkdir()
+    assert_every_kill_recovers(kill_at_every_write(llama_dir, chat_data, tmp_path / "kills", every_nth=3, flags=flags))
