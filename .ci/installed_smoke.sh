@@ -26,6 +26,10 @@ cat > data.jsonl <<'DATA'
 {"messages": [{"role": "user", "content": "one two three?"}, {"role": "assistant", "content": "four five, arr!"}]}
 {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "a pirate sails the sea"}]}
 DATA
+cat > pairs.jsonl <<'DATA'
+{"prompt": [{"role": "user", "content": "what is the capital of france?"}], "chosen": "paris, arr!", "rejected": "Paris."}
+{"prompt": [{"role": "user", "content": "one two three?"}], "chosen": "four five, arr!", "rejected": "four five."}
+DATA
 
 # Each command must exit 0, print no traceback, and leave the user's screen free of library noise.
 run() {
@@ -70,4 +74,8 @@ python -c "import gguf; assert gguf.GGUFReader('runs/smoke/adapter.gguf').fields
 run export --adapter runs/smoke/adapter --format gguf --quant q8_0 --ollama
 expect "ollama create smoke"
 grep -q "FROM ./smoke-q8_0.gguf" runs/smoke/Modelfile
+run data check pairs.jsonl
+expect preference_chat
+run train --model tiny-llama --data pairs.jsonl --method dpo --out runs/dpo --steps 2 --rank 4 --micro-batch 2 --plain
+expect "accuracy"
 echo "installed smoke test passed"

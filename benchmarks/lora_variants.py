@@ -49,7 +49,8 @@ metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().spli
 tokens = sum(m.get("tokens", 0) for m in metrics)
 print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens,
                   "step_seconds": sum(m.get("step_s", 0) for m in metrics),
-                  "eval_loss": [m["eval_loss"] for m in metrics if "eval_loss" in m][-1],
+                  "eval_loss": ([m["eval_loss"] for m in metrics if "eval_loss" in m] or [None])[-1],
+                  "planned_gib": json.loads((out / "plan.json").read_text())["plan"]["total_bytes"] / 2**30,
                   "peak_gib": int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]) / 2**20}))
 """
 
@@ -88,16 +89,22 @@ def train_and_report(name: str, variant: dict, steps: int, out: Path, second: Pa
     folder = out / f"{name.replace(' ', '-')}-seed{variant['seed']}-{steps}"
     settings = {"model": "smollm2-135m", "data": str(demo_data), "steps": steps, "eval_fraction": 0.1,
                 "seq_len": 256, "micro_batch": 4, "lr": 2e-4, "checkpoint_every": 0, **variant}
-    done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(settings), str(folder)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = train_in_own_process(settings, folder)
     second_loss = held_out_loss(folder / "adapter", second)
     print(f"{name:<12}{variant['seed']:>5}{steps:>6}{result['eval_loss']:>10.4f}{second_loss:>14.4f}{result['seconds']:>8.1f}"
           f"{result['step_seconds']:>8.1f}{result['tokens'] / result['step_seconds']:>10.0f}{result['peak_gib']:>14.2f}",
           flush=True)
     return result
+
+
+def train_in_own_process(settings: dict, folder: Path, env: dict | None = None) -> dict:
+    """Train Recipe(**settings) into folder in a fresh process (with env added to its environment): its seconds,
+    tokens, step seconds, last eval loss, peak RSS (model loading included) and planned peak."""
+    done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(settings), str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    if done.returncode != 0:
+        raise SystemExit(f"{folder.name} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def held_out_loss(adapter: Path, data: Path) -> float:

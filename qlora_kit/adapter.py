@@ -53,7 +53,9 @@ def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None 
     """Write adapter_config.json, adapter_model.safetensors, tokenizer files and the card (README.md) atomically;
     returns the weights' bytes. state_dict: the LoRA tensors gathered whole, when the model's are sharded."""
     with staged_folder(folder) as staging:
-        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
+        # Only the adapter that trains: a DPO run also holds the one it started from, frozen, as its reference.
+        model.save_pretrained(staging, selected_adapters=["default"],
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         if card:
             (staging / "README.md").write_text(card)

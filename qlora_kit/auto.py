@@ -241,8 +241,9 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
              gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
              gpus: int = 1, steps: int | None = None, epochs: float | None = None, **lora):
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
-    passes over the data when given (else the recipe's). lora: the LoRA settings the user chose (target_modules,
-    use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and keeps."""
+    passes over the data when given (else the recipe's). lora: the settings the user chose for what is learned
+    (method, beta, target_modules, use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and
+    keeps; preference data without a method trains with DPO."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
@@ -252,6 +253,9 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
 
     loaded = data_module.read_records(data_path)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
+    if loaded.format in data_module.PREFERENCE_FORMATS and lora.get("method") is None:
+        lora["method"] = "dpo"  # pairs of a chosen and a rejected answer are what DPO learns from
+        console.print(f"{data_path} holds preference pairs: training with DPO (--method orpo for ORPO).")
     chosen = lora_choices(lora)
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)

@@ -77,7 +77,17 @@ def describe_step(m: dict) -> str:
     """One compact line of a step's metrics, for logs and pipes."""
     memory = (f"mem {m['mem_alloc_gib']:.2f}/{m['mem_reserved_gib']:.2f} GiB" if m.get("mem_alloc_gib") is not None
               else f"rss {m['rss_gib']:.2f} GiB")
-    return f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  {m['step_s']:.2f} s/step  {memory}"
+    rewards = f"  accuracy {m['reward_accuracy']:.2f} margin {m['reward_margin']:.3f}" if "reward_accuracy" in m else ""
+    return f"loss {m['loss']:.4f}{rewards}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  {m['step_s']:.2f} s/step  {memory}"
+
+
+def describe_rewards(m: dict) -> str:
+    """A preference step's rewards (DPO's beta-scaled log-ratios, ORPO's beta-scaled mean log-probs), and eval's."""
+    said = (f"chosen {m['reward_chosen']:+.3f}  rejected {m['reward_rejected']:+.3f}  margin {m['reward_margin']:+.3f}  "
+            f"accuracy {m['reward_accuracy']:.0%}")
+    if m.get("eval_reward_accuracy") is not None:
+        said += f"   eval: margin {m['eval_reward_margin']:+.3f}  accuracy {m['eval_reward_accuracy']:.0%}"
+    return said
 
 
 class Dashboard:
@@ -155,6 +165,8 @@ class Dashboard:
         if m.get("eval_loss") is not None:
             loss.append(f"  eval {m['eval_loss']:.4f}")
         grid.add_row("loss", loss)
+        if "reward_accuracy" in m:
+            grid.add_row("rewards", describe_rewards(m))
         grid.add_row("learning rate", f"{m['lr']:.2e}   grad norm {m['grad_norm']:.3f}")
         threads = f"   {m['cpu_threads']} CPU thread{'s' * (m['cpu_threads'] > 1)}" if m.get("cpu_threads") else ""
         grid.add_row("speed", f"{m['tokens_per_s']:,.0f} tokens/s   {m['step_s']:.2f} s/step   "

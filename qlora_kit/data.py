@@ -7,6 +7,11 @@ Formats, detected per file (or forced with --format), each normalised to one of 
   chat        {"messages": [{"role", "content"}, ...]}        -> loss on every assistant turn
   sharegpt    {"conversations": [{"from", "value"}, ...]}     -> a chat: human/gpt/system
 Chats render with the tokenizer's chat template, or FALLBACK_TEMPLATE when it has none.
+
+Preference data (for --method dpo or orpo) pairs a better and a worse answer to one prompt:
+  preference       {"prompt", "chosen", "rejected"}, all strings  -> two completions of the prompt
+  preference_chat  {"prompt" or "messages": [turns], "chosen", "rejected"}, answers as strings or [assistant turns]
+                   (TRL's conversational form)                    -> two chats; loss on the answer's turns only
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from qlora_kit.errors import UserError
 from qlora_kit.sources import cache_dir
 
 IGNORE = -100  # label value that the loss skips
-FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt")
+FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt", "preference", "preference_chat")
+PREFERENCE_FORMATS = ("preference", "preference_chat")
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # For tokenizers without a chat template: plain, readable turns, closed by the end-of-sequence token.
@@ -55,6 +61,17 @@ class Example:
 
 
 @dataclass
+class PreferencePair:
+    """One prompt with a better (chosen) and a worse (rejected) answer, each a whole Example, prompt included."""
+
+    chosen: Example
+    rejected: Example
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
 class Records:
     """A data file read and normalised: records as text / completion / chat, and what was skipped."""
 
@@ -66,6 +83,9 @@ class Records:
 
 def detect_format(record: dict) -> str | None:
     """The format a record's keys say it is in, or None."""
+    if "chosen" in record or "rejected" in record:
+        conversational = "messages" in record or any(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected"))
+        return "preference_chat" if conversational else "preference"
     if "messages" in record:
         return "chat"
     if "conversations" in record:
@@ -202,10 +222,45 @@ def _normalise(raw: dict, format: str) -> dict:
         instruction, extra = _text(raw, "instruction"), _text(raw, "input", required=False)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(raw, "output")}]}
-    key, role_key, content_key = ("messages", "role", "content") if format == "chat" else ("conversations", "from", "value")
+    if format in PREFERENCE_FORMATS:
+        return _preference(raw, format)
+    messages = _turns(raw, "messages" if format == "chat" else "conversations")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant turn, so nothing to learn")
+    return {"messages": messages}
+
+
+def _preference(raw: dict, format: str) -> dict:
+    """A preference record as {"prompt", "chosen", "rejected"} strings, or with format preference_chat as
+    {"messages": prompt turns, "chosen": turns, "rejected": turns}."""
+    for side in ("chosen", "rejected"):
+        if raw.get(side) is None:
+            raise ValueError(f"missing `{side}`: a preference example needs a chosen and a rejected answer")
+    if format == "preference":
+        record = {"prompt": _text(raw, "prompt"), "chosen": _text(raw, "chosen"), "rejected": _text(raw, "rejected")}
+    else:
+        key = "messages" if "messages" in raw else "prompt"
+        prompt = raw.get(key)
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        record = {"messages": _turns({key: prompt}, key)}
+        for side in ("chosen", "rejected"):
+            answer = raw[side]
+            record[side] = _turns({side: [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer}, side)
+            if not any(m["role"] == "assistant" for m in record[side]):
+                raise ValueError(f"`{side}` has no assistant turn")
+    if record["chosen"] == record["rejected"]:
+        raise ValueError("`chosen` and `rejected` are the same answer, so there is no preference to learn")
+    return record
+
+
+def _turns(raw: dict, key: str) -> list[dict]:
+    """raw[key] as checked {"role", "content"} turns (sharegpt's conversations as {"from", "value"} turns)."""
+    role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
     turns = raw.get(key)
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"`{key}` must be a non-empty list")
+        raise ValueError(f"`{key}` must be a non-empty list" if turns is not None else f"missing `{key}`")
+    where = "" if key in ("messages", "conversations") else f" of `{key}`"
     messages = []
     for i, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
@@ -213,15 +268,13 @@ def _normalise(raw: dict, format: str) -> dict:
         role, content = turn.get(role_key), turn.get(content_key)
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"turn {i} needs a string `{role_key}` and a string `{content_key}`")
-        known = ROLES if format == "chat" else SHAREGPT_ROLES
+        known = SHAREGPT_ROLES if key == "conversations" else ROLES
         if role not in known:
-            raise ValueError(f"turn {i} has unknown role '{role}' (known: {', '.join(sorted(known))})")
+            raise ValueError(f"turn {i}{where} has unknown role '{role}' (known: {', '.join(sorted(known))})")
         if not content.strip():
-            raise ValueError(f"turn {i} has empty `{content_key}`")
-        messages.append({"role": role if format == "chat" else SHAREGPT_ROLES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("the conversation has no assistant turn, so nothing to learn")
-    return {"messages": messages}
+            raise ValueError(f"turn {i}{where} has empty `{content_key}`")
+        messages.append({"role": SHAREGPT_ROLES[role] if key == "conversations" else role, "content": content})
+    return messages
 
 
 def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False, drop_long: bool = False,
@@ -254,9 +307,13 @@ def tokenized_table(records: list[dict], tokenizer, key: str | None = None):
     if folder and (folder / "dataset_info.json").exists():
         return datasets.load_from_disk(str(folder))  # memory-mapped: pages in as examples are drawn
     workers = min(os.cpu_count() or 1, 8) if len(records) >= PARALLEL_FROM else None
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  "length": datasets.Value("int32"), "first_label": datasets.Value("int32")})
+    ids = datasets.Sequence(datasets.Value("int32"))
+    # A preference pair keeps its chosen answer in input_ids and labels, its rejected one beside; length and
+    # first_label are the pair's: the longer side, the later first learned token.
+    pairs = bool(records) and "chosen" in records[0]
+    features = datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32"),
+                                  "first_label": datasets.Value("int32"),
+                                  **({"rejected_ids": ids, "rejected_labels": ids} if pairs else {})})
     if workers is None:  # small files tokenize in moments: no progress bars
         datasets.disable_progress_bars()
     try:
@@ -324,13 +381,26 @@ def _prune(folder: Path, keep: int) -> None:
 
 def _tokenize_batch(batch: dict, tokenizer) -> dict:
     out = {"input_ids": [], "labels": [], "length": [], "first_label": []}
+    if "chosen" in batch:
+        out.update(rejected_ids=[], rejected_labels=[])
     for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
-        ids, labels = tokenize_record(record, tokenizer)
+        if "chosen" in record:
+            (ids, labels), (rejected_ids, rejected_labels) = tokenize_preference(record, tokenizer)
+            out["rejected_ids"].append(rejected_ids)
+            out["rejected_labels"].append(rejected_labels)
+            sides = [(ids, labels), (rejected_ids, rejected_labels)]
+        else:
+            ids, labels = tokenize_record(record, tokenizer)
+            sides = [(ids, labels)]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
-        out["length"].append(len(ids))
-        out["first_label"].append(next((i for i, label in enumerate(labels) if i and label != IGNORE), NEVER))
+        out["length"].append(max(len(side_ids) for side_ids, _ in sides))
+        out["first_label"].append(max(_first_label(side_labels) for _, side_labels in sides))
     return out
+
+
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if i and label != IGNORE), NEVER)
 
 
 @dataclass(eq=False)
@@ -362,7 +432,10 @@ class TokenizedExamples(Sequence):
             return self.select(range(*index.indices(len(self))))
         row = self.table[self.rows[index]]
         ids = row["input_ids"][:self.seq_len]
-        return Example(ids, list(ids) if self.train_on_inputs else row["labels"][:self.seq_len])
+        chosen = Example(ids, list(ids) if self.train_on_inputs else row["labels"][:self.seq_len])
+        if "rejected_ids" not in row:
+            return chosen
+        return PreferencePair(chosen, Example(row["rejected_ids"][:self.seq_len], row["rejected_labels"][:self.seq_len]))
 
     def select(self, indices) -> TokenizedExamples:
         """A subset, sharing the table."""
@@ -405,9 +478,19 @@ def tokenize_record(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     return _tokenize_chat(record["messages"], tokenizer)
 
 
-def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Render the whole chat once, then mark each assistant turn: the tokens between the conversation rendered up
-    to the turn's generation prompt and the conversation rendered through the turn."""
+def tokenize_preference(record: dict, tokenizer) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+    """((input_ids, labels) of prompt + chosen, the same of prompt + rejected): loss on the answers only."""
+    if "prompt" in record:
+        return tuple(tokenize_record({"prompt": record["prompt"], "completion": record[side]}, tokenizer)
+                     for side in ("chosen", "rejected"))
+    prompt = list(record["messages"])
+    return tuple(_tokenize_chat(prompt + list(record[side]), tokenizer, learn_from=len(prompt))
+                 for side in ("chosen", "rejected"))
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, learn_from: int = 0) -> tuple[list[int], list[int]]:
+    """Render the whole chat once, then mark each assistant turn from turn learn_from on: the tokens between the
+    conversation rendered up to the turn's generation prompt and the conversation rendered through the turn."""
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
 
     def render(turns, generation_prompt=False) -> list[int]:
@@ -420,7 +503,7 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
         full = full + [tokenizer.eos_token_id]
     labels = [IGNORE] * len(full)
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or k < learn_from:
             continue
         before = render(messages[:k], generation_prompt=True) if k else []  # an opening assistant turn: all of it
         through = render(messages[:k + 1])
@@ -488,14 +571,30 @@ def learned_tokens(examples) -> int:
     return sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
 
 
-def truncate(examples: list[Example], seq_len: int) -> list[Example]:
+def loss_units(examples) -> int:
+    """What a step's loss is averaged over: learned tokens, or for preference pairs the pairs."""
+    return len(examples) if examples and isinstance(examples[0], PreferencePair) else learned_tokens(examples)
+
+
+def sides(examples) -> list[Example]:
+    """The sequences a micro-batch runs through the model: preference pairs as all chosen answers, then all rejected."""
+    if examples and isinstance(examples[0], PreferencePair):
+        return [p.chosen for p in examples] + [p.rejected for p in examples]
+    return list(examples)
+
+
+def truncate(examples: list, seq_len: int) -> list:
     """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
-    return [Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len]) for e in examples]
+    def cut(e: Example) -> Example:
+        return Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len])
+    return [PreferencePair(cut(e.chosen), cut(e.rejected)) if isinstance(e, PreferencePair) else cut(e) for e in examples]
 
 
 def collate(chunk: list[Example], pad_id: int):
     """Right-pad to the longest example in the chunk, not to seq_len: (input_ids, attention_mask, labels, position_ids).
-    position_ids is None unless the examples are packed; padding then forms its own segment, never attended to."""
+    position_ids is None unless the examples are packed; padding then forms its own segment, never attended to.
+    Preference pairs give 2 x pairs rows: the chosen answers, then the rejected ones."""
+    chunk = sides(chunk)
     width = max(len(e) for e in chunk)
     input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -556,11 +655,16 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
         parts.append(Text(f"Bad lines ({len(loaded.skipped)}):", style="bold red"))
         parts += [Text(f"  {problem}", style="red") for problem in loaded.skipped]
     if tokenizer is not None:
-        ids, labels = tokenized[0]["input_ids"], tokenized[0]["labels"]
-        shown = Text()
-        for token, label in zip(ids[:seq_len], labels[:seq_len]):
-            shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
-        parts += [Text("First example as the model sees it (loss on the bright green tokens):", style="bold"), shown]
+        first = tokenized[0]
+        shown_sides = [("", "input_ids", "labels")]
+        if "rejected_ids" in first:
+            shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
+        parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
+        for title, ids_key, labels_key in shown_sides:
+            shown = Text(title, style="bold")
+            for token, label in zip(first[ids_key][:seq_len], first[labels_key][:seq_len]):
+                shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
+            parts.append(shown)
     return Group(*parts), refusals
 
 

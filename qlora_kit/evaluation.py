@@ -14,6 +14,7 @@ from rich.table import Table
 
 from qlora_kit import data
 from qlora_kit.adapter import load_with_adapter, run_settings
+from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe
 
 
@@ -54,6 +55,10 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
     recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
                     train_on_inputs=run.get("train_on_inputs", False) if train_on_inputs is None else train_on_inputs)
     loaded = data.read_records(data_path)
+    if loaded.format in data.PREFERENCE_FORMATS:
+        raise UserError(f"{data_path} holds preference pairs; `qlora-kit eval` measures the loss on answers to learn.",
+                        hint="A --method dpo/orpo run reports reward accuracy on held-out pairs: train with "
+                             "--eval-data PAIRS or --eval-fraction, and read eval_reward_accuracy in its metrics.")
     model, tokenizer = load_with_adapter(source, adapter_dir, trust_remote_code=trust_remote_code)
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
     tokens = data.learned_tokens(examples)

@@ -45,7 +45,8 @@ def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 class CausalLMLoss(torch.nn.Module):
     """A micro-batch's summed token loss as one module (decoder, then the chunked loss against the head), so that
-    DistributedDataParallel can wrap all a step computes. Returns (loss sum, labelled tokens, attention mask)."""
+    DistributedDataParallel can wrap all a step computes. Returns (loss sum, labelled tokens, attention mask, {}):
+    the last, sums of statistics to report, is the preference losses' (preference.PreferenceLoss)."""
 
     def __init__(self, model, loss_chunk_tokens: int = 0):
         super().__init__()
@@ -56,7 +57,7 @@ class CausalLMLoss(torch.nn.Module):
         decoder, head_weight, softcap = lm_parts(self.model)
         hidden, labels, attention_mask = final_hidden_states(decoder, examples, pad_id, device)
         loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap)
-        return loss_sum, count, attention_mask
+        return loss_sum, count, attention_mask, {}
 
 
 def final_hidden_states(decoder, examples, pad_id: int, device):
@@ -74,11 +75,18 @@ def final_hidden_states(decoder, examples, pad_id: int, device):
 def evaluate(model, examples, micro_batch: int, pad_id: int, device, loss_module=None, seq_len: int | None = None) -> float:
     """Mean token loss on held-out examples (cut to seq_len when given), without gradients or dropout; through the
     training loss_module when given (under FSDP only it gathers the sharded weights)."""
-    loss_module, total, count = loss_module or CausalLMLoss(model), 0.0, 0
+    return evaluate_with_stats(model, examples, micro_batch, pad_id, device, loss_module, seq_len)[0]
+
+
+def evaluate_with_stats(model, examples, micro_batch: int, pad_id: int, device, loss_module=None,
+                        seq_len: int | None = None) -> tuple[float, dict[str, float]]:
+    """evaluate's mean loss, and the means of the loss module's statistics (preference rewards) over the examples."""
+    loss_module, total, count, sums = loss_module or CausalLMLoss(model), 0.0, 0, {}
     with no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), micro_batch):
             CPU_SHARE.use_free_cores(device)
             batch = examples[start:start + micro_batch]
-            loss_sum, n, _ = loss_module(data.truncate(batch, seq_len) if seq_len else batch, pad_id, device)
+            loss_sum, n, _, stats = loss_module(data.truncate(batch, seq_len) if seq_len else batch, pad_id, device)
             total, count = total + loss_sum.item(), count + n
-    return total / max(count, 1)
+            sums = {name: sums.get(name, 0.0) + value.item() for name, value in stats.items()}
+    return total / max(count, 1), {name: value / max(len(examples), 1) for name, value in sums.items()}

@@ -160,7 +160,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    tokens = recipe.seq_len * recipe.micro_batch
+    # A preference example is two sequences (prompt + chosen, prompt + rejected), run as one batch.
+    sequences = recipe.micro_batch * (2 if recipe.method in ("dpo", "orpo") else 1)
+    tokens = recipe.seq_len * sequences
     lora = lora_params(shape, recipe.rank, recipe.target_modules, recipe.use_dora)
 
     # One decoder layer's activations kept for backward (forward pass), in bytes per token.
@@ -189,6 +191,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     chunk = min(recipe.loss_chunk_tokens or default_chunk_tokens(V), tokens)
     per_logit = 12 + (4 if shape.logit_softcap else 0)  # measured: fp32 logits, log-softmax, gradient (+ tanh)
     loss = tokens * h * (4 + 3 * cb) + chunk * V * per_logit  # final norm, labelled rows and their gradient
+    # DPO's reference: the same model with the adapter off, after the policy's forward and with no graph kept: one
+    # layer's activations at a time, the final hidden states, and one chunk's log-probs.
+    reference = tokens * (per_token_layer + h * cb) + chunk * V * 8 if recipe.method == "dpo" else 0
 
     components = {
         "quantized_weights": quantized_weight_bytes(shape),
@@ -199,7 +204,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         "saved_activations": saved,
         # Backward meets these one after another on top of what is saved: the loss (its chunks freed as it goes),
         # then the kept layers, then the checkpointed ones, recomputed once the kept layers' activations are freed.
-        "backward_working_set": max(loss, backward_only, recompute - kept if checkpointed else 0),
+        "backward_working_set": max(loss, backward_only, recompute - kept if checkpointed else 0, reference),
     }
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
@@ -223,8 +228,12 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]
+    if recipe.method in ("dpo", "orpo"):
+        notes.append(f"{recipe.method.upper()}: each example is two sequences (chosen and rejected), {sequences} a micro-batch"
+                     + ("; the reference is the base with the adapter off, one forward pass with no graph, not a second "
+                        "model." if recipe.method == "dpo" else "."))
     details = {"layer_recompute": recompute if checkpointed else backward_only, "loss_working_set": loss,
-               "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed}
+               "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed, "reference_forward": reference}
     return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,
                       rank=recipe.rank, components=components, trainable_params=lora,
                       total_params=shape.parameter_count() + lora, adapter_bytes=4 * lora, capacity_bytes=capacity_bytes,

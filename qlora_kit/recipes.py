@@ -41,8 +41,16 @@ class Recipe:
     eval_data: str | None = _setting(None, "held-out data in the same format, evaluated during training")
     eval_fraction: float = _setting(0.0, "without eval_data, hold out this fraction of data for evaluation", low=0.0, high=0.5)
     eval_every: int = _setting(0, "evaluate eval_data every N optimizer steps (and after the last); 0 = only after the last", low=0)
-    data_format: str = _setting("auto", "format of the data files; auto detects it per file",
-                                choices=("auto", "text", "completion", "alpaca", "chat", "sharegpt"), aliases=("--format",))
+    # No choices list: seven names would not fit an 80-column --help line; data.read_records refuses an unknown one.
+    data_format: str = _setting("auto", "format of the data files: auto (detected per file), text, completion, alpaca, "
+                                        "chat, sharegpt, preference or preference_chat", aliases=("--format",))
+    method: str = _setting("sft", "what to learn: sft (the answers in the data), dpo (prefer each chosen answer over its "
+                                  "rejected one, against the base as reference) or orpo (the same with no reference, "
+                                  "plus the chosen answer's SFT loss); dpo and orpo need preference data",
+                           choices=("sft", "dpo", "orpo"))
+    beta: float = _setting(0.1, "how strongly to prefer: with dpo, how far the model may move from the reference (higher: "
+                                "less); with orpo, the weight of the preference term (TRL's beta, the paper's lambda)",
+                           low=0.0)
     train_on_inputs: bool = _setting(False, "also learn prompts and user turns, not only completions and assistant turns")
     skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)

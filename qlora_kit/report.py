@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from qlora_kit.dashboard import describe_step_down
+from qlora_kit.dashboard import describe_rewards, describe_step_down
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import read_settings
 
@@ -76,6 +76,8 @@ def summary_table(run: Run) -> Table:
     evals = [s["eval_loss"] for s in steps if s.get("eval_loss") is not None]
     if evals:
         table.add_row("eval loss", f"final {evals[-1]:.4f}, best {min(evals):.4f}")
+    if "reward_accuracy" in last:
+        table.add_row("rewards", describe_rewards(last))
     peak, label = peak_memory(run)
     planned = f"; planned {run.planned_gib:.2f} GiB" if run.planned_gib is not None else ""
     table.add_row(label, f"{peak:.2f} GiB{planned}")
@@ -94,6 +96,27 @@ def peak_memory(run: Run) -> tuple[float, str]:
     return max(s["rss_gib"] for s in run.steps), "process peak (RSS)"
 
 
+def plot_rewards(axes, run: Run, colour: str) -> None:
+    """A preference run's reward margin (and eval's) on axes, with its accuracy on a twin 0-1 axis."""
+    stepped = [s for s in run.steps if "reward_margin" in s]
+    if not stepped:
+        return
+    steps = [s["step"] for s in stepped]
+    axes.plot(steps, [s["reward_margin"] for s in stepped], color=colour, label=f"{run.name} reward margin")
+    evals = [(s["step"], s["eval_reward_margin"]) for s in stepped if s.get("eval_reward_margin") is not None]
+    if evals:
+        axes.plot(*zip(*evals), color=colour, linestyle=":", marker="o", label=f"{run.name} eval margin")
+    axes.set_ylabel("reward margin")
+    axes.axhline(0, color="grey", linewidth=0.5)
+    axes.legend(loc="upper left", fontsize="small")
+    axes.grid(alpha=0.3)
+    accuracy = axes.twinx()
+    accuracy.plot(steps, [s["reward_accuracy"] for s in stepped], color=colour, alpha=0.4, linestyle="--",
+                  label=f"{run.name} accuracy")
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+
+
 def write_png(runs: list[Run], path: str | Path) -> Path:
     """Loss (and eval loss) and memory over steps for one or more runs, with planned peaks as dashed lines."""
     try:
@@ -103,7 +126,9 @@ def write_png(runs: list[Run], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("Plotting needs matplotlib, which is not installed.", hint='Run: pip install "qlora-kit[plot]"') from None
-    figure, (loss_axes, memory_axes) = plt.subplots(2, 1, figsize=FIGURE_INCHES, dpi=DPI, sharex=True)
+    preference = any("reward_accuracy" in s for run in runs for s in run.steps)
+    figure, axes = plt.subplots(3 if preference else 2, 1, figsize=FIGURE_INCHES, dpi=DPI, sharex=True)
+    loss_axes, memory_axes = axes[0], axes[-1]
     for index, run in enumerate(runs):
         colour = f"C{index}"
         steps = [s["step"] for s in run.steps]
@@ -118,6 +143,8 @@ def write_png(runs: list[Run], path: str | Path) -> Path:
             memory_axes.plot(steps, [s["rss_gib"] for s in run.steps], color=colour, label=f"{run.name} process RSS")
         if run.planned_gib is not None:
             memory_axes.axhline(run.planned_gib, color=colour, linestyle="--", label=f"{run.name} planned peak")
+        if preference:
+            plot_rewards(axes[1], run, colour)
     loss_axes.set_ylabel("loss")
     loss_axes.legend(loc="upper right", fontsize="small")
     loss_axes.grid(alpha=0.3)

@@ -27,7 +27,8 @@ from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_do
 from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE, probe, usage_now
-from qlora_kit.loss import CausalLMLoss, evaluate
+from qlora_kit.loss import CausalLMLoss, evaluate_with_stats
+from qlora_kit.preference import PreferenceLoss, check_method_fits_data
 from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, load_tokenizer, parameter_counts,
                              pick_device_and_dtype, set_checkpointing, settings_from_adapter)
 from qlora_kit.plan import StepShape, cheaper, choose_target, make_plan
@@ -195,6 +196,7 @@ def _read_data(recipe: Recipe) -> data.Records:
 
 def _setup_data(recipe: Recipe, loaded: data.Records, tokenizer) -> TrainingData:
     """Tokenize, split off held-out examples and pack, as the recipe says."""
+    check_method_fits_data(recipe, loaded.format)
     eval_records = data.read_records(recipe.eval_data, recipe.data_format).records if recipe.eval_data else []
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
                              cache_key=data.cache_key(loaded, tokenizer))
@@ -419,7 +421,9 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
     checkpoint_every steps, at the end and when stop_requested() names a signal (then raises Stopped). Starts after
     resume_from's step when given. Evaluates eval_examples every eval_every steps and after the last."""
     # Wrapped first: FSDP replaces the parameters with sharded ones, which are what the optimizer must hold.
-    loss_module = distributed.wrap(CausalLMLoss(model, recipe.loss_chunk_tokens), ranks, device, recipe.parallel, dtype)
+    loss = (CausalLMLoss(model, recipe.loss_chunk_tokens) if recipe.method == "sft"
+            else PreferenceLoss(model, recipe.method, recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter))
+    loss_module = distributed.wrap(loss, ranks, device, recipe.parallel, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe, device, console or Console(quiet=True))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
@@ -441,7 +445,7 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
         state.position += len(drawn)
         epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank::ranks.world]]
         shrink = functools.partial(step_down, state, model, device, ranks, step, on_event)
-        step_loss, step_tokens, padding = until_it_fits(
+        step_loss, step_tokens, padding, step_stats = until_it_fits(
             lambda shape: forward_backward(loss_module, step_examples, shape, pad_id, device, scaler, ranks),
             state, shrink, before_retry=lambda: optimizer.zero_grad(set_to_none=True))
         grad_norm, finite = apply_update(params, optimizer, scaler, recipe.max_grad_norm, step_loss)
@@ -451,12 +455,14 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
         state.step = step
         evaluated = {}
         if eval_examples and (step == total_steps or (recipe.eval_every and step % recipe.eval_every == 0)):
-            evaluated["eval_loss"] = until_it_fits(
-                lambda shape: evaluate(model, eval_examples, shape.micro_batch, pad_id, device, loss_module, shape.seq_len),
-                state, shrink)
+            eval_loss, eval_stats = until_it_fits(
+                lambda shape: evaluate_with_stats(model, eval_examples, shape.micro_batch, pad_id, device, loss_module,
+                                                  shape.seq_len), state, shrink)
+            evaluated = {"eval_loss": eval_loss, **{f"eval_{name}": value for name, value in eval_stats.items()}}
         shape = state.shape
         on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                 "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding, "micro_batch": shape.micro_batch,
+                 **step_stats, "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding,
+                 "micro_batch": shape.micro_batch,
                  "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **memory_readings(device, ranks),
                  **evaluated, **({} if finite else {"skipped_update": True, "nonfinite_steps": state.nonfinite_steps})})
         signum = distributed.largest(stop_requested() or 0, ranks)  # all ranks stop after the same step
@@ -496,28 +502,31 @@ def step_down(state: TrainerState, model, device: torch.device, ranks: Ranks, st
 
 
 def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, device, scaler,
-                     ranks: Ranks = Ranks()) -> tuple[float, int, float]:
-    """Accumulate gradients of this rank's share of a step in micro-batches; returns the step's (mean token loss,
-    tokens, % padding) over all ranks."""
+                     ranks: Ranks = Ranks()) -> tuple[float, int, float, dict]:
+    """Accumulate gradients of this rank's share of a step in micro-batches; returns the step's (mean loss, tokens,
+    % padding, means of the loss's statistics) over all ranks."""
     # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
     examples = sorted(data.truncate(examples, shape.seq_len), key=len)
     # Normalise by the whole step's labelled tokens (every rank's), not per micro-batch, so any split gives the same
     # gradient; DistributedDataParallel averages over ranks, so each rank's share is scaled back up by the world size.
-    n_targets = distributed.total(data.learned_tokens(examples), ranks)
+    n_targets = distributed.total(data.loss_units(examples), ranks)
     starts = range(0, len(examples), shape.micro_batch)
-    step_loss, step_tokens, slots = 0.0, 0, 0
+    step_loss, step_tokens, slots, sums = 0.0, 0, 0, {}
     for start in starts:
         # With DDP, gradients are all-reduced once per step: on the last micro-batch's backward.
         syncing = start == starts[-1] or not hasattr(loss_module, "no_sync")
         with contextlib.nullcontext() if syncing else loss_module.no_sync():
-            loss_sum, _, attention_mask = loss_module(examples[start:start + shape.micro_batch], pad_id, device)
+            loss_sum, _, attention_mask, stats = loss_module(examples[start:start + shape.micro_batch], pad_id, device)
             loss = loss_sum / n_targets
             scaler.scale(loss * ranks.world).backward()
         slots += attention_mask.numel()
         step_loss += loss.item()
         step_tokens += int(attention_mask.sum())
+        sums = {name: sums.get(name, 0.0) + value.item() for name, value in stats.items()}
     step_loss, step_tokens, slots = (distributed.total(x, ranks) for x in (step_loss, step_tokens, slots))
-    return step_loss, int(step_tokens), 100 * (1 - step_tokens / max(slots, 1))
+    pairs = distributed.total(len(examples), ranks)
+    means = {name: distributed.total(value, ranks) / pairs for name, value in sums.items()}
+    return step_loss, int(step_tokens), 100 * (1 - step_tokens / max(slots, 1)), means
 
 
 def apply_update(params, optimizer, scaler, max_grad_norm: float, step_loss: float) -> tuple[float, bool]:

