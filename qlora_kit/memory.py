@@ -206,6 +206,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         # then the kept layers, then the checkpointed ones, recomputed once the kept layers' activations are freed.
         "backward_working_set": max(loss, backward_only, recompute - kept if checkpointed else 0, reference),
     }
+    if recipe.method == "dpo" and recipe.init_adapter:
+        components["reference_adapter"] = 4 * lora  # the adapter the run started from, frozen: DPO's reference
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
     if gpus > 1 and strategy in ("fsdp", "fsdp_offload"):
@@ -230,8 +232,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         "that memory is reused, not leaked."]
     if recipe.method in ("dpo", "orpo"):
         notes.append(f"{recipe.method.upper()}: each example is two sequences (chosen and rejected), {sequences} a micro-batch"
-                     + ("; the reference is the base with the adapter off, one forward pass with no graph, not a second "
-                        "model." if recipe.method == "dpo" else "."))
+                     + (f"; the reference is {'the adapter the run starts from, kept frozen' if recipe.init_adapter else 'the base with the adapter off'}"
+                        ", one forward pass with no graph, not a second model." if recipe.method == "dpo" else "."))
     details = {"layer_recompute": recompute if checkpointed else backward_only, "loss_working_set": loss,
                "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed, "reference_forward": reference}
     return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,

@@ -30,6 +30,7 @@ LABELS = {
     "allocator_slack": "allocator slack (reserved - allocated)",
     "cuda_context": "CUDA context (nvidia-smi only)",
     "process_overhead": "python + libraries",
+    "reference_adapter": "DPO reference: the starting adapter",
     "ddp_gradient_buckets": "DDP gradient buckets",
     "fsdp_gathered_weights": "FSDP: one layer + embeddings gathered",
 }

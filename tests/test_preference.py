@@ -291,6 +291,8 @@ def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
     doubled = estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=4))
     assert dpo.components["saved_activations"] == orpo.components["saved_activations"] == doubled.components["saved_activations"]
     assert sft.total_bytes < orpo.total_bytes <= dpo.total_bytes and "not a second model" in " ".join(dpo.notes)
+    after_sft = estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=2, method="dpo", init_adapter="runs/sft/adapter"))
+    assert after_sft.total_bytes - dpo.total_bytes == after_sft.components["reference_adapter"] == 4 * dpo.trainable_params
     console = Console(file=io.StringIO(), width=200)
     choice = run_auto(str(llama_dir), preference_file(tmp_path), None, console, dry_run=True)
     assert choice.recipe.method == "dpo" and "holds preference pairs: training with DPO" in console.file.getvalue()
