@@ -237,6 +237,8 @@ def summary_table(summary, info: RunInfo) -> Table:
     table.add_row("tokens", f"{summary.tokens:,} ({summary.tokens / max(summary.seconds, 1e-9):,.0f}/s), "
                             f"{summary.padding_pct:.0f}% padding")
     table.add_row("loss", f"first {summary.first_loss:.4f}, final {summary.last_loss:.4f}, best {summary.best_loss:.4f}")
+    if summary.rewards.get("reward_accuracy") is not None:
+        table.add_row("rewards", describe_rewards(summary.rewards))
     label = "GPU peak (reserved)" if info.device == "cuda" else "process peak (RSS)"
     table.add_row(label, f"{summary.peak_memory_gib:.2f} GiB; planned {info.planned_gib:.2f} GiB of {info.capacity_gib:.1f}")
     if summary.skipped_updates:

@@ -60,6 +60,7 @@ class RunSummary:
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, after a checkpoint
     step_downs: list[str] = field(default_factory=list)
     skipped_updates: int = 0  # steps whose loss or gradient was NaN/inf, so their update was not applied
+    rewards: dict = field(default_factory=dict)  # a preference run's last reward figures, as metrics.jsonl names them
     info: RunInfo | None = None
     rank: int = 0  # with several processes, only rank 0 reports
 
@@ -118,6 +119,7 @@ class RunRecord:
     tokens: int = 0
     skipped_updates: int = 0
     step_downs: list[str] = field(default_factory=list)
+    rewards: dict = field(default_factory=dict)  # a preference run's last reward figures (and its last eval's)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, m: dict) -> None:
@@ -128,6 +130,7 @@ class RunRecord:
         self.paddings.append(m["padding_pct"])
         self.tokens += m["tokens"]
         self.skipped_updates += bool(m.get("skipped_update"))
+        self.rewards.update({k: v for k, v in m.items() if k.startswith(("reward_", "eval_reward_"))})
         self.started = time.perf_counter() - m["time_s"]  # the clock goes on from the run's last recorded step
 
     def step(self, m: dict) -> None:
@@ -410,7 +413,8 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
                       trainable, total, adapter_dir, adapter_bytes, best_loss=min(record.losses),
                       peak_memory_gib=max(record.peaks_gib), padding_pct=sum(record.paddings) / steps,
                       stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=record.step_downs,
-                      skipped_updates=record.skipped_updates, info=record.dashboard.info, rank=ranks.rank)
+                      skipped_updates=record.skipped_updates, rewards=record.rewards, info=record.dashboard.info,
+                      rank=ranks.rank)
 
 
 def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int, device: torch.device, dtype: torch.dtype,

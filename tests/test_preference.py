@@ -221,9 +221,10 @@ def test_a_preference_run_learns_to_prefer_and_reports_rewards(llama_dir, tmp_pa
 
     recipe = Recipe(model=str(llama_dir), data=str(preference_file(tmp_path, chat=chat)), method=method, rank=4, lr=1e-2,
                     steps=4, micro_batch=2, grad_accum=2, eval_fraction=0.25)
-    run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
+    summary = run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
     lines = metric_lines(tmp_path / "run")
     assert all({"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"} <= m.keys() for m in lines)
+    assert summary.rewards["eval_reward_accuracy"] == lines[-1]["eval_reward_accuracy"]
     last = lines[-1]
     assert last["loss"] < lines[0]["loss"] and last["eval_reward_accuracy"] == 1.0 and last["eval_reward_margin"] > 0
     if method == "dpo":  # at the start the adapter is off, so the policy is its reference
@@ -234,6 +235,11 @@ def test_a_preference_run_learns_to_prefer_and_reports_rewards(llama_dir, tmp_pa
     from tests.test_report import png_size
 
     assert "accuracy 1.00 margin" in describe_step(last)
+    from qlora_kit.dashboard import summary_table as end_of_run_table
+
+    console = Console(file=io.StringIO(), width=200)
+    console.print(end_of_run_table(summary, summary.info))
+    assert "rewards" in console.file.getvalue() and "accuracy 100%" in console.file.getvalue()
     console = Console(file=io.StringIO(), width=200)
     console.print(summary_table(load_run(tmp_path / "run")))
     assert "rewards" in console.file.getvalue() and "eval: margin +" in console.file.getvalue()
