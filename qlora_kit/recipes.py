@@ -45,7 +45,7 @@ class Recipe:
     data_format: str = _setting("auto", "format of the data files: auto (detected per file), text, completion, alpaca, "
                                         "chat, sharegpt, preference or preference_chat", aliases=("--format",))
     method: str = _setting("sft", "what to learn: sft (the answers in the data), dpo (prefer each chosen answer over its "
-                                  "rejected one, against the base as reference) or orpo (the same with no reference, "
+                                  "rejected one, against the model the run starts as) or orpo (the same with no reference, "
                                   "plus the chosen answer's SFT loss); dpo and orpo need preference data",
                            choices=("sft", "dpo", "orpo"))
     beta: float = _setting(0.1, "how strongly to prefer: with dpo, how far the model may move from the reference (higher: "

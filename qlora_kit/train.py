@@ -528,8 +528,9 @@ def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, devic
         step_tokens += int(attention_mask.sum())
         sums = {name: sums.get(name, 0.0) + value.item() for name, value in stats.items()}
     step_loss, step_tokens, slots = (distributed.total(x, ranks) for x in (step_loss, step_tokens, slots))
-    pairs = distributed.total(len(examples), ranks)
-    means = {name: distributed.total(value, ranks) / pairs for name, value in sums.items()}
+    # Only preference losses report statistics, and for pairs n_targets is already the step's pairs (every rank's):
+    # no collective for SFT, none twice for DPO.
+    means = {name: distributed.total(value, ranks) / n_targets for name, value in sums.items()}
     return step_loss, int(step_tokens), 100 * (1 - step_tokens / max(slots, 1)), means
 
 
