@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -123,9 +124,10 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def gguf_to_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a cached bf16 model folder (config without the GGUF marker)."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Dequantize a GGUF file once into a cached bf16 model folder (config without the GGUF marker); conversions
+    whose file is gone or changed since are removed then, so the cache holds one folder per GGUF file in use."""
+    source = _file_identity(gguf)
+    key = hashlib.sha256(f"{source['path']}:{source['size']}:{source['mtime_ns']}".encode()).hexdigest()[:12]
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
@@ -154,11 +156,38 @@ def gguf_to_folder(gguf: Path) -> Path:
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / SOURCE_RECORD).write_text(json.dumps(source))
         staging.rename(folder)  # atomic: a crash never leaves a half-written model folder behind
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _remove_stale_conversions(folder.parent, keep=folder)
     return folder
+
+
+SOURCE_RECORD = "qlora_kit_source.json"  # in a converted folder: the GGUF file it was made from
+_CONVERTED = re.compile(r"-[0-9a-f]{12}$")  # a finished conversion's name; staging folders end in .random
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _remove_stale_conversions(cache: Path, keep: Path) -> None:
+    """Remove converted folders whose GGUF file no longer exists as it was, and older versions' folders, which
+    recorded no source: else every deleted virtual environment would leave its shipped model's folder behind
+    (270 MB for SmolLM2). Staging folders of a conversion in progress are left alone."""
+    for folder in cache.iterdir():
+        if folder == keep or not _CONVERTED.search(folder.name):
+            continue
+        try:
+            recorded = json.loads((folder / SOURCE_RECORD).read_text())
+            stale = _file_identity(Path(recorded["path"])) != recorded
+        except (OSError, ValueError, KeyError):  # no record (an older version's folder), or its file is gone
+            stale = True
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def model_weights(folder: Path):

@@ -69,3 +69,25 @@ def test_adapter_folders_are_checked_without_loading_anything(tmp_path):
         sources.check_adapter_folder(tmp_path / "missing")
     with pytest.raises(UserError, match="holds no adapter_config.json"):
         sources.check_adapter_folder(tmp_path)
+
+
+def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_conversion(llama_dir, tmp_path, monkeypatch):
+    """Each virtual environment ships its own copy of a packaged GGUF: without pruning, every deleted environment
+    would leave a dequantized model folder behind in the cache for good."""
+    from qlora_kit.export import export_merged_gguf
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    first, second = (export_merged_gguf(None, tmp_path / name / "tiny.gguf", str(llama_dir), quant="f32")
+                     for name in ("env1", "env2"))
+    converted_first = sources.gguf_to_folder(first)
+    assert sources.gguf_to_folder(first) == converted_first  # converted once, then read from the cache
+    (converted_first.parent / "tiny-0123456789ab").mkdir()  # an older version's folder: it recorded no source
+    (converted_first.parent / "tiny-0123456789ab" / "config.json").write_text("{}")
+    staging = converted_first.parent / "tiny-fedcba987654.x1y2"  # another process converting right now
+    staging.mkdir()
+    first.unlink()  # the first environment is deleted
+    converted_second = sources.gguf_to_folder(second)
+    assert sorted(p.name for p in converted_first.parent.iterdir()) == sorted([converted_second.name, staging.name])
+    (tmp_path / "env2" / "again.gguf").write_bytes(second.read_bytes())
+    sources.gguf_to_folder(tmp_path / "env2" / "again.gguf")
+    assert converted_second.is_dir()  # its file is still there, so it stays
