@@ -28,7 +28,8 @@ from qlora_kit.catalog import find_model_shape
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
-from qlora_kit.plan import StepShape, Target, catalogue_models_that_fit, cheaper, choose_target, make_plan
+from qlora_kit.plan import (StepShape, Target, catalogue_models_that_fit, cheaper, choose_target, describe_reference,
+                            make_plan, reference_forwards)
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
 from qlora_kit.sources import describe_source
 
@@ -86,9 +87,11 @@ class Choice:
         return self.total(recipe) <= HEADROOM * self.target.capacity_bytes
 
 
-def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None, chosen: dict | None = None) -> Choice:
+def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None, chosen: dict | None = None,
+                  from_data: dict | None = None) -> Choice:
     """Pick and tune a recipe for this model on this target; lengths are the data's token counts per example; chosen:
-    settings the user fixed (the adapter's layers and variant), which the tuning plans with and never changes."""
+    settings the user fixed (the adapter's layers and variant), which the tuning plans with and never changes;
+    from_data: settings the data decided (the method for preference pairs), kept the same way."""
     recipes = card_recipes()
     if target.device == "cpu":
         name = "cpu"
@@ -99,6 +102,8 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
     choice = Choice(target, name, load_recipe(recipes[name]), shape)
     if chosen:
         choice.change("you chose it", **chosen)
+    if from_data:
+        choice.change("the data holds preference pairs", **from_data)
     if target.gpus > 1:
         _choose_layout(choice)
     if target.device == "cuda" and not target.bf16:
@@ -253,8 +258,9 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
 
     loaded = data_module.read_records(data_path)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
+    from_data = {}
     if loaded.format in data_module.PREFERENCE_FORMATS and lora.get("method") is None:
-        lora["method"] = "dpo"  # pairs of a chosen and a rejected answer are what DPO learns from
+        from_data["method"] = "dpo"  # pairs of a chosen and a rejected answer are what DPO learns from
         console.print(f"{data_path} holds preference pairs: training with DPO (--method orpo for ORPO).")
     chosen = lora_choices(lora)
     shape = find_model_shape(model)
@@ -275,7 +281,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
             raise
         tokenizer = None
     lengths = data_lengths(loaded.records, tokenizer, tokenizer and data_module.cache_key(loaded, tokenizer))
-    choice = choose_recipe(shape, target, lengths, chosen)
+    choice = choose_recipe(shape, target, lengths, chosen, from_data)
     if tokenizer is None:
         choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")
     console.print(render_choice(choice, shape, model))
@@ -285,13 +291,27 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
                         f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
                         hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
                         + " `qlora-kit plan` shows the details.")
-    if dry_run:
-        return choice
     recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs)
     # The run keeps the plan that made the choice (plan.json, the dashboard's marks), not one of its own for one GPU.
-    plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel)).to_dict()
+    plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel),
+                     reference_forwards=_reference_forwards(recipe, len(lengths), target.gpus)).to_dict()
+    if dry_run:  # a run says it as it starts
+        if plan["reference"]:
+            console.print(f"DPO reference: {describe_reference(plan['reference'])}")
+        return choice
     return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
                         trust_remote_code=trust_remote_code, plan=plan)
+
+
+def _reference_forwards(recipe: Recipe, examples: int, world: int) -> tuple[int, int] | None:
+    """plan.reference_forwards for a DPO run on these examples, before they are split: the held-out share is
+    recipe.eval_fraction of them (an eval_data file, not read yet, is not counted)."""
+    from qlora_kit.train import count_steps
+
+    if recipe.method != "dpo":
+        return None
+    held = round(recipe.eval_fraction * examples)
+    return reference_forwards(recipe, count_steps(examples - held, recipe, world), examples - held, held, world)
 
 
 def lora_choices(lora: dict) -> dict:

@@ -66,6 +66,7 @@ class PreferencePair:
 
     chosen: Example
     rejected: Example
+    reference: tuple[float, float] | None = None  # DPO's precomputed reference log-probs of (chosen, rejected)
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
@@ -414,6 +415,7 @@ class TokenizedExamples(Sequence):
     seq_len: int
     train_on_inputs: bool
     truncated: int = 0  # examples in use that were longer than seq_len and are cut
+    references: object = None  # per table row, DPO's precomputed (chosen, rejected) reference log-probs, or NaN
 
     @classmethod
     def of(cls, table, seq_len: int, train_on_inputs: bool, drop_long: bool) -> TokenizedExamples:
@@ -435,11 +437,19 @@ class TokenizedExamples(Sequence):
         chosen = Example(ids, list(ids) if self.train_on_inputs else row["labels"][:self.seq_len])
         if "rejected_ids" not in row:
             return chosen
-        return PreferencePair(chosen, Example(row["rejected_ids"][:self.seq_len], row["rejected_labels"][:self.seq_len]))
+        rejected = Example(row["rejected_ids"][:self.seq_len], row["rejected_labels"][:self.seq_len])
+        reference = None if self.references is None else tuple(self.references[self.rows[index]].tolist())
+        return PreferencePair(chosen, rejected, None if reference is None or math.isnan(reference[0]) else reference)
 
     def select(self, indices) -> TokenizedExamples:
         """A subset, sharing the table."""
         return replace(self, rows=[self.rows[i] for i in indices], lengths=[self.lengths[i] for i in indices])
+
+    def with_references(self, values: torch.Tensor) -> TokenizedExamples:
+        """These pairs carrying their precomputed reference log-probs, values[i] for the i-th; a subset keeps them."""
+        references = torch.full((len(self.table), 2), math.nan) if self.references is None else self.references.clone()
+        references[self.rows] = values
+        return replace(self, references=references)
 
 
 @dataclass(eq=False)
@@ -587,7 +597,10 @@ def truncate(examples: list, seq_len: int) -> list:
     """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
     def cut(e: Example) -> Example:
         return Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len])
-    return [PreferencePair(cut(e.chosen), cut(e.rejected)) if isinstance(e, PreferencePair) else cut(e) for e in examples]
+
+    def cut_pair(p: PreferencePair) -> PreferencePair:  # precomputed reference values hold only for the whole pair
+        return PreferencePair(cut(p.chosen), cut(p.rejected), p.reference if len(p) <= seq_len else None)
+    return [cut_pair(e) if isinstance(e, PreferencePair) else cut(e) for e in examples]
 
 
 def collate(chunk: list[Example], pad_id: int):

@@ -192,8 +192,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     per_logit = 12 + (4 if shape.logit_softcap else 0)  # measured: fp32 logits, log-softmax, gradient (+ tanh)
     loss = tokens * h * (4 + 3 * cb) + chunk * V * per_logit  # final norm, labelled rows and their gradient
     # DPO's reference: the same model with the adapter off, after the policy's forward and with no graph kept: one
-    # layer's activations at a time, the final hidden states, and one chunk's log-probs.
-    reference = tokens * (per_token_layer + h * cb) + chunk * V * 8 if recipe.method == "dpo" else 0
+    # layer's activations at a time, the final hidden states, and one chunk's log-probs. Precomputed, no step has it.
+    on_the_fly = recipe.method == "dpo" and recipe.reference != "precomputed"
+    reference = tokens * (per_token_layer + h * cb) + chunk * V * 8 if on_the_fly else 0
 
     components = {
         "quantized_weights": quantized_weight_bytes(shape),
@@ -231,9 +232,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
         "that memory is reused, not leaked."]
     if recipe.method in ("dpo", "orpo"):
+        model = "the adapter the run starts from, kept frozen" if recipe.init_adapter else "the base with the adapter off"
         notes.append(f"{recipe.method.upper()}: each example is two sequences (chosen and rejected), {sequences} a micro-batch"
-                     + (f"; the reference is {'the adapter the run starts from, kept frozen' if recipe.init_adapter else 'the base with the adapter off'}"
-                        ", one forward pass with no graph, not a second model." if recipe.method == "dpo" else "."))
+                     + (f"; the reference is {model}, not a second model" if recipe.method == "dpo" else "") + ".")
     details = {"layer_recompute": recompute if checkpointed else backward_only, "loss_working_set": loss,
                "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed, "reference_forward": reference}
     return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,

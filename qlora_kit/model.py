@@ -273,14 +273,17 @@ def no_dropout(model):
     sees an eval-mode forward without gradients, and training on the repacked weight then goes wrong; so
     model.eval() is never used while training, only this.
     """
+    dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    before = [module.training for module in dropouts]  # so a nested use leaves the outer one's dropout off
     model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()
+    for module in dropouts:
+        module.eval()
     try:
         yield model
     finally:
         model.train()
+        for module, training in zip(dropouts, before):
+            module.train(training)
 
 
 def check_logits_path(model, device: torch.device) -> None:

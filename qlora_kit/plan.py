@@ -109,12 +109,13 @@ class PlanReport:
     faster: str | None = None  # the setting that spends spare memory on speed, when there is some
     alternatives: dict[str, int] | None = None  # full fine-tuning and 16-bit LoRA totals, for comparison
     models_that_fit: list[str] | None = None  # when it does not fit: catalogue models that do, with these settings
+    reference: dict | None = None  # DPO: {"mode": on_the_fly | precomputed, "why": ...}
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "target": self.target.__dict__, "longest_seq_at_batch_1": self.longest_seq_at_batch_1,
                 "largest_micro_batch": self.largest_micro_batch, "fix": self.fix,
                 "uncheckpointed_layers": self.uncheckpointed_layers, "faster": self.faster, "alternatives": self.alternatives,
-                "models_that_fit": self.models_that_fit}
+                "models_that_fit": self.models_that_fit, "reference": self.reference}
 
     def render(self) -> Group:
         return render(self)
@@ -141,9 +142,18 @@ def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardwar
         "programs hold the rest). Use --gpu NAME or --vram GB to plan for a card."))
 
 
-def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: bool = False) -> PlanReport:
-    """Estimate, then the headroom searches and (when it does not fit) the cheapest change that fits."""
+def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: bool = False,
+              reference_forwards: tuple[int, int] | None = None) -> PlanReport:
+    """Estimate, then the headroom searches and (when it does not fit) the cheapest change that fits. For DPO, first
+    how the reference is computed, from reference_forwards (see that function) when the data is known."""
     shape = model if isinstance(model, ModelShape) else find_model_shape(model)
+    reference = None
+    if recipe.method == "dpo":
+        def fits(mode: str) -> bool:
+            candidate = replace(recipe, reference=mode)
+            return estimate_peak_memory(shape, candidate, target.device, **target.layout).total_bytes <= target.capacity_bytes
+        mode, why = choose_reference(recipe.reference, reference_forwards, fits)
+        recipe, reference = replace(recipe, reference=mode), {"mode": mode, "why": why}
     plan = estimate_peak_memory(shape, recipe, target.device, target.capacity_bytes, **target.layout)
     if target.note:
         plan.notes.append(target.note)
@@ -162,7 +172,32 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
         faster=room_to_go_faster(shape, recipe, spare),
         alternatives=compare_full(plan, shape) if compare else None,
         models_that_fit=None if fits else catalogue_models_that_fit(target, recipe),
+        reference=reference,
     )
+
+
+def reference_forwards(recipe: Recipe, total_steps: int, pairs: int, eval_pairs: int, world: int = 1) -> tuple[int, int]:
+    """A DPO run's reference forward passes, counted in pairs: (on the fly: every pair a step draws, and the held-out
+    pairs at each evaluation; precomputed: every pair once)."""
+    evals = 0
+    if eval_pairs:  # after every eval_every steps and after the last
+        evals = total_steps // recipe.eval_every + bool(total_steps % recipe.eval_every) if recipe.eval_every else 1
+    return total_steps * recipe.micro_batch * recipe.grad_accum * world + evals * eval_pairs, pairs + eval_pairs
+
+
+def choose_reference(asked: str, forwards: tuple[int, int] | None, fits) -> tuple[str, str]:
+    """How DPO's reference log-probs are computed, and why: as asked; else precomputed when on the fly does not fit
+    (fits(mode) says) or when it takes fewer forward passes; else on the fly, which starts training at once."""
+    if asked != "auto":
+        return asked, "as the recipe asks"
+    if not fits("on_the_fly"):  # precomputed needs less: no step holds a reference pass
+        return "precomputed", "the reference pass does not fit beside a step, so it runs once before the first step"
+    if forwards is None:
+        return "on_the_fly", "a run precomputes it instead when that takes fewer forward passes, counted from its data"
+    on_the_fly, precomputed = forwards
+    if precomputed < on_the_fly:
+        return "precomputed", f"{precomputed:,} pair forward passes before the first step instead of {on_the_fly:,} during the run"
+    return "on_the_fly", f"{on_the_fly:,} pair forward passes during the run, where precomputing would take {precomputed:,}"
 
 
 def plan_for_layout(model: str, recipe: Recipe, gpu: str | None = None, vram_gib: float | None = None, gpus: int = 1,
@@ -249,6 +284,11 @@ def compare_full(plan: MemoryPlan, shape: ModelShape) -> dict[str, int]:
     return {"qlora_4bit": plan.total_bytes, "lora_16bit": lora16, "full_finetune": full}
 
 
+def describe_reference(reference: dict) -> str:
+    """A plan's DPO reference choice in words, e.g. "precomputed (why)"."""
+    return f"{reference['mode'].replace('_', ' ')} ({reference['why']})"
+
+
 def render(report: PlanReport) -> Group:
     """The plan as a rich table plus a verdict line and advice."""
     plan, target = report.plan, report.target
@@ -278,6 +318,8 @@ def render(report: PlanReport) -> Group:
                                       + (", ".join(report.models_that_fit[:6]) or "none")))
     if report.faster:
         lines.append(Text.from_markup(f"[bold]Room to go faster:[/] {report.faster}"))
+    if report.reference:
+        lines.append(Text(f"DPO reference: {describe_reference(report.reference)}"))
     if report.alternatives:
         a = report.alternatives
         lines.append(Text(f"Same run as 16-bit LoRA: {gib(a['lora_16bit'])}; as full fine-tuning: {gib(a['full_finetune'])} "

@@ -8,6 +8,10 @@ DPO's reference model is the same 4-bit base with the adapter switched off, run 
 pass, never a second copy of the model. A run that starts from an adapter (DPO after SFT, the usual path) is
 compared with that adapter instead, loaded a second time, frozen, beside the one that trains: the reference is then
 the model the run started as, which costs one more adapter, not a model. ORPO needs no reference.
+
+The reference pass runs in each step (on the fly), or once for every pair before the first step (precomputed: the
+plan picks it when that takes fewer forward passes, as in a run of several epochs, or when only it fits). A pair
+carries its precomputed values; a pair an out-of-memory step-down cuts shorter loses them and is computed on the fly.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.data import IGNORE, PREFERENCE_FORMATS
 from qlora_kit.errors import UserError
+from qlora_kit.hardware import CPU_SHARE
 from qlora_kit.loss import final_hidden_states
 from qlora_kit.memory import default_chunk_tokens
-from qlora_kit.model import lm_parts
+from qlora_kit.model import lm_parts, no_dropout
 
 REFERENCE = "reference"  # the frozen copy of the adapter a DPO run started from
 
@@ -100,21 +105,23 @@ class PreferenceLoss(torch.nn.Module):
         super().__init__()
         self.model, self.method, self.beta = model, method, beta
         self.chunk_tokens = loss_chunk_tokens or default_chunk_tokens(lm_parts(model)[1].shape[0])
-        if method == "dpo" and reference_adapter:
+        if method == "dpo" and reference_adapter and REFERENCE not in model.peft_config:
             model.load_adapter(reference_adapter, adapter_name=REFERENCE, is_trainable=False)
 
     @contextmanager
     def reference_model(self):
-        """The model as the run started: the adapter it started from, else the base with the adapter off."""
-        if REFERENCE not in self.model.peft_config:
-            with self.model.disable_adapter():
+        """The model as the run started, without dropout: the adapter it started from, else the base with the
+        adapter off."""
+        with no_dropout(self.model):
+            if REFERENCE not in self.model.peft_config:
+                with self.model.disable_adapter():
+                    yield
+                return
+            self.model.set_adapter(REFERENCE, inference_mode=True)
+            try:
                 yield
-            return
-        self.model.set_adapter(REFERENCE, inference_mode=True)
-        try:
-            yield
-        finally:
-            self.model.set_adapter("default")  # trainable again, as peft sets the active adapter
+            finally:
+                self.model.set_adapter("default")  # trainable again, as peft sets the active adapter
 
     def answer_log_probs(self, pairs, pad_id: int, device):
         decoder, head_weight, softcap = lm_parts(self.model)
@@ -126,11 +133,30 @@ class PreferenceLoss(torch.nn.Module):
         sums, counts, attention_mask = self.answer_log_probs(pairs, pad_id, device)
         n = len(pairs)
         if self.method == "dpo":
-            with torch.no_grad(), self.reference_model():  # no graph kept
-                reference, _, _ = self.answer_log_probs(pairs, pad_id, device)
+            references = [pair.reference for pair in pairs]
+            if None in references:
+                with torch.no_grad(), self.reference_model():  # no graph kept
+                    reference, _, _ = self.answer_log_probs(pairs, pad_id, device)
+            else:  # precomputed: chosen answers' values, then rejected ones', as the sequences run
+                reference = torch.tensor([r[0] for r in references] + [r[1] for r in references], device=sums.device)
             losses, chosen, rejected = dpo_loss(sums[:n], sums[n:], reference[:n], reference[n:], self.beta)
         else:
             losses, chosen, rejected = orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], self.beta)
         stats = {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
                  "reward_margin": (chosen - rejected).sum(), "reward_accuracy": (chosen > rejected).float().sum()}
         return losses.sum(), n, attention_mask, stats
+
+
+def reference_log_probs(loss: PreferenceLoss, examples, micro_batch: int, pad_id: int, device, advance=lambda n: None) -> torch.Tensor:
+    """Every pair's reference log-probs as a (pairs, 2) float32 tensor of (chosen, rejected), micro_batch pairs at a
+    time in order of length, so little is padded; advance(n) after each batch, for a progress bar."""
+    values = torch.empty(len(examples), 2)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    with torch.no_grad(), loss.reference_model():
+        for start in range(0, len(order), micro_batch):
+            CPU_SHARE.use_free_cores(device)
+            batch = order[start:start + micro_batch]
+            sums, _, _ = loss.answer_log_probs([examples[i] for i in batch], pad_id, device)
+            values[batch] = sums.view(2, len(batch)).t().cpu()
+            advance(len(batch))
+    return values

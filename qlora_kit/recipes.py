@@ -51,6 +51,10 @@ class Recipe:
     beta: float = _setting(0.1, "how strongly to prefer: with dpo, how far the model may move from the reference (higher: "
                                 "less); with orpo, the weight of the preference term (TRL's beta, the paper's lambda)",
                            low=0.0)
+    reference: str = _setting("auto", "where dpo's reference log-probs come from: on_the_fly (a forward pass with no graph "
+                                      "in each step), precomputed (one pass over every pair before the first step, kept "
+                                      "in the run folder) or auto (the plan picks the one with fewer forward passes, or "
+                                      "the one that fits)", choices=("auto", "on_the_fly", "precomputed"))
     train_on_inputs: bool = _setting(False, "also learn prompts and user turns, not only completions and assistant turns")
     skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)

@@ -34,7 +34,8 @@ try:
 except ImportError:  # Windows: no advisory locks; runs there are not guarded against a second process
     fcntl = None
 
-RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints")
+REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
+RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints", REFERENCE_FILE)
 LOCK = ".lock"
 PATH_SETTINGS = ("model", "data", "eval_data", "init_adapter")  # the same file by another spelling is the same setting
 
@@ -89,6 +90,23 @@ class RunFolder:
             if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
                 write_atomically(self.path / "plan.json", json.dumps(plan, indent=2))
             return self.history_up_to(self.resume_step)
+
+    def save_reference_log_probs(self, values: dict) -> None:
+        """Keep DPO's precomputed reference log-probs (a (pairs, 2) tensor per split), so a resume reads them back."""
+        from safetensors.torch import save_file
+
+        path = self.path / REFERENCE_FILE
+        staging = path.with_name(f".{path.name}.partial")
+        with writing(self.path):
+            save_file({name: tensor.contiguous() for name, tensor in values.items()}, staging)
+            os.replace(staging, path)  # atomically: a resume finds all of them or none
+
+    def reference_log_probs(self) -> dict | None:
+        """The precomputed DPO reference log-probs this run kept, or None."""
+        from safetensors.torch import load_file
+
+        path = self.path / REFERENCE_FILE
+        return load_file(path) if path.is_file() else None
 
     def plan(self) -> dict | None:
         """The plan the run started with, when it has one."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qlora_kit import adapter, checkpoint, data, distributed
 from qlora_kit.checkpoint import TrainerState
@@ -28,10 +29,10 @@ from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE, probe, usage_now
 from qlora_kit.loss import CausalLMLoss, evaluate_with_stats
-from qlora_kit.preference import PreferenceLoss, check_method_fits_data
+from qlora_kit.preference import PreferenceLoss, check_method_fits_data, reference_log_probs
 from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, load_tokenizer, parameter_counts,
                              pick_device_and_dtype, set_checkpointing, settings_from_adapter)
-from qlora_kit.plan import StepShape, cheaper, choose_target, make_plan
+from qlora_kit.plan import StepShape, cheaper, choose_target, describe_reference, make_plan, reference_forwards
 from qlora_kit.recipes import Recipe, optimizer_in_use
 from qlora_kit.run_folder import (RunFolder, check_fingerprint, check_free_disk, check_same_settings, fingerprint,
                                  open_run_folder)
@@ -178,7 +179,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
             if out.resume_from:
                 _check_resume_point(out, recipe, training, total_steps, trained_on, allow_changed_data)
-            plan = _setup_plan(plan, out, folder, recipe, training, ranks)
+            plan = _setup_plan(plan, out, folder, recipe, training, total_steps, ranks)
             check_fits(plan, device, console, force)
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
         setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), device,
@@ -228,7 +229,8 @@ def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, 
                         hint="Resume with the data the run started with, or start a new run.")
 
 
-def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe, training: TrainingData, ranks: Ranks) -> dict:
+def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe, training: TrainingData,
+                total_steps: int, ranks: Ranks) -> dict:
     """The plan the caller made (auto's), else the plan a resumed run started with, else one made now for this
     machine's GPU (or RAM) and this run's layout, at the longest example: micro-batches are padded only to their
     longest, so a seq_len longer than every example costs nothing."""
@@ -238,7 +240,8 @@ def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe,
         return plan
     target = replace(choose_target(hardware=probe(check_bnb=False)), gpus=ranks.world, strategy=recipe.parallel)
     longest = max(8, min(recipe.seq_len, max(data.lengths_of(training.examples), default=8)))
-    return make_plan(str(folder), replace(recipe, seq_len=longest), target).to_dict()
+    forwards = reference_forwards(recipe, total_steps, len(training.examples), len(training.eval_examples), ranks.world)
+    return make_plan(str(folder), replace(recipe, seq_len=longest), target, reference_forwards=forwards).to_dict()
 
 
 def check_fits(plan: dict, device: torch.device, console: Console, force: bool = False) -> None:
@@ -300,6 +303,8 @@ def _report_setup(setup: Run, console: Console) -> None:
         console.print(f"[yellow]Only {total_steps} optimizer step{'s' * (total_steps > 1)}: {epochs} of {len(examples)} "
                       f"examples at {per_step * ranks.world} a step. An adapter learns "
                       "little from so few; add examples, or pass --epochs or --steps.[/]")
+    if setup.plan.get("reference"):
+        console.print(f"DPO reference: {describe_reference(setup.plan['reference'])}")
     if setup.plan["faster"]:  # memory this run leaves unused could make every step cheaper
         console.print(f"[dim]Room to go faster: {setup.plan['faster']}.[/]")
 
@@ -312,6 +317,8 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
     needed = checkpoint.checkpoint_bytes(trainable, optimizer_in_use(recipe, device.type)) * (recipe.keep_checkpoints + 1)
     distributed.on_main(lambda: check_free_disk(run.path, needed + trainable * 4 + 64 * 2**20), ranks)
     history = distributed.on_main(lambda: run.start(recipe, setup.plan), ranks)
+    if (setup.plan.get("reference") or {}).get("mode") == "precomputed":
+        _precompute_reference(setup, console)
     record = RunRecord(device.type, MetricsLog(run.metrics_path if ranks.main else None))
     for line in history:
         record.add(line)
@@ -337,6 +344,33 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
         finally:
             record.metrics.close()
     return record, stopped
+
+
+def _precompute_reference(setup: Run, console: Console) -> None:
+    """Give every pair its DPO reference log-probs before the first step: read back when resuming (so the run goes
+    on with the very values it started with), else computed with a progress bar and kept in the run folder."""
+    training, recipe, ranks = setup.training, setup.recipe, setup.ranks
+    sets = {"train": training.examples, **({"eval": training.eval_examples} if training.eval_examples else {})}
+    values = setup.folder.reference_log_probs() if setup.folder.resume_from else None
+    if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
+        loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
+        columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        try:
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task("", total=sum(map(len, sets.values())))
+                values = {name: reference_log_probs(loss, pairs, recipe.micro_batch, setup.tokenizer.pad_token_id,
+                                                    setup.device, lambda n: progress.advance(task, n))
+                          for name, pairs in sets.items()}
+        except torch.OutOfMemoryError:
+            if ranks.active:  # the other ranks would wait for this one
+                raise UserError(f"Out of memory on rank {ranks.rank} while precomputing the DPO reference.",
+                                hint="Pass --reference on_the_fly, or lower --micro-batch.") from None
+            console.print("[yellow]Precomputing the DPO reference ran out of memory: each step computes it instead.[/]")
+            return
+        distributed.on_main(lambda: setup.folder.save_reference_log_probs(values), ranks)
+    training.examples = training.examples.with_references(values["train"])
+    if "eval" in values:
+        training.eval_examples = training.eval_examples.with_references(values["eval"])
 
 
 def _stopped_at_once(setup: Run) -> str:

@@ -4,6 +4,8 @@ import io
 import math
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 from rich.console import Console
@@ -301,7 +303,9 @@ def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
     assert after_sft.total_bytes - dpo.total_bytes == after_sft.components["reference_adapter"] == 4 * dpo.trainable_params
     console = Console(file=io.StringIO(), width=200)
     choice = run_auto(str(llama_dir), preference_file(tmp_path), None, console, dry_run=True)
-    assert choice.recipe.method == "dpo" and "holds preference pairs: training with DPO" in console.file.getvalue()
+    said = console.file.getvalue()
+    assert choice.recipe.method == "dpo" and "holds preference pairs: training with DPO" in said
+    assert "method: sft -> dpo  (the data holds preference pairs)" in said and "DPO reference: " in said
     choice = run_auto(str(llama_dir), preference_file(tmp_path), None, Console(file=io.StringIO()), dry_run=True, method="orpo")
     assert choice.recipe.method == "orpo"
 
@@ -332,3 +336,71 @@ def test_out_of_memory_in_a_preference_step_steps_down_and_loses_no_step(llama_d
     assert summary.step_downs == ["micro-batch 4 -> 2"] and calls[:5] == [4, 4, 4, 2, 2]
     steps = [m for m in metric_lines(tmp_path / "run") if "loss" in m]
     assert [(m["step"], m["micro_batch"]) for m in steps] == [(1, 4), (2, 4), (3, 2), (4, 2)], "no step lost"
+
+
+def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_the_kept_values(llama_dir, tmp_path,
+                                                                                                monkeypatch):
+    """Precomputed once (and kept in the run folder), the reference gives the same run as computing it in each step;
+    a resumed run reads the kept values back instead of computing them again."""
+    from qlora_kit import train
+    from tests.test_train import stopped_and_resumed_equals_whole
+
+    settings = dict(model=str(llama_dir), data=str(preference_file(tmp_path)), method="dpo", rank=4, lr=1e-2, steps=6,
+                    micro_batch=2, checkpoint_every=2, keep_checkpoints=3, dropout=0.1, eval_fraction=0.25, eval_every=3)
+    run_training(Recipe(**settings, reference="on_the_fly"), tmp_path / "on-the-fly", Console(file=io.StringIO()))
+    computed = []
+    monkeypatch.setattr(train, "reference_log_probs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = __import__("qlora_kit.preference", fromlist=["x"]).reference_log_probs
+    stopped_and_resumed_equals_whole(Recipe(**settings, reference="precomputed"), tmp_path)
+    assert len(computed) == 2, "train and eval pairs once, in the whole run; the resumed run read them back"
+    fly, kept = metric_lines(tmp_path / "on-the-fly"), metric_lines(tmp_path / "whole")
+    for name in ("loss", "reward_margin", "eval_reward_margin", "eval_loss"):
+        values = [[m[name] for m in lines if name in m] for lines in (kept, fly)]
+        assert len(values[0]) >= 2 and values[0] == pytest.approx(values[1], rel=1e-4, abs=1e-6), name
+    assert json.loads((tmp_path / "whole" / "plan.json").read_text())["reference"]["mode"] == "precomputed"
+
+
+def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only_that_fits():
+    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.memory import estimate_peak_memory
+    from qlora_kit.plan import Target, choose_reference, make_plan, reference_forwards
+
+    recipe = Recipe(method="dpo", micro_batch=2, grad_accum=4, eval_every=10)
+    assert reference_forwards(recipe, total_steps=25, pairs=100, eval_pairs=20) == (25 * 8 + 3 * 20, 120)
+    assert reference_forwards(recipe, total_steps=25, pairs=100, eval_pairs=0, world=2) == (25 * 16, 100)
+    fits = lambda mode: True  # noqa: E731
+    assert choose_reference("auto", (260, 120), fits)[0] == "precomputed"  # more than one pass over the pairs
+    assert choose_reference("auto", (100, 120), fits)[0] == "on_the_fly"  # less than an epoch: no pass to save
+    assert choose_reference("on_the_fly", (260, 120), fits) == ("on_the_fly", "as the recipe asks")
+    assert choose_reference("auto", None, lambda mode: mode == "precomputed")[0] == "precomputed"
+    assert choose_reference("auto", None, fits)[0] == "on_the_fly"
+
+    shape = find_model_shape("llama-3.1-8b")
+    unchecked = Recipe(method="dpo", seq_len=1024, micro_batch=1, gradient_checkpointing=False)
+    fly, kept = (estimate_peak_memory(shape, replace(unchecked, reference=m)) for m in ("on_the_fly", "precomputed"))
+    assert kept.details["reference_forward"] == 0 < fly.details["reference_forward"] and kept.total_bytes < fly.total_bytes
+    card = Target("between", "cuda", (fly.total_bytes + kept.total_bytes) // 2)
+    assert make_plan(shape, unchecked, card).reference["mode"] == "precomputed"  # only precomputed fits this card
+    report = make_plan(shape, replace(unchecked, gradient_checkpointing=True), card, reference_forwards=(300, 200))
+    assert report.reference["mode"] == "precomputed" and "200 pair forward passes before the first step" in report.reference["why"]
+    console = Console(file=io.StringIO(), width=200)
+    console.print(report.render())
+    assert "DPO reference: precomputed (200 pair forward passes" in console.file.getvalue()
+    assert make_plan(shape, Recipe(method="orpo"), card).reference is None
+
+
+def test_a_pair_cut_shorter_by_a_step_down_loses_its_precomputed_reference(llama_dir):
+    from qlora_kit.data import truncate
+    from qlora_kit.model import load_base_4bit, attach_lora
+
+    short, long = (PreferencePair(Example([1, 2, 3], [IGNORE, 2, 3]), Example([1, 2, 4, 5][:n], [IGNORE, 2, 4, 5][:n]), (-1.5, -2.5))
+                   for n in (3, 4))
+    assert [p.reference for p in truncate([short, long], 3)] == [(-1.5, -2.5), None]
+    model = attach_lora(load_base_4bit(llama_dir, torch.float32, torch.device("cpu")), Recipe(rank=4))
+    loss = PreferenceLoss(model, "dpo", 0.1)
+    computed = loss([replace(short, reference=None), replace(long, reference=None)], 0, torch.device("cpu"))
+    mixed = loss([short, replace(long, reference=None)], 0, torch.device("cpu"))  # one pair without: all on the fly
+    assert torch.equal(mixed[0], computed[0]) and computed[3]["reward_chosen"] == 0  # a fresh adapter is its reference
+    kept = loss([short, long], 0, torch.device("cpu"))  # every pair has its values: they are used
+    policy_chosen = loss.answer_log_probs([short, long], 0, torch.device("cpu"))[0][:2]
+    assert kept[3]["reward_chosen"].item() == pytest.approx(0.1 * (policy_chosen + 1.5).sum().item(), rel=1e-6)
