@@ -1,6 +1,7 @@
 """What DPO's reference costs: peak RSS of SFT, DPO and ORPO at the same sequence length and micro-batch on the CPU,
 each in its own process, beside what the plan said and what a second copy of the model (the usual reference) would
-add. DPO's reference here is the base with the adapter off: one more forward pass with no graph, no second model.
+add. DPO's reference here is the base with the adapter off: one more forward pass with no graph, no second model,
+in each step ("DPO") or once for every pair before the first step ("DPO pre", --reference precomputed).
 
     python benchmarks/preference_memory.py [--model smollm2-135m] [--seq-len 256] [--micro-batch 4] [--steps 3]
 
@@ -40,6 +41,7 @@ def main() -> None:
     runs = {"SFT": {"data": str(chosen), "micro_batch": args.micro_batch},
             "SFT x2": {"data": str(chosen), "micro_batch": 2 * args.micro_batch},
             "DPO": {"data": str(PAIRS), "method": "dpo", "micro_batch": args.micro_batch},
+            "DPO pre": {"data": str(PAIRS), "method": "dpo", "reference": "precomputed", "micro_batch": args.micro_batch},
             "ORPO": {"data": str(PAIRS), "method": "orpo", "micro_batch": args.micro_batch}}
     print(f"uptime: {os.getloadavg()}; {args.model}, seq {args.seq_len}, micro-batch {args.micro_batch} "
           f"(pairs for DPO/ORPO), {args.steps} steps")
@@ -57,6 +59,10 @@ def main() -> None:
     extra = results["DPO"]["peak_gib"] - results["SFT x2"]["peak_gib"]
     print(f"\nDPO / SFT x2 peak RSS: {results['DPO']['peak_gib'] / results['SFT x2']['peak_gib']:.2f}; DPO adds "
           f"{extra:+.2f} GiB to SFT at the same sequences, where a second copy of the model would add {copy:.2f} GiB.")
+    fly, pre = (results[name] for name in ("DPO", "DPO pre"))
+    # Not a cost comparison: the precomputing run's warm-up happens before its first step (dpo_reference.py compares
+    # the passes themselves).
+    print(f"DPO step time, reference precomputed / on the fly: {pre['step_seconds'] / fly['step_seconds']:.2f}.")
 
 
 if __name__ == "__main__":

@@ -434,7 +434,7 @@ def probe(as_json: bool = JSON) -> None:
 
 
 @app.command()
-@with_recipe_flags(only=("method", "reference", "seq_len", "micro_batch", "grad_accum", "rank", "target_modules", "use_dora", "gradient_checkpointing",
+@with_recipe_flags(only=("method", "reference", "init_adapter", "seq_len", "micro_batch", "grad_accum", "rank", "target_modules", "use_dora", "gradient_checkpointing",
                          "uncheckpointed_layers", "activation_offload", "precision", "optimizer", "loss_chunk_tokens"))
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
@@ -453,6 +453,10 @@ def plan(
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), **settings)
+    if settings.init_adapter:  # its rank, layers and variant, read from its config: nothing is loaded
+        from qlora_kit.model import settings_from_adapter
+
+        settings = settings_from_adapter(settings)
     report = plan_for_layout(model, settings, gpu, vram, gpus, strategy, compare=compare_full)
     _show(as_json, report)
     if report.plan.verdict == "does not fit":

@@ -94,4 +94,12 @@ def test_preference_memory_benchmark_runs_sft_dpo_and_orpo(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/preference_memory.py", "--steps", "1", "--seq-len", "64",
                           "--micro-batch", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(name in out.stdout for name in ("SFT x2", "DPO", "ORPO", "a second copy of the model would add"))
+    assert all(name in out.stdout for name in ("SFT x2", "DPO", "DPO pre", "ORPO", "a second copy of the model would add", "precomputed / on the fly"))
+
+
+@pytest.mark.slow
+def test_dpo_reference_benchmark_compares_both_ways_per_pair():
+    out = subprocess.run([sys.executable, "benchmarks/dpo_reference.py", "--pairs", "4", "--micro-batch", "2",
+                          "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "precomputed / on the fly, per pair:" in out.stdout

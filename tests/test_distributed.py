@@ -138,10 +138,12 @@ def test_lora_variants_train_over_two_processes_like_one(llama_dir, chat_data, t
         assert any("lora_magnitude_vector" in key for key in adapter_tensors(out))
 
 
-@pytest.mark.parametrize("parallel, from_adapter", [("ddp", False), ("fsdp", False), ("fsdp", True)])
-def test_dpo_over_two_processes_trains_like_one(llama_dir, tmp_path, parallel, from_adapter):
+@pytest.mark.parametrize("parallel, from_adapter, reference", [("ddp", False, "on_the_fly"), ("fsdp", False, "auto"),
+                                                                 ("fsdp", True, "on_the_fly")])
+def test_dpo_over_two_processes_trains_like_one(llama_dir, tmp_path, parallel, from_adapter, reference):
     """The reference pass (the adapter switched off, or the adapter the run started from switched in) runs inside
-    the wrapped loss module on every rank."""
+    the wrapped loss module on every rank, or before the first step on every rank (auto precomputes it here: 24
+    pairs drawn from 12)."""
     from tests.test_preference import preference_file
 
     pairs = preference_file(tmp_path)
@@ -150,13 +152,16 @@ def test_dpo_over_two_processes_trains_like_one(llama_dir, tmp_path, parallel, f
         run_training(Recipe(model=str(llama_dir), data=str(pairs), method="orpo", rank=4, steps=2, lr=1e-2),
                      tmp_path / "first", Console(file=io.StringIO()))
         start = {"init_adapter": str(tmp_path / "first" / "adapter")}
-    reference = tmp_path / "single"
+    single = tmp_path / "single"
     run_training(Recipe(model=str(llama_dir), data=str(pairs), method="dpo", rank=4, steps=6, micro_batch=2, grad_accum=2,
-                        checkpoint_every=3, dropout=0.0, **start), reference, Console(file=io.StringIO()))
+                        checkpoint_every=3, dropout=0.0, reference=reference, **start), single, Console(file=io.StringIO()))
     out = tmp_path / parallel
     flags = ["--from-adapter", start["init_adapter"]] if from_adapter else []
-    result = torchrun(out, llama_dir, pairs, "--parallel", parallel, "--method", "dpo", *flags)
+    result = torchrun(out, llama_dir, pairs, "--parallel", parallel, "--method", "dpo", "--reference", reference, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_same_training(out, reference)
+    assert_same_training(out, single)
+    mode = json.loads((out / "plan.json").read_text())["reference"]["mode"]
+    assert mode == ("precomputed" if reference == "auto" else reference)
+    assert (out / "reference_log_probs.safetensors").is_file() == (mode == "precomputed")
     if from_adapter:
         assert losses(out)[1] == pytest.approx(0.6931, abs=1e-4), "the reference is the adapter the run started from"

@@ -104,3 +104,23 @@ def test_a_cpu_plan_says_the_ram_other_programs_hold():
     cpu = choose_target(hardware=probe(check_bnb=False))
     assert cpu.name.startswith("this machine's free RAM (no GPU, ") and "GiB in use" in cpu.name
     assert "other programs hold the rest" in cpu.note
+
+
+def test_plan_from_an_adapter_takes_its_settings_and_counts_dpos_frozen_copy(monkeypatch, capsys, tmp_path):
+    from tests.test_cli import run_cli
+
+    adapter = tmp_path / "sft-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # read by nothing here: plan loads no weights
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "lora_alpha": 16,
+                                                             "target_modules": ["q_proj", "v_proj"], "use_dora": True}))
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--gpu", "RTX 3060", "--method", "dpo",
+                           "--from-adapter", str(adapter), "--json")
+    report = json.loads(out)
+    expected = estimate_peak_memory(find_model_shape("llama-3.1-8b"), Recipe(rank=64, target_modules="q_proj,v_proj",
+                                                                            use_dora=True))
+    assert report["plan"]["rank"] == 64 and report["plan"]["trainable_params"] == expected.trainable_params
+    assert report["plan"]["components"]["reference_adapter"] == 4 * expected.trainable_params
+    assert report["reference"]["mode"] == "on_the_fly"
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--from-adapter", str(adapter), "--rank", "8")
+    assert code == 1 and "rank 8 (the adapter's: 64)" in err

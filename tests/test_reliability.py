@@ -807,8 +807,10 @@ def test_a_kill_at_every_write_point_recovers_exactly(llama_dir, chat_data, tmp_
 @pytest.mark.parametrize("variant", ["dora", "loftq", "rslora-from-adapter", "dpo"])
 def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly(llama_dir, chat_data, tmp_path, variant):
     """DoRA keeps magnitudes beside A and B, LoftQ starts from computed weights, a run from an adapter loads them
-    first, DPO learns from pairs: each must come back from a kill exactly as the plain run does."""
-    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq"), "dpo": ("--method", "dpo")}.get(variant)
+    first, DPO learns from pairs (with its reference precomputed and kept): each must come back from a kill exactly
+    as the plain run does."""
+    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq"),
+             "dpo": ("--method", "dpo", "--reference", "precomputed")}.get(variant)
     if variant == "dpo":
         from tests.test_preference import preference_file
 
