@@ -76,6 +76,9 @@ expect "ollama create smoke"
 grep -q "FROM ./smoke-q8_0.gguf" runs/smoke/Modelfile
 run data check pairs.jsonl
 expect preference_chat
-run train --model tiny-llama --data pairs.jsonl --method dpo --out runs/dpo --steps 2 --rank 4 --micro-batch 2 --plain
+run train --model tiny-llama --data pairs.jsonl --method dpo --reference precomputed --out runs/dpo --steps 2 --rank 4 \
+    --micro-batch 2 --plain
 expect "accuracy"
+expect "DPO reference computed for"
+test -f runs/dpo/reference_log_probs.safetensors
 echo "installed smoke test passed"

@@ -389,8 +389,8 @@ def demo(
 
 
 @app.command()
-@with_recipe_flags(only=("steps", "epochs", "method", "beta", "reference", "target_modules", "use_rslora", "use_dora", "lora_init",
-                         "init_adapter"))
+@with_recipe_flags(only=("steps", "epochs", "method", "beta", "reference", "target_modules", "use_rslora", "use_dora",
+                         "lora_init", "init_adapter"))
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
@@ -434,8 +434,9 @@ def probe(as_json: bool = JSON) -> None:
 
 
 @app.command()
-@with_recipe_flags(only=("method", "reference", "init_adapter", "seq_len", "micro_batch", "grad_accum", "rank", "target_modules", "use_dora", "gradient_checkpointing",
-                         "uncheckpointed_layers", "activation_offload", "precision", "optimizer", "loss_chunk_tokens"))
+@with_recipe_flags(only=("method", "reference", "init_adapter", "seq_len", "micro_batch", "grad_accum", "rank", "target_modules",
+                         "use_dora", "gradient_checkpointing", "uncheckpointed_layers", "activation_offload", "precision",
+                         "optimizer", "loss_chunk_tokens"))
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),

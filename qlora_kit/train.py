@@ -34,8 +34,8 @@ from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, loa
                              pick_device_and_dtype, set_checkpointing, settings_from_adapter)
 from qlora_kit.plan import StepShape, cheaper, choose_target, describe_reference, make_plan, reference_forwards
 from qlora_kit.recipes import Recipe, optimizer_in_use
-from qlora_kit.run_folder import (RunFolder, check_fingerprint, check_free_disk, check_same_settings, fingerprint,
-                                 open_run_folder)
+from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, check_fingerprint, check_free_disk, check_same_settings,
+                                 fingerprint, open_run_folder)
 from qlora_kit.sources import describe_source, resolve_model
 
 GIB = 2**30
@@ -355,9 +355,10 @@ def _precompute_reference(setup: Run, console: Console) -> None:
     if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
         loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
         columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        pairs, started = sum(map(len, sets.values())), time.perf_counter()
         try:
             with Progress(*columns, console=console, transient=True) as progress:
-                task = progress.add_task("", total=sum(map(len, sets.values())))
+                task = progress.add_task("", total=pairs)
                 values = {name: reference_log_probs(loss, pairs, recipe.micro_batch, setup.tokenizer.pad_token_id,
                                                     setup.device, lambda n: progress.advance(task, n))
                           for name, pairs in sets.items()}
@@ -368,6 +369,8 @@ def _precompute_reference(setup: Run, console: Console) -> None:
             console.print("[yellow]Precomputing the DPO reference ran out of memory: each step computes it instead.[/]")
             return
         distributed.on_main(lambda: setup.folder.save_reference_log_probs(values), ranks)
+        console.print(f"DPO reference computed for {pairs:,} pairs in {time.perf_counter() - started:.0f} s "
+                      f"(kept in {REFERENCE_FILE} for a resume).")
     training.examples = training.examples.with_references(values["train"])
     if "eval" in values:
         training.eval_examples = training.eval_examples.with_references(values["eval"])
