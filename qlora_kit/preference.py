@@ -33,10 +33,9 @@ from qlora_kit.model import lm_parts, no_dropout
 REFERENCE = "reference"  # the frozen copy of the adapter a DPO run started from
 
 
-
 def check_method_fits_data(recipe, data_format: str) -> None:
     """Preference methods need preference data and SFT needs the other kinds; packing and learning the prompt do not
-    apply to pairs."""
+    apply to pairs, nor a reference to methods without one."""
     pairs = data_format in PREFERENCE_FORMATS
     if recipe.method == "sft" and pairs:
         raise UserError(f"{recipe.data} holds preference pairs (chosen and rejected answers), which SFT cannot learn from.",
@@ -44,6 +43,9 @@ def check_method_fits_data(recipe, data_format: str) -> None:
     if recipe.method != "sft" and not pairs:
         raise UserError(f"--method {recipe.method} learns from preference pairs, and {recipe.data} holds {data_format} data.",
                         hint='Give each line a prompt (or messages), a "chosen" and a "rejected" answer; or use --method sft.')
+    if recipe.method != "dpo" and recipe.reference != "auto":
+        raise UserError(f"--reference {recipe.reference} says how DPO computes its reference, and --method "
+                        f"{recipe.method} has none.", hint="Leave --reference out, or use --method dpo.")
     if pairs and (recipe.packing or recipe.train_on_inputs):
         raise UserError(f"--method {recipe.method} compares whole answers to one prompt, so "
                         f"{'--packing' if recipe.packing else '--train-on-inputs'} does not apply.",

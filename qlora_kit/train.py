@@ -355,10 +355,10 @@ def _precompute_reference(setup: Run, console: Console) -> None:
     if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
         loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
         columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        pairs, started = sum(map(len, sets.values())), time.perf_counter()
+        count, started = sum(map(len, sets.values())), time.perf_counter()
         try:
             with Progress(*columns, console=console, transient=True) as progress:
-                task = progress.add_task("", total=pairs)
+                task = progress.add_task("", total=count)
                 values = {name: reference_log_probs(loss, pairs, recipe.micro_batch, setup.tokenizer.pad_token_id,
                                                     setup.device, lambda n: progress.advance(task, n))
                           for name, pairs in sets.items()}
@@ -369,7 +369,7 @@ def _precompute_reference(setup: Run, console: Console) -> None:
             console.print("[yellow]Precomputing the DPO reference ran out of memory: each step computes it instead.[/]")
             return
         distributed.on_main(lambda: setup.folder.save_reference_log_probs(values), ranks)
-        console.print(f"DPO reference computed for {pairs:,} pairs in {time.perf_counter() - started:.0f} s "
+        console.print(f"DPO reference computed for {count:,} pairs in {time.perf_counter() - started:.0f} s "
                       f"(kept in {REFERENCE_FILE} for a resume).")
     training.examples = training.examples.with_references(values["train"])
     if "eval" in values:

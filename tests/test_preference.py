@@ -263,7 +263,8 @@ def test_method_and_data_must_match(llama_dir, text_data, tmp_path):
     pairs = preference_file(tmp_path)
     cases = [(dict(data=str(pairs)), "holds preference pairs", "--method dpo"),
              (dict(data=str(text_data), method="dpo"), "--method dpo learns from preference pairs", '"chosen"'),
-             (dict(data=str(pairs), method="orpo", packing=True), "--packing does not apply", "Leave it out")]
+             (dict(data=str(pairs), method="orpo", packing=True), "--packing does not apply", "Leave it out"),
+             (dict(data=str(pairs), method="orpo", reference="precomputed"), "--method orpo has none", "--method dpo")]
     for settings, said, hint in cases:
         with pytest.raises(UserError, match=said) as error:
             run_training(Recipe(model=str(llama_dir), steps=1, **settings), tmp_path / "refused", Console(file=io.StringIO()))
