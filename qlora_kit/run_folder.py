@@ -91,22 +91,30 @@ class RunFolder:
                 write_atomically(self.path / "plan.json", json.dumps(plan, indent=2))
             return self.history_up_to(self.resume_step)
 
-    def save_reference_log_probs(self, values: dict) -> None:
-        """Keep DPO's precomputed reference log-probs (a (pairs, 2) tensor per split), so a resume reads them back."""
+    def save_reference_log_probs(self, values: dict, trained_on: dict) -> None:
+        """Keep DPO's precomputed reference log-probs (a (pairs, 2) tensor per split) of the data and model that
+        trained_on (a fingerprint) names, so a resume reads them back."""
         from safetensors.torch import save_file
 
         path = self.path / REFERENCE_FILE
         staging = path.with_name(f".{path.name}.partial")
         with writing(self.path):
-            save_file({name: tensor.contiguous() for name, tensor in values.items()}, staging)
+            save_file({name: tensor.contiguous() for name, tensor in values.items()}, staging,
+                      metadata={"trained_on": json.dumps(trained_on, sort_keys=True)})
             os.replace(staging, path)  # atomically: a resume finds all of them or none
 
-    def reference_log_probs(self) -> dict | None:
-        """The precomputed DPO reference log-probs this run kept, or None."""
-        from safetensors.torch import load_file
+    def reference_log_probs(self, trained_on: dict) -> dict | None:
+        """The precomputed DPO reference log-probs this run kept, or None when there are none for trained_on (a
+        resume with --allow-changed-data goes on with other data: its pairs need their own)."""
+        from safetensors import safe_open
 
         path = self.path / REFERENCE_FILE
-        return load_file(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        with safe_open(path, "pt") as kept:
+            if (kept.metadata() or {}).get("trained_on") != json.dumps(trained_on, sort_keys=True):
+                return None
+            return {name: kept.get_tensor(name) for name in kept.keys()}
 
     def plan(self) -> dict | None:
         """The plan the run started with, when it has one."""

@@ -351,7 +351,7 @@ def _precompute_reference(setup: Run, console: Console) -> None:
     on with the very values it started with), else computed with a progress bar and kept in the run folder."""
     training, recipe, ranks = setup.training, setup.recipe, setup.ranks
     sets = {"train": training.examples, **({"eval": training.eval_examples} if training.eval_examples else {})}
-    values = setup.folder.reference_log_probs() if setup.folder.resume_from else None
+    values = setup.folder.reference_log_probs(setup.trained_on) if setup.folder.resume_from else None
     if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
         loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
         columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -368,7 +368,7 @@ def _precompute_reference(setup: Run, console: Console) -> None:
                                 hint="Pass --reference on_the_fly, or lower --micro-batch.") from None
             console.print("[yellow]Precomputing the DPO reference ran out of memory: each step computes it instead.[/]")
             return
-        distributed.on_main(lambda: setup.folder.save_reference_log_probs(values), ranks)
+        distributed.on_main(lambda: setup.folder.save_reference_log_probs(values, setup.trained_on), ranks)
         console.print(f"DPO reference computed for {count:,} pairs in {time.perf_counter() - started:.0f} s "
                       f"(kept in {REFERENCE_FILE} for a resume).")
     training.examples = training.examples.with_references(values["train"])

@@ -359,6 +359,19 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
         values = [[m[name] for m in lines if name in m] for lines in (kept, fly)]
         assert len(values[0]) >= 2 and values[0] == pytest.approx(values[1], rel=1e-4, abs=1e-6), name
     assert json.loads((tmp_path / "whole" / "plan.json").read_text())["reference"]["mode"] == "precomputed"
+    # Resumed on changed pairs (--allow-changed-data), the kept values are not theirs: they are computed again.
+    import shutil
+
+    from qlora_kit import checkpoint
+    from qlora_kit.recipes import load_recipe
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "changed")
+    shutil.rmtree(checkpoint.complete_checkpoints(tmp_path / "changed")[0])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(data.read_text().replace("I think", "I guess"))
+    run_training(load_recipe(tmp_path / "changed" / "recipe.yaml"), tmp_path / "changed", Console(file=io.StringIO()),
+                 resume=True, allow_changed_data=True)
+    assert len(computed) == 4
 
 
 def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only_that_fits():
