@@ -288,6 +288,9 @@ def test_dpo_from_an_sft_adapter_compares_with_that_adapter_and_resumes_exactly(
     lines = metric_lines(tmp_path / "whole")
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[-1]["loss"] < lines[0]["loss"]
     assert sorted(p.name for p in (tmp_path / "whole" / "adapter").iterdir() if p.is_dir()) == []
+    run_training(replace(recipe, reference="precomputed"), tmp_path / "kept", Console(file=io.StringIO()))
+    kept = [m["loss"] for m in metric_lines(tmp_path / "kept") if "loss" in m]
+    assert kept == pytest.approx([m["loss"] for m in lines if "loss" in m], rel=1e-4), "precomputed from that adapter"
 
 
 def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
