@@ -347,14 +347,14 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
     """Precomputed once (and kept in the run folder), the reference gives the same run as computing it in each step;
     a resumed run reads the kept values back instead of computing them again."""
     from qlora_kit import train
+    from qlora_kit.preference import reference_log_probs
     from tests.test_train import stopped_and_resumed_equals_whole
 
     settings = dict(model=str(llama_dir), data=str(preference_file(tmp_path)), method="dpo", rank=4, lr=1e-2, steps=6,
                     micro_batch=2, checkpoint_every=2, keep_checkpoints=3, dropout=0.1, eval_fraction=0.25, eval_every=3)
     run_training(Recipe(**settings, reference="on_the_fly"), tmp_path / "on-the-fly", Console(file=io.StringIO()))
     computed = []
-    monkeypatch.setattr(train, "reference_log_probs", lambda *a, **k: computed.append(1) or real(*a, **k))
-    real = __import__("qlora_kit.preference", fromlist=["x"]).reference_log_probs
+    monkeypatch.setattr(train, "reference_log_probs", lambda *a, **k: computed.append(1) or reference_log_probs(*a, **k))
     stopped_and_resumed_equals_whole(Recipe(**settings, reference="precomputed"), tmp_path)
     assert len(computed) == 2, "train and eval pairs once, in the whole run; the resumed run read them back"
     fly, kept = metric_lines(tmp_path / "on-the-fly"), metric_lines(tmp_path / "whole")
