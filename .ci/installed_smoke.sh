@@ -7,6 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d)}
 mkdir -p "$work" && work=$(cd "$work" && pwd)
 echo "installed smoke test in $work"
+if [ -z "${1:-}" ]; then  # our own temporary folder (a 1.6 GB environment): gone when the script ends, however
+  trap 'rm -rf "$work"' EXIT
+fi
 
 pip_quietly() {  # pip's output only when it fails
   python -m pip "$@" > "$work/pip.log" 2>&1 || { cat "$work/pip.log"; echo "FAILED: pip $*"; exit 1; }
