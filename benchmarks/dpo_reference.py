@@ -19,8 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-PAIRS = ROOT / "qlora_kit" / "demo_data" / "pirate_preferences.jsonl"
+from benchmarks.preference_memory import PAIRS  # noqa: E402
 
 
 def main() -> None:

@@ -149,10 +149,8 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
     shape = model if isinstance(model, ModelShape) else find_model_shape(model)
     reference = None
     if recipe.method == "dpo":
-        def fits(mode: str) -> bool:
-            candidate = replace(recipe, reference=mode)
-            return estimate_peak_memory(shape, candidate, target.device, **target.layout).total_bytes <= target.capacity_bytes
-        mode, why = choose_reference(recipe.reference, reference_forwards, fits)
+        mode, why = choose_reference(recipe.reference, reference_forwards,
+                                     lambda mode: fits_target(shape, replace(recipe, reference=mode), target))
         recipe, reference = replace(recipe, reference=mode), {"mode": mode, "why": why}
     plan = estimate_peak_memory(shape, recipe, target.device, target.capacity_bytes, **target.layout)
     if target.note:
@@ -179,9 +177,7 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
 def reference_forwards(recipe: Recipe, total_steps: int, pairs: int, eval_pairs: int, world: int = 1) -> tuple[int, int]:
     """A DPO run's reference forward passes, counted in pairs: (on the fly: every pair a step draws, and the held-out
     pairs at each evaluation; precomputed: every pair once)."""
-    evals = 0
-    if eval_pairs:  # after every eval_every steps and after the last
-        evals = total_steps // recipe.eval_every + bool(total_steps % recipe.eval_every) if recipe.eval_every else 1
+    evals = sum(recipe.evaluates_after(step, total_steps) for step in range(1, total_steps + 1)) if eval_pairs else 0
     return total_steps * recipe.micro_batch * recipe.grad_accum * world + evals * eval_pairs, pairs + eval_pairs
 
 
@@ -220,12 +216,14 @@ def catalogue_models_that_fit(target: Target, recipe: Recipe) -> list[str]:
             if estimate_peak_memory(s, recipe, target.device, **target.layout).total_bytes <= TIGHT_FRACTION * target.capacity_bytes]
 
 
+def fits_target(shape: ModelShape, recipe: Recipe, target: Target) -> bool:
+    """Whether the planned peak of recipe is within the target's capacity."""
+    return estimate_peak_memory(shape, recipe, target.device, **target.layout).total_bytes <= target.capacity_bytes
+
+
 def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
     """The flags for the first step of cheaper() that makes the run fit, with the longest sequence that then fits
     when sequences must be shortened; a smaller rank when even the shortest does not."""
-    def fits(candidate: Recipe) -> bool:
-        return estimate_peak_memory(shape, candidate, target.device, **target.layout).total_bytes <= target.capacity_bytes
-
     step = StepShape.of(recipe)
     while (step := cheaper(step, target.device)) is not None:
         candidate = step.applied_to(recipe)
@@ -233,12 +231,12 @@ def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
             longest = longest_sequence(shape, candidate, target.device, target.capacity_bytes, **target.layout)
             if longest >= MIN_SEQ_LEN:
                 return _as_flags(recipe, replace(candidate, seq_len=min(longest, recipe.seq_len)), "(the longest that fits)")
-        elif fits(candidate):
+        elif fits_target(shape, candidate, target):
             return _as_flags(recipe, candidate)
     smallest = replace(StepShape.of(recipe), micro_batch=1, seq_len=MIN_SEQ_LEN, checkpointing=True,
                        offload=target.device == "cuda", uncheckpointed_layers=0).applied_to(recipe)
     for rank in (8, 4):
-        if rank < recipe.rank and fits(replace(smallest, rank=rank)):
+        if rank < recipe.rank and fits_target(shape, replace(smallest, rank=rank), target):
             return _as_flags(recipe, replace(smallest, rank=rank))
     needed = estimate_peak_memory(shape, replace(smallest, rank=min(recipe.rank, 4)), target.device, **target.layout)
     return (f"nothing fits {target.name}: even seq {MIN_SEQ_LEN}, rank 4 needs {needed.total_bytes / GIB:.1f} GiB; "

@@ -111,6 +111,10 @@ class Recipe:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name), "recipe"))
 
+    def evaluates_after(self, step: int, total_steps: int) -> bool:
+        """Whether a run of total_steps evaluates its held-out data after this step: every eval_every, and the last."""
+        return step == total_steps or bool(self.eval_every and step % self.eval_every == 0)
+
     def to_yaml(self, header: str = "") -> str:
         """The recipe as commented YAML, one help line above each setting; unset model/data are left out."""
         lines = [f"# {line}".rstrip() for line in header.splitlines()] + ([""] if header else [])

@@ -94,14 +94,11 @@ class RunFolder:
     def save_reference_log_probs(self, values: dict, trained_on: dict) -> None:
         """Keep DPO's precomputed reference log-probs (a (pairs, 2) tensor per split) of the data and model that
         trained_on (a fingerprint) names, so a resume reads them back."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = self.path / REFERENCE_FILE
-        staging = path.with_name(f".{path.name}.partial")
-        with writing(self.path):
-            save_file({name: tensor.contiguous() for name, tensor in values.items()}, staging,
-                      metadata={"trained_on": json.dumps(trained_on, sort_keys=True)})
-            os.replace(staging, path)  # atomically: a resume finds all of them or none
+        tensors = {name: tensor.contiguous() for name, tensor in values.items()}
+        with writing(self.path):  # atomically: a resume finds all of them or none
+            write_atomically(self.path / REFERENCE_FILE, save(tensors, {"trained_on": json.dumps(trained_on, sort_keys=True)}))
 
     def reference_log_probs(self, trained_on: dict) -> dict | None:
         """The precomputed DPO reference log-probs this run kept, or None when there are none for trained_on (a
@@ -264,11 +261,11 @@ def remove_staging_leftovers(path: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
     """Replace a file's content so that a kill leaves the old content or the new, never a mix or nothing."""
     staging = path.with_name(f".{path.name}.partial")
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(staging, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(staging, path)

@@ -495,7 +495,7 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
         scheduler.step()
         state.step = step
         evaluated = {}
-        if eval_examples and (step == total_steps or (recipe.eval_every and step % recipe.eval_every == 0)):
+        if eval_examples and recipe.evaluates_after(step, total_steps):
             eval_loss, eval_stats = until_it_fits(
                 lambda shape: evaluate_with_stats(model, eval_examples, shape.micro_batch, pad_id, device, loss_module,
                                                   shape.seq_len), state, shrink)
