@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--ranks", default="8,64")
     parser.add_argument("--checkpointing", default="on,half,off", help="on: every layer; half: the last half kept whole; off")
+    parser.add_argument("--variants", default="lora", help="lora and/or dora (DoRA's magnitudes and the outputs it keeps)")
     parser.add_argument("--work", default="/tmp/qlora-kit-calibration", help="where random models are saved")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -87,14 +88,15 @@ def main() -> None:
         folder = build_random_model(name, Path(args.work) / name)
         base = models.load_base_4bit(folder, torch.bfloat16, torch.device("cuda", 0))
         grid = itertools.product([int(s) for s in args.seqs.split(",")], [int(b) for b in args.batches.split(",")],
-                                 [int(r) for r in args.ranks.split(",")], args.checkpointing.split(","))
-        for seq, batch, rank, checkpointing in grid:
+                                 [int(r) for r in args.ranks.split(",")], args.checkpointing.split(","), args.variants.split(","))
+        for seq, batch, rank, checkpointing, variant in grid:
             recipe = Recipe(seq_len=seq, micro_batch=batch, rank=rank, gradient_checkpointing=checkpointing != "off",
-                            uncheckpointed_layers=shape.num_layers // 2 if checkpointing == "half" else 0)
+                            uncheckpointed_layers=shape.num_layers // 2 if checkpointing == "half" else 0,
+                            use_dora=variant == "dora")
             started = time.time()
             measured = measure_point(base, shape, recipe)
             plan = estimate_peak_memory(shape, recipe, "cuda")
-            record = {"model": name, "seq_len": seq, "micro_batch": batch, "rank": rank, "checkpointing": checkpointing,
+            record = {"model": name, "seq_len": seq, "micro_batch": batch, "rank": rank, "checkpointing": checkpointing, "variant": variant,
                       **measured, "estimate_allocated": plan.allocated_bytes,
                       "estimate_reserved": plan.allocated_bytes + plan.components["allocator_slack"],
                       "estimate_total": plan.total_bytes, "device": device_name, "versions": versions,
@@ -103,11 +105,11 @@ def main() -> None:
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if measured["status"] == "ok":
-                print(f"{name} seq {seq} x {batch} r{rank} ckpt={checkpointing}: allocated {measured['peak_allocated'] / GIB:.2f} GiB "
+                print(f"{name} {variant} seq {seq} x {batch} r{rank} ckpt={checkpointing}: allocated {measured['peak_allocated'] / GIB:.2f} GiB "
                       f"(estimate {plan.allocated_bytes / GIB:.2f}), reserved {measured['peak_reserved'] / GIB:.2f}, "
                       f"{measured['tokens_per_s']:.0f} tok/s", flush=True)
             else:
-                print(f"{name} seq {seq} x {batch} r{rank} ckpt={checkpointing}: out of memory", flush=True)
+                print(f"{name} {variant} seq {seq} x {batch} r{rank} ckpt={checkpointing}: out of memory", flush=True)
         del base
         torch.cuda.empty_cache()
     print(f"results appended to {out}")

@@ -265,7 +265,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     chosen = lora_choices(lora)
     shape = find_model_shape(model)
     hardware = probe(check_bnb=False)
-    target = choose_target(gpu=gpu, hardware=hardware) if gpu or not vram_limit else _limited(vram_limit, hardware)
+    target = choose_target(gpu=gpu, hardware=hardware, vram_limit=vram_limit)
     gpus = int(os.environ.get("WORLD_SIZE", gpus))  # under torchrun: one process per GPU
     if gpus > 1:
         target = replace(target, gpus=gpus)
@@ -325,14 +325,3 @@ def lora_choices(lora: dict) -> dict:
     fixed = settings_from_adapter(given)
     return {**{k: v for k, v in lora.items() if v is not None},
             **{k: getattr(fixed, k) for k in ("rank", "alpha", "target_modules", "use_rslora", "use_dora")}}
-
-
-def _limited(vram_limit: float, hardware) -> Target:
-    """The probed GPU capped at --vram-limit GB, or a card of that size when there is none."""
-    if vram_limit <= 0:
-        raise UserError(f"--vram-limit must be positive, not {vram_limit}.", hint="Give gigabytes, e.g. --vram-limit 6.")
-    target = choose_target(hardware=hardware) if hardware.gpus else choose_target(vram_gib=vram_limit)
-    if hardware.gpus:
-        target = replace(target, name=f"{target.name} (limited to {vram_limit:g} GB)",
-                         capacity_bytes=min(target.capacity_bytes, int(vram_limit * GIB)))
-    return target

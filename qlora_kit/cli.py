@@ -48,6 +48,8 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Start again in a run folder
 GPUS = typer.Option(1, "--gpus", min=1, help="Train data parallel on this many GPUs (one process each, through torchrun).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
                                  help="Allow a model's own Python code (from its folder or the hub) to run. Off by default: only for sources you trust.")
+VRAM_LIMIT = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU, e.g. to leave room for other "
+                          "programs: the run is planned for that much and torch is held to it.")
 PLAIN = typer.Option(False, "--plain", help="Print a compact line every few steps instead of the live dashboard.")
 QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
 JSON = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
@@ -133,6 +135,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start a CPU run although its plan says it does not fit in free RAM."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     gpus: int = GPUS,
+    vram_limit: Optional[float] = VRAM_LIMIT,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
@@ -151,7 +154,7 @@ def train(
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(with_overrides(base, **settings), out, run_console, display=mode, resume=resume,
                            overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data,
-                           force=force)
+                           force=force, vram_limit=vram_limit)
     print_summary(summary)
 
 
@@ -399,8 +402,9 @@ def auto(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or --name) from its last good checkpoint, with the settings it chose."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     gpus: int = GPUS,
-    vram_limit: Optional[float] = typer.Option(None, "--vram-limit", help="Use at most this many GB of the GPU (or plan for such a card)."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine (with --dry-run).'),
+    vram_limit: Optional[float] = VRAM_LIMIT,
+    gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine\'s: with '
+                                      '--dry-run, to see the choice; on a larger GPU, a run held to that card\'s memory.'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
@@ -451,9 +455,11 @@ def plan(
     """Estimate peak memory before loading anything. Per component; says what fits and how to make it fit.
     Exits with 3 when it does not fit, so a script can ask before it trains."""
     from qlora_kit.plan import plan_for_layout
+    from qlora_kit.preference import check_reference_fits_method
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
 
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), **settings)
+    check_reference_fits_method(settings)
     if settings.init_adapter:  # its rank, layers and variant, read from its config: nothing is loaded
         from qlora_kit.model import settings_from_adapter
 

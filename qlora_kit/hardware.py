@@ -227,6 +227,22 @@ def gpu_readings(index: int = 0) -> dict:
             "gpu_temp_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)}
 
 
+def cap_gpu_memory(capacity_bytes: int, device) -> int | None:
+    """Hold torch's allocator on `device` to a plan's smaller target (--vram-limit, or auto's choice for another
+    card), less the CUDA context it does not count, so the run stays where it was planned and steps down past it;
+    returns the cap in bytes, or None when the target is the whole GPU."""
+    import torch
+
+    from qlora_kit.memory import CUDA_CONTEXT_BYTES
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    if capacity_bytes >= 0.97 * total:  # the probed card itself: its whole memory, as without a cap
+        return None
+    cap = max(capacity_bytes - CUDA_CONTEXT_BYTES, GIB // 4)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
+
+
 def _check_bnb_4bit() -> str:
     """Quantize a small weight to NF4 and run a matmul through it: the path training depends on."""
     try:

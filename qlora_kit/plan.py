@@ -121,16 +121,32 @@ class PlanReport:
         return render(self)
 
 
-def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardware=None) -> Target:
-    """The card named (--gpu), a card of a given size (--vram), else the probed GPU, else this machine's RAM."""
-    if gpu and vram_gib:
-        raise UserError("Give either --gpu or --vram, not both.", hint="--gpu picks a catalogued card; --vram any size.")
+def check_positive(gigabytes: float, flag: str) -> None:
+    """A memory size given on the command line (--vram, --vram-limit) must be a positive number of GB."""
+    if gigabytes <= 0:
+        raise UserError(f"{flag} must be positive, not {gigabytes:g}.", hint=f"Give gigabytes, e.g. {flag} 8.")
+
+
+def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardware=None,
+                  vram_limit: float | None = None) -> Target:
+    """The card named (--gpu), a card of a given size (--vram), else the probed GPU (capped at vram_limit GB when
+    given: --vram-limit), else this machine's RAM (or, with vram_limit, a card of that size to plan for)."""
+    if gpu and (vram_gib or vram_limit):
+        other = "--vram" if vram_gib else "--vram-limit"
+        raise UserError(f"Give either --gpu or {other}, not both.", hint="--gpu picks a catalogued card; "
+                        + ("--vram any size." if vram_gib else "--vram-limit caps this machine's GPU."))
+    if vram_limit is not None:
+        check_positive(vram_limit, "--vram-limit")
+        if hardware is None or not hardware.gpus:
+            return choose_target(vram_gib=vram_limit)
+        probed = choose_target(hardware=hardware)
+        return replace(probed, name=f"{probed.name} (limited to {vram_limit:g} GB)",
+                       capacity_bytes=min(probed.capacity_bytes, int(vram_limit * GIB)))
     if gpu:
         spec = find_gpu(gpu)
         return Target(spec.name, "cuda", int(spec.vram_gib * GIB), spec.bf16)
     if vram_gib:
-        if vram_gib <= 0:
-            raise UserError(f"--vram must be positive, not {vram_gib}.", hint="Give the card's memory in GB, e.g. --vram 8.")
+        check_positive(vram_gib, "--vram")
         return Target(f"{vram_gib:g} GB GPU", "cuda", int(vram_gib * GIB))
     if hardware is not None and hardware.gpus:
         gpu0 = hardware.gpus[0]

@@ -43,13 +43,18 @@ def check_method_fits_data(recipe, data_format: str) -> None:
     if recipe.method != "sft" and not pairs:
         raise UserError(f"--method {recipe.method} learns from preference pairs, and {recipe.data} holds {data_format} data.",
                         hint='Give each line a prompt (or messages), a "chosen" and a "rejected" answer; or use --method sft.')
-    if recipe.method != "dpo" and recipe.reference != "auto":
-        raise UserError(f"--reference {recipe.reference} says how DPO computes its reference, and --method "
-                        f"{recipe.method} has none.", hint="Leave --reference out, or use --method dpo.")
+    check_reference_fits_method(recipe)
     if pairs and (recipe.packing or recipe.train_on_inputs):
         raise UserError(f"--method {recipe.method} compares whole answers to one prompt, so "
                         f"{'--packing' if recipe.packing else '--train-on-inputs'} does not apply.",
                         hint="Leave it out for preference tuning.")
+
+
+def check_reference_fits_method(recipe) -> None:
+    """Only DPO has a reference, so only DPO takes a say in how it is computed (plan checks this before any data)."""
+    if recipe.method != "dpo" and recipe.reference != "auto":
+        raise UserError(f"--reference {recipe.reference} says how DPO computes its reference, and --method "
+                        f"{recipe.method} has none.", hint="Leave --reference out, or use --method dpo.")
 
 
 def sequence_log_probs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,

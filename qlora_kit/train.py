@@ -27,12 +27,12 @@ from qlora_kit.checkpoint import TrainerState
 from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_down
 from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
-from qlora_kit.hardware import CPU_SHARE, probe, usage_now
+from qlora_kit.hardware import CPU_SHARE, cap_gpu_memory, probe, usage_now
 from qlora_kit.loss import CausalLMLoss, evaluate_with_stats
 from qlora_kit.preference import PreferenceLoss, check_method_fits_data, reference_log_probs
 from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, load_tokenizer, parameter_counts,
                              pick_device_and_dtype, set_checkpointing, settings_from_adapter)
-from qlora_kit.plan import StepShape, cheaper, choose_target, describe_reference, make_plan, reference_forwards
+from qlora_kit.plan import StepShape, cheaper, check_positive, choose_target, describe_reference, make_plan, reference_forwards
 from qlora_kit.recipes import Recipe, optimizer_in_use
 from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, check_fingerprint, check_free_disk, check_same_settings,
                                  fingerprint, open_run_folder)
@@ -155,11 +155,13 @@ class RunRecord:
 
 def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto", resume: bool = False,
                  overwrite: bool = False, trust_remote_code: bool = False, plan: dict | None = None,
-                 allow_changed_data: bool = False, force: bool = False) -> RunSummary:
+                 allow_changed_data: bool = False, force: bool = False, vram_limit: float | None = None) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
-    (auto's), written as the run's plan.json; without it the run plans for this machine itself. force: start a CPU
-    run its plan says cannot fit."""
+    (auto's), written as the run's plan.json; without it the run plans for this machine itself, capped at
+    vram_limit GB of its GPU when given. force: start a CPU run its plan says cannot fit."""
+    if vram_limit is not None:
+        check_vram_limit(vram_limit)
     recipe = settings_from_adapter(recipe)  # before recipe.yaml is written: it records what the adapter fixed
     ranks = distributed.start()
     out_dir = Path(distributed.from_main(str(out_dir), ranks))  # a default name (runs/auto-N) is rank 0's choice
@@ -179,8 +181,11 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
             if out.resume_from:
                 _check_resume_point(out, recipe, training, total_steps, trained_on, allow_changed_data)
-            plan = _setup_plan(plan, out, folder, recipe, training, total_steps, ranks)
+            plan = _setup_plan(plan, out, folder, recipe, training, total_steps, ranks, vram_limit)
             check_fits(plan, device, console, force)
+            if device.type == "cuda" and (cap := cap_gpu_memory(plan["target"]["capacity_bytes"], device)):
+                console.print(f"GPU memory: torch is held to {cap / GIB:.1f} GiB, the plan's {plan['target']['name']} "
+                              "less the CUDA context; past it the run steps down.")
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
         setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), device,
                     dtype, ranks, total_steps, trained_on)
@@ -230,18 +235,28 @@ def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, 
 
 
 def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe, training: TrainingData,
-                total_steps: int, ranks: Ranks) -> dict:
-    """The plan the caller made (auto's), else the plan a resumed run started with, else one made now for this
-    machine's GPU (or RAM) and this run's layout, at the longest example: micro-batches are padded only to their
-    longest, so a seq_len longer than every example costs nothing."""
-    if plan is None and run.resume_from:
+                total_steps: int, ranks: Ranks, vram_limit: float | None = None) -> dict:
+    """The plan the caller made (auto's), else the plan a resumed run started with (unless a new vram_limit is
+    given), else one made now for this machine's GPU (or RAM, or the GPU capped at vram_limit GB) and this run's
+    layout, at the longest example: micro-batches are padded only to their longest, so a seq_len longer than every
+    example costs nothing."""
+    if plan is None and run.resume_from and vram_limit is None:
         plan = distributed.from_main(run.plan(), ranks)
     if plan is not None:
         return plan
-    target = replace(choose_target(hardware=probe(check_bnb=False)), gpus=ranks.world, strategy=recipe.parallel)
+    target = choose_target(hardware=probe(check_bnb=False), vram_limit=vram_limit)
+    target = replace(target, gpus=ranks.world, strategy=recipe.parallel)
     longest = max(8, min(recipe.seq_len, max(data.lengths_of(training.examples), default=8)))
     forwards = reference_forwards(recipe, total_steps, len(training.examples), len(training.eval_examples), ranks.world)
     return make_plan(str(folder), replace(recipe, seq_len=longest), target, reference_forwards=forwards).to_dict()
+
+
+def check_vram_limit(vram_limit: float) -> None:
+    """--vram-limit caps a GPU this machine has: refused before anything is written when there is none."""
+    check_positive(vram_limit, "--vram-limit")
+    if not torch.cuda.is_available():
+        raise UserError(f"--vram-limit {vram_limit:g} caps GPU memory, and this machine has no GPU that torch can use.",
+                        hint=f"Leave it out to train on the CPU; `qlora-kit plan --vram {vram_limit:g}` plans for such a card.")
 
 
 def check_fits(plan: dict, device: torch.device, console: Console, force: bool = False) -> None:

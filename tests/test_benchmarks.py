@@ -103,3 +103,46 @@ def test_dpo_reference_benchmark_compares_both_ways_per_pair():
                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "precomputed / on the fly, per pair:" in out.stdout
+
+
+def test_memory_cap_reads_a_stepped_down_run_and_auto_takes_its_what_if_model(llama_dir, text_data, tmp_path, monkeypatch, capsys):
+    """benchmarks/memory_cap.py needs a GPU to cap; here, its reading of a run folder (a CPU run with an injected
+    out-of-memory error) and its random model, tokenizer and data, which auto must accept for a card."""
+    import io
+
+    from rich.console import Console
+
+    from benchmarks.memory_cap import lost_or_repeated_steps, prepare, read_run
+    from qlora_kit.recipes import Recipe
+    from qlora_kit.train import run_training
+    from tests.test_cli import run_cli
+    from tests.test_train import flaky_loss
+
+    with monkeypatch.context() as patches:
+        flaky_loss(patches, lambda step, batch: step == 2 and batch == 4)
+        run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=4, micro_batch=4, grad_accum=1,
+                            dropout=0.0), tmp_path / "run", Console(file=io.StringIO()))
+    run = read_run(tmp_path / "run")
+    assert run["steps"] == [1, 2, 3, 4] and lost_or_repeated_steps(run, 4) == []
+    assert [(d["step"], d["to"]["micro_batch"]) for d in run["step_downs"]] == [(2, 2)]
+    assert run["peak_rss_gib"] > 0 and run["planned_gib"] > 0 and run["peak_nvml_gib"] is None
+    assert lost_or_repeated_steps({"steps": [1, 2, 2, 4]}, 4) == [3, 2]
+    folder, data = prepare("smollm2-135m", tmp_path / "work", seq=128, examples=8, device="cpu")
+    code, out, _ = run_cli(monkeypatch, capsys, "auto", "--model", folder, "--data", data, "--gpu", "RTX 3060", "--dry-run")
+    assert code in (0, None) and "Recipe: 12gb" in out and "seq_len: 2048 -> 128" in out
+
+
+def test_every_gpu_session_stage_it_lists_exists_and_names_scripts_that_exist(tmp_path):
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    listed = set(re.findall(r"^#   bash benchmarks/gpu_session.sh ([\w-]+)", script, re.M))
+    cases = set(re.findall(r"^  ([\w-]+)\)$", script, re.M))
+    assert listed == cases and {"oom", "what-if", "dora", "tests", "wheels"} <= cases
+    assert all((ROOT / path).is_file() for path in re.findall(r"python3 (benchmarks/\w+\.py)", script))
+    # The stage that only installs and reports the wheels runs anywhere; python3 is this environment's here.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path))
+    out = subprocess.run(["bash", "benchmarks/gpu_session.sh", "wheels"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bitsandbytes 0." in out.stdout and "datasets " in out.stdout

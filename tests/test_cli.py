@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from qlora_kit import cli
 
@@ -72,6 +73,11 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
     assert code in (0, None) and "rank: 4" in (tmp_path / "more" / "recipe.yaml").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--resume", "--from-adapter", out / "adapter")
     assert code == 1 and "--from-adapter starts a new run" in err and "Use one" in err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out",
+                               tmp_path / "capped", "--vram-limit", "6")
+        assert code == 1 and "--vram-limit 6 caps GPU memory, and this machine has no GPU" in err and "plan --vram 6" in err
+        assert not (tmp_path / "capped").exists()
 
 
 def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_path):

@@ -2,7 +2,7 @@ import json
 
 from rich.console import Console
 
-from qlora_kit.hardware import probe, render
+from qlora_kit.hardware import cap_gpu_memory, probe, render
 
 
 def test_probe_without_a_gpu_reports_the_rest():
@@ -58,3 +58,18 @@ def test_cpu_seconds_count_this_process_among_all_programs():
     end = _cpu_seconds()
     own = end[2] - start[2]
     assert own >= 0.25 and end[1] - start[1] >= 0.5 * own, "the system's busy time includes this process's"
+
+
+def test_a_smaller_target_than_the_gpu_holds_torch_to_it_less_the_cuda_context(monkeypatch):
+    import types
+
+    import torch
+
+    from qlora_kit.memory import CUDA_CONTEXT_BYTES, GIB
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction))
+    assert cap_gpu_memory(6 * GIB, "cuda:0") == 6 * GIB - CUDA_CONTEXT_BYTES
+    assert fractions == [(6 * GIB - CUDA_CONTEXT_BYTES) / (80 * GIB)]
+    assert cap_gpu_memory(int(79.5 * GIB), "cuda:0") is None and len(fractions) == 1, "the probed card itself: no cap"

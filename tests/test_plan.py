@@ -62,8 +62,16 @@ def test_targets_from_flags_probe_or_ram():
     hardware = probe(check_bnb=False)
     cpu = choose_target(hardware=hardware)
     assert cpu.device == "cpu" and cpu.capacity_bytes > 0 and "No GPU" in cpu.note
+    assert choose_target(hardware=hardware, vram_limit=6).name == "6 GB GPU", "no GPU to cap: a card that size"
     hardware.gpus = [Gpu(0, "Tesla T4", "7.5", 15.0, 14.5, False, "nvml")]
     assert choose_target(hardware=hardware).name == "Tesla T4"
+    limited = choose_target(hardware=hardware, vram_limit=6)
+    assert (limited.name, limited.capacity_bytes, limited.bf16) == ("Tesla T4 (limited to 6 GB)", 6 * GIB, False)
+    assert choose_target(hardware=hardware, vram_limit=40).capacity_bytes == int(15.0 * GIB), "never above the card"
+    with pytest.raises(UserError, match="either --gpu or --vram-limit"):
+        choose_target(gpu="T4", hardware=hardware, vram_limit=6)
+    with pytest.raises(UserError, match="--vram-limit must be positive, not 0"):
+        choose_target(hardware=hardware, vram_limit=0)
 
 
 def test_no_bf16_card_gets_a_note_about_fp16():
@@ -124,3 +132,10 @@ def test_plan_from_an_adapter_takes_its_settings_and_counts_dpos_frozen_copy(mon
     assert report["reference"]["mode"] == "on_the_fly"
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--from-adapter", str(adapter), "--rank", "8")
     assert code == 1 and "rank 8 (the adapter's: 64)" in err
+
+
+def test_plan_refuses_a_reference_setting_for_a_method_without_one(monkeypatch, capsys):
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--reference", "precomputed")
+    assert code == 1 and "--method sft has none" in err and "Leave --reference out" in err
