@@ -192,7 +192,15 @@ def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = Non
     raise UserError("Say where the run goes.", hint="Pass --out runs/my-run, or --name my-run.")
 
 
-ADAPTERS = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter; repeat it to load several on one base.")
+def _adapters_in(value):
+    """--adapter runs/NAME means the adapter that run wrote, runs/NAME/adapter."""
+    from qlora_kit.sources import adapter_in
+
+    return value if value is None else [adapter_in(v) for v in value] if isinstance(value, list) else adapter_in(value)
+
+
+ADAPTERS = typer.Option(None, "--adapter", "-a", callback=_adapters_in,
+                        help="Adapter folder, e.g. runs/NAME/adapter (or the run, runs/NAME); repeat it to load several on one base.")
 BASE_MODEL = typer.Option(None, "--model", "-m", help="Base model; defaults to the one the adapter was trained on.")
 
 
@@ -273,7 +281,8 @@ def chat(
 @app.command("eval")
 def eval_command(
     data: Path = typer.Option(..., "--data", "-d", help="Held-out data, in any format train reads."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder; without it only the base is evaluated."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", callback=_adapters_in,
+                                           help="Adapter folder (or its run's); without it only the base is evaluated."),
     model: Optional[str] = BASE_MODEL,
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Truncate examples to this many tokens [default: the adapter's run, else 512]."),
     micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="Examples per forward pass."),
@@ -293,7 +302,7 @@ def eval_command(
 
 @app.command()
 def merge(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", callback=_adapters_in, help="Adapter folder, e.g. runs/NAME/adapter (or runs/NAME)."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged model (safetensors, config, tokenizer)."),
     model: Optional[str] = BASE_MODEL,
     dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights: bf16, fp16 or fp32."),
@@ -320,7 +329,7 @@ class ExportFormat(str, enum.Enum):
 
 @app.command()
 def export(
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter folder, e.g. runs/NAME/adapter. Without it, --format gguf --model M exports the base model alone (a base for GGUF adapters)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", callback=_adapters_in, help="Adapter folder, e.g. runs/NAME/adapter (or runs/NAME). Without it, --format gguf --model M exports the base model alone (a base for GGUF adapters)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .gguf file to write [default: beside the adapter: runs/NAME/adapter.gguf, or runs/NAME/NAME-QUANT.gguf merged]."),
     export_format: ExportFormat = typer.Option(ExportFormat.gguf_adapter, "--format",
                                                help="gguf-adapter: the LoRA weights alone (a few MB), for llama.cpp --lora, Ollama's ADAPTER and LM Studio on any GGUF of the same base. gguf: base + adapter merged into one standalone model, tokenizer and chat template inside."),

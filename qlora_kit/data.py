@@ -100,17 +100,18 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False) -> Records:
-    """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed."""
+def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False, flag: str = "--data") -> Records:
+    """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed.
+    flag: the option that named the file, for the hints."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder, not a data file.", hint="Pass a .jsonl file with --data.")
+        raise UserError(f"{path} is a folder, not a data file.", hint=f"Pass a .jsonl file with {flag}.")
     if path.exists() and not path.is_file():  # /dev/zero, a FIFO, /dev/stdin: endless or read-once, never a data set
         kind = "a pipe (FIFO)" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else "not a regular file"
         raise UserError(f"{path} is {kind}, not a data file: training reads its data more than once.",
-                        hint="Save the data to a .jsonl file and pass that with --data.")
+                        hint=f"Save the data to a .jsonl file and pass that with {flag}.")
     if not path.is_file():
-        raise UserError(f"Data file {path} does not exist.", hint="Pass a .jsonl file with --data.")
+        raise UserError(f"Data file {path} does not exist.", hint=f"Pass a .jsonl file with {flag}.")
     if format not in ("auto", *FORMATS):
         raise UserError(f"Unknown data format {format}.", hint=f"Use one of: auto, {', '.join(FORMATS)}.")
     records, problems, file_format = [], [], None if format == "auto" else format

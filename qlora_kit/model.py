@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, target_names
-from qlora_kit.sources import check_adapter_folder, model_weights
+from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -175,7 +175,7 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
     set in the recipe or on the command line is refused, since the adapter's weights have its own."""
     if not recipe.init_adapter:
         return recipe
-    folder = Path(recipe.init_adapter)
+    folder = adapter_in(recipe.init_adapter)
     check_adapter_folder(folder)
     if recipe.lora_init != "default":
         raise UserError(f"lora_init {recipe.lora_init} says how a fresh adapter starts; this run starts from {folder}'s "
@@ -196,7 +196,7 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
     if differ:
         raise UserError(f"{folder} has its own LoRA settings, and these differ: {', '.join(differ)}.",
                         hint="Leave them out: a run started from an adapter takes them from it.")
-    return dataclasses.replace(recipe, **found)
+    return dataclasses.replace(recipe, init_adapter=str(folder), **found)
 
 
 def start_from_adapter(model, recipe: Recipe):

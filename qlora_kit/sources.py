@@ -204,6 +204,14 @@ def model_weights(folder: Path):
                 yield name, weights.get_tensor(name)
 
 
+def adapter_in(folder: Path) -> Path:
+    """The adapter a path names: a run folder (runs/NAME) stands for the adapter it wrote (runs/NAME/adapter)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file() and (folder / "adapter" / "adapter_config.json").is_file():
+        return folder / "adapter"
+    return folder
+
+
 def check_adapter_folder(adapter_dir: Path) -> None:
     """A PEFT adapter folder with safetensors weights, or a UserError saying what is missing; cheap, so the CLI
     checks before it loads anything."""

@@ -171,12 +171,12 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if not ranks.main:
         out.lock_fd = None  # the lock is rank 0's
     try:
-        loaded = _read_data(recipe)
+        loaded, eval_records = _read_data(recipe)
         device, dtype = pick_device_and_dtype(recipe.precision, ranks.local_rank)
         with console.status(f"Preparing {recipe.model} ..."):
             folder = resolve_model(recipe.model)
             tokenizer = load_tokenizer(folder, trust_remote_code)
-            training = _setup_data(recipe, loaded, tokenizer)
+            training = _setup_data(recipe, loaded, eval_records, tokenizer)
             total_steps = count_steps(len(training.examples), recipe, ranks.world)
             trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
             if out.resume_from:
@@ -196,17 +196,19 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         out.close()
 
 
-def _read_data(recipe: Recipe) -> data.Records:
-    """The training data, read and checked before anything slow; the model and data must both be named."""
+def _read_data(recipe: Recipe) -> tuple[data.Records, list[dict]]:
+    """The training data and the held-out data file's records, read and checked before anything slow; the model and
+    data must both be named."""
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
-    return data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
+    loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
+    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data").records if recipe.eval_data else []
+    return loaded, held_out
 
 
-def _setup_data(recipe: Recipe, loaded: data.Records, tokenizer) -> TrainingData:
-    """Tokenize, split off held-out examples and pack, as the recipe says."""
+def _setup_data(recipe: Recipe, loaded: data.Records, eval_records: list[dict], tokenizer) -> TrainingData:
+    """Tokenize, split off held-out examples (unless eval_records are given) and pack, as the recipe says."""
     check_method_fits_data(recipe, loaded.format)
-    eval_records = data.read_records(recipe.eval_data, recipe.data_format).records if recipe.eval_data else []
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
                              cache_key=data.cache_key(loaded, tokenizer))
     dropped, truncated = len(loaded.records) - len(examples), examples.truncated

@@ -65,12 +65,16 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
     code, quiet, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out", tmp_path / "q",
                              "--steps", "2", "--rank", "4", "--quiet")
     assert "Trainable:" not in quiet and "step 1/2" not in quiet and "plain PEFT" in quiet
-    code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out / "adapter", "--prompt", "one two?",
+    code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out, "--prompt", "one two?",  # the run: its adapter
                               "--max-new-tokens", "4")
     assert code in (0, None) and stdout.strip()
     code, stdout, _ = run_cli(monkeypatch, capsys, "train", "--data", chat_data, "--model", llama_dir, "--out", tmp_path / "more",
-                              "--from-adapter", out / "adapter", "--steps", "1", "--quiet")
+                              "--from-adapter", out, "--steps", "1", "--quiet")
     assert code in (0, None) and "rank: 4" in (tmp_path / "more" / "recipe.yaml").read_text()
+    assert f"init_adapter: {out / 'adapter'}" in (tmp_path / "more" / "recipe.yaml").read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", chat_data, "--eval-data", tmp_path / "nope.jsonl",
+                           "--model", llama_dir, "--out", tmp_path / "held")
+    assert code == 1 and "nope.jsonl does not exist" in err and "with --eval-data" in err and not (tmp_path / "held").exists()
     code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--resume", "--from-adapter", out / "adapter")
     assert code == 1 and "--from-adapter starts a new run" in err and "Use one" in err
     if not torch.cuda.is_available():

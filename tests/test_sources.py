@@ -69,6 +69,11 @@ def test_adapter_folders_are_checked_without_loading_anything(tmp_path):
         sources.check_adapter_folder(tmp_path / "missing")
     with pytest.raises(UserError, match="holds no adapter_config.json"):
         sources.check_adapter_folder(tmp_path)
+    assert sources.adapter_in(tmp_path) == tmp_path, "nothing to stand for: the path as given, and its error"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert sources.adapter_in(tmp_path) == tmp_path / "adapter", "a run folder stands for its adapter"
+    assert sources.adapter_in(tmp_path / "adapter") == tmp_path / "adapter"
 
 
 def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_conversion(llama_dir, tmp_path, monkeypatch):
