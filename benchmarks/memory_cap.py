@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GIB = 2**30
+from qlora_kit.memory import CUDA_CONTEXT_BYTES, GIB  # noqa: E402
 
 
 def read_run(run_dir: Path) -> dict:
@@ -58,7 +58,7 @@ def lost_or_repeated_steps(run: dict, total: int) -> list[int]:
 
 
 def prepare(name: str, work: Path, seq: int, examples: int, device: str = "cuda") -> tuple[Path, Path]:
-    """A random-weight model folder with a tokenizer, and a data file of `examples` random texts of at least seq tokens."""
+    """A random-weight model folder with a tokenizer, and a data file of `examples` random texts of about seq tokens."""
     from benchmarks.random_model import build_random_model
     from tests.tiny_models import build_tokenizer
 
@@ -113,7 +113,7 @@ def main() -> None:
         seconds = run_cli("auto", "--model", str(folder), *common, "--gpu", args.gpu)
     run = read_run(run_dir)
     missing = lost_or_repeated_steps(run, args.steps)
-    context = 0.5  # memory.CUDA_CONTEXT_BYTES: outside torch's reserved memory
+    context = CUDA_CONTEXT_BYTES / GIB  # outside torch's reserved memory, inside nvidia-smi's
     measured = run["peak_nvml_gib"] or run["peak_reserved_gib"] + context
     record = {**vars(args), **run, "seconds": round(seconds, 1),
               "lost_or_repeated_steps": missing, "measured_over_planned": measured / run["planned_gib"],
