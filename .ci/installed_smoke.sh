@@ -68,6 +68,11 @@ run train --model tiny-llama --data data.jsonl --out runs/smoke --steps 3 --rank
 expect "plain PEFT"
 test -f runs/smoke/adapter/adapter_model.safetensors
 run generate --adapter runs/smoke/adapter --prompt "hello" --max-new-tokens 4
+test -f runs/smoke/adapter/base_model.json
+printf '{"prompt": "hello"}\n{"prompt": "one two"}\n' > prompts.jsonl
+run generate --adapter runs/smoke/adapter --file prompts.jsonl --output answers.jsonl --max-new-tokens 2
+expect "Wrote 2 answers to answers.jsonl"
+test "$(wc -l < answers.jsonl)" -eq 2
 run report runs/smoke
 expect "runs/smoke"
 run export --adapter runs/smoke/adapter

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager, nullcontext
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
+from qlora_kit.files import staged_folder
 from qlora_kit.hardware import CPU_SHARE
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.recipes import read_settings
-from qlora_kit.sources import check_adapter_folder, describe_source, packaged_model, resolve_model
+from qlora_kit.sources import (IDENTITY_FILE, check_adapter_folder, describe_source, model_identity, packaged_model,
+                               path_exists, resolve_model, weight_shapes)
 
 
 def portable_base_id(source: str, folder: Path) -> str:
@@ -26,33 +27,19 @@ def portable_base_id(source: str, folder: Path) -> str:
     packaged = packaged_model(source)
     if packaged:
         return packaged.hub_id
-    if not Path(source).expanduser().exists():
+    if not path_exists(Path(source).expanduser()):
         return catalogue_id(source) or source  # a hub id, or a catalogue name for one
     return str(folder.resolve())
 
 
-@contextmanager
-def staged_folder(final: Path):
-    """An empty folder beside `final` to write into; when the block ends without error it replaces `final` in one
-    rename, so `final` is always whole (new or old) or absent. On any error, a second Ctrl-C included, it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; an adapter is meant to be shared
-    try:
-        yield staging
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None, state_dict: dict | None = None) -> int:
-    """Write adapter_config.json, adapter_model.safetensors, tokenizer files and the card (README.md) atomically;
-    returns the weights' bytes. state_dict: the LoRA tensors gathered whole, when the model's are sharded."""
+def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None, state_dict: dict | None = None,
+                 base: dict | None = None) -> int:
+    """Write adapter_config.json, adapter_model.safetensors, tokenizer files, the card (README.md) and the base's
+    identity (base_model.json, from sources.model_identity) atomically; returns the weights' bytes. state_dict: the
+    LoRA tensors gathered whole, when the model's are sharded."""
     with staged_folder(folder) as staging:
+        if base:
+            (staging / IDENTITY_FILE).write_text(json.dumps(base, indent=2))
         # Only the adapter that trains: a DPO run also holds the one it started from, frozen, as its reference.
         model.save_pretrained(staging, selected_adapters=["default"],
                               **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -113,6 +100,111 @@ or `qlora-kit generate --adapter path/to/this/folder --prompt "..."`; `qlora-kit
 """
 
 
+def check_adapter_on_base(adapter_dir: Path, folder: Path, chosen: bool) -> str | None:
+    """Refuse to use an adapter on a base it was not made for, in one sentence saying what differs: another
+    architecture or other layer shapes, always; for the base the adapter's run names (not one chosen with --model),
+    also a config or weights changed since it trained. A chosen base that differs only there is allowed: the
+    sentence saying so is returned, for the caller to show."""
+    adapter_dir = Path(adapter_dir)
+    trained_on = recorded_base(adapter_dir)
+    found = model_identity(folder)
+    where = (trained_on or {}).get("hub_id") or (trained_on or {}).get("path") or base_named_by(adapter_dir)
+    if where and not chosen and Path(where) == Path(found["path"]):
+        hint = f"{folder} was replaced since: restore the model it held, or pass that model with --model."
+    else:
+        hint = f"Pass the base it was trained on with --model{f' ({where})' if where else ''}."
+    named = Path(base_named_by(adapter_dir) or "")
+    if trained_on is None and named.name and path_exists(named) and (named / "config.json").is_file():
+        # another tool's adapter, or an older qlora-kit's: its architecture is that of the local base its config names
+        trained_on = {"architecture": model_identity(named)["architecture"]}
+    if trained_on and trained_on.get("architecture"):
+        differ = [f"{key} {was!r} when it trained, {found['architecture'].get(key)!r} in {folder}"
+                  for key, was in trained_on["architecture"].items() if found["architecture"].get(key) != was
+                  and not (key == "architectures" and was and found["architecture"].get("model_type") !=
+                           trained_on["architecture"].get("model_type"))]  # the class follows the model_type
+        if differ:
+            raise UserError(f"{adapter_dir} was trained on another model: {'; '.join(differ)}.", hint=hint)
+    check_layer_shapes(adapter_dir, weight_shapes(folder), folder, hint)
+    changed = trained_on and [what for what, key in (("config.json", "config_sha256"), ("weights", "weights_sha256"))
+                              if trained_on.get(key) and trained_on[key] != found[key]]
+    if not changed:
+        return None
+    if chosen:
+        return (f"{folder} is not the base {adapter_dir} was trained on (its {' and '.join(changed)} differ), though "
+                "of the same architecture and shapes: using it, as --model says.")
+    raise UserError(f"The base model at {folder} is not the one {adapter_dir} was trained on: its "
+                    f"{' and '.join(changed)} changed since.",
+                    hint="Restore the base it was trained on, or pass --model to use the adapter on this one anyway.")
+
+
+def say_note(note: str | None) -> None:
+    """A note about the inputs, on stderr, so that --json output on stdout stays clean."""
+    if note:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
+
+
+def recorded_base(adapter_dir: Path) -> dict | None:
+    """The base an adapter was trained on, as qlora-kit recorded it (base_model.json), or None."""
+    try:
+        record = json.loads((Path(adapter_dir) / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def base_named_by(adapter_dir: Path) -> str | None:
+    """The base adapter_config.json names (base_model_name_or_path), if it names one."""
+    try:
+        named = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
+def check_layer_shapes(adapter_dir: Path, shapes: dict[str, tuple], folder: Path, hint: str) -> None:
+    """Every layer the adapter adapts is in the base (shapes: weight name -> shape) and maps as many features in and
+    out as its LoRA matrices do."""
+    from safetensors import safe_open
+
+    if not shapes:  # weights the headers cannot tell (a pre-quantized checkpoint): loading checks them
+        return
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as weights:
+        for key in weights.keys():
+            if ".lora_A." not in key:
+                continue
+            module = key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
+            a = weights.get_slice(key).get_shape()
+            b = weights.get_slice(key.replace(".lora_A.", ".lora_B.")).get_shape()
+            shape = shapes.get(module + ".weight") or unique_suffix_match(shapes, module + ".weight")
+            if shape is None:
+                raise UserError(f"{adapter_dir} adapts {module}, which the model in {folder} does not have: it was "
+                                "made for another model.", hint=hint)
+            if shape is not UNKNOWN and tuple(shape[:2]) != (b[0], a[1]):
+                raise UserError(f"{adapter_dir} was made for another model: its {module} maps {a[1]} to {b[0]} "
+                                f"features, the one in {folder} {shape[1]} to {shape[0]}.", hint=hint)
+
+
+UNKNOWN = ()  # a layer found more than once by its end (a vision tower's beside the language model's)
+PEFT_PREFIX = "base_model.model."
+
+
+def unique_suffix_match(shapes: dict[str, tuple], name: str):
+    """The shape of the one weight whose name ends like `name` (checkpoints may nest the language model under
+    another prefix than the loaded model does), UNKNOWN when several do, None when none does."""
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]  # keep the layer's number: layers.5 is not layers.0
+    for start in range(1, max(2, numbered[-1]) if numbered else len(parts) - 1):
+        tail = "." + ".".join(parts[start:])
+        found = [shape for key, shape in shapes.items() if key.endswith(tail)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            return UNKNOWN
+    return None
+
+
 def lineage(init_adapter: str | None) -> list[str]:
     """The adapters a run's adapter was trained on top of, oldest first, as far as their runs' recipe.yaml say."""
     chain: list[str] = []
@@ -136,16 +228,14 @@ def run_settings(adapter_dir: Path | None) -> dict:
     return read_settings(Path(adapter_dir).parent / "recipe.yaml") if adapter_dir else {}
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def base_source_for(adapter_dir: Path) -> str:
-    """The base model a run's adapter was trained on: the run's recipe.yaml, else adapter_config.json."""
-    return (run_settings(adapter_dir).get("model")
-            or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    """The base model a run's adapter was trained on: the run's recipe.yaml, else the base qlora-kit recorded beside
+    the adapter, else what adapter_config.json names."""
+    source = (run_settings(adapter_dir).get("model") or (recorded_base(adapter_dir) or {}).get("source")
+              or base_named_by(adapter_dir))
+    if not source:
+        raise UserError(f"{adapter_dir} does not say which base model it was trained on.", hint="Pass it with --model.")
+    return source
 
 
 def tokenizer_folder(adapter_dir: Path | None, base_folder: Path, needs: str = "tokenizer_config.json") -> Path:
@@ -170,6 +260,7 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
     adapter_dirs = [Path(d) for d in adapter_dirs]
     for adapter_dir in adapter_dirs:
         check_adapter_folder(adapter_dir)
+    chosen = source is not None
     if source is None and adapter_dirs:
         bases = {base_source_for(d) for d in adapter_dirs}
         if len(bases) > 1:
@@ -180,6 +271,8 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
     device, dtype = pick_device_and_dtype(precision)
     folder = resolve_model(source)
+    for adapter_dir in adapter_dirs:
+        say_note(check_adapter_on_base(adapter_dir, folder, chosen=chosen))
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dirs[0] if adapter_dirs else None, folder), trust_remote_code)
     model = load_base_4bit(folder, dtype, device, trust_remote_code)
     names = adapter_names(adapter_dirs)
@@ -232,15 +325,23 @@ def answering_with(model, name: str | None):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
-def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None) -> str:
+def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None,
+                   stop: threading.Event | None = None) -> str:
     """The model's reply to a conversation (a list of messages), or its continuation of plain text (a str)."""
-    return generate_replies(model, tokenizer, [messages], sampling, streamer)[0]
+    return generate_replies(model, tokenizer, [messages], sampling, streamer, stop)[0]
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Sampling(), streamer=None) -> list[str]:
+def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Sampling(), streamer=None,
+                     stop: threading.Event | None = None) -> list[str]:
     """Replies to several requests (conversations or plain texts) in one batch, left-padded so every reply starts
-    right after its own prompt."""
+    right after its own prompt. Setting `stop` (from another thread) ends them after the token being made."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class WhenStopSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
     CPU_SHARE.use_free_cores(model.device)  # here, in the generating thread: chat generates on a thread of its own
     texts = [r if isinstance(r, str) else chat_prompt(tokenizer, r) for r in requests]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -252,7 +353,8 @@ def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Samp
     drawn = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p) if sampling.temperature > 0
              else dict(do_sample=False))
     output = model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, use_cache=True, streamer=streamer,
-                            pad_token_id=tokenizer.pad_token_id, **drawn)
+                            pad_token_id=tokenizer.pad_token_id,
+                            stopping_criteria=StoppingCriteriaList([WhenStopSet()] if stop else []), **drawn)
     return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in output]
 
 

@@ -256,7 +256,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit.sources import resolve_model
     from qlora_kit.train import run_training
 
-    loaded = data_module.read_records(data_path)
+    loaded = data_module.read_records(data_path, can_skip=False)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
     from_data = {}
     if loaded.format in data_module.PREFERENCE_FORMATS and lora.get("method") is None:

@@ -77,7 +77,7 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: di
                     trainer_state: TrainerState, keep: int) -> Path:
     """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter, optimizer_state comes from
     gather_optimizer) and delete all but the newest `keep`; returns its folder."""
-    from qlora_kit.adapter import staged_folder
+    from qlora_kit.files import staged_folder
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"  # replaced when the same step is saved again, after a resume from an earlier one

@@ -40,6 +40,8 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
+    # peft's advice is to library authors (fan_in_fan_out, merging into 4-bit weights): qlora-kit handles each case
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft(\.|$)")
 
 
 NAME = typer.Option(None, "--name", help="Run name: the run goes to runs/NAME (letters, digits, . _ -).", show_default=False)
@@ -226,6 +228,9 @@ CHAT_TEMPERATURE, CHAT_TOP_P = _sampling_options(0.7, 0.9)
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask the model."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help='Many prompts: a .jsonl file with {"prompt": "..."} per line.'),
+    output: Optional[Path] = typer.Option(None, "--output", help="With --file: append each answer to this .jsonl file as "
+                                          "soon as it is made; prompts it already answers are skipped, so an "
+                                          "interrupted run goes on where it stopped."),
     adapter: Optional[list[Path]] = ADAPTERS,
     model: Optional[str] = BASE_MODEL,
     compare: bool = typer.Option(False, "--compare", help="Also answer with the base model, side by side."),
@@ -233,25 +238,57 @@ def generate(
     temperature: float = GENERATE_TEMPERATURE,
     top_p: float = GENERATE_TOP_P,
     raw: bool = typer.Option(False, help="Send the prompt as plain text instead of through the chat template."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt: the prompt and each model's reply."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt, as it is answered: the prompt "
+                                 "and each model's reply."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Answer prompts with a base model and its adapters. One prompt, or a file of them, side by side."""
     _check_adapters(adapter)
     from qlora_kit.adapter import Sampling, load_with_adapters
-    from qlora_kit.chat import answer_all, answers_table, read_prompts
+    from qlora_kit.chat import answer_each, answered_in, answers_table, not_yet_answered, read_prompts
+    from qlora_kit.dashboard import printable
+    from qlora_kit.files import open_for_appending
 
     if (prompt is None) == (file is None):
         raise UserError("Give either --prompt or --file.", hint='qlora-kit generate --adapter runs/NAME/adapter --prompt "Hello"')
+    if output and not file:
+        raise UserError("--output keeps the answers to a --file of prompts.", hint="Add --file PROMPTS.jsonl, or drop --output.")
     prompts = read_prompts(file) if file else [prompt]
     with console.status("Loading the model in 4-bit ..."):
         lm, tokenizer, names = load_with_adapters(model, adapter or [], trust_remote_code=trust_remote_code)
     columns = ([None] if compare or not names else []) + names
-    with console.status(f"Answering {len(prompts)} prompt{'s' * (len(prompts) > 1)} ..."):
-        rows = answer_all(lm, tokenizer, prompts, columns, Sampling(temperature, top_p, max_new_tokens), chat=not raw)
-    if as_json:
-        for row in rows:
-            print(json.dumps(row))
+    if output:
+        done = answered_in(output, [name or "base" for name in columns])
+        pending = not_yet_answered(prompts, done)
+        if len(pending) < len(prompts):
+            console.print(f"{printable(output)} answers {len(prompts) - len(pending)} of the {len(prompts)} prompts "
+                          f"already; answering the other {len(pending)}.", highlight=False)
+        prompts = pending
+    rows, sink = [], open_for_appending(output) if output else None
+    try:
+        with console.status(f"Answering {len(prompts)} prompt{'s' * (len(prompts) != 1)} ...") as status:
+            for row in answer_each(lm, tokenizer, prompts, columns, Sampling(temperature, top_p, max_new_tokens), chat=not raw):
+                if sink:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()  # an interrupted run keeps every answer it finished
+                rows.append(row)
+                if as_json:
+                    print(json.dumps(row), flush=True)
+                status.update(f"Answered {len(rows)} of {len(prompts)} prompts ...")
+    except KeyboardInterrupt:
+        kept = f"; their answers are in {printable(output)}: run the same command again to answer the rest" if output else ""
+        errors.print(f"Stopped after {len(rows)} of {len(prompts)} prompts{kept}.", highlight=False, markup=False,
+                     soft_wrap=True)
+        if rows and not as_json and not output:
+            console.print(answers_table(rows))
+        raise typer.Exit(130) from None
+    finally:
+        if sink:
+            sink.close()
+    if as_json or not rows:
+        return
+    if output:
+        console.print(f"Wrote {len(rows)} answers to {printable(output)}.", highlight=False)
     elif len(rows) == 1 and len(columns) == 1:
         console.print(next(iter(rows[0]["replies"].values())), highlight=False, markup=False)
     else:
@@ -336,56 +373,72 @@ def export(
     quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f32, f16 (default), bf16 or q8_0 (written here), or q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer, the [export] extra)."),
     ollama: bool = typer.Option(False, "--ollama", help="Also write an Ollama Modelfile beside the file: FROM, ADAPTER, the chat template as a TEMPLATE, stop tokens and the training data's system prompt."),
     model: Optional[str] = BASE_MODEL,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the .gguf file (and Modelfile) if they exist."),
 ) -> None:
     """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio: alone (small, on a GGUF of its base) or merged."""
-    _check_adapters([adapter] if adapter else [])
     from qlora_kit.adapter import base_source_for, tokenizer_folder
+    from qlora_kit.dashboard import printable, shown_path
     from qlora_kit.export import export_gguf_adapter, export_merged_gguf, run_name_of
+    from qlora_kit.files import check_can_replace, only_writer
+    from qlora_kit.ollama import gguf_adds_bos, model_name, training_system_prompt, write_modelfile
     from qlora_kit.sources import gguf_file_of, resolve_model
 
     if adapter is None and (export_format is not ExportFormat.gguf or model is None):
         raise UserError("Give the --adapter to export.", hint="qlora-kit export --adapter runs/NAME/adapter; or the base "
                                                               "alone: qlora-kit export --format gguf --model BASE.")
+    quant = quant.lower() if quant else None
     if quant and export_format is ExportFormat.gguf_adapter:
         raise UserError("--quant applies to --format gguf: an adapter GGUF keeps its LoRA matrices in f32 (a few MB), "
                         "and llama.cpp applies them to a base of any quantization.",
                         hint=f"Quantize the merged model: --format gguf --quant {quant}.")
+    _check_adapters([adapter] if adapter else [])
     source = model or base_source_for(adapter)
     name = run_name_of(adapter) if adapter else resolve_model(source).name
-    if export_format is ExportFormat.gguf:
+    merged = export_format is ExportFormat.gguf
+    if merged:
         quant = quant or "f16"
         target = out or (adapter.parent if adapter else Path(".")) / f"{name}-{quant}.gguf"
-        with console.status(f"{'Merging and writing' if adapter else 'Writing'} {target} ..."):
-            written = export_merged_gguf(adapter, target, model, quant, say=lambda s: console.print(s, highlight=False))
-        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB), "
-                      f"{'base + adapter merged' if adapter else 'the base model'}, with its tokenizer and chat template:"
-                      f"\n  llama.cpp:  llama-cli -m {written} -cnv", highlight=False, soft_wrap=True)
-        from_, lora = f"./{written.name}", None
     else:
         target = out or adapter.with_name(adapter.name + ".gguf")
-        with console.status(f"Writing {target} ..."):
-            written = export_gguf_adapter(adapter, target, model)
-        base = gguf_file_of(source)  # a GGUF of the base, when qlora-kit knows one
-        console.print(f"Wrote {written} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on a GGUF "
-                      f"of the same base model, quantized or not:\n  llama.cpp:  llama-cli -m {base or 'BASE.gguf'} --lora "
-                      f"{written}", highlight=False, soft_wrap=True)
-        from_, lora = str(base or resolve_model(source)), f"./{written.name}"
-    if not ollama:
-        console.print(f"  Ollama:     qlora-kit export ... --ollama writes the Modelfile for `ollama create {name}`",
-                      highlight=False, soft_wrap=True)
-        return
-    from transformers import AutoTokenizer
+    check_can_replace(target, overwrite)  # before any work: a merged export of a large model takes minutes
+    if ollama:
+        check_can_replace(target.parent / "Modelfile", overwrite, flag="Modelfile at")
+    say = lambda sentence: console.print(sentence, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    with only_writer(target, "exporting to"):
+        if merged:
+            with console.status(f"{'Merging and writing' if adapter else 'Writing'} {target} ..."):
+                written = export_merged_gguf(adapter, target, model, quant, say=say)
+            console.print(f"Wrote {printable(written)} ({written.stat().st_size / 2**20:,.1f} MiB), "
+                          f"{'base + adapter merged' if adapter else 'the base model'}, with its tokenizer and chat "
+                          f"template:\n  llama.cpp:  llama-cli -m {shown_path(written)} -cnv",
+                          highlight=False, markup=False, soft_wrap=True)
+            from_, lora = f"./{written.name}", None
+        else:
+            with console.status(f"Writing {target} ..."):
+                written = export_gguf_adapter(adapter, target, model, say=say)
+            base = gguf_file_of(source)  # a GGUF of the base, when qlora-kit knows one
+            console.print(f"Wrote {printable(written)} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on "
+                          f"a GGUF of the same base model, quantized or not:\n  llama.cpp:  llama-cli -m "
+                          f"{shown_path(base) if base else 'BASE.gguf'} --lora {shown_path(written)}",
+                          highlight=False, markup=False, soft_wrap=True)
+            # Ollama reads FROM relative to the Modelfile; the base's absolute path holds from anywhere.
+            from_, lora = str((base or resolve_model(source)).absolute()), f"./{written.name}"
+        name = model_name(name)  # as `ollama create` takes it
+        if not ollama:
+            console.print(f"  Ollama:     qlora-kit export ... --ollama writes the Modelfile for `ollama create {name}`",
+                          highlight=False, markup=False, soft_wrap=True)
+            return
+        from transformers import AutoTokenizer
 
-    from qlora_kit.ollama import gguf_adds_bos, training_system_prompt, write_modelfile
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, resolve_model(source)))
-    system = training_system_prompt(adapter) if adapter else None
-    modelfile, templated = write_modelfile(written.parent, from_, lora, tokenizer, system,
-                                           gguf_adds_bos(written if lora is None else gguf_file_of(source)))
-    console.print(f"  Ollama:     ollama create {name} -f {modelfile}   then   ollama run {name}"
-                  + ("" if templated else "\n[yellow]The chat template has logic beyond fixed text around each turn, so "
-                                          "the Modelfile has no TEMPLATE: Ollama reads the template inside the GGUF.[/]"),
-                  highlight=False, soft_wrap=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, resolve_model(source)))
+        system = training_system_prompt(adapter) if adapter else None
+        modelfile, templated = write_modelfile(written.parent, from_, lora, tokenizer, system,
+                                               gguf_adds_bos(written if lora is None else gguf_file_of(source)))
+    console.print(f"  Ollama:     ollama create {name} -f {shown_path(modelfile)}   then   ollama run {name}",
+                  highlight=False, markup=False, soft_wrap=True)
+    if not templated:
+        console.print("[yellow]The chat template has logic beyond fixed text around each turn, so the Modelfile has no "
+                      "TEMPLATE: Ollama reads the template inside the GGUF.[/]", highlight=False)
 
 
 @app.command()
@@ -485,13 +538,15 @@ def report(
     png: Optional[Path] = typer.Option(None, "--png", help="Also write loss and memory over steps to this PNG (needs matplotlib)."),
 ) -> None:
     """Summarise finished or running runs, and plot them."""
-    from qlora_kit.report import load_run, summary_table, write_png
+    from qlora_kit.dashboard import printable
+    from qlora_kit.report import load_run, png_path, summary_table, write_png
 
+    png = png_path(png) if png else None  # a name it cannot write is refused before the runs are read
     loaded = [load_run(folder) for folder in runs]
     for run in loaded:
         console.print(summary_table(run))
     if png:
-        console.print(f"Plot written to {write_png(loaded, png)}")
+        console.print(f"Plot written to {printable(write_png(loaded, png))}", highlight=False)
 
 
 data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True, rich_markup_mode=None)
@@ -569,7 +624,9 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        errors.print(f"[bold red]Error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
+        from qlora_kit.dashboard import printable
+
+        errors.print(f"[bold red]Error:[/] {escape(printable(e.message))}", highlight=False, soft_wrap=True)
         if e.hint:
-            errors.print(f"[bold]Hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold]Hint:[/] {escape(printable(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -7,6 +7,8 @@ step only stores a dict: the dashboard's cost does not grow with step rate (benc
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +19,25 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+# Control characters other than newline and tab: in a file name they would reach the terminal as commands (ESC
+# sequences recolour, move the cursor or retitle the window), so they are shown escaped, as \x1b.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """text with its control characters written out (\x1b), safe to print to a terminal."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def shown_path(path) -> str:
+    """A path as a command line to copy should have it: quoted for the shell when it needs to be (spaces, quotes),
+    in bash's $'...' form when it holds control characters, which then appear written out."""
+    text = str(path)
+    if CONTROL_CHARACTERS.search(text):
+        return "$'" + printable(text.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+    return shlex.quote(text)
+
 
 SPARK = "▁▂▃▄▅▆▇█"
 WARN_FRACTION = 0.95  # memory within 5% of the card turns red
@@ -252,4 +273,4 @@ def summary_table(summary, info: RunInfo) -> Table:
 
 def print_summary(console: Console, summary, info: RunInfo) -> None:
     console.print(summary_table(summary, info))
-    console.print(Text(f"Try it: qlora-kit generate --adapter {summary.adapter_dir} --prompt \"...\"", style="dim"))
+    console.print(Text(f"Try it: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"...\"", style="dim"))

@@ -25,11 +25,12 @@ import threading
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from qlora_kit.dashboard import shown_path
 from qlora_kit.errors import UserError
 from qlora_kit.sources import cache_dir
 
@@ -80,6 +81,7 @@ class Records:
     format: str
     records: list[dict]
     skipped: list[str]  # "line N: what is wrong", when bad lines were skipped
+    where: list[str] = field(default_factory=list)  # each record's place in the file ("line N", "row N", "item N")
 
 
 def detect_format(record: dict) -> str | None:
@@ -100,9 +102,10 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False, flag: str = "--data") -> Records:
+def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False, flag: str = "--data",
+                 can_skip: bool = True) -> Records:
     """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed.
-    flag: the option that named the file, for the hints."""
+    flag: the option that named the file, for the hints; can_skip: whether the command has --skip-bad-lines."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint=f"Pass a .jsonl file with {flag}.")
@@ -114,7 +117,7 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
         raise UserError(f"Data file {path} does not exist.", hint=f"Pass a .jsonl file with {flag}.")
     if format not in ("auto", *FORMATS):
         raise UserError(f"Unknown data format {format}.", hint=f"Use one of: auto, {', '.join(FORMATS)}.")
-    records, problems, file_format = [], [], None if format == "auto" else format
+    records, places, problems, file_format = [], [], [], None if format == "auto" else format
     for where, raw in _raw_items(path, problems):
         if not isinstance(raw, dict):
             problems.append(f"{where}: a JSON {type(raw).__name__}, not an object")
@@ -132,16 +135,18 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
             continue
         try:
             records.append(_normalise(raw, file_format))
+            places.append(where)
         except ValueError as e:
             problems.append(f"{where}: {e}")
     if problems and not skip_bad_lines:
         shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
         raise UserError(f"{path} has {len(problems)} bad example{'s' * (len(problems) > 1)}: {shown}.",
-                        hint="Fix them, or pass --skip-bad-lines to train on the rest. `qlora-kit data check` shows the file.")
+                        hint=("Fix them, or pass --skip-bad-lines to train on the rest. " if can_skip else "Fix them: ")
+                        + f"`qlora-kit data check {shown_path(path)}` lists each.")
     if not records:
         raise UserError(f"Data file {path} has no examples" + (" left after skipping bad lines." if problems else "."),
                         hint='Write one JSON object per line, e.g. {"text": "..."}.')
-    return Records(path, file_format, records, problems)
+    return Records(path, file_format, records, problems, places)
 
 
 def _raw_items(path: Path, problems: list[str]):
@@ -453,6 +458,56 @@ class TokenizedExamples(Sequence):
         return replace(self, references=references)
 
 
+def same_within(examples: TokenizedExamples) -> list[int]:
+    """Which preference pairs (indices into examples) have the same chosen and rejected tokens once cut to seq_len:
+    their answers differ only past the cut, so the pair has nothing to teach (its DPO loss is log 2, whatever the
+    weights). Only pairs whose two sides are cut to one length are compared, so this reads few rows."""
+    import pyarrow.compute as pc
+
+    table = examples.table
+    if "rejected_ids" not in table.column_names:
+        return []
+    chosen = pc.list_value_length(table.data.column("input_ids")).to_pylist()
+    rejected = pc.list_value_length(table.data.column("rejected_ids")).to_pylist()
+    n = examples.seq_len
+    same = []
+    for index, row in enumerate(examples.rows):
+        if min(chosen[row], n) != min(rejected[row], n):
+            continue
+        pair = table[row]
+        if pair["input_ids"][:n] == pair["rejected_ids"][:n] and pair["labels"][:n] == pair["rejected_labels"][:n]:
+            same.append(index)
+    return same
+
+
+def cut_alike(examples: TokenizedExamples, same: list[int], where: list[str]) -> list[str]:
+    """The bad-line sentences of the pairs same_within found."""
+    return [f"{where[examples.rows[i]]}: chosen and rejected are the same within the first {examples.seq_len} tokens"
+            for i in same]
+
+
+def pairs_that_differ(examples: TokenizedExamples, loaded: Records, skip_bad_lines: bool) -> tuple[TokenizedExamples, list[str]]:
+    """The examples without the preference pairs that are the same within seq_len (same_within), and those pairs as
+    bad lines; without skip_bad_lines, any such pair is refused with its line."""
+    same = same_within(examples)
+    if not same:
+        return examples, []
+    problems = cut_alike(examples, same, loaded.where)
+    if not skip_bad_lines:
+        lines = ", ".join(p.split(":")[0] for p in problems[:SHOWN_PROBLEMS]) + (
+            f" and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
+        raise UserError(f"{loaded.path} has {len(same)} preference pair{'s' * (len(same) > 1)} whose chosen and rejected "
+                        f"answers are the same within the first {examples.seq_len} tokens ({lines}): they differ only "
+                        "past the cut, so training would learn nothing from them.",
+                        hint="Raise --seq-len, shorten their prompts, or pass --skip-bad-lines to train on the rest.")
+    dropped = set(same)
+    kept = examples.select([i for i in range(len(examples)) if i not in dropped])
+    if not kept:
+        raise UserError(f"No pair in {loaded.path} differs within the first {examples.seq_len} tokens.",
+                        hint="Raise --seq-len, or shorten the prompts.")
+    return kept, problems
+
+
 @dataclass(eq=False)
 class PackedExamples(Sequence):
     """Sequences made of several examples each (see pack), assembled when drawn."""
@@ -646,13 +701,19 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     if tokenizer is not None:  # the same cached table training uses: checking a file first makes training start sooner
         tokenized = tokenized_table(loaded.records, tokenizer, cache_key(loaded, tokenizer))
         lengths = tokenized.data.column("length").to_pylist()
-        nothing = len(lengths) - len(TokenizedExamples.of(tokenized, seq_len, train_on_inputs=False, drop_long=False))
+        usable = TokenizedExamples.of(tokenized, seq_len, train_on_inputs=False, drop_long=False)
+        nothing = len(lengths) - len(usable)
         if nothing == len(lengths):
             refusals.append((f"no example has a token to learn within its first {seq_len}",
                              "raise --seq-len, or check that completions and assistant replies are not empty"))
+        alike = cut_alike(usable, same_within(usable), loaded.where)
+        if alike:
+            refusals.append((f"{len(alike)} preference pair{'s' * (len(alike) > 1)} the same within the first {seq_len} "
+                             "tokens", "raise --seq-len or shorten their prompts (or train on the rest with "
+                                       "--skip-bad-lines)"))
     else:
         lengths = [max(1, len(json.dumps(r)) // 4) for r in loaded.records]
-        nothing = 0
+        nothing, alike = 0, []
     duplicates = len(loaded.records) - len({json.dumps(r, sort_keys=True) for r in loaded.records})
     table = Table(title=f"{loaded.path}", show_header=False)
     table.add_column(style="bold")
@@ -665,9 +726,10 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     table.add_row("nothing to learn", f"{nothing} (dropped in training)" if tokenizer else "-")
     table.add_row("duplicates", str(duplicates))
     parts = [table, Text("Token lengths:", style="bold"), _histogram(lengths)]
-    if loaded.skipped:
-        parts.append(Text(f"Bad lines ({len(loaded.skipped)}):", style="bold red"))
-        parts += [Text(f"  {problem}", style="red") for problem in loaded.skipped]
+    bad = loaded.skipped + alike
+    if bad:
+        parts.append(Text(f"Bad lines ({len(bad)}):", style="bold red"))
+        parts += [Text(f"  {problem}", style="red") for problem in bad]
     if tokenizer is not None:
         first = tokenized[0]
         shown_sides = [("", "input_ids", "labels")]

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qlora_kit.adapter import generate, load_with_adapter
-from qlora_kit.dashboard import summary_table
+from qlora_kit.dashboard import shown_path, summary_table
 from qlora_kit.recipes import Recipe
 from qlora_kit.run_folder import next_free_run_dir
 from qlora_kit.train import run_training
@@ -50,4 +50,4 @@ def run_demo(out: Path | None, steps: int | None, console: Console, display: str
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"Try it yourself: qlora-kit generate --adapter {summary.adapter_dir} --prompt \"Tell me a joke.\"")
+    console.print(f"Try it yourself: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"Tell me a joke.\"", highlight=False)

@@ -54,7 +54,7 @@ def run_eval(source: str | None, adapter_dir: Path | None, data_path: Path, seq_
     run = run_settings(adapter_dir)
     recipe = Recipe(seq_len=seq_len or run.get("seq_len", 512), micro_batch=micro_batch,
                     train_on_inputs=run.get("train_on_inputs", False) if train_on_inputs is None else train_on_inputs)
-    loaded = data.read_records(data_path)
+    loaded = data.read_records(data_path, can_skip=False)
     if loaded.format in data.PREFERENCE_FORMATS:
         raise UserError(f"{data_path} holds preference pairs; `qlora-kit eval` measures the loss on answers to learn.",
                         hint="A --method dpo/orpo run reports reward accuracy on held-out pairs: train with "

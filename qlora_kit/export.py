@@ -15,7 +15,6 @@ transformers the two halves), in the merged weights and in the adapter's B, whic
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -25,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import base_source_for, corrects_nf4_rounding, tokenizer_folder
+from qlora_kit.adapter import PEFT_PREFIX, base_source_for, check_adapter_on_base, corrects_nf4_rounding, tokenizer_folder
 from qlora_kit.errors import UserError
+from qlora_kit.files import staged_file
 from qlora_kit.model import nf4_rounded
-from qlora_kit.sources import check_adapter_folder, gguf_file_of, model_weights, resolve_model
-
-PEFT_PREFIX = "base_model.model."
+from qlora_kit.sources import (check_adapter_folder, gguf_file_of, model_weights, read_adapter_config, read_model_config,
+                               resolve_model)
 
 
 @dataclass(frozen=True)
@@ -82,26 +81,7 @@ def run_name_of(adapter_dir: Path) -> str:
     return adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-@contextlib.contextmanager
-def staged_file(out: Path):
-    """A path beside `out` to write into; when the block ends without error it replaces `out` in one rename, else it
-    is removed, so `out` is whole or absent. A full disk or a folder it may not write is one sentence."""
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        yield staging
-        staging.replace(out)
-    except OSError as error:
-        if error.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(f"Could not write {out}: {error.strerror}.",
-                        hint="Nothing was left there. Free some space (or choose another --out) and export again.") from None
-    finally:
-        staging.unlink(missing_ok=True)
+EXPORT_HINT = "Nothing was left there. Free some space (or choose another --out) and export again."
 
 
 def gguf_alpha(adapter_config: dict) -> float:
@@ -157,20 +137,24 @@ def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, archit
     return tensors
 
 
-def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None) -> Path:
-    """Write adapter_dir's LoRA weights as a GGUF adapter at out (a .gguf file); returns out."""
+def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None, say=lambda sentence: None) -> Path:
+    """Write adapter_dir's LoRA weights as a GGUF adapter at out (a .gguf file); returns out. say(sentence) hears a
+    note about the base (one chosen with --model that is not quite the one trained on)."""
     import gguf
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     check_adapter_folder(adapter_dir)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(adapter_dir)
     check_plain_lora(adapter_config, adapter_dir)
     base = resolve_model(source or base_source_for(adapter_dir))
-    config = json.loads((base / "config.json").read_text())
+    config = read_model_config(base)
     architecture = architecture_of(config)
+    note = check_adapter_on_base(adapter_dir, base, chosen=source is not None)
+    if note:
+        say(note)
     tensors = adapter_tensors_for_gguf(load_file(adapter_dir / "adapter_model.safetensors"), config, architecture)
-    with staged_file(out) as staging:
+    with staged_file(out, EXPORT_HINT) as staging:
         writer = gguf.GGUFWriter(staging, architecture.gguf_name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -218,7 +202,7 @@ def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
     """The adapter's updates by the base weight's name (model.layers.0.mlp.up_proj.weight)."""
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     check_plain_lora(config, adapter_dir, merged=True)
     scale = gguf_alpha(config) / int(config["r"])
     lora = load_file(adapter_dir / "adapter_model.safetensors")
@@ -466,16 +450,19 @@ def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None =
         check_adapter_folder(adapter_dir)
     if quant not in TENSOR_TYPES and quant not in K_QUANTS:
         raise UserError(f"Unknown --quant {quant}.", hint=f"Use one of: {', '.join([*TENSOR_TYPES, *K_QUANTS])}.")
-    source = source or base_source_for(adapter_dir)
+    chosen, source = source is not None, source or base_source_for(adapter_dir)
     base = resolve_model(source)
-    config = json.loads((base / "config.json").read_text())
+    config = read_model_config(base)
     architecture = architecture_of(config)
+    note = check_adapter_on_base(adapter_dir, base, chosen) if adapter_dir else None
+    if note:
+        say(note)
     updates = lora_updates(adapter_dir) if adapter_dir else {}
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
     say(f"Merging one weight at a time: about {check_ram_for_export(base) / 2**30:.1f} GiB of RAM at the peak.")
     merged = Merged(run_name_of(adapter_dir) if adapter_dir else base.name, base, config, architecture, updates,
                     tokenizer_folder(adapter_dir, base, needs="tokenizer.json"), gguf_file_of(source))
-    with staged_file(out) as staging:
+    with staged_file(out, EXPORT_HINT) as staging:
         if llama_cpp:  # llama.cpp quantizes from an f16 file, written beside the output and removed after
             f16 = staging.with_name(staging.name + ".f16")
             try:

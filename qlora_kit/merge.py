@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import base_source_for, corrects_nf4_rounding, staged_folder, tokenizer_folder
+from qlora_kit.adapter import base_source_for, check_adapter_on_base, corrects_nf4_rounding, say_note, tokenizer_folder
 from qlora_kit.errors import UserError
+from qlora_kit.files import staged_folder
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer, nf4_rounded
 from qlora_kit.sources import check_adapter_folder, resolve_model
@@ -32,9 +33,9 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
     check_adapter_folder(adapter_dir)
     if dtype not in DTYPES:
         raise UserError(f"Unknown --dtype {dtype}.", hint=f"Use one of: {', '.join(DTYPES)}.")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty.", hint="Choose a new --out folder.")
+    check_new_folder(out)
     folder = resolve_model(source or base_source_for(adapter_dir))
+    say_note(check_adapter_on_base(adapter_dir, folder, chosen=source is not None))
     torch_dtype = DTYPES[dtype]
     check_ram_for(folder, torch_dtype)
     cpu = torch.device("cpu")
@@ -55,6 +56,18 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         merged.save_pretrained(staging, max_shard_size="2GB")  # safetensors shards
         tokenizer.save_pretrained(staging)
     return out
+
+
+def check_new_folder(out: Path) -> None:
+    """--out must be a new (or empty) folder: an existing file or folder's content is never replaced by a merge."""
+    out = Path(out)
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"Cannot write {out}: {parent} is a file, not a folder.", hint="Choose another --out folder.")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} is a file; merge writes a model folder there.", hint="Choose a new --out folder.")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty.", hint="Choose a new --out folder.")
 
 
 def round_adapted_weights(model) -> None:

@@ -11,8 +11,11 @@ if they rebuild the Jinja template's output exactly for every conversation shape
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora_kit.files import staged_file
 
 SYSTEM, USER, ANSWER, USER_2 = "QKSYSTEMQK", "QKUSER1QK", "QKANSWER1QK", "QKUSER2QK"  # marker contents
 
@@ -152,6 +155,11 @@ def gguf_adds_bos(path: Path | None) -> bool:
     return model == "llama" or pre == "llama-bpe"
 
 
+def model_name(name: str) -> str:
+    """A name `ollama create` accepts for a run's model: lower case letters, digits, `.`, `_` and `-`."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "my-model"
+
+
 def write_modelfile(folder: Path, from_: str, adapter: str | None, tokenizer, system: str | None,
                     adds_bos: bool) -> tuple[Path, bool]:
     """Write folder/Modelfile; returns it and whether the chat template could be written as a TEMPLATE. adds_bos:
@@ -169,5 +177,6 @@ def write_modelfile(folder: Path, from_: str, adapter: str | None, tokenizer, sy
     if system and '"""' not in system:
         lines.append(f"SYSTEM {quoted(system)}")
     modelfile = Path(folder) / "Modelfile"
-    modelfile.write_text("\n".join(lines) + "\n")
+    with staged_file(modelfile) as staging:  # whole or absent, never a link followed
+        staging.write_text("\n".join(lines) + "\n")
     return modelfile, template is not None

@@ -122,19 +122,20 @@ class PlanReport:
 
 
 def check_positive(gigabytes: float, flag: str) -> None:
-    """A memory size given on the command line (--vram, --vram-limit) must be a positive number of GB."""
-    if gigabytes <= 0:
-        raise UserError(f"{flag} must be positive, not {gigabytes:g}.", hint=f"Give gigabytes, e.g. {flag} 8.")
+    """A memory size given on the command line (--vram, --vram-limit) must be a positive, finite number of GB."""
+    if not math.isfinite(gigabytes) or gigabytes <= 0:
+        raise UserError(f"{flag} must be a positive number of gigabytes, not {gigabytes:g}.", hint=f"Give gigabytes, e.g. {flag} 8.")
 
 
 def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardware=None,
                   vram_limit: float | None = None) -> Target:
     """The card named (--gpu), a card of a given size (--vram), else the probed GPU (capped at vram_limit GB when
     given: --vram-limit), else this machine's RAM (or, with vram_limit, a card of that size to plan for)."""
-    if gpu and (vram_gib or vram_limit):
-        other = "--vram" if vram_gib else "--vram-limit"
+    # `is not None` throughout: --vram 0 and --gpu "" are given, and wrong, not absent
+    if gpu is not None and (vram_gib is not None or vram_limit is not None):
+        other = "--vram" if vram_gib is not None else "--vram-limit"
         raise UserError(f"Give either --gpu or {other}, not both.", hint="--gpu picks a catalogued card; "
-                        + ("--vram any size." if vram_gib else "--vram-limit caps this machine's GPU."))
+                        + ("--vram any size." if vram_gib is not None else "--vram-limit caps this machine's GPU."))
     if vram_limit is not None:
         check_positive(vram_limit, "--vram-limit")
         if hardware is None or not hardware.gpus:
@@ -142,10 +143,10 @@ def choose_target(gpu: str | None = None, vram_gib: float | None = None, hardwar
         probed = choose_target(hardware=hardware)
         return replace(probed, name=f"{probed.name} (limited to {vram_limit:g} GB)",
                        capacity_bytes=min(probed.capacity_bytes, int(vram_limit * GIB)))
-    if gpu:
+    if gpu is not None:
         spec = find_gpu(gpu)
         return Target(spec.name, "cuda", int(spec.vram_gib * GIB), spec.bf16)
-    if vram_gib:
+    if vram_gib is not None:
         check_positive(vram_gib, "--vram")
         return Target(f"{vram_gib:g} GB GPU", "cuda", int(vram_gib * GIB))
     if hardware is not None and hardware.gpus:
@@ -218,7 +219,7 @@ def plan_for_layout(model: str, recipe: Recipe, gpu: str | None = None, vram_gib
     layouts = Recipe.__dataclass_fields__["parallel"].metadata["choices"]  # the layouts a run can train with
     if strategy not in layouts:
         raise UserError(f"Unknown --strategy {strategy}.", hint=f"Use {', '.join(layouts[:-1])} or {layouts[-1]}.")
-    probed = None if (gpu or vram_gib) else hardware.probe(check_bnb=False)
+    probed = None if (gpu is not None or vram_gib is not None) else hardware.probe(check_bnb=False)
     target = replace(choose_target(gpu, vram_gib, probed), gpus=gpus, strategy=strategy)
     if gpus > 1 and target.device != "cuda":
         raise UserError("--gpus plans for several GPUs, and no GPU is named or found.", hint='Add --gpu "RTX 3090" or --vram 24.')

@@ -202,7 +202,11 @@ def recipe_from_dict(values: dict, where: str = "recipe") -> Recipe:
     for key in values:
         if key not in fields:
             raise UserError(f"{where}: unknown setting `{key}`.", hint="Known settings: " + ", ".join(fields))
-    return Recipe(**{k: _coerce(fields[k], v, where) for k, v in values.items()})
+    recipe = Recipe(**{k: _coerce(fields[k], v, where) for k, v in values.items()})
+    if recipe.steps == 0 and recipe.epochs == 0:  # else the run would quietly train one step
+        raise UserError(f"{where}: `epochs` is 0 and `steps` is 0, so there is nothing to train.",
+                        hint="Give --epochs above 0 (e.g. 1), or --steps N.")
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

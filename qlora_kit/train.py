@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qlora_kit import adapter, checkpoint, data, distributed
 from qlora_kit.checkpoint import TrainerState
-from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_down
+from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, describe_step_down, printable, shown_path
 from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE, cap_gpu_memory, probe, usage_now
@@ -34,9 +35,9 @@ from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, loa
                              pick_device_and_dtype, set_checkpointing, settings_from_adapter)
 from qlora_kit.plan import StepShape, cheaper, check_positive, choose_target, describe_reference, make_plan, reference_forwards
 from qlora_kit.recipes import Recipe, optimizer_in_use
-from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, check_fingerprint, check_free_disk, check_same_settings,
-                                 fingerprint, open_run_folder)
-from qlora_kit.sources import describe_source, resolve_model
+from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, absolute_paths, check_fingerprint, check_free_disk,
+                                 check_same_settings, fingerprint, open_run_folder)
+from qlora_kit.sources import describe_source, model_identity, resolve_model
 
 GIB = 2**30
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
@@ -98,6 +99,7 @@ class Run:
     model: object
     tokenizer: object
     base_id: str  # the base model as the adapter names it
+    base: dict  # the base's identity (sources.model_identity), kept beside the adapter so its users can check it
     device: torch.device
     dtype: torch.dtype
     ranks: Ranks
@@ -163,6 +165,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if vram_limit is not None:
         check_vram_limit(vram_limit)
     recipe = settings_from_adapter(recipe)  # before recipe.yaml is written: it records what the adapter fixed
+    recipe = absolute_paths(recipe)  # so that export, generate or a resume run from another folder find the same files
     ranks = distributed.start()
     out_dir = Path(distributed.from_main(str(out_dir), ranks))  # a default name (runs/auto-N) is rank 0's choice
     if not ranks.main:  # rank 0 speaks and writes for all
@@ -171,12 +174,17 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     if not ranks.main:
         out.lock_fd = None  # the lock is rank 0's
     try:
-        loaded, eval_records = _read_data(recipe)
+        loaded, held_out = _read_data(recipe)
         device, dtype = pick_device_and_dtype(recipe.precision, ranks.local_rank)
         with console.status(f"Preparing {recipe.model} ..."):
             folder = resolve_model(recipe.model)
+            if recipe.init_adapter:
+                note = adapter.check_adapter_on_base(Path(recipe.init_adapter), folder, chosen=True)
+                if note:
+                    console.print(f"[yellow]{escape(note)}[/]", highlight=False)
+            base = model_identity(folder, recipe.model)
             tokenizer = load_tokenizer(folder, trust_remote_code)
-            training = _setup_data(recipe, loaded, eval_records, tokenizer)
+            training = _setup_data(recipe, loaded, held_out, tokenizer)
             total_steps = count_steps(len(training.examples), recipe, ranks.world)
             trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
             if out.resume_from:
@@ -187,8 +195,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                 console.print(f"GPU memory: torch is held to {cap / GIB:.1f} GiB, the plan's {plan['target']['name']} "
                               "less the CUDA context; past it the run steps down.")
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
-        setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), device,
-                    dtype, ranks, total_steps, trained_on)
+        setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), base,
+                    device, dtype, ranks, total_steps, trained_on)
         _report_setup(setup, console)
         record, stopped = _fit(setup, console, display)
         return _finish(setup, record, stopped, console)
@@ -196,30 +204,34 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         out.close()
 
 
-def _read_data(recipe: Recipe) -> tuple[data.Records, list[dict]]:
-    """The training data and the held-out data file's records, read and checked before anything slow; the model and
-    data must both be named."""
+def _read_data(recipe: Recipe) -> tuple[data.Records, data.Records | None]:
+    """The training data and the held-out data file, read and checked before anything slow; the model and data must
+    both be named."""
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
     loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
-    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data").records if recipe.eval_data else []
+    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data") if recipe.eval_data else None
     return loaded, held_out
 
 
-def _setup_data(recipe: Recipe, loaded: data.Records, eval_records: list[dict], tokenizer) -> TrainingData:
-    """Tokenize, split off held-out examples (unless eval_records are given) and pack, as the recipe says."""
+def _setup_data(recipe: Recipe, loaded: data.Records, held_out: data.Records | None, tokenizer) -> TrainingData:
+    """Tokenize, split off held-out examples (unless a held-out file is given) and pack, as the recipe says."""
     check_method_fits_data(recipe, loaded.format)
     examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
                              cache_key=data.cache_key(loaded, tokenizer))
     dropped, truncated = len(loaded.records) - len(examples), examples.truncated
+    examples, cut_alike = data.pairs_that_differ(examples, loaded, recipe.skip_bad_lines)
     loaded.records = None  # the tokenized table replaces the text for the rest of the run
-    eval_examples = data.tokenize(eval_records, tokenizer, recipe.seq_len, recipe.train_on_inputs) if eval_records else []
+    eval_examples = []
+    if held_out:
+        eval_examples = data.tokenize(held_out.records, tokenizer, recipe.seq_len, recipe.train_on_inputs)
+        eval_examples, _ = data.pairs_that_differ(eval_examples, held_out, recipe.skip_bad_lines)
     if recipe.eval_fraction and not eval_examples:
         examples, eval_examples = data.split_off(examples, recipe.eval_fraction, recipe.seed)
     unpacked = len(examples)
     if recipe.packing:
         examples = data.pack(examples, recipe.seq_len, recipe.seed)
-    return TrainingData(examples, eval_examples, loaded.format, dropped, truncated, unpacked, loaded.skipped)
+    return TrainingData(examples, eval_examples, loaded.format, dropped, truncated, unpacked, loaded.skipped + cut_alike)
 
 
 def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, total_steps: int, trained_on: dict,
@@ -294,9 +306,9 @@ def _report_setup(setup: Run, console: Console) -> None:
     trainable, total = parameter_counts(setup.model)
     origin = describe_source(recipe.model)
     examples, per_step = training.examples, recipe.micro_batch * recipe.grad_accum
-    console.print(f"Model: {recipe.model}" + (f" ({origin})" if origin else "")
+    console.print(f"Model: {escape(printable(recipe.model))}" + (f" ({escape(printable(origin))})" if origin else "")
                   + f" in 4-bit NF4 (double quant), compute {str(setup.dtype).removeprefix('torch.')} on {setup.device.type}")
-    console.print(f"Data: {len(examples)} {training.format} examples from {recipe.data}"
+    console.print(f"Data: {len(examples)} {training.format} examples from {escape(printable(recipe.data))}"
                   + (f", {len(training.eval_examples)} held out for evaluation" if training.eval_examples else ""))
     if training.truncated:
         console.print(f"[yellow]{training.truncated} examples longer than {recipe.seq_len} tokens are cut to it "
@@ -368,7 +380,9 @@ def _precompute_reference(setup: Run, console: Console) -> None:
     on with the very values it started with), else computed with a progress bar and kept in the run folder."""
     training, recipe, ranks = setup.training, setup.recipe, setup.ranks
     sets = {"train": training.examples, **({"eval": training.eval_examples} if training.eval_examples else {})}
-    values = setup.folder.reference_log_probs(setup.trained_on) if setup.folder.resume_from else None
+    values, damaged = setup.folder.reference_log_probs(setup.trained_on) if setup.folder.resume_from else (None, "")
+    if damaged:
+        console.print(f"[yellow]{escape(printable(damaged))}: computing the reference again.[/]")
     if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
         loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
         columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -400,7 +414,7 @@ def _stopped_at_once(setup: Run) -> str:
 
 
 def resume_command(setup: Run) -> str:
-    return f"qlora-kit train --out {setup.folder.path} --resume" + (f" --gpus {setup.ranks.world}" if setup.ranks.active else "")
+    return f"qlora-kit train --out {shown_path(setup.folder.path)} --resume" + (f" --gpus {setup.ranks.world}" if setup.ranks.active else "")
 
 
 @dataclass
@@ -420,7 +434,8 @@ class CheckpointWriter:
         try:
             checkpoint.save_checkpoint(
                 setup.folder.path, step,
-                lambda where: adapter.save_adapter(setup.model, setup.tokenizer, where, setup.base_id, state_dict=lora),
+                lambda where: adapter.save_adapter(setup.model, setup.tokenizer, where, setup.base_id, state_dict=lora,
+                                                    base=setup.base),
                 optimizer_state, scheduler, scaler, state, setup.recipe.keep_checkpoints)
         except OSError as e:
             previous = checkpoint.complete_checkpoints(setup.folder.path)
@@ -450,7 +465,7 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
     try:
         card = adapter.adapter_card(setup.recipe, setup.base_id, facts)
         adapter_bytes = adapter.save_adapter(setup.model, setup.tokenizer, adapter_dir, setup.base_id, card,
-                                             state_dict=lora) if ranks.main else 0
+                                             state_dict=lora, base=setup.base) if ranks.main else 0
     except OSError as e:
         if isinstance(stopped, UserError):
             raise stopped from None

@@ -205,6 +205,17 @@ def test_bitsandbytes_optional_kernel_warning_stays_off_the_screen():
     assert out.returncode == 0 and "kernels" not in out.stderr, out.stderr
 
 
+def test_peft_advice_to_library_authors_stays_off_the_screen_and_ours_shows():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        cli._quiet_libraries()
+        warnings.warn_explicit("Already found a `peft_config` attribute", UserWarning, "peft_model.py", 1, module="peft.peft_model")
+        warnings.warn_explicit("fan_in_fan_out is set to True", UserWarning, "layer.py", 1, module="peft.tuners.lora.layer")
+        warnings.warn_explicit("our own", UserWarning, "train.py", 1, module="qlora_kit.train")
+    assert [str(w.message) for w in shown] == ["our own"]
+
+
 def test_the_flags_users_have_today_still_work_and_every_setting_has_one(monkeypatch, capsys, tmp_path, llama_dir):
     from qlora_kit.recipes import Recipe
 

@@ -119,7 +119,8 @@ def test_export_ollama_writes_the_modelfile_for_each_form(adapters_for_ollama, t
     assert code == 0 and f"ollama create run -f {run / 'Modelfile'}" in out
     assert "ADAPTER ./adapter.gguf" in modelfile and 'SYSTEM """Talk like a pirate."""' in modelfile
     assert "TEMPLATE \"\"\"{{ if .System }}<|system|>{{ .System }}</s>" in modelfile
-    code, out, _ = run_cli(monkeypatch, capsys, "export", "--adapter", run / "adapter", "--format", "gguf", "--ollama")
+    code, out, _ = run_cli(monkeypatch, capsys, "export", "--adapter", run / "adapter", "--format", "gguf", "--ollama",
+                           "--overwrite")  # the Modelfile of the first export is replaced
     modelfile = (run / "Modelfile").read_text()
     assert code == 0 and "FROM ./run-f16.gguf" in modelfile and "ADAPTER" not in modelfile
 

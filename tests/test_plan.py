@@ -57,7 +57,7 @@ def test_targets_from_flags_probe_or_ram():
     assert choose_target(gpu="T4").bf16 is False
     with pytest.raises(UserError, match="either --gpu or --vram"):
         choose_target(gpu="T4", vram_gib=8)
-    with pytest.raises(UserError, match="must be positive"):
+    with pytest.raises(UserError, match="must be a positive number of gigabytes"):
         choose_target(vram_gib=-1)
     hardware = probe(check_bnb=False)
     cpu = choose_target(hardware=hardware)
@@ -70,7 +70,7 @@ def test_targets_from_flags_probe_or_ram():
     assert choose_target(hardware=hardware, vram_limit=40).capacity_bytes == int(15.0 * GIB), "never above the card"
     with pytest.raises(UserError, match="either --gpu or --vram-limit"):
         choose_target(gpu="T4", hardware=hardware, vram_limit=6)
-    with pytest.raises(UserError, match="--vram-limit must be positive, not 0"):
+    with pytest.raises(UserError, match="--vram-limit must be a positive number of gigabytes, not 0"):
         choose_target(hardware=hardware, vram_limit=0)
 
 
@@ -119,7 +119,12 @@ def test_plan_from_an_adapter_takes_its_settings_and_counts_dpos_frozen_copy(mon
 
     adapter = tmp_path / "sft-adapter"
     adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"")  # read by nothing here: plan loads no weights
+    import torch
+    from safetensors.torch import save_file
+
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"  # plan reads the shapes only, to check the rank
+    save_file({f"{layer}.lora_A.weight": torch.zeros(64, 8), f"{layer}.lora_B.weight": torch.zeros(8, 64)},
+              adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "lora_alpha": 16,
                                                              "target_modules": ["q_proj", "v_proj"], "use_dora": True}))
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--gpu", "RTX 3060", "--method", "dpo",

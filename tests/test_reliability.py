@@ -28,7 +28,10 @@ from qlora_kit import checkpoint, cli, run_folder, train
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.run_folder import named_run_dir
+from qlora_kit.sources import IDENTITY_FILE, model_identity
 from qlora_kit.train import run_training
+
+from tests.tiny_models import save_tiny_model
 
 QUIET = Console(file=io.StringIO())
 STEPS, EVERY = 20, 5
@@ -554,7 +557,7 @@ def eval_with_custom_tokenizer(case: Case) -> list:
 
 
 def merge_into_custom_model(case: Case) -> list:
-    return ["merge", "--adapter", case.ref.run / "adapter", "--model", case.ref.custom_model, "--out", case.tmp / "merged"]
+    return ["merge", "--adapter", case.ref.custom_model_adapter, "--model", case.ref.custom_model, "--out", case.tmp / "merged"]
 
 
 def data_check_with_custom_tokenizer(case: Case) -> list:
@@ -612,9 +615,262 @@ def nothing_exported(case: Case) -> None:
     assert not left, f"half-written files left: {left}"
 
 
+# Issue 31's faults: export, --from-adapter, DPO, generate, report and plan under faults and hostile files.
+
+def file_states(folder: Path) -> dict[str, tuple]:
+    """Every file and link under folder, by path: its bytes' hash or where the link points."""
+    import hashlib
+
+    states = {}
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            states[str(path)] = ("link", os.readlink(path))
+        elif path.is_file():
+            states[str(path)] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return states
+
+
+def run_adapter(case: Case) -> Path:
+    return case.out / "adapter"
+
+
+def with_reference(command: Callable[[Case], list]):
+    """command, on a copy of the reference run."""
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        return command(case)
+    return cause
+
+
+def base_replaced_by(model_key: str, command: Callable[[Case], list]):
+    """command, after the reference run's base (here at tmp/base, as its recipe and adapter record) was replaced by
+    another model under the same path."""
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        base = shutil.copytree(case.ref.model, case.tmp / "base")
+        (run_adapter(case) / IDENTITY_FILE).write_text(json.dumps(model_identity(base, str(base))))
+        recipe = load_recipe(case.out / "recipe.yaml")
+        (case.out / "recipe.yaml").write_text(replace(recipe, model=str(base)).to_yaml())
+        shutil.rmtree(base)
+        shutil.copytree(getattr(case.ref, model_key), base)
+        return command(case)
+    return cause
+
+
+def adapter_from_elsewhere(case: Case, patches) -> list:
+    """A plain PEFT adapter (no base_model.json, its base not on this machine) on a model of other shapes."""
+    case.copy_of_reference()
+    (run_adapter(case) / IDENTITY_FILE).unlink()
+    config = json.loads((run_adapter(case) / "adapter_config.json").read_text())
+    (run_adapter(case) / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/else"}))
+    return ["generate", "--adapter", run_adapter(case), "--model", case.ref.narrow, "--prompt", "hi"]
+
+
+def gemma_adapter(case: Case, patches) -> list:
+    """An adapter recorded as trained on a Gemma of the same shapes, to start a run on the Llama from."""
+    case.copy_of_reference()
+    (run_adapter(case) / IDENTITY_FILE).write_text(json.dumps(model_identity(case.ref.gemma, str(case.ref.gemma))))
+    return case.train("--from-adapter", run_adapter(case), out=case.tmp / "second")
+
+
+def edited_adapter_config(edit: dict, command: Callable[[Case], list]):
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        config = json.loads((run_adapter(case) / "adapter_config.json").read_text())
+        (run_adapter(case) / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        return command(case)
+    return cause
+
+
+def damaged_adapter_file(name: str, content: Callable[[bytes], bytes], command: Callable[[Case], list]):
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        path = run_adapter(case) / name
+        path.write_bytes(content(path.read_bytes()))
+        return command(case)
+    return cause
+
+
+def export_of(case: Case, *flags) -> list:
+    return ["export", "--adapter", run_adapter(case), *flags]
+
+
+def generate_of(case: Case) -> list:
+    return ["generate", "--adapter", run_adapter(case), "--prompt", "hi", "--max-new-tokens", "2"]
+
+
+def victim(case: Case) -> Path:
+    return case.tmp / "victim"
+
+
+def links_planted(*names: str, flags: tuple = ()):
+    """An export after links to a file of the user's were planted at the output's names (and the old fixed staging
+    name) in the run folder."""
+    def cause(case: Case, patches) -> list:
+        case.copy_of_reference()
+        victim(case).write_bytes(b"precious")
+        for name in names:
+            (case.out / name).symlink_to(victim(case))
+        return export_of(case, *flags)
+    return cause
+
+
+def links_replaced_not_followed(*names: str):
+    def check(case: Case) -> None:
+        assert victim(case).read_bytes() == b"precious"
+        for name in names:
+            assert (case.out / name).is_file() and not (case.out / name).is_symlink(), name
+        assert not [p.name for p in case.out.iterdir() if p.name.endswith(".partial") and not p.is_symlink()]
+    return check
+
+
+def full_disk_mid_modelfile(case: Case, patches) -> list:
+    original = Path.write_text
+
+    def torn(path, text, *args, **kwargs):
+        if path.name != "Modelfile":
+            return original(path, text, *args, **kwargs)
+        original(path, text[:10])
+        raise OSError(28, "No space left on device")
+
+    patches.setattr(Path, "write_text", torn)
+    case.copy_of_reference()
+    return export_of(case, "--ollama")
+
+
+def export_already_running(case: Case, patches) -> list:
+    from qlora_kit.files import only_writer
+
+    case.copy_of_reference()
+    case.cleanup.enter_context(only_writer(case.out / "adapter.gguf", "exporting to"))
+    return export_of(case)
+
+
+def full_disk_mid_adapter_export(case: Case, patches) -> list:
+    full_disk_mid_export(case, patches)
+    return ["--format", "gguf-adapter"]
+
+
+def preference_pairs(case: Case) -> Path:
+    """DPO pairs whose answers differ only past 16 tokens (they start alike), and pairs that differ early."""
+    alike = " ".join(["four five"] * 12)
+    pairs = [{"prompt": "one two three?", "chosen": alike + " paris, arr!", "rejected": alike + " one"},
+             {"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"}] * 2
+    return write_lines(case.tmp / "pairs.jsonl", pairs)
+
+
+def write_lines(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def reference_damaged_on_resume(case: Case, patches) -> list:
+    """A DPO run with a precomputed reference, stopped at step 2, its reference file torn before the resume."""
+    data = write_lines(case.tmp / "dpo.jsonl", [{"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"},
+                                                {"prompt": "what is the capital?", "chosen": "paris, arr!", "rejected": "four"}] * 2)
+    code, out, err = case.cli("train", "--out", case.out, "--model", case.ref.model, "--data", data, "--method", "dpo",
+                              "--reference", "precomputed", "--rank", "4", "--steps", "4", "--micro-batch", "2",
+                              "--checkpoint-every", "2", "--plain")
+    assert code in (0, None), out + err
+    shutil.rmtree(case.out / "checkpoints" / "step-4")
+    kept = case.out / run_folder.REFERENCE_FILE
+    kept.write_bytes(kept.read_bytes()[:40])
+    return case.resume()
+
+
+def reference_computed_again(case: Case) -> None:
+    from safetensors import safe_open
+
+    with safe_open(case.out / run_folder.REFERENCE_FILE, "pt") as kept:
+        assert set(kept.keys()) == {"train"}
+
+
+def config_of_base(config: dict | str, command: Callable[[Case, Path], list]):
+    """command on a copy of the tiny model whose config.json is `config` (text as it is, or a dict as JSON)."""
+    def cause(case: Case, patches) -> list:
+        base = shutil.copytree(case.ref.model, case.tmp / "base")
+        (base / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        return command(case, base)
+    return cause
+
+
+def sizes(**changes) -> dict:
+    return {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 100, **changes}
+
+
+def plan_of(case: Case, base: Path) -> list:
+    return ["plan", "--model", base, "--vram", "8"]
+
+
+def train_on(case: Case, base: Path) -> list:
+    return case.train(model=base)
+
+
+def with_report_folder(case: Case, patches) -> list:
+    case.copy_of_reference()
+    (case.tmp / "plots").mkdir()
+    return ["report", case.out, "--png", case.tmp / "plots"]
+
+
+def plot_in_the_folder(case: Case) -> None:
+    assert (case.tmp / "plots" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bad_line_in(name: str, command: Callable[[Case, Path], list]):
+    def cause(case: Case, patches) -> list:
+        data = case.tmp / name
+        data.write_text(case.ref.data.read_text() + "not json\n")
+        return command(case, data)
+    return cause
+
+
+def into_folder(name: str, cause: Callable[[Case, pytest.MonkeyPatch], list]):
+    """cause's training run, with --out tmp/name."""
+    def wrapped(case: Case, patches) -> list:
+        cause(case, patches)
+        return case.train(out=case.tmp / name)
+    return wrapped
+
+
+def umask_022(case: Case, patches) -> list:
+    case.cleanup.callback(os.umask, os.umask(0o022))
+    return case.train()
+
+
+def files_follow_umask_022(case: Case) -> None:
+    for path in (case.out / "adapter", case.out / "adapter" / "adapter_model.safetensors",
+                 case.out / "adapter" / IDENTITY_FILE, case.out / "checkpoints" / f"step-{STEPS}" / "adapter" / "adapter_model.safetensors"):
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def recorded_absolute_paths(case: Case, patches) -> list:
+    """A run started with --model and --data relative to the folder it started in."""
+    shutil.copytree(case.ref.model, case.tmp / "tiny")
+    shutil.copy(case.ref.data, case.tmp / "chat.jsonl")
+    case.monkeypatch.chdir(case.tmp)
+    return case.train("--steps", "2", model=Path("tiny"), data=Path("chat.jsonl"))
+
+
+def paths_absolute_in_the_run(case: Case) -> None:
+    recipe = load_recipe(case.out / "recipe.yaml")
+    assert recipe.model == str(case.tmp / "tiny") and recipe.data == str(case.tmp / "chat.jsonl")
+    assert json.loads((case.out / "adapter" / IDENTITY_FILE).read_text())["path"] == str(case.tmp / "tiny")
+
+
+def model_file_written(name: str):
+    return lambda case: (case.out / name).stat().st_size > 0
+
+
+def ollama_modelfile_from_anywhere(case: Case) -> None:
+    links_replaced_not_followed("Modelfile", "adapter.gguf")(case)
+    from_line = next(line for line in (case.out / "Modelfile").read_text().splitlines() if line.startswith("FROM "))
+    assert Path(from_line.removeprefix("FROM ")).is_absolute(), from_line
+
+
 @dataclass(frozen=True)
 class Fault:
-    item: int  # its number in the issue that listed the faults (18; 11: export's, from 19); docs/training.md follows
+    item: int  # its number in the issue that listed the faults (18; 11: export's, from 19; 12-20: issue 31's 1-9)
     name: str
     cause: Callable  # (case, patches) -> the command line, with the fault set up
     code: int | None  # the exit code; None: the process was killed
@@ -706,11 +962,114 @@ FAULTS = [
           "needs about .* GiB of RAM at its peak, and 0.0 GiB is available", nothing_exported, hint="--format gguf-adapter"),
     Fault(11, "export: --quant on the adapter form", export_with(lambda case, patches: ["--quant", "q8_0"]), 1,
           "--quant applies to --format gguf", nothing_exported, hint="--format gguf --quant q8_0"),
+    # Issue 31's list, items 1-9 as 12-20.
+    Fault(12, "--from-adapter its own run's adapter, with --overwrite",
+          with_reference(lambda case: case.train("--from-adapter", run_adapter(case), "--overwrite")), 1,
+          "--from-adapter .*/run/adapter is inside .*/run, whose adapter this run would delete before reading it",
+          same_as_reference, hint="Copy it out of"),
+    Fault(13, "export: the base replaced by a Gemma of the same shapes", base_replaced_by("gemma", lambda case: export_of(
+          case, "--format", "gguf")), 1, "was trained on another model: model_type 'llama' when it trained, 'gemma' in",
+          nothing_exported, hint="was replaced since: restore the model it held"),
+    Fault(13, "adapter export: the base replaced by a model of other shapes", base_replaced_by("narrow", export_of), 1,
+          "was trained on another model: hidden_size 64 when it trained, 32 in", nothing_exported),
+    Fault(13, "generate: the base replaced by other weights of the same architecture", base_replaced_by("other_weights",
+          generate_of), 1, "The base model at .* is not the one .* was trained on: its weights changed since", None,
+          hint="pass --model to use the adapter on this one anyway"),
+    Fault(13, "merge: the base replaced by a model of other shapes", base_replaced_by("narrow", lambda case: [
+          "merge", "--adapter", run_adapter(case), "--out", case.tmp / "merged"]), 1, "was trained on another model", None),
+    Fault(13, "eval: the base replaced by a model of other shapes", base_replaced_by("narrow", lambda case: [
+          "eval", "--adapter", run_adapter(case), "--data", case.ref.data]), 1, "was trained on another model", None),
+    Fault(13, "generate: a PEFT adapter from elsewhere on a model of other shapes", adapter_from_elsewhere, 1,
+          "was made for another model: its .* maps 128 to 64 features, the one in .* 128 to 32", None),
+    Fault(13, "recipe.yaml and base_model.json record absolute paths", recorded_absolute_paths, 0, "adapter",
+          paths_absolute_in_the_run),
+    Fault(14, "export: links planted at the output and the old staging name, --overwrite",
+          links_planted("run-f16.gguf", ".run-f16.gguf.partial", flags=("--format", "gguf", "--overwrite")), 0,
+          "Wrote .*run-f16.gguf", links_replaced_not_followed("run-f16.gguf")),
+    Fault(14, "export: a link planted at the output, without --overwrite", links_planted("adapter.gguf"), 1,
+          "adapter.gguf already exists", None, hint="Pass --overwrite to replace it"),
+    Fault(14, "export --ollama: a link planted at the Modelfile, --overwrite",
+          links_planted("Modelfile", "adapter.gguf", flags=("--ollama", "--overwrite")), 0, "ollama create run -f",
+          ollama_modelfile_from_anywhere),
+    Fault(14, "export --ollama: full disk while writing the Modelfile", full_disk_mid_modelfile, 1,
+          "Could not write .*/run/Modelfile: No space left on device", lambda case: not (case.out / "Modelfile").exists()),
+    Fault(14, "export: another export to the same --out running", export_already_running, 1,
+          "Another qlora-kit process is exporting to .*adapter.gguf \\(pid", nothing_exported, hint="Wait for it"),
+    Fault(15, "export: adapter_config.json's r beside rank-4 tensors", edited_adapter_config({"r": 1000000000}, export_of), 1,
+          "says rank 1000000000, but the adapter's weights have rank 4", nothing_exported, hint="restore the adapter's own adapter_config.json"),
+    Fault(16, "train: DPO pairs the same within --seq-len", as_is(lambda case: case.train(
+          "--method", "dpo", "--seq-len", "16", data=preference_pairs(case))), 1,
+          "has 2 preference pairs whose chosen and rejected answers are the same within the first 16 tokens \\(line 1, line 3\\)",
+          no_run_left, hint="--skip-bad-lines"),
+    Fault(16, "data check: DPO pairs the same within --seq-len", as_is(lambda case: [
+          "data", "check", preference_pairs(case), "--model", case.ref.model, "--seq-len", "16"]), 1,
+          "train would refuse .*pairs.jsonl", None),
+    Fault(18, "export --out an existing folder", with_reference(lambda case: export_of(case, "--out", case.out)), 1,
+          "--out .*/run is a folder; this writes one file", nothing_exported),
+    Fault(18, "export --out under a file", with_reference(lambda case: export_of(case, "--out", case.out / "recipe.yaml" / "x.gguf")),
+          1, "Cannot write .*: .*recipe.yaml is a file, not a folder", nothing_exported),
+    Fault(18, "merge --out an existing file", with_reference(lambda case: [
+          "merge", "--adapter", run_adapter(case), "--out", case.out / "recipe.yaml"]), 1,
+          "--out .*recipe.yaml is a file; merge writes a model folder there", None),
+    Fault(18, "generate: adapter_config.json not JSON", damaged_adapter_file("adapter_config.json", lambda b: b[:20], generate_of),
+          1, "adapter_config.json is not valid JSON", None, hint="The adapter folder is damaged"),
+    Fault(18, "export: adapter_config.json a JSON list", damaged_adapter_file("adapter_config.json", lambda b: b"[1, 2]", export_of),
+          1, "adapter_config.json holds a JSON list, not an adapter config", nothing_exported),
+    Fault(18, "export: adapter_model.safetensors truncated", damaged_adapter_file(
+          "adapter_model.safetensors", lambda b: b[: len(b) // 2], lambda case: export_of(case, "--format", "gguf")), 1,
+          "adapter_model.safetensors does not open as safetensors", nothing_exported),
+    Fault(18, "adapter export: full disk mid-export", export_with(full_disk_mid_adapter_export), 1,
+          "Could not write .*adapter.gguf: No space left on device", nothing_exported, hint="Nothing was left there"),
+    Fault(18, "DPO resume: the precomputed reference torn", reference_damaged_on_resume, 0,
+          "reference_log_probs.safetensors is damaged .*: computing the reference again", reference_computed_again),
+    Fault(18, "report --png x.txt", with_reference(lambda case: ["report", case.out, "--png", case.tmp / "x.txt"]), 1,
+          "--png .*x.txt does not name a .png file", None, hint="e.g. --png .*x.png"),
+    Fault(18, "report --png under a file", with_reference(lambda case: ["report", case.out, "--png", case.out / "recipe.yaml" / "x.png"]),
+          1, "Cannot write .*x.png: .*recipe.yaml is a file, not a folder", None),
+    Fault(18, "report --png where it may not write", with_reference(lambda case: ["report", case.out, "--png", "/proc/x.png"]),
+          1, "Could not write /proc/x.png", None),
+    *[Fault(18, f"plan --vram {value}", as_is(lambda case, value=value: ["plan", "--model", case.ref.model, "--vram", value]), 1,
+            f"--vram must be a positive number of gigabytes, not {value}", None) for value in ("nan", "inf", "-1")],
+    Fault(18, "train --vram-limit nan", as_is(lambda case: case.train("--vram-limit", "nan")), 1,
+          "--vram-limit must be a positive number of gigabytes, not nan", no_run_left),
+    *[Fault(18, f"{command} a model name of 300 characters", as_is(lambda case, command=command, name=name: (
+          ["plan", "--model", name, "--vram", "8"] if command == "plan" else case.train(model=name))), 1,
+          "No (config|model) found (for|at) '?" + name[:20], no_run_left)
+      for command in ("plan", "train") for name in ("a" * 300, "org/" + "a" * 300)],
+    *[Fault(18, f"train: config.json {what}", config_of_base(config, train_on), 1, says, no_run_left, hint="Restore the model's own config.json")
+      for what, config, says in [("garbage", "garbage{", "base/config.json is not valid JSON"),
+                                 ("a string", '"a string"', "base/config.json holds a JSON str, not a model config"),
+                                 ("without model_type", {"hidden_size": 64}, "base/config.json names no model_type")]],
+    Fault(18, "plan: config.json without the sizes", config_of_base({"model_type": "llama"}, plan_of), 1,
+          "The config of .*base gives no num_attention_heads", None),
+    *[Fault(19, f"plan: config.json with {key} {value}", config_of_base(sizes(**{key: value}), plan_of), 1,
+            f"base/config.json gives {key} {value}; it must be a whole number above 0", None)
+      for key, value in [("hidden_size", 0), ("hidden_size", -64), ("num_attention_heads", 0)]],
+    Fault(19, "plan --vram 0", as_is(lambda case: ["plan", "--model", case.ref.model, "--vram", "0"]), 1,
+          "--vram must be a positive number of gigabytes, not 0", None),
+    Fault(19, 'plan --gpu ""', as_is(lambda case: ["plan", "--model", case.ref.model, "--gpu", ""]), 1, "Unknown GPU ''", None),
+    Fault(19, "auto --epochs 0", as_is(lambda case: ["auto", "--model", case.ref.model, "--data", case.ref.data, "--out", case.out,
+          "--epochs", "0"]), 1, "`epochs` is 0 and `steps` is 0, so there is nothing to train", no_run_left, hint="--epochs above 0"),
+    Fault(19, "export --quant Q8_0", with_reference(lambda case: export_of(case, "--format", "gguf", "--quant", "Q8_0")), 0,
+          "Wrote .*run-q8_0.gguf", model_file_written("run-q8_0.gguf")),
+    Fault(19, "export: an existing file at --out", with_reference(lambda case: export_of(case, "--out", case.out / "metrics.jsonl")),
+          1, "metrics.jsonl already exists", nothing_exported, hint="--overwrite"),
+    Fault(19, "train --from-adapter: a Gemma adapter onto a Llama of the same shapes", gemma_adapter, 1,
+          "was trained on another model: model_type 'gemma' when it trained, 'llama' in", None),
+    Fault(20, "report --png a folder", with_report_folder, 0, "Plot written to .*plots/report.png", plot_in_the_folder),
+    Fault(20, "eval: a bad data line", bad_line_in("bad.jsonl", lambda case, data: ["eval", "--model", case.ref.model, "--data", data]),
+          1, "bad.jsonl has 1 bad example", None, hint="^Hint: Fix them: `qlora-kit data check .*bad.jsonl` lists each"),
+    Fault(20, "a path with a space in a printed command", into_folder("my run", failed_checkpoint_write(OSError(28, "No space left on device"))), 1,
+          "Could not write the checkpoint of step 10", None, hint="resume: qlora-kit train --out '.*/my run' --resume"),
+    Fault(20, "an ESC character in a file name", bad_line_in("bad\x1b[2Jname.jsonl", lambda case, data: case.train(data=data)), 1,
+          r"bad\\x1b\[2Jname.jsonl has 1 bad example", no_run_left),
+    Fault(20, "umask 022", umask_022, 0, "adapter", files_follow_umask_022),
 ]
 
 
 def test_the_catalogue_has_every_fault_the_issue_listed():
-    assert {fault.item for fault in FAULTS} == set(range(1, 12))  # 1-10: issue 18's list; 11: export's (issue 19)
+    # 1-10: issue 18's list; 11: export's (issue 19); 12-20: issue 31's 1-9 (its 6, signals, is in test_chat and test_cli)
+    assert {fault.item for fault in FAULTS} == set(range(1, 21)) - {17}
 
 
 @pytest.fixture(scope="module")
@@ -725,9 +1084,16 @@ def reference(llama_dir, tmp_path_factory) -> SimpleNamespace:
     with pytest.MonkeyPatch.context() as patches:
         patches.setattr("qlora_kit.data.cache_dir", lambda: folder / "cache")
         run_training(recipe_for(llama_dir, data_file), folder / "reference", QUIET)
+    custom_model = with_model_code(llama_dir, folder / "custom-model")
+    # The reference adapter as if trained on the custom model (its weights are the same): what merge is given.
+    custom_model_adapter = shutil.copytree(folder / "reference" / "adapter", folder / "custom-model-run" / "adapter")
+    (custom_model_adapter / IDENTITY_FILE).write_text(json.dumps(model_identity(custom_model, str(custom_model))))
     return SimpleNamespace(run=folder / "reference", model=llama_dir, data=data_file,
                            custom_tokenizer=with_tokenizer_code(llama_dir, folder / "custom-tokenizer"),
-                           custom_model=with_model_code(llama_dir, folder / "custom-model"))
+                           custom_model=custom_model, custom_model_adapter=custom_model_adapter,
+                           gemma=save_tiny_model(folder / "gemma", "gemma"),  # the Llama's shapes, another architecture
+                           other_weights=save_tiny_model(folder / "llama-seed-1", "llama", seed=1),
+                           narrow=save_tiny_model(folder / "narrow", "llama", hidden_size=32))
 
 
 def with_tokenizer_code(model: Path, folder: Path) -> Path:
@@ -758,6 +1124,7 @@ def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
     with contextlib.ExitStack() as cleanup, pytest.MonkeyPatch.context() as patches:
         case = Case(reference, tmp_path, patches, monkeypatch, capsys, cleanup)
         command = fault.cause(case, patches)
+        before = file_states(tmp_path)
         if fault.code is None:
             with pytest.raises(Killed):
                 case.cli(*command)
@@ -770,6 +1137,8 @@ def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
                 assert error.startswith("Error: ") and re.search(fault.says, error), err
                 assert len(hint) <= 1 and all(line.startswith("Hint: ") for line in hint), err
                 assert re.search(fault.hint, hint[0] if hint else ""), err
+                after = file_states(tmp_path)  # a refusal leaves every file as it was: nothing changed or lost
+                assert not [path for path, state in before.items() if after.get(path) != state], err
             else:
                 assert re.search(fault.says, out.replace("\n", " ")), out
     if fault.then:  # the fault is over (the disk freed, the process restarted): what the user runs next

@@ -40,13 +40,13 @@ def build_tokenizer():
     return tokenizer
 
 
-def tiny_config(kind: str, vocab_size: int):
-    """2-layer configs of real architectures, small enough to train on CPU in seconds."""
+def tiny_config(kind: str, vocab_size: int, **changes):
+    """2-layer configs of real architectures, small enough to train on CPU in seconds; changes: other sizes."""
     from transformers import Gemma2Config, GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2) | changes
     if kind == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "gemma":
@@ -60,13 +60,14 @@ def tiny_config(kind: str, vocab_size: int):
     raise ValueError(kind)
 
 
-def save_tiny_model(folder: Path, kind: str, seed: int = 0, tokenizer=None) -> Path:
-    """Write a random tiny model and a tokenizer (the test one by default) as a normal Hugging Face model folder."""
+def save_tiny_model(folder: Path, kind: str, seed: int = 0, tokenizer=None, **changes) -> Path:
+    """Write a random tiny model and a tokenizer (the test one by default) as a normal Hugging Face model folder;
+    changes: sizes other than tiny_config's."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer), **changes), dtype=torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

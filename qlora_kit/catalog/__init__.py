@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -111,24 +110,34 @@ def find_model_shape(query: str) -> ModelShape:
         return ModelShape.from_config(model_id, config, fused.get(config["model_type"]))
     config = _local_config(query)
     if config is not None:
-        return ModelShape.from_config(query, config, fused.get(config.get("model_type")))
+        try:
+            return ModelShape.from_config(query, config, fused.get(config.get("model_type")))
+        except KeyError as e:
+            raise UserError(f"The config of {query} gives no {e.args[0]}, which the plan needs to size the model.",
+                            hint="Restore the model's own config.json, or plan a catalogue model of the same size.") from None
     raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, not in the hub cache."
                     + did_you_mean(query, model_names(), cutoff=0.4),
                     hint="Pass a model folder with config.json, or one of: " + ", ".join(c["short"][0] for c in catalogue["models"].values()))
 
 
 def _local_config(query: str) -> dict | None:
+    from qlora_kit.sources import path_exists, read_model_config
+
     path = Path(query).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    if path.is_file() and path.suffix == ".gguf":
+    exists = path_exists(path)  # False for a name too long to be a path, too
+    if exists and path.is_dir() and (path / "config.json").is_file():
+        return read_model_config(path)
+    if exists and path.is_file() and path.suffix == ".gguf":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    if re.match(r"^[\w.-]+/[\w.-]+$", query) and not path.exists():
+    if re.match(r"^[\w.-]+/[\w.-]+$", query) and not exists:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(query, "config.json")
+        try:
+            cached = try_to_load_from_cache(query, "config.json")
+        except ValueError:  # not a valid hub id (too long, two dots ...)
+            return None
         if isinstance(cached, str):
-            return json.loads(Path(cached).read_text())
+            return read_model_config(Path(cached).parent)
     return None
