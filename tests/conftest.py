@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,29 @@ from tests.tiny_models import CORPUS, build_tokenizer, save_tiny_model  # noqa: 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def llama_cpp_on_its_plain_cpu_path():
+    """llama.cpp (llama-cpp-python 0.3.36, built for this CPU) crashes with SIGSEGV decoding any q8_0 model, its own
+    quantization too, through the extra weight buffers it uses on a CPU with AMX (this VM's has it): the tests read
+    llama.cpp's logits without them (use_extra_bufts off), which decodes the same file on the plain CPU kernels."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        yield
+        return
+    import llama_cpp.llama as llama_module
+
+    low_level = llama_module.llama_cpp
+    default = low_level.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra_buffers
+    yield
+    low_level.llama_model_default_params = default
 
 
 @pytest.fixture(autouse=True)

@@ -738,6 +738,15 @@ def full_disk_mid_modelfile(case: Case, patches) -> list:
     return export_of(case, "--ollama")
 
 
+def run_folder_in_use(case: Case, patches) -> list:
+    from qlora_kit.files import release_lock
+
+    case.copy_of_reference(stopped_at=15)
+    held = run_folder.lock(case.out)
+    case.cleanup.callback(release_lock, case.out / run_folder.LOCK, held)
+    return case.resume()
+
+
 def export_already_running(case: Case, patches) -> list:
     from qlora_kit.files import only_writer
 
@@ -870,7 +879,8 @@ def ollama_modelfile_from_anywhere(case: Case) -> None:
 
 @dataclass(frozen=True)
 class Fault:
-    item: int  # its number in the issue that listed the faults (18; 11: export's, from 19; 12-20: issue 31's 1-9)
+    item: int  # its number in the issue that listed the faults (18; 11: export's, from 19; 12-20: issue 31's 1-9;
+    # 0: the table's rows from the run-folder issue, whose lock and fingerprints tests/test_run_folder.py tests too)
     name: str
     cause: Callable  # (case, patches) -> the command line, with the fault set up
     code: int | None  # the exit code; None: the process was killed
@@ -962,6 +972,8 @@ FAULTS = [
           "needs about .* GiB of RAM at its peak, and 0.0 GiB is available", nothing_exported, hint="--format gguf-adapter"),
     Fault(11, "export: --quant on the adapter form", export_with(lambda case, patches: ["--quant", "q8_0"]), 1,
           "--quant applies to --format gguf", nothing_exported, hint="--format gguf --quant q8_0"),
+    Fault(0, "a second process on the run folder", run_folder_in_use, 1,
+          r"run is in use by another qlora-kit process \(pid \d+ on .*, since", resumes_exactly, hint="Wait for it"),
     # Issue 31's list, items 1-9 as 12-20.
     Fault(12, "--from-adapter its own run's adapter, with --overwrite",
           with_reference(lambda case: case.train("--from-adapter", run_adapter(case), "--overwrite")), 1,
@@ -1069,7 +1081,7 @@ FAULTS = [
 
 def test_the_catalogue_has_every_fault_the_issue_listed():
     # 1-10: issue 18's list; 11: export's (issue 19); 12-20: issue 31's 1-9 (its 6, signals, is in test_chat and test_cli)
-    assert {fault.item for fault in FAULTS} == set(range(1, 21)) - {17}
+    assert {fault.item for fault in FAULTS} == set(range(0, 21)) - {17}
 
 
 @pytest.fixture(scope="module")
