@@ -52,11 +52,16 @@ def check_can_replace(out: Path, overwrite: bool, flag: str = "--out") -> None:
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{flag} {out} is a folder; this writes one file.", hint=f"Name the file, e.g. {flag} {out / 'NAME'}.")
-    parent = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"Cannot write {out}: {parent} is a file, not a folder.", hint=f"Choose another {flag}.")
+    check_not_under_a_file(out, hint=f"Choose another {flag}.")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise UserError(f"{out} already exists.", hint=f"Pass --overwrite to replace it, or choose another {flag}.")
+
+
+def check_not_under_a_file(out: Path, hint: str) -> None:
+    """The nearest existing folder above out must be a folder, not a file (or a link to one, or a dangling link)."""
+    parent = next((p for p in Path(out).parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"Cannot write {out}: {parent} is a file, not a folder.", hint=hint)
 
 
 @contextlib.contextmanager

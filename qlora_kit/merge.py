@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.adapter import base_source_for, check_adapter_on_base, corrects_nf4_rounding, say_note, tokenizer_folder
 from qlora_kit.errors import UserError
-from qlora_kit.files import staged_folder
+from qlora_kit.files import check_not_under_a_file, staged_folder
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer, nf4_rounded
 from qlora_kit.sources import check_adapter_folder, resolve_model
@@ -61,9 +61,7 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
 def check_new_folder(out: Path) -> None:
     """--out must be a new (or empty) folder: an existing file or folder's content is never replaced by a merge."""
     out = Path(out)
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"Cannot write {out}: {parent} is a file, not a folder.", hint="Choose another --out folder.")
+    check_not_under_a_file(out, hint="Choose another --out folder.")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} is a file; merge writes a model folder there.", hint="Choose a new --out folder.")
     if out.is_dir() and any(out.iterdir()):

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from qlora_kit.dashboard import describe_rewards, describe_step_down
 from qlora_kit.errors import UserError
-from qlora_kit.files import staged_file
+from qlora_kit.files import check_not_under_a_file, staged_file
 from qlora_kit.recipes import read_settings
 
 GIB = 2**30
@@ -125,9 +125,7 @@ def png_path(path: str | Path) -> Path:
         return path / "report.png"
     if path.suffix.lower() != ".png":
         raise UserError(f"--png {path} does not name a .png file.", hint=f"Give a name ending in .png, e.g. --png {path.with_suffix('.png')}.")
-    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.", hint="Choose another --png.")
+    check_not_under_a_file(path, hint="Choose another --png.")
     return path
 
 
