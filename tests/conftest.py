@@ -77,14 +77,24 @@ def chat_data(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The demo through the CLI on the real SmolLM2-135M, 20 steps (slow tests only): (its run folder, the process)."""
+    """The demo through the CLI on the real SmolLM2-135M, 20 steps (slow tests only): (its run folder, the process).
+    Made once for the whole session, also when pytest-xdist runs the tests in several processes: the first to ask
+    runs it under a lock, the others wait and read its outcome."""
+    import fcntl
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
-                            capture_output=True, text=True, timeout=1200)
-    return out, result
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    out, outcome = shared / "demo" / "run", shared / "demo-outcome.json"
+    with open(shared / "demo.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not outcome.is_file():
+            result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
+                                    capture_output=True, text=True, timeout=1200)
+            outcome.write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
+    return out, subprocess.CompletedProcess(*json.loads(outcome.read_text()))
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,10 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 KILLED = 137
 
 
-def in_child(work, log: Path) -> int:
-    """Run work() in a forked child with its output in log; its exit code."""
+def start_child(work) -> int:
+    """Start work() in a forked child, without waiting for it; the child's pid. Its exit code is work()'s."""
     pid = os.fork()
     if pid == 0:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
         code = 99
         try:
             code = work()
@@ -44,7 +41,18 @@ def in_child(work, log: Path) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return pid
+
+
+def in_child(work, log: Path) -> int:
+    """Run work() in a forked child with its output in log; its exit code."""
+    def logged() -> int:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        return work()
+
+    return os.waitstatus_to_exitcode(os.waitpid(start_child(logged), 0)[1])
 
 
 def run_cli(*args) -> int:
@@ -127,7 +135,13 @@ def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str]
     from qlora_kit import cli, train  # noqa: F401, I001
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
+    # Every run on one thread, the reference too (results are compared bit for bit, and the thread count can change
+    # a sum's rounding): a tiny model gains nothing from more, and the killed runs go side by side, one per core.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # qlora-kit's own thread choice then leaves it so
 
     def command(out: Path) -> list:
         return ["train", "--out", out, "--model", model, "--data", data, "--rank", "4", "--steps", "6", "--micro-batch", "2",
@@ -137,14 +151,30 @@ def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str]
     code = killed_run(command(reference), reference, None, work / "reference.log", work / "points.json")
     assert code == 0, (work / "reference.log").read_text()
     points = json.loads((work / "points.json").read_text())
-    for number in range(1, len(points) + 1, every_nth):
+
+    def kill_and_recover(number: int) -> int:
         run_dir, log = work / f"killed-{number}", work / f"killed-{number}.log"
         killed = killed_run(command(run_dir), run_dir, number, log)
         then, code = recover(command(run_dir), run_dir, log)
         said = log.read_text()
-        print(json.dumps({"point": number, "of": len(points), "write": points[number - 1], "killed": killed, "then": then,
-                          "code": code, "same": code == 0 and same_run(run_dir, reference), "traceback": "Traceback" in said,
-                          "said": said[-600:] if code else ""}), flush=True)
+        (work / f"row-{number}.json").write_text(json.dumps({
+            "point": number, "of": len(points), "write": points[number - 1], "killed": killed, "then": then, "code": code,
+            "same": code == 0 and same_run(run_dir, reference), "traceback": "Traceback" in said,
+            "said": said[-600:] if code else ""}))
+        return 0
+
+    # The points are independent runs in folders of their own: one per core at a time.
+    numbers, running = range(1, len(points) + 1, every_nth), 0
+    for number in numbers:
+        if running == len(os.sched_getaffinity(0)):
+            os.wait()
+            running -= 1
+        start_child(lambda number=number: kill_and_recover(number))
+        running += 1
+    for _ in range(running):
+        os.wait()
+    for number in numbers:
+        print((work / f"row-{number}.json").read_text(), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 from rich.console import Console
 
@@ -72,8 +73,8 @@ def test_quiet_mode_prints_nothing():
     assert out.getvalue() == ""
 
 
-def test_summary_table_compares_peak_memory_with_the_plan(tmp_path):
-    summary = RunSummary(40, 3.0, 0.075, 60.0, 163840, 100, 1000, tmp_path / "adapter", 2**20, best_loss=0.07,
+def test_summary_table_compares_peak_memory_with_the_plan():
+    summary = RunSummary(40, 3.0, 0.075, 60.0, 163840, 100, 1000, Path("runs/a/adapter"), 2**20, best_loss=0.07,
                          peak_memory_gib=4.5, padding_pct=12.0, step_downs=["micro-batch 4 -> 2"], info=GPU)
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(summary_table(summary, GPU))
