@@ -275,7 +275,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
         raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
                         hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")
     try:
-        tokenizer = load_tokenizer(resolve_model(model), trust_remote_code)
+        tokenizer = load_tokenizer(resolve_model(model, trust_remote_code, console), trust_remote_code)
     except UserError:
         if not dry_run:
             raise

@@ -288,7 +288,7 @@ def generate(
     if as_json or not rows:
         return
     if output:
-        console.print(f"Wrote {len(rows)} answers to {printable(output)}.", highlight=False)
+        console.print(f"Wrote {len(rows)} answers to {printable(output)}.", highlight=False, soft_wrap=True)
     elif len(rows) == 1 and len(columns) == 1:
         console.print(next(iter(rows[0]["replies"].values())), highlight=False, markup=False)
     else:
@@ -349,11 +349,13 @@ def merge(
 ) -> None:
     """Fold an adapter into its base model. Writes a standalone model folder that plain transformers loads."""
     _check_adapters([adapter])
+    from qlora_kit.dashboard import printable
     from qlora_kit.merge import merge_adapter
 
     with console.status("Merging on the CPU ..."):
         written = merge_adapter(model, adapter, out, dtype, from_quantized, trust_remote_code)
-    console.print(f"Merged model written to {written}: AutoModelForCausalLM.from_pretrained(\"{written}\") loads it.")
+    console.print(f"Merged model written to {printable(written)}: AutoModelForCausalLM.from_pretrained(\"{printable(written)}\") "
+                  "loads it.", highlight=False, markup=False, soft_wrap=True)
     if from_quantized:
         console.print("[yellow]Merged into the dequantized 4-bit weights: it reproduces the model as trained, but every "
                       "weight keeps NF4's rounding error (about 4 bits of precision) against the original base.[/]")
@@ -457,7 +459,7 @@ def demo(
 @with_recipe_flags(only=("steps", "epochs", "method", "beta", "reference", "target_modules", "use_rslora", "use_dora",
                          "lora_init", "init_adapter"))
 def auto(
-    model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id, local folder, .gguf file, or smollm2-135m."),
+    model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id (ORG/NAME or ORG/NAME@REVISION), local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. [default: runs/auto, or the next free runs/auto-N]"),
     name: Optional[str] = NAME,
@@ -504,7 +506,7 @@ def probe(as_json: bool = JSON) -> None:
                          "use_dora", "gradient_checkpointing", "uncheckpointed_layers", "activation_offload", "precision",
                          "optimizer", "loss_chunk_tokens"))
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id, model folder or .gguf file."),
+    model: str = typer.Option(..., "--model", "-m", help="Catalogue name (gemma-2b), hub id (ORG/NAME[@REVISION]: its config.json alone is fetched), model folder or .gguf file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe whose settings to plan: a shipped one (8gb) or a YAML file."),
     settings: dict = None,
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Plan for a catalogued card, e.g. "RTX 3060" or "T4".'),
@@ -516,9 +518,11 @@ def plan(
 ) -> None:
     """Estimate peak memory before loading anything. Per component; says what fits and how to make it fit.
     Exits with 3 when it does not fit, so a script can ask before it trains."""
+    from qlora_kit.hub import download_note
     from qlora_kit.plan import plan_for_layout
     from qlora_kit.preference import check_reference_fits_method
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
+    from qlora_kit.sources import hub_id_of, path_exists
 
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), **settings)
     check_reference_fits_method(settings)
@@ -527,6 +531,10 @@ def plan(
 
         settings = settings_from_adapter(settings)
     report = plan_for_layout(model, settings, gpu, vram, gpus, strategy, compare=compare_full)
+    hub_id = hub_id_of(model) if not path_exists(Path(model).expanduser()) else None
+    note = hub_id and download_note(hub_id)
+    if note:
+        report.plan.notes.append(note)
     _show(as_json, report)
     if report.plan.verdict == "does not fit":
         raise typer.Exit(DOES_NOT_FIT)
@@ -546,7 +554,7 @@ def report(
     for run in loaded:
         console.print(summary_table(run))
     if png:
-        console.print(f"Plot written to {printable(write_png(loaded, png))}", highlight=False)
+        console.print(f"Plot written to {printable(write_png(loaded, png))}", highlight=False, markup=False, soft_wrap=True)
 
 
 data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True, rich_markup_mode=None)
@@ -570,8 +578,9 @@ def data_check(
         from qlora_kit.model import load_tokenizer
         from qlora_kit.sources import resolve_model
 
+        folder = resolve_model(model, trust_remote_code, console)  # a download shows its own progress
         with console.status(f"Loading the tokenizer of {model} ..."):
-            tokenizer = load_tokenizer(resolve_model(model), trust_remote_code)
+            tokenizer = load_tokenizer(folder, trust_remote_code)
     report, refusals = check_report(file, tokenizer, seq_len, data_format)
     console.print(report)
     if refusals:

@@ -34,7 +34,7 @@ def _setting(default, help: str, *, low=None, high=None, choices=None, aliases=(
 class Recipe:
     """Settings of one QLoRA run; `None` model/data means "given on the command line"."""
 
-    model: str | None = _setting(None, "base model: local folder, .gguf file, hub id, or smollm2-135m", aliases=("-m",))
+    model: str | None = _setting(None, "base model: local folder, .gguf file, hub id (ORG/NAME or ORG/NAME@REVISION), or smollm2-135m", aliases=("-m",))
     data: str | None = _setting(None, "training data: a .jsonl (or .json, .parquet, .csv) file of examples in one format "
                                       "(text, prompt/completion, alpaca, chat messages or sharegpt conversations)",
                                 aliases=("-d",))

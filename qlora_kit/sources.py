@@ -51,10 +51,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit")
 
 
-def resolve_model(source: str) -> Path:
+def resolve_model(source: str, trust_remote_code: bool = False, console=None) -> Path:
     """A local folder holding config.json, tokenizer and weights for `source`; raises UserError if none. Names
-    (smollm2-135m, a catalogue name such as gemma-2b, a hub id) are matched whatever their case."""
-    from qlora_kit.catalog import catalogue_id, did_you_mean, model_names
+    (smollm2-135m, a catalogue name such as gemma-2b, a hub id) are matched whatever their case; a hub model not
+    yet cached is downloaded (its code files too with trust_remote_code), shown on `console`."""
+    from qlora_kit.catalog import did_you_mean, model_names
 
     packaged = packaged_model(source)
     if packaged:
@@ -71,11 +72,25 @@ def resolve_model(source: str) -> Path:
     if path_exists(path):
         raise UserError(f"{path} is neither a model folder nor a .gguf file.",
                         hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
-    hub_id = catalogue_id(source) or (source if _HUB_ID.match(source) and not source.startswith((".", "~")) else None)
+    hub_id = hub_id_of(source)
     if hub_id:
-        return _hub_snapshot(hub_id)
+        from qlora_kit.hub import download_model
+
+        return download_model(hub_id, trust_remote_code, console)
     raise UserError(f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
                     hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
+
+
+def hub_id_of(source: str) -> str | None:
+    """The hub id (with its @revision, if named) a model name stands for: a catalogue name's, or the name itself
+    when it has a hub id's shape; None for anything else."""
+    from qlora_kit.catalog import catalogue_id
+
+    name, at, revision = source.partition("@")
+    if at and not revision:
+        return None
+    hub_id = catalogue_id(name) or (name if _HUB_ID.match(name) and not name.startswith((".", "~")) else None)
+    return hub_id and hub_id + at + revision
 
 
 def path_exists(path: Path) -> bool:
@@ -96,21 +111,28 @@ def text_config(config: dict) -> dict:
     return config["text_config"] if isinstance(config.get("text_config"), dict) else config
 
 
+def read_json_object(path: Path, what: str, hint: str) -> dict:
+    """The JSON object in path, or one sentence saying why it is not `what`: unreadable, not JSON (or not UTF-8),
+    nested too deeply to parse, or a JSON value that is not an object."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON, or a number too long to convert
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}).", hint=hint) from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be {what}.", hint=hint) from None
+    except OSError as e:
+        raise UserError(f"Cannot read {path}: {e.strerror or e}.", hint=hint) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not {what} (an object).", hint=hint)
+    return value
+
+
 def read_model_config(folder: Path) -> dict:
     """folder/config.json as a dict, or one sentence saying why it is not a model config: not JSON, not an object,
     no model_type, or a size (hidden_size, heads, layers ...) that is zero, negative or not a number."""
     path = Path(folder) / "config.json"
     hint = "Restore the model's own config.json (it comes with the model), or pass another --model."
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}).", hint=hint) from None
-    except RecursionError:
-        raise UserError(f"{path} is nested too deeply to be a model config.", hint=hint) from None
-    except OSError as e:
-        raise UserError(f"Cannot read {path}: {e.strerror or e}.", hint=hint) from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} holds a JSON {type(config).__name__}, not a model config (an object).", hint=hint)
+    config = read_json_object(path, "a model config", hint)
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise UserError(f"{path} names no model_type, so no library can tell which architecture it is.", hint=hint)
     for part in {id(config): config, id(text_config(config)): text_config(config)}.values():
@@ -185,26 +207,6 @@ def _packaged_file(package: str, name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / name
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
-        raise UserError(f"No model found at {repo_id}, and it is not a valid hub id.",
-                        hint="Pass a model folder, a .gguf file, or a hub id such as google/gemma-2b.") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
-        raise UserError(
-            f"{repo_id} is not in the local Hugging Face cache and could not be downloaded from the hub.",
-            hint=f"On a machine with network run `hf download {repo_id}` (then copy ~/.cache/huggingface), "
-                 "or pass a local model folder with --model.") from None
-
-
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached bf16 model folder (config without the GGUF marker); conversions
     whose file is gone or changed since are removed then, so the cache holds one folder per GGUF file in use."""
@@ -240,6 +242,11 @@ def gguf_to_folder(gguf: Path) -> Path:
         tokenizer.save_pretrained(staging)
         (staging / SOURCE_RECORD).write_text(json.dumps(source))
         staging.rename(folder)  # atomic: a crash never leaves a half-written model folder behind
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+        return folder  # another process converted the same file meanwhile: its folder is the same
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -336,12 +343,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     from safetensors import safe_open
 
     path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}).", hint=DAMAGED_ADAPTER_HINT) from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an adapter config.", hint=DAMAGED_ADAPTER_HINT)
+    config = read_json_object(path, "an adapter config", DAMAGED_ADAPTER_HINT)
     if config.get("peft_type", "LORA") != "LORA":
         return config  # another kind of adapter: whoever loads it says what it is
     rank, alpha = config.get("r"), config.get("lora_alpha")

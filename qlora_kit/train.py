@@ -176,8 +176,9 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
     try:
         loaded, held_out = _read_data(recipe)
         device, dtype = pick_device_and_dtype(recipe.precision, ranks.local_rank)
+        # Before the status line: a download shows its own progress (one live display at a time); rank 0 fetches.
+        folder = distributed.on_main(lambda: resolve_model(recipe.model, trust_remote_code, console), ranks)
         with console.status(f"Preparing {recipe.model} ..."):
-            folder = resolve_model(recipe.model)
             if recipe.init_adapter:
                 note = adapter.check_adapter_on_base(Path(recipe.init_adapter), folder, chosen=True)
                 if note:

@@ -96,3 +96,17 @@ def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_c
     (tmp_path / "env2" / "again.gguf").write_bytes(second.read_bytes())
     sources.gguf_to_folder(tmp_path / "env2" / "again.gguf")
     assert converted_second.is_dir()  # its file is still there, so it stays
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"{oops", "is not valid JSON"), (b"\xff\xfe{}", "is not valid JSON"),
+    (b'{"hidden_size": ' + b"9" * 5000 + b"}", "is not valid JSON"),  # past Python's digit limit: a ValueError
+    (b"[" * 100_000, "is nested too deeply to be a model config"), (b"[1, 2]", "holds a JSON list, not a model config")])
+def test_a_config_that_is_no_json_object_is_one_sentence(tmp_path, content, says):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(UserError, match=says) as refused:
+        sources.read_model_config(tmp_path)
+    assert refused.value.hint.startswith("Restore the model's own config.json")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(UserError, match="Cannot read .*config.json"):
+        sources.read_model_config(tmp_path)

@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|qwen2|phi3]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|qwen2|qwen3|phi3]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_tokenizer():
 
 def tiny_config(kind: str, vocab_size: int, **changes):
     """2-layer configs of real architectures, small enough to train on CPU in seconds; changes: other sizes."""
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -55,6 +55,8 @@ def tiny_config(kind: str, vocab_size: int, **changes):
         return Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
     if kind == "qwen2":  # attention biases and tied embeddings, as Qwen2.5-0.5B has
         return Qwen2Config(**common, tie_word_embeddings=True)
+    if kind == "qwen3":  # q/k norms, an explicit head_dim, tied embeddings (Qwen3-0.6B to 4B)
+        return Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
     if kind == "phi3":  # fused qkv and gate_up projections
         return Phi3Config(**common, tie_word_embeddings=False)
     raise ValueError(kind)

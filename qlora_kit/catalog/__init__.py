@@ -115,13 +115,14 @@ def find_model_shape(query: str) -> ModelShape:
         except KeyError as e:
             raise UserError(f"The config of {query} gives no {e.args[0]}, which the plan needs to size the model.",
                             hint="Restore the model's own config.json, or plan a catalogue model of the same size.") from None
-    raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, not in the hub cache."
+    raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, and not in the hub cache "
+                    "or on the hub."
                     + did_you_mean(query, model_names(), cutoff=0.4),
                     hint="Pass a model folder with config.json, or one of: " + ", ".join(c["short"][0] for c in catalogue["models"].values()))
 
 
 def _local_config(query: str) -> dict | None:
-    from qlora_kit.sources import path_exists, read_model_config
+    from qlora_kit.sources import hub_id_of, path_exists, read_model_config
 
     path = Path(query).expanduser()
     exists = path_exists(path)  # False for a name too long to be a path, too
@@ -131,13 +132,8 @@ def _local_config(query: str) -> dict | None:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    if re.match(r"^[\w.-]+/[\w.-]+$", query) and not exists:
-        from huggingface_hub import try_to_load_from_cache
+    if not exists and hub_id_of(query):
+        from qlora_kit.hub import fetch_config
 
-        try:
-            cached = try_to_load_from_cache(query, "config.json")
-        except ValueError:  # not a valid hub id (too long, two dots ...)
-            return None
-        if isinstance(cached, str):
-            return read_model_config(Path(cached).parent)
+        return fetch_config(hub_id_of(query))  # config.json alone, from the cache or the hub
     return None

@@ -1,0 +1,439 @@
+"""The Hugging Face hub as a user meets it: which files of a model repo a fine-tune needs, fetching exactly those
+into the Hugging Face cache (free disk checked first, progress shown, an interrupted download continued), a
+model's config.json alone for `plan`, and one sentence with the fix for a gated, missing or unreachable repo.
+
+A hub id may name a revision after an `@` (`Qwen/Qwen3-8B@main`, a tag or a commit), as everywhere a model is named.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_kit.errors import UserError
+
+# What transformers reads to load a causal LM and its tokenizer, at the top of the repo. Weights come separately:
+# every top-level *.safetensors but Mistral's consolidated copy; never original/ or metal/ (Llama 3 and gpt-oss keep
+# a second copy of the weights there) nor .bin/.pt/.gguf duplicates.
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "*.model", "*.tiktoken", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
+               "chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATES_FOLDER = "additional_chat_templates/"  # transformers 5 reads named templates from there
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A hub id and the revision asked for (None: the repo's default branch)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> HubModel:
+        """`org/name` or `org/name@revision`, refused in one sentence when the hub would not take it as an id."""
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        repo_id, _, revision = name.partition("@")
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
+            raise UserError(f"No model found at {name}, and it is not a valid hub id.",
+                            hint="Pass a model folder, a .gguf file, or a hub id such as google/gemma-2b.") from None
+        return cls(repo_id, revision or None)
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def files_a_model_needs(files: list[str], repo: str = "this repo", trust_remote_code: bool = False) -> list[str]:
+    """The files of a model repo (its listing) that loading it for fine-tuning reads; a UserError when the repo has
+    no weights qlora-kit can read."""
+    top = [name for name in files if "/" not in name]
+    weights = [name for name in top if name.endswith(".safetensors") and not name.startswith("consolidated")]
+    if not weights:
+        if any(name.endswith(PICKLED_WEIGHTS) for name in top):
+            raise UserError(f"{repo} keeps its weights only as pickled PyTorch files, which can run code when loaded; "
+                            "qlora-kit reads safetensors.",
+                            hint="Look for a safetensors copy of the model on the hub (often under the same name with "
+                                 "a -safetensors suffix or in a refs/pr/N revision), or convert it where you trust it.")
+        raise UserError(f"{repo} holds no .safetensors weights at its top level, so it is not a model transformers "
+                        "can load as it is.", hint="Check that it is the model itself, not a GGUF or an adapter repo.")
+    wanted = [name for name in top if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+              or (trust_remote_code and name.endswith(".py"))]
+    templates = [name for name in files if name.startswith(CHAT_TEMPLATES_FOLDER) and name.endswith(".jinja")]
+    return sorted({*weights, *wanted, *templates})
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return errors
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()  # HF_HUB_OFFLINE, as the hub client read it
+
+
+def _explain(error: Exception, model: HubModel, what: str = "model") -> UserError | None:
+    """One sentence and its fix for what the hub answered; None for no answer (offline) or one that is a bug."""
+    errors = _hub_errors()
+    page = f"https://huggingface.co/{'datasets/' if what == 'dataset' else ''}{model.repo_id}"
+    if isinstance(error, errors.GatedRepoError):
+        asked = "your token has not been granted access yet" if _has_token() else "you are not logged in"
+        return UserError(f"{model.repo_id} is a gated {what}: its authors ask each user to accept their licence before "
+                         f"downloading, and {asked}.",
+                         hint=f"Open {page}, accept the licence with your account, then run `hf auth login` (or set "
+                              "HF_TOKEN to a read token) and run this again.")
+    if isinstance(error, errors.RevisionNotFoundError):
+        return UserError(f"{model.repo_id} has no revision '{model.revision}'.",
+                         hint="Name a branch, tag or commit it has, or leave the @revision out for its default branch.")
+    if isinstance(error, errors.RepositoryNotFoundError):
+        from qlora_kit.catalog import did_you_mean, model_names
+
+        close = did_you_mean(model.repo_id, model_names(), cutoff=0.5) if what == "model" else ""
+        return UserError(f"There is no {what} {model.repo_id} on the Hugging Face hub that you can see." + close,
+                         hint=f"Check the name at {page}; a private repo needs `hf auth login` (or HF_TOKEN) with an "
+                              "account that can read it.")
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return UserError(f"{model} lists a file that the hub then does not serve ({error}).",
+                         hint="The repo changed while it was read: run the same command again.")
+    if unreachable(error):
+        return None  # the caller says what the cache holds
+    if isinstance(error, errors.HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else "an error"
+        return UserError(f"The Hugging Face hub answered {status} for {model}.",
+                         hint="It may be down or limiting requests: try again in a few minutes.")
+    return None
+
+
+def unreachable(error: Exception) -> bool:
+    """Whether an error from the hub client means no answer came: offline mode, or the network failed."""
+    errors = _hub_errors()
+    if isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
+        return True
+    for name in ("httpx2", "httpx"):  # huggingface_hub 2 speaks through httpx2, 1.x through httpx
+        try:
+            http = __import__(name)
+        except ImportError:
+            continue
+        if isinstance(error, (http.ConnectError, http.TimeoutException, http.RemoteProtocolError)):
+            return True
+    return False
+
+
+def _has_token() -> bool:
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def _unreachable_reason(error: Exception | None) -> str:
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    return f"the hub cannot be reached ({type(error).__name__})" if error else "the hub cannot be reached"
+
+
+@dataclass
+class Listing:
+    commit: str  # the revision's commit: every file is fetched from it, however the branch moves meanwhile
+    sizes: dict[str, int]  # every file of the repo at that commit, in bytes
+
+
+def list_repo(model: HubModel) -> Listing:
+    """The files of a model repo at a revision, with their sizes (one API call); raises the hub's own errors."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
+    return Listing(info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []})
+
+
+def cached_snapshot(model: HubModel) -> Path | None:
+    """The cached snapshot folder for the revision, if the cache has one; complete or not."""
+    storage = _storage(model.repo_id)
+    revision = model.revision or "main"
+    ref = storage / "refs" / revision
+    try:
+        commit = ref.read_text().strip() if ref.is_file() else revision
+    except OSError:
+        return None
+    folder = storage / "snapshots" / commit
+    return folder if folder.is_dir() else None
+
+
+def missing_from(folder: Path) -> list[str]:
+    """What a cached snapshot lacks for a load: config.json, a tokenizer, or weights (every shard its index names)."""
+    import json
+
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("the tokenizer files")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError):
+            shards = []
+        missing += [shard for shard in shards if not (folder / shard).is_file()]
+    elif not any(folder.glob("*.safetensors")):
+        missing.append("the weights")
+    return missing
+
+
+def download_model(name: str, trust_remote_code: bool = False, console=None) -> Path:
+    """A local snapshot folder of a hub model with every file a fine-tune reads: the cached one when it is complete,
+    else fetched (only what is needed, free disk checked first, interrupted downloads continued)."""
+    model = HubModel.parse(name)
+    cached = cached_snapshot(model)
+    if cached is not None and not missing_from(cached):
+        return cached
+    listing, failure = None, None
+    if not _offline():
+        try:
+            listing = list_repo(model)
+        except Exception as e:
+            if not unreachable(e):
+                raise _explain(e, model) or e from None
+            failure = e
+    if listing is None:
+        raise _not_cached(model, cached, _unreachable_reason(failure))
+    needed = files_a_model_needs(list(listing.sizes), str(model), trust_remote_code)
+    return fetch_files(model, listing, needed, console)
+
+
+def _not_cached(model: HubModel, cached: Path | None, reason: str) -> UserError:
+    if cached is None:
+        have = "is not in the local Hugging Face cache"
+    else:
+        have = f"is only partly in the local Hugging Face cache (missing {', '.join(missing_from(cached)[:3])})"
+    revision = f" --revision {model.revision}" if model.revision else ""
+    elsewhere = f"on a machine with network run `hf download {model.repo_id}{revision}` and copy ~/.cache/huggingface/hub here"
+    fix = f"unset HF_HUB_OFFLINE to download it, or {elsewhere}" if _offline() else elsewhere
+    return UserError(f"{model} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local model folder.")
+
+
+def fetch_files(model: HubModel, listing: Listing, names: list[str], console=None) -> Path:
+    """Download `names` of the repo at the listing's commit into the Hugging Face cache; the snapshot folder."""
+    from huggingface_hub import constants
+
+    snapshot = _storage(model.repo_id) / "snapshots" / listing.commit
+    # config.json first: a gated or broken repo is said before gigabytes are fetched
+    to_fetch = sorted((n for n in names if not (snapshot / n).is_file()), key=lambda n: (n != "config.json", n))
+    check_free_disk(Path(constants.HF_HUB_CACHE), sum(listing.sizes.get(n, 0) for n in to_fetch), model)
+    with DownloadProgress(console, model, {n: listing.sizes.get(n, 0) for n in to_fetch}) as progress:
+        for file in to_fetch:
+            progress.start(file)
+            try:
+                fetch_file(model.repo_id, listing.commit, file, progress.bar_class())
+            except KeyboardInterrupt:
+                progress.console.print(f"Download of {model} stopped at {file}: the same command continues it.",
+                                       highlight=False, markup=False, soft_wrap=True)
+                raise
+            except Exception as e:
+                if not unreachable(e):
+                    raise _explain(e, model) or e from None
+                raise UserError(f"The download of {model} stopped at {file}: {_unreachable_reason(e)}.",
+                                hint="Run the same command again when the network is back: it continues where it "
+                                     "stopped.") from None
+            progress.done(file)
+    _remember_revision(model, listing.commit)
+    return snapshot
+
+
+def fetch_file(repo_id: str, commit: str, name: str, bar_class=None) -> Path:
+    """One file of a repo at a commit into the Hugging Face cache, laid out as its client lays it out (the bytes in
+    blobs/ under their etag, snapshots/COMMIT/NAME a link to them). What an interrupted try fetched is kept beside the
+    blob and the rest asked for with a Range: the hub client itself starts every file again."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    from qlora_kit.files import only_writer
+
+    storage = _storage(repo_id)
+    link = storage / "snapshots" / commit / name
+    if link.is_file():
+        return link
+    metadata = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit))
+    blob = storage / "blobs" / metadata.etag
+    if not blob.is_file():
+        partial = blob.with_name(blob.name + ".partial")
+        with only_writer(partial, "downloading"):
+            with open(partial, "ab") as f:
+                http_get(metadata.location, f, resume_size=f.tell(), headers=build_hf_headers(),
+                         expected_size=metadata.size, tqdm_class=bar_class)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, blob)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    except FileExistsError:
+        pass  # another process linked it meanwhile
+    except OSError:  # a file system without links: a copy, as the hub client makes there
+        shutil.copyfile(blob, link)
+    return link
+
+
+def _storage(repo_id: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _remember_revision(model: HubModel, commit: str) -> None:
+    """Point the cache's ref for the revision (main when none was named) at the commit fetched, as the hub client
+    does, so the next load finds the snapshot offline by the same name."""
+    revision = model.revision or "main"
+    if revision == commit:
+        return
+    ref = _storage(model.repo_id) / "refs" / revision
+    try:
+        if not ref.is_file() or ref.read_text() != commit:
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            staged = ref.with_name(f".{ref.name}.{os.getpid()}")
+            staged.write_text(commit)
+            os.replace(staged, ref)
+    except OSError:
+        pass  # the files are cached; the next load lists the repo again
+
+
+def check_free_disk(cache: Path, needed: int, model: HubModel) -> None:
+    """Refuse a download that would not fit on the disk the cache is on, before the first byte."""
+    existing = next(p for p in (cache, *cache.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    margin = 256 * 2**20  # the cache's own small files, and room for the system to keep working
+    if needed + margin > free:
+        raise UserError(f"{model} needs {needed / 2**30:,.2f} GiB more in {cache}, and that disk has "
+                        f"{free / 2**30:,.2f} GiB free.",
+                        hint="Free space there, or set HF_HOME to a folder on a larger disk and run this again.")
+
+
+class DownloadProgress:
+    """What a download shows: on a terminal, one bar with the file, size, speed and time left; otherwise a plain
+    line when it starts and one per file fetched."""
+
+    def __init__(self, console, model: HubModel, sizes: dict[str, int]):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.model, self.sizes = model, sizes
+        self.total = sum(self.sizes.values())
+        self.live = self.console.is_terminal and not self.console.quiet
+        self.started = time.monotonic()
+        self.file_started = self.started
+        self.progress = self.task = None
+
+    def __enter__(self) -> DownloadProgress:
+        if not self.sizes:
+            return self
+        self.console.print(f"Downloading {self.model}: {len(self.sizes)} files, {_size(self.total)}",
+                           highlight=False, markup=False, soft_wrap=True)
+        if self.live:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
+                                     transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=self.total or None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.sizes and exc[0] is None:
+            seconds = time.monotonic() - self.started
+            self.console.print(f"Downloaded {_size(self.total)} in {seconds:,.0f} s", highlight=False)
+
+    def start(self, file: str) -> None:
+        self.file_started = time.monotonic()
+        if self.progress is not None:
+            self.progress.update(self.task, description=file)
+
+    def done(self, file: str) -> None:
+        if self.progress is None and file in self.sizes:
+            seconds = time.monotonic() - self.file_started
+            self.console.print(f"  {file}  {_size(self.sizes[file])}  {seconds:,.1f} s", highlight=False,
+                               markup=False, soft_wrap=True)
+
+    def bar_class(self):
+        """A tqdm stand-in for the hub client's byte counts, which moves this display's bar."""
+        owner = self
+
+        class Bar:
+            def __init__(self, *args, initial: int = 0, **kwargs):
+                self.n = initial
+                owner._advance(initial)  # what an earlier, interrupted download already fetched
+
+            def update(self, n: int = 1) -> None:
+                self.n += n
+                owner._advance(n)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        return Bar
+
+    def _advance(self, n: int) -> None:
+        if self.progress is not None and n:
+            self.progress.advance(self.task, n)
+
+
+def _size(n: int) -> str:
+    """Bytes as the hub and download tools show them (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
+
+
+def fetch_config(name: str) -> dict | None:
+    """A hub model's config.json alone (kilobytes: what `plan` needs), from the cache or the hub; None when the hub
+    cannot be reached and the cache has none. Gated, missing or unknown revisions are a UserError."""
+    from huggingface_hub import hf_hub_download
+
+    from qlora_kit.sources import read_model_config
+
+    model = HubModel.parse(name)
+    try:
+        path = hf_hub_download(model.repo_id, "config.json", revision=model.revision)
+    except Exception as e:
+        if unreachable(e):
+            return None
+        raise _explain(e, model) or e from None
+    return read_model_config(Path(path).parent)
+
+
+def download_note(name: str) -> str | None:
+    """For `plan`: what training a hub model would download first, from its listing (one API call), or None when
+    the cache already holds it or the hub cannot be reached."""
+    model = HubModel.parse(name)
+    cached = cached_snapshot(model)
+    if (cached is not None and not missing_from(cached)) or _offline():
+        return None
+    try:
+        listing = list_repo(model)
+    except Exception as e:
+        if unreachable(e):
+            return None
+        raise _explain(e, model) or e from None
+    needed = files_a_model_needs(list(listing.sizes), str(model))
+    weights = sum(listing.sizes[n] for n in needed if n.endswith(".safetensors"))
+    return f"{model} is not downloaded yet: training fetches {_size(weights)} of weights (and its tokenizer) first."

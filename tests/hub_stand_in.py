@@ -1,0 +1,136 @@
+"""A local stand-in for the Hugging Face hub's download API, enough for huggingface_hub's own client (pointed at it
+through HF_ENDPOINT, or its constants in-process): model info with file sizes, file metadata (HEAD) and bytes
+(GET, with Range for a continued download), gated and missing repos answered as the hub answers them.
+
+    with HubStandIn() as hub:
+        hub.add_model("org/tiny", folder)         # every file under folder, at one commit
+        hub.gated.add("org/tiny")                # 401 GatedRepo for files without a token
+        hub.requests                             # (method, path, Range header) of each request
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+
+class HubStandIn:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}  # repo id -> {"commit": sha, "files": {name: bytes}, "branches": {...}}
+        self.gated: set[str] = set()
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.stall_after: dict[str, int] = {}  # file name -> bytes sent before the server stops sending (a cut)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def add_model(self, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> str:
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        files.update(extra or {})
+        commit = hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
+        self.repos[repo_id] = {"commit": commit, "files": files, "branches": {"main": commit}}
+        return commit
+
+    def __enter__(self) -> HubStandIn:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def fail(self, status: int, code: str, message: str = "") -> None:
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", message or code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def repo_and_commit(self, repo_id: str, revision: str | None):
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    self.fail(401, "RepoNotFound", "Repository not found")
+                    return None, None
+                commit = repo["branches"].get(revision or "main") or (revision if revision == repo["commit"] else None)
+                if commit is None:
+                    self.fail(404, "RevisionNotFound", "Invalid rev id")
+                    return repo, None
+                return repo, commit
+
+            def answer(self, body: bool) -> None:
+                path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+                hub.requests.append((self.command, path, self.headers.get("Range")))
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "models"]:
+                    repo_id = "/".join(parts[2:4])
+                    revision = parts[5] if len(parts) > 5 and parts[4] == "revision" else None
+                    repo, commit = self.repo_and_commit(repo_id, revision)
+                    if commit is None:
+                        return
+                    siblings = [{"rfilename": name, "size": len(data)} for name, data in repo["files"].items()]
+                    info = {"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False,
+                            "gated": "manual" if repo_id in hub.gated else False}
+                    self.send_bytes(json.dumps(info).encode(), "application/json", body)
+                elif len(parts) >= 5 and parts[2] == "resolve":
+                    repo_id, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+                    repo, commit = self.repo_and_commit(repo_id, revision)
+                    if commit is None:
+                        return
+                    if repo_id in hub.gated and not self.headers.get("Authorization"):
+                        self.fail(401, "GatedRepo", f"Access to model {repo_id} is restricted.")
+                        return
+                    if name not in repo["files"]:
+                        self.fail(404, "EntryNotFound", "Entry not found")
+                        return
+                    self.send_file(name, repo["files"][name], commit, body)
+                else:
+                    self.fail(404, "RepoNotFound")
+
+            def send_bytes(self, data: bytes, kind: str, body: bool) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def send_file(self, name: str, data: bytes, commit: str, body: bool) -> None:
+                start = 0
+                asked = self.headers.get("Range")
+                if asked and asked.startswith("bytes="):
+                    start = int(asked[6:].split("-")[0])
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", commit)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if not body:
+                    return
+                stall = hub.stall_after.get(name)
+                if stall is not None and start < stall:  # send up to the cut, then hang as a dead network would
+                    self.wfile.write(data[start:stall])
+                    self.wfile.flush()
+                    time.sleep(3600)
+                self.wfile.write(data[start:])
+
+        return Handler

@@ -1,0 +1,209 @@
+"""The hub as users meet it, against a local stand-in of its download API (tests/hub_stand_in.py) that the real
+huggingface_hub client talks to: exactly the files a model needs, gated/missing/offline said in one sentence,
+the free disk checked first, an interrupted download continued, plan from config.json alone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora_kit import hub
+from qlora_kit.errors import UserError
+from qlora_kit.sources import resolve_model
+from tests.hub_stand_in import HubStandIn
+from tests.tiny_models import save_tiny_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_only_what_a_fine_tune_reads_is_fetched():
+    llama3 = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors", "model.safetensors.index.json", "original/consolidated.00.pth",
+              "original/params.json", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "LICENSE", "README.md", "USE_POLICY.md", ".gitattributes"]
+    assert hub.files_a_model_needs(llama3) == [
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    gpt_oss = ["config.json", "model-00000-of-00002.safetensors", "model.safetensors.index.json", "metal/model.bin",
+               "original/model--00001-of-00002.safetensors", "chat_template.jinja", "tokenizer.json"]
+    assert "metal/model.bin" not in hub.files_a_model_needs(gpt_oss)
+    assert "chat_template.jinja" in hub.files_a_model_needs(gpt_oss)
+    mistral = ["config.json", "consolidated.safetensors", "model.safetensors", "tekken.json", "params.json",
+               "pytorch_model.bin", "additional_chat_templates/tool_use.jinja", "modeling_x.py"]
+    assert hub.files_a_model_needs(mistral) == ["additional_chat_templates/tool_use.jinja", "config.json",
+                                                "model.safetensors", "tekken.json"]
+    assert "modeling_x.py" in hub.files_a_model_needs(mistral, trust_remote_code=True)
+    tokenizers = ["config.json", "model.safetensors", "qwen.tiktoken", "vocab.json", "merges.txt", "spiece.model"]
+    assert hub.files_a_model_needs(tokenizers) == sorted(tokenizers)
+
+
+@pytest.mark.parametrize("files, says", [(["config.json", "pytorch_model.bin"], "only as pickled PyTorch files"),
+                                         (["config.json", "model.gguf"], "holds no .safetensors weights")])
+def test_a_repo_without_safetensors_is_refused_before_a_download(files, says):
+    with pytest.raises(UserError, match=says):
+        hub.files_a_model_needs(files, "org/old")
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3 saved by transformers 5: its chat template in chat_template.jinja, as on the hub."""
+    folder = save_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3")
+    assert (folder / "chat_template.jinja").is_file()
+    return folder
+
+
+@pytest.fixture
+def stand_in(qwen3_dir, tmp_path, monkeypatch):
+    """The stand-in hub serving org/tiny-qwen3 (with an original/ copy of its weights and a README), the hub client
+    pointed at it in this process, and an empty Hugging Face cache."""
+    from huggingface_hub import constants
+
+    with HubStandIn() as server:
+        weights = (qwen3_dir / "model.safetensors").read_bytes()
+        server.add_model("org/tiny-qwen3", qwen3_dir, {"original/model.safetensors": weights, "README.md": b"# tiny"})
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        yield server
+
+
+def fetched(server: HubStandIn) -> set[str]:
+    return {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _ in server.requests
+            if method == "GET" and "/resolve/" in path}
+
+
+def asked(server: HubStandIn) -> list:
+    """The requests a download made (not the hub client's own daily registry fetch)."""
+    return [r for r in server.requests if not r[1].startswith("/api/agent-harnesses")]
+
+
+def test_a_hub_model_is_fetched_once_with_its_chat_template_and_found_offline_after(stand_in, monkeypatch):
+    from huggingface_hub import constants
+
+    folder = resolve_model("org/tiny-qwen3")
+    assert fetched(stand_in) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                 "chat_template.jinja", "generation_config.json"}
+    assert (folder / "chat_template.jinja").is_file() and not (folder / "original").exists()
+    from qlora_kit.model import load_tokenizer
+
+    assert load_tokenizer(folder).chat_template  # the model's own template, not a fallback layout
+    stand_in.requests.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model("org/tiny-qwen3") == folder and resolve_model("org/tiny-qwen3@main") == folder
+    assert asked(stand_in) == []  # a complete cached snapshot asks nothing of the hub
+
+
+def test_a_revision_is_fetched_by_name_and_an_unknown_one_is_said(stand_in):
+    commit = stand_in.repos["org/tiny-qwen3"]["commit"]
+    assert resolve_model(f"org/tiny-qwen3@{commit}").name == commit
+    with pytest.raises(UserError, match="org/tiny-qwen3 has no revision 'v9'") as refused:
+        resolve_model("org/tiny-qwen3@v9")
+    assert "leave the @revision out" in refused.value.hint
+
+
+def test_a_gated_repo_says_to_accept_the_licence_and_log_in(stand_in):
+    stand_in.gated.add("org/tiny-qwen3")
+    with pytest.raises(UserError, match="org/tiny-qwen3 is a gated model.*you are not logged in") as refused:
+        resolve_model("org/tiny-qwen3")
+    assert "https://huggingface.co/org/tiny-qwen3" in refused.value.hint and "hf auth login" in refused.value.hint
+    assert fetched(stand_in) == {"config.json"} or fetched(stand_in) == set()  # refused at the first, small file
+
+
+def test_a_missing_repo_is_not_called_a_cache_problem(stand_in):
+    with pytest.raises(UserError, match="There is no model org/nothing-here on the Hugging Face hub") as refused:
+        resolve_model("org/nothing-here")
+    assert "cache" not in refused.value.message and "hf auth login" in refused.value.hint
+    with pytest.raises(UserError, match="Did you mean: google/gemma-2b"):
+        resolve_model("google/gema-2b")
+
+
+def test_offline_says_what_the_cache_holds_and_how_to_get_the_rest(stand_in, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="org/tiny-qwen3 is not in the local Hugging Face cache, and HF_HUB_OFFLINE "
+                                        "is set") as refused:
+        resolve_model("org/tiny-qwen3")
+    assert "unset HF_HUB_OFFLINE" in refused.value.hint and asked(stand_in) == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(UserError, match="not in the local Hugging Face cache, and the hub cannot be reached") as refused:
+        resolve_model("org/tiny-qwen3")
+    assert "hf download org/tiny-qwen3" in refused.value.hint
+
+
+def test_too_little_free_disk_is_said_before_the_first_byte(stand_in, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(UserError, match=r"org/tiny-qwen3 needs .* GiB more in .*hf-cache, and that disk has 0.00 GiB"):
+        resolve_model("org/tiny-qwen3")
+    assert fetched(stand_in) == set()
+
+
+def test_plan_reads_a_hub_model_from_its_config_alone(stand_in):
+    from qlora_kit.catalog import find_model_shape
+
+    shape = find_model_shape("org/tiny-qwen3")
+    assert shape.hidden_size == 64
+    assert fetched(stand_in) == {"config.json"}
+
+
+def cli(*args, env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qlora_kit", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_an_interrupted_download_continues_where_it_stopped(tmp_path):
+    """Ctrl-C halfway through the weights, then train from the same clean HF_HOME: the rest is asked for with a
+    Range, not again, and the model's own chat template is used. The weights are 30 MB: the hub client writes what
+    it receives in 10 MB pieces."""
+    qwen3_dir = save_tiny_model(tmp_path / "qwen3", "qwen3", hidden_size=512, intermediate_size=2048)
+    weights = (qwen3_dir / "model.safetensors").read_bytes()
+    chat = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "a pirate sails the sea"}]
+    (tmp_path / "data.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    with HubStandIn() as server:
+        server.add_model("org/tiny-qwen3", qwen3_dir)
+        server.stall_after["model.safetensors"] = len(weights) // 2
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+               "PYTHONPATH": str(ROOT)}
+        first = cli("data", "check", "data.jsonl", "--model", "org/tiny-qwen3", env=env, cwd=tmp_path)
+        deadline = time.monotonic() + 120
+        while not any(m == "GET" and p.endswith("model.safetensors") for m, p, _ in server.requests):
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        time.sleep(1)  # half the file is on its way to the disk
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 130 and "Traceback" not in err, err
+        assert "stopped at model.safetensors: the same command continues it" in out + err
+        del server.stall_after["model.safetensors"]
+        again = cli("train", "--model", "org/tiny-qwen3", "--data", "data.jsonl", "--out", "runs/x", "--steps", "1",
+                    "--rank", "4", "--plain", env=env, cwd=tmp_path)
+        out, err = again.communicate(timeout=300)
+        assert again.returncode == 0 and "Traceback" not in err, err
+        checked = cli("data", "check", "data.jsonl", "--model", "org/tiny-qwen3", env=env, cwd=tmp_path)
+        out, err = checked.communicate(timeout=300)
+        assert checked.returncode == 0 and "<|user|>" in out and "### User" not in out, out  # the model's template
+    first_try, second_try = [r for m, p, r in server.requests if m == "GET" and p.endswith("model.safetensors")]
+    assert first_try is None and int(second_try.removeprefix("bytes=").removesuffix("-")) >= 10 * 2**20
+    [snapshot] = (tmp_path / "hf" / "hub" / "models--org--tiny-qwen3" / "snapshots").iterdir()
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+
+
+def test_plan_says_what_training_would_download_first(stand_in, monkeypatch, capsys):
+    from tests.test_cli import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", "org/tiny-qwen3", "--vram", "8")
+    weights = len(stand_in.repos["org/tiny-qwen3"]["files"]["model.safetensors"])
+    assert code == 0 and f"training fetches {weights / 1e3:.1f} kB of weights" in out.replace("\n", ""), out + err
+    assert fetched(stand_in) == {"config.json"}
