@@ -75,7 +75,7 @@ tags: [lora, qlora, qlora-kit]
 Trained with [qlora-kit](https://pypi.org/project/qlora-kit/) on a 4-bit NF4 base (double quantization).{origin_line}
 
 ## Training
-- Data: `{Path(recipe.data).name}`, {facts['examples']:,} {facts['format']} examples; loss on {
+- Data: `{Path(recipe.data).name if Path(recipe.data).is_absolute() else recipe.data}`, {facts['examples']:,} {facts['format']} examples; loss on {
         'every token' if recipe.train_on_inputs or facts['format'] == 'text' else 'completions / assistant turns'}
 - Steps: {facts['steps']} of micro-batch {recipe.micro_batch} x {recipe.grad_accum} accumulation, sequences up to {recipe.seq_len} tokens
 - LoRA: rank {recipe.rank}, alpha {recipe.alpha:g}, dropout {recipe.dropout:g}, on {recipe.target_modules}; {facts['trainable_params']:,} trainable parameters

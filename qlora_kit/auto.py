@@ -244,9 +244,11 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
              gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
-             gpus: int = 1, steps: int | None = None, epochs: float | None = None, **lora):
+             gpus: int = 1, steps: int | None = None, epochs: float | None = None, data_split: str = "train",
+             data_config: str | None = None, **lora):
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
-    passes over the data when given (else the recipe's). lora: the settings the user chose for what is learned
+    passes over the data when given (else the recipe's); data_split and data_config choose a hub dataset's part.
+    lora: the settings the user chose for what is learned
     (method, beta, target_modules, use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and
     keeps; preference data without a method trains with DPO."""
     from qlora_kit import data as data_module
@@ -256,7 +258,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     from qlora_kit.sources import resolve_model
     from qlora_kit.train import run_training
 
-    loaded = data_module.read_records(data_path, can_skip=False)
+    loaded = data_module.read_records(data_path, can_skip=False, split=data_split, config=data_config)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
     from_data = {}
     if loaded.format in data_module.PREFERENCE_FORMATS and lora.get("method") is None:
@@ -291,7 +293,8 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
                         f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
                         hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
                         + " `qlora-kit plan` shows the details.")
-    recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs)
+    recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs,
+                            data_split=data_split, data_config=data_config)
     # The run keeps the plan that made the choice (plan.json, the dashboard's marks), not one of its own for one GPU.
     plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel),
                      reference_forwards=_reference_forwards(recipe, len(lengths), target.gpus)).to_dict()

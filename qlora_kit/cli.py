@@ -56,7 +56,8 @@ PLAIN = typer.Option(False, "--plain", help="Print a compact line every few step
 QUIET = typer.Option(False, "--quiet", help="Print nothing but the final summary (and errors).")
 JSON = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 DATA_HELP = ("Training data: a .jsonl (or .json, .parquet, .csv) file of examples in one format: text, prompt/completion, "
-             "alpaca, chat messages or sharegpt conversations.")
+             "alpaca, chat messages or sharegpt conversations; or a hub dataset, ORG/NAME (its --data-split) or "
+             "ORG/NAME:FILE.jsonl.")
 DOES_NOT_FIT = 3  # plan's exit status when the run would not fit (1 is an error, 2 a usage mistake)
 
 
@@ -457,7 +458,7 @@ def demo(
 
 @app.command()
 @with_recipe_flags(only=("steps", "epochs", "method", "beta", "reference", "target_modules", "use_rslora", "use_dora",
-                         "lora_init", "init_adapter"))
+                         "lora_init", "init_adapter", "data_split", "data_config"))
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id (ORG/NAME or ORG/NAME@REVISION), local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
@@ -563,10 +564,13 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="A .jsonl or .json data file."),
+    file: Path = typer.Argument(..., help="A .jsonl, .json, .parquet or .csv data file, or a hub dataset: ORG/NAME "
+                                          "(a split of it) or ORG/NAME:FILE.jsonl (one file of it)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenize with this model's tokenizer (exact lengths, rendering)."),
     seq_len: int = typer.Option(512, "--seq", "--seq-len", help="Sequence length to check against."),
     data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
+    data_split: str = typer.Option("train", "--data-split", help="The split of a hub dataset to check."),
+    data_config: Optional[str] = typer.Option(None, "--data-config", help="The configuration (subset) of a hub dataset."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Format, counts, token lengths, every bad line, and what the loss is on, for one data file. Exits with 1 when
@@ -581,7 +585,7 @@ def data_check(
         folder = resolve_model(model, trust_remote_code, console)  # a download shows its own progress
         with console.status(f"Loading the tokenizer of {model} ..."):
             tokenizer = load_tokenizer(folder, trust_remote_code)
-    report, refusals = check_report(file, tokenizer, seq_len, data_format)
+    report, refusals = check_report(file, tokenizer, seq_len, data_format, data_split, data_config)
     console.print(report)
     if refusals:
         raise UserError(f"train would refuse {file}: {' and '.join(why for why, _ in refusals)}.",

@@ -103,10 +103,16 @@ def detect_format(record: dict) -> str | None:
 
 
 def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False, flag: str = "--data",
-                 can_skip: bool = True) -> Records:
+                 can_skip: bool = True, split: str = "train", config: str | None = None) -> Records:
     """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed.
-    flag: the option that named the file, for the hints; can_skip: whether the command has --skip-bad-lines."""
+    flag: the option that named the file, for the hints; can_skip: whether the command has --skip-bad-lines. A hub
+    dataset (org/name, org/name:file.jsonl) is fetched first; split and config choose its part (hub.dataset_file)."""
+    from qlora_kit.hub import dataset_file, is_dataset_name
+    from qlora_kit.sources import path_exists
+
     path = Path(path)
+    if not path_exists(path) and is_dataset_name(str(path)):
+        path = dataset_file(str(path), split, config)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint=f"Pass a .jsonl file with {flag}.")
     if path.exists() and not path.is_file():  # /dev/zero, a FIFO, /dev/stdin: endless or read-once, never a data set
@@ -687,7 +693,8 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: str = "auto"):
+def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: str = "auto", split: str = "train",
+                 config: str | None = None):
     """`qlora-kit data check`: format, counts, token-length percentiles and histogram, every bad line, and the first
     example rendered with the tokens the loss is on highlighted. Without a tokenizer, lengths are estimated.
     Returns (the report, [(why `train` would refuse the file, what to do)], empty when it would train on it)."""
@@ -695,7 +702,7 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     from rich.table import Table
     from rich.text import Text
 
-    loaded = read_records(path, format, skip_bad_lines=True)
+    loaded = read_records(path, format, skip_bad_lines=True, split=split, config=config)
     refusals = [(f"{len(loaded.skipped)} bad line{'s' * (len(loaded.skipped) > 1)}",
                  "fix the lines listed above, or train on the rest with --skip-bad-lines")] if loaded.skipped else []
     if tokenizer is not None:  # the same cached table training uses: checking a file first makes training start sooner

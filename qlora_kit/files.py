@@ -117,6 +117,12 @@ def staged_folder(final: Path):
         raise
 
 
+def free_space(path: Path) -> tuple[Path, int]:
+    """The bytes free on the disk that path is (or would be made) on, and the nearest existing folder that says so."""
+    existing = next(p for p in (Path(path), *Path(path).absolute().parents) if p.exists())
+    return existing, shutil.disk_usage(existing).free
+
+
 def write_atomically(path: Path, content: str | bytes) -> None:
     """Replace a file's content so that a kill leaves the old content or the new, never a mix or nothing; the new
     content goes to a temporary file made with O_EXCL (never a link), flushed to disk, then renamed."""

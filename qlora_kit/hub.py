@@ -1,6 +1,7 @@
 """The Hugging Face hub as a user meets it: which files of a model repo a fine-tune needs, fetching exactly those
 into the Hugging Face cache (free disk checked first, progress shown, an interrupted download continued), a
-model's config.json alone for `plan`, and one sentence with the fix for a gated, missing or unreachable repo.
+model's config.json alone for `plan`, hub datasets as data files, and one sentence with the fix for a gated,
+missing or unreachable repo.
 
 A hub id may name a revision after an `@` (`Qwen/Qwen3-8B@main`, a tag or a commit), as everywhere a model is named.
 """
@@ -28,14 +29,15 @@ PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
-class HubModel:
-    """A hub id and the revision asked for (None: the repo's default branch)."""
+class HubRepo:
+    """A hub id, the revision asked for (None: the repo's default branch), and whether it is a model or a dataset."""
 
     repo_id: str
     revision: str | None = None
+    kind: str = "model"
 
     @classmethod
-    def parse(cls, name: str) -> HubModel:
+    def parse(cls, name: str, kind: str = "model") -> HubRepo:
         """`org/name` or `org/name@revision`, refused in one sentence when the hub would not take it as an id."""
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
@@ -44,9 +46,10 @@ class HubModel:
         try:
             validate_repo_id(repo_id)
         except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
-            raise UserError(f"No model found at {name}, and it is not a valid hub id.",
-                            hint="Pass a model folder, a .gguf file, or a hub id such as google/gemma-2b.") from None
-        return cls(repo_id, revision or None)
+            raise UserError(f"No {kind} found at {name}, and it is not a valid hub id.",
+                            hint=f"Pass a local {'model folder' if kind == 'model' else 'data file'}, or a hub id "
+                                 f"such as {'google/gemma-2b' if kind == 'model' else 'org/name'}.") from None
+        return cls(repo_id, revision or None, kind)
 
     def __str__(self) -> str:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
@@ -83,34 +86,35 @@ def _offline() -> bool:
     return constants.is_offline_mode()  # HF_HUB_OFFLINE, as the hub client read it
 
 
-def _explain(error: Exception, model: HubModel, what: str = "model") -> UserError | None:
+def _explain(error: Exception, repo: HubRepo) -> UserError | None:
     """One sentence and its fix for what the hub answered; None for no answer (offline) or one that is a bug."""
     errors = _hub_errors()
-    page = f"https://huggingface.co/{'datasets/' if what == 'dataset' else ''}{model.repo_id}"
+    what = repo.kind
+    page = f"https://huggingface.co/{'datasets/' if what == 'dataset' else ''}{repo.repo_id}"
     if isinstance(error, errors.GatedRepoError):
         asked = "your token has not been granted access yet" if _has_token() else "you are not logged in"
-        return UserError(f"{model.repo_id} is a gated {what}: its authors ask each user to accept their licence before "
+        return UserError(f"{repo.repo_id} is a gated {what}: its authors ask each user to accept their licence before "
                          f"downloading, and {asked}.",
                          hint=f"Open {page}, accept the licence with your account, then run `hf auth login` (or set "
                               "HF_TOKEN to a read token) and run this again.")
     if isinstance(error, errors.RevisionNotFoundError):
-        return UserError(f"{model.repo_id} has no revision '{model.revision}'.",
+        return UserError(f"{repo.repo_id} has no revision '{repo.revision}'.",
                          hint="Name a branch, tag or commit it has, or leave the @revision out for its default branch.")
     if isinstance(error, errors.RepositoryNotFoundError):
         from qlora_kit.catalog import did_you_mean, model_names
 
-        close = did_you_mean(model.repo_id, model_names(), cutoff=0.5) if what == "model" else ""
-        return UserError(f"There is no {what} {model.repo_id} on the Hugging Face hub that you can see." + close,
+        close = did_you_mean(repo.repo_id, model_names(), cutoff=0.5) if what == "model" else ""
+        return UserError(f"There is no {what} {repo.repo_id} on the Hugging Face hub that you can see." + close,
                          hint=f"Check the name at {page}; a private repo needs `hf auth login` (or HF_TOKEN) with an "
                               "account that can read it.")
     if isinstance(error, errors.RemoteEntryNotFoundError):
-        return UserError(f"{model} lists a file that the hub then does not serve ({error}).",
+        return UserError(f"{repo} lists a file that the hub then does not serve ({error}).",
                          hint="The repo changed while it was read: run the same command again.")
     if unreachable(error):
         return None  # the caller says what the cache holds
     if isinstance(error, errors.HfHubHTTPError):
         status = error.response.status_code if error.response is not None else "an error"
-        return UserError(f"The Hugging Face hub answered {status} for {model}.",
+        return UserError(f"The Hugging Face hub answered {status} for {repo}.",
                          hint="It may be down or limiting requests: try again in a few minutes.")
     return None
 
@@ -148,18 +152,19 @@ class Listing:
     sizes: dict[str, int]  # every file of the repo at that commit, in bytes
 
 
-def list_repo(model: HubModel) -> Listing:
-    """The files of a model repo at a revision, with their sizes (one API call); raises the hub's own errors."""
+def list_repo(repo: HubRepo) -> Listing:
+    """The files of a repo at a revision, with their sizes (one API call); raises the hub's own errors."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
+    ask = HfApi().model_info if repo.kind == "model" else HfApi().dataset_info
+    info = ask(repo.repo_id, revision=repo.revision, files_metadata=True)
     return Listing(info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []})
 
 
-def cached_snapshot(model: HubModel) -> Path | None:
+def cached_snapshot(repo: HubRepo) -> Path | None:
     """The cached snapshot folder for the revision, if the cache has one; complete or not."""
-    storage = _storage(model.repo_id)
-    revision = model.revision or "main"
+    storage = _storage(repo)
+    revision = repo.revision or "main"
     ref = storage / "refs" / revision
     try:
         commit = ref.read_text().strip() if ref.is_file() else revision
@@ -191,64 +196,67 @@ def missing_from(folder: Path) -> list[str]:
 def download_model(name: str, trust_remote_code: bool = False, console=None) -> Path:
     """A local snapshot folder of a hub model with every file a fine-tune reads: the cached one when it is complete,
     else fetched (only what is needed, free disk checked first, interrupted downloads continued)."""
-    model = HubModel.parse(name)
-    cached = cached_snapshot(model)
+    repo = HubRepo.parse(name)
+    cached = cached_snapshot(repo)
     if cached is not None and not missing_from(cached):
         return cached
     listing, failure = None, None
     if not _offline():
         try:
-            listing = list_repo(model)
+            listing = list_repo(repo)
         except Exception as e:
             if not unreachable(e):
-                raise _explain(e, model) or e from None
+                raise _explain(e, repo) or e from None
             failure = e
     if listing is None:
-        raise _not_cached(model, cached, _unreachable_reason(failure))
-    needed = files_a_model_needs(list(listing.sizes), str(model), trust_remote_code)
-    return fetch_files(model, listing, needed, console)
+        raise _not_cached(repo, cached, _unreachable_reason(failure))
+    needed = files_a_model_needs(list(listing.sizes), str(repo), trust_remote_code)
+    return fetch_files(repo, listing, needed, console)
 
 
-def _not_cached(model: HubModel, cached: Path | None, reason: str) -> UserError:
+def _not_cached(repo: HubRepo, cached: Path | None, reason: str) -> UserError:
     if cached is None:
         have = "is not in the local Hugging Face cache"
     else:
         have = f"is only partly in the local Hugging Face cache (missing {', '.join(missing_from(cached)[:3])})"
-    revision = f" --revision {model.revision}" if model.revision else ""
-    elsewhere = f"on a machine with network run `hf download {model.repo_id}{revision}` and copy ~/.cache/huggingface/hub here"
+    revision = f" --revision {repo.revision}" if repo.revision else ""
+    kind = " --repo-type dataset" if repo.kind == "dataset" else ""
+    elsewhere = (f"on a machine with network run `hf download {repo.repo_id}{kind}{revision}` and copy "
+                 "~/.cache/huggingface/hub here")
     fix = f"unset HF_HUB_OFFLINE to download it, or {elsewhere}" if _offline() else elsewhere
-    return UserError(f"{model} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local model folder.")
+    local = "model folder" if repo.kind == "model" else "data file"
+    return UserError(f"{repo} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local {local}.")
 
 
-def fetch_files(model: HubModel, listing: Listing, names: list[str], console=None) -> Path:
+def fetch_files(repo: HubRepo, listing: Listing, names: list[str], console=None) -> Path:
     """Download `names` of the repo at the listing's commit into the Hugging Face cache; the snapshot folder."""
     from huggingface_hub import constants
 
-    snapshot = _storage(model.repo_id) / "snapshots" / listing.commit
+    snapshot = _storage(repo) / "snapshots" / listing.commit
     # config.json first: a gated or broken repo is said before gigabytes are fetched
     to_fetch = sorted((n for n in names if not (snapshot / n).is_file()), key=lambda n: (n != "config.json", n))
-    check_free_disk(Path(constants.HF_HUB_CACHE), sum(listing.sizes.get(n, 0) for n in to_fetch), model)
-    with DownloadProgress(console, model, {n: listing.sizes.get(n, 0) for n in to_fetch}) as progress:
+    check_free_disk(Path(constants.HF_HUB_CACHE), sum(listing.sizes.get(n, 0) for n in to_fetch), repo)
+    with DownloadProgress(console, repo, {n: listing.sizes.get(n, 0) for n in to_fetch}) as progress:
         for file in to_fetch:
             progress.start(file)
             try:
-                fetch_file(model.repo_id, listing.commit, file, progress.bar_class())
+                fetch_file(repo, listing.commit, file, progress.bar_class())
             except KeyboardInterrupt:
-                progress.console.print(f"Download of {model} stopped at {file}: the same command continues it.",
+                progress.console.print(f"Download of {repo} stopped at {file}: the same command continues it.",
                                        highlight=False, markup=False, soft_wrap=True)
                 raise
             except Exception as e:
                 if not unreachable(e):
-                    raise _explain(e, model) or e from None
-                raise UserError(f"The download of {model} stopped at {file}: {_unreachable_reason(e)}.",
+                    raise _explain(e, repo) or e from None
+                raise UserError(f"The download of {repo} stopped at {file}: {_unreachable_reason(e)}.",
                                 hint="Run the same command again when the network is back: it continues where it "
                                      "stopped.") from None
             progress.done(file)
-    _remember_revision(model, listing.commit)
+    _remember_revision(repo, listing.commit)
     return snapshot
 
 
-def fetch_file(repo_id: str, commit: str, name: str, bar_class=None) -> Path:
+def fetch_file(repo: HubRepo, commit: str, name: str, bar_class=None) -> Path:
     """One file of a repo at a commit into the Hugging Face cache, laid out as its client lays it out (the bytes in
     blobs/ under their etag, snapshots/COMMIT/NAME a link to them). What an interrupted try fetched is kept beside the
     blob and the rest asked for with a Range: the hub client itself starts every file again."""
@@ -258,11 +266,11 @@ def fetch_file(repo_id: str, commit: str, name: str, bar_class=None) -> Path:
 
     from qlora_kit.files import only_writer
 
-    storage = _storage(repo_id)
+    storage = _storage(repo)
     link = storage / "snapshots" / commit / name
     if link.is_file():
         return link
-    metadata = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit))
+    metadata = get_hf_file_metadata(hf_hub_url(repo.repo_id, name, revision=commit, repo_type=repo.kind))
     blob = storage / "blobs" / metadata.etag
     if not blob.is_file():
         partial = blob.with_name(blob.name + ".partial")
@@ -283,37 +291,38 @@ def fetch_file(repo_id: str, commit: str, name: str, bar_class=None) -> Path:
     return link
 
 
-def _storage(repo_id: str) -> Path:
+def _storage(repo: HubRepo) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo.repo_id, repo_type=repo.kind)
 
 
-def _remember_revision(model: HubModel, commit: str) -> None:
+def _remember_revision(repo: HubRepo, commit: str) -> None:
     """Point the cache's ref for the revision (main when none was named) at the commit fetched, as the hub client
     does, so the next load finds the snapshot offline by the same name."""
-    revision = model.revision or "main"
+    revision = repo.revision or "main"
     if revision == commit:
         return
-    ref = _storage(model.repo_id) / "refs" / revision
+    from qlora_kit.files import write_atomically
+
+    ref = _storage(repo) / "refs" / revision
     try:
         if not ref.is_file() or ref.read_text() != commit:
             ref.parent.mkdir(parents=True, exist_ok=True)
-            staged = ref.with_name(f".{ref.name}.{os.getpid()}")
-            staged.write_text(commit)
-            os.replace(staged, ref)
+            write_atomically(ref, commit)
     except OSError:
         pass  # the files are cached; the next load lists the repo again
 
 
-def check_free_disk(cache: Path, needed: int, model: HubModel) -> None:
+def check_free_disk(cache: Path, needed: int, repo: HubRepo) -> None:
     """Refuse a download that would not fit on the disk the cache is on, before the first byte."""
-    existing = next(p for p in (cache, *cache.absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    from qlora_kit.files import free_space
+
+    _, free = free_space(cache)
     margin = 256 * 2**20  # the cache's own small files, and room for the system to keep working
     if needed + margin > free:
-        raise UserError(f"{model} needs {needed / 2**30:,.2f} GiB more in {cache}, and that disk has "
+        raise UserError(f"{repo} needs {needed / 2**30:,.2f} GiB more in {cache}, and that disk has "
                         f"{free / 2**30:,.2f} GiB free.",
                         hint="Free space there, or set HF_HOME to a folder on a larger disk and run this again.")
 
@@ -322,11 +331,11 @@ class DownloadProgress:
     """What a download shows: on a terminal, one bar with the file, size, speed and time left; otherwise a plain
     line when it starts and one per file fetched."""
 
-    def __init__(self, console, model: HubModel, sizes: dict[str, int]):
+    def __init__(self, console, repo: HubRepo, sizes: dict[str, int]):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
-        self.model, self.sizes = model, sizes
+        self.repo, self.sizes = repo, sizes
         self.total = sum(self.sizes.values())
         self.live = self.console.is_terminal and not self.console.quiet
         self.started = time.monotonic()
@@ -336,7 +345,7 @@ class DownloadProgress:
     def __enter__(self) -> DownloadProgress:
         if not self.sizes:
             return self
-        self.console.print(f"Downloading {self.model}: {len(self.sizes)} files, {_size(self.total)}",
+        self.console.print(f"Downloading {self.repo}: {len(self.sizes)} files, {_size(self.total)}",
                            highlight=False, markup=False, soft_wrap=True)
         if self.live:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -411,29 +420,108 @@ def fetch_config(name: str) -> dict | None:
 
     from qlora_kit.sources import read_model_config
 
-    model = HubModel.parse(name)
+    repo = HubRepo.parse(name)
     try:
-        path = hf_hub_download(model.repo_id, "config.json", revision=model.revision)
+        path = hf_hub_download(repo.repo_id, "config.json", revision=repo.revision)
     except Exception as e:
         if unreachable(e):
             return None
-        raise _explain(e, model) or e from None
+        raise _explain(e, repo) or e from None
     return read_model_config(Path(path).parent)
 
 
 def download_note(name: str) -> str | None:
     """For `plan`: what training a hub model would download first, from its listing (one API call), or None when
     the cache already holds it or the hub cannot be reached."""
-    model = HubModel.parse(name)
-    cached = cached_snapshot(model)
+    repo = HubRepo.parse(name)
+    cached = cached_snapshot(repo)
     if (cached is not None and not missing_from(cached)) or _offline():
         return None
     try:
-        listing = list_repo(model)
+        listing = list_repo(repo)
     except Exception as e:
         if unreachable(e):
             return None
-        raise _explain(e, model) or e from None
-    needed = files_a_model_needs(list(listing.sizes), str(model))
+        raise _explain(e, repo) or e from None
+    needed = files_a_model_needs(list(listing.sizes), str(repo))
     weights = sum(listing.sizes[n] for n in needed if n.endswith(".safetensors"))
-    return f"{model} is not downloaded yet: training fetches {_size(weights)} of weights (and its tokenizer) first."
+    return f"{repo} is not downloaded yet: training fetches {_size(weights)} of weights (and its tokenizer) first."
+
+
+def is_dataset_name(name: str) -> bool:
+    """Whether --data names a hub dataset (`org/name`, `org/name@revision`, `org/name:file.jsonl`) rather than a
+    local file: the caller has already found no file of that name."""
+    import re
+
+    repo, _, file = str(name).partition(":")
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", repo)) and not repo.startswith((".", "~")) \
+        and not Path(repo.split("@")[0]).suffix in (".jsonl", ".json", ".parquet", ".csv") and (not file or "." in file)
+
+
+def dataset_file(name: str, split: str = "train", config: str | None = None, console=None) -> Path:
+    """A local file holding a hub dataset's examples, which the data reader then reads as any file: one file of the
+    repo (`org/name:path/file.jsonl`), fetched as it is into the Hugging Face cache; or a split of the dataset
+    (`org/name`), loaded by `datasets` and kept as parquet in qlora-kit's cache, named by the data's fingerprint."""
+    repo_name, _, file = name.partition(":")
+    repo = HubRepo.parse(repo_name, "dataset")
+    if file:
+        cached = cached_snapshot(repo)
+        if cached is not None and (cached / file).is_file():
+            return cached / file
+        if _offline():
+            raise _not_cached(repo, None, _unreachable_reason(None))
+        try:
+            listing = list_repo(repo)
+        except Exception as e:
+            if not unreachable(e):
+                raise _explain(e, repo) or e from None
+            raise _not_cached(repo, None, _unreachable_reason(e)) from None
+        if file not in listing.sizes:
+            listed = ", ".join(sorted(n for n in listing.sizes if n.endswith((".jsonl", ".json", ".parquet", ".csv")))[:6])
+            raise UserError(f"The dataset {repo} has no file {file}.", hint=f"Its data files: {listed or 'none'}.")
+        return fetch_files(repo, listing, [file], console) / file
+    return _dataset_split(repo, split, config, console)
+
+
+def _dataset_split(repo: HubRepo, split: str, config: str | None, console) -> Path:
+    from datasets import exceptions, load_dataset
+    from datasets.utils import logging as datasets_logging
+    from rich.console import Console
+
+    datasets_logging.disable_progress_bar()  # its bars per split and per file would bury the status line
+
+    from qlora_kit.sources import cache_dir
+
+    console = console or Console(stderr=True)
+    hint_flags = "--data-config NAME and --data-split NAME"
+    try:
+        with console.status(f"Reading the {split} split of the dataset {repo} ..."):
+            table = load_dataset(repo.repo_id, config, split=split, revision=repo.revision)
+    except exceptions.DatasetNotFoundError as e:
+        page = f"https://huggingface.co/datasets/{repo.repo_id}"
+        if "gated" in str(e):
+            raise UserError(f"{repo.repo_id} is a gated dataset: its authors ask each user to accept their terms before "
+                            "downloading.", hint=f"Open {page}, accept them with your account, then run `hf auth login` "
+                                                 "(or set HF_TOKEN) and run this again.") from None
+        raise UserError(f"There is no dataset {repo} on the Hugging Face hub that you can see (or it is not cached "
+                        "and the hub cannot be reached).",
+                        hint=f"Check the name at {page}; a private one needs `hf auth login`.") from None
+    except ValueError as e:  # an unknown split or config, or a config needed and not named: datasets lists the names
+        raise UserError(f"The dataset {repo}: {str(e).strip().splitlines()[0]}", hint=f"Choose with {hint_flags}.") \
+            from None
+    except ConnectionError as e:
+        raise _not_cached(repo, None, _unreachable_reason(e)) from None
+    folder = cache_dir() / "hub-datasets"
+    file = folder / f"{repo.repo_id.replace('/', '--')}--{config or 'default'}--{split}--{table._fingerprint}.parquet"
+    if not file.is_file():  # written under a private name, then renamed: a kill never leaves half a file
+        import tempfile
+
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".partial", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                table.to_parquet(f)
+            os.replace(staging, file)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+    return file

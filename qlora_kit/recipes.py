@@ -36,8 +36,12 @@ class Recipe:
 
     model: str | None = _setting(None, "base model: local folder, .gguf file, hub id (ORG/NAME or ORG/NAME@REVISION), or smollm2-135m", aliases=("-m",))
     data: str | None = _setting(None, "training data: a .jsonl (or .json, .parquet, .csv) file of examples in one format "
-                                      "(text, prompt/completion, alpaca, chat messages or sharegpt conversations)",
+                                      "(text, prompt/completion, alpaca, chat messages or sharegpt conversations), "
+                                      "or a hub dataset: org/name (its data_split) or org/name:file.jsonl",
                                 aliases=("-d",))
+    data_split: str = _setting("train", "the split of a hub dataset given as data (org/name); a hub dataset given as "
+                                        "eval_data is read from its test split")
+    data_config: str | None = _setting(None, "the configuration (subset) of a hub dataset that has several")
     eval_data: str | None = _setting(None, "held-out data in the same format, evaluated during training")
     eval_fraction: float = _setting(0.0, "without eval_data, hold out this fraction of data for evaluation", low=0.0, high=0.5)
     eval_every: int = _setting(0, "evaluate eval_data every N optimizer steps (and after the last); 0 = only after the last", low=0)

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from qlora_kit import checkpoint
 from qlora_kit.errors import UserError
-from qlora_kit.files import Busy, hold_lock, release_lock, write_atomically
+from qlora_kit.files import Busy, free_space, hold_lock, release_lock, write_atomically
 from qlora_kit.recipes import Recipe, load_recipe
 
 REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
@@ -261,8 +261,7 @@ def remove_staging_leftovers(path: Path) -> None:
 
 def check_free_disk(path: Path, needed: int) -> None:
     """Refuse to start a run whose checkpoints and adapter would not fit on the disk."""
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    existing, free = free_space(path)
     if free < needed:
         raise UserError(f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
                         f"adapter need about {needed / 2**20:,.0f} MiB.",

@@ -187,7 +187,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             tokenizer = load_tokenizer(folder, trust_remote_code)
             training = _setup_data(recipe, loaded, held_out, tokenizer)
             total_steps = count_steps(len(training.examples), recipe, ranks.world)
-            trained_on = fingerprint([recipe.data, recipe.eval_data], folder)
+            trained_on = fingerprint([loaded.path, held_out and held_out.path], folder)  # a hub dataset's file
             if out.resume_from:
                 _check_resume_point(out, recipe, training, total_steps, trained_on, allow_changed_data)
             plan = _setup_plan(plan, out, folder, recipe, training, total_steps, ranks, vram_limit)
@@ -210,8 +210,10 @@ def _read_data(recipe: Recipe) -> tuple[data.Records, data.Records | None]:
     both be named."""
     if not recipe.model or not recipe.data:
         raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
-    loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines)
-    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data") if recipe.eval_data else None
+    loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines, split=recipe.data_split,
+                               config=recipe.data_config)
+    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data", split="test",
+                                 config=recipe.data_config) if recipe.eval_data else None
     return loaded, held_out
 
 

@@ -30,9 +30,14 @@ class HubStandIn:
 
     def add_model(self, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> str:
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-        files.update(extra or {})
+        return self.add_repo(repo_id, {**files, **(extra or {})})
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes]) -> str:
+        return self.add_repo(repo_id, files, "datasets")
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], kind: str = "models") -> str:
         commit = hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
-        self.repos[repo_id] = {"commit": commit, "files": files, "branches": {"main": commit}}
+        self.repos[f"{kind}/{repo_id}"] = {"commit": commit, "files": files, "branches": {"main": commit}}
         return commit
 
     def __enter__(self) -> HubStandIn:
@@ -74,27 +79,67 @@ class HubStandIn:
                     return repo, None
                 return repo, commit
 
-            def answer(self, body: bool) -> None:
+            def do_POST(self):  # paths-info: which of the given paths exist, as the tree lists them
                 path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+                hub.requests.append(("POST", path, None))
+                parts = path.strip("/").split("/")
+                form = urllib.parse.parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                repo, commit = self.repo_and_commit(f"{parts[1]}/{parts[2]}/{parts[3]}", parts[5])
+                if commit is None:
+                    return
+                asked = form.get("paths", [])
+                entries = [e for e in self.tree(repo, "", recursive=True) if e["path"] in asked]
+                self.send_bytes(json.dumps(entries).encode(), "application/json", True)
+
+            def tree(self, repo: dict, under: str, recursive: bool) -> list[dict]:
+                entries, folders = [], set()
+                for name, data in repo["files"].items():
+                    if under and not name.startswith(under + "/"):
+                        continue
+                    rest = name[len(under) + 1:] if under else name
+                    if "/" in rest and not recursive:
+                        folders.add((under + "/" if under else "") + rest.split("/")[0])
+                        continue
+                    if recursive:
+                        parent = name.rsplit("/", 1)[0] if "/" in name else ""
+                        while parent and parent != under:
+                            folders.add(parent)
+                            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+                    entries.append({"type": "file", "path": name, "size": len(data),
+                                    "oid": hashlib.sha1(data).hexdigest()})
+                return [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                        for f in sorted(folders)] + entries
+
+            def answer(self, body: bool) -> None:
+                url = urllib.parse.urlparse(self.path)
+                path = urllib.parse.unquote(url.path)
                 hub.requests.append((self.command, path, self.headers.get("Range")))
                 parts = path.strip("/").split("/")
-                if parts[:2] == ["api", "models"]:
-                    repo_id = "/".join(parts[2:4])
-                    revision = parts[5] if len(parts) > 5 and parts[4] == "revision" else None
-                    repo, commit = self.repo_and_commit(repo_id, revision)
+                if parts[0] == "api" and parts[1:2] in (["models"], ["datasets"]):
+                    kind, repo_id, rest = parts[1], "/".join(parts[2:4]), parts[4:]
+                    revision = rest[1] if rest[:1] in (["revision"], ["tree"]) and len(rest) > 1 else None
+                    repo, commit = self.repo_and_commit(f"{kind}/{repo_id}", revision)
                     if commit is None:
                         return
+                    if rest[:1] == ["tree"]:
+                        recursive = "recursive=true" in url.query.lower() or "recursive=1" in url.query
+                        listed = self.tree(repo, "/".join(rest[2:]), recursive)
+                        self.send_bytes(json.dumps(listed).encode(), "application/json", body)
+                        return
                     siblings = [{"rfilename": name, "size": len(data)} for name, data in repo["files"].items()]
-                    info = {"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False,
-                            "gated": "manual" if repo_id in hub.gated else False}
+                    info = {"id": repo_id, "sha": commit, "siblings": siblings, "private": False,
+                            "gated": "manual" if repo_id in hub.gated else False, "lastModified": "2026-01-01T00:00:00.000Z"}
                     self.send_bytes(json.dumps(info).encode(), "application/json", body)
-                elif len(parts) >= 5 and parts[2] == "resolve":
+                    return
+                kind = "datasets" if parts[0] == "datasets" else "models"
+                parts = parts[1:] if kind == "datasets" else parts
+                if len(parts) >= 5 and parts[2] == "resolve":
                     repo_id, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-                    repo, commit = self.repo_and_commit(repo_id, revision)
+                    repo, commit = self.repo_and_commit(f"{kind}/{repo_id}", revision)
                     if commit is None:
                         return
                     if repo_id in hub.gated and not self.headers.get("Authorization"):
-                        self.fail(401, "GatedRepo", f"Access to model {repo_id} is restricted.")
+                        self.fail(401, "GatedRepo", f"Access to {kind[:-1]} {repo_id} is restricted.")
                         return
                     if name not in repo["files"]:
                         self.fail(404, "EntryNotFound", "Entry not found")

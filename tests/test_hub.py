@@ -3,7 +3,9 @@ huggingface_hub client talks to: exactly the files a model needs, gated/missing/
 the free disk checked first, an interrupted download continued, plan from config.json alone."""
 
 import json
+import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +104,7 @@ def test_a_hub_model_is_fetched_once_with_its_chat_template_and_found_offline_af
 
 
 def test_a_revision_is_fetched_by_name_and_an_unknown_one_is_said(stand_in):
-    commit = stand_in.repos["org/tiny-qwen3"]["commit"]
+    commit = stand_in.repos["models/org/tiny-qwen3"]["commit"]
     assert resolve_model(f"org/tiny-qwen3@{commit}").name == commit
     with pytest.raises(UserError, match="org/tiny-qwen3 has no revision 'v9'") as refused:
         resolve_model("org/tiny-qwen3@v9")
@@ -204,6 +206,71 @@ def test_plan_says_what_training_would_download_first(stand_in, monkeypatch, cap
     from tests.test_cli import run_cli
 
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", "org/tiny-qwen3", "--vram", "8")
-    weights = len(stand_in.repos["org/tiny-qwen3"]["files"]["model.safetensors"])
+    weights = len(stand_in.repos["models/org/tiny-qwen3"]["files"]["model.safetensors"])
     assert code == 0 and f"training fetches {weights / 1e3:.1f} kB of weights" in out.replace("\n", ""), out + err
     assert fetched(stand_in) == {"config.json"}
+
+
+DATASET_PROBE = """
+import json, sys
+from qlora_kit.data import read_records
+from qlora_kit.errors import UserError
+for name, split in json.loads(sys.argv[1]):
+    try:
+        loaded = read_records(name, split=split)
+        print(json.dumps({"format": loaded.format, "n": len(loaded.records), "where": loaded.where[:2],
+                          "path": str(loaded.path)}))
+    except UserError as e:
+        print(json.dumps({"error": e.message, "hint": e.hint}))
+"""
+
+
+def test_hub_datasets_are_read_as_files_with_their_rows_and_lines(tmp_path):
+    """--data org/name (a split, through `datasets`) and org/name:file.jsonl (one file, line numbers kept), gated and
+    missing datasets in one sentence, all through the real clients over HTTP from a clean HF_HOME."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    lines = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    with HubStandIn() as server:
+        server.add_dataset("org/pirate", {"data/train.jsonl": lines, "data/test.jsonl": lines[:lines.index(b"\n") + 1],
+                                          "README.md": b"# pirate chats"})
+        server.add_dataset("org/broken", {"train.jsonl": lines + b"{oops\n"})
+        server.add_dataset("org/gated", {"train.jsonl": lines})
+        server.gated.add("org/gated")
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+               "PYTHONPATH": str(ROOT), "QLORA_KIT_CACHE": str(tmp_path / "cache")}
+        cases = [["org/pirate", "train"], ["org/pirate", "test"], ["org/pirate", "validation"],
+                 ["org/pirate:data/train.jsonl", "train"], ["org/broken:train.jsonl", "train"],
+                 ["org/pirate:nothing.jsonl", "train"], ["org/gated:train.jsonl", "train"], ["org/nowhere", "train"]]
+        probe = subprocess.run([sys.executable, "-c", DATASET_PROBE, json.dumps(cases)], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+        model = save_tiny_model(tmp_path / "tiny", "llama")
+        trained = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--model", str(model), "--data",
+                                  "org/pirate", "--eval-data", "org/pirate", "--out", "runs/x", "--steps", "2",
+                                  "--checkpoint-every", "1", "--rank", "4", "--plain"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert trained.returncode == 0 and "examples/s" not in trained.stderr, trained.stderr  # no library bars
+        import yaml
+
+        recipe = yaml.safe_load((tmp_path / "runs/x/recipe.yaml").read_text())
+        assert recipe["data"] == "org/pirate" and recipe["data_split"] == "train"
+        shutil.rmtree(tmp_path / "runs/x/checkpoints/step-2")  # as if killed after the first checkpoint
+        server.add_dataset("org/pirate", {"data/train.jsonl": b"".join(sorted(lines.splitlines(keepends=True))[::-1]),
+                                          "data/test.jsonl": lines})  # the dataset changed on the hub since
+        resumed = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--out", "runs/x", "--resume"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 1 and "Traceback" not in resumed.stderr, resumed.stderr
+        assert resumed.stderr.startswith("Error: The data file's content changed since the checkpoint") \
+            and "--allow-changed-data" in resumed.stderr, resumed.stderr  # and nothing else on the screen
+    assert probe.returncode == 0, probe.stderr
+    split, test, unknown, file, broken, missing_file, gated, missing = map(json.loads, probe.stdout.splitlines())
+    assert split["format"] == "chat" and split["n"] == 6 and split["where"] == ["row 1", "row 2"]
+    assert split["path"].startswith(str(tmp_path / "cache" / "hub-datasets"))  # kept as parquet, named by its data
+    assert test["n"] == 1
+    assert "validation" in unknown["error"] and "--data-split" in unknown["hint"]
+    assert file["n"] == 6 and file["where"] == ["line 1", "line 2"] and "/snapshots/" in file["path"]
+    assert re.search(r"train.jsonl has 1 bad example: line 7: not valid JSON", broken["error"])
+    assert missing_file["error"] == "The dataset org/pirate has no file nothing.jsonl." \
+        and "data/train.jsonl" in missing_file["hint"]
+    assert gated["error"].startswith("org/gated is a gated dataset") and "hf auth login" in gated["hint"]
+    assert missing["error"].startswith("There is no dataset org/nowhere on the Hugging Face hub")
