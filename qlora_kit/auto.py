@@ -245,9 +245,10 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
 def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
              gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
              gpus: int = 1, steps: int | None = None, epochs: float | None = None, data_split: str = "train",
-             data_config: str | None = None, **lora):
+             data_config: str | None = None, report_to: list[str] | None = None, **lora):
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
-    passes over the data when given (else the recipe's); data_split and data_config choose a hub dataset's part.
+    passes over the data when given (else the recipe's); data_split and data_config choose a hub dataset's part;
+    report_to: the trackers the steps also go to.
     lora: the settings the user chose for what is learned
     (method, beta, target_modules, use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and
     keeps; preference data without a method trains with DPO."""
@@ -303,7 +304,7 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
             console.print(f"DPO reference: {describe_reference(plan['reference'])}")
         return choice
     return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
-                        trust_remote_code=trust_remote_code, plan=plan)
+                        trust_remote_code=trust_remote_code, plan=plan, report_to=report_to)
 
 
 def _reference_forwards(recipe: Recipe, examples: int, world: int) -> tuple[int, int] | None:

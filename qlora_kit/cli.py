@@ -47,6 +47,8 @@ def _quiet_libraries() -> None:
 NAME = typer.Option(None, "--name", help="Run name: the run goes to runs/NAME (letters, digits, . _ -).", show_default=False)
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint, exactly where it stopped.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Start again in a run folder that holds a run, deleting that run's files.")
+REPORT_TO = typer.Option(None, "--report-to", metavar="TRACKER[,TRACKER]", help="Also log each step to tensorboard, wandb, trackio or mlflow "
+                         "(each an extra: pip install \"qlora-kit[wandb]\"); several: --report-to tensorboard,wandb.")
 GPUS = typer.Option(1, "--gpus", min=1, help="Train data parallel on this many GPUs (one process each, through torchrun).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
                                  help="Allow a model's own Python code (from its folder or the hub) to run. Off by default: only for sources you trust.")
@@ -139,6 +141,7 @@ def train(
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     gpus: int = GPUS,
     vram_limit: Optional[float] = VRAM_LIMIT,
+    report_to: Optional[list[str]] = REPORT_TO,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
@@ -146,8 +149,10 @@ def train(
     """Fine-tune a 4-bit base model with LoRA. Writes runs/NAME/adapter; --resume continues a stopped run."""
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.run_folder import recipe_of_run
+    from qlora_kit.trackers import parse_report_to
     from qlora_kit.train import run_training
 
+    trackers = parse_report_to(report_to)
     if resume and settings.get("init_adapter"):
         raise UserError("--from-adapter starts a new run from an adapter's weights; --resume continues this run from "
                         "its own checkpoints.", hint="Use one: --resume with only --out, or --from-adapter with a new --out.")
@@ -157,7 +162,7 @@ def train(
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(with_overrides(base, **settings), out, run_console, display=mode, resume=resume,
                            overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data,
-                           force=force, vram_limit=vram_limit)
+                           force=force, vram_limit=vram_limit, report_to=trackers)
     print_summary(summary)
 
 
@@ -471,6 +476,7 @@ def auto(
     gpu: Optional[str] = typer.Option(None, "--gpu", help='Choose for a catalogued card instead of this machine\'s: with '
                                       '--dry-run, to see the choice; on a larger GPU, a run held to that card\'s memory.'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
+    report_to: Optional[list[str]] = REPORT_TO,
     plain: bool = PLAIN,
     quiet: bool = QUIET,
     settings: dict = None,
@@ -478,18 +484,21 @@ def auto(
     """Choose settings for this card and data, then train. Probes, plans, picks and tunes a recipe, and explains it."""
     from qlora_kit.auto import run_auto
     from qlora_kit.run_folder import recipe_of_run
+    from qlora_kit.trackers import parse_report_to
     from qlora_kit.train import run_training
 
+    trackers = parse_report_to(report_to)
     if not dry_run:
         _launch_if_several(gpus)
     run_console, mode = _run_console(plain, quiet)
     if resume:  # the choice was made and saved when the run started: continue it as it is
         out = _run_dir(out, name)
-        print_summary(run_training(recipe_of_run(out), out, run_console, mode, resume=True, trust_remote_code=trust_remote_code))
+        print_summary(run_training(recipe_of_run(out), out, run_console, mode, resume=True,
+                                   trust_remote_code=trust_remote_code, report_to=trackers))
         return
     out = _run_dir(out, name, default="auto")
     summary = run_auto(model, data, out, run_console, vram_limit=vram_limit, gpu=gpu, dry_run=dry_run, display=mode,
-                       trust_remote_code=trust_remote_code, gpus=gpus, **settings)
+                       trust_remote_code=trust_remote_code, gpus=gpus, report_to=trackers, **settings)
     if not dry_run:
         print_summary(summary)
 
@@ -556,6 +565,24 @@ def report(
         console.print(summary_table(run))
     if png:
         console.print(f"Plot written to {printable(write_png(loaded, png))}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def push(
+    run: Path = typer.Argument(..., help="A run folder, e.g. runs/first (its adapter is what goes up)."),
+    repo: str = typer.Option(..., "--repo", help="The hub repo to push to, USER/NAME or ORG/NAME; made if it does not exist."),
+    private: bool = typer.Option(False, "--private", help="Make the repo private when it is created."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also push the run's GGUF exports and its Ollama Modelfile."),
+    checkpoints: bool = typer.Option(False, "--checkpoints", help="Also push checkpoints/ (optimizer state included: large)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base's hub id, ORG/NAME, for an adapter trained on a local folder (the card and adapter_config.json name it)."),
+) -> None:
+    """Upload a run's adapter to the Hugging Face hub with a card (base, data, loss, memory, how to load it). Only the
+    adapter folder's own files unless asked; pushing again updates what changed. Needs `hf auth login` (write)."""
+    from qlora_kit.dashboard import printable
+    from qlora_kit.push import push_run
+
+    url = push_run(run, repo, private, gguf, checkpoints, base, console)
+    console.print(f"Pushed to {printable(url)}", highlight=False, markup=False, soft_wrap=True)
 
 
 data_app = typer.Typer(help="Inspect training data before training on it.", no_args_is_help=True, rich_markup_mode=None)

@@ -20,12 +20,14 @@ from qlora_kit.errors import UserError
 # What transformers reads to load a causal LM and its tokenizer, at the top of the repo. Weights come separately:
 # every top-level *.safetensors but Mistral's consolidated copy; never original/ or metal/ (Llama 3 and gpt-oss keep
 # a second copy of the weights there) nor .bin/.pt/.gguf duplicates.
-MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors.index.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "*.model", "*.tiktoken", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
-               "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "*.model", "*.tiktoken", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors.index.json", *TOKENIZER_FILES)
 CHAT_TEMPLATES_FOLDER = "additional_chat_templates/"  # transformers 5 reads named templates from there
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "base_model.json")  # and the tokenizer's
+LOCAL = {"model": "model folder", "dataset": "data file", "adapter": "adapter folder"}  # what to pass instead
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,12 @@ class HubRepo:
 
     repo_id: str
     revision: str | None = None
-    kind: str = "model"
+    kind: str = "model"  # or "dataset", "adapter" (a model repo holding a PEFT adapter)
+
+    @property
+    def repo_type(self) -> str:
+        """The hub's repo type: adapters live in model repos."""
+        return "dataset" if self.kind == "dataset" else "model"
 
     @classmethod
     def parse(cls, name: str, kind: str = "model") -> HubRepo:
@@ -47,7 +54,7 @@ class HubRepo:
             validate_repo_id(repo_id)
         except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
             raise UserError(f"No {kind} found at {name}, and it is not a valid hub id.",
-                            hint=f"Pass a local {'model folder' if kind == 'model' else 'data file'}, or a hub id "
+                            hint=f"Pass a local {LOCAL[kind]}, or a hub id "
                                  f"such as {'google/gemma-2b' if kind == 'model' else 'org/name'}.") from None
         return cls(repo_id, revision or None, kind)
 
@@ -134,6 +141,27 @@ def unreachable(error: Exception) -> bool:
     return False
 
 
+def explain_upload_error(error: Exception, repo: HubRepo) -> UserError | None:
+    """One sentence for what the hub answered a push: no token or one that may not write there, or as _explain."""
+    errors = _hub_errors()
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, errors.HfHubHTTPError) and status in (401, 403):
+        why = "your token may not write to it" if _has_token() else "you are not logged in"
+        return UserError(f"The hub refused the push to {repo.repo_id}: {why}.",
+                         hint="Run `hf auth login` with a token that has write access (or set HF_TOKEN to one); to push "
+                              "under an organization, your account must be allowed to write there.")
+    if unreachable(error):
+        return UserError(f"The push to {repo.repo_id} did not reach the hub ({_unreachable_reason(error)}).",
+                         hint="Run the same command again when the network is back: large files the hub already "
+                              "holds are not sent again.")
+    if isinstance(error, errors.HfHubHTTPError) and not isinstance(error, errors.RepositoryNotFoundError):
+        return UserError(f"The Hugging Face hub answered {status or 'an error'} to the push to {repo.repo_id}, so "
+                         "nothing changed there.",
+                         hint="It may be down or limiting requests: run the same command again in a few minutes; "
+                              "large files it already holds are not sent again.")
+    return _explain(error, repo)
+
+
 def _has_token() -> bool:
     from huggingface_hub import get_token
 
@@ -156,7 +184,7 @@ def list_repo(repo: HubRepo) -> Listing:
     """The files of a repo at a revision, with their sizes (one API call); raises the hub's own errors."""
     from huggingface_hub import HfApi
 
-    ask = HfApi().model_info if repo.kind == "model" else HfApi().dataset_info
+    ask = HfApi().model_info if repo.repo_type == "model" else HfApi().dataset_info
     info = ask(repo.repo_id, revision=repo.revision, files_metadata=True)
     return Listing(info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []})
 
@@ -196,9 +224,37 @@ def missing_from(folder: Path) -> list[str]:
 def download_model(name: str, trust_remote_code: bool = False, console=None) -> Path:
     """A local snapshot folder of a hub model with every file a fine-tune reads: the cached one when it is complete,
     else fetched (only what is needed, free disk checked first, interrupted downloads continued)."""
-    repo = HubRepo.parse(name)
+    return _download(HubRepo.parse(name), lambda files, repo: files_a_model_needs(files, repo, trust_remote_code),
+                     missing_from, console)
+
+
+def files_an_adapter_needs(files: list[str], repo: str = "this repo") -> list[str]:
+    """The files of an adapter repo that loading it reads: its config and safetensors weights, the base it was
+    trained on (base_model.json) and the tokenizer and chat template saved beside it."""
+    if "adapter_config.json" not in files:
+        raise UserError(f"{repo} holds no adapter_config.json, so it is not a PEFT adapter.",
+                        hint="A whole model goes to --model; --adapter takes an adapter's folder or hub repo.")
+    if "adapter_model.safetensors" not in files:
+        raise UserError(f"{repo} keeps its adapter weights only as a pickled file, which can run code when loaded; "
+                        "qlora-kit reads adapters only as safetensors.",
+                        hint="Convert it once with PEFT where you trust it: save_pretrained(safe_serialization=True).")
+    return [name for name in files if "/" not in name
+            and (name in ADAPTER_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES))]
+
+
+def missing_from_adapter(folder: Path) -> list[str]:
+    """What a cached adapter snapshot lacks for a load."""
+    return [name for name in ADAPTER_FILES[:2] if not (folder / name).is_file()]
+
+
+def download_adapter(name: str, console=None) -> Path:
+    """A local snapshot folder of an adapter repo on the hub (a few MB): the cached one when complete, else fetched."""
+    return _download(HubRepo.parse(name, "adapter"), files_an_adapter_needs, missing_from_adapter, console)
+
+
+def _download(repo: HubRepo, pick, missing, console) -> Path:
     cached = cached_snapshot(repo)
-    if cached is not None and not missing_from(cached):
+    if cached is not None and not missing(cached):
         return cached
     listing, failure = None, None
     if not _offline():
@@ -209,23 +265,21 @@ def download_model(name: str, trust_remote_code: bool = False, console=None) -> 
                 raise _explain(e, repo) or e from None
             failure = e
     if listing is None:
-        raise _not_cached(repo, cached, _unreachable_reason(failure))
-    needed = files_a_model_needs(list(listing.sizes), str(repo), trust_remote_code)
-    return fetch_files(repo, listing, needed, console)
+        raise _not_cached(repo, cached, _unreachable_reason(failure), missing)
+    return fetch_files(repo, listing, pick(list(listing.sizes), str(repo)), console)
 
 
-def _not_cached(repo: HubRepo, cached: Path | None, reason: str) -> UserError:
+def _not_cached(repo: HubRepo, cached: Path | None, reason: str, missing=missing_from) -> UserError:
     if cached is None:
         have = "is not in the local Hugging Face cache"
     else:
-        have = f"is only partly in the local Hugging Face cache (missing {', '.join(missing_from(cached)[:3])})"
+        have = f"is only partly in the local Hugging Face cache (missing {', '.join(missing(cached)[:3])})"
     revision = f" --revision {repo.revision}" if repo.revision else ""
     kind = " --repo-type dataset" if repo.kind == "dataset" else ""
     elsewhere = (f"on a machine with network run `hf download {repo.repo_id}{kind}{revision}` and copy "
                  "~/.cache/huggingface/hub here")
     fix = f"unset HF_HUB_OFFLINE to download it, or {elsewhere}" if _offline() else elsewhere
-    local = "model folder" if repo.kind == "model" else "data file"
-    return UserError(f"{repo} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local {local}.")
+    return UserError(f"{repo} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local {LOCAL[repo.kind]}.")
 
 
 def fetch_files(repo: HubRepo, listing: Listing, names: list[str], console=None) -> Path:
@@ -270,7 +324,7 @@ def fetch_file(repo: HubRepo, commit: str, name: str, bar_class=None) -> Path:
     link = storage / "snapshots" / commit / name
     if link.is_file():
         return link
-    metadata = get_hf_file_metadata(hf_hub_url(repo.repo_id, name, revision=commit, repo_type=repo.kind))
+    metadata = get_hf_file_metadata(hf_hub_url(repo.repo_id, name, revision=commit, repo_type=repo.repo_type))
     blob = storage / "blobs" / metadata.etag
     if not blob.is_file():
         partial = blob.with_name(blob.name + ".partial")
@@ -295,7 +349,7 @@ def _storage(repo: HubRepo) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo.repo_id, repo_type=repo.kind)
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo.repo_id, repo_type=repo.repo_type)
 
 
 def _remember_revision(repo: HubRepo, commit: str) -> None:

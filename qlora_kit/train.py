@@ -38,6 +38,7 @@ from qlora_kit.recipes import Recipe, optimizer_in_use
 from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, absolute_paths, check_fingerprint, check_free_disk,
                                  check_same_settings, fingerprint, open_run_folder)
 from qlora_kit.sources import describe_source, model_identity, resolve_model
+from qlora_kit.trackers import Trackers, recorded_trackers
 
 GIB = 2**30
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
@@ -105,6 +106,7 @@ class Run:
     ranks: Ranks
     total_steps: int
     trained_on: dict  # run_folder.fingerprint of the data and base model
+    report_to: list = field(default_factory=list)  # trackers.TRACKERS the steps also go to
 
 
 @dataclass
@@ -124,6 +126,7 @@ class RunRecord:
     step_downs: list[str] = field(default_factory=list)
     rewards: dict = field(default_factory=dict)  # a preference run's last reward figures (and its last eval's)
     started: float = field(default_factory=time.perf_counter)
+    trackers: Trackers | None = None  # --report-to
 
     def add(self, m: dict) -> None:
         """Count one step's line (a new one or, when resuming, an earlier one)."""
@@ -140,6 +143,8 @@ class RunRecord:
         m["time_s"] = time.perf_counter() - self.started
         self.add(m)
         self.write(m)
+        if self.trackers:
+            self.trackers.log(m)
         self.dashboard.step(m)
 
     def step_down(self, event: dict) -> None:
@@ -157,11 +162,13 @@ class RunRecord:
 
 def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto", resume: bool = False,
                  overwrite: bool = False, trust_remote_code: bool = False, plan: dict | None = None,
-                 allow_changed_data: bool = False, force: bool = False, vram_limit: float | None = None) -> RunSummary:
+                 allow_changed_data: bool = False, force: bool = False, vram_limit: float | None = None,
+                 report_to: list[str] | None = None) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
     (auto's), written as the run's plan.json; without it the run plans for this machine itself, capped at
-    vram_limit GB of its GPU when given. force: start a CPU run its plan says cannot fit."""
+    vram_limit GB of its GPU when given. force: start a CPU run its plan says cannot fit. report_to: trackers the
+    steps also go to (a resume without it goes on with those the run used)."""
     if vram_limit is not None:
         check_vram_limit(vram_limit)
     recipe = settings_from_adapter(recipe)  # before recipe.yaml is written: it records what the adapter fixed
@@ -197,7 +204,8 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                               "less the CUDA context; past it the run steps down.")
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
         setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), base,
-                    device, dtype, ranks, total_steps, trained_on)
+                    device, dtype, ranks, total_steps, trained_on,
+                    report_to=report_to or (recorded_trackers(out.path) if out.resume_from else []))
         _report_setup(setup, console)
         record, stopped = _fit(setup, console, display)
         return _finish(setup, record, stopped, console)
@@ -349,33 +357,61 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
     needed = checkpoint.checkpoint_bytes(trainable, optimizer_in_use(recipe, device.type)) * (recipe.keep_checkpoints + 1)
     distributed.on_main(lambda: check_free_disk(run.path, needed + trainable * 4 + 64 * 2**20), ranks)
     history = distributed.on_main(lambda: run.start(recipe, setup.plan), ranks)
-    if (setup.plan.get("reference") or {}).get("mode") == "precomputed":
-        _precompute_reference(setup, console)
-    record = RunRecord(device.type, MetricsLog(run.metrics_path if ranks.main else None))
-    for line in history:
-        record.add(line)
-    info = RunInfo(run.path.name, recipe.model, device.type, setup.total_steps, setup.plan["target"]["capacity_bytes"] / GIB,
-                   setup.plan["plan"]["total_bytes"] / GIB)
-    stopped = None
-    with Dashboard(console, info, display) as dashboard, StopOnSignal(dashboard, lambda: _stopped_at_once(setup)) as signals:
-        record.dashboard = dashboard
-        if run.resume_from:
-            dashboard.note(f"Resuming from {run.resume_from.name}: steps 1-{len(history)} are done.")
-        try:
-            train_loop(setup.model, setup.training.examples, recipe, total_steps=setup.total_steps,
-                       pad_id=setup.tokenizer.pad_token_id, device=device, dtype=setup.dtype, on_step=record.step,
-                       on_event=record.step_down, console=console, save=CheckpointWriter(setup, dashboard),
-                       resume_from=run.resume_from, stop_requested=lambda: signals.received, ranks=ranks,
-                       eval_examples=setup.training.eval_examples, trained_on=setup.trained_on)
-        except (Stopped, UserError) as stop:
-            stopped = stop  # keep what was learned: the adapter of the last finished step is saved after this
-        except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
-            dashboard.stop()  # the message below goes under the last frame, not above a frame drawn again
-            console.print(_stopped_at_once(setup), markup=False)
-            raise
-        finally:
-            record.metrics.close()
+    trackers = _open_trackers(setup, len(history), console)
+    try:
+        if (setup.plan.get("reference") or {}).get("mode") == "precomputed":
+            _precompute_reference(setup, console)
+        record = RunRecord(device.type, MetricsLog(run.metrics_path if ranks.main else None), trackers=trackers)
+        for line in history:
+            record.add(line)
+        info = RunInfo(run.path.name, recipe.model, device.type, setup.total_steps,
+                       setup.plan["target"]["capacity_bytes"] / GIB, setup.plan["plan"]["total_bytes"] / GIB)
+        stopped = None
+        with Dashboard(console, info, display) as dashboard, StopOnSignal(dashboard, lambda: _stopped_at_once(setup)) as signals:
+            record.dashboard = dashboard
+            if trackers:
+                trackers.warn = dashboard.note
+            if run.resume_from:
+                dashboard.note(f"Resuming from {run.resume_from.name}: steps 1-{len(history)} are done.")
+            try:
+                train_loop(setup.model, setup.training.examples, recipe, total_steps=setup.total_steps,
+                           pad_id=setup.tokenizer.pad_token_id, device=device, dtype=setup.dtype, on_step=record.step,
+                           on_event=record.step_down, console=console, save=CheckpointWriter(setup, dashboard),
+                           resume_from=run.resume_from, stop_requested=lambda: signals.received, ranks=ranks,
+                           eval_examples=setup.training.eval_examples, trained_on=setup.trained_on)
+            except (Stopped, UserError) as stop:
+                stopped = stop  # keep what was learned: the adapter of the last finished step is saved after this
+            except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
+                dashboard.stop()  # the message below goes under the last frame, not above a frame drawn again
+                console.print(_stopped_at_once(setup), markup=False)
+                raise
+            finally:
+                record.metrics.close()
+    finally:
+        if trackers:
+            trackers.close()
     return record, stopped
+
+
+def _open_trackers(setup: Run, steps_done: int, console: Console) -> Trackers | None:
+    """The --report-to trackers, opened by rank 0 before anything slow; one that will not open stops the run in one
+    sentence, taking back what the run had written so that the same command can run again."""
+    opened = []
+
+    def open_them() -> None:
+        config = {**dataclasses.asdict(setup.recipe), "base_model": setup.base_id, "device": setup.device.type,
+                  "planned_gib": setup.plan["plan"]["total_bytes"] / GIB}
+        try:
+            opened.append(Trackers(setup.folder.path, setup.report_to, config, config["planned_gib"], steps_done))
+        except UserError:
+            setup.folder.unstart()
+            raise
+        for where in opened[0].where:
+            console.print(where, highlight=False, markup=False, soft_wrap=True)
+
+    if setup.report_to:
+        distributed.on_main(open_them, setup.ranks)
+    return opened[0] if opened else None
 
 
 def _precompute_reference(setup: Run, console: Console) -> None:

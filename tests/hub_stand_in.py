@@ -1,11 +1,15 @@
-"""A local stand-in for the Hugging Face hub's download API, enough for huggingface_hub's own client (pointed at it
-through HF_ENDPOINT, or its constants in-process): model info with file sizes, file metadata (HEAD) and bytes
-(GET, with Range for a continued download), gated and missing repos answered as the hub answers them.
+"""A local stand-in for the Hugging Face hub's API, enough for huggingface_hub's own client (pointed at it through
+HF_ENDPOINT, or its constants in-process): model and dataset info with file sizes, trees, file metadata (HEAD) and
+bytes (GET, with Range for a continued download), gated and missing repos answered as the hub answers them; and
+uploads as the client makes them without Xet (HF_HUB_DISABLE_XET=1): repo creation, preupload, the LFS batch API
+with basic transfers (an object already stored needs no upload), and commits. Writing needs the token
+`hub.write_token`.
 
     with HubStandIn() as hub:
         hub.add_model("org/tiny", folder)         # every file under folder, at one commit
         hub.gated.add("org/tiny")                # 401 GatedRepo for files without a token
         hub.requests                             # (method, path, Range header) of each request
+        hub.commits                              # what each push (create_commit, LFS upload) changed
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ class HubStandIn:
         self.gated: set[str] = set()
         self.requests: list[tuple[str, str, str | None]] = []
         self.stall_after: dict[str, int] = {}  # file name -> bytes sent before the server stops sending (a cut)
+        self.lfs: dict[str, bytes] = {}  # uploaded large files by sha256
+        self.commits: list[tuple[str, list[str]]] = []  # (repo, files added or changed) of each commit pushed
+        self.private: dict[str, bool] = {}
+        self.failing_commits = 0  # commits answered 503 (after their large files were uploaded): a push cut short
+        self.write_token = "hf_writer"
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -79,11 +88,98 @@ class HubStandIn:
                     return repo, None
                 return repo, commit
 
-            def do_POST(self):  # paths-info: which of the given paths exist, as the tree lists them
+            def body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_PUT(self):  # the bytes of an LFS object, where the batch answer said to send them
+                path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+                hub.requests.append(("PUT", path, None))
+                hub.lfs[path.rsplit("/", 1)[1]] = self.body()
+                self.send_bytes(b"", "text/plain", True)
+
+            def do_POST(self):
                 path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
                 hub.requests.append(("POST", path, None))
                 parts = path.strip("/").split("/")
-                form = urllib.parse.parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                if path == "/api/repos/create":
+                    self.create_repo(json.loads(self.body()))
+                elif path == "/api/validate-yaml":  # the client checks a README's front matter before a commit
+                    self.body()
+                    self.send_bytes(b'{"errors": [], "warnings": []}', "application/json", True)
+                elif path.endswith(".git/info/lfs/objects/batch"):
+                    self.lfs_batch(json.loads(self.body()))
+                elif len(parts) > 5 and parts[4] in ("preupload", "commit"):
+                    if not self.may_write():
+                        return
+                    kind, repo_id = parts[1], f"{parts[2]}/{parts[3]}"
+                    if parts[4] == "preupload":
+                        self.preupload(json.loads(self.body()))
+                    elif hub.failing_commits:
+                        hub.failing_commits -= 1
+                        self.body()
+                        self.fail(503, "", "Service Unavailable")
+                    else:
+                        self.commit(f"{kind}/{repo_id}", self.body())
+                else:
+                    self.paths_info(parts)
+
+            def may_write(self) -> bool:
+                if self.headers.get("Authorization") != f"Bearer {hub.write_token}":
+                    self.fail(401, "", "Invalid credentials in Authorization header")
+                    return False
+                return True
+
+            def create_repo(self, asked: dict) -> None:
+                if not self.may_write():
+                    return
+                key = f"{asked.get('type') or 'model'}s/{asked['organization']}/{asked['name']}"
+                url = json.dumps({"url": f"{hub.url}/{key}"}).encode()
+                if key in hub.repos:  # the hub's 409 carries the url too; the client reads it with exist_ok
+                    self.send_response(409)
+                    self.send_header("X-Error-Message", "You already created this model repo")
+                    self.send_header("Content-Length", str(len(url)))
+                    self.end_headers()
+                    self.wfile.write(url)
+                    return
+                hub.add_repo(f"{asked['organization']}/{asked['name']}", {}, key.split("/")[0])
+                hub.private[key] = asked.get("visibility") == "private" or bool(asked.get("private"))
+                self.send_bytes(url, "application/json", True)
+
+            def preupload(self, asked: dict) -> None:
+                modes = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".gguf"))
+                          or f["size"] > 10 * 2**20 else "regular", "shouldIgnore": False} for f in asked["files"]]
+                self.send_bytes(json.dumps({"files": modes}).encode(), "application/json", True)
+
+            def lfs_batch(self, asked: dict) -> None:  # objects the store already holds need no upload: a resume
+                objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
+                            **({} if o["oid"] in hub.lfs else
+                               {"actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}})}
+                           for o in asked["objects"]]
+                self.send_bytes(json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                                "application/vnd.git-lfs+json", True)
+
+            def commit(self, key: str, payload: bytes) -> None:
+                import base64
+
+                repo = hub.repos[key]
+                files = dict(repo["files"])
+                for line in payload.splitlines():
+                    item = json.loads(line)
+                    value = item["value"]
+                    if item["key"] == "file":
+                        files[value["path"]] = base64.b64decode(value["content"])
+                    elif item["key"] == "lfsFile":
+                        files[value["path"]] = hub.lfs[value["oid"]]
+                    elif item["key"] == "deletedFile":
+                        files.pop(value["path"], None)
+                hub.commits.append((key, sorted(set(files) - set(repo["files"]) | {
+                    n for n in files if n in repo["files"] and files[n] != repo["files"][n]})))
+                commit = hub.add_repo(key.split("/", 1)[1], files, key.split("/")[0])
+                answer = {"commitUrl": f"{hub.url}/{key}/commit/{commit}", "commitOid": commit}
+                self.send_bytes(json.dumps(answer).encode(), "application/json", True)
+
+            def paths_info(self, parts: list[str]) -> None:  # which of the given paths exist, as the tree lists them
+                form = urllib.parse.parse_qs(self.body().decode())
                 repo, commit = self.repo_and_commit(f"{parts[1]}/{parts[2]}/{parts[3]}", parts[5])
                 if commit is None:
                     return

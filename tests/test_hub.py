@@ -127,6 +127,32 @@ def test_a_missing_repo_is_not_called_a_cache_problem(stand_in):
         resolve_model("google/gema-2b")
 
 
+def test_an_adapter_on_the_hub_is_named_as_a_folder_is(stand_in, tmp_path, monkeypatch):
+    """--adapter ORG/NAME fetches the adapter repo's own files; a path whose first folder is here stays a path, and
+    a model repo is not taken for an adapter."""
+    from huggingface_hub import constants
+
+    from qlora_kit.sources import adapter_in, check_adapter_folder
+
+    stand_in.add_repo("me/fox-adapter", {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"x",
+                                         "tokenizer.json": b"{}", "README.md": b"# fox", "optimizer.pt": b"big"})
+    folder = adapter_in("me/fox-adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "tokenizer.json"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="Adapter folder runs/typo does not exist"):
+        check_adapter_folder(adapter_in("runs/typo"))
+    with pytest.raises(UserError, match="org/tiny-qwen3 holds no adapter_config.json, so it is not a PEFT adapter"):
+        adapter_in("org/tiny-qwen3")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert adapter_in("me/fox-adapter") == folder  # cached: found offline
+    with pytest.raises(UserError, match="me/other is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+                       ) as refused:
+        adapter_in("me/other")
+    assert "pass a local adapter folder" in refused.value.hint
+
+
 def test_offline_says_what_the_cache_holds_and_how_to_get_the_rest(stand_in, monkeypatch):
     from huggingface_hub import constants
 
@@ -260,6 +286,14 @@ def test_hub_datasets_are_read_as_files_with_their_rows_and_lines(tmp_path):
         resumed = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--out", "runs/x", "--resume"],
                                  env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 1 and "Traceback" not in resumed.stderr, resumed.stderr
+        server.add_model("org/tiny-llama", model)  # auto, model and data both from the hub
+        chose = subprocess.run([sys.executable, "-m", "qlora_kit", "auto", "--model", "org/tiny-llama", "--data",
+                                "org/pirate", "--out", "runs/auto", "--steps", "1", "--plain"],
+                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert chose.returncode == 0 and (tmp_path / "runs/auto/adapter/adapter_model.safetensors").is_file(), \
+            chose.stdout + chose.stderr
+        assert json.loads((tmp_path / "runs/auto/adapter/adapter_config.json").read_text())[
+            "base_model_name_or_path"] == "org/tiny-llama"
         assert resumed.stderr.startswith("Error: The data file's content changed since the checkpoint") \
             and "--allow-changed-data" in resumed.stderr, resumed.stderr  # and nothing else on the screen
     assert probe.returncode == 0, probe.stderr
@@ -274,3 +308,70 @@ def test_hub_datasets_are_read_as_files_with_their_rows_and_lines(tmp_path):
         and "data/train.jsonl" in missing_file["hint"]
     assert gated["error"].startswith("org/gated is a gated dataset") and "hf auth login" in gated["hint"]
     assert missing["error"].startswith("There is no dataset org/nowhere on the Hugging Face hub")
+
+
+def test_push_uploads_the_adapter_and_its_card_and_a_second_push_updates_it(llama_dir, chat_data, tmp_path):
+    """push through the real client (no Xet) to the stand-in: exactly the adapter folder's own files and the card,
+    naming the base by its hub id, never this machine's paths; a push cut short sends no large file twice when run
+    again; GGUFs only with --gguf, updating only what changed; no token is one sentence."""
+    run = tmp_path / "runs" / "first"
+    trained = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--model", str(llama_dir), "--data",
+                              str(chat_data), "--out", str(run), "--steps", "2", "--rank", "4", "--quiet"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert trained.returncode == 0, trained.stderr
+    (run / "adapter.gguf").write_bytes(b"GGUF" + b"\0" * 100)  # an export beside the adapter
+    with HubStandIn() as server:
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(ROOT)}
+        env.pop("HF_TOKEN", None)
+
+        def push(*flags):
+            return subprocess.run([sys.executable, "-m", "qlora_kit", "push", str(run), "--repo", "me/pirate-adapter",
+                                   *flags], env=env, capture_output=True, text=True, timeout=120)
+
+        local = push()  # trained on a folder of this machine: the hub cannot name it
+        assert local.returncode == 1 and "local folder" in local.stderr and "--base ORG/NAME" in local.stderr
+        assert "Traceback" not in local.stderr and not server.requests
+        refused = push("--base", "org/tiny-llama")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert "you are not logged in" in refused.stderr and "hf auth login" in refused.stderr
+        env["HF_TOKEN"] = server.write_token
+        server.failing_commits = 1  # the weights go up, then the commit fails: the push is cut short
+        cut = push("--base", "org/tiny-llama")
+        assert cut.returncode == 1 and "answered 503" in cut.stderr and "Traceback" not in cut.stderr, cut.stderr
+        uploads = [p for m, p, _ in server.requests if m == "PUT"]
+        assert len(uploads) == 1 and "models/me/pirate-adapter" in server.repos  # the safetensors, held by the hub
+        first = push("--base", "org/tiny-llama")
+        assert first.returncode == 0 and "Pushed to" in first.stdout, first.stderr
+        assert [p for m, p, _ in server.requests if m == "PUT"] == uploads  # not sent again
+        files = server.repos["models/me/pirate-adapter"]["files"]
+        own = {p.name for p in (run / "adapter").iterdir()} | {"README.md"}
+        assert set(files) == own  # no checkpoints, no optimizer state, no GGUF without --gguf
+        assert files["adapter_model.safetensors"] == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-llama"
+        assert not any(str(tmp_path).encode() in data for data in files.values())  # no path of this machine
+        card = files["README.md"].decode()
+        assert 'PeftModel.from_pretrained(base, "me/pirate-adapter")' in card and "```yaml" in card
+        assert "base_model: org/tiny-llama" in card and not server.private["models/me/pirate-adapter"]
+        again = push("--base", "org/tiny-llama", "--gguf")
+        assert again.returncode == 0, again.stderr
+        assert set(server.repos["models/me/pirate-adapter"]["files"]) == own | {"adapter.gguf"}
+        assert "llama-cli -m BASE.gguf --lora adapter.gguf" in server.repos["models/me/pirate-adapter"]["files"][
+            "README.md"].decode()
+        sent_again = [p for m, p, _ in server.requests if m == "PUT"][len(uploads):]
+        assert len(sent_again) == 1 and server.commits[-1][1] == ["README.md", "adapter.gguf"]  # only what is new
+        private = subprocess.run([sys.executable, "-m", "qlora_kit", "push", str(run / "adapter"), "--repo",
+                                  "me/secret-adapter", "--base", "org/tiny-llama", "--private"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert private.returncode == 0 and server.private["models/me/secret-adapter"], private.stderr
+        # and anyone gets it back by its name: the adapter from its repo, the base its card names from the hub
+        server.add_model("org/tiny-llama", llama_dir)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        answered = subprocess.run([sys.executable, "-m", "qlora_kit", "generate", "--adapter", "me/pirate-adapter",
+                                   "--prompt", "Ahoy", "--max-new-tokens", "3"], cwd=elsewhere, capture_output=True,
+                                  text=True, timeout=300, env={**env, "HF_HOME": str(tmp_path / "hf-elsewhere")})
+        assert answered.returncode == 0 and answered.stdout.strip(), answered.stderr
+        fetched = [p for m, p, _ in server.requests if m == "GET" and "/resolve/" in p]
+        assert any("me/pirate-adapter" in p and p.endswith("adapter_model.safetensors") for p in fetched)
+        assert any("org/tiny-llama" in p and p.endswith("model.safetensors") for p in fetched)
