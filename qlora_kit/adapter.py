@@ -18,7 +18,7 @@ from qlora_kit.hardware import CPU_SHARE
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.recipes import read_settings
 from qlora_kit.sources import (IDENTITY_FILE, check_adapter_folder, describe_source, model_identity, packaged_model,
-                               path_exists, resolve_model, weight_shapes)
+                               path_exists, read_model_config, resolve_model, weight_shapes)
 
 
 def portable_base_id(source: str, folder: Path) -> str:
@@ -269,8 +269,9 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
         source = bases.pop()
     if source is None:
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
-    device, dtype = pick_device_and_dtype(precision)
+    pick_device_and_dtype(precision)  # a precision this machine lacks, said before a download
     folder = resolve_model(source)
+    device, dtype = pick_device_and_dtype(precision, config=read_model_config(folder))
     for adapter_dir in adapter_dirs:
         say_note(check_adapter_on_base(adapter_dir, folder, chosen=chosen))
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dirs[0] if adapter_dirs else None, folder), trust_remote_code)

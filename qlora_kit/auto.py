@@ -80,7 +80,7 @@ class Choice:
         """The planned peak of recipe (the current one by default) on the target."""
         recipe = recipe or self.recipe
         return estimate_peak_memory(self.shape, recipe, self.target.device, gpus=self.target.gpus,
-                                    strategy=recipe.parallel).total_bytes
+                                    strategy=recipe.parallel, bf16=self.target.bf16).total_bytes
 
     def roomy(self, recipe: Recipe | None = None) -> bool:
         """Whether recipe (the current one by default) leaves the card the headroom a plan calls a fit."""

@@ -49,6 +49,7 @@ RESUME = typer.Option(False, "--resume", help="Continue the run in --out from it
 OVERWRITE = typer.Option(False, "--overwrite", help="Start again in a run folder that holds a run, deleting that run's files.")
 REPORT_TO = typer.Option(None, "--report-to", metavar="TRACKER[,TRACKER]", help="Also log each step to tensorboard, wandb, trackio or mlflow "
                          "(each an extra: pip install \"qlora-kit[wandb]\"); several: --report-to tensorboard,wandb.")
+REVISION = typer.Option(None, "--revision", help="A branch, tag or commit of a hub --model; the same as MODEL@REVISION.")
 GPUS = typer.Option(1, "--gpus", min=1, help="Train data parallel on this many GPUs (one process each, through torchrun).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code",
                                  help="Allow a model's own Python code (from its folder or the hub) to run. Off by default: only for sources you trust.")
@@ -142,6 +143,7 @@ def train(
     gpus: int = GPUS,
     vram_limit: Optional[float] = VRAM_LIMIT,
     report_to: Optional[list[str]] = REPORT_TO,
+    revision: Optional[str] = REVISION,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe to start from: a shipped one (4gb ... 24gb, cpu) or a YAML file; flags override it."),
     plain: bool = PLAIN,
     quiet: bool = QUIET,
@@ -159,6 +161,8 @@ def train(
     _launch_if_several(gpus)
     out = _run_dir(out, name)
     base = load_recipe(recipe) if recipe else recipe_of_run(out) if resume else Recipe()
+    if revision:
+        settings["model"] = _at_revision(settings.get("model") or base.model, revision)
     run_console, mode = _run_console(plain, quiet)
     summary = run_training(with_overrides(base, **settings), out, run_console, display=mode, resume=resume,
                            overwrite=overwrite, trust_remote_code=trust_remote_code, allow_changed_data=allow_changed_data,
@@ -198,6 +202,23 @@ def _run_dir(out: Optional[Path], name: Optional[str], default: str | None = Non
     if default:
         return next_free_run_dir(Path("runs"), default)
     raise UserError("Say where the run goes.", hint="Pass --out runs/my-run, or --name my-run.")
+
+
+def _at_revision(model: str | None, revision: str | None) -> str | None:
+    """--model with --revision, spelled as the rest of qlora-kit (and recipe.yaml) names a revision: MODEL@REVISION."""
+    from qlora_kit.sources import hub_id_of, path_exists
+
+    if not revision:
+        return model
+    if not model:
+        raise UserError("--revision names a revision of the --model, and no --model was given.", hint="Pass --model ORG/NAME.")
+    if "@" in model:
+        raise UserError(f"--model {model} names a revision already, and --revision names {revision}.",
+                        hint="Pass one of them.")
+    if path_exists(Path(model).expanduser()) or not hub_id_of(model):
+        raise UserError(f"--revision applies to a model on the hub, and {model} is not a hub id.",
+                        hint="Drop --revision, or pass the model as ORG/NAME.")
+    return f"{model}@{revision}"
 
 
 def _adapters_in(value):
@@ -477,6 +498,7 @@ def auto(
                                       '--dry-run, to see the choice; on a larger GPU, a run held to that card\'s memory.'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the choice and stop before loading the model."),
     report_to: Optional[list[str]] = REPORT_TO,
+    revision: Optional[str] = REVISION,
     plain: bool = PLAIN,
     quiet: bool = QUIET,
     settings: dict = None,
@@ -488,6 +510,7 @@ def auto(
     from qlora_kit.train import run_training
 
     trackers = parse_report_to(report_to)
+    model = _at_revision(model, revision)
     if not dry_run:
         _launch_if_several(gpus)
     run_console, mode = _run_console(plain, quiet)
@@ -524,6 +547,7 @@ def plan(
     compare_full: bool = typer.Option(False, "--compare-full", help="Also show 16-bit LoRA and full fine-tuning totals."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Plan per GPU for this many GPUs of that kind."),
     strategy: str = typer.Option("ddp", "--strategy", help="With --gpus: ddp (a whole model per GPU), fsdp (weights sharded) or fsdp_offload (shards in host RAM)."),
+    revision: Optional[str] = REVISION,
     as_json: bool = JSON,
 ) -> None:
     """Estimate peak memory before loading anything. Per component; says what fits and how to make it fit.
@@ -534,6 +558,7 @@ def plan(
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.sources import hub_id_of, path_exists
 
+    model = _at_revision(model, revision)
     settings = with_overrides(load_recipe(recipe) if recipe else Recipe(), **settings)
     check_reference_fits_method(settings)
     if settings.init_adapter:  # its rank, layers and variant, read from its config: nothing is loaded
@@ -598,6 +623,7 @@ def data_check(
     data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
     data_split: str = typer.Option("train", "--data-split", help="The split of a hub dataset to check."),
     data_config: Optional[str] = typer.Option(None, "--data-config", help="The configuration (subset) of a hub dataset."),
+    revision: Optional[str] = REVISION,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Format, counts, token lengths, every bad line, and what the loss is on, for one data file. Exits with 1 when
@@ -605,6 +631,7 @@ def data_check(
     from qlora_kit.data import check_report
 
     tokenizer = None
+    model = _at_revision(model, revision)
     if model:
         from qlora_kit.model import load_tokenizer
         from qlora_kit.sources import resolve_model

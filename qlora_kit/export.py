@@ -25,41 +25,12 @@ from pathlib import Path
 import torch
 
 from qlora_kit.adapter import PEFT_PREFIX, base_source_for, check_adapter_on_base, corrects_nf4_rounding, tokenizer_folder
+from qlora_kit.architectures import Family, gguf_family
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_file
 from qlora_kit.model import nf4_rounded
 from qlora_kit.sources import (check_adapter_folder, gguf_file_of, model_weights, read_adapter_config, read_model_config,
                                resolve_model)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one transformers model_type is written in GGUF."""
-
-    gguf_name: str  # general.architecture, and the gguf package's tensor name map
-    rotary_rows_interleaved: bool = False  # llama.cpp's Llama layout: q and k rows reordered (see the module doc)
-    norms_plus_one: bool = False  # Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight it reads
-    output_is_embeddings: bool = False  # Gemma always ties its output head; llama.cpp reads token_embd for it
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", rotary_rows_interleaved=True),
-    "mistral": Architecture("llama", rotary_rows_interleaved=True),
-    "qwen2": Architecture("qwen2"),
-    "gemma": Architecture("gemma", norms_plus_one=True, output_is_embeddings=True),
-    "gemma2": Architecture("gemma2", norms_plus_one=True, output_is_embeddings=True),
-    "phi3": Architecture("phi3"),
-}
-
-
-def architecture_of(config: dict) -> Architecture:
-    """The GGUF layout of a base model's config.json, or one sentence naming the ones supported."""
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UserError(f"Exporting {model_type or 'this'} models to GGUF is not supported yet.",
-                        hint=f"Supported: {', '.join(sorted(ARCHITECTURES))} (Llama 3.x, SmolLM2, Mistral, Qwen2/2.5, "
-                             "Gemma, Gemma 2, Phi-3).")
-    return ARCHITECTURES[model_type]
 
 
 def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -107,7 +78,7 @@ def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = Fal
                         hint="Export it merged instead: --format gguf.")
 
 
-def tensor_name_map(architecture: Architecture, config: dict):
+def tensor_name_map(architecture: Family, config: dict):
     """The gguf package's map from transformers' weight names to llama.cpp's, for this architecture and depth."""
     import gguf
 
@@ -115,7 +86,7 @@ def tensor_name_map(architecture: Architecture, config: dict):
     return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
 
 
-def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, architecture: Architecture) -> dict:
+def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, architecture: Family) -> dict:
     """The adapter's A and B matrices under llama.cpp's names (`blk.0.attn_q.weight.lora_a`), in llama.cpp's layout."""
     names = tensor_name_map(architecture, config)
     heads = rotary_heads(config)
@@ -149,7 +120,7 @@ def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None,
     check_plain_lora(adapter_config, adapter_dir)
     base = resolve_model(source or base_source_for(adapter_dir))
     config = read_model_config(base)
-    architecture = architecture_of(config)
+    architecture = gguf_family(config)
     note = check_adapter_on_base(adapter_dir, base, chosen=source is not None)
     if note:
         say(note)
@@ -238,9 +209,6 @@ def check_ram_for_export(folder: Path) -> int:
     return needed
 
 
-LLAMA_CPP_ROPE_SCALING = {"llama": ("llama3",)}  # rotary scalings written so far, by model_type
-
-
 def rope_frequency_factors(base: Path) -> torch.Tensor | None:
     """Llama 3.1's rotary scaling as llama.cpp applies it (the rope_freqs tensor): what each rotary frequency is
     divided by, computed by transformers' own code; None for a model without it."""
@@ -257,11 +225,11 @@ def rope_frequency_factors(base: Path) -> torch.Tensor | None:
     return plain / scaled
 
 
-def write_model_metadata(writer, config: dict, file_type: int) -> None:
+def write_model_metadata(writer, config: dict, file_type: int, family: Family) -> None:
     """The hyperparameters llama.cpp reads for the base's architecture; what llama.cpp would compute differently
     from transformers is refused."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", *LLAMA_CPP_ROPE_SCALING.get(config["model_type"], ())):
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", *family.rope_scalings):
         raise UserError(f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
                         "merged GGUF export does not write yet.", hint="Export the adapter instead (--format gguf-adapter) "
                                                                        "and use it on a GGUF of the base.")
@@ -280,23 +248,8 @@ def write_model_metadata(writer, config: dict, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
-    if config["model_type"] == "gemma2":
-        # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 46-layer 27B,
-        # where transformers reads query_pre_attn_scalar: the two agree on Google's models, not necessarily others.
-        scaled_by = config["hidden_size"] // heads if layers == 46 else head_dim
-        if config.get("query_pre_attn_scalar", scaled_by) != scaled_by:
-            raise UserError(f"This Gemma 2 scales attention by query_pre_attn_scalar {config['query_pre_attn_scalar']}, "
-                            f"and llama.cpp would use {scaled_by}.", hint="Export the adapter instead (--format "
-                                                                          "gguf-adapter) and use it on a GGUF of the base.")
-        if config.get("attn_logit_softcapping"):
-            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-        if config.get("final_logit_softcapping"):
-            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
-        writer.add_sliding_window(config["sliding_window"])
-    if config["model_type"] == "phi3":
-        writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
-                                             or config["max_position_embeddings"])
-        writer.add_sliding_window(config.get("sliding_window") or 0)  # 0: no sliding window, as llama.cpp reads it
+    if family.gguf_metadata:
+        family.gguf_metadata(writer, config)
 
 
 def copy_tokenizer_from_gguf(writer, gguf_file: Path) -> list[str]:
@@ -433,7 +386,7 @@ class Merged:
     name: str
     base: Path
     config: dict
-    architecture: Architecture
+    architecture: Family
     updates: dict[str, LoraUpdate]
     tokenizer_folder: Path
     source_gguf: Path | None  # the GGUF the base came as, whose tokenizer fields are copied exactly
@@ -453,7 +406,7 @@ def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None =
     chosen, source = source is not None, source or base_source_for(adapter_dir)
     base = resolve_model(source)
     config = read_model_config(base)
-    architecture = architecture_of(config)
+    architecture = gguf_family(config)
     note = check_adapter_on_base(adapter_dir, base, chosen) if adapter_dir else None
     if note:
         say(note)
@@ -482,7 +435,7 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
     writer = gguf.GGUFWriter(path, merged.architecture.gguf_name, use_temp_file=True)  # each tensor goes to disk as made
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type]
-    write_model_metadata(writer, merged.config, int(file_type))
+    write_model_metadata(writer, merged.config, int(file_type), merged.architecture)
     if merged.source_gguf:
         tokens = copy_tokenizer_from_gguf(writer, merged.source_gguf)
     else:

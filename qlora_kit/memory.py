@@ -36,15 +36,20 @@ class ModelShape:
     qkv_bias: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    qk_norms: bool = False
+    fp16_overflows: bool = False
+    family: str = "this family"  # its name, for what the plan says
     logit_softcap: bool = False
     max_positions: int = 131072
 
     @classmethod
-    def from_config(cls, name: str, config: dict, fused: dict | None = None) -> "ModelShape":
-        """Build from config.json keys; `fused` says which projections the architecture fuses."""
+    def from_config(cls, name: str, config: dict) -> "ModelShape":
+        """Build from config.json keys; what they leave unsaid (fused projections, q/k norms) from the family."""
+        from qlora_kit.architectures import Family, family_of
+
         config = config.get("text_config", config)
         heads = config["num_attention_heads"]
-        fused = fused or {}
+        family = family_of(config) or Family("unknown", ())
         return cls(
             name=name,
             vocab_size=config["vocab_size"],
@@ -56,8 +61,11 @@ class ModelShape:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             tie_embeddings=config.get("tie_word_embeddings", True),
             qkv_bias=bool(config.get("attention_bias", False)),
-            fused_qkv=bool(fused.get("qkv")),
-            fused_gate_up=bool(fused.get("gate_up")),
+            fused_qkv=family.fused_qkv,
+            fused_gate_up=family.fused_gate_up,
+            qk_norms=family.qk_norms,
+            fp16_overflows=family.fp16_overflows,
+            family=family.name,
             logit_softcap=bool(config.get("final_logit_softcapping")),
             max_positions=config.get("max_position_embeddings") or 131072,
         )
@@ -77,7 +85,7 @@ class ModelShape:
         """Embeddings, an untied head, norms and biases: the weights bitsandbytes leaves in 16-bit."""
         h = self.hidden_size
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        norms = (2 * self.num_layers + 1) * h
+        norms = (2 * self.num_layers + 1) * h + (2 * self.num_layers * self.head_dim if self.qk_norms else 0)
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         return embeddings + norms + bias
 
@@ -150,14 +158,16 @@ def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
 
 
 def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda", capacity_bytes: int | None = None,
-                         gpus: int = 1, strategy: str = "ddp") -> MemoryPlan:
+                         gpus: int = 1, strategy: str = "ddp", bf16: bool = True) -> MemoryPlan:
     """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU; with gpus > 1, on each
     GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split;
-    fsdp_offload: the shards in host RAM) run."""
+    fsdp_offload: the shards in host RAM) run. bf16: whether the GPU computes in it (without, a family that
+    overflows fp16 computes in fp32, as model.pick_device_and_dtype chooses)."""
     # Longer than a screen on purpose: one term per component, in docs/memory.md's order, so the model is read and
     # checked against the doc in one place; split up, each term would need the same dozen shape variables.
     on_gpu = device == "cuda"
-    cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and not on_gpu) else 2
+    cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and (
+        not on_gpu or (not bf16 and shape.fp16_overflows))) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     # A preference example is two sequences (prompt + chosen, prompt + rejected), run as one batch.

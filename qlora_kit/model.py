@@ -13,20 +13,23 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit.architectures import family_of
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, target_names
-from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights
+from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, text_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def pick_device_and_dtype(precision: str = "auto", gpu: int = 0) -> tuple[torch.device, torch.dtype]:
+def pick_device_and_dtype(precision: str = "auto", gpu: int = 0, config: dict | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA GPU `gpu` (this rank's, when distributed) if present, else CPU; compute dtype bf16 where supported,
-    fp16 on older GPUs, fp32 on CPU."""
+    fp16 on older GPUs (fp32 for a family whose activations overflow fp16: config is the base's config.json), fp32
+    on CPU."""
     if torch.cuda.is_available():
         device = torch.device("cuda", gpu)
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            overflows = config is not None and getattr(family_of(text_config(config)), "fp16_overflows", False)
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32" if overflows else "fp16"
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise UserError(f"{torch.cuda.get_device_name(0)} does not support bf16.", hint="Use --precision fp16.")
         return device, DTYPES[precision]

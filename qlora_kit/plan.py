@@ -95,7 +95,7 @@ class Target:
 
     @property
     def layout(self) -> dict:
-        return {"gpus": self.gpus, "strategy": self.strategy}
+        return {"gpus": self.gpus, "strategy": self.strategy, "bf16": self.bf16}
 
 
 @dataclass
@@ -173,7 +173,9 @@ def make_plan(model: str | ModelShape, recipe: Recipe, target: Target, compare: 
     if target.note:
         plan.notes.append(target.note)
     if target.device == "cuda" and not target.bf16 and recipe.precision in ("auto", "bf16"):
-        plan.notes.append(f"{target.name} has no bf16: training uses fp16 with loss scaling (same memory).")
+        plan.notes.append(f"{target.name} has no bf16: training computes in fp32, as {shape.family} overflows fp16 "
+                          "(counted above)." if shape.fp16_overflows and recipe.precision == "auto" else
+                          f"{target.name} has no bf16: training uses fp16 with loss scaling (same memory).")
     spare, fits = 0, plan.verdict != "does not fit"
     if recipe.gradient_checkpointing and plan.verdict == "fits":  # spend only what keeps the plan out of "tight"
         spare = most_uncheckpointed_layers(shape, recipe, target.device, int(TIGHT_FRACTION * target.capacity_bytes),

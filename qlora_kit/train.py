@@ -37,7 +37,7 @@ from qlora_kit.plan import StepShape, cheaper, check_positive, choose_target, de
 from qlora_kit.recipes import Recipe, optimizer_in_use
 from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, absolute_paths, check_fingerprint, check_free_disk,
                                  check_same_settings, fingerprint, open_run_folder)
-from qlora_kit.sources import describe_source, model_identity, resolve_model
+from qlora_kit.sources import describe_source, model_identity, read_model_config, resolve_model
 from qlora_kit.trackers import Trackers, recorded_trackers
 
 GIB = 2**30
@@ -182,9 +182,10 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
         out.lock_fd = None  # the lock is rank 0's
     try:
         loaded, held_out = _read_data(recipe)
-        device, dtype = pick_device_and_dtype(recipe.precision, ranks.local_rank)
+        pick_device_and_dtype(recipe.precision, ranks.local_rank)  # a precision this machine lacks, said at once
         # Before the status line: a download shows its own progress (one live display at a time); rank 0 fetches.
         folder = distributed.on_main(lambda: resolve_model(recipe.model, trust_remote_code, console), ranks)
+        device, dtype = pick_device_and_dtype(recipe.precision, ranks.local_rank, read_model_config(folder))
         with console.status(f"Preparing {recipe.model} ..."):
             if recipe.init_adapter:
                 note = adapter.check_adapter_on_base(Path(recipe.init_adapter), folder, chosen=True)

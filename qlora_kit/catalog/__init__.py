@@ -103,15 +103,13 @@ def did_you_mean(query: str, names: list[str], cutoff: float = 0.6) -> str:
 def find_model_shape(query: str) -> ModelShape:
     """Config facts for a catalogue name or hub id, a local model folder, a .gguf file, or a cached hub model."""
     catalogue = _models()
-    fused = catalogue["fused_projections"]
     model_id = catalogue_id(query)
     if model_id is not None:
-        config = catalogue["models"][model_id]
-        return ModelShape.from_config(model_id, config, fused.get(config["model_type"]))
+        return ModelShape.from_config(model_id, catalogue["models"][model_id])
     config = _local_config(query)
     if config is not None:
         try:
-            return ModelShape.from_config(query, config, fused.get(config.get("model_type")))
+            return ModelShape.from_config(query, config)
         except KeyError as e:
             raise UserError(f"The config of {query} gives no {e.args[0]}, which the plan needs to size the model.",
                             hint="Restore the model's own config.json, or plan a catalogue model of the same size.") from None

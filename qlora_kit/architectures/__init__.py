@@ -1,0 +1,64 @@
+"""What qlora-kit knows of each model family, one module per family (the way transformers keeps a folder per model
+and llama.cpp's converter a class per architecture). `plan`, `train`, `merge` and `export` ask `family_of(config)`
+and never name a model_type themselves: a new dense family is one module here, declaring `FAMILY`, plus its tests
+(docs/architectures.md says how).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+from qlora_kit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: what its config.json's model_type values mean to memory, training and export."""
+
+    name: str  # as people know it, e.g. "Qwen3"
+    model_types: tuple[str, ...]  # config.json's model_type values it covers
+    # The memory model
+    fused_qkv: bool = False  # one qkv_proj instead of q_proj, k_proj, v_proj
+    fused_gate_up: bool = False  # one gate_up_proj instead of gate_proj and up_proj
+    qk_norms: bool = False  # an RMSNorm over each head's queries and keys (two head_dim vectors a layer)
+    # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
+    fp16_overflows: bool = False
+    # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)
+    gguf_name: str | None = None  # general.architecture, and the gguf package's tensor name map
+    rotary_rows_interleaved: bool = False  # llama.cpp's Llama layout: q and k rows reordered (export.py's doc)
+    norms_plus_one: bool = False  # RMSNorm scales by 1 + weight in transformers, by the weight llama.cpp reads
+    output_is_embeddings: bool = False  # the output head is always the embeddings; llama.cpp reads token_embd
+    rope_scalings: tuple[str, ...] = ()  # rotary scalings beyond "default" that llama.cpp computes as transformers
+    gguf_metadata: Callable | None = None  # (writer, config) -> None: keys beyond the common ones; may refuse
+
+    @property
+    def hint(self) -> str:
+        return f"{self.name} ({', '.join(self.model_types)})"
+
+
+def all_families() -> list[Family]:
+    """Every family module's FAMILY, in module name order."""
+    found = []
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        found.append(importlib.import_module(f"{__name__}.{module}").FAMILY)
+    return found
+
+
+def family_of(config: dict) -> Family | None:
+    """The family of a config.json (its text config for a multimodal one), or None for one qlora-kit does not know."""
+    model_type = config.get("model_type")
+    return next((family for family in all_families() if model_type in family.model_types), None)
+
+
+def gguf_family(config: dict) -> Family:
+    """The family of a base for a GGUF export, or one sentence naming the families llama.cpp runs."""
+    family = family_of(config)
+    if family is None or family.gguf_name is None:
+        runs = ", ".join(f.hint for f in all_families() if f.gguf_name)
+        what = family.name if family else config.get("model_type") or "this"
+        raise UserError(f"Exporting {what} models to GGUF is not supported{' yet' if family is None else ''}.",
+                        hint=f"Supported: {runs}.")
+    return family

@@ -1,0 +1,46 @@
+"""The family modules: each declares one FAMILY, no model_type belongs to two, and what the rest of the code asks of
+a family comes from there."""
+
+import pytest
+
+from qlora_kit.architectures import all_families, family_of, gguf_family
+from qlora_kit.errors import UserError
+
+
+def test_each_model_type_has_one_family():
+    model_types = [t for family in all_families() for t in family.model_types]
+    assert len(model_types) == len(set(model_types))
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"} <= set(model_types)
+    assert family_of({"model_type": "qwen3"}).qk_norms and family_of({"model_type": "phi3"}).fused_qkv
+    assert family_of({"model_type": "gpt_neox"}) is None
+
+
+def test_a_family_llama_cpp_does_not_run_is_refused_naming_those_it_does():
+    with pytest.raises(UserError, match="Exporting gpt_neox models to GGUF is not supported yet") as refused:
+        gguf_family({"model_type": "gpt_neox"})
+    assert "Qwen3 (qwen3)" in refused.value.hint and "Gemma 2 (gemma2)" in refused.value.hint
+    assert gguf_family({"model_type": "mistral"}).gguf_name == "llama"
+
+
+def test_a_family_that_overflows_fp16_computes_in_fp32_on_a_card_without_bf16(monkeypatch):
+    """Gemma on a T4: the plan counts fp32 compute and says why, and training picks fp32; a Llama keeps fp16."""
+    import dataclasses
+
+    import torch
+
+    from qlora_kit.model import pick_device_and_dtype
+    from qlora_kit.plan import choose_target, make_plan
+    from qlora_kit.recipes import Recipe
+
+    t4 = choose_target(gpu="T4")
+    gemma = make_plan("gemma-2b", Recipe(), t4)
+    as_if_bf16 = make_plan("gemma-2b", Recipe(), dataclasses.replace(t4, bf16=True))
+    assert gemma.plan.total_bytes > as_if_bf16.plan.total_bytes
+    assert any("computes in fp32, as Gemma overflows fp16" in note for note in gemma.plan.notes)
+    llama = make_plan("llama-3.2-1b", Recipe(), t4)
+    assert llama.plan.total_bytes == make_plan("llama-3.2-1b", Recipe(), dataclasses.replace(t4, bf16=True)).plan.total_bytes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pick_device_and_dtype("auto", config={"model_type": "gemma"})[1] == torch.float32
+    assert pick_device_and_dtype("auto", config={"model_type": "llama"})[1] == torch.float16
+    assert pick_device_and_dtype("fp16", config={"model_type": "gemma"})[1] == torch.float16  # as asked
