@@ -4,7 +4,8 @@ Formats, detected per file (or forced with --format), each normalised to one of 
   text        {"text": ...}                                   -> loss on every token
   completion  {"prompt": ..., "completion": ...}              -> loss on the completion
   alpaca      {"instruction", "input", "output"}              -> a chat: user = instruction (+ input)
-  chat        {"messages": [{"role", "content"}, ...]}        -> loss on every assistant turn
+  chat        {"messages": [{"role", "content"}, ...]}        -> loss on every assistant turn (the last one only
+                                                                 when the template rewrites earlier turns: Qwen3)
   sharegpt    {"conversations": [{"from", "value"}, ...]}     -> a chat: human/gpt/system
 Chats render with the tokenizer's chat template, or FALLBACK_TEMPLATE when it has none.
 
@@ -45,7 +46,7 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
 SHOWN_PROBLEMS = 5
-TOKENIZED_VERSION = 1  # raise when tokenization changes, so cached tables from older code are not reused
+TOKENIZED_VERSION = 2  # raise when tokenization changes, so cached tables from older code are not reused
 PARALLEL_FROM = 2000  # examples: below this, starting tokenizer processes costs more than it saves
 NEVER = 2**31 - 1  # first_label of an example with no learned token
 KEEP_TOKENIZED = 8  # cached tokenized tables kept
@@ -563,6 +564,20 @@ def tokenize_preference(record: dict, tokenizer) -> tuple[tuple[list[int], list[
 def _tokenize_chat(messages: list[dict], tokenizer, learn_from: int = 0) -> tuple[list[int], list[int]]:
     """Render the whole chat once, then mark each assistant turn from turn learn_from on: the tokens between the
     conversation rendered up to the turn's generation prompt and the conversation rendered through the turn."""
+    full, spans, render = _assistant_spans(messages, tokenizer, learn_from)
+    if spans is None:  # a template that renders earlier turns otherwise once later ones follow (Qwen3's)
+        spans = _final_turn_span(messages, full, render, learn_from)
+        if spans is None:
+            return full, list(full)  # no turn to tell apart: learn every token rather than guess
+    labels = [IGNORE] * len(full)
+    for start, end in spans:
+        labels[start:end] = full[start:end]
+    return full, labels
+
+
+def _assistant_spans(messages: list[dict], tokenizer, learn_from: int = 0):
+    """(the chat's tokens, the (start, end) of each assistant turn from learn_from on or None when the template
+    renders a turn differently once later turns follow, the renderer)."""
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
 
     def render(turns, generation_prompt=False) -> list[int]:
@@ -573,17 +588,39 @@ def _tokenize_chat(messages: list[dict], tokenizer, learn_from: int = 0) -> tupl
     full = render(messages)
     if template == FALLBACK_TEMPLATE and tokenizer.eos_token_id is not None:
         full = full + [tokenizer.eos_token_id]
-    labels = [IGNORE] * len(full)
+    spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant" or k < learn_from:
             continue
         before = render(messages[:k], generation_prompt=True) if k else []  # an opening assistant turn: all of it
         through = render(messages[:k + 1])
         if full[:len(through)] != through or through[:len(before)] != before:
-            return full, list(full)  # a template that rewrites earlier turns: learn every token rather than guess
-        end = len(full) if k == len(messages) - 1 else len(through)
-        labels[len(before):end] = full[len(before):end]
-    return full, labels
+            return full, None, render
+        spans.append((len(before), len(full) if k == len(messages) - 1 else len(through)))
+    return full, spans, render
+
+
+def _final_turn_span(messages: list[dict], full: list[int], render, learn_from: int):
+    """For a template that renders earlier turns otherwise once later ones follow (Qwen3 drops their reasoning and
+    gives only the final turn an empty <think> block): the final assistant turn, which the chat holds exactly as
+    the model meets it at inference after this history; earlier turns, rendered here as no inference shows them,
+    are not learned. None when the chat does not end with an assistant turn after the same history."""
+    k = len(messages) - 1
+    if k < learn_from or messages[k]["role"] != "assistant":
+        return None
+    before = render(messages[:k], generation_prompt=True) if k else []
+    return [(len(before), len(full))] if full[:len(before)] == before else None
+
+
+def history_note(records: list[dict], tokenizer) -> str | None:
+    """What data check says when the chat template renders earlier turns otherwise once later ones follow: only the
+    last assistant turn of each conversation is learned."""
+    chat = next((r["messages"] for r in records if "messages" in r
+                 and sum(m.get("role") == "assistant" for m in r["messages"]) > 1), None)
+    if chat is None or _assistant_spans(chat, tokenizer)[1] is not None:
+        return None
+    return ("This chat template renders earlier assistant turns otherwise once later turns follow (as Qwen3's drops "
+            "their reasoning): only the last assistant turn of each conversation is learned, as the model meets it.")
 
 
 def pack(examples: Sequence[Example], seq_len: int, seed: int) -> PackedExamples:
@@ -742,6 +779,9 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
         shown_sides = [("", "input_ids", "labels")]
         if "rejected_ids" in first:
             shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
+        note = history_note(loaded.records, tokenizer)
+        if note:
+            parts.append(Text(note, style="yellow"))
         parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
         for title, ids_key, labels_key in shown_sides:
             shown = Text(title, style="bold")

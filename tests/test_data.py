@@ -161,6 +161,29 @@ def test_masks_on_smollm2_for_every_format(smollm):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.count("<|im_start|>assistant") == 2
 
 
+# Renders the last assistant turn as Qwen3's template does when no reasoning is given (an empty think block) and
+# earlier ones without it: a turn's tokens change once later turns follow.
+REWRITING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|assistant|><think></think>"
+    "{{ m['content'] }}</s>{% else %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_learns_the_last_turn_as_inference_meets_it(tokenizer):
+    from qlora_kit.data import history_note
+
+    qwen3_like = build_tokenizer()
+    qwen3_like.chat_template = REWRITING_TEMPLATE
+    chat = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},
+            {"role": "user", "content": "four five"}, {"role": "assistant", "content": "six"}]
+    ids, labels = tokenize_record({"messages": chat}, qwen3_like)
+    assert trained_spans(qwen3_like, ids, labels) == ["<think></think>six</s>"]  # not the user turns, not "three"
+    assert "only the last assistant turn" in history_note([{"messages": chat}], qwen3_like)
+    assert history_note([{"messages": chat}], tokenizer) is None  # a template that appends: every turn learned
+    one_turn = tokenize_record({"messages": chat[:2]}, qwen3_like)
+    assert trained_spans(qwen3_like, *one_turn) == ["<think></think>three</s>"]
+
+
 def test_train_on_inputs_learns_every_token(smollm):
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"}]}
     [example] = tokenize([record], smollm, seq_len=512, train_on_inputs=True)
