@@ -229,6 +229,7 @@ def write_model_metadata(writer, config: dict, file_type: int, family: Family) -
     """The hyperparameters llama.cpp reads for the base's architecture; what llama.cpp would compute differently
     from transformers is refused."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = rope.get("full_attention", rope)  # rotary per layer type (Gemma 3): the full-attention layers' is the base
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", *family.rope_scalings):
         raise UserError(f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
                         "merged GGUF export does not write yet.", hint="Export the adapter instead (--format gguf-adapter) "

@@ -37,6 +37,7 @@ class ModelShape:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     qk_norms: bool = False
+    norms_per_layer: int = 2
     fp16_overflows: bool = False
     family: str = "this family"  # its name, for what the plan says
     logit_softcap: bool = False
@@ -64,6 +65,7 @@ class ModelShape:
             fused_qkv=family.fused_qkv,
             fused_gate_up=family.fused_gate_up,
             qk_norms=family.qk_norms,
+            norms_per_layer=family.norms_per_layer,
             fp16_overflows=family.fp16_overflows,
             family=family.name,
             logit_softcap=bool(config.get("final_logit_softcapping")),
@@ -85,7 +87,8 @@ class ModelShape:
         """Embeddings, an untied head, norms and biases: the weights bitsandbytes leaves in 16-bit."""
         h = self.hidden_size
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        norms = (2 * self.num_layers + 1) * h + (2 * self.num_layers * self.head_dim if self.qk_norms else 0)
+        norms = (self.norms_per_layer * self.num_layers + 1) * h
+        norms += 2 * self.num_layers * self.head_dim if self.qk_norms else 0
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         return embeddings + norms + bias
 

@@ -1,6 +1,8 @@
 """The family modules: each declares one FAMILY, no model_type belongs to two, and what the rest of the code asks of
 a family comes from there."""
 
+import re
+
 import pytest
 
 from qlora_kit.architectures import all_families, family_of, gguf_family
@@ -44,3 +46,30 @@ def test_a_family_that_overflows_fp16_computes_in_fp32_on_a_card_without_bf16(mo
     assert pick_device_and_dtype("auto", config={"model_type": "gemma"})[1] == torch.float32
     assert pick_device_and_dtype("auto", config={"model_type": "llama"})[1] == torch.float16
     assert pick_device_and_dtype("fp16", config={"model_type": "gemma"})[1] == torch.float16  # as asked
+
+
+class Recorded:
+    """A stand-in GGUF writer: the keys a family's metadata hook adds."""
+
+    def __init__(self):
+        self.keys = {}
+
+    def __getattr__(self, name):
+        return lambda *values: self.keys.__setitem__(name.removeprefix("add_"), values)
+
+
+@pytest.mark.parametrize("model_type, change, says", [
+    ("gemma3_text", {"layer_types": ["full_attention"] * 6}, "which layers attend within the sliding window"),
+    ("gemma3_text", {"query_pre_attn_scalar": 99}, "query_pre_attn_scalar (99)"),
+    ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "other layers than every 4th")])
+def test_what_llama_cpp_builds_in_differently_is_refused_on_export(model_type, change, says):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, num_hidden_layers=6 if model_type == "gemma3_text" else 4, head_dim=16,
+                                  num_attention_heads=4, hidden_size=64, sliding_window=4).to_dict()
+    family = gguf_family(config)
+    config["query_pre_attn_scalar"] = 16
+    family.gguf_metadata(written := Recorded(), config)  # as transformers makes it: accepted
+    assert model_type == "smollm3" or written.keys["sliding_window"] == (4,)
+    with pytest.raises(UserError, match=re.escape(says)):
+        family.gguf_metadata(Recorded(), config | change)

@@ -105,3 +105,12 @@ def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
         assert abs((shape.parameter_count() - embeddings) / 1e9 / float(non_embedding) - 1) < 0.01
     digits = len(total.partition(".")[2])
     assert abs(shape.parameter_count() / 1e9 - float(total)) <= 0.5 * 10 ** -digits  # within its rounding
+
+
+# Exact counts where a library publishes them: keras-hub's Gemma 3 presets (gemma3_presets.py, "params").
+EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952}
+
+
+@pytest.mark.parametrize("name", EXACT_PARAMETERS)
+def test_gemma_3_counts_every_norm_of_its_layers(name):
+    assert find_model_shape(name).parameter_count() == EXACT_PARAMETERS[name]

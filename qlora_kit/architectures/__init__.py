@@ -24,6 +24,7 @@ class Family:
     fused_qkv: bool = False  # one qkv_proj instead of q_proj, k_proj, v_proj
     fused_gate_up: bool = False  # one gate_up_proj instead of gate_proj and up_proj
     qk_norms: bool = False  # an RMSNorm over each head's queries and keys (two head_dim vectors a layer)
+    norms_per_layer: int = 2  # hidden_size-wide norms a layer: 4 where attention and MLP are also normed after
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
     fp16_overflows: bool = False
     # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)

@@ -21,5 +21,5 @@ def gguf_metadata(writer, config: dict) -> None:
     writer.add_sliding_window(config["sliding_window"])
 
 
-FAMILY = Family("Gemma 2", ("gemma2",), fp16_overflows=True, gguf_name="gemma2", norms_plus_one=True,
-                output_is_embeddings=True, gguf_metadata=gguf_metadata)
+FAMILY = Family("Gemma 2", ("gemma2",), norms_per_layer=4, fp16_overflows=True, gguf_name="gemma2",
+                norms_plus_one=True, output_is_embeddings=True, gguf_metadata=gguf_metadata)

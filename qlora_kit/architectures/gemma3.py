@@ -1,0 +1,42 @@
+"""Gemma 3 (text: 270M, 1B; the language model of 4B-27B): Gemma's norms (+1) and tied head, q/k norms, five
+sliding-window layers to each full one, a rotary base per layer type (10k local, 1M global, linearly scaled on 4B+).
+llama.cpp builds the 5:1 pattern and the local base in, so configs that differ are refused on export."""
+
+from qlora_kit.architectures import Family
+from qlora_kit.errors import UserError
+
+LLAMA_CPP_SWA_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer attends fully, the others within the window
+LLAMA_CPP_LOCAL_ROPE_BASE = 10000.0
+
+
+def gguf_metadata(writer, config: dict) -> None:
+    import gguf
+
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    expected = ["full_attention" if (i + 1) % LLAMA_CPP_SWA_PATTERN == 0 else "sliding_attention" for i in range(layers)]
+    rope = config.get("rope_parameters") or {}
+    local = (rope.get("sliding_attention") or {}).get("rope_theta", LLAMA_CPP_LOCAL_ROPE_BASE)
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 62-layer 27B
+    scaled_by = config["hidden_size"] // heads if layers == 62 else head_dim
+    differs = [what for what, same in (
+        ("which layers attend within the sliding window", config.get("layer_types", expected) == expected),
+        (f"the local layers' rotary base ({local:g})", local == LLAMA_CPP_LOCAL_ROPE_BASE),
+        (f"query_pre_attn_scalar ({config.get('query_pre_attn_scalar')})", config.get("query_pre_attn_scalar", scaled_by) == scaled_by),
+        ("logit soft-capping", not config.get("attn_logit_softcapping"))) if not same]
+    if differs:
+        raise UserError(f"This Gemma 3 differs from what llama.cpp builds in: {', '.join(differs)}.",
+                        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base "
+                             "made by llama.cpp's own converter.")
+    writer.add_sliding_window(config["sliding_window"])
+    full = rope.get("full_attention") or {}
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+
+
+FAMILY = Family("Gemma 3", ("gemma3_text",), qk_norms=True, norms_per_layer=4, fp16_overflows=True,
+                gguf_name="gemma3", norms_plus_one=True, output_is_embeddings=True, rope_scalings=("linear",),
+                gguf_metadata=gguf_metadata)
