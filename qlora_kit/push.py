@@ -124,6 +124,7 @@ def hub_base(adapter: Path, named: str | None = None) -> tuple[str, str | None]:
     what adapter_config.json names if it is a hub id; a base only on this disk is refused, since nobody pulling the
     adapter could load it (and its path would leak this machine's layout)."""
     from qlora_kit.adapter import base_named_by, recorded_base
+    from qlora_kit.hub import HubRepo
     from qlora_kit.sources import hub_id_of
 
     recorded = base_named_by(adapter) or ""
@@ -134,8 +135,6 @@ def hub_base(adapter: Path, named: str | None = None) -> tuple[str, str | None]:
                         "pulling it from the hub can load.",
                         hint="Name the hub model that folder holds with --base ORG/NAME (the card and "
                              "adapter_config.json will say it).")
-    from qlora_kit.hub import HubRepo
-
     return HubRepo.parse(base).repo_id, local
 
 

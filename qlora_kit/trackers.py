@@ -21,8 +21,7 @@ from pathlib import Path
 from qlora_kit.errors import UserError
 from qlora_kit.files import write_atomically
 
-TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # each the name of its package and of its extra
 RECORD_FILE = "trackers.json"  # in the run folder: which trackers a run reports to, and their run ids
 PROJECT = "qlora-kit"  # the project or experiment runs go to unless the tracker's own variable names one
 
@@ -43,7 +42,7 @@ def parse_report_to(values: list[str] | None) -> list[str]:
                                 hint=f"Choose from {', '.join(TRACKERS)} (or all); several at once: "
                                      "--report-to tensorboard,wandb.")
             names += [t for t in (TRACKERS if name == "all" else (name,)) if t not in names]
-    missing = [name for name in names if importlib.util.find_spec(PACKAGES[name]) is None]
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         extras = ",".join(missing)
         raise UserError(f"--report-to {' and '.join(missing)} needs the {' and '.join(missing)} package"

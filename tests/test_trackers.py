@@ -19,7 +19,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.trackers import parse_report_to, tracked_values
 
 ROOT = Path(__file__).parents[1]
-needs_all = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is None for p in trackers.PACKAGES.values()),
+needs_all = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is None for p in trackers.TRACKERS),
                                reason="the trackers' packages (the test extra) are not installed")
 
 
