@@ -273,4 +273,4 @@ def summary_table(summary, info: RunInfo) -> Table:
 
 def print_summary(console: Console, summary, info: RunInfo) -> None:
     console.print(summary_table(summary, info))
-    console.print(Text(f"Try it: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"...\"", style="dim"))
+    console.print(Text(f"Try it: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"...\"", style="dim"), soft_wrap=True)

@@ -50,4 +50,4 @@ def run_demo(out: Path | None, steps: int | None, console: Console, display: str
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"Try it yourself: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"Tell me a joke.\"", highlight=False)
+    console.print(f"Try it yourself: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"Tell me a joke.\"", highlight=False, soft_wrap=True)

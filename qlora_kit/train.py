@@ -384,7 +384,7 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
                 stopped = stop  # keep what was learned: the adapter of the last finished step is saved after this
             except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
                 dashboard.stop()  # the message below goes under the last frame, not above a frame drawn again
-                console.print(_stopped_at_once(setup), markup=False)
+                console.print(_stopped_at_once(setup), highlight=False, markup=False, soft_wrap=True)
                 raise
             finally:
                 record.metrics.close()
@@ -516,7 +516,7 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
         raise UserError(stopped.message, hint=f"The adapter of step {steps} is saved in {adapter_dir}. {stopped.hint}")
     if isinstance(stopped, Stopped):
         console.print(f"Stopped by {stopped}: step {steps} is checkpointed and its adapter is in {adapter_dir}.\n"
-                      f"Resume with: {resume_command(setup)}")
+                      f"Resume with: {resume_command(setup)}", highlight=False, markup=False, soft_wrap=True)
     distributed.finish(ranks)
     return RunSummary(steps, record.losses[0], record.losses[-1], time.perf_counter() - record.started, record.tokens,
                       trainable, total, adapter_dir, adapter_bytes, best_loss=min(record.losses),

@@ -123,7 +123,8 @@ def test_the_first_signal_finishes_the_step_checkpoints_and_says_how_to_resume(l
     assert child.returncode == code, output
     stopped_at = max(losses(out))
     assert 7 <= stopped_at < STEPS and f"step-{stopped_at}" in [p.name for p in checkpoint.complete_checkpoints(out)]
-    assert f"qlora-kit train --out {out} --resume" in output.replace("\n", "")
+    # On one line whatever the width (the path is longer than 80 columns), so it copies as one command.
+    assert f"Resume with: qlora-kit train --out {out} --resume\n" in output, output
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # The resume command as printed, through the CLI: only --out and --resume.
     resumed = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--resume", "--quiet"],
