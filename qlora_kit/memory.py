@@ -37,6 +37,7 @@ class ModelShape:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     qk_norms: bool = False
+    qk_norms_span_heads: bool = False
     norms_per_layer: int = 2
     fp16_overflows: bool = False
     family: str = "this family"  # its name, for what the plan says
@@ -65,6 +66,7 @@ class ModelShape:
             fused_qkv=family.fused_qkv,
             fused_gate_up=family.fused_gate_up,
             qk_norms=family.qk_norms,
+            qk_norms_span_heads=family.qk_norms_span_heads,
             norms_per_layer=family.norms_per_layer,
             fp16_overflows=family.fp16_overflows,
             family=family.name,
@@ -88,7 +90,9 @@ class ModelShape:
         h = self.hidden_size
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         norms = (self.norms_per_layer * self.num_layers + 1) * h
-        norms += 2 * self.num_layers * self.head_dim if self.qk_norms else 0
+        if self.qk_norms:
+            per_layer = (self.num_heads + self.num_kv_heads) * self.head_dim if self.qk_norms_span_heads else 2 * self.head_dim
+            norms += self.num_layers * per_layer
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         return embeddings + norms + bias
 

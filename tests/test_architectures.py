@@ -61,7 +61,12 @@ class Recorded:
 @pytest.mark.parametrize("model_type, change, says", [
     ("gemma3_text", {"layer_types": ["full_attention"] * 6}, "which layers attend within the sliding window"),
     ("gemma3_text", {"query_pre_attn_scalar": 99}, "query_pre_attn_scalar (99)"),
-    ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "other layers than every 4th")])
+    ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "other layers than every 4th"),
+    ("olmo3", {"layer_types": ["sliding_attention"] * 4}, "other layers than three of every four"),
+    ("olmo3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0, "attention_factor": 2.0}}},
+     "attention factor or betas"),
+    ("olmo3", {"rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 5e5}}},
+     "a rotary base of their own")])
 def test_what_llama_cpp_builds_in_differently_is_refused_on_export(model_type, change, says):
     from transformers import AutoConfig
 

@@ -57,7 +57,7 @@ def test_weight_terms_match_the_real_bytes_of_a_4bit_model(small_llama, dtype):
     assert shape.unquantized_params() * dtype.itemsize == other
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3", "gemma3_text", "olmo3", "phi3"])
 @pytest.mark.parametrize("rank, targets, dora", [(8, "all-linear", False), (16, "q_proj,v_proj", False), (8, "all-linear", True),
                                                  (4, "attention", False), (4, "mlp,q_proj", True)])
 def test_lora_count_matches_peft_exactly(tmp_path, kind, rank, targets, dora):

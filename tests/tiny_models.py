@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|qwen2|qwen3|smollm3|phi3]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|olmo3|qwen2|qwen3|smollm3|phi3]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def build_tokenizer():
 
 def tiny_config(kind: str, vocab_size: int, **changes):
     """2-layer configs of real architectures, small enough to train on CPU in seconds; changes: other sizes."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config, SmolLM3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, Olmo3Config, Phi3Config,
+                              Qwen2Config, Qwen3Config, SmolLM3Config)
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -63,6 +63,10 @@ def tiny_config(kind: str, vocab_size: int, **changes):
     if kind == "gemma3_text":  # 6 layers: 5 within a sliding window of 4 tokens, then 1 full, as Gemma 3's 5:1
         return Gemma3TextConfig(**common | {"num_hidden_layers": 6} | changes, head_dim=16, sliding_window=4,
                                 query_pre_attn_scalar=16)
+    if kind == "olmo3":  # 4 layers: 3 within a sliding window of 4 tokens, then 1 full with YaRN, as OLMo 3 7B's
+        yarn = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0)
+        return Olmo3Config(**common | {"num_hidden_layers": 4} | changes, sliding_window=4, tie_word_embeddings=False,
+                           rope_theta=500000.0, rope_scaling=yarn)
     if kind == "phi3":  # fused qkv and gate_up projections
         return Phi3Config(**common, tie_word_embeddings=False)
     raise ValueError(kind)

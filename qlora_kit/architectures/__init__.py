@@ -13,6 +13,10 @@ from typing import Callable
 
 from qlora_kit.errors import UserError
 
+# The hint when a family's config differs from what llama.cpp builds in: the adapter GGUF still serves
+ADAPTER_INSTEAD = ("Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base made by "
+                   "llama.cpp's own converter.")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -24,6 +28,7 @@ class Family:
     fused_qkv: bool = False  # one qkv_proj instead of q_proj, k_proj, v_proj
     fused_gate_up: bool = False  # one gate_up_proj instead of gate_proj and up_proj
     qk_norms: bool = False  # an RMSNorm over each head's queries and keys (two head_dim vectors a layer)
+    qk_norms_span_heads: bool = False  # the q/k norms cover all heads' projections at once (OLMo 2/3): wider
     norms_per_layer: int = 2  # hidden_size-wide norms a layer: 4 where attention and MLP are also normed after
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
     fp16_overflows: bool = False

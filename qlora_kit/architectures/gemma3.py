@@ -2,7 +2,7 @@
 sliding-window layers to each full one, a rotary base per layer type (10k local, 1M global, linearly scaled on 4B+).
 llama.cpp builds the 5:1 pattern and the local base in, so configs that differ are refused on export."""
 
-from qlora_kit.architectures import Family
+from qlora_kit.architectures import ADAPTER_INSTEAD, Family
 from qlora_kit.errors import UserError
 
 LLAMA_CPP_SWA_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer attends fully, the others within the window
@@ -26,8 +26,7 @@ def gguf_metadata(writer, config: dict) -> None:
         ("logit soft-capping", not config.get("attn_logit_softcapping"))) if not same]
     if differs:
         raise UserError(f"This Gemma 3 differs from what llama.cpp builds in: {', '.join(differs)}.",
-                        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base "
-                             "made by llama.cpp's own converter.")
+                        hint=ADAPTER_INSTEAD)
     writer.add_sliding_window(config["sliding_window"])
     full = rope.get("full_attention") or {}
     if full.get("rope_type") == "linear":
