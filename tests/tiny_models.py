@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|olmo3|qwen2|qwen3|smollm3|phi3]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|olmo3|qwen2|qwen3|smollm3|phi3|phi4_mini]
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def tiny_config(kind: str, vocab_size: int, **changes):
                            rope_theta=500000.0, rope_scaling=yarn)
     if kind == "phi3":  # fused qkv and gate_up projections
         return Phi3Config(**common, tie_word_embeddings=False)
+    if kind == "phi4_mini":  # Phi-3's layout, 3/4 of each head rotated, LongRoPE (its short factors up to 256 tokens)
+        rotated = 16 * 3 // 4 // 2
+        longrope = dict(type="longrope", short_factor=[1.0 + 0.3 * i for i in range(rotated)],
+                        long_factor=[2.0 + i for i in range(rotated)])
+        return Phi3Config(**common | {"max_position_embeddings": 1024} | changes, tie_word_embeddings=True,
+                          partial_rotary_factor=0.75, original_max_position_embeddings=256, rope_scaling=longrope)
     raise ValueError(kind)
 
 

@@ -39,6 +39,7 @@ class Family:
     output_is_embeddings: bool = False  # the output head is always the embeddings; llama.cpp reads token_embd
     rope_scalings: tuple[str, ...] = ()  # rotary scalings beyond "default" that llama.cpp computes as transformers
     gguf_metadata: Callable | None = None  # (writer, config) -> None: keys beyond the common ones; may refuse
+    gguf_tensors: Callable | None = None  # (config) -> {name: float32 array}: tensors llama.cpp reads beside the weights
 
     @property
     def hint(self) -> str:
