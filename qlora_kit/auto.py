@@ -249,9 +249,9 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
     passes over the data when given (else the recipe's); data_split and data_config choose a hub dataset's part;
     report_to: the trackers the steps also go to.
-    lora: the settings the user chose for what is learned
-    (method, beta, target_modules, use_rslora, use_dora, lora_init, init_adapter), which the choice plans with and
-    keeps; preference data without a method trains with DPO."""
+    lora: the settings the user chose for what is learned (method, beta, target_modules, use_rslora, use_dora,
+    lora_init, init_adapter, chat_template_kwargs), which the choice plans with and keeps; preference data without
+    a method trains with DPO."""
     from qlora_kit import data as data_module
     from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
@@ -278,7 +278,8 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
         raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
                         hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")
     try:
-        tokenizer = load_tokenizer(resolve_model(model, trust_remote_code, console), trust_remote_code)
+        tokenizer = load_tokenizer(resolve_model(model, trust_remote_code, console), trust_remote_code,
+                                   chosen.get("chat_template_kwargs", ""))
     except UserError:
         if not dry_run:
             raise

@@ -484,7 +484,7 @@ def demo(
 
 @app.command()
 @with_recipe_flags(only=("steps", "epochs", "method", "beta", "reference", "target_modules", "use_rslora", "use_dora",
-                         "lora_init", "init_adapter", "data_split", "data_config"))
+                         "lora_init", "init_adapter", "data_split", "data_config", "chat_template_kwargs"))
 def auto(
     model: str = typer.Option(..., "--model", "-m", help="Base model: catalogue name, hub id (ORG/NAME or ORG/NAME@REVISION), local folder, .gguf file, or smollm2-135m."),
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
@@ -623,6 +623,7 @@ def data_check(
     data_format: str = typer.Option("auto", "--format", help="auto, text, completion, alpaca, chat or sharegpt."),
     data_split: str = typer.Option("train", "--data-split", help="The split of a hub dataset to check."),
     data_config: Optional[str] = typer.Option(None, "--data-config", help="The configuration (subset) of a hub dataset."),
+    chat_template_kwargs: str = typer.Option("", "--chat-template-kwargs", help="Variables for the model's chat template, as train takes them: enable_thinking=false renders Qwen3 and SmolLM3 chats without reasoning."),
     revision: Optional[str] = REVISION,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
@@ -638,7 +639,7 @@ def data_check(
 
         folder = resolve_model(model, trust_remote_code, console)  # a download shows its own progress
         with console.status(f"Loading the tokenizer of {model} ..."):
-            tokenizer = load_tokenizer(folder, trust_remote_code)
+            tokenizer = load_tokenizer(folder, trust_remote_code, chat_template_kwargs)
     report, refusals = check_report(file, tokenizer, seq_len, data_format, data_split, data_config)
     console.print(report)
     if refusals:

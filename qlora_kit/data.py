@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import threading
 import uuid
@@ -623,6 +624,22 @@ def history_note(records: list[dict], tokenizer) -> str | None:
             "their reasoning): only the last assistant turn of each conversation is learned, as the model meets it.")
 
 
+def thinking_note(tokenizer) -> str | None:
+    """What data check says of a chat template with a thinking switch (Qwen3's, SmolLM3's enable_thinking): whether
+    it is set, and how to set it."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "enable_thinking" not in template:
+        return None
+    variables_set = re.match(r"(\{%- set \w+ = [^%]* %\})*", template).group(0)  # as load_tokenizer sets them
+    setting = re.search(r"\{%- set enable_thinking = (\w+) %\}", variables_set)
+    if setting:
+        return (f"Chats render with enable_thinking={setting.group(1)} (chat_template_kwargs), as the template renders "
+                "them then; the adapter's chat template keeps the setting, so inference renders prompts alike.")
+    return ("This chat template has a thinking switch (enable_thinking), not set here: chats render as the template "
+            "does by default, with thinking on. To train answers without reasoning, pass --chat-template-kwargs "
+            "enable_thinking=false here, to train and to auto (it is kept in the recipe).")
+
+
 def pack(examples: Sequence[Example], seq_len: int, seed: int) -> PackedExamples:
     """Concatenate examples, in a seeded random order, into sequences of at most seq_len tokens. Position ids restart
     for each example, which makes transformers' attention block-diagonal (no attention across examples), and the
@@ -779,9 +796,9 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
         shown_sides = [("", "input_ids", "labels")]
         if "rejected_ids" in first:
             shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
-        note = history_note(loaded.records, tokenizer)
-        if note:
-            parts.append(Text(note, style="yellow"))
+        for note in (thinking_note(tokenizer), history_note(loaded.records, tokenizer)):
+            if note:
+                parts.append(Text(note, style="yellow"))
         parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
         for title, ids_key, labels_key in shown_sides:
             shown = Text(title, style="bold")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,16 +53,40 @@ def code_needs_trust(folder: Path):
                         hint="Read the .py files in that folder; if you trust them, add --trust-remote-code.") from None
 
 
-def load_tokenizer(folder: Path, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (the eos token when the model defines none). Code shipped with a
-    model runs only with trust_remote_code (--trust-remote-code)."""
+def load_tokenizer(folder: Path, trust_remote_code: bool = False, chat_template_kwargs: str = ""):
+    """The model's tokenizer, with a pad token (the eos token when the model defines none) and the chat template's
+    variables set as chat_template_kwargs says. Code shipped with a model runs only with trust_remote_code."""
     from transformers import AutoTokenizer
 
     with code_needs_trust(folder):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    variables = parse_template_variables(chat_template_kwargs)
+    if variables:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"chat_template_kwargs sets {', '.join(variables)}, but this model has no chat template.",
+                            hint="Drop chat_template_kwargs (--chat-template-kwargs).")
+        # Set inside the template itself, so the adapter's saved copy renders prompts as training did everywhere
+        # (generate, chat, a GGUF's template); "{%-" strips nothing, and the template's own text follows unchanged.
+        tokenizer.chat_template = "".join(f"{{%- set {k} = {json.dumps(v)} %}}" for k, v in variables.items()) + \
+            tokenizer.chat_template
     return tokenizer
+
+
+def parse_template_variables(text: str) -> dict:
+    """KEY=VALUE[,KEY=VALUE] as template variables: true/false as booleans, numbers as numbers, else text."""
+    variables = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, equals, value = (s.strip() for s in part.partition("="))
+        if not equals or not key.isidentifier():
+            raise UserError(f"chat_template_kwargs: {part!r} is not KEY=VALUE.",
+                            hint="For example: --chat-template-kwargs enable_thinking=false")
+        if value.lower() in ("true", "false"):
+            variables[key] = value.lower() == "true"
+        else:
+            variables[key] = json.loads(value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else value
+    return variables
 
 
 def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,

@@ -60,6 +60,9 @@ class Recipe:
                                       "in the run folder) or auto (the plan picks the one with fewer forward passes, or "
                                       "the one that fits)", choices=("auto", "on_the_fly", "precomputed"))
     train_on_inputs: bool = _setting(False, "also learn prompts and user turns, not only completions and assistant turns")
+    chat_template_kwargs: str = _setting("", "variables for the model's chat template, KEY=VALUE[,KEY=VALUE]: "
+                                             "enable_thinking=false trains Qwen3 and SmolLM3 to answer without "
+                                             "reasoning; the adapter's template keeps them, so inference renders alike")
     skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)
     alpha: float = _setting(32.0, "LoRA alpha: the update is scaled by alpha / rank", low=0.0)

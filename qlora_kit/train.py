@@ -192,7 +192,7 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
                 if note:
                     console.print(f"[yellow]{escape(note)}[/]", highlight=False)
             base = model_identity(folder, recipe.model)
-            tokenizer = load_tokenizer(folder, trust_remote_code)
+            tokenizer = load_tokenizer(folder, trust_remote_code, recipe.chat_template_kwargs)
             training = _setup_data(recipe, loaded, held_out, tokenizer)
             total_steps = count_steps(len(training.examples), recipe, ranks.world)
             trained_on = fingerprint([loaded.path, held_out and held_out.path], folder)  # a hub dataset's file

@@ -63,8 +63,12 @@ def test_train_then_generate_through_the_cli(monkeypatch, capsys, tmp_path, llam
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "step 3/3" in stdout, "not a terminal: compact lines instead of the live view"
     code, quiet, _ = run_cli(monkeypatch, capsys, "train", "--model", llama_dir, "--data", chat_data, "--out", tmp_path / "q",
-                             "--steps", "2", "--rank", "4", "--quiet")
+                             "--steps", "2", "--rank", "4", "--quiet", "--chat-template-kwargs", "enable_thinking=false")
     assert "Trainable:" not in quiet and "step 1/2" not in quiet and "plain PEFT" in quiet
+    # the template's variable, kept in the recipe and in the template saved beside the adapter
+    assert "chat_template_kwargs: enable_thinking=false" in (tmp_path / "q" / "recipe.yaml").read_text()
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "q" / "adapter").chat_template.startswith("{%- set enable_thinking = false %}")
     code, stdout, _ = run_cli(monkeypatch, capsys, "generate", "--adapter", out, "--prompt", "one two?",  # the run: its adapter
                               "--max-new-tokens", "4")
     assert code in (0, None) and stdout.strip()
@@ -161,6 +165,26 @@ def test_data_check_shows_format_lengths_problems_and_the_trained_tokens(monkeyp
     data.write_text(good * 3)
     code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data)
     assert code in (0, None) and "Bad lines" not in out
+
+
+def test_data_check_says_whether_the_thinking_switch_is_set(monkeypatch, capsys, tmp_path, llama_dir):
+    import shutil
+
+    from tests.test_data import THINKING_TEMPLATE
+
+    model = shutil.copytree(llama_dir, tmp_path / "qwen3-like")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": THINKING_TEMPLATE}))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}\n')
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data, "--model", model)
+    assert code in (0, None) and "thinking switch (enable_thinking), not set here" in " ".join(out.split())
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", data, "--model", model, "--chat-template-kwargs",
+                           "enable_thinking=false")
+    assert code in (0, None) and "Chats render with enable_thinking=false" in " ".join(out.split())
+    code, _, err = run_cli(monkeypatch, capsys, "data", "check", data, "--model", model, "--chat-template-kwargs", "think")
+    assert code == 1 and "'think' is not KEY=VALUE" in err
 
 
 def test_data_check_lists_every_bad_line(monkeypatch, capsys, tmp_path):

@@ -418,3 +418,45 @@ def test_ctrl_c_during_parallel_tokenizing_stops_with_130_and_no_traceback(llama
     os.killpg(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group, workers included
     output = child.communicate(timeout=30)[0]
     assert child.returncode == 130 and "Traceback" not in output, output
+
+
+# Qwen3's thinking switch, in small: the generation prompt opens an empty think block when thinking is off.
+THINKING_TEMPLATE = REWRITING_TEMPLATE.replace(
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think></think>{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_set_the_thinking_switch_in_training_data_check_and_the_saved_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qlora_kit.data import thinking_note
+    from qlora_kit.model import load_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "qwen3-like")
+    chat = {"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}
+    default = load_tokenizer(tmp_path / "qwen3-like")
+    assert trained_spans(default, *tokenize_record(chat, default)) == ["<think></think>three</s>"]
+    assert "not set here" in thinking_note(default) and "enable_thinking=false" in thinking_note(default)
+    off = load_tokenizer(tmp_path / "qwen3-like", chat_template_kwargs="enable_thinking=false")
+    assert trained_spans(off, *tokenize_record(chat, off)) == ["three</s>"]  # the empty block is the prompt's
+    assert thinking_note(off).startswith("Chats render with enable_thinking=false")
+    records = read_records(write_jsonl(tmp_path / "chat.jsonl", [chat]))
+    assert cache_key(records, off) != cache_key(records, default)  # a tokenized cache of one is not the other's
+    off.save_pretrained(tmp_path / "adapter")  # as training saves it beside the adapter: inference renders alike
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "adapter").apply_chat_template(
+        chat["messages"][:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|><think></think>")
+    assert thinking_note(build_tokenizer()) is None  # no switch, nothing said
+
+
+@pytest.mark.parametrize("given, says", [("enable_thinking", "is not KEY=VALUE"), ("1x=2", "is not KEY=VALUE")])
+def test_chat_template_kwargs_that_are_not_key_value_pairs_are_refused(given, says):
+    from qlora_kit.model import parse_template_variables
+
+    with pytest.raises(UserError, match=says):
+        parse_template_variables(given)
+    assert parse_template_variables("enable_thinking=False, depth=2,name=x") == {"enable_thinking": False, "depth": 2,
+                                                                                  "name": "x"}
