@@ -640,6 +640,27 @@ def thinking_note(tokenizer) -> str | None:
             "enable_thinking=false here, to train and to auto (it is kept in the recipe).")
 
 
+def system_note(records: list[dict], tokenizer) -> str | None:
+    """What data check says when the data has system messages and the chat template has no system turn of its own
+    (Gemma's folds the system message into the first user turn): where the system message goes."""
+    if not any(m.get("role") == "system" for r in records for m in r.get("messages") or ()):
+        return None
+    system, user = "QKSYSTEMQK", "QKUSERQK"
+    try:
+        alone = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False)
+        rendered = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                  {"role": "user", "content": user}], tokenize=False)
+    except Exception:  # noqa: BLE001 - the template raises on a system message; tokenizing says so per line
+        return None
+    user_opening = alone[:alone.index(user)]
+    if system not in rendered:
+        return "This chat template leaves system messages out: the data's system messages are not trained on or seen."
+    if rendered.startswith(user_opening) and rendered.index(system) < rendered.index(user):
+        return ("This chat template has no system turn: it puts each system message at the start of the first user "
+                "turn, as the example below shows, and inference renders it the same way.")
+    return None
+
+
 def pack(examples: Sequence[Example], seq_len: int, seed: int) -> PackedExamples:
     """Concatenate examples, in a seeded random order, into sequences of at most seq_len tokens. Position ids restart
     for each example, which makes transformers' attention block-diagonal (no attention across examples), and the
@@ -796,7 +817,8 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
         shown_sides = [("", "input_ids", "labels")]
         if "rejected_ids" in first:
             shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
-        for note in (thinking_note(tokenizer), history_note(loaded.records, tokenizer)):
+        for note in (thinking_note(tokenizer), history_note(loaded.records, tokenizer),
+                     system_note(loaded.records, tokenizer)):
             if note:
                 parts.append(Text(note, style="yellow"))
         parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))

@@ -30,14 +30,18 @@ class ChatTurns:
     answer: tuple[str, str]  # around an answer already given
     answer_opening: str  # what add_generation_prompt adds: it opens the model's answer
     closing: str = ""  # what ends a conversation given whole (no answer to generate), as Phi-3's end-of-sequence
+    system_in_first_turn: bool = False  # no system turn: system sits inside the first user turn, before its text
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The prompt these pieces make, as the Go template would: to check them against the Jinja template."""
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
-        text = self.preamble if system is None or self.system is None else self.system[0] + system + self.system[1]
+        folded = self.system_in_first_turn and system is not None
+        text = self.preamble if system is None or self.system is None or folded else self.system[0] + system + self.system[1]
         for m in messages:
             if m["role"] == "user":
-                text += self.user[0] + m["content"] + self.user[1]
+                opening = self.user[0] + (self.system[0] + system + self.system[1] if folded else "")
+                folded = False
+                text += opening + m["content"] + self.user[1]
             elif m["role"] == "assistant":
                 text += self.answer[0] + m["content"] + self.answer[1]
         return text + (self.answer_opening if add_generation_prompt else self.closing)
@@ -65,15 +69,19 @@ def chat_turns(tokenizer) -> ChatTurns | None:
         user_open = between(two, ANSWER, USER_2).removeprefix(answer_close)
         answer_open = between(two, USER, ANSWER).removeprefix(user_close)
         preamble = one[:one.index(USER)].removesuffix(user_open)
+        folded = False
         try:
             with_system = render([{"role": "system", "content": SYSTEM}, user])
             system_text = with_system[:with_system.index(USER)].removesuffix(user_open)
+            if with_system.startswith(preamble + user_open):  # Gemma's: no system turn, it opens the first user turn
+                folded, system_text = True, with_system[len(preamble + user_open):with_system.index(USER)]
             system = (system_text[:system_text.index(SYSTEM)], system_text[system_text.index(SYSTEM) + len(SYSTEM):])
         except Exception:  # noqa: BLE001 - templates without a system role raise, or drop it
             system = None
     except Exception:  # noqa: BLE001 - no chat template, or one that does not place contents as given
         return None
-    turns = ChatTurns(preamble, system, (user_open, user_close), (answer_open, answer_close), opening, closing)
+    turns = ChatTurns(preamble, system, (user_open, user_close), (answer_open, answer_close), opening, closing,
+                      system_in_first_turn=folded)
     return turns if rebuilds(turns, render) else None
 
 
@@ -102,11 +110,19 @@ def go_template(turns: ChatTurns, bos_token: str | None = None) -> str:
     preamble, system_open = (piece.removeprefix(bos_token) if bos_token else piece
                              for piece in (turns.preamble, turns.system[0] if turns.system else ""))
     answer_open, answer_close = (go_text(piece) for piece in turns.answer)
-    system = ("{{ if .System }}" + go_text(system_open) + "{{ .System }}" + go_text(turns.system[1])
-              + "{{ else }}" + go_text(preamble) + "{{ end }}") if turns.system else go_text(preamble)
+    user_open = go_text(turns.user[0])
+    if turns.system and turns.system_in_first_turn:  # the system prompt goes into the first user turn, once
+        system = go_text(preamble) + "{{ $system := .System }}"
+        user_open += ("{{ if $system }}" + go_text(turns.system[0]) + "{{ $system }}" + go_text(turns.system[1])
+                      + '{{ $system = "" }}{{ end }}')
+    elif turns.system:
+        system = ("{{ if .System }}" + go_text(system_open) + "{{ .System }}" + go_text(turns.system[1])
+                  + "{{ else }}" + go_text(preamble) + "{{ end }}")
+    else:
+        system = go_text(preamble)
     return (system
             + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-            + '{{ if eq .Role "user" }}' + go_text(turns.user[0]) + "{{ .Content }}" + go_text(turns.user[1])
+            + '{{ if eq .Role "user" }}' + user_open + "{{ .Content }}" + go_text(turns.user[1])
             + "{{ if $last }}" + go_text(turns.answer_opening) + "{{ end }}"
             + '{{ else if eq .Role "assistant" }}' + answer_open + "{{ .Content }}"
             + "{{ if not $last }}" + answer_close + "{{ end }}"

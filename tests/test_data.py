@@ -460,3 +460,33 @@ def test_chat_template_kwargs_that_are_not_key_value_pairs_are_refused(given, sa
         parse_template_variables(given)
     assert parse_template_variables("enable_thinking=False, depth=2,name=x") == {"enable_thinking": False, "depth": 2,
                                                                                   "name": "x"}
+
+
+# Gemma's layout in small: no system turn; a system message opens the first user turn.
+FOLDING_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + ' ' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<|{{ m['role'] }}|>{{ (first if loop.first else '') + m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_data_check_says_where_a_template_without_a_system_turn_puts_the_system_message(tokenizer):
+    from qlora_kit.data import system_note
+
+    gemma_like = build_tokenizer()
+    gemma_like.chat_template = FOLDING_TEMPLATE
+    chat = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"},
+                          {"role": "assistant", "content": "three"}]}]
+    assert "puts each system message at the start of the first user turn" in system_note(chat, gemma_like)
+    ids, labels = tokenize_record(chat[0], gemma_like)
+    assert gemma_like.decode(ids).startswith("<s><|user|>be brief one two</s>")
+    assert trained_spans(gemma_like, ids, labels) == ["three</s>"]
+    assert system_note(chat, tokenizer) is None  # a template with a system turn
+    assert system_note([{"messages": chat[0]["messages"][1:]}], gemma_like) is None  # no system message in the data
+    dropping = build_tokenizer()
+    dropping.chat_template = CHAT_TEMPLATE_WITHOUT_SYSTEM
+    assert "leaves system messages out" in system_note(chat, dropping)
+
+
+CHAT_TEMPLATE_WITHOUT_SYSTEM = ("{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}</s>"
+                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

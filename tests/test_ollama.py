@@ -26,7 +26,14 @@ PHI_3 = (
     "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-LLAMA_2 = (  # the system prompt goes inside the first user turn: more than fixed text around each turn
+GEMMA_3 = (  # no system turn: a system message opens the first user turn
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+LLAMA_2 = (  # the system prompt goes inside the first user turn, as Gemma 3's
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
     "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
@@ -71,6 +78,18 @@ def test_each_familys_template_is_read_as_text_around_turns(tokenizer_with, temp
     assert turns is not None and (turns.system is not None) == system
 
 
+def test_a_template_without_a_system_turn_gets_the_system_prompt_in_the_first_user_turn(tokenizer_with):
+    llama_2 = chat_turns(tokenizer_with(LLAMA_2))
+    assert llama_2.system_in_first_turn and llama_2.system == ("<<SYS>>\n", "\n<</SYS>>\n\n")
+    turns = chat_turns(tokenizer_with(GEMMA_3, bos="<bos>"))
+    assert turns.system_in_first_turn and turns.system == ("", "\n\n") and turns.user[0] == "<start_of_turn>user\n"
+    template = go_template(turns, "<bos>")
+    # Once, in the first user turn: Go's text/template assigns the outer $system inside range.
+    assert template.startswith("{{ $system := .System }}{{ range")
+    assert ('{{ if eq .Role "user" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+            "{{ .Content }}") in template
+
+
 def test_the_bos_token_is_left_to_llama_cpp_when_the_gguf_adds_it(tokenizer_with):
     turns = chat_turns(tokenizer_with(GEMMA, bos="<bos>"))
     assert turns.preamble == "<bos>"
@@ -78,8 +97,11 @@ def test_the_bos_token_is_left_to_llama_cpp_when_the_gguf_adds_it(tokenizer_with
     assert go_template(turns).startswith("<bos>{{ range $i")
 
 
+NUMBERED = "{% for m in messages %}<|{{ m['role'] }}|>{{ loop.index }}. {{ m['content'] }}</s>{% endfor %}"
+
+
 def test_a_template_with_logic_beyond_turns_gets_no_template(tokenizer_with, tmp_path):
-    tokenizer = tokenizer_with(LLAMA_2)
+    tokenizer = tokenizer_with(NUMBERED)
     assert chat_turns(tokenizer) is None
     modelfile, templated = write_modelfile(tmp_path, "./m.gguf", None, tokenizer, None, adds_bos=False)
     assert not templated and "TEMPLATE" not in modelfile.read_text() and 'PARAMETER stop "</s>"' in modelfile.read_text()
