@@ -100,8 +100,11 @@ def test_the_bos_token_is_left_to_llama_cpp_when_the_gguf_adds_it(tokenizer_with
 NUMBERED = "{% for m in messages %}<|{{ m['role'] }}|>{{ loop.index }}. {{ m['content'] }}</s>{% endfor %}"
 
 
-def test_a_template_with_logic_beyond_turns_gets_no_template(tokenizer_with, tmp_path):
-    tokenizer = tokenizer_with(NUMBERED)
+@pytest.mark.parametrize("template", ["numbered", "qwen3-like"])
+def test_a_template_with_logic_beyond_turns_gets_no_template(tokenizer_with, tmp_path, template):
+    from tests.test_data import THINKING_TEMPLATE
+
+    tokenizer = tokenizer_with({"numbered": NUMBERED, "qwen3-like": THINKING_TEMPLATE}[template])
     assert chat_turns(tokenizer) is None
     modelfile, templated = write_modelfile(tmp_path, "./m.gguf", None, tokenizer, None, adds_bos=False)
     assert not templated and "TEMPLATE" not in modelfile.read_text() and 'PARAMETER stop "</s>"' in modelfile.read_text()
