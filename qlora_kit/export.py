@@ -29,8 +29,8 @@ from qlora_kit.architectures import Family, gguf_family
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_file
 from qlora_kit.model import nf4_rounded
-from qlora_kit.sources import (check_adapter_folder, gguf_file_of, model_weights, read_adapter_config, read_model_config,
-                               resolve_model)
+from qlora_kit.sources import (check_adapter_folder, gguf_file_of, language_model_name, model_weights, read_adapter_config,
+                               read_model_config, resolve_model, text_config)
 
 
 def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, archit
         if part not in ("A.weight", "B.weight"):
             raise UserError(f"The adapter holds {key}, which is not a LoRA A or B matrix.",
                             hint="Only LoRA on linear layers exports to a GGUF adapter; export it merged: --format gguf.")
-        gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        gguf_name = names.get_name(language_model_name(module) + ".weight", try_suffixes=(".weight",))
         if gguf_name is None:
             raise UserError(f"llama.cpp has no tensor for {module}, which this adapter trains.",
                             hint="Export it merged instead: --format gguf.")
@@ -119,7 +119,7 @@ def export_gguf_adapter(adapter_dir: Path, out: Path, source: str | None = None,
     adapter_config = read_adapter_config(adapter_dir)
     check_plain_lora(adapter_config, adapter_dir)
     base = resolve_model(source or base_source_for(adapter_dir))
-    config = read_model_config(base)
+    config = text_config(read_model_config(base))
     architecture = gguf_family(config)
     note = check_adapter_on_base(adapter_dir, base, chosen=source is not None)
     if note:
@@ -410,7 +410,7 @@ def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None =
         raise UserError(f"Unknown --quant {quant}.", hint=f"Use one of: {', '.join([*TENSOR_TYPES, *K_QUANTS])}.")
     chosen, source = source is not None, source or base_source_for(adapter_dir)
     base = resolve_model(source)
-    config = read_model_config(base)
+    config = text_config(read_model_config(base))
     architecture = gguf_family(config)
     note = check_adapter_on_base(adapter_dir, base, chosen) if adapter_dir else None
     if note:
@@ -468,9 +468,9 @@ def llama_cpp_weights(merged: Merged, updates: dict):
     names = tensor_name_map(architecture, merged.config)
     heads = rotary_heads(merged.config) if architecture.rotary_rows_interleaved else {}
     for name, weight in model_weights(merged.base):
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = names.get_name(language_model_name(name), try_suffixes=(".weight", ".bias"))
         if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
-            continue  # rotary caches and the like, which llama.cpp computes itself; Gemma's tied head
+            continue  # rotary caches, a vision tower (llama.cpp's mmproj file holds it) and the like; Gemma's tied head
         if name in updates:
             weight = updates.pop(name).applied_to(weight)
         projection = name.rsplit(".", 2)[-2]

@@ -41,6 +41,7 @@ class ModelShape:
     norms_per_layer: int = 2
     fp16_overflows: bool = False
     family: str = "this family"  # its name, for what the plan says
+    tower_params: int = 0  # a multimodal checkpoint's vision tower and projector: loaded frozen, in 16-bit
     logit_softcap: bool = False
     max_positions: int = 131072
 
@@ -49,9 +50,10 @@ class ModelShape:
         """Build from config.json keys; what they leave unsaid (fused projections, q/k norms) from the family."""
         from qlora_kit.architectures import Family, family_of
 
-        config = config.get("text_config", config)
+        outer, config = config, config.get("text_config", config)
         heads = config["num_attention_heads"]
         family = family_of(config) or Family("unknown", ())
+        holder = family_of(outer)  # the family of the checkpoint as a whole knows its towers
         return cls(
             name=name,
             vocab_size=config["vocab_size"],
@@ -70,6 +72,7 @@ class ModelShape:
             norms_per_layer=family.norms_per_layer,
             fp16_overflows=family.fp16_overflows,
             family=family.name,
+            tower_params=holder.tower_parameters(outer) if holder and holder.tower_parameters else 0,
             logit_softcap=bool(config.get("final_logit_softcapping")),
             max_positions=config.get("max_position_embeddings") or 131072,
         )
@@ -97,7 +100,7 @@ class ModelShape:
         return embeddings + norms + bias
 
     def parameter_count(self) -> int:
-        return self.linear_params() + self.unquantized_params()
+        return self.linear_params() + self.unquantized_params() + self.tower_params
 
 
 @dataclass
@@ -216,6 +219,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     components = {
         "quantized_weights": quantized_weight_bytes(shape),
         "unquantized_weights": shape.unquantized_params() * cb,
+        **({"tower_weights": shape.tower_params * cb} if shape.tower_params else {}),
         "lora_weights": 4 * lora,
         "lora_gradients": 4 * lora,
         "optimizer_state": optimizer_state_bytes(optimizer_in_use(recipe, device)) * lora,
@@ -229,8 +233,10 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
     if gpus > 1 and strategy in ("fsdp", "fsdp_offload"):
-        for key in ("quantized_weights", "unquantized_weights", "lora_weights", "lora_gradients", "optimizer_state"):
-            components[key] = -(-components[key] // gpus) if strategy == "fsdp" else 0  # offloaded: in host RAM
+        for key in ("quantized_weights", "unquantized_weights", "tower_weights", "lora_weights", "lora_gradients",
+                    "optimizer_state"):
+            if key in components:
+                components[key] = -(-components[key] // gpus) if strategy == "fsdp" else 0  # offloaded: in host RAM
         # Each layer's shards are gathered whole to compute with (the next one prefetched), and so are the embeddings.
         components["fsdp_gathered_weights"] = 2 * (quantized_weight_bytes(shape) // L + 8 * lora // L) + V * h * cb
     if on_gpu:
@@ -239,11 +245,15 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
+    if shape.tower_params:
+        notes.append(f"The checkpoint's vision tower and projector ({shape.tower_params / 1e6:,.0f}M parameters) are loaded "
+                     "frozen in 16-bit: training on text never runs them, and only the language model is adapted.")
     if gpus > 1:
         notes.append(f"Per GPU, for {gpus} GPUs with {strategy.upper()}"
                      + (" (sharding terms are first-principles estimates, not yet measured)." if strategy != "ddp" else "."))
     if gpus > 1 and strategy == "fsdp_offload":
-        host = (quantized_weight_bytes(shape) + shape.unquantized_params() * cb) // gpus + 16 * lora // gpus
+        weights = quantized_weight_bytes(shape) + (shape.unquantized_params() + shape.tower_params) * cb
+        host = weights // gpus + 16 * lora // gpus
         notes.append(f"fsdp_offload keeps {host / GIB:.2f} GiB of shards (weights, LoRA, fp32 AdamW) in each process's host RAM.")
     notes += [] if on_gpu else [
         "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "

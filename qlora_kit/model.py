@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.architectures import family_of
+from qlora_kit.architectures import family_of, towers_pattern
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, target_names
-from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, text_config
+from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -95,12 +95,16 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
     packed 4-bit values in tensors of the compute dtype (same bytes), so FSDP can shard them with the rest."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    family = family_of(read_model_config(folder))
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,  # quantizes the absmax constants too: ~0.4 bit/param saved
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
+        # A multimodal checkpoint's vision tower stays as it is: text training never runs it, nor adapts it.
+        # transformers matches these from the start of a module's path, as regular expressions: hence the ".*"
+        llm_int8_skip_modules=[*(f".*{tower}" for tower in family.towers), "lm_head"] if family and family.towers else None,
     )
     try:
         with code_needs_trust(folder):
@@ -143,6 +147,7 @@ def add_fresh_lora(model, recipe: Recipe):
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
         target_modules=present_in(model, target_names(recipe.target_modules)),
+        exclude_modules=towers_pattern(model),  # a vision tower has its q_proj, fc1 ... too
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
         bias="none",

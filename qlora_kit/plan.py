@@ -22,6 +22,7 @@ from qlora_kit.recipes import Recipe
 LABELS = {
     "quantized_weights": "linear weights, NF4 + constants",
     "unquantized_weights": "embeddings, head, norms (16-bit)",
+    "tower_weights": "vision tower, frozen (16-bit)",
     "lora_weights": "LoRA weights (fp32)",
     "lora_gradients": "LoRA gradients (fp32)",
     "optimizer_state": "optimizer state",
@@ -295,7 +296,7 @@ def compare_full(plan: MemoryPlan, shape: ModelShape) -> dict[str, int]:
     """Totals for the same run as 16-bit LoRA and as full fine-tuning (bf16 weights and grads, fp32 master + AdamW)."""
     c = plan.components
     lora_parts = c["lora_weights"] + c["lora_gradients"] + c["optimizer_state"]
-    base_weights = c["quantized_weights"] + c["unquantized_weights"]
+    base_weights = c["quantized_weights"] + c["unquantized_weights"] + c.get("tower_weights", 0)
     lora16 = plan.total_bytes - c["quantized_weights"] + 2 * shape.linear_params()
     full = plan.total_bytes - base_weights - lora_parts + 16 * shape.parameter_count()
     return {"qlora_4bit": plan.total_bytes, "lora_16bit": lora16, "full_finetune": full}

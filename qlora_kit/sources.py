@@ -279,9 +279,28 @@ def _remove_stale_conversions(cache: Path, keep: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# Multimodal checkpoints saved before transformers 4.52 (the hub's Gemma 3 4B-27B among them) keep the language model
+# at language_model.model.*; transformers 5 loads them under the names its modules have, which adapters use.
+OLD_MULTIMODAL_NAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def current_weight_name(name: str) -> str:
+    """A checkpoint's weight name as transformers 5's module paths (and so peft's adapters) name it."""
+    for old, new in OLD_MULTIMODAL_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def language_model_name(name: str) -> str:
+    """A multimodal checkpoint's language-model weight as a text-only model names it (model.layers.0...)."""
+    return "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
+
+
 def model_weights(folder: Path):
-    """(name, tensor) for every weight of a model folder, one at a time: safetensors are memory-mapped, so a large
-    model never sits in RAM whole."""
+    """(name, tensor) for every weight of a model folder, one at a time, named as transformers 5 names its modules:
+    safetensors are memory-mapped, so a large model never sits in RAM whole."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -290,7 +309,7 @@ def model_weights(folder: Path):
     for file in files:
         with safe_open(file, framework="pt") as weights:
             for name in weights.keys():
-                yield name, weights.get_tensor(name)
+                yield current_weight_name(name), weights.get_tensor(name)
 
 
 def weight_shapes(folder: Path) -> dict[str, tuple]:
@@ -304,7 +323,8 @@ def weight_shapes(folder: Path) -> dict[str, tuple]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt") as weights:
-                shapes.update((name, tuple(weights.get_slice(name).get_shape())) for name in weights.keys())
+                shapes.update((current_weight_name(name), tuple(weights.get_slice(name).get_shape()))
+                              for name in weights.keys())
         except Exception as e:  # safetensors raises its own error types for a damaged header
             raise UserError(f"{file} does not open as safetensors: {e}.",
                             hint="The model's weights are damaged: download or copy them again.") from None

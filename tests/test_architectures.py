@@ -78,3 +78,61 @@ def test_what_llama_cpp_builds_in_differently_is_refused_on_export(model_type, c
     assert model_type == "smollm3" or written.keys["sliding_window"] == (4,)
     with pytest.raises(UserError, match=re.escape(says)):
         family.gguf_metadata(Recorded(), config | change)
+
+
+def hub_layout(folder):
+    """Rewrite a checkpoint's weight names as the hub's Gemma 3 4B-27B have them (saved before transformers 4.52)."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kit.sources import OLD_MULTIMODAL_NAMES
+
+    weights = load_file(folder / "model.safetensors")
+    renamed = {}
+    for name, tensor in weights.items():
+        old = next((old + name[len(new):] for old, new in OLD_MULTIMODAL_NAMES if name.startswith(new)), name)
+        renamed[old] = tensor
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    assert any(name.startswith("language_model.model.") for name in renamed)
+
+
+@pytest.mark.parametrize("layout", ["transformers-5", "hub"])
+def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_own_class(tmp_path, layout):
+    """Gemma 3 4B-27B's class: LoRA on the language model only, the vision tower frozen; the adapter loads in plain
+    peft on Gemma3ForConditionalGeneration and merges to the same model; the GGUF holds the language model."""
+    import io
+    import json
+
+    import gguf
+    import torch
+    from peft import PeftModel
+    from rich.console import Console
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    from qlora_kit.export import export_merged_gguf
+    from qlora_kit.merge import merge_adapter
+    from qlora_kit.recipes import Recipe
+    from qlora_kit.train import run_training
+    from tests.tiny_models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "gemma-3", "gemma3")
+    if layout == "hub":
+        hub_layout(base)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "one two"},
+                                                     {"role": "assistant", "content": f"three {i}"}]}) + "\n"
+                            for i in range(8)))
+    summary = run_training(Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=4, micro_batch=4),
+                           tmp_path / "run", Console(file=io.StringIO()))
+    assert summary.last_loss < summary.first_loss
+    adapter = tmp_path / "run" / "adapter"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as lora:
+        assert lora.keys() and all(".model.language_model.layers." in key for key in lora.keys())
+    plain = PeftModel.from_pretrained(Gemma3ForConditionalGeneration.from_pretrained(base), adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")).eval()
+    assert type(merged).__name__ == "Gemma3ForConditionalGeneration"
+    ids = torch.tensor([[7, 17, 42, 99, 11]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+    names = [t.name for t in gguf.GGUFReader(export_merged_gguf(adapter, tmp_path / "m.gguf")).tensors]
+    assert "blk.5.attn_q.weight" in names and len(names) == 1 + 1 + 6 * 13  # embeddings, norm, 13 a layer: no tower

@@ -108,9 +108,12 @@ def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
     assert abs(shape.parameter_count() / 1e9 - float(total)) <= 0.5 * 10 ** -digits  # within its rounding
 
 
-# Exact counts where they are published: keras-hub's Gemma 3 presets (gemma3_presets.py, "params"); the hub's
-# listing of OLMo 3 7B finetunes (its q/k norms span all 32 heads: 8,192 weights a layer, not 2 x 128).
-EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "olmo-3-7b": 7_298_011_136}
+# Exact counts where they are published: keras-hub's Gemma 3 presets (gemma3_presets.py, "params"; for 4B and 12B
+# the vision+text presets plus the 64 image-token embeddings of the hub's vocabulary, which keras-hub's MedGemma 4B
+# preset, converted from the hub, counts: 4,300,079,472); the hub's listing of OLMo 3 7B finetunes (its q/k norms
+# span all 32 heads: 8,192 weights a layer, not 2 x 128).
+EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "gemma-3-4b": 4_300_079_472,
+                    "gemma-3-12b": 12_187_079_280 + 64 * 3840, "olmo-3-7b": 7_298_011_136}
 
 
 @pytest.mark.parametrize("name", EXACT_PARAMETERS)

@@ -57,7 +57,20 @@ def test_weight_terms_match_the_real_bytes_of_a_4bit_model(small_llama, dtype):
     assert shape.unquantized_params() * dtype.itemsize == other
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3", "gemma3_text", "olmo3", "phi3"])
+def test_a_multimodal_checkpoint_keeps_its_vision_tower_unquantized_and_counted(tmp_path):
+    """Gemma 3 4B-27B: the language model in 4-bit, the SigLIP tower and projector frozen in the compute dtype."""
+    folder = save_tiny_model(tmp_path, "gemma3")
+    shape = ModelShape.from_config("gemma3", json.loads((folder / "config.json").read_text()))
+    model = models.load_base_4bit(folder, torch.bfloat16, CPU)
+    quantized, other = real_weight_bytes(model)
+    tower = sum(p.numel() for name, p in model.named_parameters() if "vision_tower" in name or "projector" in name)
+    assert shape.tower_params == tower and (shape.unquantized_params() + shape.tower_params) * 2 == other
+    assert quantized_weight_bytes(shape) == pytest.approx(quantized, rel=0.01)
+    plan = estimate_peak_memory(shape, Recipe(rank=4))
+    assert plan.components["tower_weights"] == 2 * tower and plan.total_params - plan.trainable_params == shape.parameter_count()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3", "gemma3_text", "gemma3", "olmo3", "phi3"])
 @pytest.mark.parametrize("rank, targets, dora", [(8, "all-linear", False), (16, "q_proj,v_proj", False), (8, "all-linear", True),
                                                  (4, "attention", False), (4, "mlp,q_proj", True)])
 def test_lora_count_matches_peft_exactly(tmp_path, kind, rank, targets, dora):

@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|olmo3|qwen2|qwen3|smollm3|phi3|phi4_mini]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|smollm3|phi3|phi4_mini]
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ def tiny_config(kind: str, vocab_size: int, **changes):
                         long_factor=[2.0 + i for i in range(rotated)])
         return Phi3Config(**common | {"max_position_embeddings": 1024} | changes, tie_word_embeddings=True,
                           partial_rotary_factor=0.75, original_max_position_embeddings=256, rope_scaling=longrope)
+    if kind == "gemma3":  # Gemma 3 4B-27B's class: the gemma3_text model above beside a 2-layer SigLIP vision tower
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=28, patch_size=14, vision_use_head=False)
+        # Image tokens at the vocabulary's end, which the test texts never reach (transformers treats them specially)
+        return Gemma3Config(text_config=tiny_config("gemma3_text", vocab_size, **changes).to_dict(),
+                            vision_config=vision.to_dict(), mm_tokens_per_image=4, boi_token_index=vocab_size - 3,
+                            eoi_token_index=vocab_size - 2, image_token_index=vocab_size - 1)
     raise ValueError(kind)
 
 

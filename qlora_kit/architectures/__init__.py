@@ -30,6 +30,10 @@ class Family:
     qk_norms: bool = False  # an RMSNorm over each head's queries and keys (two head_dim vectors a layer)
     qk_norms_span_heads: bool = False  # the q/k norms cover all heads' projections at once (OLMo 2/3): wider
     norms_per_layer: int = 2  # hidden_size-wide norms a layer: 4 where attention and MLP are also normed after
+    # Multimodal checkpoints trained on text: the modules beside the language model (a vision tower, its projector)
+    # are loaded frozen and unquantized and get no LoRA; tower_parameters(config) counts them for the memory model
+    towers: tuple[str, ...] = ()
+    tower_parameters: Callable | None = None
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
     fp16_overflows: bool = False
     # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)
@@ -52,6 +56,14 @@ def all_families() -> list[Family]:
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         found.append(importlib.import_module(f"{__name__}.{module}").FAMILY)
     return found
+
+
+def towers_pattern(model) -> str | None:
+    """A regular expression for every module inside the towers this model has (peft's exclude_modules), or None."""
+    family = family_of(model.config.to_dict())
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    towers = [tower for tower in (family.towers if family else ()) if tower in names]
+    return rf"(.*\.)?({'|'.join(towers)})(\..*)?" if towers else None
 
 
 def family_of(config: dict) -> Family | None:

@@ -1,6 +1,8 @@
 """Gemma 3 (text: 270M, 1B; the language model of 4B-27B): Gemma's norms (+1) and tied head, q/k norms, five
 sliding-window layers to each full one, a rotary base per layer type (10k local, 1M global, linearly scaled on 4B+).
-llama.cpp builds the 5:1 pattern and the local base in, so configs that differ are refused on export."""
+llama.cpp builds the 5:1 pattern and the local base in, so configs that differ are refused on export.
+The 4B-27B checkpoints (model_type gemma3, Gemma3ForConditionalGeneration) hold a SigLIP vision tower and a
+projector beside the language model: trained on text, they stay frozen in 16-bit and get no LoRA."""
 
 from qlora_kit.architectures import ADAPTER_INSTEAD, Family
 from qlora_kit.errors import UserError
@@ -36,6 +38,23 @@ def gguf_metadata(writer, config: dict) -> None:
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
 
 
-FAMILY = Family("Gemma 3", ("gemma3_text",), qk_norms=True, norms_per_layer=4, fp16_overflows=True,
+def vision_parameters(config: dict) -> int:
+    """The SigLIP vision tower's and the projector's parameters, from a multimodal config's vision_config."""
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return 0
+    d, i, layers = vision["hidden_size"], vision["intermediate_size"], vision["num_hidden_layers"]
+    patch, channels = vision.get("patch_size", 14), vision.get("num_channels", 3)
+    patches = (vision.get("image_size", 224) // patch) ** 2
+    layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d  # attention, MLP, two layer norms (with biases)
+    embeddings = channels * patch * patch * d + d + patches * d  # patch convolution and position embeddings
+    head = d + 3 * d * d + 3 * d + d * d + d + 2 * d + (d * i + i) + (i * d + d) if vision.get("vision_use_head", True) else 0
+    text_hidden = config["text_config"]["hidden_size"]
+    projector = d * text_hidden + d  # the input projection and its soft-embedding norm
+    return layers * layer + embeddings + 2 * d + head + projector  # 2 * d: the post layer norm
+
+
+FAMILY = Family("Gemma 3", ("gemma3_text", "gemma3"), towers=("vision_tower", "multi_modal_projector"),
+                tower_parameters=vision_parameters, qk_norms=True, norms_per_layer=4, fp16_overflows=True,
                 gguf_name="gemma3", norms_plus_one=True, output_is_embeddings=True, rope_scalings=("linear",),
                 gguf_metadata=gguf_metadata)
