@@ -17,7 +17,9 @@ from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
 from qlora_kit.recipes import card_gb, load_recipe
 
 LONG_DATA = [300] * 500 + [1500] * 450 + [6000] * 50  # p95 = 1500 tokens
-MODELS = ["smollm2-135m", "qwen2.5-0.5b", "gemma-2b", "llama-3.2-3b", "mistral-7b-v0.3", "llama-3.1-8b"]
+MODELS = ["smollm2-135m", "qwen2.5-0.5b", "gemma-2b", "llama-3.2-3b", "mistral-7b-v0.3", "llama-3.1-8b",
+          # today's: their families' terms (q/k norms, 262k vocabularies, a frozen vision tower) in every choice
+          "qwen3-4b", "qwen3-8b", "gemma-3-4b", "gemma-3-12b", "smollm3-3b", "olmo-3-7b", "phi-4-mini"]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -29,7 +31,7 @@ def test_choices_over_the_gpu_catalogue_are_sensible(model):
         where = f"{model} on {gpu.name}"
         assert card_gb(choice.recipe_name) <= gpu.vram_gib * 1.05 or choice.recipe_name == "4gb", where
         assert choice.recipe.micro_batch * choice.recipe.grad_accum >= 16, where  # the effective batch is kept
-        assert choice.recipe.precision == ("auto" if gpu.bf16 else "fp16"), where
+        assert choice.recipe.precision == ("auto" if gpu.bf16 else "fp32" if shape.fp16_overflows else "fp16"), where
         if choice.fits:
             roomy = choice.planned_bytes <= 0.9 * target.capacity_bytes
             assert roomy or any(w.startswith("Tight") for w in choice.warnings), where
@@ -107,7 +109,10 @@ def test_auto_dry_run_trains_nothing_and_a_gpu_choice_needs_a_gpu(chat_data, tmp
     monkeypatch.chdir(tmp_path)
     console = Console(file=io.StringIO(), width=120)
     choice = run_auto("gemma-2b", chat_data, None, console, gpu="T4", dry_run=True)
-    assert choice.recipe.precision == "fp16" and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
+    # A T4 has no bf16, and Gemma's activations overflow fp16: fp32, said as the choice is explained
+    assert choice.recipe.precision == "fp32" and "overflow fp16" in " ".join(console.file.getvalue().split())
+    assert run_auto("llama-3.2-1b", chat_data, None, console, gpu="T4", dry_run=True).recipe.precision == "fp16"
     if not probe(check_bnb=False).gpus:
         with pytest.raises(UserError, match="has no GPU"):
             run_auto("gemma-2b", chat_data, None, console, vram_limit=6)
@@ -227,3 +232,16 @@ def test_auto_starts_from_an_adapter_with_its_settings(llama_dir, chat_data, tmp
     with pytest.raises(UserError, match="these differ: use_dora True"):
         run_auto(str(llama_dir), chat_data, None, Console(file=io.StringIO()), dry_run=True,
                  init_adapter=str(tmp_path / "first" / "adapter"), use_dora=True)
+
+
+@pytest.mark.parametrize("model", ["qwen3-4b", "gemma-3-4b", "smollm3-3b"])
+@pytest.mark.parametrize("card", ["RTX 3060 8GB", "RTX 3060", "RTX 4090"])
+def test_auto_picks_and_explains_settings_for_todays_models_on_each_recipes_card(model, card, chat_data, monkeypatch,
+                                                                                capsys):
+    from tests.test_cli import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, "auto", "--model", model, "--data", chat_data, "--gpu", card, "--dry-run")
+    out = " ".join(out.split())
+    recipe = re.search(r"Recipe: (\w+)", out)
+    assert code in (0, None) and recipe and "Planned peak" in out, out + err
+    assert card_gb(recipe.group(1)) <= {"RTX 3060 8GB": 8, "RTX 3060": 12, "RTX 4090": 24}[card]
