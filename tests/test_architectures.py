@@ -136,3 +136,32 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
         assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
     names = [t.name for t in gguf.GGUFReader(export_merged_gguf(adapter, tmp_path / "m.gguf")).tensors]
     assert "blk.5.attn_q.weight" in names and len(names) == 1 + 1 + 6 * 13  # embeddings, norm, 13 a layer: no tower
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "smollm3", "gemma3_text", "gemma3", "olmo3", "phi4_mini"])
+def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind):
+    """Loss falls; a run that lost its last checkpoint and adapter (killed before writing them) resumes from the one
+    before and ends bit for bit as the run that was never stopped."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    from qlora_kit.recipes import Recipe
+    from qlora_kit.train import run_training
+    from tests.test_reliability import assert_same_run, losses
+    from tests.tiny_models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / kind, kind)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "the quick brown fox jumps {i}"}}\n' for i in range(16)))
+    recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=2e-2, steps=4, micro_batch=2, checkpoint_every=2)
+    quiet = Console(file=io.StringIO())
+    run_training(recipe, tmp_path / "whole", quiet)
+    run_training(recipe, tmp_path / "killed", quiet)
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "killed" / "adapter")
+    run_training(recipe, tmp_path / "killed", quiet, resume=True)
+    assert_same_run(tmp_path / "killed", tmp_path / "whole")
+    steps = losses(tmp_path / "whole")
+    assert steps[4] < steps[1]
