@@ -107,7 +107,8 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
     if target.gpus > 1:
         _choose_layout(choice)
     if target.device == "cuda" and not target.bf16 and shape.fp16_overflows:
-        choice.change(f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32", precision="fp32")
+        choice.change(f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32",
+                      precision="fp32")
     elif target.device == "cuda" and not target.bf16:
         choice.change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
     if target.device == "cpu":

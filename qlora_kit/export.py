@@ -29,8 +29,8 @@ from qlora_kit.architectures import Family, gguf_family
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_file
 from qlora_kit.model import nf4_rounded
-from qlora_kit.sources import (check_adapter_folder, gguf_file_of, language_model_name, model_weights, read_adapter_config,
-                               read_model_config, resolve_model, text_config)
+from qlora_kit.sources import (check_adapter_folder, gguf_file_of, language_model_name, model_weights,
+                               read_adapter_config, read_model_config, resolve_model, text_config)
 
 
 def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -245,7 +245,8 @@ def write_model_metadata(writer, config: dict, file_type: int, family: Family) -
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
-    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))))
+    rotated = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))  # Phi-4-mini: 3/4 of a head
+    writer.add_rope_dimension_count(int(head_dim * rotated))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
@@ -449,7 +450,8 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
     factors = rope_frequency_factors(merged.base)
     if factors is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
-    for name, values in (merged.architecture.gguf_tensors(merged.config) if merged.architecture.gguf_tensors else {}).items():
+    beside = merged.architecture.gguf_tensors
+    for name, values in (beside(merged.config) if beside else {}).items():
         writer.add_tensor(name, values)
     updates = dict(merged.updates)
     for gguf_name, weight in llama_cpp_weights(merged, updates):

@@ -475,7 +475,15 @@ def fetch_config(name: str) -> dict | None:
     from qlora_kit.sources import read_model_config
 
     repo = HubRepo.parse(name)
+    cached = cached_snapshot(repo)
+    if cached is not None and (cached / "config.json").is_file():
+        return read_model_config(cached)
+    if _offline():
+        return None
     try:
+        # The listing first: it fails at once when the hub cannot be reached, where a file download retries for
+        # half a minute; and it says gated or missing before any file is asked for.
+        list_repo(repo)
         path = hf_hub_download(repo.repo_id, "config.json", revision=repo.revision)
     except Exception as e:
         if unreachable(e):

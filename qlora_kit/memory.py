@@ -96,9 +96,9 @@ class ModelShape:
         h = self.hidden_size
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         norms = (self.norms_per_layer * self.num_layers + 1) * h
-        if self.qk_norms:
-            per_layer = (self.num_heads + self.num_kv_heads) * self.head_dim if self.qk_norms_span_heads else 2 * self.head_dim
-            norms += self.num_layers * per_layer
+        if self.qk_norms:  # each head's queries and keys, or (OLMo) all heads' projections at once
+            heads = self.num_heads + self.num_kv_heads if self.qk_norms_span_heads else 2
+            norms += self.num_layers * heads * self.head_dim
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         return embeddings + norms + bias
 

@@ -96,6 +96,7 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     family = family_of(read_model_config(folder))
+    towers = [f".*{tower}" for tower in family.towers] if family else []
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -104,7 +105,7 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
         bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         # A multimodal checkpoint's vision tower stays as it is: text training never runs it, nor adapts it.
         # transformers matches these from the start of a module's path, as regular expressions: hence the ".*"
-        llm_int8_skip_modules=[*(f".*{tower}" for tower in family.towers), "lm_head"] if family and family.towers else None,
+        llm_int8_skip_modules=[*towers, "lm_head"] if towers else None,
     )
     try:
         with code_needs_trust(folder):

@@ -36,7 +36,8 @@ class ChatTurns:
         """The prompt these pieces make, as the Go template would: to check them against the Jinja template."""
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         folded = self.system_in_first_turn and system is not None
-        text = self.preamble if system is None or self.system is None or folded else self.system[0] + system + self.system[1]
+        own_turn = system is not None and self.system is not None and not folded
+        text = self.system[0] + system + self.system[1] if own_turn else self.preamble
         for m in messages:
             if m["role"] == "user":
                 opening = self.user[0] + (self.system[0] + system + self.system[1] if folded else "")

@@ -186,6 +186,26 @@ def test_plan_reads_a_hub_model_from_its_config_alone(stand_in):
     assert fetched(stand_in) == {"config.json"}
 
 
+def test_plan_of_a_hub_model_says_when_the_hub_cannot_be_reached(stand_in, monkeypatch):
+    """Not "no such model": the listing fails at once (a file download would retry for half a minute first)."""
+    from huggingface_hub import constants
+
+    from qlora_kit.catalog import find_model_shape
+
+    find_model_shape("org/tiny-qwen3")  # planned once online: its config.json is cached
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    assert find_model_shape("org/tiny-qwen3").hidden_size == 64
+    with pytest.raises(UserError, match="org/other-model is not in the catalogue or the local Hugging Face cache, and "
+                                        "the hub cannot be reached") as refused:
+        find_model_shape("org/other-model")
+    assert "on a machine with network" in refused.value.hint
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert find_model_shape("org/tiny-qwen3").hidden_size == 64
+    with pytest.raises(UserError, match="the hub cannot be reached"):
+        find_model_shape("org/other-model")
+
+
 def cli(*args, env: dict, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "qlora_kit", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -48,7 +48,9 @@ def vision_parameters(config: dict) -> int:
     patches = (vision.get("image_size", 224) // patch) ** 2
     layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d  # attention, MLP, two layer norms (with biases)
     embeddings = channels * patch * patch * d + d + patches * d  # patch convolution and position embeddings
-    head = d + 3 * d * d + 3 * d + d * d + d + 2 * d + (d * i + i) + (i * d + d) if vision.get("vision_use_head", True) else 0
+    # SigLIP's attention-pooling head (probe, attention, norm, MLP), which Gemma 3's checkpoints leave out
+    head = d + 3 * d * d + 3 * d + d * d + d + 2 * d + (d * i + i) + (i * d + d)
+    head = head if vision.get("vision_use_head", True) else 0
     text_hidden = config["text_config"]["hidden_size"]
     projector = d * text_hidden + d  # the input projection and its soft-embedding norm
     return layers * layer + embeddings + 2 * d + head + projector  # 2 * d: the post layer norm

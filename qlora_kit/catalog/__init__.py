@@ -133,5 +133,11 @@ def _local_config(query: str) -> dict | None:
     if not exists and hub_id_of(query):
         from qlora_kit.hub import fetch_config
 
-        return fetch_config(hub_id_of(query))  # config.json alone, from the cache or the hub
+        config = fetch_config(hub_id_of(query))  # config.json alone, from the cache or the hub
+        if config is None:
+            raise UserError(f"{query} is not in the catalogue or the local Hugging Face cache, and the hub cannot be "
+                            "reached (no network, or HF_HUB_OFFLINE is set) to read its config.json.",
+                            hint="Plan it on a machine with network (plan fetches config.json alone, a few kB), or "
+                                 "pass a model folder, or a catalogue model of the same size.")
+        return config
     return None
