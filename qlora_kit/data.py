@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import threading
 import uuid
@@ -627,13 +626,14 @@ def history_note(records: list[dict], tokenizer) -> str | None:
 def thinking_note(tokenizer) -> str | None:
     """What data check says of a chat template with a thinking switch (Qwen3's, SmolLM3's enable_thinking): whether
     it is set, and how to set it."""
+    from qlora_kit.model import variables_set_in
+
     template = getattr(tokenizer, "chat_template", None) or ""
     if "enable_thinking" not in template:
         return None
-    variables_set = re.match(r"(\{%- set \w+ = [^%]* %\})*", template).group(0)  # as load_tokenizer sets them
-    setting = re.search(r"\{%- set enable_thinking = (\w+) %\}", variables_set)
+    setting = variables_set_in(template).get("enable_thinking")
     if setting:
-        return (f"Chats render with enable_thinking={setting.group(1)} (chat_template_kwargs), as the template renders "
+        return (f"Chats render with enable_thinking={setting} (chat_template_kwargs), as the template renders "
                 "them then; the adapter's chat template keeps the setting, so inference renders prompts alike.")
     return ("This chat template has a thinking switch (enable_thinking), not set here: chats render as the template "
             "does by default, with thinking on. To train answers without reasoning, pass --chat-template-kwargs "

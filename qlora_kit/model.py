@@ -67,11 +67,20 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False, chat_template_
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"chat_template_kwargs sets {', '.join(variables)}, but this model has no chat template.",
                             hint="Drop chat_template_kwargs (--chat-template-kwargs).")
-        # Set inside the template itself, so the adapter's saved copy renders prompts as training did everywhere
-        # (generate, chat, a GGUF's template); "{%-" strips nothing, and the template's own text follows unchanged.
-        tokenizer.chat_template = "".join(f"{{%- set {k} = {json.dumps(v)} %}}" for k, v in variables.items()) + \
-            tokenizer.chat_template
+        tokenizer.chat_template = with_variables_set(tokenizer.chat_template, variables)
     return tokenizer
+
+
+def with_variables_set(template: str, variables: dict) -> str:
+    """The chat template with variables set at its start: so the adapter's saved copy renders prompts as training
+    did everywhere (generate, chat, a GGUF's template). "{%-" strips nothing; the template's own text follows."""
+    return "".join(f"{{%- set {key} = {json.dumps(value)} %}}" for key, value in variables.items()) + template
+
+
+def variables_set_in(template: str) -> dict[str, str]:
+    """The variables with_variables_set put at the template's start, as written there ({"enable_thinking": "false"})."""
+    head = re.match(r"(\{%- set \w+ = [^%]* %\})*", template).group(0)
+    return dict(re.findall(r"\{%- set (\w+) = ([^%]*) %\}", head))
 
 
 def parse_template_variables(text: str) -> dict:
