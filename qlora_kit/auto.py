@@ -106,11 +106,12 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         choice.change("the data holds preference pairs", **from_data)
     if target.gpus > 1:
         _choose_layout(choice)
-    if target.device == "cuda" and not target.bf16 and shape.fp16_overflows:
-        choice.change(f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32",
-                      precision="fp32")
-    elif target.device == "cuda" and not target.bf16:
-        choice.change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
+    if target.device == "cuda" and not target.bf16:
+        if shape.fp16_overflows:
+            choice.change(f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32",
+                          precision="fp32")
+        else:
+            choice.change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
     if target.device == "cpu":
         choice.warnings.append("No GPU: training runs on the CPU. It works, but expect seconds per step even for small models.")
     effective = _fit_to_data(choice, lengths) if lengths else choice.recipe.micro_batch * choice.recipe.grad_accum
