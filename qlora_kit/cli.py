@@ -637,7 +637,8 @@ def data_check(
         from qlora_kit.model import load_tokenizer
         from qlora_kit.sources import resolve_model
 
-        folder = resolve_model(model, trust_remote_code, console)  # a download shows its own progress
+        # a download shows its own progress; the tokenizer's files only, not gigabytes of weights
+        folder = resolve_model(model, trust_remote_code, console, weights=False)
         with console.status(f"Loading the tokenizer of {model} ..."):
             tokenizer = load_tokenizer(folder, trust_remote_code, chat_template_kwargs)
     report, refusals = check_report(file, tokenizer, seq_len, data_format, data_split, data_config)

@@ -228,6 +228,26 @@ def download_model(name: str, trust_remote_code: bool = False, console=None) -> 
                      missing_from, console)
 
 
+def files_a_tokenizer_needs(files: list[str], trust_remote_code: bool = False) -> list[str]:
+    """The files of a model repo that loading its tokenizer and chat template reads: no weights (kilobytes to a few
+    MB, where the whole model may be gigabytes)."""
+    top = [name for name in files if "/" not in name]
+    wanted = [name for name in top if any(fnmatch.fnmatch(name, pattern) for pattern in ("config.json", *TOKENIZER_FILES))
+              or (trust_remote_code and name.endswith(".py"))]
+    return sorted({*wanted, *(name for name in files if name.startswith(CHAT_TEMPLATES_FOLDER) and name.endswith(".jinja"))})
+
+
+def missing_tokenizer_from(folder: Path) -> list[str]:
+    """What a cached snapshot lacks for loading the tokenizer alone."""
+    return [what for what in missing_from(folder) if what in ("config.json", "the tokenizer files")]
+
+
+def download_tokenizer(name: str, trust_remote_code: bool = False, console=None) -> Path:
+    """A local snapshot folder holding a hub model's tokenizer, chat template and config, without its weights."""
+    return _download(HubRepo.parse(name), lambda files, repo: files_a_tokenizer_needs(files, trust_remote_code),
+                     missing_tokenizer_from, console)
+
+
 def files_an_adapter_needs(files: list[str], repo: str = "this repo") -> list[str]:
     """The files of an adapter repo that loading it reads: its config and safetensors weights, the base it was
     trained on (base_model.json) and the tokenizer and chat template saved beside it."""

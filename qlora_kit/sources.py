@@ -51,10 +51,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KIT_CACHE") or Path.home() / ".cache" / "qlora-kit")
 
 
-def resolve_model(source: str, trust_remote_code: bool = False, console=None) -> Path:
+def resolve_model(source: str, trust_remote_code: bool = False, console=None, weights: bool = True) -> Path:
     """A local folder holding config.json, tokenizer and weights for `source`; raises UserError if none. Names
     (smollm2-135m, a catalogue name such as gemma-2b, a hub id) are matched whatever their case; a hub model not
-    yet cached is downloaded (its code files too with trust_remote_code), shown on `console`."""
+    yet cached is downloaded (its code files too with trust_remote_code), shown on `console`; without `weights`
+    only its config and tokenizer files."""
     from qlora_kit.catalog import did_you_mean, model_names
 
     packaged = packaged_model(source)
@@ -74,9 +75,9 @@ def resolve_model(source: str, trust_remote_code: bool = False, console=None) ->
                         hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
     hub_id = hub_id_of(source)
     if hub_id:
-        from qlora_kit.hub import download_model
+        from qlora_kit.hub import download_model, download_tokenizer
 
-        return download_model(hub_id, trust_remote_code, console)
+        return (download_model if weights else download_tokenizer)(hub_id, trust_remote_code, console)
     raise UserError(f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
                     hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
 

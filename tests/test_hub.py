@@ -224,7 +224,8 @@ def test_an_interrupted_download_continues_where_it_stopped(tmp_path):
         server.stall_after["model.safetensors"] = len(weights) // 2
         env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
                "PYTHONPATH": str(ROOT)}
-        first = cli("data", "check", "data.jsonl", "--model", "org/tiny-qwen3", env=env, cwd=tmp_path)
+        first = cli("train", "--model", "org/tiny-qwen3", "--data", "data.jsonl", "--out", "runs/cut", "--steps", "1",
+                    "--plain", env=env, cwd=tmp_path)
         deadline = time.monotonic() + 120
         while not any(m == "GET" and p.endswith("model.safetensors") for m, p, _ in server.requests):
             assert time.monotonic() < deadline and first.poll() is None, first.communicate()
@@ -255,6 +256,18 @@ def test_plan_says_what_training_would_download_first(stand_in, monkeypatch, cap
     weights = len(stand_in.repos["models/org/tiny-qwen3"]["files"]["model.safetensors"])
     assert code == 0 and f"training fetches {weights / 1e3:.1f} kB of weights" in out.replace("\n", ""), out + err
     assert fetched(stand_in) == {"config.json"}
+
+
+def test_data_check_fetches_the_tokenizer_not_the_weights(stand_in, monkeypatch, capsys, tmp_path):
+    from tests.test_cli import run_cli
+
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ahoy"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", tmp_path / "chat.jsonl", "--model", "org/tiny-qwen3")
+    assert code == 0 and "<|user|>" in out, out + err  # the model's own chat template
+    assert fetched(stand_in) == {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    resolve_model("org/tiny-qwen3")  # a later train fetches what the tokenizer's download left out
+    assert "model.safetensors" in fetched(stand_in)
 
 
 def test_revision_is_the_same_as_naming_it_after_an_at(stand_in, monkeypatch, capsys, tmp_path):
