@@ -15,6 +15,7 @@ from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_folder
 from qlora_kit.hardware import CPU_SHARE
+from qlora_kit.experts import adapter_config
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.recipes import read_settings
 from qlora_kit.sources import (IDENTITY_FILE, check_adapter_folder, describe_source, model_identity, packaged_model,
@@ -178,6 +179,8 @@ def check_layer_shapes(adapter_dir: Path, shapes: dict[str, tuple], folder: Path
             a = weights.get_slice(key).get_shape()
             b = weights.get_slice(key.replace(".lora_A.", ".lora_B.")).get_shape()
             shape = shapes.get(module + ".weight") or unique_suffix_match(shapes, module + ".weight")
+            if shape is None and any(name.startswith(module.replace(".base_layer", "") + ".") for name in shapes):
+                continue  # a module's own parameters (a layer's experts): base_model.json's sizes are checked instead
             if shape is None:
                 raise UserError(f"{adapter_dir} adapts {module}, which the model in {folder} does not have: it was "
                                 "made for another model.", hint=hint)
@@ -281,7 +284,7 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
         if isinstance(model, PeftModel):
             model.load_adapter(adapter_dir, adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+            model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, config=adapter_config(adapter_dir))
     if names:
         model.set_adapter(names[0])
     model.eval()

@@ -42,6 +42,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|activation_checkpointing|use_cache).*")
     # peft's advice is to library authors (fan_in_fan_out, merging into 4-bit weights): qlora-kit handles each case
     warnings.filterwarnings("ignore", category=UserWarning, module=r"peft(\.|$)")
+    # peft 0.21 checks rank_pattern against target_modules only: an expert's rank (a target parameter) is applied
+    warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
 
 
 NAME = typer.Option(None, "--name", help="Run name: the run goes to runs/NAME (letters, digits, . _ -).", show_default=False)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,11 @@ def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = Fal
     if adapter_config.get("use_dora") and not merged:
         raise UserError(f"{adapter_dir} is a DoRA adapter, which llama.cpp cannot load as an adapter.",
                         hint="Export it merged instead: --format gguf.")
-    if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
+    if adapter_config.get("target_parameters") and not merged:
+        raise UserError(f"{adapter_dir} adapts a mixture of experts' weights, which llama.cpp cannot apply as an "
+                        "adapter.", hint="Export it merged instead: --format gguf.")
+    patterns = {**(adapter_config.get("rank_pattern") or {}), **(adapter_config.get("alpha_pattern") or {})}
+    if set(patterns) - set(adapter_config.get("target_parameters") or ()) or (patterns and not merged):
         raise UserError(f"{adapter_dir} gives some layers their own rank or alpha, which a GGUF adapter cannot hold.",
                         hint="Export it merged instead: --format gguf.")
 
@@ -469,7 +474,7 @@ def llama_cpp_weights(merged: Merged, updates: dict):
     architecture = merged.architecture
     names = tensor_name_map(architecture, merged.config)
     heads = rotary_heads(merged.config) if architecture.rotary_rows_interleaved else {}
-    for name, weight in model_weights(merged.base):
+    for name, weight in with_experts_stacked(model_weights(merged.base), merged.config, updates):
         gguf_name = names.get_name(language_model_name(name), try_suffixes=(".weight", ".bias"))
         if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
             continue  # rotary caches, a vision tower (llama.cpp's mmproj file holds it) and the like; Gemma's tied head
@@ -481,6 +486,60 @@ def llama_cpp_weights(merged: Merged, updates: dict):
         if architecture.norms_plus_one and name.endswith("norm.weight"):
             weight = weight.float() + 1
         yield gguf_name, weight
+
+
+EXPERT_WEIGHT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def with_experts_stacked(weights, config: dict, updates: dict):
+    """The weights, with each layer's per-expert projections (as checkpoints hold them) stacked into one tensor per
+    projection (experts x out x in), as llama.cpp holds them, each expert's adapter change added; updates used up
+    are taken out of updates (gate_up_proj's once both its gate and up rows are)."""
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    waiting: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    rows_used: dict[str, set] = {}
+    for name, weight in weights:
+        match = EXPERT_WEIGHT.fullmatch(name) if experts else None
+        if match is None:
+            yield name, weight
+            continue
+        layer, expert, projection = match[1], int(match[2]), match[3]
+        group = waiting.setdefault((layer, projection), {})
+        group[expert] = weight
+        if len(group) < experts:
+            continue
+        stack = torch.stack([group[e].float() for e in range(experts)])
+        del waiting[(layer, projection)]
+        key, change = experts_change(layer, projection, stack, updates)
+        if key is not None:
+            used = rows_used.setdefault(key, set())
+            used.add(projection)
+            if projection == "down_proj" or used >= {"gate_proj", "up_proj"}:
+                updates.pop(key)
+        yield f"{layer}.{projection}.weight", stack + change
+    if waiting:
+        raise UserError(f"The base's checkpoint lacks some experts of {next(iter(waiting))[0]}.",
+                        hint="Check that every shard of the model is in its folder.")
+
+
+def experts_change(layer: str, projection: str, stack: torch.Tensor, updates: dict):
+    """(the update's key, its change to one projection of a layer's experts: experts x out x in), from PEFT's LoRA on
+    the fused 3-D weights (gate_up_proj holds gate's rows, then up's; down_proj): A stacks each expert's rows, B's
+    columns interleave them. (None, 0) where the adapter leaves the experts alone."""
+    experts, out, width = stack.shape
+    fused = projection != "down_proj"
+    for key in (f"{layer}.weight", f"{layer}.base_layer.weight"):  # PEFT nests a wrapper per expert weight
+        update = updates.get(key)
+        if update is None or (update.b.shape[0], update.a.shape[1]) != ((2 * out, width) if fused else (out, width)):
+            continue
+        rank = update.a.shape[0] // experts
+        a = update.a.float().reshape(experts, rank, width)
+        b = update.b.float().reshape(-1, rank, experts).permute(2, 0, 1)  # experts x out x rank
+        change = update.scale * (b @ a)
+        if fused:
+            change = change[:, :out] if projection == "gate_proj" else change[:, out:]
+        return key, change
+    return None, 0.0
 
 
 def llama_cpp_for(quant: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from qlora_kit.recipes import Recipe, optimizer_in_use, target_names
+from qlora_kit.recipes import Recipe, optimizer_in_use, rank_of_experts, target_names
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax constant
@@ -45,6 +45,16 @@ class ModelShape:
     sliding_window: bool = False  # some layers attend within a window: the attention mask is materialised
     logit_softcap: bool = False
     max_positions: int = 131072
+    # Mixture of experts: in `moe_layers` of the layers the MLP is num_experts experts of width expert_size (each a
+    # gate/up and a down projection, quantized expert by expert), experts_per_token of them routed a token by a
+    # 16-bit router; the other layers keep the dense MLP
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    moe_layers: int = 0
+    expert_biases: bool = False  # gpt-oss: a bias on each expert's projections and the router; o_proj biased too
+    attention_sinks: bool = False  # gpt-oss: one learned logit a head
+    eager_attention: bool = False  # transformers materialises the attention scores (Family.eager_attention)
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelShape":
@@ -72,24 +82,44 @@ class ModelShape:
             qk_norms_span_heads=family.qk_norms_span_heads,
             norms_per_layer=family.norms_per_layer,
             fp16_overflows=family.fp16_overflows,
+            eager_attention=family.eager_attention,
             family=family.name,
             tower_params=holder.tower_parameters(outer) if holder and holder.tower_parameters else 0,
             logit_softcap=bool(config.get("final_logit_softcapping")),
             sliding_window=bool(config.get("sliding_window")) and config.get("use_sliding_window", True)
             and "sliding_attention" in config.get("layer_types", ["sliding_attention"]),
             max_positions=config.get("max_position_embeddings") or 131072,
+            **moe_shape(config),
         )
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of each linear layer in one decoder block."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        """(name, in_features, out_features) of each linear layer in one decoder block (a dense one's, for MoE)."""
+        return self.attention_shapes() + self.mlp_shapes()
+
+    def attention_shapes(self) -> list[tuple[str, int, int]]:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv)]
+        return attention + [("o_proj", q, h)]
+
+    def mlp_shapes(self) -> list[tuple[str, int, int]]:
+        h, i = self.hidden_size, self.intermediate_size
         mlp = [("gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("gate_proj", h, i), ("up_proj", h, i)]
-        return attention + [("o_proj", q, h)] + mlp + [("down_proj", i, h)]
+        return mlp + [("down_proj", i, h)]
+
+    def expert_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of one expert's weights; [] for a dense model."""
+        h, w = self.hidden_size, self.expert_size
+        return [("gate_up_proj", h, 2 * w), ("down_proj", w, h)] if self.num_experts else []
+
+    def layer_counts(self) -> list[tuple[list[tuple[str, int, int]], int]]:
+        """(linear layers, how many times the model holds them): every block's attention, the dense MLPs, and each
+        expert's weights once per expert and MoE layer."""
+        dense = self.num_layers - self.moe_layers
+        return [(self.attention_shapes(), self.num_layers), (self.mlp_shapes(), dense),
+                (self.expert_shapes(), self.moe_layers * self.num_experts)]
 
     def linear_params(self) -> int:
-        return self.num_layers * sum(a * b for _, a, b in self.linear_shapes())
+        return sum(count * sum(a * b for _, a, b in shapes) for shapes, count in self.layer_counts())
 
     def unquantized_params(self) -> int:
         """Embeddings, an untied head, norms and biases: the weights bitsandbytes leaves in 16-bit."""
@@ -100,7 +130,12 @@ class ModelShape:
             heads = self.num_heads + self.num_kv_heads if self.qk_norms_span_heads else 2
             norms += self.num_layers * heads * self.head_dim
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
-        return embeddings + norms + bias
+        router = self.moe_layers * self.num_experts * h
+        if self.expert_biases:  # each expert's two projections, the router's and o_proj's
+            router += self.moe_layers * self.num_experts * (2 * self.expert_size + h + 1)
+            bias += self.num_layers * h
+        sinks = self.num_layers * self.num_heads if self.attention_sinks else 0
+        return embeddings + norms + bias + router + sinks
 
     def parameter_count(self) -> int:
         return self.linear_params() + self.unquantized_params() + self.tower_params
@@ -147,27 +182,49 @@ class MemoryPlan:
                 "verdict": self.verdict}
 
 
-def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear", use_dora: bool = False) -> int:
-    """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer, and with DoRA a magnitude per
-    output feature."""
-    layers = targeted(shape, target_modules)
-    return shape.num_layers * (rank * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
+def moe_shape(config: dict) -> dict:
+    """ModelShape's mixture-of-experts fields from a config.json (none for a dense model)."""
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    if not experts:
+        return {}
+    layers = config["num_hidden_layers"]
+    step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+    sparse = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    biased = config.get("model_type") == "gpt_oss"
+    return dict(num_experts=experts, experts_per_token=config.get("num_experts_per_tok") or 1,
+                expert_size=config.get("moe_intermediate_size") or config["intermediate_size"], moe_layers=sparse,
+                expert_biases=biased, attention_sinks=biased)
 
 
-def targeted(shape: ModelShape, target_modules: str) -> list[tuple[str, int, int]]:
+def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear", use_dora: bool = False,
+                expert_rank: int | None = None) -> int:
+    """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer (expert_rank for an expert's
+    weights), and with DoRA a magnitude per output feature."""
+    total = 0
+    for shapes, count in shape.layer_counts():
+        r = expert_rank or rank if shapes and shapes == shape.expert_shapes() else rank
+        layers = [layer for layer in shapes if layer in targeted(shape, target_modules, with_experts=True)]
+        total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
+    return total
+
+
+def targeted(shape: ModelShape, target_modules: str, with_experts: bool = False) -> list[tuple[str, int, int]]:
+    """The layers LoRA adapts in a dense block (with_experts: and among one expert's weights)."""
     names = target_names(target_modules)
-    return shape.linear_shapes() if names == "all-linear" else [layer for layer in shape.linear_shapes() if layer[0] in names]
+    layers = shape.linear_shapes() + (shape.expert_shapes() if with_experts else [])
+    return layers if names == "all-linear" else [layer for layer in layers if layer[0] in names]
 
 
 def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
     """NF4 linear weights: half a byte each, one absmax per 64 (8-bit with double quant, plus an fp32 one per
     256 blocks and a 256-entry code table; else fp32), and NF4's 16-entry code table, per layer."""
     total = 0
-    for _, a, b in shape.linear_shapes():
-        blocks = -(-a * b // NF4_BLOCK)
-        constants = blocks + 4 * -(-blocks // DQ_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
-        total += a * b // 2 + constants + 4 * 16
-    return shape.num_layers * total
+    for shapes, count in shape.layer_counts():  # each expert is quantized on its own, as a linear layer is
+        for _, a, b in shapes:
+            blocks = -(-a * b // NF4_BLOCK)
+            constants = blocks + 4 * -(-blocks // DQ_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
+            total += count * (a * b // 2 + constants + 4 * 16)
+    return total
 
 
 def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda", capacity_bytes: int | None = None,
@@ -186,8 +243,19 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     # A preference example is two sequences (prompt + chosen, prompt + rejected), run as one batch.
     sequences = recipe.micro_batch * (2 if recipe.method in ("dpo", "orpo") else 1)
     tokens = recipe.seq_len * sequences
-    lora = lora_params(shape, recipe.rank, recipe.target_modules, recipe.use_dora)
+    lora = lora_params(shape, recipe.rank, recipe.target_modules, recipe.use_dora,
+                       rank_of_experts(recipe, shape.experts_per_token))
 
+    if shape.moe_layers:
+        # Each token is routed to k experts, so its MLP activations are k copies at the experts' width: the gathered
+        # input and the output row (h each), gate/up, act(gate) and their product (4 w); the router's fp32 logits and
+        # softmax. Backward adds three h-wide gradients per copy (measured on CPU, 4-layer Qwen3-MoE, k 2-8, width
+        # 128-512, 16-64 experts: each h per copy costs 5 x c in all and each w 4 x c)
+        k, w = shape.experts_per_token, shape.expert_size
+        mlp_per_token = k * (2 * h + 3 * w) * cb + 2 * shape.num_experts * 4
+        mlp_backward = k * (2 * h + w) * cb
+    else:
+        mlp_per_token, mlp_backward = 4 * i * cb, 3 * i * cb // 2
     # One decoder layer's activations kept for backward (forward pass), in bytes per token.
     dropout_copies = sum(a for _, a, _ in targeted(shape, recipe.target_modules)) * (cb + 1) if recipe.dropout > 0 else 0
     dora_outputs = 2 * sum(b for _, _, b in targeted(shape, recipe.target_modules)) * cb if recipe.use_dora else 0
@@ -196,16 +264,20 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         + ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
         + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
         + 2 * q * cb + 2 * h * cb  # attention output (+ its o_proj input) and the two residual sums
-        + 4 * i * cb  # gate, up, act(gate), act(gate) * up
+        + mlp_per_token  # gate, up, act(gate), act(gate) * up (and for experts, their inputs and outputs)
         + dropout_copies  # each LoRA layer keeps its own dropped-out copy of its input, plus the mask
         + dora_outputs  # DoRA keeps each adapted layer's base and LoRA outputs, to rescale them by the magnitudes
     )
-    dequantized = 2 * max(a * b for _, a, b in shape.linear_shapes()) * cb  # a 4-bit weight's 16-bit copy, fwd and bwd
+    # a 4-bit weight's (an expert's) 16-bit copy, forward and backward
+    dequantized = 2 * max(a * b for shapes, count in shape.layer_counts() if count for _, a, b in shapes) * cb
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
-    backward_only = tokens * 3 * i * cb // 2 + dequantized
-    recompute = tokens * per_token_layer + backward_only  # a checkpointed layer runs forward again first
+    # A family whose attention transformers runs eagerly (gpt-oss: no SDPA kernel takes its sinks) holds each layer's
+    # softmax scores whole, heads x seq x seq a sequence, and backward half as much again (measured on CPU)
+    scores = sequences * shape.num_heads * recipe.seq_len ** 2 * cb if shape.eager_attention else 0
+    backward_only = tokens * mlp_backward + dequantized + 3 * scores // 2
+    recompute = tokens * per_token_layer + scores + backward_only  # a checkpointed layer runs forward again first
     checkpointed = L - min(recipe.uncheckpointed_layers, L) if recipe.gradient_checkpointing else 0
-    kept = (L - checkpointed) * tokens * per_token_layer  # the last layers keep every activation
+    kept = (L - checkpointed) * (tokens * per_token_layer + scores)  # the last layers keep every activation
     inputs = checkpointed * tokens * h * cb  # a checkpointed layer keeps only its input
     offloaded = 0
     if recipe.activation_offload and on_gpu:

@@ -15,6 +15,7 @@ import torch
 
 from qlora_kit.adapter import base_source_for, check_adapter_on_base, corrects_nf4_rounding, say_note, tokenizer_folder
 from qlora_kit.errors import UserError
+from qlora_kit.experts import dequantize_experts
 from qlora_kit.files import check_not_under_a_file, staged_folder
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer, nf4_rounded
@@ -42,6 +43,7 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
     if from_quantized:
         base = load_base_4bit(folder, torch_dtype, cpu, trust_remote_code)
         base = base.dequantize()  # the 4-bit weights as the adapter saw them, now plain tensors in torch_dtype
+        dequantize_experts(base)
     else:
         with code_needs_trust(folder):
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},

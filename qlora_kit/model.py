@@ -16,7 +16,9 @@ import torch
 
 from qlora_kit.architectures import family_of, towers_pattern
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe, target_names
+from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_names, experts_in_4bit, is_experts,
+                               with_experts_lora)
+from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,7 +119,7 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
         llm_int8_skip_modules=[*towers, "lm_head"] if towers else None,
     )
     try:
-        with code_needs_trust(folder):
+        with code_needs_trust(folder), experts_in_4bit():
             model = AutoModelForCausalLM.from_pretrained(
                 folder, quantization_config=quantization, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
             )
@@ -152,11 +154,27 @@ def add_fresh_lora(model, recipe: Recipe):
                         "the adapter; a 4-bit base would have to be quantized again, and the adapter would then no longer "
                         "fit the original base model.", hint="Use lora_init loftq, which starts from the 4-bit base as it "
                                                              "is, or default.")
+    names = target_names(recipe.target_modules)
+    expert_rank = rank_of_experts(recipe, getattr(model.config.get_text_config(), "num_experts_per_tok", 1))
+    experts = [name for name in expert_weight_names(model) if names == "all-linear" or name in names]
+    if experts and (recipe.dropout or recipe.use_dora):
+        setting = "LoRA dropout" if recipe.dropout else "DoRA"
+        raise UserError(f"{setting} cannot be used on a mixture-of-experts model's experts: PEFT adapts their weights as "
+                        "parameters, not as layers with an input to drop out or a magnitude per output.",
+                        hint=f"Set {'dropout 0' if recipe.dropout else 'use_dora false'}, or adapt the attention layers "
+                             "alone (target_modules attention).")
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        target_modules=present_in(model, target_names(recipe.target_modules)),
+        # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
+        # down_proj) as transformers 4's per-expert layers, and adds the router with a doubled rank on gate_up_proj
+        target_modules=linear_layer_names(model) if experts and names == "all-linear" else present_in(model, names, allow_none=bool(experts)),
+        target_parameters=experts or None,  # each expert's weights; the router is a parameter too, and stays frozen
+        # each expert at its own rank, its update scaled as the other layers' (alpha / rank, or / sqrt(rank))
+        rank_pattern={name: expert_rank for name in experts},
+        alpha_pattern={name: recipe.alpha * (expert_rank / recipe.rank) ** (0.5 if recipe.use_rslora else 1)
+                       for name in experts},
         exclude_modules=towers_pattern(model),  # a vision tower has its q_proj, fc1 ... too
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
@@ -164,7 +182,7 @@ def add_fresh_lora(model, recipe: Recipe):
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, with_experts_lora(config) if experts else config)
     except ValueError as e:
         raise UserError(f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names.") from None
     if recipe.lora_init == "loftq":
@@ -204,13 +222,22 @@ def nf4_rounded(weight: torch.Tensor) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(packed, state).float()
 
 
-def present_in(model, names: str | list[str]) -> str | list[str]:
+def present_in(model, names: str | list[str], allow_none: bool = False) -> str | list[str]:
     """The layer names the model has (a preset lists every architecture's), so the adapter's config names only
-    those; all of them when none is there, for peft to say so."""
+    those; all of them when none is there, for peft to say so (unless allow_none: experts' weights are targeted)."""
     if isinstance(names, str):
         return names
     layers = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [name for name in names if name in layers] or names
+    return [name for name in names if name in layers] or ([] if allow_none else names)
+
+
+def linear_layer_names(model) -> list[str]:
+    """The names of the linear layers "all-linear" means: every one but the output head's and a tower's."""
+    head = model.get_output_embeddings()
+    towers = towers_pattern(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head
+                   and not (towers and re.fullmatch(towers, name))})
 
 
 def settings_from_adapter(recipe: Recipe) -> Recipe:
@@ -232,7 +259,8 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
     # names (up_proj), which the plan counts per block. The weights are placed by the adapter's own config.
     found = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
              "target_modules": targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
-             "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora"))}
+             "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
+             "expert_rank": max((config.get("rank_pattern") or {}).values(), default=0)}
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     differ = [f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})" for name, value in found.items()
               if getattr(recipe, name) not in (value, defaults[name])]
@@ -244,11 +272,11 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
 
 def start_from_adapter(model, recipe: Recipe):
     """LoRA with the configuration and weights of recipe.init_adapter (its dropout is the recipe's: a training choice)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     folder = Path(recipe.init_adapter)
-    config = LoraConfig.from_pretrained(folder)
+    config = adapter_config(folder)
     config.lora_dropout, config.inference_mode = recipe.dropout, False
     weights = load_file(folder / "adapter_model.safetensors")
     check_adapter_fits(model, weights, folder, config.base_model_name_or_path)
@@ -271,11 +299,17 @@ def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) 
         name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
         b = weights[key.replace(".lora_A.", ".lora_B.")]
         try:
-            layer = base.get_submodule(name)
+            layer = base.get_submodule(name.replace(".base_layer", ""))  # PEFT nests one wrapper per expert weight
         except AttributeError:
             raise UserError(f"{folder} adapts {name}, which this base model does not have: it was made for another "
                             "model.", hint=hint) from None
-        if (b.shape[0], a.shape[1]) != (layer.out_features, layer.in_features):
+        if is_experts(layer):
+            maps = {(w.shape[1], w.shape[2]) if layer.is_transposed else (w.shape[2], w.shape[1])
+                    for w in (getattr(layer, n, None) for n in EXPERT_WEIGHTS) if isinstance(w, torch.Tensor)}
+            if (a.shape[1], b.shape[0]) not in maps or a.shape[0] % layer.num_experts:
+                raise UserError(f"{folder} was made for another base model: its {name} does not fit this model's "
+                                f"{layer.num_experts} experts.", hint=hint)
+        elif (b.shape[0], a.shape[1]) != (layer.out_features, layer.in_features):
             raise UserError(f"{folder} was made for another base model: its {name} maps {a.shape[1]} to {b.shape[0]} "
                             f"features, this model's {layer.in_features} to {layer.out_features}.", hint=hint)
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlora_kit import hardware
-from qlora_kit.catalog import find_gpu, find_model_shape, model_ids
+from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids
 from qlora_kit.errors import UserError
 from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
                               longest_sequence, most_uncheckpointed_layers)
@@ -259,8 +259,13 @@ def suggest_fix(shape: ModelShape, recipe: Recipe, target: Target) -> str:
         if rank < recipe.rank and fits_target(shape, replace(smallest, rank=rank), target):
             return _as_flags(recipe, replace(smallest, rank=rank))
     needed = estimate_peak_memory(shape, replace(smallest, rank=min(recipe.rank, 4)), target.device, **target.layout)
+    larger = ""
+    if target.device == "cuda":  # the smallest card that runs the settings as asked, none changed
+        as_asked = estimate_peak_memory(shape, recipe, target.device, **target.layout).total_bytes
+        cards = sorted((gpu for gpu in gpu_catalogue() if gpu.vram_gib * GIB >= as_asked), key=lambda gpu: gpu.vram_gib)
+        larger = f" such as the {cards[0].name} ({cards[0].vram_gib:g} GB), which runs these settings as they are" if cards else ""
     return (f"nothing fits {target.name}: even seq {MIN_SEQ_LEN}, rank 4 needs {needed.total_bytes / GIB:.1f} GiB; "
-            "use a smaller model or a larger card")
+            f"use a smaller model or a larger card{larger}")
 
 
 def _as_flags(recipe: Recipe, changed: Recipe, seq_note: str = "") -> str:

@@ -66,6 +66,10 @@ class Recipe:
     skip_bad_lines: bool = _setting(False, "train on the good examples and report the bad ones, instead of stopping")
     rank: int = _setting(16, "LoRA rank r: adapter capacity; memory and adapter size grow linearly", low=1, high=1024)
     alpha: float = _setting(32.0, "LoRA alpha: the update is scaled by alpha / rank", low=0.0)
+    expert_rank: int = _setting(0, "LoRA rank of each expert of a mixture-of-experts layer; 0: rank / the experts a "
+                                   "token is routed to (at least 2), so each token's update has the rank a dense layer's "
+                                   "would, and the experts' LoRA state is not rank x experts times a layer's", low=0,
+                                high=1024)
     dropout: float = _setting(0.0, "dropout on the LoRA input; 0 is the fast path (no mask, no copy of each input)",
                               low=0.0, high=0.9)
     target_modules: str = _setting("all-linear", "layers that get LoRA: all-linear, attention (q, k, v, o), mlp (gate, up, "
@@ -136,6 +140,11 @@ class Recipe:
 # target_modules presets: every architecture's names for them (Phi-3 fuses qkv_proj and gate_up_proj).
 TARGET_PRESETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
                   "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}
+
+
+def rank_of_experts(recipe: Recipe, experts_per_token: int) -> int:
+    """The LoRA rank each expert gets (Recipe.expert_rank says why)."""
+    return recipe.expert_rank or max(2, recipe.rank // max(1, experts_per_token))
 
 
 def target_names(target_modules: str) -> str | list[str]:

@@ -365,6 +365,13 @@ DAMAGED_ADAPTER_HINT = ("The adapter folder is damaged: use a copy, the adapter 
                         "(checkpoints/step-N/adapter), or train it again.")
 
 
+def _adapts_a_layer(key: str, config: dict) -> bool:
+    """Whether an adapter weight belongs to a layer named in target_modules (else to a module's parameters)."""
+    module = key.split(".lora_A.")[0].replace(".base_layer", "").rsplit(".", 1)[-1]
+    targets = config.get("target_modules") or []
+    return module in targets if isinstance(targets, list) else True
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
     """adapter_config.json, checked against the weights beside it: valid JSON, a rank and an alpha, and LoRA
     matrices that have that rank (a config copied from another adapter would scale the weights wrongly)."""
@@ -393,7 +400,9 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         if len(shape) != 2 or partner is None or len(partner) != 2 or partner[1] != shape[0]:
             raise UserError(f"{weights_path} holds {name} without a LoRA B matrix of its rank beside it.",
                             hint=DAMAGED_ADAPTER_HINT)
-        if shape[0] not in ranks:
+        # On a module's parameters (PEFT's target_parameters: a layer's experts) A stacks every expert's rows
+        stacked = config.get("target_parameters") and any(shape[0] % r == 0 and shape[0] > r for r in ranks)
+        if shape[0] not in ranks and not (stacked and not _adapts_a_layer(name, config)):
             raise UserError(f"{path} says rank {rank}, but the adapter's weights have rank {shape[0]} ({name}).",
                             hint="The config does not belong with these weights: restore the adapter's own "
                                  "adapter_config.json.")

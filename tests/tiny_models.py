@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|smollm3|phi3|phi4_mini]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|qwen3_moe|gpt_oss|smollm3|phi3|phi4_mini]
 """
 
 from __future__ import annotations
@@ -75,6 +75,16 @@ def tiny_config(kind: str, vocab_size: int, **changes):
                         long_factor=[2.0 + i for i in range(rotated)])
         return Phi3Config(**common | {"max_position_embeddings": 1024} | changes, tie_word_embeddings=True,
                           partial_rotary_factor=0.75, original_max_position_embeddings=256, rope_scaling=longrope)
+    if kind == "qwen3_moe":  # 8 experts of width 32, 2 a token, in every layer (Qwen3-30B-A3B: 128, 8 a token)
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                              norm_topk_prob=True, tie_word_embeddings=False)
+    if kind == "gpt_oss":  # 8 experts, 2 a token, biased and clamped; attention sinks, sliding window on every 2nd layer
+        from transformers import GptOssConfig
+
+        return GptOssConfig(**common | {"intermediate_size": 32} | changes, head_dim=16, num_local_experts=8,
+                            num_experts_per_tok=2, sliding_window=4, tie_word_embeddings=False)
     if kind == "gemma3":  # Gemma 3 4B-27B's class: the gemma3_text model above beside a 2-layer SigLIP vision tower
         from transformers import Gemma3Config, SiglipVisionConfig
 

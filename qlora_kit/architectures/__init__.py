@@ -34,6 +34,8 @@ class Family:
     # are loaded frozen and unquantized and get no LoRA; tower_parameters(config) counts them for the memory model
     towers: tuple[str, ...] = ()
     tower_parameters: Callable | None = None
+    # transformers runs the family's attention eagerly (no SDPA kernel for it): the scores are held whole
+    eager_attention: bool = False
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
     fp16_overflows: bool = False
     # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)

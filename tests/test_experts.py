@@ -1,0 +1,193 @@
+"""Mixture-of-experts models in 4-bit (qlora_kit/experts.py): the experts NF4 expert by expert, LoRA on each expert and
+not on the router, the adapter plain PEFT's, and the plan's counts those of the loaded model; on tiny Qwen3-MoE and
+gpt-oss models (8 experts, 2 routed a token)."""
+
+import json
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+
+from qlora_kit.errors import UserError
+from qlora_kit.experts import Experts4bit, dequantize_experts
+from qlora_kit.memory import ModelShape, lora_params, quantized_weight_bytes
+from qlora_kit.model import attach_lora, load_base_4bit, no_dropout
+from qlora_kit.recipes import Recipe, rank_of_experts
+from tests.tiny_models import save_tiny_model
+
+CPU = torch.device("cpu")
+FAMILIES = ["qwen3_moe", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {kind: save_tiny_model(root / kind, kind) for kind in FAMILIES} | {"dense": save_tiny_model(root / "qwen3", "qwen3")}
+
+
+def ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with no_dropout(model), torch.no_grad():  # no eval(): bitsandbytes would repack its 4-bit weights for inference
+        return model(input_ids=tokens).logits
+
+
+def quantized_bytes(model) -> int:
+    """The bytes the NF4 weights hold: packed values, 8-bit absmax, fp32 second-level absmax, the code tables."""
+    def state_bytes(state):
+        return state.absmax.numel() + 4 * state.state2.absmax.numel() + 4 * 256 + 4 + 4 * 16
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Experts4bit):
+            total += sum(packed.numel() + sum(map(state_bytes, states)) for packed, states in module.packed.values())
+        elif hasattr(getattr(module, "weight", None), "quant_state"):
+            total += module.weight.numel() + state_bytes(module.weight.quant_state)
+    return total
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_experts_load_in_4bit_and_compute_as_the_model_quantized_tensor_by_tensor(moe_dirs, kind):
+    from transformers import AutoModelForCausalLM
+
+    model = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
+    experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
+    assert len(experts) == 2 and all(m.gate_up_proj.stride() == (0, 0, 0) for m in experts)  # no 16-bit copy held
+    shape = ModelShape.from_config(kind, json.loads((moe_dirs[kind] / "config.json").read_text()))
+    assert quantized_bytes(model) == quantized_weight_bytes(shape)
+    # The reference: the same model with each expert's weights dequantized into the original 3-D parameters
+    reference = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
+    dequantize_experts(reference)
+    assert not any(isinstance(m, Experts4bit) for m in reference.modules())
+    tokens = ids()
+    assert torch.allclose(logits(model, tokens), logits(reference, tokens), atol=1e-4)
+    # Against the 32-bit original, NF4's error: on tiny random weights it moves logits by ~40% in a dense Qwen3 too
+    def error_of_4bit(folder):
+        full = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokens)
+        return (logits(load_base_4bit(folder, torch.float32, CPU), tokens) - full).abs().mean() / full.abs().mean()
+    assert error_of_4bit(moe_dirs[kind]) < 2 * error_of_4bit(moe_dirs["dense"])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_lora_goes_on_each_expert_not_the_router_and_loads_in_plain_peft(moe_dirs, kind, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = Recipe(rank=4, alpha=8)
+    model = attach_lora(load_base_4bit(moe_dirs[kind], torch.float32, CPU), recipe)
+    config = model.peft_config["default"]
+    assert set(config.target_parameters) == {"gate_up_proj", "down_proj"}
+    assert config.rank_pattern == {"gate_up_proj": 2, "down_proj": 2} == {k: rank_of_experts(recipe, 2) for k in config.rank_pattern}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert not [name for name in trainable if ".gate." in name or "router" in name]  # the router stays frozen
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    with no_dropout(model):
+        for _ in range(5):
+            loss = model(input_ids=ids(), labels=ids()).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    model.save_pretrained(tmp_path / "adapter")
+    ours = logits(model, ids(1))
+    # generate, chat and eval load it onto the 4-bit base as training had it
+    from qlora_kit.adapter import load_with_adapters
+    from qlora_kit.experts import experts_lora_class
+
+    loaded, _, _ = load_with_adapters(str(moe_dirs[kind]), [tmp_path / "adapter"], precision="fp32")
+    assert any(isinstance(m, experts_lora_class()) for m in loaded.modules())
+    assert torch.allclose(ours, logits(loaded, ids(1)), atol=1e-5)
+    # Plain PEFT on the 32-bit model holding the 4-bit model's weights: the same logits
+    reference = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
+    dequantize_experts(reference)
+    plain_base = AutoModelForCausalLM.from_pretrained(moe_dirs[kind], dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if hasattr(getattr(module, "weight", None), "quant_state"):
+                weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                plain_base.get_submodule(name).weight.copy_(weight)
+            for weight in ("gate_up_proj", "down_proj"):
+                if isinstance(getattr(module, weight, None), torch.nn.Parameter) and getattr(module, weight).dim() == 3:
+                    getattr(plain_base.get_submodule(name), weight).copy_(getattr(module, weight))
+    plain = PeftModel.from_pretrained(plain_base, tmp_path / "adapter")
+    assert torch.allclose(ours, logits(plain, ids(1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_plan_counts_the_loaded_model_s_parameters_and_lora(moe_dirs, kind):
+    shape = ModelShape.from_config(kind, json.loads((moe_dirs[kind] / "config.json").read_text()))
+    recipe = Recipe(rank=8)
+    model = attach_lora(load_base_4bit(moe_dirs[kind], torch.float32, CPU), recipe)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert shape.parameter_count() == total - trainable
+    assert lora_params(shape, 8, expert_rank=rank_of_experts(recipe, shape.experts_per_token)) == trainable
+    assert lora_params(shape, 8, "attention") < trainable  # the experts' LoRA is counted apart
+
+
+@pytest.mark.parametrize("setting", [dict(dropout=0.1), dict(use_dora=True)])
+def test_dropout_and_dora_on_experts_are_refused_in_one_sentence(moe_dirs, setting):
+    with pytest.raises(UserError, match="cannot be used on a mixture-of-experts model's experts") as refused:
+        attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, **setting))
+    assert "attention" in refused.value.hint
+    attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, target_modules="attention", **setting))
+
+
+def test_a_merge_is_the_base_plus_the_adapter(moe_dirs, tmp_path):
+    """merge (from the 16-bit base, and into the dequantized 4-bit one) writes what plain PEFT computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merge import merge_adapter
+
+    model = attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter's B is not zero
+    model.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(str(moe_dirs["qwen3_moe"]), tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+    base = AutoModelForCausalLM.from_pretrained(moe_dirs["qwen3_moe"], dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
+                          logits(plain, ids()), atol=1e-4)
+    rounded = merge_adapter(str(moe_dirs["qwen3_moe"]), tmp_path / "adapter", tmp_path / "rounded", dtype="fp32",
+                            from_quantized=True)
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32), ids()),
+                          logits(model, ids()), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_dirs, tmp_path_factory):
+    """A Qwen3-MoE adapter trained two steps by qlora-kit's own loop."""
+    import io
+
+    from rich.console import Console
+
+    from qlora_kit.train import run_training
+
+    folder = tmp_path_factory.mktemp("moe-run")
+    data = folder / "d.jsonl"
+    data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
+    recipe = Recipe(model=str(moe_dirs["qwen3_moe"]), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4)
+    run_training(recipe, folder / "run", Console(file=io.StringIO()))
+    return folder / "run" / "adapter"
+
+
+def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwise_is_refused(moe_dirs, moe_run,
+                                                                                               tmp_path):
+    from qlora_kit.export import export_gguf_adapter, export_merged_gguf
+
+    with pytest.raises(UserError, match="adapts a mixture of experts' weights, which llama.cpp cannot apply") as refused:
+        export_gguf_adapter(moe_run, tmp_path / "adapter.gguf")
+    assert "--format gguf" in refused.value.hint and not (tmp_path / "adapter.gguf").exists()
+    config = json.loads((moe_dirs["qwen3_moe"] / "config.json").read_text())
+    other = tmp_path / "base"
+    other.mkdir()
+    for file in moe_dirs["qwen3_moe"].iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    (other / "config.json").write_text(json.dumps(config | {"norm_topk_prob": False}))
+    with pytest.raises(UserError, match="norm_topk_prob false"):
+        export_merged_gguf(None, tmp_path / "base.gguf", str(other))
