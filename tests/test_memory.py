@@ -141,7 +141,7 @@ def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, se
 def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path, kind, changes):
     """The recompute-dominated step (one layer run again and back-propagated) of families whose layers hold more than
     Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3), Qwen3-MoE 1.03, gpt-oss 1.08;
-    Llama's is 1.08 (docs/memory.md)."""
+    Llama's is 1.08 (docs/memory.md; benchmarks/moe_memory.py measures the mixture-of-experts grid)."""
     from transformers import AutoConfig
 
     sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
