@@ -52,9 +52,9 @@ class ModelShape:
     experts_per_token: int = 0
     expert_size: int = 0
     moe_layers: int = 0
-    expert_biases: bool = False  # gpt-oss: a bias on each expert's projections and the router; o_proj biased too
-    attention_sinks: bool = False  # gpt-oss: one learned logit a head
-    eager_attention: bool = False  # transformers materialises the attention scores (Family.eager_attention)
+    expert_biases: bool = False  # Family.expert_biases
+    attention_sinks: bool = False  # Family.attention_sinks
+    eager_attention: bool = False  # Family.eager_attention
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelShape":
@@ -83,6 +83,8 @@ class ModelShape:
             norms_per_layer=family.norms_per_layer,
             fp16_overflows=family.fp16_overflows,
             eager_attention=family.eager_attention,
+            expert_biases=family.expert_biases,
+            attention_sinks=family.attention_sinks,
             family=family.name,
             tower_params=holder.tower_parameters(outer) if holder and holder.tower_parameters else 0,
             logit_softcap=bool(config.get("final_logit_softcapping")),
@@ -130,12 +132,12 @@ class ModelShape:
             heads = self.num_heads + self.num_kv_heads if self.qk_norms_span_heads else 2
             norms += self.num_layers * heads * self.head_dim
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
-        router = self.moe_layers * self.num_experts * h
+        routers = self.moe_layers * self.num_experts * h
         if self.expert_biases:  # each expert's two projections, the router's and o_proj's
-            router += self.moe_layers * self.num_experts * (2 * self.expert_size + h + 1)
+            routers += self.moe_layers * self.num_experts * (2 * self.expert_size + h + 1)
             bias += self.num_layers * h
         sinks = self.num_layers * self.num_heads if self.attention_sinks else 0
-        return embeddings + norms + bias + router + sinks
+        return embeddings + norms + bias + routers + sinks
 
     def parameter_count(self) -> int:
         return self.linear_params() + self.unquantized_params() + self.tower_params
@@ -190,10 +192,8 @@ def moe_shape(config: dict) -> dict:
     layers = config["num_hidden_layers"]
     step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
     sparse = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
-    biased = config.get("model_type") == "gpt_oss"
     return dict(num_experts=experts, experts_per_token=config.get("num_experts_per_tok") or 1,
-                expert_size=config.get("moe_intermediate_size") or config["intermediate_size"], moe_layers=sparse,
-                expert_biases=biased, attention_sinks=biased)
+                expert_size=config.get("moe_intermediate_size") or config["intermediate_size"], moe_layers=sparse)
 
 
 def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear", use_dora: bool = False,
@@ -202,7 +202,7 @@ def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear"
     weights), and with DoRA a magnitude per output feature."""
     total = 0
     for shapes, count in shape.layer_counts():
-        r = expert_rank or rank if shapes and shapes == shape.expert_shapes() else rank
+        r = (expert_rank or rank) if shapes and shapes == shape.expert_shapes() else rank
         layers = [layer for layer in shapes if layer in targeted(shape, target_modules, with_experts=True)]
         total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
     return total
@@ -248,9 +248,8 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
 
     if shape.moe_layers:
         # Each token is routed to k experts, so its MLP activations are k copies at the experts' width: the gathered
-        # input and the output row (h each), gate/up, act(gate) and their product (4 w); the router's fp32 logits and
-        # softmax. Backward adds three h-wide gradients per copy (measured on CPU, 4-layer Qwen3-MoE, k 2-8, width
-        # 128-512, 16-64 experts: each h per copy costs 5 x c in all and each w 4 x c)
+        # input and the output row (h each), gate/up and act(gate) (3 w); the router's fp32 logits and softmax.
+        # Backward adds 2 h + w a copy (fitted on CPU, benchmarks/moe_memory.py: k 2-8, width 128-512, 16-64 experts)
         k, w = shape.experts_per_token, shape.expert_size
         mlp_per_token = k * (2 * h + 3 * w) * cb + 2 * shape.num_experts * 4
         mlp_backward = k * (2 * h + w) * cb

@@ -18,6 +18,7 @@ from qlora_kit.architectures import family_of, towers_pattern
 from qlora_kit.errors import UserError
 from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_names, experts_in_4bit, is_experts,
                                with_experts_lora)
+from qlora_kit.memory import moe_shape
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
 
@@ -106,7 +107,11 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
     packed 4-bit values in tensors of the compute dtype (same bytes), so FSDP can shard them with the rest."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    family = family_of(read_model_config(folder))
+    config = read_model_config(folder)
+    family = family_of(config)
+    if shardable and moe_shape(text_config(config)):
+        raise UserError(f"{folder} is a mixture-of-experts model, whose 4-bit experts FSDP cannot shard yet.",
+                        hint="Train it with parallel ddp (each GPU holds the whole model), or on one GPU.")
     towers = [f".*{tower}" for tower in family.towers] if family else []
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -135,6 +135,12 @@ def test_dropout_and_dora_on_experts_are_refused_in_one_sentence(moe_dirs, setti
     attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, target_modules="attention", **setting))
 
 
+def test_fsdp_of_4bit_experts_is_refused_in_one_sentence(moe_dirs):
+    with pytest.raises(UserError, match="mixture-of-experts model, whose 4-bit experts FSDP cannot shard") as refused:
+        load_base_4bit(moe_dirs["gpt_oss"], torch.float32, CPU, shardable=True)
+    assert "ddp" in refused.value.hint
+
+
 def test_a_merge_is_the_base_plus_the_adapter(moe_dirs, tmp_path):
     """merge (from the 16-bit base, and into the dequantized 4-bit one) writes what plain PEFT computes."""
     from peft import PeftModel

@@ -5,4 +5,4 @@ re-quantized to NF4 expert by expert as they arrive (qlora_kit/experts.py)."""
 
 from qlora_kit.architectures import Family
 
-FAMILY = Family("gpt-oss", ("gpt_oss",), eager_attention=True)
+FAMILY = Family("gpt-oss", ("gpt_oss",), eager_attention=True, attention_sinks=True, expert_biases=True)
