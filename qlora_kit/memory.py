@@ -324,6 +324,13 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
+    if shape.moe_layers:
+        notes.append(f"Mixture of experts: {shape.num_experts} experts a layer, {shape.experts_per_token} routed a token, "
+                     f"every one in NF4; LoRA of rank {rank_of_experts(recipe, shape.experts_per_token)} on each "
+                     "expert (expert_rank), the router frozen.")
+    if scores:
+        notes.append(f"transformers runs {shape.family}'s attention eagerly: its scores take {scores / GIB:.2f} GiB a "
+                     "layer, held whole.")
     if shape.tower_params:
         notes.append(f"The checkpoint's vision tower and projector ({shape.tower_params / 1e6:,.0f}M parameters) are loaded "
                      "frozen in 16-bit: training on text never runs them, and only the language model is adapted.")
