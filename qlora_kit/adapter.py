@@ -13,9 +13,9 @@ from rich.markup import escape
 
 from qlora_kit.catalog import catalogue_id
 from qlora_kit.errors import UserError
+from qlora_kit.experts import adapter_config
 from qlora_kit.files import staged_folder
 from qlora_kit.hardware import CPU_SHARE
-from qlora_kit.experts import adapter_config
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.recipes import read_settings
 from qlora_kit.sources import (IDENTITY_FILE, check_adapter_folder, describe_source, model_identity, packaged_model,

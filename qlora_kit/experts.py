@@ -130,13 +130,9 @@ class Experts4bit(torch.nn.Module):
         return weighted.view(tokens, top_k, -1).sum(dim=1)
 
 
-_four_bit_classes: dict[type, type] = {}
-
-
+@functools.cache
 def _four_bit_class(cls: type) -> type:
-    if cls not in _four_bit_classes:
-        _four_bit_classes[cls] = type(f"{cls.__name__}4bit", (Experts4bit, cls), {})
-    return _four_bit_classes[cls]
+    return type(f"{cls.__name__}4bit", (Experts4bit, cls), {})
 
 
 def quantize_experts_on_load(model) -> None:

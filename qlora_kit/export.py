@@ -29,6 +29,7 @@ from qlora_kit.adapter import PEFT_PREFIX, base_source_for, check_adapter_on_bas
 from qlora_kit.architectures import Family, gguf_family
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_file
+from qlora_kit.memory import moe_shape
 from qlora_kit.model import nf4_rounded
 from qlora_kit.sources import (check_adapter_folder, gguf_file_of, language_model_name, model_weights,
                                read_adapter_config, read_model_config, resolve_model, text_config)
@@ -495,7 +496,7 @@ def with_experts_stacked(weights, config: dict, updates: dict):
     """The weights, with each layer's per-expert projections (as checkpoints hold them) stacked into one tensor per
     projection (experts x out x in), as llama.cpp holds them, each expert's adapter change added; updates used up
     are taken out of updates (gate_up_proj's once both its gate and up rows are)."""
-    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    experts = moe_shape(config).get("num_experts", 0)
     waiting: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     rows_used: dict[str, set] = {}
     for name, weight in weights:
@@ -534,11 +535,9 @@ def experts_change(layer: str, projection: str, stack: torch.Tensor, updates: di
             continue
         rank = update.a.shape[0] // experts
         a = update.a.float().reshape(experts, rank, width)
-        b = update.b.float().reshape(-1, rank, experts).permute(2, 0, 1)  # experts x out x rank
-        change = update.scale * (b @ a)
-        if fused:
-            change = change[:, :out] if projection == "gate_proj" else change[:, out:]
-        return key, change
+        rows = update.b if not fused else update.b[:out] if projection == "gate_proj" else update.b[out:]
+        b = rows.float().reshape(out, rank, experts).permute(2, 0, 1)  # experts x out x rank
+        return key, update.scale * (b @ a)
     return None, 0.0
 
 

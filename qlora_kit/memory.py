@@ -186,7 +186,7 @@ class MemoryPlan:
 
 def moe_shape(config: dict) -> dict:
     """ModelShape's mixture-of-experts fields from a config.json (none for a dense model)."""
-    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0  # transformers 5 saves the latter
     if not experts:
         return {}
     layers = config["num_hidden_layers"]

@@ -160,7 +160,7 @@ def add_fresh_lora(model, recipe: Recipe):
                         "fit the original base model.", hint="Use lora_init loftq, which starts from the 4-bit base as it "
                                                              "is, or default.")
     names = target_names(recipe.target_modules)
-    expert_rank = rank_of_experts(recipe, getattr(model.config.get_text_config(), "num_experts_per_tok", 1))
+    expert_rank = rank_of_experts(recipe, moe_shape(model.config.get_text_config().to_dict()).get("experts_per_token", 1))
     experts = [name for name in expert_weight_names(model) if names == "all-linear" or name in names]
     if experts and (recipe.dropout or recipe.use_dora):
         setting = "LoRA dropout" if recipe.dropout else "DoRA"

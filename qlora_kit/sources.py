@@ -366,10 +366,11 @@ DAMAGED_ADAPTER_HINT = ("The adapter folder is damaged: use a copy, the adapter 
 
 
 def _adapts_a_layer(key: str, config: dict) -> bool:
-    """Whether an adapter weight belongs to a layer named in target_modules (else to a module's parameters)."""
-    module = key.split(".lora_A.")[0].replace(".base_layer", "").rsplit(".", 1)[-1]
+    """Whether an adapter weight belongs to a layer named in target_modules, by its name or its path (else to a
+    module's parameters)."""
+    path = key.split(".lora_A.")[0].replace(".base_layer", "")
     targets = config.get("target_modules") or []
-    return module in targets if isinstance(targets, list) else True
+    return any(path == t or path.endswith("." + t) for t in targets) if isinstance(targets, list) else True
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

@@ -9,16 +9,19 @@ from qlora_kit.errors import UserError
 
 
 def gguf_metadata(writer, config: dict) -> None:
+    from qlora_kit.memory import moe_shape
+
+    moe = moe_shape(config)
     differs = [what for what, same in (
         ("norm_topk_prob false (llama.cpp renormalises the chosen experts' weights)", config.get("norm_topk_prob", True)),
-        ("dense MLP layers (mlp_only_layers, decoder_sparse_step)",
-         not config.get("mlp_only_layers") and config.get("decoder_sparse_step", 1) == 1)) if not same]
+        ("dense MLP layers (mlp_only_layers, decoder_sparse_step)", moe["moe_layers"] == config["num_hidden_layers"]))
+        if not same]
     if differs:
         raise UserError(f"This Qwen3-MoE differs from what llama.cpp builds in: {', '.join(differs)}.",
                         hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.")
-    writer.add_expert_count(config.get("num_experts") or config["num_local_experts"])  # transformers 5 saves the latter
-    writer.add_expert_used_count(config["num_experts_per_tok"])
-    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    writer.add_expert_count(moe["num_experts"])
+    writer.add_expert_used_count(moe["experts_per_token"])
+    writer.add_expert_feed_forward_length(moe["expert_size"])
 
 
 FAMILY = Family("Qwen3-MoE", ("qwen3_moe",), qk_norms=True, gguf_name="qwen3moe", gguf_metadata=gguf_metadata)
