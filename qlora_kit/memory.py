@@ -18,6 +18,9 @@ CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace: seen by 
 HOST_PROCESS_BYTES = int(0.7 * GIB)  # measured: libraries, tokenizer and loading residue of a CPU run
 CHUNK_LOGIT_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk of the chunked loss
 TIGHT_FRACTION = 0.90  # above this share of the card a run is "tight": fragmentation may tip it over
+# PEFT 0.21 reads these names in a mixture-of-experts model as transformers 4's per-expert layers and moves them to
+# the fused experts, so a shared expert's or a dense MLP's layers of these names cannot be adapted there
+NAMES_PEFT_TAKES_FOR_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,16 @@ class ModelShape:
     expert_biases: bool = False  # Family.expert_biases
     attention_sinks: bool = False  # Family.attention_sinks
     eager_attention: bool = False  # Family.eager_attention
+    shared_expert_size: int = 0  # a dense expert every token takes beside the routed ones, with a sigmoid gate
+    # Hybrids: in `mixer_layers` of the layers a linear-attention or convolution mixer (its family's shape_fields say
+    # what) takes softmax attention's place: its linear layers, its other weights (16-bit) and what its forward keeps
+    # a token, as (compute-dtype elements, fp32 elements)
+    mixer_layers: int = 0
+    mixer_linears: tuple[tuple[str, int, int], ...] = ()
+    mixer_params: int = 0
+    mixer_activations: tuple[int, int] = (0, 0)
+    attention_output_gate: bool = False  # q_proj also gives a sigmoid gate for the attention output (Qwen3.5)
+    renamed: tuple[tuple[str, str], ...] = ()  # (Llama's layer name, the family's), where a family names them its way
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelShape":
@@ -65,7 +78,7 @@ class ModelShape:
         heads = config["num_attention_heads"]
         family = family_of(config) or Family("unknown", ())
         holder = family_of(outer)  # the family of the checkpoint as a whole knows its towers
-        return cls(
+        fields = dict(
             name=name,
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -93,6 +106,7 @@ class ModelShape:
             max_positions=config.get("max_position_embeddings") or 131072,
             **moe_shape(config),
         )
+        return cls(**fields | (family.shape_fields(config) if family.shape_fields else {}))
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of each linear layer in one decoder block (a dense one's, for MoE)."""
@@ -100,25 +114,36 @@ class ModelShape:
 
     def attention_shapes(self) -> list[tuple[str, int, int]]:
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv)]
-        return attention + [("o_proj", q, h)]
+        queries = 2 * q if self.attention_output_gate else q
+        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, queries), ("k_proj", h, kv), ("v_proj", h, kv)]
+        return self._named(attention + [("o_proj", q, h)])
 
-    def mlp_shapes(self) -> list[tuple[str, int, int]]:
-        h, i = self.hidden_size, self.intermediate_size
+    def mlp_shapes(self, width: int | None = None) -> list[tuple[str, int, int]]:
+        h, i = self.hidden_size, width or self.intermediate_size
         mlp = [("gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("gate_proj", h, i), ("up_proj", h, i)]
-        return mlp + [("down_proj", i, h)]
+        return self._named(mlp + [("down_proj", i, h)])
 
     def expert_shapes(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of one expert's weights; [] for a dense model."""
         h, w = self.hidden_size, self.expert_size
         return [("gate_up_proj", h, 2 * w), ("down_proj", w, h)] if self.num_experts else []
 
+    def shared_expert_shapes(self) -> list[tuple[str, int, int]]:
+        h = self.hidden_size
+        return self.mlp_shapes(self.shared_expert_size) + [("shared_expert_gate", h, 1)] if self.shared_expert_size else []
+
+    def _named(self, shapes: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        names = dict(self.renamed)
+        return [(names.get(name, name), a, b) for name, a, b in shapes]
+
     def layer_counts(self) -> list[tuple[list[tuple[str, int, int]], int]]:
-        """(linear layers, how many times the model holds them): every block's attention, the dense MLPs, and each
-        expert's weights once per expert and MoE layer."""
+        """(linear layers, how many times the model holds them): the softmax attention layers, a hybrid's other mixers,
+        the dense MLPs, each expert's weights once per expert and MoE layer, and the shared experts."""
         dense = self.num_layers - self.moe_layers
-        return [(self.attention_shapes(), self.num_layers), (self.mlp_shapes(), dense),
-                (self.expert_shapes(), self.moe_layers * self.num_experts)]
+        return [(self.attention_shapes(), self.num_layers - self.mixer_layers),
+                (list(self.mixer_linears), self.mixer_layers), (self.mlp_shapes(), dense),
+                (self.expert_shapes(), self.moe_layers * self.num_experts),
+                (self.shared_expert_shapes(), self.moe_layers)]
 
     def linear_params(self) -> int:
         return sum(count * sum(a * b for _, a, b in shapes) for shapes, count in self.layer_counts())
@@ -130,14 +155,14 @@ class ModelShape:
         norms = (self.norms_per_layer * self.num_layers + 1) * h
         if self.qk_norms:  # each head's queries and keys, or (OLMo) all heads' projections at once
             heads = self.num_heads + self.num_kv_heads if self.qk_norms_span_heads else 2
-            norms += self.num_layers * heads * self.head_dim
+            norms += (self.num_layers - self.mixer_layers) * heads * self.head_dim
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         routers = self.moe_layers * self.num_experts * h
         if self.expert_biases:  # each expert's two projections, the router's and o_proj's
             routers += self.moe_layers * self.num_experts * (2 * self.expert_size + h + 1)
             bias += self.num_layers * h
         sinks = self.num_layers * self.num_heads if self.attention_sinks else 0
-        return embeddings + norms + bias + routers + sinks
+        return embeddings + norms + bias + routers + sinks + self.mixer_layers * self.mixer_params
 
     def parameter_count(self) -> int:
         return self.linear_params() + self.unquantized_params() + self.tower_params
@@ -202,17 +227,18 @@ def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear"
     weights), and with DoRA a magnitude per output feature."""
     total = 0
     for shapes, count in shape.layer_counts():
-        r = (expert_rank or rank) if shapes and shapes == shape.expert_shapes() else rank
-        layers = [layer for layer in shapes if layer in targeted(shape, target_modules, with_experts=True)]
+        experts = bool(shapes) and shapes == shape.expert_shapes()
+        layers = [layer for layer in targeted(shapes, target_modules)
+                  if experts or not (shape.num_experts and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)]
+        r = (expert_rank or rank) if experts else rank
         total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
     return total
 
 
-def targeted(shape: ModelShape, target_modules: str, with_experts: bool = False) -> list[tuple[str, int, int]]:
-    """The layers LoRA adapts in a dense block (with_experts: and among one expert's weights)."""
+def targeted(shapes: list[tuple[str, int, int]], target_modules: str) -> list[tuple[str, int, int]]:
+    """Those of the layers LoRA adapts."""
     names = target_names(target_modules)
-    layers = shape.linear_shapes() + (shape.expert_shapes() if with_experts else [])
-    return layers if names == "all-linear" else [layer for layer in layers if layer[0] in names]
+    return list(shapes) if names == "all-linear" else [layer for layer in shapes if layer[0] in names]
 
 
 def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
@@ -249,24 +275,41 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     if shape.moe_layers:
         # Each token is routed to k experts, so its MLP activations are k copies at the experts' width: the gathered
         # input and the output row (h each), gate/up and act(gate) (3 w); the router's fp32 logits and softmax.
-        # Backward adds 2 h + w a copy (fitted on CPU, benchmarks/moe_memory.py: k 2-8, width 128-512, 16-64 experts)
+        # Backward adds 2 h + w a copy (fitted on CPU, benchmarks/family_memory.py: k 2-8, width 128-512, 16-64 experts)
         k, w = shape.experts_per_token, shape.expert_size
         mlp_per_token = k * (2 * h + 3 * w) * cb + 2 * shape.num_experts * 4
         mlp_backward = k * (2 * h + w) * cb
     else:
         mlp_per_token, mlp_backward = 4 * i * cb, 3 * i * cb // 2
-    # One decoder layer's activations kept for backward (forward pass), in bytes per token.
-    dropout_copies = sum(a for _, a, _ in targeted(shape, recipe.target_modules)) * (cb + 1) if recipe.dropout > 0 else 0
-    dora_outputs = 2 * sum(b for _, _, b in targeted(shape, recipe.target_modules)) * cb if recipe.use_dora else 0
-    per_token_layer = (
+    if shape.shared_expert_size:  # a dense MLP beside the routed experts, and its gate
+        mlp_per_token += 4 * shape.shared_expert_size * cb + 2 * cb
+        mlp_backward += 3 * shape.shared_expert_size * cb // 2
+
+    def adapted_layer_copies(shapes: list[tuple[str, int, int]]) -> int:
+        """Per token: each LoRA layer's dropped-out copy of its input and the mask; DoRA's base and LoRA outputs,
+        kept to rescale them by the magnitudes."""
+        layers = targeted(shapes, recipe.target_modules)
+        dropout = sum(a for _, a, _ in layers) * (cb + 1) if recipe.dropout > 0 else 0
+        return dropout + (2 * sum(b for _, _, b in layers) * cb if recipe.use_dora else 0)
+
+    # One decoder layer's activations kept for backward (forward pass), in bytes per token: what every layer keeps,
+    # then what its softmax attention or (in a hybrid's other layers) its mixer keeps
+    per_token_block = (
         shape.norms_per_layer * h * (4 + cb)  # RMSNorms (two, or four in Gemma 2/3): fp32 upcast input and output
-        + ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
-        + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
-        + 2 * q * cb + 2 * h * cb  # attention output (+ its o_proj input) and the two residual sums
+        + 2 * h * cb  # the two residual sums
         + mlp_per_token  # gate, up, act(gate), act(gate) * up (and for experts, their inputs and outputs)
-        + dropout_copies  # each LoRA layer keeps its own dropped-out copy of its input, plus the mask
-        + dora_outputs  # DoRA keeps each adapted layer's base and LoRA outputs, to rescale them by the magnitudes
+        + adapted_layer_copies(shape.mlp_shapes())
     )
+    per_token_attention = per_token_block + (
+        ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
+        + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
+        + 2 * q * cb  # attention output (+ its o_proj input)
+        + (4 * q * cb if shape.attention_output_gate else 0)  # the gate half of q_proj, its sigmoid, the product
+        + adapted_layer_copies(shape.attention_shapes())
+    )
+    mixed, fp32 = shape.mixer_activations
+    per_token_mixer = per_token_block + mixed * cb + fp32 * 4 + adapted_layer_copies(list(shape.mixer_linears))
+    per_token_layer = max(per_token_attention, per_token_mixer if shape.mixer_layers else 0)
     # a 4-bit weight's (an expert's) 16-bit copy, forward and backward
     dequantized = 2 * max(a * b for shapes, count in shape.layer_counts() if count for _, a, b in shapes) * cb
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
@@ -276,7 +319,9 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     backward_only = tokens * mlp_backward + dequantized + 3 * scores // 2
     recompute = tokens * per_token_layer + scores + backward_only  # a checkpointed layer runs forward again first
     checkpointed = L - min(recipe.uncheckpointed_layers, L) if recipe.gradient_checkpointing else 0
-    kept = (L - checkpointed) * (tokens * per_token_layer + scores)  # the last layers keep every activation
+    # the last layers keep every activation; a hybrid's mixers are spread evenly among them
+    mixers = shape.mixer_layers / L
+    kept = int((L - checkpointed) * (tokens * ((1 - mixers) * per_token_attention + mixers * per_token_mixer) + scores))
     inputs = checkpointed * tokens * h * cb  # a checkpointed layer keeps only its input
     offloaded = 0
     if recipe.activation_offload and on_gpu:
@@ -328,6 +373,10 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         notes.append(f"Mixture of experts: {shape.num_experts} experts a layer, {shape.experts_per_token} routed a token, "
                      f"every one in NF4; LoRA of rank {rank_of_experts(recipe, shape.experts_per_token)} on each "
                      "expert (expert_rank), the router frozen.")
+    if shape.mixer_layers:
+        notes.append(f"{shape.family} is a hybrid: {shape.mixer_layers} of its {L} layers mix tokens without softmax "
+                     "attention, and their activations are counted as transformers' own PyTorch code keeps them (a "
+                     "linear attention's fp32 chunks included); optional fused kernels need less.")
     if scores:
         notes.append(f"transformers runs {shape.family}'s attention eagerly: its scores take {scores / GIB:.2f} GiB a "
                      "layer, held whole.")

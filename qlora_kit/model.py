@@ -18,7 +18,7 @@ from qlora_kit.architectures import family_of, towers_pattern
 from qlora_kit.errors import UserError
 from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_names, experts_in_4bit, is_experts,
                                with_experts_lora)
-from qlora_kit.memory import moe_shape
+from qlora_kit.memory import NAMES_PEFT_TAKES_FOR_EXPERTS, moe_shape
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
 
@@ -168,13 +168,18 @@ def add_fresh_lora(model, recipe: Recipe):
                         "parameters, not as layers with an input to drop out or a magnitude per output.",
                         hint=f"Set {'dropout 0' if recipe.dropout else 'use_dora false'}, or adapt the attention layers "
                              "alone (target_modules attention).")
+    layers = present_in(model, names, allow_none=bool(experts))
+    if experts:
+        # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
+        # down_proj) as transformers 4's per-expert layers, and adds the router with a doubled rank on gate_up_proj;
+        # a shared expert's layers of those names are frozen for that reason
+        layers = [name for name in (linear_layer_names(model) if names == "all-linear" else layers)
+                  if name not in NAMES_PEFT_TAKES_FOR_EXPERTS]
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
-        # down_proj) as transformers 4's per-expert layers, and adds the router with a doubled rank on gate_up_proj
-        target_modules=linear_layer_names(model) if experts and names == "all-linear" else present_in(model, names, allow_none=bool(experts)),
+        target_modules=layers,
         target_parameters=experts or None,  # each expert's weights; the router is a parameter too, and stays frozen
         # each expert at its own rank, its update scaled as the other layers' (alpha / rank, or / sqrt(rank))
         rank_pattern={name: expert_rank for name in experts},

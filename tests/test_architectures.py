@@ -138,7 +138,8 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
     assert "blk.5.attn_q.weight" in names and len(names) == 1 + 1 + 6 * 13  # embeddings, norm, 13 a layer: no tower
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "smollm3", "gemma3_text", "gemma3", "olmo3", "phi4_mini", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["qwen3", "smollm3", "gemma3_text", "gemma3", "olmo3", "phi4_mini", "qwen3_moe", "gpt_oss",
+                                  "qwen3_5_text", "lfm2", "qwen3_next"])
 def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind, monkeypatch):
     """Loss falls; a run that lost its last checkpoint and adapter (killed before writing them) resumes from the one
     before and ends bit for bit as the run that was never stopped. On one torch thread: beside the other test
@@ -174,3 +175,35 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
     assert_same_run(tmp_path / "killed", tmp_path / "whole")
     steps = losses(tmp_path / "whole")
     assert steps[4] < steps[1]
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5_text", "lfm2"])
+def test_a_hybrids_merge_is_the_base_plus_the_adapter(tmp_path, kind):
+    """Qwen3.5's and LFM2's adapters cover their mixers' projections (in_proj_qkv, in_proj_z ... out_proj; in_proj,
+    out_proj); merged into the 32-bit base they give what plain PEFT computes."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit import model as models
+    from qlora_kit.merge import merge_adapter
+    from qlora_kit.recipes import Recipe
+    from tests.tiny_models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", kind)
+    lora = models.attach_lora(models.load_base_4bit(base, torch.float32, torch.device("cpu")), Recipe(rank=4, dropout=0.0))
+    torch.manual_seed(1)
+    for name, parameter in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)  # an adapter that changes the output
+    assert any(mixer in name for name, _ in lora.named_parameters() for mixer in ("in_proj_qkv.lora", "conv.in_proj.lora"))
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        reference = PeftModel.from_pretrained(plain, tmp_path / "adapter")(input_ids=ids).logits
+        merged_dir = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(input_ids=ids).logits
+        unchanged = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)
+    assert (reference - unchanged).abs().max() > 1e-2

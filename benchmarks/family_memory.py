@@ -1,11 +1,13 @@
-"""The memory model's mixture-of-experts terms against what one training step allocates on CPU.
+"""The memory model's mixture-of-experts and hybrid terms against what one training step allocates on CPU.
 
-Each point builds a 4-layer model of transformers' own config class (h 256, head_dim 64, V 8192, random weights),
-with experts of width w, k routed a token, E in all, runs measure_cpu_memory.py on it in a fresh process (the step's
-peak transient bytes: activations, loss, LoRA gradients) and prints the estimate beside it. Results append to
-results/moe_memory_<machine>.jsonl; docs/memory.md shows them, tests/test_memory.py holds two of them to +-10%.
+Each point builds a 4-layer model of transformers' own config class (h 256, head_dim 64, V 8192, random weights):
+experts of width w, k routed a token, E in all; or a hybrid's linear-attention (Gated DeltaNet) or short-convolution
+layers beside softmax attention. It runs measure_cpu_memory.py on it in a fresh process (the step's peak transient
+bytes: activations, loss, LoRA gradients) and prints the estimate beside it. Results append to
+results/family_memory_<machine>.jsonl; docs/memory.md shows them, tests/test_memory.py holds some of them to +-10%.
 
-  python benchmarks/moe_memory.py            # the whole grid, about 2 minutes on 2 cores
+  python benchmarks/family_memory.py                    # the whole grid, about 4 minutes on 2 cores
+  python benchmarks/family_memory.py qwen3_5_text lfm2  # the points of these model types
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ QWEN3_MOE = dict(moe_intermediate_size=256, num_experts=16, num_experts_per_tok=
 GPT_OSS = dict(intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512)
 RECOMPUTED = dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0)
 EVERY_LAYER_KEPT = dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, gradient_checkpointing=False)
+# Gated DeltaNet at Qwen3.5-9B's proportions (key heads x dim = h / 2, value heads x dim = h), and varied
+DELTA_NET = dict(linear_num_key_heads=2, linear_key_head_dim=64, linear_num_value_heads=4, linear_value_head_dim=64)
+LFM2 = dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])
 GRID = [  # (model_type, config changes, recipe settings)
     ("qwen3_moe", QWEN3_MOE, RECOMPUTED),
     ("qwen3_moe", QWEN3_MOE | dict(num_experts_per_tok=2, moe_intermediate_size=512), RECOMPUTED),
@@ -38,6 +43,13 @@ GRID = [  # (model_type, config changes, recipe settings)
     ("qwen3_moe", QWEN3_MOE, EVERY_LAYER_KEPT),
     ("gpt_oss", GPT_OSS, RECOMPUTED),
     ("gpt_oss", GPT_OSS, EVERY_LAYER_KEPT),
+    ("qwen3_5_text", DELTA_NET, RECOMPUTED),
+    ("qwen3_5_text", DELTA_NET | dict(linear_num_value_heads=8, linear_value_head_dim=32), RECOMPUTED),
+    ("qwen3_5_text", DELTA_NET | dict(linear_key_head_dim=128, linear_num_key_heads=4), RECOMPUTED),
+    ("qwen3_5_text", DELTA_NET, EVERY_LAYER_KEPT),
+    ("qwen3_next", DELTA_NET | QWEN3_MOE | dict(shared_expert_intermediate_size=256), RECOMPUTED),
+    ("lfm2", LFM2, RECOMPUTED),
+    ("lfm2", LFM2 | dict(layer_types=["conv"] * 3 + ["full_attention"], full_attn_idxs=[3]), EVERY_LAYER_KEPT),
 ]
 
 
@@ -66,9 +78,12 @@ def measure_point(kind: str, changes: dict, settings: dict, folder: Path) -> dic
 
 def main() -> None:
     machine = f"{platform.machine()}_x{os.cpu_count()}"
-    results = ROOT / "benchmarks" / "results" / f"moe_memory_{machine}.jsonl"
+    results = ROOT / "benchmarks" / "results" / f"family_memory_{machine}.jsonl"
+    kinds = sys.argv[1:]
     with tempfile.TemporaryDirectory() as scratch:
         for number, (kind, changes, settings) in enumerate(GRID):
+            if kinds and kind not in kinds:
+                continue
             point = measure_point(kind, changes, settings, Path(scratch) / str(number))
             print(f"{kind:10} {json.dumps(changes):90} {settings['seq_len']} x {settings['micro_batch']}"
                   f"{'' if settings.get('gradient_checkpointing', True) else ' no checkpointing'}: "
