@@ -143,22 +143,35 @@ def quantize_experts_on_load(model) -> None:
 
 
 @contextmanager
-def experts_in_4bit():
+def experts_in_4bit(from_mxfp4: bool = False):
     """While a 4-bit from_pretrained runs, the experts modules quantize their weights as they load: transformers
-    calls this step once the model's skeleton exists (on the meta device) and before any weight is read."""
+    calls this step once the model's skeleton exists (on the meta device) and before any weight is read.
+    from_mxfp4: the checkpoint holds the experts in MXFP4 (gpt-oss's blocks and scales); transformers' own MXFP4
+    dequantization turns each tensor into the compute dtype as it is read, and the experts module packs it to NF4."""
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     before = Bnb4BitHfQuantizer._process_model_before_weight_loading
+    conversions = Bnb4BitHfQuantizer.get_weight_conversions
 
     def and_the_experts(self, model, *args, **kwargs):
         before(self, model, *args, **kwargs)
         quantize_experts_on_load(model)
 
+    def and_mxfp4(self):
+        from transformers.core_model_loading import WeightConverter
+        from transformers.integrations.mxfp4 import Mxfp4Dequantize
+
+        stored = {name: [f"{name}_blocks", f"{name}_scales"] for name in ("gate_up_proj", "down_proj")}
+        return conversions(self) + [WeightConverter(names, name, [Mxfp4Dequantize(self)]) for name, names in stored.items()]
+
     Bnb4BitHfQuantizer._process_model_before_weight_loading = and_the_experts
+    if from_mxfp4:
+        Bnb4BitHfQuantizer.get_weight_conversions = and_mxfp4
     try:
         yield
     finally:
         Bnb4BitHfQuantizer._process_model_before_weight_loading = before
+        Bnb4BitHfQuantizer.get_weight_conversions = conversions
 
 
 @functools.cache

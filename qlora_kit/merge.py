@@ -18,8 +18,10 @@ from qlora_kit.errors import UserError
 from qlora_kit.experts import dequantize_experts
 from qlora_kit.files import check_not_under_a_file, staged_folder
 from qlora_kit.hardware import check_ram_available
-from qlora_kit.model import code_needs_trust, load_base_4bit, load_tokenizer, nf4_rounded
-from qlora_kit.sources import check_adapter_folder, resolve_model
+from qlora_kit.memory import ModelShape
+from qlora_kit.model import (code_needs_trust, dequantized_on_load, load_base_4bit, load_tokenizer, nf4_rounded,
+                             stored_in_mxfp4)
+from qlora_kit.sources import check_adapter_folder, read_model_config, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,7 +49,7 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
     else:
         with code_needs_trust(folder):
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
-                                                        trust_remote_code=trust_remote_code)
+                                                        trust_remote_code=trust_remote_code, **dequantized_on_load(folder))
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
     if corrects_nf4_rounding(adapter_dir) and not from_quantized:
         round_adapted_weights(with_adapter)
@@ -82,8 +84,11 @@ def round_adapted_weights(model) -> None:
 def check_ram_for(folder: Path, dtype: torch.dtype) -> None:
     """Refuse a merge whose 16-bit model would not fit in available RAM (merging happens on the CPU)."""
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
-    stored_bytes_per_param = 4 if _stored_as_fp32(folder) else 2
-    needed = weights / stored_bytes_per_param * torch.finfo(dtype).bits / 8 * 1.2  # 20%: the copy being written
+    parameters = weights / (4 if _stored_as_fp32(folder) else 2)
+    config = read_model_config(folder)
+    if stored_in_mxfp4(config):  # its files hold the experts at half a byte a weight: count the parameters instead
+        parameters = ModelShape.from_config(str(folder), config).parameter_count()
+    needed = parameters * torch.finfo(dtype).bits / 8 * 1.2  # 20%: the copy being written
     check_ram_available(needed, "Merging", what=f" for the {str(dtype).removeprefix('torch.')} model",
                         hint="Close other programs, or merge on a machine with more RAM; the adapter works unmerged too.")
 

@@ -123,16 +123,44 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
         # transformers matches these from the start of a module's path, as regular expressions: hence the ".*"
         llm_int8_skip_modules=[*towers, "lm_head"] if towers else None,
     )
+    mxfp4 = stored_in_mxfp4(config)
     try:
-        with code_needs_trust(folder), experts_in_4bit():
+        with code_needs_trust(folder), experts_in_4bit(from_mxfp4=mxfp4):
+            # An MXFP4 checkpoint (gpt-oss) is read as 16-bit, expert tensor by expert tensor, and packed to NF4
+            extra = {"config": without_quantization(folder, trust_remote_code)} if mxfp4 else {}
             model = AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=quantization, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
-            )
+                folder, quantization_config=quantization, dtype=dtype, device_map={"": device},
+                trust_remote_code=trust_remote_code, **extra)
     except (ValueError, KeyError) as e:
         raise UserError(f"{folder} could not be loaded as a causal language model: {e}",
                         hint="qlora-kit fine-tunes decoder-only text models (Llama, Gemma, Qwen, Mistral, Phi ...).") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def stored_in_mxfp4(config: dict) -> bool:
+    """Whether a checkpoint holds its experts in MXFP4 (gpt-oss as published)."""
+    stored = text_config(config).get("quantization_config") or config.get("quantization_config") or {}
+    return stored.get("quant_method") == "mxfp4"
+
+
+def dequantized_on_load(folder: Path) -> dict:
+    """from_pretrained's arguments for a 16-bit load: an MXFP4 checkpoint dequantized by transformers even where its
+    MXFP4 kernels would run (PEFT and merging need plain tensors)."""
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)} if stored_in_mxfp4(read_model_config(folder)) else {}
+
+
+def without_quantization(folder: Path, trust_remote_code: bool = False):
+    """The model's config with the checkpoint's quantization_config dropped (transformers refuses a second one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    for part in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        if hasattr(part, "quantization_config"):
+            del part.quantization_config
+    return config
 
 
 def attach_lora(model, recipe: Recipe):

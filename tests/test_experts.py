@@ -165,6 +165,33 @@ def test_a_merge_is_the_base_plus_the_adapter(moe_dirs, tmp_path):
                           logits(model, ids()), atol=1e-4)
 
 
+def test_gpt_oss_s_mxfp4_checkpoint_loads_in_4bit_and_merges(moe_dirs, tmp_path):
+    """The hub's gpt-oss holds its experts in MXFP4 (blocks and scales): they are read through transformers' own
+    MXFP4 dequantization and packed to NF4 as they arrive, giving exactly the model of the weights they decode to;
+    merge reads the same checkpoint in 16-bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merge import merge_adapter
+    from tests.tiny_models import save_mxfp4_copies
+
+    save_mxfp4_copies(moe_dirs["gpt_oss"], tmp_path / "mxfp4", tmp_path / "decoded")
+    model = load_base_4bit(tmp_path / "mxfp4", torch.float32, CPU)
+    assert quantized_bytes(model) == quantized_bytes(load_base_4bit(tmp_path / "decoded", torch.float32, CPU))
+    plain = logits(load_base_4bit(tmp_path / "decoded", torch.float32, CPU), ids())
+    assert torch.equal(logits(model, ids()), plain)
+    lora = attach_lora(model, Recipe(rank=4, dropout=0.0))
+    for name, parameter in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05, generator=torch.Generator().manual_seed(1))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(str(tmp_path / "mxfp4"), tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "decoded", dtype=torch.float32),
+                                          tmp_path / "adapter")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
+                               logits(reference, ids()), rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def moe_run(moe_dirs, tmp_path_factory):
     """A Qwen3-MoE adapter trained two steps by qlora-kit's own loop."""

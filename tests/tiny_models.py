@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|qwen3_moe|gpt_oss|smollm3|phi3|phi4_mini]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|qwen3_moe|gpt_oss|qwen3_5_text|qwen3_next|lfm2|smollm3|phi3|phi4_mini]
 """
 
 from __future__ import annotations
@@ -126,6 +126,47 @@ def save_tiny_model(folder: Path, kind: str, seed: int = 0, tokenizer=None, **ch
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1
+
+
+def to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An experts weight (experts, in, out) as gpt-oss's checkpoints store it: blocks (experts, out, in / 32, 16) of
+    two e2m1 codes a byte, scales (experts, out, in / 32) of e8m0 exponents; and the weight those decode to."""
+    values = torch.tensor(FP4_VALUES)
+    rows = weight.transpose(1, 2).float()
+    experts, out, width = rows.shape
+    groups = rows.reshape(experts, out, width // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    codes = (groups / torch.exp2(exponent).unsqueeze(-1)).unsqueeze(-1).sub(values).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    decoded = (values[codes] * torch.exp2(exponent).unsqueeze(-1)).reshape(experts, out, width).transpose(1, 2)
+    return blocks, (exponent + 127).to(torch.uint8), decoded.contiguous()
+
+
+def save_mxfp4_copies(folder: Path, mxfp4: Path, decoded: Path) -> None:
+    """From a tiny gpt-oss model folder: the same model with its experts in MXFP4 as the hub's gpt-oss checkpoints,
+    and the plain checkpoint of the weights that MXFP4 decodes to."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights, stored = load_file(folder / "model.safetensors"), {}
+    for copy in (mxfp4, decoded):
+        shutil.copytree(folder, copy)
+    for name in list(weights):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stored[f"{name}_blocks"], stored[f"{name}_scales"], weights[name] = to_mxfp4(weights[name])
+        else:
+            stored[name] = weights[name]
+    save_file(stored, mxfp4 / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, decoded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((mxfp4 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mxfp4 / "config.json").write_text(json.dumps(config))
 
 
 if __name__ == "__main__":
