@@ -110,6 +110,8 @@ def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, archit
         projection = module.rsplit(".", 1)[-1]
         if part == "B.weight" and architecture.rotary_rows_interleaved and projection in heads:
             tensor = interleave_rotary_rows(tensor, heads[projection])
+        if architecture.gguf_lora:
+            tensor = architecture.gguf_lora(language_model_name(module), part[0].lower(), tensor, config)
         tensors[f"{gguf_name}.lora_{part[0].lower()}"] = tensor.contiguous()
     return tensors
 
@@ -240,22 +242,18 @@ def write_model_metadata(writer, config: dict, file_type: int, family: Family) -
         raise UserError(f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
                         "merged GGUF export does not write yet.", hint="Export the adapter instead (--format gguf-adapter) "
                                                                        "and use it on a GGUF of the base.")
-    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
     rotated = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))  # Phi-4-mini: 3/4 of a head
-    writer.add_rope_dimension_count(int(head_dim * rotated))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(file_type)
+    values = dict(
+        context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
+        block_count=config["num_hidden_layers"], feed_forward_length=config["intermediate_size"], head_count=heads,
+        head_count_kv=config.get("num_key_value_heads") or heads, key_length=head_dim, value_length=head_dim,
+        rope_freq_base=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+        rope_dimension_count=int(head_dim * rotated), layer_norm_rms_eps=config.get("rms_norm_eps"),
+        vocab_size=config["vocab_size"], file_type=file_type)
+    for key, value in (values | (family.gguf_overrides(config) if family.gguf_overrides else {})).items():
+        getattr(writer, f"add_{key}")(value)  # GGUFWriter.add_context_length ...
     if family.gguf_metadata:
         family.gguf_metadata(writer, config)
 
@@ -461,7 +459,8 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
         writer.add_tensor(name, values)
     updates = dict(merged.updates)
     for gguf_name, weight in llama_cpp_weights(merged, updates):
-        data, qtype = as_tensor_type(weight, written_type)
+        kept_f32 = bool(merged.architecture.gguf_f32) and gguf_name.endswith(merged.architecture.gguf_f32)
+        data, qtype = as_tensor_type(weight, "f32" if kept_f32 else written_type)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     if updates:
         raise UserError(f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
@@ -475,7 +474,10 @@ def llama_cpp_weights(merged: Merged, updates: dict):
     architecture = merged.architecture
     names = tensor_name_map(architecture, merged.config)
     heads = rotary_heads(merged.config) if architecture.rotary_rows_interleaved else {}
-    for name, weight in with_experts_stacked(model_weights(merged.base), merged.config, updates):
+    weights = with_experts_stacked(model_weights(merged.base), merged.config, updates)
+    if architecture.gguf_weights:  # a checkpoint whose layout differs from what the tensor name map knows
+        weights = architecture.gguf_weights(weights, merged.config, updates)
+    for name, weight in weights:
         gguf_name = names.get_name(language_model_name(name), try_suffixes=(".weight", ".bias"))
         if gguf_name is None or (architecture.output_is_embeddings and name == "lm_head.weight"):
             continue  # rotary caches, a vision tower (llama.cpp's mmproj file holds it) and the like; Gemma's tied head
@@ -486,7 +488,7 @@ def llama_cpp_weights(merged: Merged, updates: dict):
             weight = interleave_rotary_rows(weight, heads[projection])
         if architecture.norms_plus_one and name.endswith("norm.weight"):
             weight = weight.float() + 1
-        yield gguf_name, weight
+        yield gguf_name, architecture.gguf_weight(name, weight, merged.config) if architecture.gguf_weight else weight
 
 
 EXPERT_WEIGHT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -525,17 +527,17 @@ def with_experts_stacked(weights, config: dict, updates: dict):
 
 def experts_change(layer: str, projection: str, stack: torch.Tensor, updates: dict):
     """(the update's key, its change to one projection of a layer's experts: experts x out x in), from PEFT's LoRA on
-    the fused 3-D weights (gate_up_proj holds gate's rows, then up's; down_proj): A stacks each expert's rows, B's
-    columns interleave them. (None, 0) where the adapter leaves the experts alone."""
+    the fused 3-D weights (gate_up_proj holds gate's rows, then up's; down_proj; "gate_up_proj" itself: all its
+    rows): A stacks each expert's rows, B's columns interleave them. (None, 0) where the adapter leaves them alone."""
     experts, out, width = stack.shape
-    fused = projection != "down_proj"
+    half = projection in ("gate_proj", "up_proj")
     for key in (f"{layer}.weight", f"{layer}.base_layer.weight"):  # PEFT nests a wrapper per expert weight
         update = updates.get(key)
-        if update is None or (update.b.shape[0], update.a.shape[1]) != ((2 * out, width) if fused else (out, width)):
+        if update is None or (update.b.shape[0], update.a.shape[1]) != ((2 * out, width) if half else (out, width)):
             continue
         rank = update.a.shape[0] // experts
         a = update.a.float().reshape(experts, rank, width)
-        rows = update.b if not fused else update.b[:out] if projection == "gate_proj" else update.b[out:]
+        rows = update.b if not half else update.b[:out] if projection == "gate_proj" else update.b[out:]
         b = rows.float().reshape(out, rank, experts).permute(2, 0, 1)  # experts x out x rank
         return key, update.scale * (b @ a)
     return None, 0.0

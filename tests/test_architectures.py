@@ -66,7 +66,9 @@ class Recorded:
     ("olmo3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0, "attention_factor": 2.0}}},
      "attention factor or betas"),
     ("olmo3", {"rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 5e5}}},
-     "a rotary base of their own")])
+     "a rotary base of their own"),
+    ("gpt_oss", {"layer_types": ["full_attention"] * 4}, "which layers attend within the sliding window"),
+    ("gpt_oss", {"swiglu_limit": 10.0}, "the SwiGLU clamp and scale (10.0, 1.702)")])
 def test_what_llama_cpp_builds_in_differently_is_refused_on_export(model_type, change, says):
     from transformers import AutoConfig
 

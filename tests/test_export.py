@@ -15,7 +15,8 @@ from qlora_kit.train import run_training
 from tests.test_cli import run_cli
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo3", "phi3", "phi4_mini")
+FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo3", "phi3", "phi4_mini",
+            "lfm2", "qwen3_5_text")
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +299,14 @@ def relative_gap(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def same_clear_argmax(got, expected) -> bool:
+    """Whether every argmax is equal where the top two logits are more than 0.05 apart: f16 weights may swap two
+    logits a hair apart."""
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    return bool((got.argmax(-1) == expected.argmax(-1))[clear].all())
+
+
 MOON = [{"role": "user", "content": "Tell me about the moon."}]
 
 
@@ -331,8 +340,9 @@ def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transform
     got = llama_cpp_logits(llama_cpp, merged, IDS)
     # Measured (relative logit gap, merged / base + adapter): llama 0.0016 / 0.0016, qwen2 0.0014 / 0.0016,
     # qwen3 0.0013 / 0.0010, smollm3 0.0019 / 0.0019, gemma 0.0012 / 0.0012, gemma2 0.0007 / 0.0008, gemma3_text
-    # 0.0008 / 0.0008, olmo3 0.0011 / 0.0011, phi3 0.0015 / 0.0016, phi4_mini 0.0012 / 0.0011; the adapter's own effect 0.2-0.51.
-    assert relative_gap(got, expected) < 0.01 and (got.argmax(-1) == expected.argmax(-1)).all()
+    # 0.0008 / 0.0008, olmo3 0.0011 / 0.0011, phi3 0.0015 / 0.0016, phi4_mini 0.0012 / 0.0011, lfm2 0.0016,
+    # qwen3_5_text 0.0054 (its delta rule in fp32 chunks); the adapter's own effect 0.2-1.0.
+    assert relative_gap(got, expected) < 0.01 and same_clear_argmax(got, expected)
     assert relative_gap(llama_cpp_logits(llama_cpp, base_gguf, IDS, lora_path=adapter_gguf), expected) < 0.01
     llm = llama_cpp.Llama(model_path=str(merged), n_ctx=256, n_threads=2, verbose=False)
     tokens = greedy_tokens(llm, IDS, eos_id=2, count=8)
@@ -342,17 +352,23 @@ def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transform
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_path):
-    """A tiny Qwen3-MoE (8 experts, 2 a token) trained with LoRA on each expert, exported merged (the experts stacked
-    per layer, each expert's change added): llama.cpp's logits and greedy tokens are the merged model's. Measured:
-    relative gap 0.0013, the adapter's own effect 0.45."""
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_path, kind):
+    """A tiny Qwen3-MoE (8 experts, 2 a token; its checkpoint holds each expert apart, as the hub's does) and a tiny
+    gpt-oss (its checkpoint in MXFP4, as the hub's: fused, transposed, gate and up interleaved; biases, sinks, a
+    window every 2nd layer) trained with LoRA on each expert, exported merged (the experts stacked per layer as
+    llama.cpp holds them, each expert's change added): llama.cpp's logits and greedy tokens are the merged model's.
+    Measured: relative gap 0.0013 (Qwen3-MoE) and 0.0023 (gpt-oss), the adapter's own effect 0.45 and 0.72."""
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.merge import merge_adapter
-    from tests.tiny_models import save_tiny_model
+    from tests.tiny_models import save_mxfp4_copies, save_tiny_model
 
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
-    base = save_tiny_model(tmp_path / "base", "qwen3_moe")
+    base = save_tiny_model(tmp_path / "model", kind)
+    if kind == "gpt_oss":
+        save_mxfp4_copies(base, tmp_path / "base", tmp_path / "decoded")
+        base = tmp_path / "base"
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
     recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4)
@@ -361,10 +377,7 @@ def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_pat
     merged_model = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")).eval()
     expected = logits_of(merged_model)
     got = llama_cpp_logits(llama_cpp, export_merged_gguf(adapter, tmp_path / "merged.gguf"), IDS)
-    assert relative_gap(got, expected) < 0.01
-    top2 = np.sort(expected, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 0.05  # f16 weights may swap two logits a hair apart
-    assert (got.argmax(-1) == expected.argmax(-1))[clear].all()
+    assert relative_gap(got, expected) < 0.01 and same_clear_argmax(got, expected)
     assert relative_gap(logits_of(AutoModelForCausalLM.from_pretrained(base).eval()), expected) > 0.1  # it learned
     llm = llama_cpp.Llama(model_path=str(tmp_path / "merged.gguf"), n_ctx=256, n_threads=2, verbose=False)
     tokens = greedy_tokens(llm, IDS, eos_id=2, count=8)

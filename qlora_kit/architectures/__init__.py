@@ -49,6 +49,14 @@ class Family:
     output_is_embeddings: bool = False  # the output head is always the embeddings; llama.cpp reads token_embd
     rope_scalings: tuple[str, ...] = ()  # rotary scalings beyond "default" that llama.cpp computes as transformers
     gguf_metadata: Callable | None = None  # (writer, config) -> None: keys beyond the common ones; may refuse
+    gguf_overrides: Callable | None = None  # (config) -> {GGUFWriter.add_<key> suffix: value} for common keys it differs in
+    gguf_weight: Callable | None = None  # (name, weight, config) -> the weight as llama.cpp holds it, where it differs
+    # (layer name, "a" or "b", matrix, config) -> the LoRA matrix as llama.cpp's layout of that layer's weight needs it
+    gguf_lora: Callable | None = None
+    gguf_f32: tuple[str, ...] = ()  # endings of llama.cpp's names for weights it computes with in F32 only
+    # (weights, config, updates) -> weights: the checkpoint's (name, tensor) stream renamed and split as the gguf
+    # package's tensor map names them, any adapter change to a tensor it splits added first (and taken out of updates)
+    gguf_weights: Callable | None = None
     gguf_tensors: Callable | None = None  # (config) -> {name: float32 array}: tensors llama.cpp reads beside the weights
 
     @property
