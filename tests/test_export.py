@@ -352,13 +352,15 @@ def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transform
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "qwen3_next"])
 def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_path, kind):
-    """A tiny Qwen3-MoE (8 experts, 2 a token; its checkpoint holds each expert apart, as the hub's does) and a tiny
+    """A tiny Qwen3-MoE (8 experts, 2 a token; its checkpoint holds each expert apart, as the hub's does), a tiny
     gpt-oss (its checkpoint in MXFP4, as the hub's: fused, transposed, gate and up interleaved; biases, sinks, a
-    window every 2nd layer) trained with LoRA on each expert, exported merged (the experts stacked per layer as
-    llama.cpp holds them, each expert's change added): llama.cpp's logits and greedy tokens are the merged model's.
-    Measured: relative gap 0.0013 (Qwen3-MoE) and 0.0023 (gpt-oss), the adapter's own effect 0.45 and 0.72."""
+    window every 2nd layer) and a tiny Qwen3-Next (Gated DeltaNet with fused in_proj_qkvz, a shared expert) trained
+    with LoRA on each expert, exported merged (the experts stacked per layer as llama.cpp holds them, each expert's
+    change added): llama.cpp's logits and greedy tokens are the merged model's. Measured: relative gap 0.0013
+    (Qwen3-MoE), 0.0023 (gpt-oss), the adapter's own effect 0.45 and 0.72. Qwen3-Next is written in f32: its delta
+    rule carries f16 weights' rounding on to a gap of 0.042 in this tiny model, against 0.0001 in f32 (effect 1.06)."""
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.merge import merge_adapter
@@ -376,7 +378,8 @@ def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_pat
     adapter = tmp_path / "run" / "adapter"
     merged_model = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")).eval()
     expected = logits_of(merged_model)
-    got = llama_cpp_logits(llama_cpp, export_merged_gguf(adapter, tmp_path / "merged.gguf"), IDS)
+    quant = "f32" if kind == "qwen3_next" else "f16"
+    got = llama_cpp_logits(llama_cpp, export_merged_gguf(adapter, tmp_path / "merged.gguf", quant=quant), IDS)
     assert relative_gap(got, expected) < 0.01 and same_clear_argmax(got, expected)
     assert relative_gap(logits_of(AutoModelForCausalLM.from_pretrained(base).eval()), expected) > 0.1  # it learned
     llm = llama_cpp.Llama(model_path=str(tmp_path / "merged.gguf"), n_ctx=256, n_threads=2, verbose=False)

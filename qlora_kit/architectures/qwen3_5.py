@@ -45,15 +45,20 @@ def gguf_overrides(config: dict) -> dict:
     return dict(rope_dimension_count=int(head_dim * rope.get("partial_rotary_factor", 0.25)))
 
 
-def gguf_metadata(writer, config: dict) -> None:
-    """The delta rule's sizes, where full attention comes, and the rotary sections llama.cpp's loader requires (text
-    alone gives every section the same position, so they rotate as plain rotary does)."""
+def write_delta_net_sizes(writer, config: dict) -> None:
+    """The delta rule's sizes and where full attention comes, as llama.cpp's qwen35 and qwen3next read them."""
     writer.add_ssm_conv_kernel(config.get("linear_conv_kernel_dim") or 4)
     writer.add_ssm_state_size(config["linear_key_head_dim"])
     writer.add_ssm_group_count(config["linear_num_key_heads"])
     writer.add_ssm_time_step_rank(config["linear_num_value_heads"])
     writer.add_ssm_inner_size(config["linear_value_head_dim"] * config["linear_num_value_heads"])
     writer.add_full_attention_interval(config.get("full_attention_interval") or 4)
+
+
+def gguf_metadata(writer, config: dict) -> None:
+    """The delta rule's sizes, and the rotary sections llama.cpp's loader requires (text alone gives every section
+    the same position, so they rotate as plain rotary does)."""
+    write_delta_net_sizes(writer, config)
     sections = list((config.get("rope_parameters") or {}).get("mrope_section") or (11, 11, 10))
     rotated = gguf_overrides(config)["rope_dimension_count"]
     if sum(sections) != rotated // 2:  # a smaller model than the sections were made for: one section covers all
@@ -64,6 +69,20 @@ def gguf_metadata(writer, config: dict) -> None:
 def gguf_weights(weights, config: dict, updates: dict):
     for name, weight in weights:  # the decay's bias, under the name llama.cpp's converter gives it
         yield (name.removesuffix(".dt_bias") + ".dt_proj.bias" if name.endswith(".dt_bias") else name), weight
+
+
+def norms_decay_and_convolution(name: str, weight):
+    """What Qwen3.5 and Qwen3-Next share in llama.cpp: norms scale by 1 + weight (the gated norm inside the delta rule
+    excepted), the decay is -exp(A_log), the convolution is channels x kernel."""
+    import torch
+
+    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        return weight.float() + 1
+    if name.endswith(".A_log"):
+        return -torch.exp(weight.float())
+    if name.endswith(".conv1d.weight"):
+        return weight.reshape(weight.shape[0], -1)
+    return weight
 
 
 def value_heads_tiled(weight, dim: int, config: dict, head_dim: int):
@@ -79,21 +98,16 @@ def value_heads_tiled(weight, dim: int, config: dict, head_dim: int):
 
 
 def gguf_weight(name: str, weight, config: dict):
-    """The weight as llama.cpp's qwen35 holds it: norms scale by 1 + weight (the gated norm inside the delta rule
-    excepted), the decay as -exp(A_log), the convolution 2-D, value heads tiled."""
+    """The weight as llama.cpp's qwen35 holds it: as norms_decay_and_convolution says, and value heads tiled."""
     import torch
 
     keys, value_dim = config["linear_num_key_heads"] * config["linear_key_head_dim"], config["linear_value_head_dim"]
-    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-        return weight.float() + 1
+    weight = norms_decay_and_convolution(name, weight)
     if ".linear_attn." not in name:
         return weight
-    if name.endswith(".A_log"):
-        weight = -torch.exp(weight.float())
     if name.endswith((".A_log", ".dt_proj.bias", ".in_proj_a.weight", ".in_proj_b.weight")):
         return value_heads_tiled(weight, 0, config, 1)
     if name.endswith((".in_proj_qkv.weight", ".conv1d.weight")):
-        weight = weight.reshape(weight.shape[0], -1)  # the convolution: channels x kernel
         return torch.cat([weight[:2 * keys], value_heads_tiled(weight[2 * keys:], 0, config, value_dim)])
     if name.endswith(".in_proj_z.weight"):
         return value_heads_tiled(weight, 0, config, value_dim)
