@@ -179,14 +179,34 @@ def check_layer_shapes(adapter_dir: Path, shapes: dict[str, tuple], folder: Path
             a = weights.get_slice(key).get_shape()
             b = weights.get_slice(key.replace(".lora_A.", ".lora_B.")).get_shape()
             shape = shapes.get(module + ".weight") or unique_suffix_match(shapes, module + ".weight")
-            if shape is None and any(name.startswith(module.replace(".base_layer", "") + ".") for name in shapes):
-                continue  # a module's own parameters (a layer's experts): base_model.json's sizes are checked instead
+            experts = expert_shapes(shapes, module.replace(".base_layer", ""))
+            if shape is None and experts:  # LoRA on a layer's experts' weights: A holds rank rows an expert
+                count, pairs = experts
+                if (b[0], a[1]) not in pairs or a[0] % count:
+                    raise UserError(f"{adapter_dir} was made for another model: its LoRA on {module} maps {a[1]} to "
+                                    f"{b[0]} features in {a[0]} rows, which the {count} experts in {folder} do not "
+                                    f"fit ({', '.join(f'{i} to {o}' for o, i in sorted(pairs))}).", hint=hint)
+                continue
             if shape is None:
                 raise UserError(f"{adapter_dir} adapts {module}, which the model in {folder} does not have: it was "
                                 "made for another model.", hint=hint)
             if shape is not UNKNOWN and tuple(shape[:2]) != (b[0], a[1]):
                 raise UserError(f"{adapter_dir} was made for another model: its {module} maps {a[1]} to {b[0]} "
                                 f"features, the one in {folder} {shape[1]} to {shape[0]}.", hint=hint)
+
+
+def expert_shapes(shapes: dict[str, tuple], module: str) -> tuple[int, set] | None:
+    """(experts, {(out, in)} of the weights LoRA may adapt) for a layer's experts in a checkpoint: one weight per
+    expert and projection (experts.0.gate_proj.weight ..., gate and up fused as in transformers 5), or fused 3-D
+    tensors (experts x in x out, or out x in); None where `module` holds no experts."""
+    inside = {name[len(module) + 1:]: shape for name, shape in shapes.items() if name.startswith(module + ".")}
+    apart = {name.split(".")[0] for name in inside if name.split(".")[0].isdigit()}
+    if apart:
+        first = {name.split(".")[1]: shape for name, shape in inside.items() if name.startswith("0.")}
+        gate, down = first.get("gate_proj") or first.get("up_proj"), first.get("down_proj")
+        return (len(apart), {(2 * gate[0], gate[1]), tuple(down)}) if gate and down else None
+    fused = [shape for name, shape in inside.items() if len(shape) == 3 and not name.endswith(("_blocks", "_scales"))]
+    return (fused[0][0], {pair for _, x, y in fused for pair in ((x, y), (y, x))}) if fused else None
 
 
 UNKNOWN = ()  # a layer found more than once by its end (a vision tower's beside the language model's)

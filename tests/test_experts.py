@@ -224,3 +224,19 @@ def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwi
     (other / "config.json").write_text(json.dumps(config | {"norm_topk_prob": False}))
     with pytest.raises(UserError, match="norm_topk_prob false"):
         export_merged_gguf(None, tmp_path / "base.gguf", str(other))
+
+
+def test_an_experts_adapter_is_checked_against_the_base_s_expert_shapes(moe_dirs, moe_run, tmp_path):
+    """Without base_model.json (another tool's adapter), the checkpoint's headers tell whether each expert maps as
+    many features in and out as the adapter's LoRA does: experts stored apart (Qwen3-MoE) or fused (gpt-oss)."""
+    from qlora_kit.adapter import check_layer_shapes, expert_shapes
+    from qlora_kit.sources import weight_shapes
+
+    own = weight_shapes(moe_dirs["qwen3_moe"])
+    assert expert_shapes(own, "model.layers.0.mlp.experts") == (8, {(64, 64), (64, 32)})
+    assert expert_shapes(weight_shapes(moe_dirs["gpt_oss"]), "model.layers.0.mlp.experts") == (
+        8, {(64, 64), (32, 64), (64, 32)})
+    check_layer_shapes(moe_run, own, moe_dirs["qwen3_moe"], hint="")
+    wider = save_tiny_model(tmp_path / "wider", "qwen3_moe", moe_intermediate_size=48)
+    with pytest.raises(UserError, match=r"was made for another model: its LoRA on model\.layers\.0\.mlp\.experts"):
+        check_layer_shapes(moe_run, weight_shapes(wider), wider, hint="")

@@ -78,8 +78,8 @@ def tiny_config(kind: str, vocab_size: int, **changes):
     if kind == "qwen3_moe":  # 8 experts of width 32, 2 a token, in every layer (Qwen3-30B-A3B: 128, 8 a token)
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                              norm_topk_prob=True, tie_word_embeddings=False)
+        return Qwen3MoeConfig(**dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                     norm_topk_prob=True, tie_word_embeddings=False) | common)
     if kind == "gpt_oss":  # 8 experts, 2 a token, biased and clamped; attention sinks, sliding window on every 2nd layer
         from transformers import GptOssConfig
 
@@ -88,21 +88,23 @@ def tiny_config(kind: str, vocab_size: int, **changes):
     if kind == "qwen3_5_text":  # 4 layers: 3 of Gated DeltaNet linear attention, then 1 of gated softmax attention
         from transformers import Qwen3_5TextConfig
 
-        return Qwen3_5TextConfig(**common | {"num_hidden_layers": 4} | changes, head_dim=16, linear_key_head_dim=16,
-                                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                                 tie_word_embeddings=True)
+        return Qwen3_5TextConfig(**dict(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
+                                        linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=True)
+                                 | common | {"num_hidden_layers": 4} | changes)
     if kind == "qwen3_next":  # Qwen3.5's 4 layers with 8 experts of width 32 (2 a token) and a shared expert in each
         from transformers import Qwen3NextConfig
 
-        return Qwen3NextConfig(**common | {"num_hidden_layers": 4} | changes, head_dim=16, linear_key_head_dim=16,
-                               linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                               moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
-                               num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+        return Qwen3NextConfig(**dict(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
+                                      linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                      norm_topk_prob=True, tie_word_embeddings=False) | common | {"num_hidden_layers": 4}
+                               | changes)
     if kind == "lfm2":  # 4 layers: short convolutions in the 1st and 3rd, attention in the others (LFM2: 10 and 6)
         from transformers import Lfm2Config
 
-        return Lfm2Config(**common | {"num_hidden_layers": 4} | changes, full_attn_idxs=[1, 3],
-                          layer_types=["conv", "full_attention", "conv", "full_attention"], block_multiple_of=32)
+        return Lfm2Config(**dict(full_attn_idxs=[1, 3], block_multiple_of=32,
+                                 layer_types=["conv", "full_attention", "conv", "full_attention"])
+                          | common | {"num_hidden_layers": 4} | changes)
     if kind == "gemma3":  # Gemma 3 4B-27B's class: the gemma3_text model above beside a 2-layer SigLIP vision tower
         from transformers import Gemma3Config, SiglipVisionConfig
 
