@@ -2,7 +2,7 @@
 
 Each point builds a 4-layer model of transformers' own config class (h 256, head_dim 64, V 8192, random weights):
 experts of width w, k routed a token, E in all; or a hybrid's linear-attention (Gated DeltaNet) or short-convolution
-layers beside softmax attention. It runs measure_cpu_memory.py on it in a fresh process (the step's peak transient
+layers beside softmax attention; or Gemma 4's wider full-attention layers. It runs measure_cpu_memory.py on it in a fresh process (the step's peak transient
 bytes: activations, loss, LoRA gradients) and prints the estimate beside it. Results append to
 results/family_memory_<machine>.jsonl; docs/memory.md shows them, tests/test_memory.py holds some of them to +-10%.
 
@@ -33,6 +33,11 @@ EVERY_LAYER_KEPT = dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, dropo
 # Gated DeltaNet at Qwen3.5-9B's proportions (key heads x dim = h / 2, value heads x dim = h), and varied
 DELTA_NET = dict(linear_num_key_heads=2, linear_key_head_dim=64, linear_num_value_heads=4, linear_value_head_dim=64)
 LFM2 = dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])
+# Gemma 4 26B-A4B's layout: sliding-window layers then a full one of wider heads over 1 KV head (keys as values), a
+# dense MLP beside the experts; without the experts, the 31B's
+GEMMA4 = dict(global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=512,
+              enable_moe_block=True, num_experts=16, top_k_experts=4, moe_intermediate_size=256,
+              hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
 GRID = [  # (model_type, config changes, recipe settings)
     ("qwen3_moe", QWEN3_MOE, RECOMPUTED),
     ("qwen3_moe", QWEN3_MOE | dict(num_experts_per_tok=2, moe_intermediate_size=512), RECOMPUTED),
@@ -50,6 +55,11 @@ GRID = [  # (model_type, config changes, recipe settings)
     ("qwen3_next", DELTA_NET | QWEN3_MOE | dict(shared_expert_intermediate_size=256), RECOMPUTED),
     ("lfm2", LFM2, RECOMPUTED),
     ("lfm2", LFM2 | dict(layer_types=["conv"] * 3 + ["full_attention"], full_attn_idxs=[3]), EVERY_LAYER_KEPT),
+    ("gemma4_text", GEMMA4, RECOMPUTED),
+    ("gemma4_text", GEMMA4 | dict(num_experts=32, top_k_experts=8, moe_intermediate_size=128), RECOMPUTED),
+    ("gemma4_text", GEMMA4 | dict(num_hidden_layers=6), RECOMPUTED | dict(seq_len=1024, micro_batch=4)),
+    ("gemma4_text", GEMMA4, EVERY_LAYER_KEPT),
+    ("gemma4_text", GEMMA4 | dict(enable_moe_block=False, num_experts=None, top_k_experts=None), RECOMPUTED),
 ]
 
 

@@ -35,6 +35,13 @@ def expert_weight_names(model) -> list[str]:
     return sorted(found)
 
 
+def expert_weight_keys(model, names: list[str]) -> list[str]:
+    """Those expert weights as "experts.down_proj", the experts module's name before each: the keys of a rank_pattern
+    that match no dense layer of the same name."""
+    return sorted({f"{path.rsplit('.', 1)[-1]}.{name}" for path, module in model.named_modules() if is_experts(module)
+                   for name in names if isinstance(getattr(module, name, None), torch.Tensor)})
+
+
 class DequantizedMatmul(torch.autograd.Function):
     """x @ W.T (x @ W for a transposed layout) with W in 4-bit: dequantized in forward and again in backward."""
 

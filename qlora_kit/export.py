@@ -79,7 +79,8 @@ def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = Fal
         raise UserError(f"{adapter_dir} adapts a mixture of experts' weights, which llama.cpp cannot apply as an "
                         "adapter.", hint="Export it merged instead: --format gguf.")
     patterns = {**(adapter_config.get("rank_pattern") or {}), **(adapter_config.get("alpha_pattern") or {})}
-    if set(patterns) - set(adapter_config.get("target_parameters") or ()) or (patterns and not merged):
+    weights = {key.rsplit(".", 1)[-1] for key in patterns}  # an experts weight's key is "experts.down_proj"
+    if weights - set(adapter_config.get("target_parameters") or ()) or (patterns and not merged):
         raise UserError(f"{adapter_dir} gives some layers their own rank or alpha, which a GGUF adapter cannot hold.",
                         hint="Export it merged instead: --format gguf.")
 

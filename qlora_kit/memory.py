@@ -59,6 +59,10 @@ class ModelShape:
     attention_sinks: bool = False  # Family.attention_sinks
     eager_attention: bool = False  # Family.eager_attention
     shared_expert_size: int = 0  # a dense expert every token takes beside the routed ones, with a sigmoid gate
+    shared_expert_gated: bool = True  # False: the dense MLP beside the experts has no gate of its own (Gemma 4)
+    # PEFT 0.21 takes layers named gate_proj/up_proj/down_proj for this MoE family's experts: they stay frozen
+    frozen_mlp_names: bool = False
+    layer_params: int = 0  # other 16-bit weights in each layer (Gemma 4's per-expert router scales)
     # Hybrids: in `mixer_layers` of the layers a linear-attention or convolution mixer (its family's shape_fields say
     # what) takes softmax attention's place: its linear layers, its other weights (16-bit) and what its forward keeps
     # a token, as (compute-dtype elements, fp32 elements)
@@ -68,6 +72,12 @@ class ModelShape:
     mixer_activations: tuple[int, int] = (0, 0)
     attention_output_gate: bool = False  # q_proj also gives a sigmoid gate for the attention output (Qwen3.5)
     renamed: tuple[tuple[str, str], ...] = ()  # (Llama's layer name, the family's), where a family names them its way
+    # Full-attention layers shaped unlike the sliding-window ones (Gemma 4): in `global_layers` of the layers, the
+    # heads are global_head_dim wide over global_kv_heads KV heads, and the keys serve as values where global_values_are_keys
+    global_layers: int = 0
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_values_are_keys: bool = False
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelShape":
@@ -106,16 +116,20 @@ class ModelShape:
             max_positions=config.get("max_position_embeddings") or 131072,
             **moe_shape(config),
         )
+        fields["frozen_mlp_names"] = bool(fields.get("num_experts")) and family.mlp_names_taken_by_peft
         return cls(**fields | (family.shape_fields(config) if family.shape_fields else {}))
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of each linear layer in one decoder block (a dense one's, for MoE)."""
         return self.attention_shapes() + self.mlp_shapes()
 
-    def attention_shapes(self) -> list[tuple[str, int, int]]:
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    def attention_shapes(self, full: bool = False) -> list[tuple[str, int, int]]:
+        """A softmax attention layer's linear layers; full: a global layer's, where they differ (global_layers)."""
+        head_dim, kv_heads = (self.global_head_dim, self.global_kv_heads) if full else (self.head_dim, self.num_kv_heads)
+        h, q, kv = self.hidden_size, self.num_heads * head_dim, kv_heads * head_dim
         queries = 2 * q if self.attention_output_gate else q
-        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, queries), ("k_proj", h, kv), ("v_proj", h, kv)]
+        values = [] if full and self.global_values_are_keys else [("v_proj", h, kv)]
+        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, queries), ("k_proj", h, kv), *values]
         return self._named(attention + [("o_proj", q, h)])
 
     def mlp_shapes(self, width: int | None = None) -> list[tuple[str, int, int]]:
@@ -130,17 +144,20 @@ class ModelShape:
 
     def shared_expert_shapes(self) -> list[tuple[str, int, int]]:
         h = self.hidden_size
-        return self.mlp_shapes(self.shared_expert_size) + [("shared_expert_gate", h, 1)] if self.shared_expert_size else []
+        gate = [("shared_expert_gate", h, 1)] if self.shared_expert_gated else []
+        return self.mlp_shapes(self.shared_expert_size) + gate if self.shared_expert_size else []
 
     def _named(self, shapes: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
         names = dict(self.renamed)
         return [(names.get(name, name), a, b) for name, a, b in shapes]
 
     def layer_counts(self) -> list[tuple[list[tuple[str, int, int]], int]]:
-        """(linear layers, how many times the model holds them): the softmax attention layers, a hybrid's other mixers,
-        the dense MLPs, each expert's weights once per expert and MoE layer, and the shared experts."""
+        """(linear layers, how many times the model holds them): the softmax attention layers (global ones apart where
+        they differ), a hybrid's other mixers, the dense MLPs, each expert's weights once per expert and MoE layer, and
+        the shared experts."""
         dense = self.num_layers - self.moe_layers
-        return [(self.attention_shapes(), self.num_layers - self.mixer_layers),
+        return [(self.attention_shapes(), self.num_layers - self.mixer_layers - self.global_layers),
+                (self.attention_shapes(full=True), self.global_layers),
                 (list(self.mixer_linears), self.mixer_layers), (self.mlp_shapes(), dense),
                 (self.expert_shapes(), self.moe_layers * self.num_experts),
                 (self.shared_expert_shapes(), self.moe_layers)]
@@ -155,14 +172,16 @@ class ModelShape:
         norms = (self.norms_per_layer * self.num_layers + 1) * h
         if self.qk_norms:  # each head's queries and keys, or (OLMo) all heads' projections at once
             heads = self.num_heads + self.num_kv_heads if self.qk_norms_span_heads else 2
-            norms += (self.num_layers - self.mixer_layers) * heads * self.head_dim
+            local = self.num_layers - self.mixer_layers - self.global_layers
+            norms += local * heads * self.head_dim + self.global_layers * 2 * self.global_head_dim
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
         routers = self.moe_layers * self.num_experts * h
         if self.expert_biases:  # each expert's two projections, the router's and o_proj's
             routers += self.moe_layers * self.num_experts * (2 * self.expert_size + h + 1)
             bias += self.num_layers * h
         sinks = self.num_layers * self.num_heads if self.attention_sinks else 0
-        return embeddings + norms + bias + routers + sinks + self.mixer_layers * self.mixer_params
+        others = self.mixer_layers * self.mixer_params + self.num_layers * self.layer_params
+        return embeddings + norms + bias + routers + sinks + others
 
     def parameter_count(self) -> int:
         return self.linear_params() + self.unquantized_params() + self.tower_params
@@ -217,7 +236,8 @@ def moe_shape(config: dict) -> dict:
     layers = config["num_hidden_layers"]
     step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
     sparse = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
-    return dict(num_experts=experts, experts_per_token=config.get("num_experts_per_tok") or 1,
+    routed = config.get("num_experts_per_tok") or config.get("top_k_experts") or 1  # the latter: Gemma 4
+    return dict(num_experts=experts, experts_per_token=routed,
                 expert_size=config.get("moe_intermediate_size") or config["intermediate_size"], moe_layers=sparse)
 
 
@@ -229,7 +249,7 @@ def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear"
     for shapes, count in shape.layer_counts():
         experts = bool(shapes) and shapes == shape.expert_shapes()
         layers = [layer for layer in targeted(shapes, target_modules)
-                  if experts or not (shape.num_experts and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)]
+                  if experts or not (shape.frozen_mlp_names and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)]
         r = (expert_rank or rank) if experts else rank
         total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
     return total
@@ -265,7 +285,6 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and (
         not on_gpu or (not bf16 and shape.fp16_overflows))) else 2
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
-    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     # A preference example is two sequences (prompt + chosen, prompt + rejected), run as one batch.
     sequences = recipe.micro_batch * (2 if recipe.method in ("dpo", "orpo") else 1)
     tokens = recipe.seq_len * sequences
@@ -300,16 +319,23 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         + mlp_per_token  # gate, up, act(gate), act(gate) * up (and for experts, their inputs and outputs)
         + adapted_layer_copies(shape.mlp_shapes())
     )
-    per_token_attention = per_token_block + (
-        ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
-        + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
-        + 2 * q * cb  # attention output (+ its o_proj input)
-        + (4 * q * cb if shape.attention_output_gate else 0)  # the gate half of q_proj, its sigmoid, the product
-        + adapted_layer_copies(shape.attention_shapes())
-    )
+
+    def per_token_attention_layer(full: bool = False) -> int:
+        head_dim, kv_heads = (shape.global_head_dim, shape.global_kv_heads) if full else (shape.head_dim, shape.num_kv_heads)
+        q, kv = shape.num_heads * head_dim, kv_heads * head_dim
+        return per_token_block + (
+            ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
+            + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
+            + 2 * q * cb  # attention output (+ its o_proj input)
+            + (4 * q * cb if shape.attention_output_gate else 0)  # the gate half of q_proj, its sigmoid, the product
+            + adapted_layer_copies(shape.attention_shapes(full))
+        )
+
+    per_token_attention = per_token_attention_layer()
+    per_token_global = per_token_attention_layer(full=True) if shape.global_layers else 0
     mixed, fp32 = shape.mixer_activations
     per_token_mixer = per_token_block + mixed * cb + fp32 * 4 + adapted_layer_copies(list(shape.mixer_linears))
-    per_token_layer = max(per_token_attention, per_token_mixer if shape.mixer_layers else 0)
+    per_token_layer = max(per_token_attention, per_token_global, per_token_mixer if shape.mixer_layers else 0)
     # a 4-bit weight's (an expert's) 16-bit copy, forward and backward
     dequantized = 2 * max(a * b for shapes, count in shape.layer_counts() if count for _, a, b in shapes) * cb
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
@@ -319,9 +345,10 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     backward_only = tokens * mlp_backward + dequantized + 3 * scores // 2
     recompute = tokens * per_token_layer + scores + backward_only  # a checkpointed layer runs forward again first
     checkpointed = L - min(recipe.uncheckpointed_layers, L) if recipe.gradient_checkpointing else 0
-    # the last layers keep every activation; a hybrid's mixers are spread evenly among them
-    mixers = shape.mixer_layers / L
-    kept = int((L - checkpointed) * (tokens * ((1 - mixers) * per_token_attention + mixers * per_token_mixer) + scores))
+    # the last layers keep every activation; a hybrid's mixers (and Gemma 4's global layers) are spread evenly among them
+    mixers, full = shape.mixer_layers / L, shape.global_layers / L
+    per_token_kept = (1 - mixers - full) * per_token_attention + mixers * per_token_mixer + full * per_token_global
+    kept = int((L - checkpointed) * (tokens * per_token_kept + scores))
     inputs = checkpointed * tokens * h * cb  # a checkpointed layer keeps only its input
     offloaded = 0
     if recipe.activation_offload and on_gpu:

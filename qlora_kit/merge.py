@@ -20,7 +20,7 @@ from qlora_kit.files import check_not_under_a_file, staged_folder
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.memory import ModelShape
 from qlora_kit.model import (code_needs_trust, dequantized_on_load, load_base_4bit, load_tokenizer, nf4_rounded,
-                             stored_in_mxfp4)
+                             saves_plain_tensors, stored_in_mxfp4)
 from qlora_kit.sources import check_adapter_folder, read_model_config, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,6 +55,7 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         round_adapted_weights(with_adapter)
     merged = with_adapter.merge_and_unload()
     merged.config.use_cache = True  # a merged model is for inference
+    saves_plain_tensors(merged)
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, folder), trust_remote_code)
     with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         merged.save_pretrained(staging, max_shard_size="2GB")  # safetensors shards

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.architectures import family_of, towers_pattern
+from qlora_kit.architectures import family_of, frozen_modules_pattern
 from qlora_kit.errors import UserError
-from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_names, experts_in_4bit, is_experts,
-                               with_experts_lora)
+from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_keys, expert_weight_names, experts_in_4bit,
+                               is_experts, with_experts_lora)
 from qlora_kit.memory import NAMES_PEFT_TAKES_FOR_EXPERTS, moe_shape
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
@@ -112,7 +112,8 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
     if shardable and moe_shape(text_config(config)):
         raise UserError(f"{folder} is a mixture-of-experts model, whose 4-bit experts FSDP cannot shard yet.",
                         hint="Train it with parallel ddp (each GPU holds the whole model), or on one GPU.")
-    towers = [f".*{tower}" for tower in family.towers] if family else []
+    # A linear router (Gemma 4's) stays 16-bit like the other families' parameter routers
+    towers = [f".*{module}" for module in family.towers + family.routers] if family else []
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -150,6 +151,15 @@ def dequantized_on_load(folder: Path) -> dict:
     from transformers import Mxfp4Config
 
     return {"quantization_config": Mxfp4Config(dequantize=True)} if stored_in_mxfp4(read_model_config(folder)) else {}
+
+
+def saves_plain_tensors(model) -> None:
+    """Forget the MXFP4 decoding a 16-bit load went through: transformers 5.23 reverses it on save, writing the plain
+    experts under their MXFP4 names (`*_blocks`), which a later load drops."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if not any(
+            type(operation).__name__ == "Mxfp4Dequantize" for operation in getattr(conversion, "operations", []))]
 
 
 def without_quantization(folder: Path, trust_remote_code: bool = False):
@@ -200,20 +210,22 @@ def add_fresh_lora(model, recipe: Recipe):
     if experts:
         # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
         # down_proj) as transformers 4's per-expert layers, and adds the router with a doubled rank on gate_up_proj;
-        # a shared expert's layers of those names are frozen for that reason
-        layers = [name for name in (linear_layer_names(model) if names == "all-linear" else layers)
-                  if name not in NAMES_PEFT_TAKES_FOR_EXPERTS]
+        # a shared expert's layers of those names are frozen for that reason, in the families it does that for
+        family = family_of(model.config.get_text_config().to_dict())
+        taken = NAMES_PEFT_TAKES_FOR_EXPERTS if family is None or family.mlp_names_taken_by_peft else ()
+        layers = [name for name in (linear_layer_names(model) if names == "all-linear" else layers) if name not in taken]
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
         target_modules=layers,
         target_parameters=experts or None,  # each expert's weights; the router is a parameter too, and stays frozen
-        # each expert at its own rank, its update scaled as the other layers' (alpha / rank, or / sqrt(rank))
-        rank_pattern={name: expert_rank for name in experts},
-        alpha_pattern={name: recipe.alpha * (expert_rank / recipe.rank) ** (0.5 if recipe.use_rslora else 1)
-                       for name in experts},
-        exclude_modules=towers_pattern(model),  # a vision tower has its q_proj, fc1 ... too
+        # each expert at its own rank, its update scaled as the other layers' (alpha / rank, or / sqrt(rank)); keyed
+        # "experts.down_proj", since a bare "down_proj" would give a dense MLP's down_proj (Gemma 4) that rank too
+        rank_pattern={key: expert_rank for key in expert_weight_keys(model, experts)},
+        alpha_pattern={key: recipe.alpha * (expert_rank / recipe.rank) ** (0.5 if recipe.use_rslora else 1)
+                       for key in expert_weight_keys(model, experts)},
+        exclude_modules=frozen_modules_pattern(model),  # a vision tower has its q_proj, fc1 ... too; a router its proj
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
         bias="none",
@@ -270,12 +282,12 @@ def present_in(model, names: str | list[str], allow_none: bool = False) -> str |
 
 
 def linear_layer_names(model) -> list[str]:
-    """The names of the linear layers "all-linear" means: every one but the output head's and a tower's."""
+    """The names of the linear layers "all-linear" means: every one but the output head's, a tower's and a router's."""
     head = model.get_output_embeddings()
-    towers = towers_pattern(model)
+    frozen = frozen_modules_pattern(model)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and module is not head
-                   and not (towers and re.fullmatch(towers, name))})
+                   and not (frozen and re.fullmatch(frozen, name))})
 
 
 def settings_from_adapter(recipe: Recipe) -> Recipe:

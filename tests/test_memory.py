@@ -14,10 +14,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qlora_kit import model as models
 from qlora_kit.catalog import find_model_shape
+from qlora_kit.errors import UserError
 from qlora_kit.memory import (GIB, ModelShape, estimate_peak_memory, largest_micro_batch, longest_sequence,
                               most_uncheckpointed_layers, quantized_weight_bytes)
 from qlora_kit.recipes import Recipe
 from tests.conftest import build_tokenizer, save_tiny_model
+from tests.tiny_models import tiny_config
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +104,29 @@ def test_a_hybrids_mixers_are_counted_as_the_loaded_model_holds_them(tmp_path, k
         assert (plan.trainable_params, plan.total_params) == models.parameter_counts(models.attach_lora(base, recipe))
 
 
+@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4"])
+def test_gemma_4_s_full_attention_layers_moe_block_and_tower_are_counted_as_loaded(tmp_path, kind):
+    """Gemma 4's full-attention layer (heads twice as wide over 1 KV head, no v_proj), the dense MLP beside its experts
+    (adapted at the recipe's rank), its linear router (16-bit, not adapted) and, in the multimodal checkpoint, the
+    vision tower: parameters and LoRA parameters exactly, for each preset of layers."""
+    folder = save_tiny_model(tmp_path, kind)
+    shape = ModelShape.from_config(kind, json.loads((folder / "config.json").read_text()))
+    assert (shape.global_layers, shape.global_head_dim, shape.global_kv_heads, shape.global_values_are_keys) == (1, 32, 1, True)
+    assert (shape.moe_layers, shape.shared_expert_size, shape.frozen_mlp_names) == (6, 48, False)
+    assert bool(shape.tower_params) == (kind == "gemma4")
+    for targets in ("all-linear", "attention", "mlp"):
+        recipe = Recipe(rank=8, target_modules=targets, dropout=0.0)
+        plan = estimate_peak_memory(shape, recipe)
+        base = models.load_base_4bit(folder, torch.float32, CPU)
+        assert (plan.trainable_params, plan.total_params) == models.parameter_counts(models.attach_lora(base, recipe))
+
+
+def test_gemma_4_s_small_models_are_refused_by_the_plan_in_one_sentence():
+    config = tiny_config("gemma4_text", 300, hidden_size_per_layer_input=16).to_dict()
+    with pytest.raises(UserError, match="E2B and E4B"):
+        ModelShape.from_config("gemma-4-e2b-like", config)
+
+
 def test_catalogue_parameter_counts_match_the_published_sizes():
     published = {"gemma-2b": 2.51e9, "llama-3.1-8b": 8.03e9, "mistral-7b-v0.3": 7.25e9, "qwen2.5-7b": 7.62e9,
                  "phi-3-mini": 3.82e9, "smollm2-135m": 0.135e9, "llama-3.2-1b": 1.24e9, "gemma-2-9b": 9.24e9}
@@ -159,14 +184,24 @@ def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, se
                           linear_value_head_dim=64)),
     # short convolutions in 2 layers, attention in 2
     ("lfm2", dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])),
+    # 3 sliding-window layers, then a full one of 128-wide heads over 1 KV head, keys as values; a dense MLP beside 16
+    # experts of width 256 (4 a token), eight norms a layer
+    ("gemma4_text", dict(head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True,
+                         sliding_window=512, enable_moe_block=True, num_experts=16, top_k_experts=4,
+                         moe_intermediate_size=256, hidden_size_per_layer_input=0, final_logit_softcapping=30.0)),
 ])
 def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path, kind, changes):
     """The recompute-dominated step (one layer run again and back-propagated) of families whose layers hold more than
     Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3), Qwen3-MoE 1.03, gpt-oss 1.08;
-    Qwen3.5 1.04, LFM2 1.08; Llama's is 1.08 (docs/memory.md; benchmarks/family_memory.py measures the
+    Qwen3.5 1.04, LFM2 1.08, Gemma 4 1.07; Llama's is 1.08 (docs/memory.md; benchmarks/family_memory.py measures the
     mixture-of-experts and hybrid grid)."""
+    import transformers
+    from packaging.version import Version
     from transformers import AutoConfig
 
+    if kind == "gemma4_text" and Version(transformers.__version__) < Version("5.24"):
+        pytest.skip("transformers 5.23's Gemma 4 keeps 9% less a step (the estimate 1.17 of it, on the safe side); the "
+                    "terms are fitted to 5.24 and later")
     sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                  tie_word_embeddings=False)

@@ -1,7 +1,7 @@
 """Tiny random models of real architectures and a ~300-token tokenizer, built in seconds with no hub.
 
 The tests build them through conftest.py's fixtures; `.ci/installed_smoke.sh` runs this file to get a model folder
-for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|olmo3|qwen2|qwen3|qwen3_moe|gpt_oss|qwen3_5_text|qwen3_next|lfm2|smollm3|phi3|phi4_mini]
+for the installed wheel to train: python tests/tiny_models.py FOLDER [llama|gemma|gemma2|gemma3_text|gemma3|gemma4_text|gemma4|olmo3|qwen2|qwen3|qwen3_moe|gpt_oss|qwen3_5_text|qwen3_next|lfm2|smollm3|phi3|phi4_mini]
 """
 
 from __future__ import annotations
@@ -105,6 +105,24 @@ def tiny_config(kind: str, vocab_size: int, **changes):
         return Lfm2Config(**dict(full_attn_idxs=[1, 3], block_multiple_of=32,
                                  layer_types=["conv", "full_attention", "conv", "full_attention"])
                           | common | {"num_hidden_layers": 4} | changes)
+    if kind == "gemma4_text":  # Gemma 4 26B-A4B's layout: 5 sliding-window layers then a full one whose heads are twice
+        # as wide over 1 KV head, its keys serving as values; a dense MLP beside 8 experts (2 a token) in every layer
+        from transformers import Gemma4TextConfig
+
+        return Gemma4TextConfig(**dict(head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                       enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+                                       sliding_window=4, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
+                                       vocab_size_per_layer_input=vocab_size)
+                                | common | dict(num_hidden_layers=6, intermediate_size=48) | changes)
+    if kind == "gemma4":  # the gemma4_text model above beside a 2-layer Gemma 4 vision tower, as the hub's checkpoints
+        from transformers import Gemma4Config, Gemma4VisionConfig
+
+        vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=16)
+        ends = dict(boi_token_id=vocab_size - 5, eoi_token_id=vocab_size - 4, image_token_id=vocab_size - 3,
+                    video_token_id=vocab_size - 2, boa_token_id=None, eoa_token_index=None, audio_token_id=None)
+        return Gemma4Config(text_config=tiny_config("gemma4_text", vocab_size, **changes).to_dict(),
+                            vision_config=vision.to_dict(), **ends)
     if kind == "gemma3":  # Gemma 3 4B-27B's class: the gemma3_text model above beside a 2-layer SigLIP vision tower
         from transformers import Gemma3Config, SiglipVisionConfig
 

@@ -38,6 +38,11 @@ class Family:
     eager_attention: bool = False
     attention_sinks: bool = False  # a learned logit a head beside the scores
     expert_biases: bool = False  # a bias on each expert's projections and on the router; o_proj biased too
+    # PEFT 0.21 reads layers named gate_proj/up_proj/down_proj in a MoE model of this family as transformers 4's
+    # per-expert layers and moves them onto the fused experts (its conversion table names the family's model_type);
+    # a shared expert's or dense MLP's layers of those names are then left frozen
+    mlp_names_taken_by_peft: bool = True
+    routers: tuple[str, ...] = ()  # modules of a router held as linear layers: kept 16-bit and frozen, like the others
     # (config) -> ModelShape fields beyond those every family's config gives (a hybrid's mixers, renamed layers)
     shape_fields: Callable | None = None
     # Training on cards without bf16: fp16 overflows in some families' activations; they compute in fp32 there
@@ -72,12 +77,13 @@ def all_families() -> list[Family]:
     return found
 
 
-def towers_pattern(model) -> str | None:
-    """A regular expression for every module inside the towers this model has (peft's exclude_modules), or None."""
+def frozen_modules_pattern(model) -> str | None:
+    """A regular expression for every module inside the towers and linear routers this model has (peft's
+    exclude_modules), or None."""
     family = family_of(model.config.to_dict())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    towers = [tower for tower in (family.towers if family else ()) if tower in names]
-    return rf"(.*\.)?({'|'.join(towers)})(\..*)?" if towers else None
+    frozen = [name for name in (family.towers + family.routers if family else ()) if name in names]
+    return rf"(.*\.)?({'|'.join(frozen)})(\..*)?" if frozen else None
 
 
 def family_of(config: dict) -> Family | None:
