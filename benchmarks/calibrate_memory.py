@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit import data, model as models  # noqa: E402
 from benchmarks.random_model import build_random_model  # noqa: E402
+from qlora_kit import data, model as models  # noqa: E402
 from qlora_kit.catalog import find_model_shape  # noqa: E402
 from qlora_kit.hardware import gpu_readings  # noqa: E402
 from qlora_kit.memory import GIB, estimate_peak_memory  # noqa: E402

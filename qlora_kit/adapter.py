@@ -18,8 +18,17 @@ from qlora_kit.files import staged_folder
 from qlora_kit.hardware import CPU_SHARE
 from qlora_kit.model import load_base_4bit, load_tokenizer, pick_device_and_dtype
 from qlora_kit.recipes import read_settings
-from qlora_kit.sources import (IDENTITY_FILE, check_adapter_folder, describe_source, model_identity, packaged_model,
-                               path_exists, read_model_config, resolve_model, weight_shapes)
+from qlora_kit.sources import (
+    IDENTITY_FILE,
+    check_adapter_folder,
+    describe_source,
+    model_identity,
+    packaged_model,
+    path_exists,
+    read_model_config,
+    resolve_model,
+    weight_shapes,
+)
 
 
 def portable_base_id(source: str, folder: Path) -> str:

@@ -28,8 +28,16 @@ from qlora_kit.catalog import find_model_shape
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
-from qlora_kit.plan import (StepShape, Target, catalogue_models_that_fit, cheaper, choose_target, describe_reference,
-                            make_plan, reference_forwards)
+from qlora_kit.plan import (
+    StepShape,
+    Target,
+    catalogue_models_that_fit,
+    cheaper,
+    choose_target,
+    describe_reference,
+    make_plan,
+    reference_forwards,
+)
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
 from qlora_kit.sources import describe_source
 

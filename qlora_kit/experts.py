@@ -11,9 +11,8 @@ PEFT's whole-stack weight delta. The router stays frozen and 16-bit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import functools
+from contextlib import contextmanager
 
 import torch
 

@@ -25,14 +25,28 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.adapter import PEFT_PREFIX, base_source_for, check_adapter_on_base, corrects_nf4_rounding, tokenizer_folder
+from qlora_kit.adapter import (
+    PEFT_PREFIX,
+    base_source_for,
+    check_adapter_on_base,
+    corrects_nf4_rounding,
+    tokenizer_folder,
+)
 from qlora_kit.architectures import Family, gguf_family
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_file
 from qlora_kit.memory import moe_shape
 from qlora_kit.model import nf4_rounded
-from qlora_kit.sources import (check_adapter_folder, gguf_file_of, language_model_name, model_weights,
-                               read_adapter_config, read_model_config, resolve_model, text_config)
+from qlora_kit.sources import (
+    check_adapter_folder,
+    gguf_file_of,
+    language_model_name,
+    model_weights,
+    read_adapter_config,
+    read_model_config,
+    resolve_model,
+    text_config,
+)
 
 
 def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

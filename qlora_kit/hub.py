@@ -422,8 +422,14 @@ class DownloadProgress:
         self.console.print(f"Downloading {self.repo}: {len(self.sizes)} files, {_size(self.total)}",
                            highlight=False, markup=False, soft_wrap=True)
         if self.live:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
@@ -537,7 +543,7 @@ def is_dataset_name(name: str) -> bool:
 
     repo, _, file = str(name).partition(":")
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", repo)) and not repo.startswith((".", "~")) \
-        and not Path(repo.split("@")[0]).suffix in (".jsonl", ".json", ".parquet", ".csv") and (not file or "." in file)
+        and Path(repo.split("@")[0]).suffix not in (".jsonl", ".json", ".parquet", ".csv") and (not file or "." in file)
 
 
 def dataset_file(name: str, split: str = "train", config: str | None = None, console=None) -> Path:

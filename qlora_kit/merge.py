@@ -19,8 +19,15 @@ from qlora_kit.experts import dequantize_experts
 from qlora_kit.files import check_not_under_a_file, staged_folder
 from qlora_kit.hardware import check_ram_available
 from qlora_kit.memory import ModelShape
-from qlora_kit.model import (code_needs_trust, dequantized_on_load, load_base_4bit, load_tokenizer, nf4_rounded,
-                             saves_plain_tensors, stored_in_mxfp4)
+from qlora_kit.model import (
+    code_needs_trust,
+    dequantized_on_load,
+    load_base_4bit,
+    load_tokenizer,
+    nf4_rounded,
+    saves_plain_tensors,
+    stored_in_mxfp4,
+)
 from qlora_kit.sources import check_adapter_folder, read_model_config, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

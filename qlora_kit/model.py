@@ -16,8 +16,15 @@ import torch
 
 from qlora_kit.architectures import family_of, frozen_modules_pattern
 from qlora_kit.errors import UserError
-from qlora_kit.experts import (EXPERT_WEIGHTS, adapter_config, expert_weight_keys, expert_weight_names, experts_in_4bit,
-                               is_experts, with_experts_lora)
+from qlora_kit.experts import (
+    EXPERT_WEIGHTS,
+    adapter_config,
+    expert_weight_keys,
+    expert_weight_names,
+    experts_in_4bit,
+    is_experts,
+    with_experts_lora,
+)
 from qlora_kit.memory import NAMES_PEFT_TAKES_FOR_EXPERTS, moe_shape
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config

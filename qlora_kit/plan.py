@@ -15,8 +15,16 @@ from rich.text import Text
 from qlora_kit import hardware
 from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (GIB, TIGHT_FRACTION, MemoryPlan, ModelShape, estimate_peak_memory, largest_micro_batch,
-                              longest_sequence, most_uncheckpointed_layers)
+from qlora_kit.memory import (
+    GIB,
+    TIGHT_FRACTION,
+    MemoryPlan,
+    ModelShape,
+    estimate_peak_memory,
+    largest_micro_batch,
+    longest_sequence,
+    most_uncheckpointed_layers,
+)
 from qlora_kit.recipes import Recipe
 
 LABELS = {

@@ -30,13 +30,37 @@ from qlora_kit.distributed import Ranks
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE, cap_gpu_memory, probe, usage_now
 from qlora_kit.loss import CausalLMLoss, evaluate_with_stats
+from qlora_kit.model import (
+    attach_lora,
+    check_logits_path,
+    load_base_4bit,
+    load_tokenizer,
+    parameter_counts,
+    pick_device_and_dtype,
+    set_checkpointing,
+    settings_from_adapter,
+)
+from qlora_kit.plan import (
+    StepShape,
+    cheaper,
+    check_positive,
+    choose_target,
+    describe_reference,
+    make_plan,
+    reference_forwards,
+)
 from qlora_kit.preference import PreferenceLoss, check_method_fits_data, reference_log_probs
-from qlora_kit.model import (attach_lora, check_logits_path, load_base_4bit, load_tokenizer, parameter_counts,
-                             pick_device_and_dtype, set_checkpointing, settings_from_adapter)
-from qlora_kit.plan import StepShape, cheaper, check_positive, choose_target, describe_reference, make_plan, reference_forwards
 from qlora_kit.recipes import Recipe, optimizer_in_use
-from qlora_kit.run_folder import (REFERENCE_FILE, RunFolder, absolute_paths, check_fingerprint, check_free_disk,
-                                 check_same_settings, fingerprint, open_run_folder)
+from qlora_kit.run_folder import (
+    REFERENCE_FILE,
+    RunFolder,
+    absolute_paths,
+    check_fingerprint,
+    check_free_disk,
+    check_same_settings,
+    fingerprint,
+    open_run_folder,
+)
 from qlora_kit.sources import describe_source, model_identity, read_model_config, resolve_model
 from qlora_kit.trackers import Trackers, recorded_trackers
 
@@ -559,7 +583,7 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
         epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank::ranks.world]]
         shrink = functools.partial(step_down, state, model, device, ranks, step, on_event)
         step_loss, step_tokens, padding, step_stats = until_it_fits(
-            lambda shape: forward_backward(loss_module, step_examples, shape, pad_id, device, scaler, ranks),
+            lambda shape: forward_backward(loss_module, step_examples, shape, pad_id, device, scaler, ranks),  # noqa: B023 (called in this step)
             state, shrink, before_retry=lambda: optimizer.zero_grad(set_to_none=True))
         grad_norm, finite = apply_update(params, optimizer, scaler, recipe.max_grad_norm, step_loss)
         count_nonfinite(state, finite, step)

@@ -8,8 +8,8 @@ import yaml
 from rich.console import Console
 
 from qlora_kit.auto import choose_recipe, render_choice, run_auto
-from qlora_kit.data import percentile
 from qlora_kit.catalog import find_model_shape, gpu_catalogue
+from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import probe
 from qlora_kit.memory import GIB

@@ -3,8 +3,20 @@ import json
 
 import pytest
 
-from qlora_kit.data import (FALLBACK_TEMPLATE, IGNORE, cache_key, collate, epoch_order, example_stream, pack, read_records,
-                            split_off, tokenize, tokenize_record, truncate)
+from qlora_kit.data import (
+    FALLBACK_TEMPLATE,
+    IGNORE,
+    cache_key,
+    collate,
+    epoch_order,
+    example_stream,
+    pack,
+    read_records,
+    split_off,
+    tokenize,
+    tokenize_record,
+    truncate,
+)
 from qlora_kit.errors import UserError
 from tests.conftest import build_tokenizer, write_jsonl
 

@@ -10,8 +10,8 @@ from peft import PeftModel
 
 from qlora_kit import data, model as models
 from qlora_kit.demo import DEMO_DATA
-from qlora_kit.run_folder import next_free_run_dir
 from qlora_kit.loss import chunked_cross_entropy
+from qlora_kit.run_folder import next_free_run_dir
 from qlora_kit.sources import resolve_model
 
 

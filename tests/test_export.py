@@ -14,7 +14,6 @@ from qlora_kit.recipes import Recipe
 from qlora_kit.train import run_training
 from tests.test_cli import run_cli
 
-
 FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo3", "phi3", "phi4_mini",
             "lfm2", "qwen3_5_text")
 

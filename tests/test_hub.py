@@ -3,8 +3,8 @@ huggingface_hub client talks to: exactly the files a model needs, gated/missing/
 the free disk checked first, an interrupted download continued, plan from config.json alone."""
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess

@@ -15,8 +15,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from qlora_kit import model as models
 from qlora_kit.catalog import find_model_shape
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (GIB, ModelShape, estimate_peak_memory, largest_micro_batch, longest_sequence,
-                              most_uncheckpointed_layers, quantized_weight_bytes)
+from qlora_kit.memory import (
+    GIB,
+    ModelShape,
+    estimate_peak_memory,
+    largest_micro_batch,
+    longest_sequence,
+    most_uncheckpointed_layers,
+    quantized_weight_bytes,
+)
 from qlora_kit.recipes import Recipe
 from tests.conftest import build_tokenizer, save_tiny_model
 from tests.tiny_models import tiny_config

@@ -1,4 +1,5 @@
 import json
+
 import pytest
 from rich.console import Console
 
@@ -91,8 +92,9 @@ def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
 
 
 def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
-    from qlora_kit.cli import app
     from typer.testing import CliRunner
+
+    from qlora_kit.cli import app
 
     roomy = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4), choose_target(gpu="RTX 3090"))
     layers = roomy.uncheckpointed_layers

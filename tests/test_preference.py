@@ -1,9 +1,8 @@
 """Preference tuning: the DPO and ORPO losses against TRL's trainers, the pairs as the model sees them, and runs."""
 
 import io
-import math
 import json
-
+import math
 from dataclasses import replace
 
 import pytest
@@ -408,7 +407,7 @@ def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only
 
 def test_a_pair_cut_shorter_by_a_step_down_loses_its_precomputed_reference(llama_dir):
     from qlora_kit.data import truncate
-    from qlora_kit.model import load_base_4bit, attach_lora
+    from qlora_kit.model import attach_lora, load_base_4bit
 
     short, long = (PreferencePair(Example([1, 2, 3], [IGNORE, 2, 3]), Example([1, 2, 4, 5][:n], [IGNORE, 2, 4, 5][:n]), (-1.5, -2.5))
                    for n in (3, 4))

@@ -30,7 +30,6 @@ from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.run_folder import named_run_dir
 from qlora_kit.sources import IDENTITY_FILE, model_identity
 from qlora_kit.train import run_training
-
 from tests.tiny_models import save_tiny_model
 
 QUIET = Console(file=io.StringIO())

@@ -42,8 +42,17 @@ def build_tokenizer():
 
 def tiny_config(kind: str, vocab_size: int, **changes):
     """2-layer configs of real architectures, small enough to train on CPU in seconds; changes: other sizes."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, Olmo3Config, Phi3Config,
-                              Qwen2Config, Qwen3Config, SmolLM3Config)
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        Olmo3Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        SmolLM3Config,
+    )
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -5,8 +5,13 @@ its own sigmoid gate. PEFT 0.21 takes the shared expert's gate_proj/up_proj/down
 so they stay frozen (its gate is adapted). About 40 GiB in NF4: more than one consumer card holds."""
 
 from qlora_kit.architectures import Family
-from qlora_kit.architectures.qwen3_5 import (gated_delta_net, gguf_overrides, gguf_weights as dt_bias_renamed,
-                                             norms_decay_and_convolution, write_delta_net_sizes)
+from qlora_kit.architectures.qwen3_5 import (
+    gated_delta_net,
+    gguf_overrides,
+    gguf_weights as dt_bias_renamed,
+    norms_decay_and_convolution,
+    write_delta_net_sizes,
+)
 from qlora_kit.errors import UserError
 
 
