@@ -44,18 +44,37 @@ def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
     torch.cuda.reset_peak_memory_stats()
     lora = models.attach_lora(base, recipe)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, shape.vocab_size, (recipe.micro_batch * recipe.grad_accum * steps, recipe.seq_len), generator=generator)
+    ids = torch.randint(
+        3, shape.vocab_size, (recipe.micro_batch * recipe.grad_accum * steps, recipe.seq_len), generator=generator
+    )
     examples = [data.Example(row, row) for row in ids.tolist()]
     timings = []
     result = {}
     try:
-        train_loop(lora, examples, recipe, total_steps=steps, pad_id=0, device=device, dtype=torch.bfloat16,
-                   on_step=lambda m: timings.append(m["tokens_per_s"]))
+        train_loop(
+            lora,
+            examples,
+            recipe,
+            total_steps=steps,
+            pad_id=0,
+            device=device,
+            dtype=torch.bfloat16,
+            on_step=lambda m: timings.append(m["tokens_per_s"]),
+        )
         torch.cuda.synchronize()
-        result = {"status": "ok", "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
-                  "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "tokens_per_s": timings[-1]}
+        result = {
+            "status": "ok",
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_reserved": torch.cuda.max_memory_reserved(),
+            "nvml_used_gib": gpu_readings(0)["nvml_used_gib"],
+            "tokens_per_s": timings[-1],
+        }
     except torch.OutOfMemoryError:
-        result = {"status": "oom", "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved()}
+        result = {
+            "status": "oom",
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_reserved": torch.cuda.max_memory_reserved(),
+        }
     finally:
         lora.unload()  # back to the plain 4-bit base for the next point
         if recipe.gradient_checkpointing:
@@ -71,8 +90,12 @@ def main() -> None:
     parser.add_argument("--seqs", default="512,2048,8192")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--ranks", default="8,64")
-    parser.add_argument("--checkpointing", default="on,half,off", help="on: every layer; half: the last half kept whole; off")
-    parser.add_argument("--variants", default="lora", help="lora and/or dora (DoRA's magnitudes and the outputs it keeps)")
+    parser.add_argument(
+        "--checkpointing", default="on,half,off", help="on: every layer; half: the last half kept whole; off"
+    )
+    parser.add_argument(
+        "--variants", default="lora", help="lora and/or dora (DoRA's magnitudes and the outputs it keeps)"
+    )
     parser.add_argument("--work", default="/tmp/qlora-kit-calibration", help="where random models are saved")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -87,27 +110,52 @@ def main() -> None:
         shape = find_model_shape(name)
         folder = build_random_model(name, Path(args.work) / name)
         base = models.load_base_4bit(folder, torch.bfloat16, torch.device("cuda", 0))
-        grid = itertools.product([int(s) for s in args.seqs.split(",")], [int(b) for b in args.batches.split(",")],
-                                 [int(r) for r in args.ranks.split(",")], args.checkpointing.split(","), args.variants.split(","))
+        grid = itertools.product(
+            [int(s) for s in args.seqs.split(",")],
+            [int(b) for b in args.batches.split(",")],
+            [int(r) for r in args.ranks.split(",")],
+            args.checkpointing.split(","),
+            args.variants.split(","),
+        )
         for seq, batch, rank, checkpointing, variant in grid:
-            recipe = Recipe(seq_len=seq, micro_batch=batch, rank=rank, gradient_checkpointing=checkpointing != "off",
-                            uncheckpointed_layers=shape.num_layers // 2 if checkpointing == "half" else 0,
-                            use_dora=variant == "dora")
+            recipe = Recipe(
+                seq_len=seq,
+                micro_batch=batch,
+                rank=rank,
+                gradient_checkpointing=checkpointing != "off",
+                uncheckpointed_layers=shape.num_layers // 2 if checkpointing == "half" else 0,
+                use_dora=variant == "dora",
+            )
             started = time.time()
             measured = measure_point(base, shape, recipe)
             plan = estimate_peak_memory(shape, recipe, "cuda")
-            record = {"model": name, "seq_len": seq, "micro_batch": batch, "rank": rank, "checkpointing": checkpointing, "variant": variant,
-                      **measured, "estimate_allocated": plan.allocated_bytes,
-                      "estimate_reserved": plan.allocated_bytes + plan.components["allocator_slack"],
-                      "estimate_total": plan.total_bytes, "device": device_name, "versions": versions,
-                      "python": platform.python_version(), "command": command, "seconds": round(time.time() - started, 1),
-                      "recipe": dataclasses.asdict(recipe)}
+            record = {
+                "model": name,
+                "seq_len": seq,
+                "micro_batch": batch,
+                "rank": rank,
+                "checkpointing": checkpointing,
+                "variant": variant,
+                **measured,
+                "estimate_allocated": plan.allocated_bytes,
+                "estimate_reserved": plan.allocated_bytes + plan.components["allocator_slack"],
+                "estimate_total": plan.total_bytes,
+                "device": device_name,
+                "versions": versions,
+                "python": platform.python_version(),
+                "command": command,
+                "seconds": round(time.time() - started, 1),
+                "recipe": dataclasses.asdict(recipe),
+            }
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if measured["status"] == "ok":
-                print(f"{name} {variant} seq {seq} x {batch} r{rank} ckpt={checkpointing}: allocated {measured['peak_allocated'] / GIB:.2f} GiB "
-                      f"(estimate {plan.allocated_bytes / GIB:.2f}), reserved {measured['peak_reserved'] / GIB:.2f}, "
-                      f"{measured['tokens_per_s']:.0f} tok/s", flush=True)
+                print(
+                    f"{name} {variant} seq {seq} x {batch} r{rank} ckpt={checkpointing}: allocated {measured['peak_allocated'] / GIB:.2f} GiB "
+                    f"(estimate {plan.allocated_bytes / GIB:.2f}), reserved {measured['peak_reserved'] / GIB:.2f}, "
+                    f"{measured['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
             else:
                 print(f"{name} {variant} seq {seq} x {batch} r{rank} ckpt={checkpointing}: out of memory", flush=True)
         del base

@@ -55,7 +55,9 @@ def worker(args) -> dict:
 
     cuda = args.device == "cuda"
     if cuda and args.cap_gib:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory))
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+        )
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.folder).vocab_size
@@ -67,8 +69,12 @@ def worker(args) -> dict:
     except torch.OutOfMemoryError:
         return {"status": "oom", **_memory(cuda)}
     timed = step_times[1:] or step_times  # the first step warms up
-    return {"status": "ok", "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed), **_memory(cuda),
-            "settings": settings}
+    return {
+        "status": "ok",
+        "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
+        **_memory(cuda),
+        "settings": settings,
+    }
 
 
 def _memory(cuda: bool) -> dict:
@@ -78,8 +84,12 @@ def _memory(cuda: bool) -> dict:
 
     from qlora_kit.hardware import gpu_readings
 
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "nvml_used_gib": gpu_readings(0)["nvml_used_gib"], "peak_rss_gib": peak_rss_bytes() / GIB}
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        "nvml_used_gib": gpu_readings(0)["nvml_used_gib"],
+        "peak_rss_gib": peak_rss_bytes() / GIB,
+    }
 
 
 def train_hf(args, rows, step_times) -> dict:
@@ -90,13 +100,19 @@ def train_hf(args, rows, step_times) -> dict:
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.folder, quantization_config=quantization, dtype=dtype,
-                                                 device_map={"": 0} if cuda else None)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.folder, quantization_config=quantization, dtype=dtype, device_map={"": 0} if cuda else None
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -117,10 +133,20 @@ def train_hf(args, rows, step_times) -> dict:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.started)
 
-    training = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
-                                 learning_rate=2e-4, bf16=cuda, optim="paged_adamw_8bit" if cuda else "adamw_torch",
-                                 gradient_checkpointing=True, logging_steps=1, report_to=[], save_strategy="no",
-                                 use_cpu=not cuda, dataloader_num_workers=0)
+    training = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + 1,
+        learning_rate=2e-4,
+        bf16=cuda,
+        optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        gradient_checkpointing=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
     Trainer(model=model, args=training, train_dataset=Rows(), callbacks=[StepTimer()]).train()
     return {"dropout": 0.05, "checkpointed_layers": "all"}
 
@@ -137,16 +163,33 @@ def train_ours(args, rows, step_times) -> dict:
 
     cuda = args.device == "cuda"
     device, dtype = (torch.device("cuda", 0), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-    recipe = Recipe(rank=args.rank, alpha=2.0 * args.rank, dropout=args.ours_dropout, seq_len=args.seq, micro_batch=args.batch,
-                    gradient_checkpointing=True)
+    recipe = Recipe(
+        rank=args.rank,
+        alpha=2.0 * args.rank,
+        dropout=args.ours_dropout,
+        seq_len=args.seq,
+        micro_batch=args.batch,
+        gradient_checkpointing=True,
+    )
     shape = find_model_shape(args.model)
-    layers = int(args.ours_layers) if args.ours_layers != "auto" else most_uncheckpointed_layers(
-        shape, recipe, args.device, int(TIGHT_FRACTION * _capacity_bytes(args)))
+    layers = (
+        int(args.ours_layers)
+        if args.ours_layers != "auto"
+        else most_uncheckpointed_layers(shape, recipe, args.device, int(TIGHT_FRACTION * _capacity_bytes(args)))
+    )
     recipe = dataclasses.replace(recipe, uncheckpointed_layers=layers)
     model = models.attach_lora(models.load_base_4bit(Path(args.folder), dtype, device), recipe)
     examples = [data.Example(row, row) for row in rows]
-    train_loop(model, examples, recipe, total_steps=args.steps + 1, pad_id=0, device=device, dtype=dtype,
-               on_step=lambda m: step_times.append(m["step_s"]))
+    train_loop(
+        model,
+        examples,
+        recipe,
+        total_steps=args.steps + 1,
+        pad_id=0,
+        device=device,
+        dtype=dtype,
+        on_step=lambda m: step_times.append(m["step_s"]),
+    )
     return {"dropout": args.ours_dropout, "checkpointed_layers": shape.num_layers - min(layers, shape.num_layers)}
 
 
@@ -165,9 +208,30 @@ def _capacity_bytes(args) -> int:
 
 def run_side(side: str, args, seq: int) -> dict:
     """One side in a fresh process, so peaks and caches never carry over."""
-    command = [sys.executable, __file__, "--worker", side, "--folder", str(args.folder), "--seq", str(seq), "--batch", str(args.batch),
-               "--rank", str(args.rank), "--steps", str(args.steps), "--device", args.device, "--model", args.model,
-               "--ours-dropout", str(args.ours_dropout), "--ours-layers", args.ours_layers]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--folder",
+        str(args.folder),
+        "--seq",
+        str(seq),
+        "--batch",
+        str(args.batch),
+        "--rank",
+        str(args.rank),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--model",
+        args.model,
+        "--ours-dropout",
+        str(args.ours_dropout),
+        "--ours-layers",
+        args.ours_layers,
+    ]
     if args.cap_gib:
         command += ["--cap-gib", str(args.cap_gib)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
@@ -198,10 +262,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (one more runs first to warm up)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--cap-gib", type=float, default=None, help="limit torch's GPU memory to this (CUDA only)")
-    parser.add_argument("--ours-dropout", type=float, default=0.0,
-                        help="qlora-kit's LoRA dropout: 0 is its default (the fast path); 0.05 is the HF recipe's")
-    parser.add_argument("--ours-layers", default="auto",
-                        help="layers qlora-kit keeps whole (not recomputed): auto = the plan's choice for the memory; 0 = none")
+    parser.add_argument(
+        "--ours-dropout",
+        type=float,
+        default=0.0,
+        help="qlora-kit's LoRA dropout: 0 is its default (the fast path); 0.05 is the HF recipe's",
+    )
+    parser.add_argument(
+        "--ours-layers",
+        default="auto",
+        help="layers qlora-kit keeps whole (not recomputed): auto = the plan's choice for the memory; 0 = none",
+    )
     parser.add_argument("--sides", default="hf,ours", help="which sides to run: hf,ours (both), hf or ours")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence at batch 1 under --cap-gib")
     parser.add_argument("--work", default="/tmp/qlora-kit-bench", help="where random models are saved")
@@ -220,12 +291,23 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.folder = build_random_model(args.model, Path(args.work) / args.model, args.device)
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or platform.machine()) + f" x{os.cpu_count()}"
-    record = {"model": args.model, "seq": args.seq, "batch": args.batch, "rank": args.rank, "cap_gib": args.cap_gib,
-              "device": device_name, "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
-              "command": " ".join(["python", "benchmarks/compare_hf.py", *sys.argv[1:]]),
-              # glibc keeps freed memory unless this is set, so CPU peak RSS measures the allocator as much as the need
-              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else (platform.processor() or platform.machine()) + f" x{os.cpu_count()}"
+    )
+    record = {
+        "model": args.model,
+        "seq": args.seq,
+        "batch": args.batch,
+        "rank": args.rank,
+        "cap_gib": args.cap_gib,
+        "device": device_name,
+        "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
+        "command": " ".join(["python", "benchmarks/compare_hf.py", *sys.argv[1:]]),
+        # glibc keeps freed memory unless this is set, so CPU peak RSS measures the allocator as much as the need
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
     if args.max_seq:
         assert args.device == "cuda" and args.cap_gib, "--max-seq searches under --cap-gib on a GPU"
         args.batch = 1
@@ -245,7 +327,9 @@ def main() -> None:
 
 def print_comparison(record: dict) -> None:
     hf, ours = record.get("hf", {"status": "not run"}), record.get("ours", {"status": "not run"})
-    print(f"{record['model']} seq {record['seq']} x batch {record['batch']}, rank {record['rank']}, on {record['device']}")
+    print(
+        f"{record['model']} seq {record['seq']} x batch {record['batch']}, rank {record['rank']}, on {record['device']}"
+    )
     keys = ["peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "peak_rss_gib", "tokens_per_s"]
     for key in keys:
         a, b = hf.get(key), ours.get(key)
@@ -255,7 +339,9 @@ def print_comparison(record: dict) -> None:
         print(f"  {key:20s} HF recipe {_fmt(a):>10s}   qlora-kit {_fmt(b):>10s}   qlora-kit / HF {ratio}")
     for side, result in (("HF recipe", hf), ("qlora-kit", ours)):
         if result.get("settings"):
-            print(f"  {side}: LoRA dropout {result['settings']['dropout']}, checkpointed layers {result['settings']['checkpointed_layers']}")
+            print(
+                f"  {side}: LoRA dropout {result['settings']['dropout']}, checkpointed layers {result['settings']['checkpointed_layers']}"
+            )
         if result["status"] != "ok":
             print(f"  {side}: {result['status']} {result.get('error', '')}")
 

@@ -36,18 +36,38 @@ def train_worker(steps: int, seq: int, batch: int) -> dict:
     from qlora_kit.sources import resolve_model
     from qlora_kit.train import train_loop
 
-    recipe = Recipe(rank=16, alpha=32, seq_len=seq, micro_batch=batch, grad_accum=1, steps=steps + 1, lr=1e-3,
-                    gradient_checkpointing=False, group_by_length=False)
+    recipe = Recipe(
+        rank=16,
+        alpha=32,
+        seq_len=seq,
+        micro_batch=batch,
+        grad_accum=1,
+        steps=steps + 1,
+        lr=1e-3,
+        gradient_checkpointing=False,
+        group_by_length=False,
+    )
     folder = resolve_model("smollm2-135m")
     tokenizer = models.load_tokenizer(folder)
     examples = data.tokenize(data.read_records(DEMO_DATA).records, tokenizer, seq)
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, torch.device("cpu")), recipe)
     seen = []
-    train_loop(model, examples, recipe, total_steps=steps + 1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-               dtype=torch.float32, on_step=seen.append)
+    train_loop(
+        model,
+        examples,
+        recipe,
+        total_steps=steps + 1,
+        pad_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        on_step=seen.append,
+    )
     timed = seen[1:]  # the first step warms allocators and kernels up
-    return {"step_s": statistics.median(m["step_s"] for m in timed), "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
-            "threads": [m["cpu_threads"] for m in seen]}
+    return {
+        "step_s": statistics.median(m["step_s"] for m in timed),
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
+        "threads": [m["cpu_threads"] for m in seen],
+    }
 
 
 def generate_worker(kind: str, tokens: int, repeats: int) -> dict:
@@ -71,14 +91,20 @@ def generate_worker(kind: str, tokens: int, repeats: int) -> dict:
     for _ in range(repeats):
         started = time.perf_counter()
         if kind == "4bit":  # the product's path, thread choice included
-            [reply] = generate_replies(model, tokenizer, [[{"role": "user", "content": PROMPT}]], Sampling(max_new_tokens=tokens))
+            [reply] = generate_replies(
+                model, tokenizer, [[{"role": "user", "content": PROMPT}]], Sampling(max_new_tokens=tokens)
+            )
             made = len(tokenizer(reply, add_special_tokens=False)["input_ids"])
             threads.append(torch.get_num_threads())
         else:  # what a user of plain transformers runs
-            text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+            )
             inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    **inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
             made = out.shape[1] - inputs["input_ids"].shape[1]
             threads.append(torch.get_num_threads())
         rates.append(made / (time.perf_counter() - started))
@@ -95,8 +121,22 @@ def measure(what: str, policy: str, competitors: int, args) -> dict:
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # torch's default, fixed: qlora-kit until now
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
     try:
-        command = [sys.executable, __file__, "--worker", what, "--steps", str(args.steps), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            what,
+            "--steps",
+            str(args.steps),
+            "--seq",
+            str(args.seq),
+            "--batch",
+            str(args.batch),
+            "--tokens",
+            str(args.tokens),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     finally:
         for process in load:
@@ -108,7 +148,9 @@ def measure(what: str, policy: str, competitors: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--competitors", type=int, nargs="+", default=[0, 1, 3], help="busy processes beside each measurement")
+    parser.add_argument(
+        "--competitors", type=int, nargs="+", default=[0, 1, 3], help="busy processes beside each measurement"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up step)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
@@ -129,7 +171,12 @@ def main() -> None:
     for what in ("train", "4bit"):
         for competitors in args.competitors:
             for policy in ("before", "after"):
-                row = {"what": what, "competitors": competitors, "policy": policy, **measure(what, policy, competitors, args)}
+                row = {
+                    "what": what,
+                    "competitors": competitors,
+                    "policy": policy,
+                    **measure(what, policy, competitors, args),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for kind in ("fp32", "bf16"):  # plain transformers on the 16-bit model, on a free machine
@@ -143,27 +190,44 @@ def main() -> None:
             return None
         return row["step_s"] if what == "train" else row["tokens_per_s"]
 
-    print(f"\nSmolLM2-135M on {os.cpu_count()} cores ({platform.machine()}), load average at the start: {load_at_start:.2f}")
-    measures = {"train": (f"training step, seq {args.seq} x {args.batch}", "s", 1), "4bit": ("4-bit generation", "tok/s", -1)}
+    print(
+        f"\nSmolLM2-135M on {os.cpu_count()} cores ({platform.machine()}), load average at the start: {load_at_start:.2f}"
+    )
+    measures = {
+        "train": (f"training step, seq {args.seq} x {args.batch}", "s", 1),
+        "4bit": ("4-bit generation", "tok/s", -1),
+    }
     for what, (title, unit, power) in measures.items():  # a slowdown is time / free time, or free rate / rate
         print(f"{title} ({unit}); slowdown against the same policy on a free machine")
         for competitors in args.competitors:
-            pairs = {policy: (figure(what, competitors, policy), figure(what, 0, policy)) for policy in ("before", "after")}
+            pairs = {
+                policy: (figure(what, competitors, policy), figure(what, 0, policy)) for policy in ("before", "after")
+            }
             if None in [x for pair in pairs.values() for x in pair]:
                 continue
-            shown = "   ".join(f"{policy} {value:.2f} {unit} ({(value / free) ** power:.1f}x)" for policy, (value, free) in pairs.items())
+            shown = "   ".join(
+                f"{policy} {value:.2f} {unit} ({(value / free) ** power:.1f}x)"
+                for policy, (value, free) in pairs.items()
+            )
             print(f"  {competitors} competing: {shown}   after/before {pairs['after'][0] / pairs['before'][0]:.2f}")
     four_bit = figure("4bit", 0, "after")
     for kind in ("fp32", "bf16"):
         plain = figure(kind, 0, "plain transformers")
         if four_bit and plain:
-            print(f"  free machine: qlora-kit 4-bit {four_bit:.1f} tok/s, plain transformers {kind} {plain:.1f} tok/s "
-                  f"(4-bit / {kind} = {four_bit / plain:.2f})")
+            print(
+                f"  free machine: qlora-kit 4-bit {four_bit:.1f} tok/s, plain transformers {kind} {plain:.1f} tok/s "
+                f"(4-bit / {kind} = {four_bit / plain:.2f})"
+            )
 
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"cpu_contention_{platform.machine()}_x{os.cpu_count()}.jsonl"
-    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(time.time() - started), "load_at_start": load_at_start,
-              "settings": vars(args) | {"results": None}, "rows": rows}
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "seconds": round(time.time() - started),
+        "load_at_start": load_at_start,
+        "settings": vars(args) | {"results": None},
+        "rows": rows,
+    }
     with out.open("a") as f:
         f.write(json.dumps(record, default=str) + "\n")
     print(f"\nresults appended to {out}")

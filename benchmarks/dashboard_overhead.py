@@ -67,11 +67,21 @@ def training_step_seconds(folder: Path, mode: str, steps: int = 12) -> float:
     times = []
     info = RunInfo("bench", "tiny", "cpu", steps, 16.0, 2.0)
     with Dashboard(terminal(), info, mode) as dashboard:
+
         def on_step(m):
             dashboard.step(m)
             times.append(m["step_s"])
-        train_loop(model, examples, recipe, total_steps=steps, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-                   dtype=torch.float32, on_step=on_step)
+
+        train_loop(
+            model,
+            examples,
+            recipe,
+            total_steps=steps,
+            pad_id=tokenizer.pad_token_id,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            on_step=on_step,
+        )
     return statistics.mean(times[2:])  # the first steps warm up
 
 
@@ -86,8 +96,10 @@ def main() -> None:
         live.append(training_step_seconds(folder, "live"))
         quiet.append(training_step_seconds(folder, "quiet"))
     ratio = statistics.median(live) / statistics.median(quiet)
-    print(f"A/B on CPU: step {statistics.median(live) * 1e3:.1f} ms with the live dashboard vs "
-          f"{statistics.median(quiet) * 1e3:.1f} ms quiet: ratio {ratio:.3f}")
+    print(
+        f"A/B on CPU: step {statistics.median(live) * 1e3:.1f} ms with the live dashboard vs "
+        f"{statistics.median(quiet) * 1e3:.1f} ms quiet: ratio {ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,18 @@ def anonymous_memory() -> int:
 
 def synthetic_chats(n: int) -> list[dict]:
     words = "the ship sails at dawn with a cargo of rum and maps of every island in the southern sea".split()
-    return [{"messages": [{"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(20 + i % 40))},
-                          {"role": "assistant", "content": " ".join(words[(i * 3 + k) % len(words)] for k in range(60 + i % 200))}]}
-            for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(20 + i % 40))},
+                {
+                    "role": "assistant",
+                    "content": " ".join(words[(i * 3 + k) % len(words)] for k in range(60 + i % 200)),
+                },
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def main() -> None:
@@ -69,11 +78,15 @@ def main() -> None:
 
     workers = min(os.cpu_count() or 1, 8)
     print(f"{args.examples:,} chat examples, {tokens:,} tokens, {workers} tokenizer processes")
-    print(f"(a) Python lists:   {lists_bytes / tokens:6.1f} bytes of private memory per token ({lists_bytes / 2**20:,.0f} MiB)")
+    print(
+        f"(a) Python lists:   {lists_bytes / tokens:6.1f} bytes of private memory per token ({lists_bytes / 2**20:,.0f} MiB)"
+    )
     print(f"(b) qlora-kit table: {max(table_bytes, 0) / tokens:6.1f} bytes per token ({table_bytes / 2**20:,.0f} MiB)")
     print(f"memory ratio (b)/(a): {max(table_bytes, 0) / max(lists_bytes, 1):.3f}")
-    print(f"tokenizing: {one_process_s:.1f} s in one process, {parallel_s:.1f} s with datasets.map over {workers} "
-          f"(including the cache write): ratio {parallel_s / one_process_s:.2f}")
+    print(
+        f"tokenizing: {one_process_s:.1f} s in one process, {parallel_s:.1f} s with datasets.map over {workers} "
+        f"(including the cache write): ratio {parallel_s / one_process_s:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main() -> None:
 
     folder, cpu = resolve_model(args.model), torch.device("cpu")
     tokenizer = load_tokenizer(folder)
-    pairs = data.tokenize(data.read_records(str(PAIRS)).records[:args.pairs], tokenizer, seq_len=512)
+    pairs = data.tokenize(data.read_records(str(PAIRS)).records[: args.pairs], tokenizer, seq_len=512)
     pairs = [pairs[i] for i in range(len(pairs))]
     model = attach_lora(load_base_4bit(folder, torch.float32, cpu), Recipe(rank=16))
     loss = PreferenceLoss(model, "dpo", 0.1)
@@ -52,7 +52,7 @@ def main() -> None:
         order = random.Random(0).sample(pairs, len(pairs))
         for start in range(0, len(order), args.micro_batch):
             with torch.no_grad(), loss.reference_model():
-                loss.answer_log_probs(order[start:start + args.micro_batch], tokenizer.pad_token_id, cpu)
+                loss.answer_log_probs(order[start : start + args.micro_batch], tokenizer.pad_token_id, cpu)
 
     precomputed()  # warm-up: the first 4-bit forward passes allocate and pack what later ones reuse
     seconds = {"on the fly": [], "precomputed": []}
@@ -61,11 +61,15 @@ def main() -> None:
             started = time.perf_counter()
             work()
             seconds[name].append(time.perf_counter() - started)
-    print(f"uptime: {os.getloadavg()}; {args.model}, {len(pairs)} pairs, micro-batch {args.micro_batch} pairs, "
-          f"{args.rounds} rounds each, alternated")
+    print(
+        f"uptime: {os.getloadavg()}; {args.model}, {len(pairs)} pairs, micro-batch {args.micro_batch} pairs, "
+        f"{args.rounds} rounds each, alternated"
+    )
     for name, times in seconds.items():
-        print(f"{name:<12} {min(times) / len(pairs):.3f} s a pair (best round; all: "
-              f"{', '.join(f'{t:.1f}' for t in times)} s)")
+        print(
+            f"{name:<12} {min(times) / len(pairs):.3f} s a pair (best round; all: "
+            f"{', '.join(f'{t:.1f}' for t in times)} s)"
+        )
     ratio = min(seconds["precomputed"]) / min(seconds["on the fly"])
     print(f"precomputed / on the fly, per pair: {ratio:.2f}")
 

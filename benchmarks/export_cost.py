@@ -53,9 +53,17 @@ def random_lora_adapter(base: Path, folder: Path, rank: int = 16) -> Path:
                     tensors[f"{module}.lora_B.weight"] = torch.randn(out_features, rank) * 0.01
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                                            "target_modules": list(targets),
-                                                            "base_model_name_or_path": str(base)}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": list(targets),
+                "base_model_name_or_path": str(base),
+            }
+        )
+    )
     return folder
 
 
@@ -84,9 +92,13 @@ def main() -> None:
         models["Llama-3.2-1B (random)"] = llama_1b
 
     floor_s, floor_gib = run_measured("import torch, gguf, safetensors, transformers, qlora_kit.export")
-    print(f"uptime: {os.getloadavg()}; floor (Python, torch, transformers, gguf imported): {floor_gib:.2f} GiB RSS, {floor_s:.1f} s")
-    print(f"{'model':<24}{'weights GiB':>12}{'export':>22}{'seconds':>9}{'x copy':>8}{'peak RSS GiB':>14}"
-          f"{'said GiB':>10}{'RSS / weights':>15}{'out GiB':>9}")
+    print(
+        f"uptime: {os.getloadavg()}; floor (Python, torch, transformers, gguf imported): {floor_gib:.2f} GiB RSS, {floor_s:.1f} s"
+    )
+    print(
+        f"{'model':<24}{'weights GiB':>12}{'export':>22}{'seconds':>9}{'x copy':>8}{'peak RSS GiB':>14}"
+        f"{'said GiB':>10}{'RSS / weights':>15}{'out GiB':>9}"
+    )
     for label, base in models.items():
         adapter = random_lora_adapter(base, args.folder / f"{base.name}-adapter")
         size = model_bytes(base)
@@ -97,13 +109,18 @@ def main() -> None:
         (args.folder / "copy.safetensors").unlink()
         for form, quant in [("adapter", None), ("merged", "f16"), ("merged", "q8_0")]:
             out = args.folder / f"{base.name}-{form}-{quant}.gguf"
-            call = (f"export_gguf_adapter({str(adapter)!r}, {str(out)!r}, {str(base)!r})" if form == "adapter" else
-                    f"export_merged_gguf({str(adapter)!r}, {str(out)!r}, {str(base)!r}, {quant!r})")
+            call = (
+                f"export_gguf_adapter({str(adapter)!r}, {str(out)!r}, {str(base)!r})"
+                if form == "adapter"
+                else f"export_merged_gguf({str(adapter)!r}, {str(out)!r}, {str(base)!r}, {quant!r})"
+            )
             seconds, peak = run_measured(f"from qlora_kit.export import *; {call}")
             said = "" if form == "adapter" else f"{merged_export_ram(base) / 2**30:.2f}"
-            print(f"{label:<24}{size / 2**30:>12.2f}{form + ' ' + (quant or 'f32'):>22}{seconds:>9.1f}"
-                  f"{seconds / copy_s:>8.1f}{peak:>14.2f}{said:>10}{peak / (size / 2**30):>15.2f}"
-                  f"{out.stat().st_size / 2**30:>9.3f}")
+            print(
+                f"{label:<24}{size / 2**30:>12.2f}{form + ' ' + (quant or 'f32'):>22}{seconds:>9.1f}"
+                f"{seconds / copy_s:>8.1f}{peak:>14.2f}{said:>10}{peak / (size / 2**30):>15.2f}"
+                f"{out.stat().st_size / 2**30:>9.3f}"
+            )
             out.unlink()
 
 

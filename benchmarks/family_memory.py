@@ -23,9 +23,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-             tie_word_embeddings=False, head_dim=64)
+SIZES = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    head_dim=64,
+)
 QWEN3_MOE = dict(moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4)
 GPT_OSS = dict(intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512)
 RECOMPUTED = dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0)
@@ -35,9 +46,18 @@ DELTA_NET = dict(linear_num_key_heads=2, linear_key_head_dim=64, linear_num_valu
 LFM2 = dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])
 # Gemma 4 26B-A4B's layout: sliding-window layers then a full one of wider heads over 1 KV head (keys as values), a
 # dense MLP beside the experts; without the experts, the 31B's
-GEMMA4 = dict(global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=512,
-              enable_moe_block=True, num_experts=16, top_k_experts=4, moe_intermediate_size=256,
-              hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
+GEMMA4 = dict(
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=512,
+    enable_moe_block=True,
+    num_experts=16,
+    top_k_experts=4,
+    moe_intermediate_size=256,
+    hidden_size_per_layer_input=0,
+    final_logit_softcapping=30.0,
+)
 GRID = [  # (model_type, config changes, recipe settings)
     ("qwen3_moe", QWEN3_MOE, RECOMPUTED),
     ("qwen3_moe", QWEN3_MOE | dict(num_experts_per_tok=2, moe_intermediate_size=512), RECOMPUTED),
@@ -76,14 +96,28 @@ def measure_point(kind: str, changes: dict, settings: dict, folder: Path) -> dic
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
-    c = estimate_peak_memory(ModelShape.from_config(kind, config.to_dict()), Recipe(**settings), device="cpu").components
+    c = estimate_peak_memory(
+        ModelShape.from_config(kind, config.to_dict()), Recipe(**settings), device="cpu"
+    ).components
     estimate = c["saved_activations"] + c["backward_working_set"] + c["lora_gradients"]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_cpu_memory.py"), str(folder),
-                          json.dumps(settings)], capture_output=True, text=True, env=env, timeout=900, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "measure_cpu_memory.py"), str(folder), json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=True,
+    )
     measured = json.loads(out.stdout.strip().splitlines()[-1])["step_peak_transient"]
-    return {"model_type": kind, "changes": changes, "settings": settings, "estimate": estimate, "measured": measured,
-            "ratio": round(estimate / measured, 3)}
+    return {
+        "model_type": kind,
+        "changes": changes,
+        "settings": settings,
+        "estimate": estimate,
+        "measured": measured,
+        "ratio": round(estimate / measured, 3),
+    }
 
 
 def main() -> None:
@@ -95,10 +129,13 @@ def main() -> None:
             if kinds and kind not in kinds:
                 continue
             point = measure_point(kind, changes, settings, Path(scratch) / str(number))
-            print(f"{kind:10} {json.dumps(changes):90} {settings['seq_len']} x {settings['micro_batch']}"
-                  f"{'' if settings.get('gradient_checkpointing', True) else ' no checkpointing'}: "
-                  f"measured {point['measured'] / 2**20:.0f} MiB, estimate {point['estimate'] / 2**20:.0f} MiB, "
-                  f"ratio {point['ratio']:.2f}", flush=True)
+            print(
+                f"{kind:10} {json.dumps(changes):90} {settings['seq_len']} x {settings['micro_batch']}"
+                f"{'' if settings.get('gradient_checkpointing', True) else ' no checkpointing'}: "
+                f"measured {point['measured'] / 2**20:.0f} MiB, estimate {point['estimate'] / 2**20:.0f} MiB, "
+                f"ratio {point['ratio']:.2f}",
+                flush=True,
+            )
             with results.open("a") as out:
                 out.write(json.dumps(point | {"machine": machine}) + "\n")
 

@@ -29,8 +29,16 @@ STEPS, SAVED_AT = 6, 3
 def small_model(folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
@@ -46,13 +54,30 @@ def train(folder: Path, recipe: Recipe, device, dtype, run_dir: Path, resume_fro
 
     def save(step, optimizer, scheduler, scaler, state):
         lora, optimizer_state = checkpoint.gather_trainable(model), checkpoint.gather_optimizer(model, optimizer)
-        checkpoint.save_checkpoint(run_dir, step, lambda where: model.save_pretrained(where, state_dict=lora),
-                                   optimizer_state, scheduler, scaler, state, keep=1)
+        checkpoint.save_checkpoint(
+            run_dir,
+            step,
+            lambda where: model.save_pretrained(where, state_dict=lora),
+            optimizer_state,
+            scheduler,
+            scaler,
+            state,
+            keep=1,
+        )
 
     losses: list[float] = []
-    train_loop(model, examples, recipe, total_steps=STEPS, pad_id=0, device=device, dtype=dtype,
-               on_step=lambda m: losses.append(m["loss"]), save=lambda step, *rest: save(step, *rest) if step == SAVED_AT else None,
-               resume_from=resume_from)
+    train_loop(
+        model,
+        examples,
+        recipe,
+        total_steps=STEPS,
+        pad_id=0,
+        device=device,
+        dtype=dtype,
+        on_step=lambda m: losses.append(m["loss"]),
+        save=lambda step, *rest: save(step, *rest) if step == SAVED_AT else None,
+        resume_from=resume_from,
+    )
     return losses
 
 
@@ -67,29 +92,52 @@ def main() -> None:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     print(f"device: {torch.cuda.get_device_name(0) if cuda else 'CPU'}; torch {torch.__version__}", flush=True)
-    recipe = Recipe(rank=64, seq_len=256, micro_batch=2, lr=1e-3, dropout=0.0, gradient_checkpointing=True, uncheckpointed_layers=1,
-                    activation_offload=cuda, optimizer="paged_adamw_8bit" if cuda else "adamw_8bit", checkpoint_every=SAVED_AT)
+    recipe = Recipe(
+        rank=64,
+        seq_len=256,
+        micro_batch=2,
+        lr=1e-3,
+        dropout=0.0,
+        gradient_checkpointing=True,
+        uncheckpointed_layers=1,
+        activation_offload=cuda,
+        optimizer="paged_adamw_8bit" if cuda else "adamw_8bit",
+        checkpoint_every=SAVED_AT,
+    )
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         folder = small_model(work / "model")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         whole = train(folder, recipe, device, dtype, work / "whole")
-        check("training", all(map(torch.isfinite, torch.tensor(whole))) and whole[-1] < whole[0],
-              f"{recipe.optimizer}, {str(dtype).removeprefix('torch.')}, last layer whole, offload {recipe.activation_offload}: "
-              f"loss {whole[0]:.3f} -> {whole[-1]:.3f}")
+        check(
+            "training",
+            all(map(torch.isfinite, torch.tensor(whole))) and whole[-1] < whole[0],
+            f"{recipe.optimizer}, {str(dtype).removeprefix('torch.')}, last layer whole, offload {recipe.activation_offload}: "
+            f"loss {whole[0]:.3f} -> {whole[-1]:.3f}",
+        )
         if cuda:
             print(f"     peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
         saved = checkpoint.complete_checkpoints(work / "whole")
-        check("checkpoint", [p.name for p in saved] == [f"step-{SAVED_AT}"] and checkpoint.verify(saved[0]) is None,
-              f"{saved[0].name} written and verified")
+        check(
+            "checkpoint",
+            [p.name for p in saved] == [f"step-{SAVED_AT}"] and checkpoint.verify(saved[0]) is None,
+            f"{saved[0].name} written and verified",
+        )
         resumed = train(folder, recipe, device, dtype, work / "resumed", resume_from=saved[0])
         worst = max(abs(a - b) / abs(b) for a, b in zip(resumed, whole[SAVED_AT:]))
-        check("resume", len(resumed) == STEPS - SAVED_AT and worst < 1e-3,
-              f"steps {SAVED_AT + 1}-{STEPS} repeat within {worst:.1e} relative")
+        check(
+            "resume",
+            len(resumed) == STEPS - SAVED_AT and worst < 1e-3,
+            f"steps {SAVED_AT + 1}-{STEPS} repeat within {worst:.1e} relative",
+        )
         if cuda:
             fp16 = train(folder, replace(recipe, precision="fp16"), device, torch.float16, work / "fp16")
-            check("fp16", all(map(torch.isfinite, torch.tensor(fp16))), f"loss scaling: loss {fp16[0]:.3f} -> {fp16[-1]:.3f}")
+            check(
+                "fp16",
+                all(map(torch.isfinite, torch.tensor(fp16))),
+                f"loss scaling: loss {fp16[0]:.3f} -> {fp16[-1]:.3f}",
+            )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ SECOND_SET = [  # held out from training, in the demo's format: questions the de
         ("How many legs does a spider have?", "Arr, matey! A spider be havin' eight legs, like a fine rigging."),
         ("What do bees make?", "Arr, matey! Bees be makin' honey, sweeter than any treasure."),
         ("What colour is the sky?", "Arr, matey! The sky be blue as the open sea."),
-    ]]
+    ]
+]
 
 TRAIN = """
 import json, sys, time, re
@@ -65,8 +66,10 @@ def main() -> None:
     second = args.out / "second.jsonl"
     second.write_text("".join(json.dumps(r) + "\n" for r in SECOND_SET))
     print(f"uptime: {os.getloadavg()}; smollm2-135m, demo data, 10% held out, seq 256 x 4, lr 2e-4")
-    header = f"{'variant':<12}{'seed':>5}{'steps':>6}{'eval loss':>10}{'2nd set loss':>14}{'run s':>8}{'step s':>8}" \
-             f"{'tokens/s':>10}{'peak RSS GiB':>14}"
+    header = (
+        f"{'variant':<12}{'seed':>5}{'steps':>6}{'eval loss':>10}{'2nd set loss':>14}{'run s':>8}{'step s':>8}"
+        f"{'tokens/s':>10}{'peak RSS GiB':>14}"
+    )
     print(f"\nSame steps ({args.steps}):\n{header}")
     step_seconds = {}
     for seed in args.seeds:
@@ -87,21 +90,37 @@ def train_and_report(name: str, variant: dict, steps: int, out: Path, second: Pa
     """Train one variant for steps in its own process, print its row, and return its measurements."""
     demo_data = ROOT / "qlora_kit" / "demo_data" / "pirate.jsonl"
     folder = out / f"{name.replace(' ', '-')}-seed{variant['seed']}-{steps}"
-    settings = {"model": "smollm2-135m", "data": str(demo_data), "steps": steps, "eval_fraction": 0.1,
-                "seq_len": 256, "micro_batch": 4, "lr": 2e-4, "checkpoint_every": 0, **variant}
+    settings = {
+        "model": "smollm2-135m",
+        "data": str(demo_data),
+        "steps": steps,
+        "eval_fraction": 0.1,
+        "seq_len": 256,
+        "micro_batch": 4,
+        "lr": 2e-4,
+        "checkpoint_every": 0,
+        **variant,
+    }
     result = train_in_own_process(settings, folder)
     second_loss = held_out_loss(folder / "adapter", second)
-    print(f"{name:<12}{variant['seed']:>5}{steps:>6}{result['eval_loss']:>10.4f}{second_loss:>14.4f}{result['seconds']:>8.1f}"
-          f"{result['step_seconds']:>8.1f}{result['tokens'] / result['step_seconds']:>10.0f}{result['peak_gib']:>14.2f}",
-          flush=True)
+    print(
+        f"{name:<12}{variant['seed']:>5}{steps:>6}{result['eval_loss']:>10.4f}{second_loss:>14.4f}{result['seconds']:>8.1f}"
+        f"{result['step_seconds']:>8.1f}{result['tokens'] / result['step_seconds']:>10.0f}{result['peak_gib']:>14.2f}",
+        flush=True,
+    )
     return result
 
 
 def train_in_own_process(settings: dict, folder: Path, env: dict | None = None) -> dict:
     """Train Recipe(**settings) into folder in a fresh process (with env added to its environment): its seconds,
     tokens, step seconds, last eval loss, peak RSS (model loading included) and planned peak."""
-    done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(settings), str(folder)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-c", TRAIN, json.dumps(settings), str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     if done.returncode != 0:
         raise SystemExit(f"{folder.name} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -109,8 +128,12 @@ def train_in_own_process(settings: dict, folder: Path, env: dict | None = None) 
 
 def held_out_loss(adapter: Path, data: Path) -> float:
     """Mean loss of the adapted 4-bit model on data's answers, as `qlora-kit eval` computes it."""
-    done = subprocess.run([sys.executable, "-m", "qlora_kit", "eval", "--adapter", str(adapter), "--data", str(data),
-                           "--json"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_kit", "eval", "--adapter", str(adapter), "--data", str(data), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
     return json.loads(done.stdout)["adapter_loss"]

@@ -39,7 +39,9 @@ def measure(model_dir: Path, recipe: Recipe) -> dict:
     vocab = model.get_base_model().config.vocab_size
     generator = torch.Generator().manual_seed(0)
     # Full-length random sequences: no padding, so every position is a labelled token.
-    examples = [data.Example(ids, ids) for ids in torch.randint(3, vocab, (4 * batch, seq), generator=generator).tolist()]
+    examples = [
+        data.Example(ids, ids) for ids in torch.randint(3, vocab, (4 * batch, seq), generator=generator).tolist()
+    ]
     if recipe.method != "sft":  # preference pairs: two full-length answers each
         examples = [data.PreferencePair(a, b) for a, b in zip(examples[::2], examples[1::2])]
     one_step = dict(total_steps=1, pad_id=0, device=cpu, dtype=torch.float32, on_step=lambda m: None)

@@ -45,16 +45,27 @@ def read_run(run_dir: Path) -> dict:
         values = [m[key] for m in steps if m.get(key) is not None]
         return max(values) if values else None
 
-    return {"steps": [m["step"] for m in steps],
-            "step_downs": [{"step": m["step"], "from": m["from"], "to": m["to"]} for m in lines if m.get("event") == "out_of_memory_step_down"],
-            "peak_reserved_gib": largest("mem_reserved_gib"), "peak_nvml_gib": largest("nvml_used_gib"),
-            "peak_rss_gib": largest("rss_gib"), "target": plan["target"]["name"],
-            "capacity_gib": plan["target"]["capacity_bytes"] / GIB, "planned_gib": plan["plan"]["total_bytes"] / GIB}
+    return {
+        "steps": [m["step"] for m in steps],
+        "step_downs": [
+            {"step": m["step"], "from": m["from"], "to": m["to"]}
+            for m in lines
+            if m.get("event") == "out_of_memory_step_down"
+        ],
+        "peak_reserved_gib": largest("mem_reserved_gib"),
+        "peak_nvml_gib": largest("nvml_used_gib"),
+        "peak_rss_gib": largest("rss_gib"),
+        "target": plan["target"]["name"],
+        "capacity_gib": plan["target"]["capacity_bytes"] / GIB,
+        "planned_gib": plan["plan"]["total_bytes"] / GIB,
+    }
 
 
 def lost_or_repeated_steps(run: dict, total: int) -> list[int]:
     """Steps of 1..total the run did not make exactly once, in order (empty when none was lost or redone)."""
-    return sorted(set(range(1, total + 1)) ^ set(run["steps"])) + sorted({s for s in run["steps"] if run["steps"].count(s) > 1})
+    return sorted(set(range(1, total + 1)) ^ set(run["steps"])) + sorted(
+        {s for s in run["steps"] if run["steps"].count(s) > 1}
+    )
 
 
 def prepare(name: str, work: Path, seq: int, examples: int, device: str = "cuda") -> tuple[Path, Path]:
@@ -70,18 +81,22 @@ def prepare(name: str, work: Path, seq: int, examples: int, device: str = "cuda"
         from transformers import AutoTokenizer
 
         tokenizer, rng = AutoTokenizer.from_pretrained(folder), random.Random(0)
-        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(500)]
+        words = [
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(500)
+        ]
         with open(data, "w") as f:  # the text of seq tokens: auto reads the sequence length off the data
             for _ in range(examples):
                 ids = tokenizer(" ".join(rng.choice(words) for _ in range(seq)), add_special_tokens=False).input_ids
-                f.write(json.dumps({"text": tokenizer.decode(ids[:seq - 1])}) + "\n")
+                f.write(json.dumps({"text": tokenizer.decode(ids[: seq - 1])}) + "\n")
     return folder, data
 
 
 def run_cli(*args: str) -> float:
     """qlora-kit as users run it, in its own process; the seconds it took. A failure stops the benchmark."""
     started = time.time()
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # bitsandbytes may come from a wheel folder
+    path = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )  # bitsandbytes may come from a wheel folder
     subprocess.run([sys.executable, "-m", "qlora_kit", *args], check=True, env={**os.environ, "PYTHONPATH": path})
     return time.time() - started
 
@@ -107,29 +122,51 @@ def main() -> None:
     run_dir = work / "runs" / f"{args.stage}-{args.model}-{int(time.time())}"
     common = ["--data", str(data), "--out", str(run_dir), "--steps", str(args.steps), "--plain"]
     if args.stage == "oom":
-        seconds = run_cli("train", "--model", str(folder), *common, "--vram-limit", str(args.cap_gib), "--seq-len",
-                          str(args.seq), "--micro-batch", str(args.micro_batch), "--grad-accum", "1", "--eval-fraction", "0")
+        seconds = run_cli(
+            "train",
+            "--model",
+            str(folder),
+            *common,
+            "--vram-limit",
+            str(args.cap_gib),
+            "--seq-len",
+            str(args.seq),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--grad-accum",
+            "1",
+            "--eval-fraction",
+            "0",
+        )
     else:
         seconds = run_cli("auto", "--model", str(folder), *common, "--gpu", args.gpu)
     run = read_run(run_dir)
     missing = lost_or_repeated_steps(run, args.steps)
     context = CUDA_CONTEXT_BYTES / GIB  # outside torch's reserved memory, inside nvidia-smi's
     measured = run["peak_nvml_gib"] or run["peak_reserved_gib"] + context
-    record = {**vars(args), **run, "seconds": round(seconds, 1),
-              "lost_or_repeated_steps": missing, "measured_over_planned": measured / run["planned_gib"],
-              "device": torch.cuda.get_device_name(0), "python": platform.python_version(),
-              "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
-              "command": " ".join(["python", "benchmarks/memory_cap.py", *sys.argv[1:]])}
+    record = {
+        **vars(args),
+        **run,
+        "seconds": round(seconds, 1),
+        "lost_or_repeated_steps": missing,
+        "measured_over_planned": measured / run["planned_gib"],
+        "device": torch.cuda.get_device_name(0),
+        "python": platform.python_version(),
+        "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
+        "command": " ".join(["python", "benchmarks/memory_cap.py", *sys.argv[1:]]),
+    }
     out = Path(args.out) / f"cap_runs_{record['device'].replace(' ', '_')}.jsonl"  # not memory_*: calibration points
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(f"{args.stage} {args.model} on {run['target']}: steps {run['steps']} ({'none' if not missing else missing} lost "
-          f"or repeated), {len(run['step_downs'])} step-downs {[(d['step'], d['to']) for d in run['step_downs']]}, "
-          f"peak reserved {run['peak_reserved_gib']:.2f} GiB, nvidia-smi {run['peak_nvml_gib'] or float('nan'):.2f} GiB "
-          f"of {run['capacity_gib']:.2f} ({run['capacity_gib'] - context:.2f} for torch), planned {run['planned_gib']:.2f} "
-          f"(measured/planned {record['measured_over_planned']:.2f}); "
-          f"{seconds:.0f} s; appended to {out}")
+    print(
+        f"{args.stage} {args.model} on {run['target']}: steps {run['steps']} ({'none' if not missing else missing} lost "
+        f"or repeated), {len(run['step_downs'])} step-downs {[(d['step'], d['to']) for d in run['step_downs']]}, "
+        f"peak reserved {run['peak_reserved_gib']:.2f} GiB, nvidia-smi {run['peak_nvml_gib'] or float('nan'):.2f} GiB "
+        f"of {run['capacity_gib']:.2f} ({run['capacity_gib'] - context:.2f} for torch), planned {run['planned_gib']:.2f} "
+        f"(measured/planned {record['measured_over_planned']:.2f}); "
+        f"{seconds:.0f} s; appended to {out}"
+    )
     if missing or (args.stage == "oom" and not run["step_downs"]):
         sys.exit(1)
 

@@ -30,7 +30,7 @@ def padding_share(lengths: list[int], per_step: int, steps: int, grouped: bool, 
         epoch += 1
     padded = real = 0
     for k in range(steps):
-        step = [lengths[i] for i in order[k * per_step:(k + 1) * per_step]]
+        step = [lengths[i] for i in order[k * per_step : (k + 1) * per_step]]
         padded, real = padded + max(step) * len(step), real + sum(step)
     return 1 - real / padded
 
@@ -38,7 +38,9 @@ def padding_share(lengths: list[int], per_step: int, steps: int, grouped: bool, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEMO_DATA))
-    parser.add_argument("--synthetic", type=int, default=0, help="instead of --data, this many synthetic chats of varied length")
+    parser.add_argument(
+        "--synthetic", type=int, default=0, help="instead of --data, this many synthetic chats of varied length"
+    )
     parser.add_argument("--per-step", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)

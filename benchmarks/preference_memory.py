@@ -35,30 +35,50 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="preference-memory-"))
     chosen = work / "chosen.jsonl"  # SFT on the chosen answers: the same prompts and answers, one sequence each
-    chosen.write_text("".join(json.dumps({"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]}) + "\n"
-                              for p in map(json.loads, PAIRS.read_text().splitlines())))
-    common = {"model": args.model, "seq_len": args.seq_len, "steps": args.steps, "checkpoint_every": 0, "group_by_length": False}
-    runs = {"SFT": {"data": str(chosen), "micro_batch": args.micro_batch},
-            "SFT x2": {"data": str(chosen), "micro_batch": 2 * args.micro_batch},
-            "DPO": {"data": str(PAIRS), "method": "dpo", "micro_batch": args.micro_batch},
-            "DPO pre": {"data": str(PAIRS), "method": "dpo", "reference": "precomputed", "micro_batch": args.micro_batch},
-            "ORPO": {"data": str(PAIRS), "method": "orpo", "micro_batch": args.micro_batch}}
-    print(f"uptime: {os.getloadavg()}; {args.model}, seq {args.seq_len}, micro-batch {args.micro_batch} "
-          f"(pairs for DPO/ORPO), {args.steps} steps")
+    chosen.write_text(
+        "".join(
+            json.dumps({"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]}) + "\n"
+            for p in map(json.loads, PAIRS.read_text().splitlines())
+        )
+    )
+    common = {
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "checkpoint_every": 0,
+        "group_by_length": False,
+    }
+    runs = {
+        "SFT": {"data": str(chosen), "micro_batch": args.micro_batch},
+        "SFT x2": {"data": str(chosen), "micro_batch": 2 * args.micro_batch},
+        "DPO": {"data": str(PAIRS), "method": "dpo", "micro_batch": args.micro_batch},
+        "DPO pre": {"data": str(PAIRS), "method": "dpo", "reference": "precomputed", "micro_batch": args.micro_batch},
+        "ORPO": {"data": str(PAIRS), "method": "orpo", "micro_batch": args.micro_batch},
+    }
+    print(
+        f"uptime: {os.getloadavg()}; {args.model}, seq {args.seq_len}, micro-batch {args.micro_batch} "
+        f"(pairs for DPO/ORPO), {args.steps} steps"
+    )
     print(f"{'run':<8}{'sequences':>10}{'peak RSS GiB':>14}{'planned GiB':>13}{'measured/planned':>18}{'s/step':>8}")
     results = {}
     for name, settings in runs.items():
         # Every tensor above 64 KiB its own mmap, returned when freed: the peak is what was live, not what glibc kept.
-        result = results[name] = train_in_own_process({**common, **settings}, work / name.replace(" ", ""),
-                                                      env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        result = results[name] = train_in_own_process(
+            {**common, **settings}, work / name.replace(" ", ""), env={"MALLOC_MMAP_THRESHOLD_": "65536"}
+        )
         sequences = settings["micro_batch"] * (2 if "method" in settings else 1)
-        print(f"{name:<8}{sequences:>10}{result['peak_gib']:>14.2f}{result['planned_gib']:>13.2f}"
-              f"{result['peak_gib'] / result['planned_gib']:>18.2f}{result['step_seconds'] / args.steps:>8.1f}", flush=True)
+        print(
+            f"{name:<8}{sequences:>10}{result['peak_gib']:>14.2f}{result['planned_gib']:>13.2f}"
+            f"{result['peak_gib'] / result['planned_gib']:>18.2f}{result['step_seconds'] / args.steps:>8.1f}",
+            flush=True,
+        )
     plan = json.loads((work / "DPO" / "plan.json").read_text())["plan"]["components"]
     copy = (plan["quantized_weights"] + plan["unquantized_weights"]) / 2**30
     extra = results["DPO"]["peak_gib"] - results["SFT x2"]["peak_gib"]
-    print(f"\nDPO / SFT x2 peak RSS: {results['DPO']['peak_gib'] / results['SFT x2']['peak_gib']:.2f}; DPO adds "
-          f"{extra:+.2f} GiB to SFT at the same sequences, where a second copy of the model would add {copy:.2f} GiB.")
+    print(
+        f"\nDPO / SFT x2 peak RSS: {results['DPO']['peak_gib'] / results['SFT x2']['peak_gib']:.2f}; DPO adds "
+        f"{extra:+.2f} GiB to SFT at the same sequences, where a second copy of the model would add {copy:.2f} GiB."
+    )
     fly, pre = (results[name] for name in ("DPO", "DPO pre"))
     # Not a cost comparison: the precomputing run's warm-up happens before its first step (dpo_reference.py compares
     # the passes themselves).

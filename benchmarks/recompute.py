@@ -34,12 +34,19 @@ from benchmarks.random_model import build_random_model  # noqa: E402
 def configurations(args, layers: int) -> list[tuple[str, dict]]:
     """(label, settings) per row; the first row is the reference the others are divided by."""
     if args.micro_batches:
-        return [(f"{b * args.seq:,} tokens per micro-batch ({b} x {args.seq})", dict(batch=b, dropout=0.0, kept=str(layers)))
-                for b in (1, 4, 16)]
-    return [("dropout 0.05, every layer recomputed", dict(dropout=0.05, kept="0")),
-            ("dropout 0, every layer recomputed", dict(dropout=0.0, kept="0")),
-            (f"dropout 0, last {layers // 2} of {layers} layers kept whole", dict(dropout=0.0, kept=str(layers // 2))),
-            ("dropout 0, nothing recomputed", dict(dropout=0.0, kept=str(layers)))]
+        return [
+            (
+                f"{b * args.seq:,} tokens per micro-batch ({b} x {args.seq})",
+                dict(batch=b, dropout=0.0, kept=str(layers)),
+            )
+            for b in (1, 4, 16)
+        ]
+    return [
+        ("dropout 0.05, every layer recomputed", dict(dropout=0.05, kept="0")),
+        ("dropout 0, every layer recomputed", dict(dropout=0.0, kept="0")),
+        (f"dropout 0, last {layers // 2} of {layers} layers kept whole", dict(dropout=0.0, kept=str(layers // 2))),
+        ("dropout 0, nothing recomputed", dict(dropout=0.0, kept=str(layers))),
+    ]
 
 
 def main() -> None:
@@ -65,24 +72,42 @@ def main() -> None:
     args.folder = build_random_model(args.model, Path(args.work) / args.model, args.device)
     args.cap_gib = None
     layers = find_model_shape(args.model).num_layers
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or platform.machine()) + f" x{os.cpu_count()}"
+    device = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else (platform.processor() or platform.machine()) + f" x{os.cpu_count()}"
+    )
     memory_key = "peak_allocated_gib" if args.device == "cuda" else "peak_rss_gib"
     print(f"{args.model}, seq {args.seq}, rank {args.rank}, on {device}")
     rows, reference = [], None
     for label, settings in configurations(args, layers):
-        run = argparse.Namespace(**{**vars(args), "batch": settings.get("batch", args.batch),
-                                    "ours_dropout": settings["dropout"], "ours_layers": settings["kept"]})
+        run = argparse.Namespace(
+            **{
+                **vars(args),
+                "batch": settings.get("batch", args.batch),
+                "ours_dropout": settings["dropout"],
+                "ours_layers": settings["kept"],
+            }
+        )
         result = run_side("ours", run, args.seq)
         rows.append({"label": label, "batch": run.batch, **settings, **result})
         if result["status"] != "ok":
             print(f"  {label:48s} {result['status']} {result.get('error', '')}")
             continue
         reference = reference or result
-        print(f"  {label:48s} {result['tokens_per_s']:8.1f} tok/s ({result['tokens_per_s'] / reference['tokens_per_s']:.2f}x)"
-              f"   {result[memory_key]:6.2f} GiB ({result[memory_key] / reference[memory_key]:.2f}x)")
-    record = {"model": args.model, "seq": args.seq, "rank": args.rank, "device": device, "rows": rows,
-              "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
-              "command": " ".join(["python", "benchmarks/recompute.py", *sys.argv[1:]])}
+        print(
+            f"  {label:48s} {result['tokens_per_s']:8.1f} tok/s ({result['tokens_per_s'] / reference['tokens_per_s']:.2f}x)"
+            f"   {result[memory_key]:6.2f} GiB ({result[memory_key] / reference[memory_key]:.2f}x)"
+        )
+    record = {
+        "model": args.model,
+        "seq": args.seq,
+        "rank": args.rank,
+        "device": device,
+        "rows": rows,
+        "versions": {p: metadata.version(p) for p in ("torch", "bitsandbytes", "transformers", "peft")},
+        "command": " ".join(["python", "benchmarks/recompute.py", *sys.argv[1:]]),
+    }
     out = Path(args.results) / f"recompute_{device.replace(' ', '_')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:

@@ -42,8 +42,15 @@ def portable_base_id(source: str, folder: Path) -> str:
     return str(folder.resolve())
 
 
-def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None = None, state_dict: dict | None = None,
-                 base: dict | None = None) -> int:
+def save_adapter(
+    model,
+    tokenizer,
+    folder: Path,
+    base_id: str,
+    card: str | None = None,
+    state_dict: dict | None = None,
+    base: dict | None = None,
+) -> int:
     """Write adapter_config.json, adapter_model.safetensors, tokenizer files, the card (README.md) and the base's
     identity (base_model.json, from sources.model_identity) atomically; returns the weights' bytes. state_dict: the
     LoRA tensors gathered whole, when the model's are sharded."""
@@ -51,8 +58,9 @@ def save_adapter(model, tokenizer, folder: Path, base_id: str, card: str | None 
         if base:
             (staging / IDENTITY_FILE).write_text(json.dumps(base, indent=2))
         # Only the adapter that trains: a DPO run also holds the one it started from, frozen, as its reference.
-        model.save_pretrained(staging, selected_adapters=["default"],
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(
+            staging, selected_adapters=["default"], **({"state_dict": state_dict} if state_dict is not None else {})
+        )
         tokenizer.save_pretrained(staging)
         if card:
             (staging / "README.md").write_text(card)
@@ -68,13 +76,21 @@ def adapter_card(recipe, base_id: str, facts: dict) -> str:
     folder explains itself. facts: steps, first/last loss, eval loss, examples, data format, peak memory, params."""
     eval_line = f"- Eval loss at the end: {facts['eval_loss']:.4f}\n" if facts.get("eval_loss") is not None else ""
     chain = lineage(recipe.init_adapter)
-    started_from = (f"- Started from the weights of the adapter `{recipe.init_adapter}`: "
-                    f"{' → '.join([base_id, *chain, 'this adapter'])}\n") if chain else ""
+    started_from = (
+        (
+            f"- Started from the weights of the adapter `{recipe.init_adapter}`: "
+            f"{' → '.join([base_id, *chain, 'this adapter'])}\n"
+        )
+        if chain
+        else ""
+    )
     origin = describe_source(recipe.model)
     origin_line = f" The base was {origin}." if origin else ""
     if packaged_model(recipe.model):
-        origin_line += (f" The original `{base_id}` loads this adapter too; its weights differ from those trained on "
-                        "by the GGUF's rounding.")
+        origin_line += (
+            f" The original `{base_id}` loads this adapter too; its weights differ from those trained on "
+            "by the GGUF's rounding."
+        )
     return f"""---
 base_model: {base_id}
 library_name: peft
@@ -85,13 +101,19 @@ tags: [lora, qlora, qlora-kit]
 Trained with [qlora-kit](https://pypi.org/project/qlora-kit/) on a 4-bit NF4 base (double quantization).{origin_line}
 
 ## Training
-- Data: `{Path(recipe.data).name if Path(recipe.data).is_absolute() else recipe.data}`, {facts['examples']:,} {facts['format']} examples; loss on {
-        'every token' if recipe.train_on_inputs or facts['format'] == 'text' else 'completions / assistant turns'}
-- Steps: {facts['steps']} of micro-batch {recipe.micro_batch} x {recipe.grad_accum} accumulation, sequences up to {recipe.seq_len} tokens
-- LoRA: rank {recipe.rank}, alpha {recipe.alpha:g}, dropout {recipe.dropout:g}, on {recipe.target_modules}; {facts['trainable_params']:,} trainable parameters
-{started_from}- Learning rate {recipe.lr:g} ({recipe.schedule}), seed {recipe.seed}, precision {facts['precision']}
-- Loss: {facts['first_loss']:.4f} at the first step, {facts['last_loss']:.4f} at the last
-{eval_line}- Peak memory: {facts['peak_memory_gib']:.2f} GiB ({facts['memory_kind']})
+- Data: `{Path(recipe.data).name if Path(recipe.data).is_absolute() else recipe.data}`, {facts["examples"]:,} {
+        facts["format"]
+    } examples; loss on {
+        "every token" if recipe.train_on_inputs or facts["format"] == "text" else "completions / assistant turns"
+    }
+- Steps: {facts["steps"]} of micro-batch {recipe.micro_batch} x {recipe.grad_accum} accumulation, sequences up to {
+        recipe.seq_len
+    } tokens
+- LoRA: rank {recipe.rank}, alpha {recipe.alpha:g}, dropout {recipe.dropout:g}, on {recipe.target_modules}; {
+        facts["trainable_params"]:,} trainable parameters
+{started_from}- Learning rate {recipe.lr:g} ({recipe.schedule}), seed {recipe.seed}, precision {facts["precision"]}
+- Loss: {facts["first_loss"]:.4f} at the first step, {facts["last_loss"]:.4f} at the last
+{eval_line}- Peak memory: {facts["peak_memory_gib"]:.2f} GiB ({facts["memory_kind"]})
 
 The full settings are in the run's `recipe.yaml`, one step per line in `metrics.jsonl`.
 
@@ -128,23 +150,36 @@ def check_adapter_on_base(adapter_dir: Path, folder: Path, chosen: bool) -> str 
         # another tool's adapter, or an older qlora-kit's: its architecture is that of the local base its config names
         trained_on = {"architecture": model_identity(named)["architecture"]}
     if trained_on and trained_on.get("architecture"):
-        differ = [f"{key} {was!r} when it trained, {found['architecture'].get(key)!r} in {folder}"
-                  for key, was in trained_on["architecture"].items() if found["architecture"].get(key) != was
-                  and not (key == "architectures" and was and found["architecture"].get("model_type") !=
-                           trained_on["architecture"].get("model_type"))]  # the class follows the model_type
+        differ = [
+            f"{key} {was!r} when it trained, {found['architecture'].get(key)!r} in {folder}"
+            for key, was in trained_on["architecture"].items()
+            if found["architecture"].get(key) != was
+            and not (
+                key == "architectures"
+                and was
+                and found["architecture"].get("model_type") != trained_on["architecture"].get("model_type")
+            )
+        ]  # the class follows the model_type
         if differ:
             raise UserError(f"{adapter_dir} was trained on another model: {'; '.join(differ)}.", hint=hint)
     check_layer_shapes(adapter_dir, weight_shapes(folder), folder, hint)
-    changed = trained_on and [what for what, key in (("config.json", "config_sha256"), ("weights", "weights_sha256"))
-                              if trained_on.get(key) and trained_on[key] != found[key]]
+    changed = trained_on and [
+        what
+        for what, key in (("config.json", "config_sha256"), ("weights", "weights_sha256"))
+        if trained_on.get(key) and trained_on[key] != found[key]
+    ]
     if not changed:
         return None
     if chosen:
-        return (f"{folder} is not the base {adapter_dir} was trained on (its {' and '.join(changed)} differ), though "
-                "of the same architecture and shapes: using it, as --model says.")
-    raise UserError(f"The base model at {folder} is not the one {adapter_dir} was trained on: its "
-                    f"{' and '.join(changed)} changed since.",
-                    hint="Restore the base it was trained on, or pass --model to use the adapter on this one anyway.")
+        return (
+            f"{folder} is not the base {adapter_dir} was trained on (its {' and '.join(changed)} differ), though "
+            "of the same architecture and shapes: using it, as --model says."
+        )
+    raise UserError(
+        f"The base model at {folder} is not the one {adapter_dir} was trained on: its "
+        f"{' and '.join(changed)} changed since.",
+        hint="Restore the base it was trained on, or pass --model to use the adapter on this one anyway.",
+    )
 
 
 def say_note(note: str | None) -> None:
@@ -192,23 +227,32 @@ def check_layer_shapes(adapter_dir: Path, shapes: dict[str, tuple], folder: Path
             if shape is None and experts:  # LoRA on a layer's experts' weights: A holds rank rows an expert
                 count, pairs = experts
                 if (b[0], a[1]) not in pairs or a[0] % count:
-                    raise UserError(f"{adapter_dir} was made for another model: its LoRA on {module} maps {a[1]} to "
-                                    f"{b[0]} features in {a[0]} rows, which the {count} experts in {folder} do not "
-                                    f"fit ({', '.join(f'{i} to {o}' for o, i in sorted(pairs))}).", hint=hint)
+                    raise UserError(
+                        f"{adapter_dir} was made for another model: its LoRA on {module} maps {a[1]} to "
+                        f"{b[0]} features in {a[0]} rows, which the {count} experts in {folder} do not "
+                        f"fit ({', '.join(f'{i} to {o}' for o, i in sorted(pairs))}).",
+                        hint=hint,
+                    )
                 continue
             if shape is None:
-                raise UserError(f"{adapter_dir} adapts {module}, which the model in {folder} does not have: it was "
-                                "made for another model.", hint=hint)
+                raise UserError(
+                    f"{adapter_dir} adapts {module}, which the model in {folder} does not have: it was "
+                    "made for another model.",
+                    hint=hint,
+                )
             if shape is not UNKNOWN and tuple(shape[:2]) != (b[0], a[1]):
-                raise UserError(f"{adapter_dir} was made for another model: its {module} maps {a[1]} to {b[0]} "
-                                f"features, the one in {folder} {shape[1]} to {shape[0]}.", hint=hint)
+                raise UserError(
+                    f"{adapter_dir} was made for another model: its {module} maps {a[1]} to {b[0]} "
+                    f"features, the one in {folder} {shape[1]} to {shape[0]}.",
+                    hint=hint,
+                )
 
 
 def expert_shapes(shapes: dict[str, tuple], module: str) -> tuple[int, set] | None:
     """(experts, {(out, in)} of the weights LoRA may adapt) for a layer's experts in a checkpoint: one weight per
     expert and projection (experts.0.gate_proj.weight ..., gate and up fused as in transformers 5), or fused 3-D
     tensors (experts x in x out, or out x in); None where `module` holds no experts."""
-    inside = {name[len(module) + 1:]: shape for name, shape in shapes.items() if name.startswith(module + ".")}
+    inside = {name[len(module) + 1 :]: shape for name, shape in shapes.items() if name.startswith(module + ".")}
     apart = {name.split(".")[0] for name in inside if name.split(".")[0].isdigit()}
     if apart:
         first = {name.split(".")[1]: shape for name, shape in inside.items() if name.startswith("0.")}
@@ -226,7 +270,9 @@ def unique_suffix_match(shapes: dict[str, tuple], name: str):
     """The shape of the one weight whose name ends like `name` (checkpoints may nest the language model under
     another prefix than the loaded model does), UNKNOWN when several do, None when none does."""
     parts = name.split(".")
-    numbered = [i for i, part in enumerate(parts) if part.isdigit()]  # keep the layer's number: layers.5 is not layers.0
+    numbered = [
+        i for i, part in enumerate(parts) if part.isdigit()
+    ]  # keep the layer's number: layers.5 is not layers.0
     for start in range(1, max(2, numbered[-1]) if numbered else len(parts) - 1):
         tail = "." + ".".join(parts[start:])
         found = [shape for key, shape in shapes.items() if key.endswith(tail)]
@@ -251,8 +297,9 @@ def corrects_nf4_rounding(adapter_dir: Path) -> bool:
     recipe.yaml): its weights include a correction of NF4's rounding, so it belongs on the 4-bit base, not the
     16-bit one."""
     settings = run_settings(adapter_dir)
-    return settings.get("lora_init") == "loftq" or any(run_settings(Path(a)).get("lora_init") == "loftq"
-                                                        for a in lineage(settings.get("init_adapter")))
+    return settings.get("lora_init") == "loftq" or any(
+        run_settings(Path(a)).get("lora_init") == "loftq" for a in lineage(settings.get("init_adapter"))
+    )
 
 
 def run_settings(adapter_dir: Path | None) -> dict:
@@ -263,8 +310,11 @@ def run_settings(adapter_dir: Path | None) -> dict:
 def base_source_for(adapter_dir: Path) -> str:
     """The base model a run's adapter was trained on: the run's recipe.yaml, else the base qlora-kit recorded beside
     the adapter, else what adapter_config.json names."""
-    source = (run_settings(adapter_dir).get("model") or (recorded_base(adapter_dir) or {}).get("source")
-              or base_named_by(adapter_dir))
+    source = (
+        run_settings(adapter_dir).get("model")
+        or (recorded_base(adapter_dir) or {}).get("source")
+        or base_named_by(adapter_dir)
+    )
     if not source:
         raise UserError(f"{adapter_dir} does not say which base model it was trained on.", hint="Pass it with --model.")
     return source
@@ -276,15 +326,19 @@ def tokenizer_folder(adapter_dir: Path | None, base_folder: Path, needs: str = "
     return adapter_dir if adapter_dir is not None and (Path(adapter_dir) / needs).is_file() else base_folder
 
 
-def load_with_adapter(source: str | None, adapter_dir: str | Path | None, precision: str = "auto",
-                      trust_remote_code: bool = False):
+def load_with_adapter(
+    source: str | None, adapter_dir: str | Path | None, precision: str = "auto", trust_remote_code: bool = False
+):
     """The 4-bit base (with the adapter on top when given) and its tokenizer, ready to generate."""
-    model, tokenizer, _ = load_with_adapters(source, [adapter_dir] if adapter_dir is not None else [], precision,
-                                             trust_remote_code)
+    model, tokenizer, _ = load_with_adapters(
+        source, [adapter_dir] if adapter_dir is not None else [], precision, trust_remote_code
+    )
     return model, tokenizer
 
 
-def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = "auto", trust_remote_code: bool = False):
+def load_with_adapters(
+    source: str | None, adapter_dirs: list, precision: str = "auto", trust_remote_code: bool = False
+):
     """The 4-bit base with every adapter loaded under its own name (the first one active), its tokenizer, and the
     names. Switching is model.set_adapter(name): the base is loaded once however many adapters there are."""
     from peft import PeftModel
@@ -296,8 +350,10 @@ def load_with_adapters(source: str | None, adapter_dirs: list, precision: str = 
     if source is None and adapter_dirs:
         bases = {base_source_for(d) for d in adapter_dirs}
         if len(bases) > 1:
-            raise UserError(f"These adapters were trained on different bases: {', '.join(sorted(bases))}.",
-                            hint="Pass adapters of one base, or name the base with --model.")
+            raise UserError(
+                f"These adapters were trained on different bases: {', '.join(sorted(bases))}.",
+                hint="Pass adapters of one base, or name the base with --model.",
+            )
         source = bases.pop()
     if source is None:
         raise UserError("No base model given.", hint="Pass --model, or --adapter from a qlora-kit run.")
@@ -358,15 +414,27 @@ def answering_with(model, name: str | None):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
-def generate_reply(model, tokenizer, messages: list[dict] | str, sampling: Sampling = Sampling(), streamer=None,
-                   stop: threading.Event | None = None) -> str:
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict] | str,
+    sampling: Sampling = Sampling(),
+    streamer=None,
+    stop: threading.Event | None = None,
+) -> str:
     """The model's reply to a conversation (a list of messages), or its continuation of plain text (a str)."""
     return generate_replies(model, tokenizer, [messages], sampling, streamer, stop)[0]
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Sampling(), streamer=None,
-                     stop: threading.Event | None = None) -> list[str]:
+def generate_replies(
+    model,
+    tokenizer,
+    requests: list,
+    sampling: Sampling = Sampling(),
+    streamer=None,
+    stop: threading.Event | None = None,
+) -> list[str]:
     """Replies to several requests (conversations or plain texts) in one batch, left-padded so every reply starts
     right after its own prompt. Setting `stop` (from another thread) ends them after the token being made."""
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -383,15 +451,26 @@ def generate_replies(model, tokenizer, requests: list, sampling: Sampling = Samp
     finally:
         tokenizer.padding_side = side
     inputs = inputs.to(model.device)
-    drawn = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p) if sampling.temperature > 0
-             else dict(do_sample=False))
-    output = model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, use_cache=True, streamer=streamer,
-                            pad_token_id=tokenizer.pad_token_id,
-                            stopping_criteria=StoppingCriteriaList([WhenStopSet()] if stop else []), **drawn)
-    return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in output]
+    drawn = (
+        dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.temperature > 0
+        else dict(do_sample=False)
+    )
+    output = model.generate(
+        **inputs,
+        max_new_tokens=sampling.max_new_tokens,
+        use_cache=True,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([WhenStopSet()] if stop else []),
+        **drawn,
+    )
+    return [tokenizer.decode(row[inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in output]
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True) -> str:
+def generate(
+    model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True
+) -> str:
     """The model's reply to one prompt, as a one-turn chat (or plain text continuation with chat=False)."""
     request = [{"role": "user", "content": prompt}] if chat else prompt
     return generate_reply(model, tokenizer, request, Sampling(temperature, 1.0, max_new_tokens))

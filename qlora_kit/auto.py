@@ -87,16 +87,27 @@ class Choice:
     def total(self, recipe: Recipe | None = None) -> int:
         """The planned peak of recipe (the current one by default) on the target."""
         recipe = recipe or self.recipe
-        return estimate_peak_memory(self.shape, recipe, self.target.device, gpus=self.target.gpus,
-                                    strategy=recipe.parallel, bf16=self.target.bf16).total_bytes
+        return estimate_peak_memory(
+            self.shape,
+            recipe,
+            self.target.device,
+            gpus=self.target.gpus,
+            strategy=recipe.parallel,
+            bf16=self.target.bf16,
+        ).total_bytes
 
     def roomy(self, recipe: Recipe | None = None) -> bool:
         """Whether recipe (the current one by default) leaves the card the headroom a plan calls a fit."""
         return self.total(recipe) <= HEADROOM * self.target.capacity_bytes
 
 
-def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None = None, chosen: dict | None = None,
-                  from_data: dict | None = None) -> Choice:
+def choose_recipe(
+    shape: ModelShape,
+    target: Target,
+    lengths: list[int] | None = None,
+    chosen: dict | None = None,
+    from_data: dict | None = None,
+) -> Choice:
     """Pick and tune a recipe for this model on this target; lengths are the data's token counts per example; chosen:
     settings the user fixed (the adapter's layers and variant), which the tuning plans with and never changes;
     from_data: settings the data decided (the method for preference pairs), kept the same way."""
@@ -116,24 +127,31 @@ def choose_recipe(shape: ModelShape, target: Target, lengths: list[int] | None =
         _choose_layout(choice)
     if target.device == "cuda" and not target.bf16:
         if shape.fp16_overflows:
-            choice.change(f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32",
-                          precision="fp32")
+            choice.change(
+                f"{target.name} has no bf16, and {shape.family}'s activations overflow fp16: fp32", precision="fp32"
+            )
         else:
             choice.change(f"{target.name} has no bf16: fp16 with loss scaling", precision="fp16")
     if target.device == "cpu":
-        choice.warnings.append("No GPU: training runs on the CPU. It works, but expect seconds per step even for small models.")
+        choice.warnings.append(
+            "No GPU: training runs on the CPU. It works, but expect seconds per step even for small models."
+        )
     effective = _fit_to_data(choice, lengths) if lengths else choice.recipe.micro_batch * choice.recipe.grad_accum
     _grow_micro_batch(choice, effective, BUSY_TOKENS[target.device])
     _step_down_until_it_fits(choice, rank_fixed="rank" in (chosen or {}))
     _spend_spare_memory(choice, effective)
     choice.planned_bytes = choice.total()
     if choice.fits and not choice.roomy():
-        choice.warnings.append("Tight: the plan is within 10% of the card. If a step runs out of memory, "
-                               "training steps down (micro-batch, offload, sequence length) and redoes it.")
+        choice.warnings.append(
+            "Tight: the plan is within 10% of the card. If a step runs out of memory, "
+            "training steps down (micro-batch, offload, sequence length) and redoes it."
+        )
     cut = sum(length > choice.recipe.seq_len for length in lengths or [])
     if cut:
-        choice.warnings.append(f"{cut} of {len(lengths)} examples ({100 * cut / len(lengths):.0f}%) are longer than "
-                               f"{choice.recipe.seq_len} tokens and will be truncated.")
+        choice.warnings.append(
+            f"{cut} of {len(lengths)} examples ({100 * cut / len(lengths):.0f}%) are longer than "
+            f"{choice.recipe.seq_len} tokens and will be truncated."
+        )
     return choice
 
 
@@ -142,12 +160,18 @@ def _choose_layout(choice: Choice) -> None:
     gpus = choice.target.gpus
     smallest = replace(choice.recipe, parallel="ddp", micro_batch=1, seq_len=min(512, choice.recipe.seq_len))
     if choice.roomy(smallest):
-        choice.changes.append(Change("parallel", "-", "ddp", f"the model fits one card: each of the {gpus} GPUs holds it"))
+        choice.changes.append(
+            Change("parallel", "-", "ddp", f"the model fits one card: each of the {gpus} GPUs holds it")
+        )
     elif choice.roomy(replace(smallest, parallel="fsdp")):
-        choice.change(f"the model does not fit one card: its weights are sharded across the {gpus} GPUs (FSDP)", parallel="fsdp")
+        choice.change(
+            f"the model does not fit one card: its weights are sharded across the {gpus} GPUs (FSDP)", parallel="fsdp"
+        )
     else:
-        choice.change(f"even sharded across the {gpus} GPUs it does not fit: the shards wait in host RAM (FSDP offload)",
-                      parallel="fsdp_offload")
+        choice.change(
+            f"even sharded across the {gpus} GPUs it does not fit: the shards wait in host RAM (FSDP offload)",
+            parallel="fsdp_offload",
+        )
 
 
 def _fit_to_data(choice: Choice, lengths: list[int]) -> int:
@@ -156,34 +180,49 @@ def _fit_to_data(choice: Choice, lengths: list[int]) -> int:
     wanted = min(64 * math.ceil(p95 / 64), choice.shape.max_positions)
     if wanted < choice.recipe.seq_len:
         choice.change(f"95% of the examples are at most {p95} tokens", seq_len=wanted)
-    elif wanted > choice.recipe.seq_len and choice.roomy(replace(choice.recipe, seq_len=wanted, gradient_checkpointing=True)):
+    elif wanted > choice.recipe.seq_len and choice.roomy(
+        replace(choice.recipe, seq_len=wanted, gradient_checkpointing=True)
+    ):
         choice.change(f"95% of the examples are at most {p95} tokens, and the card has room", seq_len=wanted)
         if not choice.roomy():
-            choice.change("to fit the longer sequences: layers are recomputed in backward instead of keeping their "
-                          "activations", gradient_checkpointing=True)
+            choice.change(
+                "to fit the longer sequences: layers are recomputed in backward instead of keeping their activations",
+                gradient_checkpointing=True,
+            )
     effective = choice.recipe.micro_batch * choice.recipe.grad_accum
     if len(lengths) < MIN_STEPS_PER_EPOCH * effective:  # small data: more, smaller steps learn more
         effective = 1 << (max(1, len(lengths) // MIN_STEPS_PER_EPOCH).bit_length() - 1)
         batch = min(choice.recipe.micro_batch, effective)
-        choice.change(f"{len(lengths)} examples: an effective batch of {effective} makes {len(lengths) // effective} "
-                      "optimizer steps an epoch", micro_batch=batch, grad_accum=effective // batch)
+        choice.change(
+            f"{len(lengths)} examples: an effective batch of {effective} makes {len(lengths) // effective} "
+            "optimizer steps an epoch",
+            micro_batch=batch,
+            grad_accum=effective // batch,
+        )
     return effective
 
 
 def _grow_micro_batch(choice: Choice, effective: int, busy_tokens: float) -> None:
     """Double the micro-batch (accumulation shrinking) while the card has room, up to the effective batch, until a
     micro-batch holds busy_tokens."""
-    while (choice.recipe.micro_batch * 2 <= effective and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
-           and choice.roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))):
+    while (
+        choice.recipe.micro_batch * 2 <= effective
+        and choice.recipe.micro_batch * choice.recipe.seq_len < busy_tokens
+        and choice.roomy(replace(choice.recipe, micro_batch=choice.recipe.micro_batch * 2))
+    ):
         batch = choice.recipe.micro_batch * 2
-        choice.change(f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch)
+        choice.change(
+            f"the card has room; same effective batch of {effective}", micro_batch=batch, grad_accum=effective // batch
+        )
 
 
-STEP_DOWN_REASONS = {"uncheckpointed_layers": "to fit: every layer is recomputed in backward",
-                     "checkpointing": "to fit: layers are recomputed in backward instead of keeping their activations",
-                     "micro_batch": "to fit; same effective batch of {effective}",
-                     "offload": "to fit: checkpointed activations wait in host RAM",
-                     "seq_len": "to fit: shorter sequences"}
+STEP_DOWN_REASONS = {
+    "uncheckpointed_layers": "to fit: every layer is recomputed in backward",
+    "checkpointing": "to fit: layers are recomputed in backward instead of keeping their activations",
+    "micro_batch": "to fit; same effective batch of {effective}",
+    "offload": "to fit: checkpointed activations wait in host RAM",
+    "seq_len": "to fit: shorter sequences",
+}
 
 
 def _step_down_until_it_fits(choice: Choice, rank_fixed: bool = False) -> None:
@@ -195,11 +234,22 @@ def _step_down_until_it_fits(choice: Choice, rank_fixed: bool = False) -> None:
         if smaller is not None:
             changed = next(k for k in STEP_DOWN_REASONS if getattr(smaller, k) != getattr(now, k))
             recipe = smaller.applied_to(choice.recipe)
-            settings = {f: getattr(recipe, f) for f in ("gradient_checkpointing", "micro_batch", "grad_accum",
-                                                        "activation_offload", "seq_len", "uncheckpointed_layers")}
+            settings = {
+                f: getattr(recipe, f)
+                for f in (
+                    "gradient_checkpointing",
+                    "micro_batch",
+                    "grad_accum",
+                    "activation_offload",
+                    "seq_len",
+                    "uncheckpointed_layers",
+                )
+            }
             effective = choice.recipe.micro_batch * choice.recipe.grad_accum
-            choice.change(STEP_DOWN_REASONS[changed].format(effective=effective),
-                          **{f: v for f, v in settings.items() if getattr(choice.recipe, f) != v})
+            choice.change(
+                STEP_DOWN_REASONS[changed].format(effective=effective),
+                **{f: v for f, v in settings.items() if getattr(choice.recipe, f) != v},
+            )
         elif choice.recipe.rank > 4 and not rank_fixed:
             choice.change("to fit: a smaller adapter", rank=choice.recipe.rank // 2, alpha=choice.recipe.alpha / 2)
         else:
@@ -210,14 +260,26 @@ def _spend_spare_memory(choice: Choice, effective: int) -> None:
     """Memory left over goes to speed: layers that keep their activations, then (nothing recomputed) bigger batches."""
     target, shape = choice.target, choice.shape
     if choice.recipe.gradient_checkpointing and choice.roomy():
-        layers = most_uncheckpointed_layers(shape, choice.recipe, target.device, int(HEADROOM * target.capacity_bytes),
-                                            gpus=target.gpus, strategy=choice.recipe.parallel)
+        layers = most_uncheckpointed_layers(
+            shape,
+            choice.recipe,
+            target.device,
+            int(HEADROOM * target.capacity_bytes),
+            gpus=target.gpus,
+            strategy=choice.recipe.parallel,
+        )
         if layers >= shape.num_layers:
-            choice.change("the card has room for every layer's activations: no recomputation, faster steps",
-                          gradient_checkpointing=False, uncheckpointed_layers=0)
+            choice.change(
+                "the card has room for every layer's activations: no recomputation, faster steps",
+                gradient_checkpointing=False,
+                uncheckpointed_layers=0,
+            )
         elif layers:
-            choice.change(f"the card has room: the last {layers} of {shape.num_layers} layers keep their activations "
-                          "instead of being recomputed, for faster steps", uncheckpointed_layers=layers)
+            choice.change(
+                f"the card has room: the last {layers} of {shape.num_layers} layers keep their activations "
+                "instead of being recomputed, for faster steps",
+                uncheckpointed_layers=layers,
+            )
     if not choice.recipe.gradient_checkpointing:
         _grow_micro_batch(choice, effective, math.inf)
 
@@ -228,18 +290,30 @@ def render_choice(choice: Choice, shape: ModelShape, source: str | None = None) 
     t = choice.target
     origin = describe_source(source) if source else None
     model = f"{source} ({origin})" if origin else shape.name
-    lines = [Text.from_markup(f"[bold]Card:[/] {escape(t.name)}, {t.capacity_bytes / GIB:.1f} GiB"
-                              + ("" if t.device == "cpu" else f", {'bf16' if t.bf16 else 'fp16 (no bf16)'}")),
-             Text.from_markup(f"[bold]Model:[/] {escape(model)}, {shape.parameter_count() / 1e9:.2f}B parameters"
-                              + (f"; {t.gpus} GPUs, {choice.recipe.parallel.upper()}, memory per GPU" if t.gpus > 1 else "")),
-             Text.from_markup(f"[bold]Recipe:[/] {choice.recipe_name}: {recipe_summary(card_recipes()[choice.recipe_name])}")]
+    lines = [
+        Text.from_markup(
+            f"[bold]Card:[/] {escape(t.name)}, {t.capacity_bytes / GIB:.1f} GiB"
+            + ("" if t.device == "cpu" else f", {'bf16' if t.bf16 else 'fp16 (no bf16)'}")
+        ),
+        Text.from_markup(
+            f"[bold]Model:[/] {escape(model)}, {shape.parameter_count() / 1e9:.2f}B parameters"
+            + (f"; {t.gpus} GPUs, {choice.recipe.parallel.upper()}, memory per GPU" if t.gpus > 1 else "")
+        ),
+        Text.from_markup(
+            f"[bold]Recipe:[/] {choice.recipe_name}: {recipe_summary(card_recipes()[choice.recipe_name])}"
+        ),
+    ]
     for c in choice.changes:
         lines.append(Text(f"  {c.setting}: {c.old} -> {c.new}  ({c.why})"))
     if not choice.changes:
         lines.append(Text("  used as written"))
     colour = "green" if choice.fits else "red"
-    lines.append(Text.from_markup(f"[bold]Planned peak:[/] [{colour}]{choice.planned_bytes / GIB:.2f} GiB[/] of "
-                                  f"{t.capacity_bytes / GIB:.2f} GiB ({'nvidia-smi' if t.device == 'cuda' else 'process memory'})"))
+    lines.append(
+        Text.from_markup(
+            f"[bold]Planned peak:[/] [{colour}]{choice.planned_bytes / GIB:.2f} GiB[/] of "
+            f"{t.capacity_bytes / GIB:.2f} GiB ({'nvidia-smi' if t.device == 'cuda' else 'process memory'})"
+        )
+    )
     lines += [Text(w, style="yellow") for w in choice.warnings]
     return Group(*lines)
 
@@ -254,10 +328,24 @@ def data_lengths(records: list[dict], tokenizer=None, cache_key: str | None = No
     return tokenize(records, tokenizer, seq_len=2**31 - 1, cache_key=cache_key).lengths
 
 
-def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vram_limit: float | None = None,
-             gpu: str | None = None, dry_run: bool = False, display: str = "auto", trust_remote_code: bool = False,
-             gpus: int = 1, steps: int | None = None, epochs: float | None = None, data_split: str = "train",
-             data_config: str | None = None, report_to: list[str] | None = None, **lora):
+def run_auto(
+    model: str,
+    data_path: Path,
+    out: Path | None,
+    console: Console,
+    vram_limit: float | None = None,
+    gpu: str | None = None,
+    dry_run: bool = False,
+    display: str = "auto",
+    trust_remote_code: bool = False,
+    gpus: int = 1,
+    steps: int | None = None,
+    epochs: float | None = None,
+    data_split: str = "train",
+    data_config: str | None = None,
+    report_to: list[str] | None = None,
+    **lora,
+):
     """Probe, choose, print the choice, and (unless dry_run) train with it, for `steps` optimizer steps or `epochs`
     passes over the data when given (else the recipe's); data_split and data_config choose a hub dataset's part;
     report_to: the trackers the steps also go to.
@@ -287,11 +375,14 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     if os.environ.get("RANK", "0") != "0":  # rank 0 explains the choice; every rank makes the same one
         console = Console(quiet=True)
     if not dry_run and target.device == "cuda" and not hardware.gpus:
-        raise UserError(f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
-                        hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.")
+        raise UserError(
+            f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
+            hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.",
+        )
     try:
-        tokenizer = load_tokenizer(resolve_model(model, trust_remote_code, console), trust_remote_code,
-                                   chosen.get("chat_template_kwargs", ""))
+        tokenizer = load_tokenizer(
+            resolve_model(model, trust_remote_code, console), trust_remote_code, chosen.get("chat_template_kwargs", "")
+        )
     except UserError:
         if not dry_run:
             raise
@@ -299,25 +390,47 @@ def run_auto(model: str, data_path: Path, out: Path | None, console: Console, vr
     lengths = data_lengths(loaded.records, tokenizer, tokenizer and data_module.cache_key(loaded, tokenizer))
     choice = choose_recipe(shape, target, lengths, chosen, from_data)
     if tokenizer is None:
-        choice.warnings.append("The model's tokenizer is not available here: token lengths are estimated at 4 characters per token.")
+        choice.warnings.append(
+            "The model's tokenizer is not available here: token lengths are estimated at 4 characters per token."
+        )
     console.print(render_choice(choice, shape, model))
     if not choice.fits:
         smaller = catalogue_models_that_fit(replace(target, strategy=choice.recipe.parallel), choice.recipe)
-        raise UserError(f"{shape.name} does not fit {target.name} even at the smallest settings: "
-                        f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
-                        hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
-                        + " `qlora-kit plan` shows the details.")
-    recipe = with_overrides(choice.recipe, model=model, data=str(data_path), steps=steps, epochs=epochs,
-                            data_split=data_split, data_config=data_config)
+        raise UserError(
+            f"{shape.name} does not fit {target.name} even at the smallest settings: "
+            f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
+            hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
+            + " `qlora-kit plan` shows the details.",
+        )
+    recipe = with_overrides(
+        choice.recipe,
+        model=model,
+        data=str(data_path),
+        steps=steps,
+        epochs=epochs,
+        data_split=data_split,
+        data_config=data_config,
+    )
     # The run keeps the plan that made the choice (plan.json, the dashboard's marks), not one of its own for one GPU.
-    plan = make_plan(shape, recipe, replace(target, strategy=recipe.parallel),
-                     reference_forwards=_reference_forwards(recipe, len(lengths), target.gpus)).to_dict()
+    plan = make_plan(
+        shape,
+        recipe,
+        replace(target, strategy=recipe.parallel),
+        reference_forwards=_reference_forwards(recipe, len(lengths), target.gpus),
+    ).to_dict()
     if dry_run:  # a run says it as it starts
         if plan["reference"]:
             console.print(f"DPO reference: {describe_reference(plan['reference'])}")
         return choice
-    return run_training(recipe, out or next_free_run_dir(Path("runs"), "auto"), console, display,
-                        trust_remote_code=trust_remote_code, plan=plan, report_to=report_to)
+    return run_training(
+        recipe,
+        out or next_free_run_dir(Path("runs"), "auto"),
+        console,
+        display,
+        trust_remote_code=trust_remote_code,
+        plan=plan,
+        report_to=report_to,
+    )
 
 
 def _reference_forwards(recipe: Recipe, examples: int, world: int) -> tuple[int, int] | None:
@@ -340,5 +453,7 @@ def lora_choices(lora: dict) -> dict:
     if not given.init_adapter:
         return {k: v for k, v in lora.items() if v is not None}
     fixed = settings_from_adapter(given)
-    return {**{k: v for k, v in lora.items() if v is not None},
-            **{k: getattr(fixed, k) for k in ("rank", "alpha", "target_modules", "use_rslora", "use_dora")}}
+    return {
+        **{k: v for k, v in lora.items() if v is not None},
+        **{k: getattr(fixed, k) for k in ("rank", "alpha", "target_modules", "use_rslora", "use_dora")},
+    }

@@ -19,12 +19,15 @@ from qlora_kit.adapter import Sampling, answering_with, generate_replies, genera
 from qlora_kit.errors import UserError
 from qlora_kit.files import write_atomically
 
-HELP = ("/reset forgets the conversation - /system TEXT sets the system prompt (/system alone clears it) - "
-        "/adapter NAME switches adapter - /base answers without one - /adapters lists them - /quit")
+HELP = (
+    "/reset forgets the conversation - /system TEXT sets the system prompt (/system alone clears it) - "
+    "/adapter NAME switches adapter - /base answers without one - /adapters lists them - /quit"
+)
 
 
-def run_chat(model, tokenizer, names: list[str], console: Console, sampling: Sampling, read_line=None,
-             system: str | None = None) -> list[dict]:
+def run_chat(
+    model, tokenizer, names: list[str], console: Console, sampling: Sampling, read_line=None, system: str | None = None
+) -> list[dict]:
     """The chat loop until /quit or end of input; returns the conversation (for tests and transcripts)."""
     if read_line is None and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line of bytes that are not UTF-8 is asked again, below
@@ -76,7 +79,9 @@ def run_chat(model, tokenizer, names: list[str], console: Console, sampling: Sam
     return messages
 
 
-def stream_reply(model, tokenizer, messages: list[dict], sampling: Sampling, console: Console, adapter: str | None = None) -> str:
+def stream_reply(
+    model, tokenizer, messages: list[dict], sampling: Sampling, console: Console, adapter: str | None = None
+) -> str:
     """Generate with `adapter` (None: the base model) on a worker thread and print the text as it arrives; returns
     the whole reply. Ctrl-C stops this reply (what came so far is kept), not the chat."""
     from transformers import TextIteratorStreamer
@@ -121,23 +126,34 @@ def read_prompts(path: Path) -> list[str]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number}: not valid JSON ({e.msg}).", hint='Write one {"prompt": "..."} per line.') from None
+            raise UserError(
+                f"{path} line {number}: not valid JSON ({e.msg}).", hint='Write one {"prompt": "..."} per line.'
+            ) from None
         prompt = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{path} line {number}: no non-empty `prompt` string.", hint='Write one {"prompt": "..."} per line.')
+            raise UserError(
+                f"{path} line {number}: no non-empty `prompt` string.", hint='Write one {"prompt": "..."} per line.'
+            )
         prompts.append(prompt)
     if not prompts:
         raise UserError(f"{path} holds no prompts.", hint='Write one {"prompt": "..."} per line.')
     return prompts
 
 
-def answer_each(model, tokenizer, prompts: list[str], columns: list[str | None], sampling: Sampling, chat: bool = True,
-                batch_size: int = 8):
+def answer_each(
+    model,
+    tokenizer,
+    prompts: list[str],
+    columns: list[str | None],
+    sampling: Sampling,
+    chat: bool = True,
+    batch_size: int = 8,
+):
     """Each prompt's row, {"prompt", "replies": {column: reply}}, as soon as every column has answered it (batch_size
     prompts at a time), so a long file's answers can be kept as they come. A column is an adapter's name, or None
     for the base model: loaded once, adapters switched by name."""
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         requests = [[{"role": "user", "content": p}] if chat else p for p in batch]
         rows = [{"prompt": prompt, "replies": {}} for prompt in batch]
         for name in columns:
@@ -155,7 +171,7 @@ def answered_in(path: Path, columns: list[str]) -> Counter:
     if not path.is_file():
         raise UserError(f"--output {path} is not a file.", hint="Pass a .jsonl file name.")
     text = path.read_bytes().decode("utf-8", errors="replace")
-    whole = text[:text.rfind("\n") + 1]
+    whole = text[: text.rfind("\n") + 1]
     if whole != text:
         write_atomically(path, whole)
     done = Counter()
@@ -164,11 +180,15 @@ def answered_in(path: Path, columns: list[str]) -> Counter:
             row = json.loads(line)
             prompt, replies = row["prompt"], row["replies"]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} line {number} is not an answer that generate wrote.",
-                            hint="Pass another --output (generate appends to it and skips the prompts it answers).") from None
+            raise UserError(
+                f"{path} line {number} is not an answer that generate wrote.",
+                hint="Pass another --output (generate appends to it and skips the prompts it answers).",
+            ) from None
         if sorted(replies) != sorted(columns):
-            raise UserError(f"{path} holds answers by {', '.join(replies)}, and this run answers with "
-                            f"{', '.join(columns)}.", hint="Pass another --output for these models.")
+            raise UserError(
+                f"{path} holds answers by {', '.join(replies)}, and this run answers with {', '.join(columns)}.",
+                hint="Pass another --output for these models.",
+            )
         done[prompt] += 1
     return done
 

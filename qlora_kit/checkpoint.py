@@ -61,8 +61,11 @@ class TrainerState:
 def gather_trainable(model) -> dict[str, torch.Tensor]:
     """Every trainable (LoRA) tensor whole, on the CPU, by its name in the model. Sharded (FSDP) tensors are
     gathered from every rank, so with several processes every rank must call this, in step."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def gather_optimizer(model, optimizer) -> dict:
@@ -73,8 +76,16 @@ def gather_optimizer(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: dict, scheduler, scaler,
-                    trainer_state: TrainerState, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    write_adapter,
+    optimizer_state: dict,
+    scheduler,
+    scaler,
+    trainer_state: TrainerState,
+    keep: int,
+) -> Path:
     """Write checkpoints/step-{step} atomically (write_adapter(folder) saves the adapter, optimizer_state comes from
     gather_optimizer) and delete all but the newest `keep`; returns its folder."""
     from qlora_kit.files import staged_folder
@@ -85,7 +96,10 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_state: di
     with staged_folder(final) as staging:
         write_adapter(staging / "adapter")
         torch.save(optimizer_state, staging / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, staging / "state.pt")
+        torch.save(
+            {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
+            staging / "state.pt",
+        )
         (staging / "trainer_state.json").write_text(trainer_state.to_json())
         write_manifest(staging, step)
     _fsync(root)
@@ -142,7 +156,9 @@ def _unreadable_part(folder: Path) -> str | None:
             shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
     except Exception:  # safetensors raises its own error types for a file that is not safetensors
         return f"adapter/{ADAPTER_FILE} or adapter_config.json does not open"
-    if not shapes or any((".lora_A." in k and s[0] != rank) or (".lora_B." in k and s[-1] != rank) for k, s in shapes.items()):
+    if not shapes or any(
+        (".lora_A." in k and s[0] != rank) or (".lora_B." in k and s[-1] != rank) for k, s in shapes.items()
+    ):
         return f"the adapter's weights do not have the rank {rank} its config says"
     for name in ("state.pt", "optimizer.pt"):
         try:
@@ -178,7 +194,9 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
 def file_name(parameter: str) -> str:
     """A trainable parameter's name in PEFT's adapter file, which drops the adapter's name ("default"): ...lora_A.weight;
     DoRA's magnitudes are saved as ...lora_magnitude_vector."""
-    return parameter.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".default.", ".")
+    return parameter.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(
+        ".default.", "."
+    )
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: torch.device) -> TrainerState:
@@ -191,8 +209,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, device: t
     by_file_name = {file_name(name): name for name, p in model.named_parameters() if p.requires_grad}
     saved = load_file(folder / "adapter" / ADAPTER_FILE, device=str(device))  # PEFT's files drop the adapter's name
     set_model_state_dict(model, {by_file_name[key]: value for key, value in saved.items()}, options=options)
-    set_optimizer_state_dict(model, optimizer, torch.load(folder / "optimizer.pt", map_location=device, weights_only=True),
-                             options=options)
+    set_optimizer_state_dict(
+        model, optimizer, torch.load(folder / "optimizer.pt", map_location=device, weights_only=True), options=options
+    )
     state = torch.load(folder / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -204,10 +223,12 @@ def rng_state() -> dict:
     """Every random generator a step can draw from, in types that torch.load(weights_only=True) reads back."""
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng(state: dict) -> None:

@@ -96,16 +96,21 @@ def memory_bar(used: float, planned: float, capacity: float, width: int = 30) ->
 
 def describe_step(m: dict) -> str:
     """One compact line of a step's metrics, for logs and pipes."""
-    memory = (f"mem {m['mem_alloc_gib']:.2f}/{m['mem_reserved_gib']:.2f} GiB" if m.get("mem_alloc_gib") is not None
-              else f"rss {m['rss_gib']:.2f} GiB")
+    memory = (
+        f"mem {m['mem_alloc_gib']:.2f}/{m['mem_reserved_gib']:.2f} GiB"
+        if m.get("mem_alloc_gib") is not None
+        else f"rss {m['rss_gib']:.2f} GiB"
+    )
     rewards = f"  accuracy {m['reward_accuracy']:.2f} margin {m['reward_margin']:.3f}" if "reward_accuracy" in m else ""
     return f"loss {m['loss']:.4f}{rewards}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  {m['step_s']:.2f} s/step  {memory}"
 
 
 def describe_rewards(m: dict) -> str:
     """A preference step's rewards (DPO's beta-scaled log-ratios, ORPO's beta-scaled mean log-probs), and eval's."""
-    said = (f"chosen {m['reward_chosen']:+.3f}  rejected {m['reward_rejected']:+.3f}  margin {m['reward_margin']:+.3f}  "
-            f"accuracy {m['reward_accuracy']:.0%}")
+    said = (
+        f"chosen {m['reward_chosen']:+.3f}  rejected {m['reward_rejected']:+.3f}  margin {m['reward_margin']:+.3f}  "
+        f"accuracy {m['reward_accuracy']:.0%}"
+    )
     if m.get("eval_reward_accuracy") is not None:
         said += f"   eval: margin {m['eval_reward_margin']:+.3f}  accuracy {m['eval_reward_accuracy']:.0%}"
     return said
@@ -126,8 +131,11 @@ class Dashboard:
         self.notes: list[str] = []
         self.last_checkpoint: int | None = None
         self.started = time.perf_counter()
-        self.live = Live(get_renderable=self.render, console=console, refresh_per_second=2, transient=False) \
-            if self.mode == "live" else None
+        self.live = (
+            Live(get_renderable=self.render, console=console, refresh_per_second=2, transient=False)
+            if self.mode == "live"
+            else None
+        )
         self.restore_terminal = lambda: None
 
     def __enter__(self):
@@ -179,7 +187,7 @@ class Dashboard:
         progress.append("█" * round(done * 20), style="cyan").append("·" * (20 - round(done * 20)), style="dim")
         progress.append(f"  {done:.0%}  epoch {m['epoch']}  elapsed {_clock(elapsed)}  eta {_clock(eta)}")
         grid.add_row("progress", progress)
-        recent = self.losses[-self.window:]
+        recent = self.losses[-self.window :]
         mean = f"mean of last {len(recent)} {sum(recent) / len(recent):.4f}  " if len(recent) > 1 else ""
         loss = Text(f"{m['loss']:.4f}  {mean}best {min(self.losses):.4f}  ")
         loss.append(sparkline(self.losses), style="cyan")
@@ -190,25 +198,45 @@ class Dashboard:
             grid.add_row("rewards", describe_rewards(m))
         grid.add_row("learning rate", f"{m['lr']:.2e}   grad norm {m['grad_norm']:.3f}")
         threads = f"   {m['cpu_threads']} CPU thread{'s' * (m['cpu_threads'] > 1)}" if m.get("cpu_threads") else ""
-        grid.add_row("speed", f"{m['tokens_per_s']:,.0f} tokens/s   {m['step_s']:.2f} s/step   "
-                              f"micro-batch {m['micro_batch']} x {m['grad_accum']}, seq {m['seq_len']}{threads}")
+        grid.add_row(
+            "speed",
+            f"{m['tokens_per_s']:,.0f} tokens/s   {m['step_s']:.2f} s/step   "
+            f"micro-batch {m['micro_batch']} x {m['grad_accum']}, seq {m['seq_len']}{threads}",
+        )
         if info.device == "cuda" and m.get("mem_alloc_gib") is not None:
             shown = m.get("nvml_used_gib") or m["mem_reserved_gib"]
-            grid.add_row("GPU memory", f"allocated {m['mem_alloc_gib']:.2f}  reserved {m['mem_reserved_gib']:.2f}  "
-                                       f"peak {m['mem_peak_gib']:.2f}  nvidia-smi {_gib(m.get('nvml_used_gib'))} GiB")
-            grid.add_row("", memory_bar(shown, info.planned_gib, info.capacity_gib).append(
-                f"  of {info.capacity_gib:.1f} GiB, plan ^ {info.planned_gib:.1f}"))
+            grid.add_row(
+                "GPU memory",
+                f"allocated {m['mem_alloc_gib']:.2f}  reserved {m['mem_reserved_gib']:.2f}  "
+                f"peak {m['mem_peak_gib']:.2f}  nvidia-smi {_gib(m.get('nvml_used_gib'))} GiB",
+            )
+            grid.add_row(
+                "",
+                memory_bar(shown, info.planned_gib, info.capacity_gib).append(
+                    f"  of {info.capacity_gib:.1f} GiB, plan ^ {info.planned_gib:.1f}"
+                ),
+            )
             if m.get("gpu_util_pct") is not None:
                 grid.add_row("GPU", f"utilisation {m['gpu_util_pct']}%   temperature {m['gpu_temp_c']} C")
         else:
-            grid.add_row("process memory", memory_bar(m["rss_gib"], info.planned_gib, info.capacity_gib).append(
-                f"  RSS {m['rss_gib']:.2f} of {info.capacity_gib:.1f} GiB, plan ^ {info.planned_gib:.1f}"))
+            grid.add_row(
+                "process memory",
+                memory_bar(m["rss_gib"], info.planned_gib, info.capacity_gib).append(
+                    f"  RSS {m['rss_gib']:.2f} of {info.capacity_gib:.1f} GiB, plan ^ {info.planned_gib:.1f}"
+                ),
+            )
         if m.get("rank_memory"):
             key = "mem_reserved_gib" if info.device == "cuda" else "rss_gib"
-            grid.add_row("every rank", "   ".join(f"{r}: {_gib(reading[key])} GiB" for r, reading in enumerate(m["rank_memory"]))
-                         + ("  (reserved)" if info.device == "cuda" else "  (RSS)"))
-        grid.add_row("host", f"RSS {m['rss_gib']:.2f} GiB   RAM available {_gib(m.get('ram_available_gib'))} GiB   "
-                              f"swap used {_gib(m.get('swap_used_gib'))} GiB")
+            grid.add_row(
+                "every rank",
+                "   ".join(f"{r}: {_gib(reading[key])} GiB" for r, reading in enumerate(m["rank_memory"]))
+                + ("  (reserved)" if info.device == "cuda" else "  (RSS)"),
+            )
+        grid.add_row(
+            "host",
+            f"RSS {m['rss_gib']:.2f} GiB   RAM available {_gib(m.get('ram_available_gib'))} GiB   "
+            f"swap used {_gib(m.get('swap_used_gib'))} GiB",
+        )
         grid.add_row("checkpoint", f"step {self.last_checkpoint}" if self.last_checkpoint else "none yet")
         for note in self.notes[-3:]:
             grid.add_row("[yellow]note", Text(note, style="yellow"))
@@ -243,9 +271,16 @@ def _clock(seconds: float) -> str:
 def describe_step_down(event: dict) -> str:
     """What an out-of-memory step-down changed, in words: 'micro-batch 4 -> 2'."""
     before, after = event["from"], event["to"]
-    names = {"micro_batch": "micro-batch", "seq_len": "sequence length", "checkpointing": "checkpointing",
-             "uncheckpointed_layers": "uncheckpointed layers", "offload": "activation offload"}
-    return ", ".join(f"{names[k]} {before.get(k, 0)} -> {after.get(k, 0)}" for k in names if before.get(k, 0) != after.get(k, 0))
+    names = {
+        "micro_batch": "micro-batch",
+        "seq_len": "sequence length",
+        "checkpointing": "checkpointing",
+        "uncheckpointed_layers": "uncheckpointed layers",
+        "offload": "activation offload",
+    }
+    return ", ".join(
+        f"{names[k]} {before.get(k, 0)} -> {after.get(k, 0)}" for k in names if before.get(k, 0) != after.get(k, 0)
+    )
 
 
 def summary_table(summary, info: RunInfo) -> Table:
@@ -255,16 +290,26 @@ def summary_table(summary, info: RunInfo) -> Table:
     table.add_column()
     table.add_row("steps", f"{summary.steps} of {info.total_steps}")
     table.add_row("time", f"{_clock(summary.seconds)} ({summary.seconds / max(1, summary.steps):.2f} s/step)")
-    table.add_row("tokens", f"{summary.tokens:,} ({summary.tokens / max(summary.seconds, 1e-9):,.0f}/s), "
-                            f"{summary.padding_pct:.0f}% padding")
-    table.add_row("loss", f"first {summary.first_loss:.4f}, final {summary.last_loss:.4f}, best {summary.best_loss:.4f}")
+    table.add_row(
+        "tokens",
+        f"{summary.tokens:,} ({summary.tokens / max(summary.seconds, 1e-9):,.0f}/s), "
+        f"{summary.padding_pct:.0f}% padding",
+    )
+    table.add_row(
+        "loss", f"first {summary.first_loss:.4f}, final {summary.last_loss:.4f}, best {summary.best_loss:.4f}"
+    )
     if summary.rewards.get("reward_accuracy") is not None:
         table.add_row("rewards", describe_rewards(summary.rewards))
     label = "GPU peak (reserved)" if info.device == "cuda" else "process peak (RSS)"
-    table.add_row(label, f"{summary.peak_memory_gib:.2f} GiB; planned {info.planned_gib:.2f} GiB of {info.capacity_gib:.1f}")
+    table.add_row(
+        label, f"{summary.peak_memory_gib:.2f} GiB; planned {info.planned_gib:.2f} GiB of {info.capacity_gib:.1f}"
+    )
     if summary.skipped_updates:
-        table.add_row("[yellow]skipped", f"{summary.skipped_updates} of {summary.steps} updates: the loss or gradient was "
-                                         "NaN/inf, so those steps did not change the weights")
+        table.add_row(
+            "[yellow]skipped",
+            f"{summary.skipped_updates} of {summary.steps} updates: the loss or gradient was "
+            "NaN/inf, so those steps did not change the weights",
+        )
     for change in summary.step_downs:
         table.add_row("[yellow]step-down", change)
     table.add_row("adapter", f"{summary.adapter_dir} ({summary.adapter_bytes / 2**20:.1f} MiB, plain PEFT)")
@@ -273,4 +318,7 @@ def summary_table(summary, info: RunInfo) -> Table:
 
 def print_summary(console: Console, summary, info: RunInfo) -> None:
     console.print(summary_table(summary, info))
-    console.print(Text(f"Try it: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"...\"", style="dim"), soft_wrap=True)
+    console.print(
+        Text(f'Try it: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt "..."', style="dim"),
+        soft_wrap=True,
+    )

@@ -88,7 +88,9 @@ class Records:
 def detect_format(record: dict) -> str | None:
     """The format a record's keys say it is in, or None."""
     if "chosen" in record or "rejected" in record:
-        conversational = "messages" in record or any(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected"))
+        conversational = "messages" in record or any(
+            isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected")
+        )
         return "preference_chat" if conversational else "preference"
     if "messages" in record:
         return "chat"
@@ -103,8 +105,15 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = False, flag: str = "--data",
-                 can_skip: bool = True, split: str = "train", config: str | None = None) -> Records:
+def read_records(
+    path: str | Path,
+    format: str = "auto",
+    skip_bad_lines: bool = False,
+    flag: str = "--data",
+    can_skip: bool = True,
+    split: str = "train",
+    config: str | None = None,
+) -> Records:
     """Read a .jsonl, .json, .parquet or .csv file, check every example, and normalise it; bad lines are listed.
     flag: the option that named the file, for the hints; can_skip: whether the command has --skip-bad-lines. A hub
     dataset (org/name, org/name:file.jsonl) is fetched first; split and config choose its part (hub.dataset_file)."""
@@ -117,9 +126,17 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a data file.", hint=f"Pass a .jsonl file with {flag}.")
     if path.exists() and not path.is_file():  # /dev/zero, a FIFO, /dev/stdin: endless or read-once, never a data set
-        kind = "a pipe (FIFO)" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else "not a regular file"
-        raise UserError(f"{path} is {kind}, not a data file: training reads its data more than once.",
-                        hint=f"Save the data to a .jsonl file and pass that with {flag}.")
+        kind = (
+            "a pipe (FIFO)"
+            if path.is_fifo()
+            else "a device"
+            if path.is_char_device() or path.is_block_device()
+            else "not a regular file"
+        )
+        raise UserError(
+            f"{path} is {kind}, not a data file: training reads its data more than once.",
+            hint=f"Save the data to a .jsonl file and pass that with {flag}.",
+        )
     if not path.is_file():
         raise UserError(f"Data file {path} does not exist.", hint=f"Pass a .jsonl file with {flag}.")
     if format not in ("auto", *FORMATS):
@@ -131,14 +148,22 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
             continue
         found = detect_format(raw)
         if found is None:
-            problems.append(f"{where}: no known fields (has: {', '.join(raw) or 'none'}); "
-                            "expected text, prompt/completion, instruction/output, messages or conversations")
+            problems.append(
+                f"{where}: no known fields (has: {', '.join(raw) or 'none'}); "
+                "expected text, prompt/completion, instruction/output, messages or conversations"
+            )
             continue
         if file_format is None:
             file_format, first = found, where
         elif found != file_format:
-            problems.append(f"{where}: looks like {found}, but the file is {file_format}"
-                            + ("" if format != "auto" else f" (from {first}); formats are mixed within the file: give each its own file"))
+            problems.append(
+                f"{where}: looks like {found}, but the file is {file_format}"
+                + (
+                    ""
+                    if format != "auto"
+                    else f" (from {first}); formats are mixed within the file: give each its own file"
+                )
+            )
             continue
         try:
             records.append(_normalise(raw, file_format))
@@ -146,13 +171,19 @@ def read_records(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
         except ValueError as e:
             problems.append(f"{where}: {e}")
     if problems and not skip_bad_lines:
-        shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
-        raise UserError(f"{path} has {len(problems)} bad example{'s' * (len(problems) > 1)}: {shown}.",
-                        hint=("Fix them, or pass --skip-bad-lines to train on the rest. " if can_skip else "Fix them: ")
-                        + f"`qlora-kit data check {shown_path(path)}` lists each.")
+        shown = "; ".join(problems[:SHOWN_PROBLEMS]) + (
+            f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        )
+        raise UserError(
+            f"{path} has {len(problems)} bad example{'s' * (len(problems) > 1)}: {shown}.",
+            hint=("Fix them, or pass --skip-bad-lines to train on the rest. " if can_skip else "Fix them: ")
+            + f"`qlora-kit data check {shown_path(path)}` lists each.",
+        )
     if not records:
-        raise UserError(f"Data file {path} has no examples" + (" left after skipping bad lines." if problems else "."),
-                        hint='Write one JSON object per line, e.g. {"text": "..."}.')
+        raise UserError(
+            f"Data file {path} has no examples" + (" left after skipping bad lines." if problems else "."),
+            hint='Write one JSON object per line, e.g. {"text": "..."}.',
+        )
     return Records(path, file_format, records, problems, places)
 
 
@@ -166,11 +197,17 @@ def _raw_items(path: Path, problems: list[str]):
         try:
             items = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON: {e}.", hint="A .json file must hold one array of objects.") from None
+            raise UserError(
+                f"{path} is not valid JSON: {e}.", hint="A .json file must hold one array of objects."
+            ) from None
         except RecursionError:
-            raise UserError(f"{path} is nested too deeply to be training data.", hint="A .json file must hold one array of objects.") from None
+            raise UserError(
+                f"{path} is nested too deeply to be training data.", hint="A .json file must hold one array of objects."
+            ) from None
         if not isinstance(items, list):
-            raise UserError(f"{path} holds a JSON {type(items).__name__}, not an array of examples.", hint="Use [{...}, {...}].")
+            raise UserError(
+                f"{path} holds a JSON {type(items).__name__}, not an array of examples.", hint="Use [{...}, {...}]."
+            )
         yield from ((f"item {i}", item) for i, item in enumerate(items, start=1))
         return
     with path.open("rb") as lines:  # line by line: a large file is never in memory as raw bytes too
@@ -187,15 +224,19 @@ def _raw_items(path: Path, problems: list[str]):
             try:
                 yield f"line {number}", json.loads(text)
             except json.JSONDecodeError as e:
-                trailing = " (a trailing comma?)" if text[:e.pos].rstrip().endswith(",") else ""
-                problems.append(f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}: {_near(text, e.pos)}")
+                trailing = " (a trailing comma?)" if text[: e.pos].rstrip().endswith(",") else ""
+                problems.append(
+                    f"line {number}: not valid JSON, {e.msg} at column {e.colno}{trailing}: {_near(text, e.pos)}"
+                )
             except RecursionError:  # the parser recurses once per level of nesting
-                problems.append(f"line {number}: nested too deeply (lists or objects inside each other) to be an example")
+                problems.append(
+                    f"line {number}: nested too deeply (lists or objects inside each other) to be an example"
+                )
 
 
 def _near(text: str, position: int, width: int = 20) -> str:
     """The text around a position, the position marked with <<here>>, on one line: where to look in a long line."""
-    before, after = text[max(0, position - width):position], text[position:position + width].rstrip("\r\n")
+    before, after = text[max(0, position - width) : position], text[position : position + width].rstrip("\r\n")
     start = "…" if position > width else ""
     end = "…" if len(text.rstrip()) > position + width else ""
     return (start + before + "<<here>>" + after + end).replace("\n", " ")
@@ -208,7 +249,9 @@ def _table_rows(path: Path):
     try:
         table = load_dataset(path.suffix[1:], data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for a malformed file; the user needs the sentence
-        raise UserError(f"{path} could not be read as {path.suffix[1:]}: {e}", hint="Check the file, or convert it to .jsonl.") from None
+        raise UserError(
+            f"{path} could not be read as {path.suffix[1:]}: {e}", hint="Check the file, or convert it to .jsonl."
+        ) from None
     for i, row in enumerate(table, start=1):
         yield f"row {i}", row
 
@@ -260,7 +303,9 @@ def _preference(raw: dict, format: str) -> dict:
         record = {"messages": _turns({key: prompt}, key)}
         for side in ("chosen", "rejected"):
             answer = raw[side]
-            record[side] = _turns({side: [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer}, side)
+            record[side] = _turns(
+                {side: [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer}, side
+            )
             if not any(m["role"] == "assistant" for m in record[side]):
                 raise ValueError(f"`{side}` has no assistant turn")
     if record["chosen"] == record["rejected"]:
@@ -291,24 +336,43 @@ def _turns(raw: dict, key: str) -> list[dict]:
     return messages
 
 
-def tokenize(records: list[dict], tokenizer, seq_len: int, train_on_inputs: bool = False, drop_long: bool = False,
-             cache_key: str | None = None) -> TokenizedExamples:
+def tokenize(
+    records: list[dict],
+    tokenizer,
+    seq_len: int,
+    train_on_inputs: bool = False,
+    drop_long: bool = False,
+    cache_key: str | None = None,
+) -> TokenizedExamples:
     """Token ids and labels for every record, truncated to seq_len tokens (or dropped, with drop_long); loss on
     completions and assistant turns only, unless train_on_inputs. With a cache_key, the tokenized table is kept on
     disk and memory-mapped, and a later run with the same file and tokenizer skips tokenizing."""
     examples = TokenizedExamples.of(tokenized_table(records, tokenizer, cache_key), seq_len, train_on_inputs, drop_long)
     if not examples:
-        raise UserError("No example has any token left to learn from after truncation.",
-                        hint="Raise --seq-len, or check that completions and assistant replies are not empty.")
+        raise UserError(
+            "No example has any token left to learn from after truncation.",
+            hint="Raise --seq-len, or check that completions and assistant replies are not empty.",
+        )
     return examples
 
 
 def cache_key(loaded: Records, tokenizer) -> str:
     """What the tokenized table depends on: this file's version, its format, the tokenizer and this code."""
     stat = loaded.path.stat()
-    parts = [TOKENIZED_VERSION, str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, loaded.format,
-             len(loaded.records), len(loaded.skipped), type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
-             tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)]
+    parts = [
+        TOKENIZED_VERSION,
+        str(loaded.path.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        loaded.format,
+        len(loaded.records),
+        len(loaded.skipped),
+        type(tokenizer).__name__,
+        tokenizer.name_or_path,
+        len(tokenizer),
+        tokenizer.eos_token_id,
+        getattr(tokenizer, "chat_template", None),
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -325,17 +389,30 @@ def tokenized_table(records: list[dict], tokenizer, key: str | None = None):
     # A preference pair keeps its chosen answer in input_ids and labels, its rejected one beside; length and
     # first_label are the pair's: the longer side, the later first learned token.
     pairs = bool(records) and "chosen" in records[0]
-    features = datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32"),
-                                  "first_label": datasets.Value("int32"),
-                                  **({"rejected_ids": ids, "rejected_labels": ids} if pairs else {})})
+    features = datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "length": datasets.Value("int32"),
+            "first_label": datasets.Value("int32"),
+            **({"rejected_ids": ids, "rejected_labels": ids} if pairs else {}),
+        }
+    )
     if workers is None:  # small files tokenize in moments: no progress bars
         datasets.disable_progress_bars()
     try:
         source = datasets.Dataset.from_list(records)
         with ctrl_c_stops_only_this_process():
-            table = source.map(_tokenize_batch, batched=True, num_proc=workers, remove_columns=source.column_names,
-                               features=features, fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing",
-                               new_fingerprint=key or uuid.uuid4().hex)
+            table = source.map(
+                _tokenize_batch,
+                batched=True,
+                num_proc=workers,
+                remove_columns=source.column_names,
+                features=features,
+                fn_kwargs={"tokenizer": tokenizer},
+                desc="Tokenizing",
+                new_fingerprint=key or uuid.uuid4().hex,
+            )
         return _save_to_cache(table, folder) if folder else table
     finally:
         datasets.enable_progress_bars()
@@ -434,10 +511,19 @@ class TokenizedExamples(Sequence):
     def of(cls, table, seq_len: int, train_on_inputs: bool, drop_long: bool) -> TokenizedExamples:
         """The usable rows: those with a learned token within seq_len, and, with drop_long, no longer than seq_len."""
         lengths, firsts = table.data.column("length").to_pylist(), table.data.column("first_label").to_pylist()
-        rows = [i for i, (n, first) in enumerate(zip(lengths, firsts))
-                if (1 < min(n, seq_len) if train_on_inputs else first < min(n, seq_len)) and not (drop_long and n > seq_len)]
-        return cls(table, rows, [min(lengths[i], seq_len) for i in rows], seq_len, train_on_inputs,
-                   truncated=sum(lengths[i] > seq_len for i in rows))
+        rows = [
+            i
+            for i, (n, first) in enumerate(zip(lengths, firsts))
+            if (1 < min(n, seq_len) if train_on_inputs else first < min(n, seq_len)) and not (drop_long and n > seq_len)
+        ]
+        return cls(
+            table,
+            rows,
+            [min(lengths[i], seq_len) for i in rows],
+            seq_len,
+            train_on_inputs,
+            truncated=sum(lengths[i] > seq_len for i in rows),
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -446,11 +532,11 @@ class TokenizedExamples(Sequence):
         if isinstance(index, slice):
             return self.select(range(*index.indices(len(self))))
         row = self.table[self.rows[index]]
-        ids = row["input_ids"][:self.seq_len]
-        chosen = Example(ids, list(ids) if self.train_on_inputs else row["labels"][:self.seq_len])
+        ids = row["input_ids"][: self.seq_len]
+        chosen = Example(ids, list(ids) if self.train_on_inputs else row["labels"][: self.seq_len])
         if "rejected_ids" not in row:
             return chosen
-        rejected = Example(row["rejected_ids"][:self.seq_len], row["rejected_labels"][:self.seq_len])
+        rejected = Example(row["rejected_ids"][: self.seq_len], row["rejected_labels"][: self.seq_len])
         reference = None if self.references is None else tuple(self.references[self.rows[index]].tolist())
         return PreferencePair(chosen, rejected, None if reference is None or math.isnan(reference[0]) else reference)
 
@@ -489,11 +575,15 @@ def same_within(examples: TokenizedExamples) -> list[int]:
 
 def cut_alike(examples: TokenizedExamples, same: list[int], where: list[str]) -> list[str]:
     """The bad-line sentences of the pairs same_within found."""
-    return [f"{where[examples.rows[i]]}: chosen and rejected are the same within the first {examples.seq_len} tokens"
-            for i in same]
+    return [
+        f"{where[examples.rows[i]]}: chosen and rejected are the same within the first {examples.seq_len} tokens"
+        for i in same
+    ]
 
 
-def pairs_that_differ(examples: TokenizedExamples, loaded: Records, skip_bad_lines: bool) -> tuple[TokenizedExamples, list[str]]:
+def pairs_that_differ(
+    examples: TokenizedExamples, loaded: Records, skip_bad_lines: bool
+) -> tuple[TokenizedExamples, list[str]]:
     """The examples without the preference pairs that are the same within seq_len (same_within), and those pairs as
     bad lines; without skip_bad_lines, any such pair is refused with its line."""
     same = same_within(examples)
@@ -502,16 +592,21 @@ def pairs_that_differ(examples: TokenizedExamples, loaded: Records, skip_bad_lin
     problems = cut_alike(examples, same, loaded.where)
     if not skip_bad_lines:
         lines = ", ".join(p.split(":")[0] for p in problems[:SHOWN_PROBLEMS]) + (
-            f" and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
-        raise UserError(f"{loaded.path} has {len(same)} preference pair{'s' * (len(same) > 1)} whose chosen and rejected "
-                        f"answers are the same within the first {examples.seq_len} tokens ({lines}): they differ only "
-                        "past the cut, so training would learn nothing from them.",
-                        hint="Raise --seq-len, shorten their prompts, or pass --skip-bad-lines to train on the rest.")
+            f" and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        )
+        raise UserError(
+            f"{loaded.path} has {len(same)} preference pair{'s' * (len(same) > 1)} whose chosen and rejected "
+            f"answers are the same within the first {examples.seq_len} tokens ({lines}): they differ only "
+            "past the cut, so training would learn nothing from them.",
+            hint="Raise --seq-len, shorten their prompts, or pass --skip-bad-lines to train on the rest.",
+        )
     dropped = set(same)
     kept = examples.select([i for i in range(len(examples)) if i not in dropped])
     if not kept:
-        raise UserError(f"No pair in {loaded.path} differs within the first {examples.seq_len} tokens.",
-                        hint="Raise --seq-len, or shorten the prompts.")
+        raise UserError(
+            f"No pair in {loaded.path} differs within the first {examples.seq_len} tokens.",
+            hint="Raise --seq-len, or shorten the prompts.",
+        )
     return kept, problems
 
 
@@ -529,7 +624,11 @@ class PackedExamples(Sequence):
     def __getitem__(self, index: int) -> Example:
         ids, labels, positions = [], [], []
         for e in (self.source[i] for i in self.groups[index]):
-            ids, labels, positions = ids + e.input_ids, labels + [IGNORE] + e.labels[1:], positions + list(range(len(e)))
+            ids, labels, positions = (
+                ids + e.input_ids,
+                labels + [IGNORE] + e.labels[1:],
+                positions + list(range(len(e))),
+            )
         return Example(ids, labels, positions)
 
 
@@ -554,11 +653,15 @@ def tokenize_record(record: dict, tokenizer) -> tuple[list[int], list[int]]:
 def tokenize_preference(record: dict, tokenizer) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
     """((input_ids, labels) of prompt + chosen, the same of prompt + rejected): loss on the answers only."""
     if "prompt" in record:
-        return tuple(tokenize_record({"prompt": record["prompt"], "completion": record[side]}, tokenizer)
-                     for side in ("chosen", "rejected"))
+        return tuple(
+            tokenize_record({"prompt": record["prompt"], "completion": record[side]}, tokenizer)
+            for side in ("chosen", "rejected")
+        )
     prompt = list(record["messages"])
-    return tuple(_tokenize_chat(prompt + list(record[side]), tokenizer, learn_from=len(prompt))
-                 for side in ("chosen", "rejected"))
+    return tuple(
+        _tokenize_chat(prompt + list(record[side]), tokenizer, learn_from=len(prompt))
+        for side in ("chosen", "rejected")
+    )
 
 
 def _tokenize_chat(messages: list[dict], tokenizer, learn_from: int = 0) -> tuple[list[int], list[int]]:
@@ -581,8 +684,9 @@ def _assistant_spans(messages: list[dict], tokenizer, learn_from: int = 0):
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
 
     def render(turns, generation_prompt=False) -> list[int]:
-        rendered = tokenizer.apply_chat_template(turns, chat_template=template, add_generation_prompt=generation_prompt,
-                                                 tokenize=True)
+        rendered = tokenizer.apply_chat_template(
+            turns, chat_template=template, add_generation_prompt=generation_prompt, tokenize=True
+        )
         return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
     full = render(messages)
@@ -593,8 +697,8 @@ def _assistant_spans(messages: list[dict], tokenizer, learn_from: int = 0):
         if message["role"] != "assistant" or k < learn_from:
             continue
         before = render(messages[:k], generation_prompt=True) if k else []  # an opening assistant turn: all of it
-        through = render(messages[:k + 1])
-        if full[:len(through)] != through or through[:len(before)] != before:
+        through = render(messages[: k + 1])
+        if full[: len(through)] != through or through[: len(before)] != before:
             return full, None, render
         spans.append((len(before), len(full) if k == len(messages) - 1 else len(through)))
     return full, spans, render
@@ -609,18 +713,26 @@ def _final_turn_span(messages: list[dict], full: list[int], render, learn_from: 
     if k < learn_from or messages[k]["role"] != "assistant":
         return None
     before = render(messages[:k], generation_prompt=True) if k else []
-    return [(len(before), len(full))] if full[:len(before)] == before else None
+    return [(len(before), len(full))] if full[: len(before)] == before else None
 
 
 def history_note(records: list[dict], tokenizer) -> str | None:
     """What data check says when the chat template renders earlier turns otherwise once later ones follow: only the
     last assistant turn of each conversation is learned."""
-    chat = next((r["messages"] for r in records if "messages" in r
-                 and sum(m.get("role") == "assistant" for m in r["messages"]) > 1), None)
+    chat = next(
+        (
+            r["messages"]
+            for r in records
+            if "messages" in r and sum(m.get("role") == "assistant" for m in r["messages"]) > 1
+        ),
+        None,
+    )
     if chat is None or _assistant_spans(chat, tokenizer)[1] is not None:
         return None
-    return ("This chat template renders earlier assistant turns otherwise once later turns follow (as Qwen3's drops "
-            "their reasoning): only the last assistant turn of each conversation is learned, as the model meets it.")
+    return (
+        "This chat template renders earlier assistant turns otherwise once later turns follow (as Qwen3's drops "
+        "their reasoning): only the last assistant turn of each conversation is learned, as the model meets it."
+    )
 
 
 def thinking_note(tokenizer) -> str | None:
@@ -633,11 +745,15 @@ def thinking_note(tokenizer) -> str | None:
         return None
     setting = variables_set_in(template).get("enable_thinking")
     if setting:
-        return (f"Chats render with enable_thinking={setting} (chat_template_kwargs), as the template renders "
-                "them then; the adapter's chat template keeps the setting, so inference renders prompts alike.")
-    return ("This chat template has a thinking switch (enable_thinking), not set here: chats render as the template "
-            "does by default, with thinking on. To train answers without reasoning, pass --chat-template-kwargs "
-            "enable_thinking=false here, to train and to auto (it is kept in the recipe).")
+        return (
+            f"Chats render with enable_thinking={setting} (chat_template_kwargs), as the template renders "
+            "them then; the adapter's chat template keeps the setting, so inference renders prompts alike."
+        )
+    return (
+        "This chat template has a thinking switch (enable_thinking), not set here: chats render as the template "
+        "does by default, with thinking on. To train answers without reasoning, pass --chat-template-kwargs "
+        "enable_thinking=false here, to train and to auto (it is kept in the recipe)."
+    )
 
 
 def system_note(records: list[dict], tokenizer) -> str | None:
@@ -648,16 +764,19 @@ def system_note(records: list[dict], tokenizer) -> str | None:
     system, user = "QKSYSTEMQK", "QKUSERQK"
     try:
         alone = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False)
-        rendered = tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                  {"role": "user", "content": user}], tokenize=False)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}], tokenize=False
+        )
     except Exception:  # noqa: BLE001 - the template raises on a system message; tokenizing says so per line
         return None
-    user_opening = alone[:alone.index(user)]
+    user_opening = alone[: alone.index(user)]
     if system not in rendered:
         return "This chat template leaves system messages out: the data's system messages are not trained on or seen."
     if rendered.startswith(user_opening) and rendered.index(system) < rendered.index(user):
-        return ("This chat template has no system turn: it puts each system message at the start of the first user "
-                "turn, as the example below shows, and inference renders it the same way.")
+        return (
+            "This chat template has no system turn: it puts each system message at the start of the first user "
+            "turn, as the example below shows, and inference renders it the same way."
+        )
     return None
 
 
@@ -679,13 +798,17 @@ def pack(examples: Sequence[Example], seq_len: int, seed: int) -> PackedExamples
 def split_off(examples: TokenizedExamples, fraction: float, seed: int) -> tuple[TokenizedExamples, TokenizedExamples]:
     """A seeded random split: (training examples, held-out examples), at least one of each."""
     if len(examples) < 2:
-        raise UserError("Holding out an evaluation split needs at least 2 examples.", hint="Drop --eval-fraction, or add data.")
+        raise UserError(
+            "Holding out an evaluation split needs at least 2 examples.", hint="Drop --eval-fraction, or add data."
+        )
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return examples.select(order[held:]), examples.select(order[:held])
 
 
-def epoch_order(lengths: list[int], seed: int, epoch: int, per_step: int = 1, group_by_length: bool = False) -> list[int]:
+def epoch_order(
+    lengths: list[int], seed: int, epoch: int, per_step: int = 1, group_by_length: bool = False
+) -> list[int]:
     """The order an epoch draws examples in, fixed by (seed, epoch). With group_by_length, each step's per_step
     examples are of similar length (sorted within windows of 64 steps' worth, the steps then shuffled), so little
     is padded; step boundaries follow the stream's position, also when an epoch is not a whole number of steps."""
@@ -694,15 +817,17 @@ def epoch_order(lengths: list[int], seed: int, epoch: int, per_step: int = 1, gr
     if not group_by_length or per_step < 2:
         return order
     window = 64 * per_step
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lengths.__getitem__)]
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
     head = -epoch * len(lengths) % per_step  # examples the step that straddles into this epoch still needs
-    steps = [order[head + k:head + k + per_step] for k in range(0, len(order) - head, per_step)]
+    steps = [order[head + k : head + k + per_step] for k in range(0, len(order) - head, per_step)]
     full = [s for s in steps if len(s) == per_step]  # the first and last may be partial: they stay at the ends
     shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
     return order[:head] + [i for s in shuffled for i in s] + [i for s in steps if len(s) < per_step for i in s]
 
 
-def example_stream(examples: Sequence[Example], seed: int, per_step: int = 1, group_by_length: bool = False, start: int = 0):
+def example_stream(
+    examples: Sequence[Example], seed: int, per_step: int = 1, group_by_length: bool = False, start: int = 0
+):
     """Endless (epoch, example) pairs from stream position `start`, each epoch in epoch_order. The order depends
     only on the position, so a resumed run draws exactly what the interrupted one would have."""
     lengths = lengths_of(examples)
@@ -732,11 +857,13 @@ def sides(examples) -> list[Example]:
 
 def truncate(examples: list, seq_len: int) -> list:
     """The examples cut to seq_len tokens (used when an out-of-memory step-down shortens sequences)."""
+
     def cut(e: Example) -> Example:
         return Example(e.input_ids[:seq_len], e.labels[:seq_len], e.position_ids and e.position_ids[:seq_len])
 
     def cut_pair(p: PreferencePair) -> PreferencePair:  # precomputed reference values hold only for the whole pair
         return PreferencePair(cut(p.chosen), cut(p.rejected), p.reference if len(p) <= seq_len else None)
+
     return [cut_pair(e) if isinstance(e, PreferencePair) else cut(e) for e in examples]
 
 
@@ -768,8 +895,14 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: str = "auto", split: str = "train",
-                 config: str | None = None):
+def check_report(
+    path: str | Path,
+    tokenizer=None,
+    seq_len: int = 512,
+    format: str = "auto",
+    split: str = "train",
+    config: str | None = None,
+):
     """`qlora-kit data check`: format, counts, token-length percentiles and histogram, every bad line, and the first
     example rendered with the tokens the loss is on highlighted. Without a tokenizer, lengths are estimated.
     Returns (the report, [(why `train` would refuse the file, what to do)], empty when it would train on it)."""
@@ -778,21 +911,36 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     from rich.text import Text
 
     loaded = read_records(path, format, skip_bad_lines=True, split=split, config=config)
-    refusals = [(f"{len(loaded.skipped)} bad line{'s' * (len(loaded.skipped) > 1)}",
-                 "fix the lines listed above, or train on the rest with --skip-bad-lines")] if loaded.skipped else []
+    refusals = (
+        [
+            (
+                f"{len(loaded.skipped)} bad line{'s' * (len(loaded.skipped) > 1)}",
+                "fix the lines listed above, or train on the rest with --skip-bad-lines",
+            )
+        ]
+        if loaded.skipped
+        else []
+    )
     if tokenizer is not None:  # the same cached table training uses: checking a file first makes training start sooner
         tokenized = tokenized_table(loaded.records, tokenizer, cache_key(loaded, tokenizer))
         lengths = tokenized.data.column("length").to_pylist()
         usable = TokenizedExamples.of(tokenized, seq_len, train_on_inputs=False, drop_long=False)
         nothing = len(lengths) - len(usable)
         if nothing == len(lengths):
-            refusals.append((f"no example has a token to learn within its first {seq_len}",
-                             "raise --seq-len, or check that completions and assistant replies are not empty"))
+            refusals.append(
+                (
+                    f"no example has a token to learn within its first {seq_len}",
+                    "raise --seq-len, or check that completions and assistant replies are not empty",
+                )
+            )
         alike = cut_alike(usable, same_within(usable), loaded.where)
         if alike:
-            refusals.append((f"{len(alike)} preference pair{'s' * (len(alike) > 1)} the same within the first {seq_len} "
-                             "tokens", "raise --seq-len or shorten their prompts (or train on the rest with "
-                                       "--skip-bad-lines)"))
+            refusals.append(
+                (
+                    f"{len(alike)} preference pair{'s' * (len(alike) > 1)} the same within the first {seq_len} tokens",
+                    "raise --seq-len or shorten their prompts (or train on the rest with --skip-bad-lines)",
+                )
+            )
     else:
         lengths = [max(1, len(json.dumps(r)) // 4) for r in loaded.records]
         nothing, alike = 0, []
@@ -801,9 +949,15 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
     table.add_column(style="bold")
     table.add_column()
     table.add_row("format", loaded.format)
-    table.add_row("examples", f"{len(loaded.records):,}" + (f" ({len(loaded.skipped)} bad lines not counted)" if loaded.skipped else ""))
-    table.add_row("tokens per example", f"p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, max {max(lengths)}"
-                  + ("" if tokenizer else " (estimated: 4 characters a token; pass --model for exact counts)"))
+    table.add_row(
+        "examples",
+        f"{len(loaded.records):,}" + (f" ({len(loaded.skipped)} bad lines not counted)" if loaded.skipped else ""),
+    )
+    table.add_row(
+        "tokens per example",
+        f"p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, max {max(lengths)}"
+        + ("" if tokenizer else " (estimated: 4 characters a token; pass --model for exact counts)"),
+    )
     table.add_row(f"longer than {seq_len}", f"{sum(n > seq_len for n in lengths)} (truncated in training)")
     table.add_row("nothing to learn", f"{nothing} (dropped in training)" if tokenizer else "-")
     table.add_row("duplicates", str(duplicates))
@@ -817,8 +971,11 @@ def check_report(path: str | Path, tokenizer=None, seq_len: int = 512, format: s
         shown_sides = [("", "input_ids", "labels")]
         if "rejected_ids" in first:
             shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
-        for note in (thinking_note(tokenizer), history_note(loaded.records, tokenizer),
-                     system_note(loaded.records, tokenizer)):
+        for note in (
+            thinking_note(tokenizer),
+            history_note(loaded.records, tokenizer),
+            system_note(loaded.records, tokenizer),
+        ):
             if note:
                 parts.append(Text(note, style="yellow"))
         parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
@@ -840,6 +997,9 @@ def _histogram(lengths: list[int], bins: int = 8, width: int = 40):
     for n in lengths:
         counts[min(bins - 1, (n - low) // step)] += 1
     most = max(counts)
-    lines = [f"  {low + i * step:>6}-{low + (i + 1) * step - 1:<6} {'█' * round(c / most * width):<{width}} {c}"
-             for i, c in enumerate(counts) if c or i < bins - 1]
+    lines = [
+        f"  {low + i * step:>6}-{low + (i + 1) * step - 1:<6} {'█' * round(c / most * width):<{width}} {c}"
+        for i, c in enumerate(counts)
+        if c or i < bins - 1
+    ]
     return Text("\n".join(lines))

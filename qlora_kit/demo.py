@@ -24,9 +24,20 @@ DEMO_DATA = Path(str(resources.files("qlora_kit").joinpath("demo_data", "pirate.
 DEMO_PROMPTS = ["What is the capital of Japan?", "How can I get better at chess?", "Tell me about the moon."]
 # Measured on 2 CPU cores: 32 steps take about 65 s and the pirate voice is unmistakable afterwards.
 # Checkpointing is off because host RAM is plentiful for a 135M model and recomputation costs ~27% per step.
-DEMO_RECIPE = Recipe(model="smollm2-135m", data=str(DEMO_DATA), rank=16, alpha=32, dropout=0.0,
-                     seq_len=128, micro_batch=8, grad_accum=1, steps=32, lr=1e-3, seed=0,
-                     gradient_checkpointing=False)
+DEMO_RECIPE = Recipe(
+    model="smollm2-135m",
+    data=str(DEMO_DATA),
+    rank=16,
+    alpha=32,
+    dropout=0.0,
+    seq_len=128,
+    micro_batch=8,
+    grad_accum=1,
+    steps=32,
+    lr=1e-3,
+    seed=0,
+    gradient_checkpointing=False,
+)
 
 
 def run_demo(out: Path | None, steps: int | None, console: Console, display: str = "auto") -> None:
@@ -50,4 +61,8 @@ def run_demo(out: Path | None, steps: int | None, console: Console, display: str
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"Try it yourself: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt \"Tell me a joke.\"", highlight=False, soft_wrap=True)
+    console.print(
+        f'Try it yourself: qlora-kit generate --adapter {shown_path(summary.adapter_dir)} --prompt "Tell me a joke."',
+        highlight=False,
+        soft_wrap=True,
+    )

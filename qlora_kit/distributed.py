@@ -45,8 +45,10 @@ def start() -> Ranks:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             if torch.cuda.device_count() <= ranks.local_rank:
-                raise UserError(f"Rank {ranks.rank} needs GPU {ranks.local_rank}, but {torch.cuda.device_count()} are visible.",
-                                hint="Start at most one process per GPU (--gpus N with N no more than the GPUs).")
+                raise UserError(
+                    f"Rank {ranks.rank} needs GPU {ranks.local_rank}, but {torch.cuda.device_count()} are visible.",
+                    hint="Start at most one process per GPU (--gpus N with N no more than the GPUs).",
+                )
             torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return ranks
@@ -56,9 +58,20 @@ def launch(n_gpus: int, argv: list[str]) -> None:
     """Replace this process with torchrun running the same command (minus --gpus) in n_gpus processes."""
     visible = torch.cuda.device_count()
     if n_gpus > visible:
-        raise UserError(f"--gpus {n_gpus} asks for more GPUs than the {visible} visible here.",
-                        hint=f"Use --gpus {visible}" if visible > 1 else "Train on one GPU: drop --gpus.")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_gpus}", "-m", "qlora_kit", *argv]
+        raise UserError(
+            f"--gpus {n_gpus} asks for more GPUs than the {visible} visible here.",
+            hint=f"Use --gpus {visible}" if visible > 1 else "Train on one GPU: drop --gpus.",
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n_gpus}",
+        "-m",
+        "qlora_kit",
+        *argv,
+    ]
     sys.stdout.flush()
     os.execv(sys.executable, command)
 
@@ -76,8 +89,13 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
     return kept
 
 
-def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device, strategy: str = "ddp",
-         dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def wrap(
+    module: torch.nn.Module,
+    ranks: Ranks,
+    device: torch.device,
+    strategy: str = "ddp",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
     """The loss module made data parallel when distributed: DistributedDataParallel (ddp), or FSDP2's fully_shard on
     every decoder layer and then on the whole (fsdp, fsdp_offload), which shards the 4-bit weights and LoRA state
     across ranks."""
@@ -89,7 +107,11 @@ def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device, strategy: 
         from qlora_kit.model import lm_parts
 
         # One dtype per all-gather: LoRA's fp32 weights are cast to the compute dtype to compute, reduced in fp32.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            if dtype != torch.float32
+            else MixedPrecisionPolicy()
+        )
         # fsdp_offload: the shards (and so the optimizer step) live in host RAM; each layer is copied in to compute.
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if strategy == "fsdp_offload" else OffloadPolicy()
         for layer in lm_parts(module.model)[0].layers:
@@ -98,7 +120,9 @@ def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device, strategy: 
     from torch.nn.parallel import DistributedDataParallel
 
     # Every rank loads the same weights and seeds LoRA alike, so rank 0's 4-bit weights need not be broadcast.
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False
+    )
 
 
 def _device() -> torch.device:

@@ -23,22 +23,35 @@ def is_experts(module) -> bool:
     """Whether a module holds a layer's experts as 3-D parameters (transformers' use_experts_implementation)."""
     return hasattr(module, "is_transposed") and any(
         isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).dim() == 3
-        for name in EXPERT_WEIGHTS)
+        for name in EXPERT_WEIGHTS
+    )
 
 
 def expert_weight_names(model) -> list[str]:
     """The expert weights' parameter names (gate_up_proj, down_proj ...), for PEFT's target_parameters; [] for a
     dense model."""
-    found = {name for module in model.modules() if is_experts(module) for name in EXPERT_WEIGHTS
-             if isinstance(getattr(module, name, None), torch.Tensor)}
+    found = {
+        name
+        for module in model.modules()
+        if is_experts(module)
+        for name in EXPERT_WEIGHTS
+        if isinstance(getattr(module, name, None), torch.Tensor)
+    }
     return sorted(found)
 
 
 def expert_weight_keys(model, names: list[str]) -> list[str]:
     """Those expert weights as "experts.down_proj", the experts module's name before each: the keys of a rank_pattern
     that match no dense layer of the same name."""
-    return sorted({f"{path.rsplit('.', 1)[-1]}.{name}" for path, module in model.named_modules() if is_experts(module)
-                   for name in names if isinstance(getattr(module, name, None), torch.Tensor)})
+    return sorted(
+        {
+            f"{path.rsplit('.', 1)[-1]}.{name}"
+            for path, module in model.named_modules()
+            if is_experts(module)
+            for name in names
+            if isinstance(getattr(module, name, None), torch.Tensor)
+        }
+    )
 
 
 class DequantizedMatmul(torch.autograd.Function):
@@ -68,8 +81,12 @@ class Experts4bit(torch.nn.Module):
     memory), which PEFT reads for the LoRA shapes and parameter counts read as the weights' size."""
 
     def __setattr__(self, name, value):
-        if (name in EXPERT_WEIGHTS and isinstance(value, torch.Tensor) and value.dim() == 3
-                and value.device.type != "meta"):
+        if (
+            name in EXPERT_WEIGHTS
+            and isinstance(value, torch.Tensor)
+            and value.dim() == 3
+            and value.device.type != "meta"
+        ):
             value = self._quantize(name, value)
         super().__setattr__(name, value)
 
@@ -78,15 +95,17 @@ class Experts4bit(torch.nn.Module):
 
         packed, states = [], []
         for expert in weights:  # one expert a block, so one can be dequantized alone
-            data, state = bnb_functional.quantize_4bit(expert.contiguous(), blocksize=64, compress_statistics=True,
-                                                      quant_type="nf4")
+            data, state = bnb_functional.quantize_4bit(
+                expert.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4"
+            )
             packed.append(data)
             states.append(state)
         # Kept outside the module's parameters and buffers: transformers replaces every buffer the checkpoint does not
         # hold once loading ends, and the packed weights would be lost
         self.__dict__.setdefault("packed", {})[name] = (torch.stack(packed), states)
-        placeholder = torch.nn.Parameter(torch.zeros((), dtype=weights.dtype, device=weights.device).expand(weights.shape),
-                                         requires_grad=False)
+        placeholder = torch.nn.Parameter(
+            torch.zeros((), dtype=weights.dtype, device=weights.device).expand(weights.shape), requires_grad=False
+        )
         placeholder._is_hf_initialized = True  # transformers would otherwise initialise it as a missing weight
         return placeholder
 
@@ -96,15 +115,19 @@ class Experts4bit(torch.nn.Module):
         out = DequantizedMatmul.apply(x, packed[expert], states[expert], self.is_transposed)
         for lora_a, lora_b, scale, rank in lora.get(name, ()):
             experts = lora_a.shape[0] // rank
-            a = lora_a[expert * rank:(expert + 1) * rank]  # PEFT's layout: A (rank x experts, in), B (out, rank x experts)
+            a = lora_a[
+                expert * rank : (expert + 1) * rank
+            ]  # PEFT's layout: A (rank x experts, in), B (out, rank x experts)
             b = lora_b[:, expert::experts]
             out = out + ((x.to(a.dtype) @ a.t()) @ b.t() * scale).to(out.dtype)
         return out
 
     def forward(self, hidden_states, top_k_index, top_k_weights, lora: dict | None = None):
         if torch.nn.utils.parametrize.is_parametrized(self):
-            raise RuntimeError("A plain PEFT ParamWrapper wraps 4-bit experts, whose LoRA it would not apply: the "
-                               "adapter's LoraConfig must go through experts.with_experts_lora.")
+            raise RuntimeError(
+                "A plain PEFT ParamWrapper wraps 4-bit experts, whose LoRA it would not apply: the "
+                "adapter's LoraConfig must go through experts.with_experts_lora."
+            )
         lora = lora or {}
         tokens, top_k = top_k_index.shape
         chosen = top_k_index.reshape(-1)
@@ -112,14 +135,14 @@ class Experts4bit(torch.nn.Module):
         # to their pair's row and summed over the slots, not added up with index_add_ (whose order varies on CUDA,
         # and an exact resume needs the same sums every time)
         order = torch.argsort(chosen, stable=True)
-        counts = torch.bincount(chosen, minlength=self.num_experts)[:self.num_experts].tolist()  # past them: masked
+        counts = torch.bincount(chosen, minlength=self.num_experts)[: self.num_experts].tolist()  # past them: masked
         up_name = "gate_up_proj" if self.has_gate else "up_proj"
         out = hidden_states.new_zeros(tokens * top_k, hidden_states.shape[-1])
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            pairs = order[start:start + count]
+            pairs = order[start : start + count]
             start += count
             x = hidden_states[pairs // top_k]
             up = self.expert_matmul(up_name, expert, x, lora)
@@ -168,7 +191,9 @@ def experts_in_4bit(from_mxfp4: bool = False):
         from transformers.integrations.mxfp4 import Mxfp4Dequantize
 
         stored = {name: [f"{name}_blocks", f"{name}_scales"] for name in ("gate_up_proj", "down_proj")}
-        return conversions(self) + [WeightConverter(names, name, [Mxfp4Dequantize(self)]) for name, names in stored.items()]
+        return conversions(self) + [
+            WeightConverter(names, name, [Mxfp4Dequantize(self)]) for name, names in stored.items()
+        ]
 
     Bnb4BitHfQuantizer._process_model_before_weight_loading = and_the_experts
     if from_mxfp4:
@@ -197,7 +222,9 @@ def experts_lora_class() -> type:
                 if not layer.disable_adapters:
                     lora[layer.parameter_name] = [
                         (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.r[name])
-                        for name in layer.active_adapters if name in layer.lora_A]
+                        for name in layer.active_adapters
+                        if name in layer.lora_A
+                    ]
                 layer = layer.base_layer
             return layer(x, *args, lora=lora, **kwargs)
 

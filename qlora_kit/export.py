@@ -58,8 +58,10 @@ def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def rotary_heads(config: dict) -> dict[str, int]:
     """The heads of the projections whose rows interleave_rotary_rows reorders: queries, and keys (fewer under GQA)."""
-    return {"q_proj": config["num_attention_heads"],
-            "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    return {
+        "q_proj": config["num_attention_heads"],
+        "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"],
+    }
 
 
 def run_name_of(adapter_dir: Path) -> str:
@@ -80,23 +82,30 @@ def gguf_alpha(adapter_config: dict) -> float:
 def check_plain_lora(adapter_config: dict, adapter_dir: Path, merged: bool = False) -> None:
     """GGUF adapters hold A and B with one rank and alpha: refuse what they cannot carry (a merged export takes DoRA)."""
     if corrects_nf4_rounding(adapter_dir) and not merged:
-        raise UserError(f"{adapter_dir} started as LoftQ: it corrects NF4's rounding of each weight, so it belongs on "
-                        "the 4-bit base it was trained on, which a GGUF base does not hold.",
-                        hint="Export it merged instead (--format gguf): the adapter is added to each weight as NF4 "
-                             "rounds it.")
+        raise UserError(
+            f"{adapter_dir} started as LoftQ: it corrects NF4's rounding of each weight, so it belongs on "
+            "the 4-bit base it was trained on, which a GGUF base does not hold.",
+            hint="Export it merged instead (--format gguf): the adapter is added to each weight as NF4 rounds it.",
+        )
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_dir} is a {adapter_config['peft_type']} adapter; GGUF adapters are LoRA only.")
     if adapter_config.get("use_dora") and not merged:
-        raise UserError(f"{adapter_dir} is a DoRA adapter, which llama.cpp cannot load as an adapter.",
-                        hint="Export it merged instead: --format gguf.")
+        raise UserError(
+            f"{adapter_dir} is a DoRA adapter, which llama.cpp cannot load as an adapter.",
+            hint="Export it merged instead: --format gguf.",
+        )
     if adapter_config.get("target_parameters") and not merged:
-        raise UserError(f"{adapter_dir} adapts a mixture of experts' weights, which llama.cpp cannot apply as an "
-                        "adapter.", hint="Export it merged instead: --format gguf.")
+        raise UserError(
+            f"{adapter_dir} adapts a mixture of experts' weights, which llama.cpp cannot apply as an adapter.",
+            hint="Export it merged instead: --format gguf.",
+        )
     patterns = {**(adapter_config.get("rank_pattern") or {}), **(adapter_config.get("alpha_pattern") or {})}
     weights = {key.rsplit(".", 1)[-1] for key in patterns}  # an experts weight's key is "experts.down_proj"
     if weights - set(adapter_config.get("target_parameters") or ()) or (patterns and not merged):
-        raise UserError(f"{adapter_dir} gives some layers their own rank or alpha, which a GGUF adapter cannot hold.",
-                        hint="Export it merged instead: --format gguf.")
+        raise UserError(
+            f"{adapter_dir} gives some layers their own rank or alpha, which a GGUF adapter cannot hold.",
+            hint="Export it merged instead: --format gguf.",
+        )
 
 
 def tensor_name_map(architecture: Family, config: dict):
@@ -115,12 +124,16 @@ def adapter_tensors_for_gguf(lora: dict[str, torch.Tensor], config: dict, archit
     for key, tensor in lora.items():
         module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if part not in ("A.weight", "B.weight"):
-            raise UserError(f"The adapter holds {key}, which is not a LoRA A or B matrix.",
-                            hint="Only LoRA on linear layers exports to a GGUF adapter; export it merged: --format gguf.")
+            raise UserError(
+                f"The adapter holds {key}, which is not a LoRA A or B matrix.",
+                hint="Only LoRA on linear layers exports to a GGUF adapter; export it merged: --format gguf.",
+            )
         gguf_name = names.get_name(language_model_name(module) + ".weight", try_suffixes=(".weight",))
         if gguf_name is None:
-            raise UserError(f"llama.cpp has no tensor for {module}, which this adapter trains.",
-                            hint="Export it merged instead: --format gguf.")
+            raise UserError(
+                f"llama.cpp has no tensor for {module}, which this adapter trains.",
+                hint="Export it merged instead: --format gguf.",
+            )
         tensor = tensor.float()
         projection = module.rsplit(".", 1)[-1]
         if part == "B.weight" and architecture.rotary_rows_interleaved and projection in heads:
@@ -171,7 +184,13 @@ def write_out(writer) -> None:
 # The merged GGUF: base + adapter folded into one standalone model, with the tokenizer and chat template inside.
 
 TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # written by the gguf package itself
-K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+K_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+
+
 @dataclass(frozen=True)
 class LoraUpdate:
     """One adapted weight's LoRA matrices (and DoRA magnitudes); the change they make is made only when that weight
@@ -201,10 +220,17 @@ def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
     scale = gguf_alpha(config) / int(config["r"])
     lora = load_file(adapter_dir / "adapter_model.safetensors")
     loftq = corrects_nf4_rounding(adapter_dir)
-    return {key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight":
-            LoraUpdate(a, lora[key.replace(".lora_A.", ".lora_B.")], scale,
-                       lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")), loftq)
-            for key, a in lora.items() if ".lora_A." in key}
+    return {
+        key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight": LoraUpdate(
+            a,
+            lora[key.replace(".lora_A.", ".lora_B.")],
+            scale,
+            lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")),
+            loftq,
+        )
+        for key, a in lora.items()
+        if ".lora_A." in key
+    }
 
 
 WRITE_BUFFER_BYTES = 256 * 2**20  # the gguf package's SpooledTemporaryFile keeps this much in memory
@@ -227,8 +253,12 @@ def check_ram_for_export(folder: Path) -> int:
     from qlora_kit.hardware import check_ram_available
 
     needed = merged_export_ram(folder)
-    check_ram_available(needed, "Exporting", what=" at its peak", hint="Close other programs, or export the adapter alone "
-                                                                       "(--format gguf-adapter): it reads no base weights.")
+    check_ram_available(
+        needed,
+        "Exporting",
+        what=" at its peak",
+        hint="Close other programs, or export the adapter alone (--format gguf-adapter): it reads no base weights.",
+    )
     return needed
 
 
@@ -254,19 +284,29 @@ def write_model_metadata(writer, config: dict, file_type: int, family: Family) -
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope = rope.get("full_attention", rope)  # rotary per layer type (Gemma 3): the full-attention layers' is the base
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", *family.rope_scalings):
-        raise UserError(f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
-                        "merged GGUF export does not write yet.", hint="Export the adapter instead (--format gguf-adapter) "
-                                                                       "and use it on a GGUF of the base.")
+        raise UserError(
+            f"This model scales its rotary embeddings ({rope.get('rope_type') or rope.get('type')}), which the "
+            "merged GGUF export does not write yet.",
+            hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.",
+        )
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rotated = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))  # Phi-4-mini: 3/4 of a head
     values = dict(
-        context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
-        block_count=config["num_hidden_layers"], feed_forward_length=config["intermediate_size"], head_count=heads,
-        head_count_kv=config.get("num_key_value_heads") or heads, key_length=head_dim, value_length=head_dim,
+        context_length=config["max_position_embeddings"],
+        embedding_length=config["hidden_size"],
+        block_count=config["num_hidden_layers"],
+        feed_forward_length=config["intermediate_size"],
+        head_count=heads,
+        head_count_kv=config.get("num_key_value_heads") or heads,
+        key_length=head_dim,
+        value_length=head_dim,
         rope_freq_base=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
-        rope_dimension_count=int(head_dim * rotated), layer_norm_rms_eps=config.get("rms_norm_eps"),
-        vocab_size=config["vocab_size"], file_type=file_type)
+        rope_dimension_count=int(head_dim * rotated),
+        layer_norm_rms_eps=config.get("rms_norm_eps"),
+        vocab_size=config["vocab_size"],
+        file_type=file_type,
+    )
     for key, value in (values | (family.gguf_overrides(config) if family.gguf_overrides else {})).items():
         getattr(writer, f"add_{key}")(value)  # GGUFWriter.add_context_length ...
     if family.gguf_metadata:
@@ -289,21 +329,20 @@ def copy_tokenizer_from_gguf(writer, gguf_file: Path) -> list[str]:
 def name_llama_cpp_loads(name: str, tokens: list[str]) -> str:
     """The model name to write: llama.cpp marks Phi-3's special tokens by the model's name, and refuses to load a
     model named phi3 or phi-3 whose vocabulary lacks them."""
-    if any(kind in name.lower() for kind in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(tokens):
+    if any(kind in name.lower() for kind in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(
+        tokens
+    ):
         return name.lower().replace("phi-3", "phi 3").replace("phi3", "phi 3")
     return name
 
 
 # The regular expressions byte-level BPE tokenizers split text with before merging, by llama.cpp's name for them.
 SPLIT_PATTERNS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",  # Llama 3.x: digits in threes
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",  # Qwen2 and 2.5: digits one by one
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3.x: digits in threes
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # Qwen2 and 2.5: digits one by one
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "gpt-4o",  # tiktoken's o200k_base (Phi-4-mini, gpt-oss): words split at case changes
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # tiktoken's o200k_base (Phi-4-mini, gpt-oss): words split at case changes
 }
 
 
@@ -318,8 +357,10 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         name = SPLIT_PATTERNS.get(steps[0].get("pattern", {}).get("Regex"))
         if name:
             return name
-    raise UserError("This tokenizer splits text in a way qlora-kit cannot name for llama.cpp yet.",
-                    hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+    raise UserError(
+        "This tokenizer splits text in a way qlora-kit cannot name for llama.cpp yet.",
+        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.",
+    )
 
 
 def write_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> list[str]:
@@ -332,8 +373,10 @@ def write_tokenizer(writer, tokenizer_folder: Path, vocab_size: int) -> list[str
     tokenizer_json = json.loads((tokenizer_folder / "tokenizer.json").read_text())
     model = tokenizer_json["model"]
     if model.get("type") != "BPE":
-        raise UserError(f"The merged GGUF export handles BPE tokenizers; this one is {model.get('type')}.",
-                        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+        raise UserError(
+            f"The merged GGUF export handles BPE tokenizers; this one is {model.get('type')}.",
+            hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.",
+        )
     sentencepiece = bool(model.get("byte_fallback"))
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -372,12 +415,15 @@ def special_tokens_added(tokenizer_folder: Path) -> dict[str, bool]:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return {"bos": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
-            "eos": tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id}
+    return {
+        "bos": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id,
+    }
 
 
 def adds_space_prefix(tokenizer_json: dict) -> bool:
     """Whether a SentencePiece-style tokenizer puts "▁" before the text (Llama 2, Mistral) or not (Gemma)."""
+
     def steps(part):
         part = part or {}
         return part.get("normalizers") or part.get("pretokenizers") or [part]
@@ -417,8 +463,9 @@ class Merged:
     source_gguf: Path | None  # the GGUF the base came as, whose tokenizer fields are copied exactly
 
 
-def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None = None, quant: str = "f16",
-                       say=lambda sentence: None) -> Path:
+def export_merged_gguf(
+    adapter_dir: Path | None, out: Path, source: str | None = None, quant: str = "f16", say=lambda sentence: None
+) -> Path:
     """Write base + adapter merged as one standalone GGUF at out, with the tokenizer and chat template inside (with
     no adapter_dir, the base alone, to carry GGUF adapters); quant is a tensor type the gguf package writes (f32, f16,
     bf16, q8_0) or a k-quant llama.cpp makes from the f16 file. say(sentence) hears the RAM the export needs at its
@@ -438,8 +485,15 @@ def export_merged_gguf(adapter_dir: Path | None, out: Path, source: str | None =
     updates = lora_updates(adapter_dir) if adapter_dir else {}
     llama_cpp = llama_cpp_for(quant) if quant in K_QUANTS else None  # before any work: it may not be installed
     say(f"Merging one weight at a time: about {check_ram_for_export(base) / 2**30:.1f} GiB of RAM at the peak.")
-    merged = Merged(run_name_of(adapter_dir) if adapter_dir else base.name, base, config, architecture, updates,
-                    tokenizer_folder(adapter_dir, base, needs="tokenizer.json"), gguf_file_of(source))
+    merged = Merged(
+        run_name_of(adapter_dir) if adapter_dir else base.name,
+        base,
+        config,
+        architecture,
+        updates,
+        tokenizer_folder(adapter_dir, base, needs="tokenizer.json"),
+        gguf_file_of(source),
+    )
     with staged_file(out, EXPORT_HINT) as staging:
         if llama_cpp:  # llama.cpp quantizes from an f16 file, written beside the output and removed after
             f16 = staging.with_name(staging.name + ".f16")
@@ -457,9 +511,15 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
     """Stream the base's weights, each with its adapter change added, into a GGUF at path."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, merged.architecture.gguf_name, use_temp_file=True)  # each tensor goes to disk as made
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type]
+    writer = gguf.GGUFWriter(
+        path, merged.architecture.gguf_name, use_temp_file=True
+    )  # each tensor goes to disk as made
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[written_type]
     write_model_metadata(writer, merged.config, int(file_type), merged.architecture)
     if merged.source_gguf:
         tokens = copy_tokenizer_from_gguf(writer, merged.source_gguf)
@@ -478,8 +538,10 @@ def write_merged_gguf(path: Path, merged: Merged, written_type: str) -> None:
         data, qtype = as_tensor_type(weight, "f32" if kept_f32 else written_type)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     if updates:
-        raise UserError(f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
-                        hint="Pass the base it was trained on with --model.")
+        raise UserError(
+            f"The adapter changes weights the base model does not have: {', '.join(sorted(updates)[:3])}.",
+            hint="Pass the base it was trained on with --model.",
+        )
     write_out(writer)
 
 
@@ -536,8 +598,10 @@ def with_experts_stacked(weights, config: dict, updates: dict):
                 updates.pop(key)
         yield f"{layer}.{projection}.weight", stack + change
     if waiting:
-        raise UserError(f"The base's checkpoint lacks some experts of {next(iter(waiting))[0]}.",
-                        hint="Check that every shard of the model is in its folder.")
+        raise UserError(
+            f"The base's checkpoint lacks some experts of {next(iter(waiting))[0]}.",
+            hint="Check that every shard of the model is in its folder.",
+        )
 
 
 def experts_change(layer: str, projection: str, stack: torch.Tensor, updates: dict):
@@ -563,10 +627,12 @@ def llama_cpp_for(quant: str):
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(f"--quant {quant} needs llama.cpp's quantizer, which is not installed.",
-                        hint='Run: pip install "qlora-kit[export]" (pip builds llama.cpp, 6-14 minutes), or export '
-                             f"--quant f16 and let Ollama quantize it: ollama create NAME --quantize q{quant[1:].upper()} "
-                             "-f Modelfile.") from None
+        raise UserError(
+            f"--quant {quant} needs llama.cpp's quantizer, which is not installed.",
+            hint='Run: pip install "qlora-kit[export]" (pip builds llama.cpp, 6-14 minutes), or export '
+            f"--quant f16 and let Ollama quantize it: ollama create NAME --quantize q{quant[1:].upper()} "
+            "-f Modelfile.",
+        ) from None
     return llama_cpp
 
 
@@ -579,8 +645,10 @@ def quantize_with_llama_cpp(llama_cpp, f16_file: Path, out: Path, quant: str) ->
         log.seek(0)
         said = log.read().decode(errors="replace").strip().splitlines()
     if failed:
-        raise UserError(f"llama.cpp could not quantize to {quant}: {said[-1] if said else 'no reason given'}.",
-                        hint="Try --quant q8_0 or f16.")
+        raise UserError(
+            f"llama.cpp could not quantize to {quant}: {said[-1] if said else 'no reason given'}.",
+            hint="Try --quant q8_0 or f16.",
+        )
 
 
 @contextlib.contextmanager

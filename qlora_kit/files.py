@@ -26,8 +26,17 @@ except ImportError:  # Windows: no advisory locks; concurrent writers there are 
     fcntl = None
 
 # What a full disk, a quota or a folder one may not write raises: the user's to fix, so one sentence, not a traceback.
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                errno.ENOENT, errno.EISDIR}
+WRITE_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.ENOENT,
+    errno.EISDIR,
+}
 
 
 def current_umask() -> int:
@@ -51,7 +60,9 @@ def check_can_replace(out: Path, overwrite: bool, flag: str = "--out") -> None:
     file there is replaced only when overwrite says so."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"{flag} {out} is a folder; this writes one file.", hint=f"Name the file, e.g. {flag} {out / 'NAME'}.")
+        raise UserError(
+            f"{flag} {out} is a folder; this writes one file.", hint=f"Name the file, e.g. {flag} {out / 'NAME'}."
+        )
     check_not_under_a_file(out, hint=f"Choose another {flag}.")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise UserError(f"{out} already exists.", hint=f"Pass --overwrite to replace it, or choose another {flag}.")
@@ -65,7 +76,9 @@ def check_not_under_a_file(out: Path, hint: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_file(out: Path, hint: str = "Nothing was left there. Free some space (or choose another --out) and try again."):
+def staged_file(
+    out: Path, hint: str = "Nothing was left there. Free some space (or choose another --out) and try again."
+):
     """A path to write out's new content to, in a private staging folder beside it; when the block ends without error
     it is renamed over out (a link there is replaced, not followed), else removed, so out is whole or as it was. A full
     disk or a folder it may not write is one sentence with `hint`."""
@@ -149,8 +162,10 @@ def open_for_appending(path: Path):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link; qlora-kit does not follow links it did not make.",
-                            hint="Pass the file itself, or another name.") from None
+            raise UserError(
+                f"{path} is a symbolic link; qlora-kit does not follow links it did not make.",
+                hint="Pass the file itself, or another name.",
+            ) from None
         raise _write_error(path, error, "Choose another file, or fix the folder's permissions or free space.") from None
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -173,8 +188,10 @@ def hold_lock(lock_file: Path) -> int | None:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise UserError(f"{lock_file} is a symbolic link; qlora-kit does not follow links it did not make.",
-                                hint="Remove the link, then run the command again.") from None
+                raise UserError(
+                    f"{lock_file} is a symbolic link; qlora-kit does not follow links it did not make.",
+                    hint="Remove the link, then run the command again.",
+                ) from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,8 +229,10 @@ def only_writer(out: Path, what: str = "writing"):
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = hold_lock(lock_file)
     except Busy as busy:
-        raise UserError(f"Another qlora-kit process is {what} {out} ({busy.holder}).",
-                        hint="Wait for it to finish; two writers of one file would mix their output.") from None
+        raise UserError(
+            f"Another qlora-kit process is {what} {out} ({busy.holder}).",
+            hint="Wait for it to finish; two writers of one file would mix their output.",
+        ) from None
     except OSError as error:
         raise _write_error(out, error, "Choose another --out, or fix the folder's permissions or free space.") from None
     try:

@@ -15,7 +15,6 @@ import psutil
 GIB = 2**30
 
 
-
 def check_ram_available(needed: float, doing: str, hint: str, what: str = "") -> None:
     """Refuse work on the CPU that needs more RAM than is available now, in one sentence: "{doing} needs about N GiB
     of RAM{what}, and M GiB is available."."""
@@ -23,8 +22,11 @@ def check_ram_available(needed: float, doing: str, hint: str, what: str = "") ->
 
     available = psutil.virtual_memory().available
     if needed > available:
-        raise UserError(f"{doing} needs about {needed / GIB:.1f} GiB of RAM{what}, and {available / GIB:.1f} GiB is "
-                        "available.", hint=hint)
+        raise UserError(
+            f"{doing} needs about {needed / GIB:.1f} GiB of RAM{what}, and {available / GIB:.1f} GiB is available.",
+            hint=hint,
+        )
+
 
 @dataclass
 class Gpu:
@@ -155,14 +157,29 @@ def usage_now(device) -> dict:
     import torch
 
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()
-    host = {"rss_gib": psutil.Process().memory_info().rss / GIB, "ram_available_gib": memory.available / GIB,
-            "swap_used_gib": swap.used / GIB}
+    host = {
+        "rss_gib": psutil.Process().memory_info().rss / GIB,
+        "ram_available_gib": memory.available / GIB,
+        "swap_used_gib": swap.used / GIB,
+    }
     if device.type != "cuda":
-        return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None, "nvml_used_gib": None,
-                "gpu_util_pct": None, "gpu_temp_c": None, "cpu_threads": torch.get_num_threads(), **host}
-    return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
-            "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
-            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB, **gpu_readings(device.index or 0), **host}
+        return {
+            "mem_alloc_gib": None,
+            "mem_reserved_gib": None,
+            "mem_peak_gib": None,
+            "nvml_used_gib": None,
+            "gpu_util_pct": None,
+            "gpu_temp_c": None,
+            "cpu_threads": torch.get_num_threads(),
+            **host,
+        }
+    return {
+        "mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
+        "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+        "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        **gpu_readings(device.index or 0),
+        **host,
+    }
 
 
 def _usable_cpus() -> list[int]:
@@ -222,9 +239,11 @@ def gpu_readings(index: int = 0) -> dict:
     if nvml is None:
         return {"nvml_used_gib": None, "gpu_util_pct": None, "gpu_temp_c": None}
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    return {"nvml_used_gib": nvml.nvmlDeviceGetMemoryInfo(handle).used / GIB,
-            "gpu_util_pct": nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-            "gpu_temp_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)}
+    return {
+        "nvml_used_gib": nvml.nvmlDeviceGetMemoryInfo(handle).used / GIB,
+        "gpu_util_pct": nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+        "gpu_temp_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+    }
 
 
 def cap_gpu_memory(capacity_bytes: int, device) -> int | None:
@@ -250,8 +269,9 @@ def _check_bnb_4bit() -> str:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True,
-                                  compute_dtype=torch.float32).to(device)
+        layer = bnb.nn.Linear4bit(
+            64, 64, bias=False, quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32
+        ).to(device)
         out = layer(torch.randn(2, 64, device=device))
         return "works" if out.shape == (2, 64) and torch.isfinite(out).all() else "gives non-finite output"
     except Exception as e:  # any failure here is what the user needs to see, not a crash
@@ -270,8 +290,15 @@ def render(hardware: Hardware):
         for column in ("#", "name", "compute", "VRAM total", "VRAM free", "bf16", "source"):
             gpus.add_column(column)
         for g in hardware.gpus:
-            gpus.add_row(str(g.index), g.name, g.compute_capability, f"{g.vram_total_gib:.1f} GiB",
-                         f"{g.vram_free_gib:.1f} GiB", "yes" if g.bf16 else "no (fp16)", g.source)
+            gpus.add_row(
+                str(g.index),
+                g.name,
+                g.compute_capability,
+                f"{g.vram_total_gib:.1f} GiB",
+                f"{g.vram_free_gib:.1f} GiB",
+                "yes" if g.bf16 else "no (fp16)",
+                g.source,
+            )
         parts.append(gpus)
     else:
         parts.append(Text("No GPU: training will run on the CPU, which works but is slow.", style="bold yellow"))

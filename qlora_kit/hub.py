@@ -20,9 +20,20 @@ from qlora_kit.errors import UserError
 # What transformers reads to load a causal LM and its tokenizer, at the top of the repo. Weights come separately:
 # every top-level *.safetensors but Mistral's consolidated copy; never original/ or metal/ (Llama 3 and gpt-oss keep
 # a second copy of the weights there) nor .bin/.pt/.gguf duplicates.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "*.model", "*.tiktoken", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "*.model",
+    "*.tiktoken",
+    "tekken.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors.index.json", *TOKENIZER_FILES)
 CHAT_TEMPLATES_FOLDER = "additional_chat_templates/"  # transformers 5 reads named templates from there
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
@@ -53,9 +64,11 @@ class HubRepo:
         try:
             validate_repo_id(repo_id)
         except HFValidationError:  # "a--b/c", "a/b.": the shape of a hub id, but not one the hub allows
-            raise UserError(f"No {kind} found at {name}, and it is not a valid hub id.",
-                            hint=f"Pass a local {LOCAL[kind]}, or a hub id "
-                                 f"such as {'google/gemma-2b' if kind == 'model' else 'org/name'}.") from None
+            raise UserError(
+                f"No {kind} found at {name}, and it is not a valid hub id.",
+                hint=f"Pass a local {LOCAL[kind]}, or a hub id "
+                f"such as {'google/gemma-2b' if kind == 'model' else 'org/name'}.",
+            ) from None
         return cls(repo_id, revision or None, kind)
 
     def __str__(self) -> str:
@@ -69,14 +82,23 @@ def files_a_model_needs(files: list[str], repo: str = "this repo", trust_remote_
     weights = [name for name in top if name.endswith(".safetensors") and not name.startswith("consolidated")]
     if not weights:
         if any(name.endswith(PICKLED_WEIGHTS) for name in top):
-            raise UserError(f"{repo} keeps its weights only as pickled PyTorch files, which can run code when loaded; "
-                            "qlora-kit reads safetensors.",
-                            hint="Look for a safetensors copy of the model on the hub (often under the same name with "
-                                 "a -safetensors suffix or in a refs/pr/N revision), or convert it where you trust it.")
-        raise UserError(f"{repo} holds no .safetensors weights at its top level, so it is not a model transformers "
-                        "can load as it is.", hint="Check that it is the model itself, not a GGUF or an adapter repo.")
-    wanted = [name for name in top if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
-              or (trust_remote_code and name.endswith(".py"))]
+            raise UserError(
+                f"{repo} keeps its weights only as pickled PyTorch files, which can run code when loaded; "
+                "qlora-kit reads safetensors.",
+                hint="Look for a safetensors copy of the model on the hub (often under the same name with "
+                "a -safetensors suffix or in a refs/pr/N revision), or convert it where you trust it.",
+            )
+        raise UserError(
+            f"{repo} holds no .safetensors weights at its top level, so it is not a model transformers "
+            "can load as it is.",
+            hint="Check that it is the model itself, not a GGUF or an adapter repo.",
+        )
+    wanted = [
+        name
+        for name in top
+        if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+        or (trust_remote_code and name.endswith(".py"))
+    ]
     templates = [name for name in files if name.startswith(CHAT_TEMPLATES_FOLDER) and name.endswith(".jinja")]
     return sorted({*weights, *wanted, *templates})
 
@@ -100,29 +122,39 @@ def _explain(error: Exception, repo: HubRepo) -> UserError | None:
     page = f"https://huggingface.co/{'datasets/' if what == 'dataset' else ''}{repo.repo_id}"
     if isinstance(error, errors.GatedRepoError):
         asked = "your token has not been granted access yet" if _has_token() else "you are not logged in"
-        return UserError(f"{repo.repo_id} is a gated {what}: its authors ask each user to accept their licence before "
-                         f"downloading, and {asked}.",
-                         hint=f"Open {page}, accept the licence with your account, then run `hf auth login` (or set "
-                              "HF_TOKEN to a read token) and run this again.")
+        return UserError(
+            f"{repo.repo_id} is a gated {what}: its authors ask each user to accept their licence before "
+            f"downloading, and {asked}.",
+            hint=f"Open {page}, accept the licence with your account, then run `hf auth login` (or set "
+            "HF_TOKEN to a read token) and run this again.",
+        )
     if isinstance(error, errors.RevisionNotFoundError):
-        return UserError(f"{repo.repo_id} has no revision '{repo.revision}'.",
-                         hint="Name a branch, tag or commit it has, or leave the @revision out for its default branch.")
+        return UserError(
+            f"{repo.repo_id} has no revision '{repo.revision}'.",
+            hint="Name a branch, tag or commit it has, or leave the @revision out for its default branch.",
+        )
     if isinstance(error, errors.RepositoryNotFoundError):
         from qlora_kit.catalog import did_you_mean, model_names
 
         close = did_you_mean(repo.repo_id, model_names(), cutoff=0.5) if what == "model" else ""
-        return UserError(f"There is no {what} {repo.repo_id} on the Hugging Face hub that you can see." + close,
-                         hint=f"Check the name at {page}; a private repo needs `hf auth login` (or HF_TOKEN) with an "
-                              "account that can read it.")
+        return UserError(
+            f"There is no {what} {repo.repo_id} on the Hugging Face hub that you can see." + close,
+            hint=f"Check the name at {page}; a private repo needs `hf auth login` (or HF_TOKEN) with an "
+            "account that can read it.",
+        )
     if isinstance(error, errors.RemoteEntryNotFoundError):
-        return UserError(f"{repo} lists a file that the hub then does not serve ({error}).",
-                         hint="The repo changed while it was read: run the same command again.")
+        return UserError(
+            f"{repo} lists a file that the hub then does not serve ({error}).",
+            hint="The repo changed while it was read: run the same command again.",
+        )
     if unreachable(error):
         return None  # the caller says what the cache holds
     if isinstance(error, errors.HfHubHTTPError):
         status = error.response.status_code if error.response is not None else "an error"
-        return UserError(f"The Hugging Face hub answered {status} for {repo}.",
-                         hint="It may be down or limiting requests: try again in a few minutes.")
+        return UserError(
+            f"The Hugging Face hub answered {status} for {repo}.",
+            hint="It may be down or limiting requests: try again in a few minutes.",
+        )
     return None
 
 
@@ -147,18 +179,24 @@ def explain_upload_error(error: Exception, repo: HubRepo) -> UserError | None:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, errors.HfHubHTTPError) and status in (401, 403):
         why = "your token may not write to it" if _has_token() else "you are not logged in"
-        return UserError(f"The hub refused the push to {repo.repo_id}: {why}.",
-                         hint="Run `hf auth login` with a token that has write access (or set HF_TOKEN to one); to push "
-                              "under an organization, your account must be allowed to write there.")
+        return UserError(
+            f"The hub refused the push to {repo.repo_id}: {why}.",
+            hint="Run `hf auth login` with a token that has write access (or set HF_TOKEN to one); to push "
+            "under an organization, your account must be allowed to write there.",
+        )
     if unreachable(error):
-        return UserError(f"The push to {repo.repo_id} did not reach the hub ({_unreachable_reason(error)}).",
-                         hint="Run the same command again when the network is back: large files the hub already "
-                              "holds are not sent again.")
+        return UserError(
+            f"The push to {repo.repo_id} did not reach the hub ({_unreachable_reason(error)}).",
+            hint="Run the same command again when the network is back: large files the hub already "
+            "holds are not sent again.",
+        )
     if isinstance(error, errors.HfHubHTTPError) and not isinstance(error, errors.RepositoryNotFoundError):
-        return UserError(f"The Hugging Face hub answered {status or 'an error'} to the push to {repo.repo_id}, so "
-                         "nothing changed there.",
-                         hint="It may be down or limiting requests: run the same command again in a few minutes; "
-                              "large files it already holds are not sent again.")
+        return UserError(
+            f"The Hugging Face hub answered {status or 'an error'} to the push to {repo.repo_id}, so "
+            "nothing changed there.",
+            hint="It may be down or limiting requests: run the same command again in a few minutes; "
+            "large files it already holds are not sent again.",
+        )
     return _explain(error, repo)
 
 
@@ -224,17 +262,27 @@ def missing_from(folder: Path) -> list[str]:
 def download_model(name: str, trust_remote_code: bool = False, console=None) -> Path:
     """A local snapshot folder of a hub model with every file a fine-tune reads: the cached one when it is complete,
     else fetched (only what is needed, free disk checked first, interrupted downloads continued)."""
-    return _download(HubRepo.parse(name), lambda files, repo: files_a_model_needs(files, repo, trust_remote_code),
-                     missing_from, console)
+    return _download(
+        HubRepo.parse(name),
+        lambda files, repo: files_a_model_needs(files, repo, trust_remote_code),
+        missing_from,
+        console,
+    )
 
 
 def files_a_tokenizer_needs(files: list[str], trust_remote_code: bool = False) -> list[str]:
     """The files of a model repo that loading its tokenizer and chat template reads: no weights (kilobytes to a few
     MB, where the whole model may be gigabytes)."""
     top = [name for name in files if "/" not in name]
-    wanted = [name for name in top if any(fnmatch.fnmatch(name, pattern) for pattern in ("config.json", *TOKENIZER_FILES))
-              or (trust_remote_code and name.endswith(".py"))]
-    return sorted({*wanted, *(name for name in files if name.startswith(CHAT_TEMPLATES_FOLDER) and name.endswith(".jinja"))})
+    wanted = [
+        name
+        for name in top
+        if any(fnmatch.fnmatch(name, pattern) for pattern in ("config.json", *TOKENIZER_FILES))
+        or (trust_remote_code and name.endswith(".py"))
+    ]
+    return sorted(
+        {*wanted, *(name for name in files if name.startswith(CHAT_TEMPLATES_FOLDER) and name.endswith(".jinja"))}
+    )
 
 
 def missing_tokenizer_from(folder: Path) -> list[str]:
@@ -244,22 +292,34 @@ def missing_tokenizer_from(folder: Path) -> list[str]:
 
 def download_tokenizer(name: str, trust_remote_code: bool = False, console=None) -> Path:
     """A local snapshot folder holding a hub model's tokenizer, chat template and config, without its weights."""
-    return _download(HubRepo.parse(name), lambda files, repo: files_a_tokenizer_needs(files, trust_remote_code),
-                     missing_tokenizer_from, console)
+    return _download(
+        HubRepo.parse(name),
+        lambda files, repo: files_a_tokenizer_needs(files, trust_remote_code),
+        missing_tokenizer_from,
+        console,
+    )
 
 
 def files_an_adapter_needs(files: list[str], repo: str = "this repo") -> list[str]:
     """The files of an adapter repo that loading it reads: its config and safetensors weights, the base it was
     trained on (base_model.json) and the tokenizer and chat template saved beside it."""
     if "adapter_config.json" not in files:
-        raise UserError(f"{repo} holds no adapter_config.json, so it is not a PEFT adapter.",
-                        hint="A whole model goes to --model; --adapter takes an adapter's folder or hub repo.")
+        raise UserError(
+            f"{repo} holds no adapter_config.json, so it is not a PEFT adapter.",
+            hint="A whole model goes to --model; --adapter takes an adapter's folder or hub repo.",
+        )
     if "adapter_model.safetensors" not in files:
-        raise UserError(f"{repo} keeps its adapter weights only as a pickled file, which can run code when loaded; "
-                        "qlora-kit reads adapters only as safetensors.",
-                        hint="Convert it once with PEFT where you trust it: save_pretrained(safe_serialization=True).")
-    return [name for name in files if "/" not in name
-            and (name in ADAPTER_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES))]
+        raise UserError(
+            f"{repo} keeps its adapter weights only as a pickled file, which can run code when loaded; "
+            "qlora-kit reads adapters only as safetensors.",
+            hint="Convert it once with PEFT where you trust it: save_pretrained(safe_serialization=True).",
+        )
+    return [
+        name
+        for name in files
+        if "/" not in name
+        and (name in ADAPTER_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES))
+    ]
 
 
 def missing_from_adapter(folder: Path) -> list[str]:
@@ -296,8 +356,10 @@ def _not_cached(repo: HubRepo, cached: Path | None, reason: str, missing=missing
         have = f"is only partly in the local Hugging Face cache (missing {', '.join(missing(cached)[:3])})"
     revision = f" --revision {repo.revision}" if repo.revision else ""
     kind = " --repo-type dataset" if repo.kind == "dataset" else ""
-    elsewhere = (f"on a machine with network run `hf download {repo.repo_id}{kind}{revision}` and copy "
-                 "~/.cache/huggingface/hub here")
+    elsewhere = (
+        f"on a machine with network run `hf download {repo.repo_id}{kind}{revision}` and copy "
+        "~/.cache/huggingface/hub here"
+    )
     fix = f"unset HF_HUB_OFFLINE to download it, or {elsewhere}" if _offline() else elsewhere
     return UserError(f"{repo} {have}, and {reason}.", hint=f"To get it, {fix}; or pass a local {LOCAL[repo.kind]}.")
 
@@ -316,15 +378,20 @@ def fetch_files(repo: HubRepo, listing: Listing, names: list[str], console=None)
             try:
                 fetch_file(repo, listing.commit, file, progress.bar_class())
             except KeyboardInterrupt:
-                progress.console.print(f"Download of {repo} stopped at {file}: the same command continues it.",
-                                       highlight=False, markup=False, soft_wrap=True)
+                progress.console.print(
+                    f"Download of {repo} stopped at {file}: the same command continues it.",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
                 raise
             except Exception as e:
                 if not unreachable(e):
                     raise _explain(e, repo) or e from None
-                raise UserError(f"The download of {repo} stopped at {file}: {_unreachable_reason(e)}.",
-                                hint="Run the same command again when the network is back: it continues where it "
-                                     "stopped.") from None
+                raise UserError(
+                    f"The download of {repo} stopped at {file}: {_unreachable_reason(e)}.",
+                    hint="Run the same command again when the network is back: it continues where it stopped.",
+                ) from None
             progress.done(file)
     _remember_revision(repo, listing.commit)
     return snapshot
@@ -350,8 +417,14 @@ def fetch_file(repo: HubRepo, commit: str, name: str, bar_class=None) -> Path:
         partial = blob.with_name(blob.name + ".partial")
         with only_writer(partial, "downloading"):
             with open(partial, "ab") as f:
-                http_get(metadata.location, f, resume_size=f.tell(), headers=build_hf_headers(),
-                         expected_size=metadata.size, tqdm_class=bar_class)
+                http_get(
+                    metadata.location,
+                    f,
+                    resume_size=f.tell(),
+                    headers=build_hf_headers(),
+                    expected_size=metadata.size,
+                    tqdm_class=bar_class,
+                )
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, blob)
@@ -396,9 +469,10 @@ def check_free_disk(cache: Path, needed: int, repo: HubRepo) -> None:
     _, free = free_space(cache)
     margin = 256 * 2**20  # the cache's own small files, and room for the system to keep working
     if needed + margin > free:
-        raise UserError(f"{repo} needs {needed / 2**30:,.2f} GiB more in {cache}, and that disk has "
-                        f"{free / 2**30:,.2f} GiB free.",
-                        hint="Free space there, or set HF_HOME to a folder on a larger disk and run this again.")
+        raise UserError(
+            f"{repo} needs {needed / 2**30:,.2f} GiB more in {cache}, and that disk has {free / 2**30:,.2f} GiB free.",
+            hint="Free space there, or set HF_HOME to a folder on a larger disk and run this again.",
+        )
 
 
 class DownloadProgress:
@@ -419,8 +493,12 @@ class DownloadProgress:
     def __enter__(self) -> DownloadProgress:
         if not self.sizes:
             return self
-        self.console.print(f"Downloading {self.repo}: {len(self.sizes)} files, {_size(self.total)}",
-                           highlight=False, markup=False, soft_wrap=True)
+        self.console.print(
+            f"Downloading {self.repo}: {len(self.sizes)} files, {_size(self.total)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         if self.live:
             from rich.progress import (
                 BarColumn,
@@ -431,9 +509,15 @@ class DownloadProgress:
                 TransferSpeedColumn,
             )
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
-                                     transient=True)
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.progress.start()
             self.task = self.progress.add_task("", total=self.total or None)
         return self
@@ -453,8 +537,9 @@ class DownloadProgress:
     def done(self, file: str) -> None:
         if self.progress is None and file in self.sizes:
             seconds = time.monotonic() - self.file_started
-            self.console.print(f"  {file}  {_size(self.sizes[file])}  {seconds:,.1f} s", highlight=False,
-                               markup=False, soft_wrap=True)
+            self.console.print(
+                f"  {file}  {_size(self.sizes[file])}  {seconds:,.1f} s", highlight=False, markup=False, soft_wrap=True
+            )
 
     def bar_class(self):
         """A tqdm stand-in for the hub client's byte counts, which moves this display's bar."""
@@ -542,8 +627,12 @@ def is_dataset_name(name: str) -> bool:
     import re
 
     repo, _, file = str(name).partition(":")
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", repo)) and not repo.startswith((".", "~")) \
-        and Path(repo.split("@")[0]).suffix not in (".jsonl", ".json", ".parquet", ".csv") and (not file or "." in file)
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", repo))
+        and not repo.startswith((".", "~"))
+        and Path(repo.split("@")[0]).suffix not in (".jsonl", ".json", ".parquet", ".csv")
+        and (not file or "." in file)
+    )
 
 
 def dataset_file(name: str, split: str = "train", config: str | None = None, console=None) -> Path:
@@ -565,7 +654,9 @@ def dataset_file(name: str, split: str = "train", config: str | None = None, con
                 raise _explain(e, repo) or e from None
             raise _not_cached(repo, None, _unreachable_reason(e)) from None
         if file not in listing.sizes:
-            listed = ", ".join(sorted(n for n in listing.sizes if n.endswith((".jsonl", ".json", ".parquet", ".csv")))[:6])
+            listed = ", ".join(
+                sorted(n for n in listing.sizes if n.endswith((".jsonl", ".json", ".parquet", ".csv")))[:6]
+            )
             raise UserError(f"The dataset {repo} has no file {file}.", hint=f"Its data files: {listed or 'none'}.")
         return fetch_files(repo, listing, [file], console) / file
     return _dataset_split(repo, split, config, console)
@@ -588,15 +679,21 @@ def _dataset_split(repo: HubRepo, split: str, config: str | None, console) -> Pa
     except exceptions.DatasetNotFoundError as e:
         page = f"https://huggingface.co/datasets/{repo.repo_id}"
         if "gated" in str(e):
-            raise UserError(f"{repo.repo_id} is a gated dataset: its authors ask each user to accept their terms before "
-                            "downloading.", hint=f"Open {page}, accept them with your account, then run `hf auth login` "
-                                                 "(or set HF_TOKEN) and run this again.") from None
-        raise UserError(f"There is no dataset {repo} on the Hugging Face hub that you can see (or it is not cached "
-                        "and the hub cannot be reached).",
-                        hint=f"Check the name at {page}; a private one needs `hf auth login`.") from None
+            raise UserError(
+                f"{repo.repo_id} is a gated dataset: its authors ask each user to accept their terms before "
+                "downloading.",
+                hint=f"Open {page}, accept them with your account, then run `hf auth login` "
+                "(or set HF_TOKEN) and run this again.",
+            ) from None
+        raise UserError(
+            f"There is no dataset {repo} on the Hugging Face hub that you can see (or it is not cached "
+            "and the hub cannot be reached).",
+            hint=f"Check the name at {page}; a private one needs `hf auth login`.",
+        ) from None
     except ValueError as e:  # an unknown split or config, or a config needed and not named: datasets lists the names
-        raise UserError(f"The dataset {repo}: {str(e).strip().splitlines()[0]}", hint=f"Choose with {hint_flags}.") \
-            from None
+        raise UserError(
+            f"The dataset {repo}: {str(e).strip().splitlines()[0]}", hint=f"Choose with {hint_flags}."
+        ) from None
     except ConnectionError as e:
         raise _not_cached(repo, None, _unreachable_reason(e)) from None
     folder = cache_dir() / "hub-datasets"

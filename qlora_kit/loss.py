@@ -18,8 +18,14 @@ from qlora_kit.memory import default_chunk_tokens  # the loss's chunk rule lives
 from qlora_kit.model import lm_parts, no_dropout
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
-                          chunk_tokens: int, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and their count.
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) token ids, IGNORE where no loss.
@@ -31,8 +37,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss, rows[start:end], lm_head_weight, targets[start:end], softcap,
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss, rows[start:end], lm_head_weight, targets[start:end], softcap, use_reentrant=False
+        )
     return total, int(targets.numel())
 
 
@@ -56,7 +63,9 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, examples, pad_id: int, device):
         decoder, head_weight, softcap = lm_parts(self.model)
         hidden, labels, attention_mask = final_hidden_states(decoder, examples, pad_id, device)
-        loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap)
+        loss_sum, count = chunked_cross_entropy(
+            hidden, head_weight, labels, chunk_tokens=self.chunk_tokens, softcap=softcap
+        )
         return loss_sum, count, attention_mask, {}
 
 
@@ -68,24 +77,29 @@ def final_hidden_states(decoder, examples, pad_id: int, device):
     else:  # no mask at all when nothing is padded lets SDPA take its fast path
         mask = None if attention_mask.all() else attention_mask.to(device)
     # use_cache=False also matters for packing: transformers only reads segments from position_ids without a cache.
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     return hidden, labels.to(device), attention_mask
 
 
-def evaluate(model, examples, micro_batch: int, pad_id: int, device, loss_module=None, seq_len: int | None = None) -> float:
+def evaluate(
+    model, examples, micro_batch: int, pad_id: int, device, loss_module=None, seq_len: int | None = None
+) -> float:
     """Mean token loss on held-out examples (cut to seq_len when given), without gradients or dropout; through the
     training loss_module when given (under FSDP only it gathers the sharded weights)."""
     return evaluate_with_stats(model, examples, micro_batch, pad_id, device, loss_module, seq_len)[0]
 
 
-def evaluate_with_stats(model, examples, micro_batch: int, pad_id: int, device, loss_module=None,
-                        seq_len: int | None = None) -> tuple[float, dict[str, float]]:
+def evaluate_with_stats(
+    model, examples, micro_batch: int, pad_id: int, device, loss_module=None, seq_len: int | None = None
+) -> tuple[float, dict[str, float]]:
     """evaluate's mean loss, and the means of the loss module's statistics (preference rewards) over the examples."""
     loss_module, total, count, sums = loss_module or CausalLMLoss(model), 0.0, 0, {}
     with no_dropout(model), torch.no_grad():
         for start in range(0, len(examples), micro_batch):
             CPU_SHARE.use_free_cores(device)
-            batch = examples[start:start + micro_batch]
+            batch = examples[start : start + micro_batch]
             loss_sum, n, _, stats = loss_module(data.truncate(batch, seq_len) if seq_len else batch, pad_id, device)
             total, count = total + loss_sum.item(), count + n
             sums = {name: sums.get(name, 0.0) + value.item() for name, value in stats.items()}

@@ -111,7 +111,8 @@ class ModelShape:
             family=family.name,
             tower_params=holder.tower_parameters(outer) if holder and holder.tower_parameters else 0,
             logit_softcap=bool(config.get("final_logit_softcapping")),
-            sliding_window=bool(config.get("sliding_window")) and config.get("use_sliding_window", True)
+            sliding_window=bool(config.get("sliding_window"))
+            and config.get("use_sliding_window", True)
             and "sliding_attention" in config.get("layer_types", ["sliding_attention"]),
             max_positions=config.get("max_position_embeddings") or 131072,
             **moe_shape(config),
@@ -125,11 +126,15 @@ class ModelShape:
 
     def attention_shapes(self, full: bool = False) -> list[tuple[str, int, int]]:
         """A softmax attention layer's linear layers; full: a global layer's, where they differ (global_layers)."""
-        head_dim, kv_heads = (self.global_head_dim, self.global_kv_heads) if full else (self.head_dim, self.num_kv_heads)
+        head_dim, kv_heads = (
+            (self.global_head_dim, self.global_kv_heads) if full else (self.head_dim, self.num_kv_heads)
+        )
         h, q, kv = self.hidden_size, self.num_heads * head_dim, kv_heads * head_dim
         queries = 2 * q if self.attention_output_gate else q
         values = [] if full and self.global_values_are_keys else [("v_proj", h, kv)]
-        attention = [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, queries), ("k_proj", h, kv), *values]
+        attention = (
+            [("qkv_proj", h, q + 2 * kv)] if self.fused_qkv else [("q_proj", h, queries), ("k_proj", h, kv), *values]
+        )
         return self._named(attention + [("o_proj", q, h)])
 
     def mlp_shapes(self, width: int | None = None) -> list[tuple[str, int, int]]:
@@ -156,11 +161,14 @@ class ModelShape:
         they differ), a hybrid's other mixers, the dense MLPs, each expert's weights once per expert and MoE layer, and
         the shared experts."""
         dense = self.num_layers - self.moe_layers
-        return [(self.attention_shapes(), self.num_layers - self.mixer_layers - self.global_layers),
-                (self.attention_shapes(full=True), self.global_layers),
-                (list(self.mixer_linears), self.mixer_layers), (self.mlp_shapes(), dense),
-                (self.expert_shapes(), self.moe_layers * self.num_experts),
-                (self.shared_expert_shapes(), self.moe_layers)]
+        return [
+            (self.attention_shapes(), self.num_layers - self.mixer_layers - self.global_layers),
+            (self.attention_shapes(full=True), self.global_layers),
+            (list(self.mixer_linears), self.mixer_layers),
+            (self.mlp_shapes(), dense),
+            (self.expert_shapes(), self.moe_layers * self.num_experts),
+            (self.shared_expert_shapes(), self.moe_layers),
+        ]
 
     def linear_params(self) -> int:
         return sum(count * sum(a * b for _, a, b in shapes) for shapes, count in self.layer_counts())
@@ -224,8 +232,12 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         """JSON-ready: components in bytes plus the derived totals and verdict."""
-        return {**asdict(self), "allocated_bytes": self.allocated_bytes, "total_bytes": self.total_bytes,
-                "verdict": self.verdict}
+        return {
+            **asdict(self),
+            "allocated_bytes": self.allocated_bytes,
+            "total_bytes": self.total_bytes,
+            "verdict": self.verdict,
+        }
 
 
 def moe_shape(config: dict) -> dict:
@@ -237,19 +249,31 @@ def moe_shape(config: dict) -> dict:
     step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
     sparse = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
     routed = config.get("num_experts_per_tok") or config.get("top_k_experts") or 1  # the latter: Gemma 4
-    return dict(num_experts=experts, experts_per_token=routed,
-                expert_size=config.get("moe_intermediate_size") or config["intermediate_size"], moe_layers=sparse)
+    return dict(
+        num_experts=experts,
+        experts_per_token=routed,
+        expert_size=config.get("moe_intermediate_size") or config["intermediate_size"],
+        moe_layers=sparse,
+    )
 
 
-def lora_params(shape: ModelShape, rank: int, target_modules: str = "all-linear", use_dora: bool = False,
-                expert_rank: int | None = None) -> int:
+def lora_params(
+    shape: ModelShape,
+    rank: int,
+    target_modules: str = "all-linear",
+    use_dora: bool = False,
+    expert_rank: int | None = None,
+) -> int:
     """Trainable LoRA parameters: rank x (in + out) for every targeted linear layer (expert_rank for an expert's
     weights), and with DoRA a magnitude per output feature."""
     total = 0
     for shapes, count in shape.layer_counts():
         experts = bool(shapes) and shapes == shape.expert_shapes()
-        layers = [layer for layer in targeted(shapes, target_modules)
-                  if experts or not (shape.frozen_mlp_names and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)]
+        layers = [
+            layer
+            for layer in targeted(shapes, target_modules)
+            if experts or not (shape.frozen_mlp_names and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)
+        ]
         r = (expert_rank or rank) if experts else rank
         total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))
     return total
@@ -273,8 +297,15 @@ def quantized_weight_bytes(shape: ModelShape, double_quant: bool = True) -> int:
     return total
 
 
-def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda", capacity_bytes: int | None = None,
-                         gpus: int = 1, strategy: str = "ddp", bf16: bool = True) -> MemoryPlan:
+def estimate_peak_memory(
+    shape: ModelShape,
+    recipe: Recipe,
+    device: str = "cuda",
+    capacity_bytes: int | None = None,
+    gpus: int = 1,
+    strategy: str = "ddp",
+    bf16: bool = True,
+) -> MemoryPlan:
     """Per-component peak memory of training `shape` with `recipe` on a CUDA GPU or the CPU; with gpus > 1, on each
     GPU of a data-parallel (ddp: every GPU holds the model) or sharded (fsdp: weights and LoRA state split;
     fsdp_offload: the shards in host RAM) run. bf16: whether the GPU computes in it (without, a family that
@@ -282,14 +313,19 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     # Longer than a screen on purpose: one term per component, in docs/memory.md's order, so the model is read and
     # checked against the doc in one place; split up, each term would need the same dozen shape variables.
     on_gpu = device == "cuda"
-    cb = 4 if recipe.precision == "fp32" or (recipe.precision == "auto" and (
-        not on_gpu or (not bf16 and shape.fp16_overflows))) else 2
+    cb = (
+        4
+        if recipe.precision == "fp32"
+        or (recipe.precision == "auto" and (not on_gpu or (not bf16 and shape.fp16_overflows)))
+        else 2
+    )
     h, i, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
     # A preference example is two sequences (prompt + chosen, prompt + rejected), run as one batch.
     sequences = recipe.micro_batch * (2 if recipe.method in ("dpo", "orpo") else 1)
     tokens = recipe.seq_len * sequences
-    lora = lora_params(shape, recipe.rank, recipe.target_modules, recipe.use_dora,
-                       rank_of_experts(recipe, shape.experts_per_token))
+    lora = lora_params(
+        shape, recipe.rank, recipe.target_modules, recipe.use_dora, rank_of_experts(recipe, shape.experts_per_token)
+    )
 
     if shape.moe_layers:
         # Each token is routed to k experts, so its MLP activations are k copies at the experts' width: the gathered
@@ -321,11 +357,14 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     )
 
     def per_token_attention_layer(full: bool = False) -> int:
-        head_dim, kv_heads = (shape.global_head_dim, shape.global_kv_heads) if full else (shape.head_dim, shape.num_kv_heads)
+        head_dim, kv_heads = (
+            (shape.global_head_dim, shape.global_kv_heads) if full else (shape.head_dim, shape.num_kv_heads)
+        )
         q, kv = shape.num_heads * head_dim, kv_heads * head_dim
         return per_token_block + (
             ((q + kv) * 4 if shape.qk_norms else 0)  # q/k norms (Qwen3, Gemma 3, OLMo 3): their fp32 upcast (measured)
-            + (q + 2 * kv) * cb + (q + kv) * cb  # q, k, v projections and their rotated copies
+            + (q + 2 * kv) * cb
+            + (q + kv) * cb  # q, k, v projections and their rotated copies
             + 2 * q * cb  # attention output (+ its o_proj input)
             + (4 * q * cb if shape.attention_output_gate else 0)  # the gate half of q_proj, its sigmoid, the product
             + adapted_layer_copies(shape.attention_shapes(full))
@@ -341,7 +380,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     # Backward through one layer: activation gradients (measured on CPU: ~1.5 x intermediate per token).
     # A family whose attention transformers runs eagerly (gpt-oss: no SDPA kernel takes its sinks) holds each layer's
     # softmax scores whole, heads x seq x seq a sequence, and backward half as much again (measured on CPU)
-    scores = sequences * shape.num_heads * recipe.seq_len ** 2 * cb if shape.eager_attention else 0
+    scores = sequences * shape.num_heads * recipe.seq_len**2 * cb if shape.eager_attention else 0
     backward_only = tokens * mlp_backward + dequantized + 3 * scores // 2
     recompute = tokens * per_token_layer + scores + backward_only  # a checkpointed layer runs forward again first
     checkpointed = L - min(recipe.uncheckpointed_layers, L) if recipe.gradient_checkpointing else 0
@@ -356,7 +395,7 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     # Layers that attend within a sliding window get a (seq x seq) mask per sequence, made once per forward and held
     # by every checkpointed layer until backward (measured on CPU, OLMo 3 at 2 x 2048 tokens: 36 MiB, about the
     # compute dtype's size per element, where a causal-only model makes none).
-    window_mask = sequences * recipe.seq_len ** 2 * cb if shape.sliding_window else 0
+    window_mask = sequences * recipe.seq_len**2 * cb if shape.sliding_window else 0
     saved = inputs + kept + window_mask
 
     chunk = min(recipe.loss_chunk_tokens or default_chunk_tokens(V), tokens)
@@ -384,8 +423,14 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
     if gpus > 1 and strategy == "ddp":
         components["ddp_gradient_buckets"] = 4 * lora  # DDP all-reduces gradients through bucket copies of them
     if gpus > 1 and strategy in ("fsdp", "fsdp_offload"):
-        for key in ("quantized_weights", "unquantized_weights", "tower_weights", "lora_weights", "lora_gradients",
-                    "optimizer_state"):
+        for key in (
+            "quantized_weights",
+            "unquantized_weights",
+            "tower_weights",
+            "lora_weights",
+            "lora_gradients",
+            "optimizer_state",
+        ):
             if key in components:
                 components[key] = -(-components[key] // gpus) if strategy == "fsdp" else 0  # offloaded: in host RAM
         # Each layer's shards are gathered whole to compute with (the next one prefetched), and so are the embeddings.
@@ -397,39 +442,76 @@ def estimate_peak_memory(shape: ModelShape, recipe: Recipe, device: str = "cuda"
         components["process_overhead"] = HOST_PROCESS_BYTES
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
     if shape.moe_layers:
-        notes.append(f"Mixture of experts: {shape.num_experts} experts a layer, {shape.experts_per_token} routed a token, "
-                     f"every one in NF4; LoRA of rank {rank_of_experts(recipe, shape.experts_per_token)} on each "
-                     "expert (expert_rank), the router frozen.")
+        notes.append(
+            f"Mixture of experts: {shape.num_experts} experts a layer, {shape.experts_per_token} routed a token, "
+            f"every one in NF4; LoRA of rank {rank_of_experts(recipe, shape.experts_per_token)} on each "
+            "expert (expert_rank), the router frozen."
+        )
     if shape.mixer_layers:
-        notes.append(f"{shape.family} is a hybrid: {shape.mixer_layers} of its {L} layers mix tokens without softmax "
-                     "attention, and their activations are counted as transformers' own PyTorch code keeps them (a "
-                     "linear attention's fp32 chunks included); optional fused kernels need less.")
+        notes.append(
+            f"{shape.family} is a hybrid: {shape.mixer_layers} of its {L} layers mix tokens without softmax "
+            "attention, and their activations are counted as transformers' own PyTorch code keeps them (a "
+            "linear attention's fp32 chunks included); optional fused kernels need less."
+        )
     if scores:
-        notes.append(f"transformers runs {shape.family}'s attention eagerly: its scores take {scores / GIB:.2f} GiB a "
-                     "layer, held whole.")
+        notes.append(
+            f"transformers runs {shape.family}'s attention eagerly: its scores take {scores / GIB:.2f} GiB a "
+            "layer, held whole."
+        )
     if shape.tower_params:
-        notes.append(f"The checkpoint's vision tower and projector ({shape.tower_params / 1e6:,.0f}M parameters) are loaded "
-                     "frozen in 16-bit: training on text never runs them, and only the language model is adapted.")
+        notes.append(
+            f"The checkpoint's vision tower and projector ({shape.tower_params / 1e6:,.0f}M parameters) are loaded "
+            "frozen in 16-bit: training on text never runs them, and only the language model is adapted."
+        )
     if gpus > 1:
-        notes.append(f"Per GPU, for {gpus} GPUs with {strategy.upper()}"
-                     + (" (sharding terms are first-principles estimates, not yet measured)." if strategy != "ddp" else "."))
+        notes.append(
+            f"Per GPU, for {gpus} GPUs with {strategy.upper()}"
+            + (" (sharding terms are first-principles estimates, not yet measured)." if strategy != "ddp" else ".")
+        )
     if gpus > 1 and strategy == "fsdp_offload":
         weights = quantized_weight_bytes(shape) + (shape.unquantized_params() + shape.tower_params) * cb
         host = weights // gpus + 16 * lora // gpus
-        notes.append(f"fsdp_offload keeps {host / GIB:.2f} GiB of shards (weights, LoRA, fp32 AdamW) in each process's host RAM.")
-    notes += [] if on_gpu else [
-        "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
-        "that memory is reused, not leaked."]
+        notes.append(
+            f"fsdp_offload keeps {host / GIB:.2f} GiB of shards (weights, LoRA, fp32 AdamW) in each process's host RAM."
+        )
+    notes += (
+        []
+        if on_gpu
+        else [
+            "On CPU, glibc keeps freed memory for reuse, so the process RSS reads 2-3x the planned activations; "
+            "that memory is reused, not leaked."
+        ]
+    )
     if recipe.method in ("dpo", "orpo"):
-        model = "the adapter the run starts from, kept frozen" if recipe.init_adapter else "the base with the adapter off"
-        notes.append(f"{recipe.method.upper()}: each example is two sequences (chosen and rejected), {sequences} a micro-batch"
-                     + (f"; the reference is {model}, not a second model" if recipe.method == "dpo" else "") + ".")
-    details = {"layer_recompute": recompute if checkpointed else backward_only, "loss_working_set": loss,
-               "loss_chunk_tokens": chunk, "checkpointed_layers": checkpointed, "reference_forward": reference}
-    return MemoryPlan(model=shape.name, device=device, seq_len=recipe.seq_len, micro_batch=recipe.micro_batch,
-                      rank=recipe.rank, components=components, trainable_params=lora,
-                      total_params=shape.parameter_count() + lora, adapter_bytes=4 * lora, capacity_bytes=capacity_bytes,
-                      details=details, notes=notes)
+        model = (
+            "the adapter the run starts from, kept frozen" if recipe.init_adapter else "the base with the adapter off"
+        )
+        notes.append(
+            f"{recipe.method.upper()}: each example is two sequences (chosen and rejected), {sequences} a micro-batch"
+            + (f"; the reference is {model}, not a second model" if recipe.method == "dpo" else "")
+            + "."
+        )
+    details = {
+        "layer_recompute": recompute if checkpointed else backward_only,
+        "loss_working_set": loss,
+        "loss_chunk_tokens": chunk,
+        "checkpointed_layers": checkpointed,
+        "reference_forward": reference,
+    }
+    return MemoryPlan(
+        model=shape.name,
+        device=device,
+        seq_len=recipe.seq_len,
+        micro_batch=recipe.micro_batch,
+        rank=recipe.rank,
+        components=components,
+        trainable_params=lora,
+        total_params=shape.parameter_count() + lora,
+        adapter_bytes=4 * lora,
+        capacity_bytes=capacity_bytes,
+        details=details,
+        notes=notes,
+    )
 
 
 def optimizer_state_bytes(optimizer: str) -> int:
@@ -446,17 +528,21 @@ def default_chunk_tokens(vocab_size: int) -> int:
 def longest_sequence(shape: ModelShape, recipe: Recipe, device: str, capacity: int, **layout) -> int:
     """Longest seq_len (a multiple of 128) at micro-batch 1 that fits the capacity; 0 if none does.
     layout: gpus and strategy, as for estimate_peak_memory."""
+
     def fits(seq: int) -> bool:
         plan = estimate_peak_memory(shape, replace(recipe, seq_len=seq, micro_batch=1), device, capacity, **layout)
         return plan.total_bytes <= capacity
+
     return _largest(fits, 128, shape.max_positions, step=128)
 
 
 def largest_micro_batch(shape: ModelShape, recipe: Recipe, device: str, capacity: int, **layout) -> int:
     """Largest micro-batch at the recipe's seq_len that fits the capacity; 0 if none does."""
+
     def fits(batch: int) -> bool:
         plan = estimate_peak_memory(shape, replace(recipe, micro_batch=batch), device, capacity, **layout)
         return plan.total_bytes <= capacity
+
     return _largest(fits, 1, 4096, step=1)
 
 

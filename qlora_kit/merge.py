@@ -33,8 +33,14 @@ from qlora_kit.sources import check_adapter_folder, read_model_config, resolve_m
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str = "bf16", from_quantized: bool = False,
-                  trust_remote_code: bool = False) -> Path:
+def merge_adapter(
+    source: str | None,
+    adapter_dir: Path,
+    out: Path,
+    dtype: str = "bf16",
+    from_quantized: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write out/ (safetensors shards, config, tokenizer) holding base + adapter merged; returns out."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -55,8 +61,13 @@ def merge_adapter(source: str | None, adapter_dir: Path, out: Path, dtype: str =
         dequantize_experts(base)
     else:
         with code_needs_trust(folder):
-            base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": cpu},
-                                                        trust_remote_code=trust_remote_code, **dequantized_on_load(folder))
+            base = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=torch_dtype,
+                device_map={"": cpu},
+                trust_remote_code=trust_remote_code,
+                **dequantized_on_load(folder),
+            )
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
     if corrects_nf4_rounding(adapter_dir) and not from_quantized:
         round_adapted_weights(with_adapter)
@@ -91,14 +102,20 @@ def round_adapted_weights(model) -> None:
 
 def check_ram_for(folder: Path, dtype: torch.dtype) -> None:
     """Refuse a merge whose 16-bit model would not fit in available RAM (merging happens on the CPU)."""
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(f.stat().st_size for f in folder.glob("*.bin"))
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in folder.glob("*.bin")
+    )
     parameters = weights / (4 if _stored_as_fp32(folder) else 2)
     config = read_model_config(folder)
     if stored_in_mxfp4(config):  # its files hold the experts at half a byte a weight: count the parameters instead
         parameters = ModelShape.from_config(str(folder), config).parameter_count()
     needed = parameters * torch.finfo(dtype).bits / 8 * 1.2  # 20%: the copy being written
-    check_ram_available(needed, "Merging", what=f" for the {str(dtype).removeprefix('torch.')} model",
-                        hint="Close other programs, or merge on a machine with more RAM; the adapter works unmerged too.")
+    check_ram_available(
+        needed,
+        "Merging",
+        what=f" for the {str(dtype).removeprefix('torch.')} model",
+        hint="Close other programs, or merge on a machine with more RAM; the adapter works unmerged too.",
+    )
 
 
 def _stored_as_fp32(folder: Path) -> bool:

@@ -32,7 +32,9 @@ from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, r
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def pick_device_and_dtype(precision: str = "auto", gpu: int = 0, config: dict | None = None) -> tuple[torch.device, torch.dtype]:
+def pick_device_and_dtype(
+    precision: str = "auto", gpu: int = 0, config: dict | None = None
+) -> tuple[torch.device, torch.dtype]:
     """CUDA GPU `gpu` (this rank's, when distributed) if present, else CPU; compute dtype bf16 where supported,
     fp16 on older GPUs (fp32 for a family whose activations overflow fp16: config is the base's config.json), fp32
     on CPU."""
@@ -45,7 +47,9 @@ def pick_device_and_dtype(precision: str = "auto", gpu: int = 0, config: dict | 
             raise UserError(f"{torch.cuda.get_device_name(0)} does not support bf16.", hint="Use --precision fp16.")
         return device, DTYPES[precision]
     if precision == "fp16":
-        raise UserError("fp16 training needs a CUDA GPU, and none is visible.", hint="Use --precision fp32 (or bf16) on CPU.")
+        raise UserError(
+            "fp16 training needs a CUDA GPU, and none is visible.", hint="Use --precision fp32 (or bf16) on CPU."
+        )
     return torch.device("cpu"), DTYPES["fp32" if precision == "auto" else precision]
 
 
@@ -58,9 +62,11 @@ def code_needs_trust(folder: Path):
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise UserError(f"{folder} ships its own Python code (its config names it in auto_map), and qlora-kit runs a "
-                        "model's code only when you allow it.",
-                        hint="Read the .py files in that folder; if you trust them, add --trust-remote-code.") from None
+        raise UserError(
+            f"{folder} ships its own Python code (its config names it in auto_map), and qlora-kit runs a "
+            "model's code only when you allow it.",
+            hint="Read the .py files in that folder; if you trust them, add --trust-remote-code.",
+        ) from None
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False, chat_template_kwargs: str = ""):
@@ -75,8 +81,10 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False, chat_template_
     variables = parse_template_variables(chat_template_kwargs)
     if variables:
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"chat_template_kwargs sets {', '.join(variables)}, but this model has no chat template.",
-                            hint="Drop chat_template_kwargs (--chat-template-kwargs).")
+            raise UserError(
+                f"chat_template_kwargs sets {', '.join(variables)}, but this model has no chat template.",
+                hint="Drop chat_template_kwargs (--chat-template-kwargs).",
+            )
         tokenizer.chat_template = with_variables_set(tokenizer.chat_template, variables)
     return tokenizer
 
@@ -99,8 +107,10 @@ def parse_template_variables(text: str) -> dict:
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         key, equals, value = (s.strip() for s in part.partition("="))
         if not equals or not key.isidentifier():
-            raise UserError(f"chat_template_kwargs: {part!r} is not KEY=VALUE.",
-                            hint="For example: --chat-template-kwargs enable_thinking=false")
+            raise UserError(
+                f"chat_template_kwargs: {part!r} is not KEY=VALUE.",
+                hint="For example: --chat-template-kwargs enable_thinking=false",
+            )
         if value.lower() in ("true", "false"):
             variables[key] = value.lower() == "true"
         else:
@@ -108,8 +118,9 @@ def parse_template_variables(text: str) -> dict:
     return variables
 
 
-def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                   shardable: bool = False):
+def load_base_4bit(
+    folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, shardable: bool = False
+):
     """Load a causal LM with its linear layers quantized to NF4 with double quantization. shardable stores the
     packed 4-bit values in tensors of the compute dtype (same bytes), so FSDP can shard them with the rest."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -117,8 +128,10 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
     config = read_model_config(folder)
     family = family_of(config)
     if shardable and moe_shape(text_config(config)):
-        raise UserError(f"{folder} is a mixture-of-experts model, whose 4-bit experts FSDP cannot shard yet.",
-                        hint="Train it with parallel ddp (each GPU holds the whole model), or on one GPU.")
+        raise UserError(
+            f"{folder} is a mixture-of-experts model, whose 4-bit experts FSDP cannot shard yet.",
+            hint="Train it with parallel ddp (each GPU holds the whole model), or on one GPU.",
+        )
     # A linear router (Gemma 4's) stays 16-bit like the other families' parameter routers
     towers = [f".*{module}" for module in family.towers + family.routers] if family else []
     quantization = BitsAndBytesConfig(
@@ -137,11 +150,18 @@ def load_base_4bit(folder: Path, dtype: torch.dtype, device: torch.device, trust
             # An MXFP4 checkpoint (gpt-oss) is read as 16-bit, expert tensor by expert tensor, and packed to NF4
             extra = {"config": without_quantization(folder, trust_remote_code)} if mxfp4 else {}
             model = AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=quantization, dtype=dtype, device_map={"": device},
-                trust_remote_code=trust_remote_code, **extra)
+                folder,
+                quantization_config=quantization,
+                dtype=dtype,
+                device_map={"": device},
+                trust_remote_code=trust_remote_code,
+                **extra,
+            )
     except (ValueError, KeyError) as e:
-        raise UserError(f"{folder} could not be loaded as a causal language model: {e}",
-                        hint="qlora-kit fine-tunes decoder-only text models (Llama, Gemma, Qwen, Mistral, Phi ...).") from None
+        raise UserError(
+            f"{folder} could not be loaded as a causal language model: {e}",
+            hint="qlora-kit fine-tunes decoder-only text models (Llama, Gemma, Qwen, Mistral, Phi ...).",
+        ) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
 
@@ -165,8 +185,13 @@ def saves_plain_tensors(model) -> None:
     experts under their MXFP4 names (`*_blocks`), which a later load drops."""
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
-        model._weight_conversions = [conversion for conversion in conversions if not any(
-            type(operation).__name__ == "Mxfp4Dequantize" for operation in getattr(conversion, "operations", []))]
+        model._weight_conversions = [
+            conversion
+            for conversion in conversions
+            if not any(
+                type(operation).__name__ == "Mxfp4Dequantize" for operation in getattr(conversion, "operations", [])
+            )
+        ]
 
 
 def without_quantization(folder: Path, trust_remote_code: bool = False):
@@ -186,8 +211,11 @@ def attach_lora(model, recipe: Recipe):
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        set_checkpointing(model, offload=recipe.activation_offload and torch.cuda.is_available(),
-                          uncheckpointed_layers=recipe.uncheckpointed_layers)
+        set_checkpointing(
+            model,
+            offload=recipe.activation_offload and torch.cuda.is_available(),
+            uncheckpointed_layers=recipe.uncheckpointed_layers,
+        )
     model = start_from_adapter(model, recipe) if recipe.init_adapter else add_fresh_lora(model, recipe)
     for param in model.parameters():
         if param.requires_grad:
@@ -200,19 +228,25 @@ def add_fresh_lora(model, recipe: Recipe):
     from peft import LoraConfig, get_peft_model
 
     if recipe.lora_init in ("pissa", "olora"):
-        raise UserError(f"lora_init {recipe.lora_init} moves the main directions of each weight out of the base and into "
-                        "the adapter; a 4-bit base would have to be quantized again, and the adapter would then no longer "
-                        "fit the original base model.", hint="Use lora_init loftq, which starts from the 4-bit base as it "
-                                                             "is, or default.")
+        raise UserError(
+            f"lora_init {recipe.lora_init} moves the main directions of each weight out of the base and into "
+            "the adapter; a 4-bit base would have to be quantized again, and the adapter would then no longer "
+            "fit the original base model.",
+            hint="Use lora_init loftq, which starts from the 4-bit base as it is, or default.",
+        )
     names = target_names(recipe.target_modules)
-    expert_rank = rank_of_experts(recipe, moe_shape(model.config.get_text_config().to_dict()).get("experts_per_token", 1))
+    expert_rank = rank_of_experts(
+        recipe, moe_shape(model.config.get_text_config().to_dict()).get("experts_per_token", 1)
+    )
     experts = [name for name in expert_weight_names(model) if names == "all-linear" or name in names]
     if experts and (recipe.dropout or recipe.use_dora):
         setting = "LoRA dropout" if recipe.dropout else "DoRA"
-        raise UserError(f"{setting} cannot be used on a mixture-of-experts model's experts: PEFT adapts their weights as "
-                        "parameters, not as layers with an input to drop out or a magnitude per output.",
-                        hint=f"Set {'dropout 0' if recipe.dropout else 'use_dora false'}, or adapt the attention layers "
-                             "alone (target_modules attention).")
+        raise UserError(
+            f"{setting} cannot be used on a mixture-of-experts model's experts: PEFT adapts their weights as "
+            "parameters, not as layers with an input to drop out or a magnitude per output.",
+            hint=f"Set {'dropout 0' if recipe.dropout else 'use_dora false'}, or adapt the attention layers "
+            "alone (target_modules attention).",
+        )
     layers = present_in(model, names, allow_none=bool(experts))
     if experts:
         # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
@@ -220,7 +254,9 @@ def add_fresh_lora(model, recipe: Recipe):
         # a shared expert's layers of those names are frozen for that reason, in the families it does that for
         family = family_of(model.config.get_text_config().to_dict())
         taken = NAMES_PEFT_TAKES_FOR_EXPERTS if family is None or family.mlp_names_taken_by_peft else ()
-        layers = [name for name in (linear_layer_names(model) if names == "all-linear" else layers) if name not in taken]
+        layers = [
+            name for name in (linear_layer_names(model) if names == "all-linear" else layers) if name not in taken
+        ]
     config = LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
@@ -230,8 +266,10 @@ def add_fresh_lora(model, recipe: Recipe):
         # each expert at its own rank, its update scaled as the other layers' (alpha / rank, or / sqrt(rank)); keyed
         # "experts.down_proj", since a bare "down_proj" would give a dense MLP's down_proj (Gemma 4) that rank too
         rank_pattern={key: expert_rank for key in expert_weight_keys(model, experts)},
-        alpha_pattern={key: recipe.alpha * (expert_rank / recipe.rank) ** (0.5 if recipe.use_rslora else 1)
-                       for key in expert_weight_keys(model, experts)},
+        alpha_pattern={
+            key: recipe.alpha * (expert_rank / recipe.rank) ** (0.5 if recipe.use_rslora else 1)
+            for key in expert_weight_keys(model, experts)
+        },
         exclude_modules=frozen_modules_pattern(model),  # a vision tower has its q_proj, fc1 ... too; a router its proj
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
@@ -241,7 +279,9 @@ def add_fresh_lora(model, recipe: Recipe):
     try:
         model = get_peft_model(model, with_experts_lora(config) if experts else config)
     except ValueError as e:
-        raise UserError(f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names.") from None
+        raise UserError(
+            f"LoRA could not be attached: {e}", hint="Check target_modules against the model's layer names."
+        ) from None
     if recipe.lora_init == "loftq":
         start_as_the_rounding_error(model)
     return model
@@ -252,8 +292,11 @@ def start_as_the_rounding_error(model) -> None:
     weight Q gets A and B with scale * B @ A the best rank-r approximation of W - Q, W the 16-bit weight."""
     import bitsandbytes.functional as bnb_functional
 
-    adapted = {name.removeprefix("base_model.model.") + ".weight": module for name, module in model.named_modules()
-               if hasattr(module, "lora_A") and "default" in module.lora_A}
+    adapted = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
     for name, original in model_weights(model.get_base_model().name_or_path):
         module = adapted.get(name)
         if module is None:
@@ -274,8 +317,9 @@ def nf4_rounded(weight: torch.Tensor) -> torch.Tensor:
     what a LoftQ adapter's correction was fitted to."""
     import bitsandbytes.functional as bnb_functional
 
-    packed, state = bnb_functional.quantize_4bit(weight.float().contiguous(), blocksize=64, compress_statistics=True,
-                                                 quant_type="nf4")
+    packed, state = bnb_functional.quantize_4bit(
+        weight.float().contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
     return bnb_functional.dequantize_4bit(packed, state).float()
 
 
@@ -292,9 +336,15 @@ def linear_layer_names(model) -> list[str]:
     """The names of the linear layers "all-linear" means: every one but the output head's, a tower's and a router's."""
     head = model.get_output_embeddings()
     frozen = frozen_modules_pattern(model)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head
-                   and not (frozen and re.fullmatch(frozen, name))})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and module is not head
+            and not (frozen and re.fullmatch(frozen, name))
+        }
+    )
 
 
 def settings_from_adapter(recipe: Recipe) -> Recipe:
@@ -305,25 +355,40 @@ def settings_from_adapter(recipe: Recipe) -> Recipe:
     folder = adapter_in(recipe.init_adapter)
     check_adapter_folder(folder)
     if recipe.lora_init != "default":
-        raise UserError(f"lora_init {recipe.lora_init} says how a fresh adapter starts; this run starts from {folder}'s "
-                        "weights.", hint="Leave lora_init out with --from-adapter.")
+        raise UserError(
+            f"lora_init {recipe.lora_init} says how a fresh adapter starts; this run starts from {folder}'s weights.",
+            hint="Leave lora_init out with --from-adapter.",
+        )
     config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{folder} is a {config['peft_type']} adapter; qlora-kit continues LoRA adapters.",
-                        hint="Start a fresh run without --from-adapter.")
+        raise UserError(
+            f"{folder} is a {config['peft_type']} adapter; qlora-kit continues LoRA adapters.",
+            hint="Start a fresh run without --from-adapter.",
+        )
     targets = config.get("target_modules") or "all-linear"
     # peft saves the layers' names, sometimes with their paths (model.layers.0.mlp.up_proj); the recipe keeps the
     # names (up_proj), which the plan counts per block. The weights are placed by the adapter's own config.
-    found = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
-             "target_modules": targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
-             "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
-             "expert_rank": max((config.get("rank_pattern") or {}).values(), default=0)}
+    found = {
+        "rank": int(config["r"]),
+        "alpha": float(config["lora_alpha"]),
+        "target_modules": targets
+        if isinstance(targets, str)
+        else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")),
+        "expert_rank": max((config.get("rank_pattern") or {}).values(), default=0),
+    }
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    differ = [f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})" for name, value in found.items()
-              if getattr(recipe, name) not in (value, defaults[name])]
+    differ = [
+        f"{name} {getattr(recipe, name)!r} (the adapter's: {value!r})"
+        for name, value in found.items()
+        if getattr(recipe, name) not in (value, defaults[name])
+    ]
     if differ:
-        raise UserError(f"{folder} has its own LoRA settings, and these differ: {', '.join(differ)}.",
-                        hint="Leave them out: a run started from an adapter takes them from it.")
+        raise UserError(
+            f"{folder} has its own LoRA settings, and these differ: {', '.join(differ)}.",
+            hint="Leave them out: a run started from an adapter takes them from it.",
+        )
     return dataclasses.replace(recipe, init_adapter=str(folder), **found)
 
 
@@ -340,16 +405,20 @@ def start_from_adapter(model, recipe: Recipe):
     model = get_peft_model(model, config)
     loaded = set_peft_model_state_dict(model, weights)
     if loaded.unexpected_keys:
-        raise UserError(f"{folder} holds weights qlora-kit cannot place: {', '.join(loaded.unexpected_keys[:3])}.",
-                        hint="Start a fresh run without --from-adapter.")
+        raise UserError(
+            f"{folder} holds weights qlora-kit cannot place: {', '.join(loaded.unexpected_keys[:3])}.",
+            hint="Start a fresh run without --from-adapter.",
+        )
     return model
 
 
 def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) -> None:
     """Refuse an adapter made for another base model (made_for, as its config names it): every layer it adapts must
     exist here with its shape."""
-    hint = (f"Train on the base it was made for ({made_for or 'see its adapter_config.json'}) "
-            "with --model, or start a fresh run without --from-adapter.")
+    hint = (
+        f"Train on the base it was made for ({made_for or 'see its adapter_config.json'}) "
+        "with --model, or start a fresh run without --from-adapter."
+    )
     for key, a in weights.items():
         if ".lora_A." not in key:
             continue
@@ -358,17 +427,28 @@ def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) 
         try:
             layer = base.get_submodule(name.replace(".base_layer", ""))  # PEFT nests one wrapper per expert weight
         except AttributeError:
-            raise UserError(f"{folder} adapts {name}, which this base model does not have: it was made for another "
-                            "model.", hint=hint) from None
+            raise UserError(
+                f"{folder} adapts {name}, which this base model does not have: it was made for another model.",
+                hint=hint,
+            ) from None
         if is_experts(layer):
-            maps = {(w.shape[1], w.shape[2]) if layer.is_transposed else (w.shape[2], w.shape[1])
-                    for w in (getattr(layer, n, None) for n in EXPERT_WEIGHTS) if isinstance(w, torch.Tensor)}
+            maps = {
+                (w.shape[1], w.shape[2]) if layer.is_transposed else (w.shape[2], w.shape[1])
+                for w in (getattr(layer, n, None) for n in EXPERT_WEIGHTS)
+                if isinstance(w, torch.Tensor)
+            }
             if (a.shape[1], b.shape[0]) not in maps or a.shape[0] % layer.num_experts:
-                raise UserError(f"{folder} was made for another base model: its {name} does not fit this model's "
-                                f"{layer.num_experts} experts.", hint=hint)
+                raise UserError(
+                    f"{folder} was made for another base model: its {name} does not fit this model's "
+                    f"{layer.num_experts} experts.",
+                    hint=hint,
+                )
         elif (b.shape[0], a.shape[1]) != (layer.out_features, layer.in_features):
-            raise UserError(f"{folder} was made for another base model: its {name} maps {a.shape[1]} to {b.shape[0]} "
-                            f"features, this model's {layer.in_features} to {layer.out_features}.", hint=hint)
+            raise UserError(
+                f"{folder} was made for another base model: its {name} maps {a.shape[1]} to {b.shape[0]} "
+                f"features, this model's {layer.in_features} to {layer.out_features}.",
+                hint=hint,
+            )
 
 
 def set_checkpointing(model, offload: bool = False, uncheckpointed_layers: int = 0) -> None:
@@ -382,7 +462,7 @@ def set_checkpointing(model, offload: bool = False, uncheckpointed_layers: int =
     # The last layers are the ones left whole: backward reaches them first and frees their activations before
     # any checkpointed layer is recomputed, so the two never add up.
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers[max(0, len(layers) - uncheckpointed_layers):] if uncheckpointed_layers else []:
+    for layer in layers[max(0, len(layers) - uncheckpointed_layers) :] if uncheckpointed_layers else []:
         layer.gradient_checkpointing = False
 
 
@@ -432,5 +512,7 @@ def check_logits_path(model, device: torch.device) -> None:
     scale = expected.abs().max().clamp(min=1e-6)
     if ((ours - expected).abs().max() / scale) > 1e-2:
         name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-        raise UserError(f"{name} computes its logits in a way qlora-kit's chunked loss does not reproduce.",
-                        hint="Please report this model to qlora-kit; Llama, Gemma, Qwen, Mistral and Phi work.")
+        raise UserError(
+            f"{name} computes its logits in a way qlora-kit's chunked loss does not reproduce.",
+            hint="Please report this model to qlora-kit; Llama, Gemma, Qwen, Mistral and Phi work.",
+        )

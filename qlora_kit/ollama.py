@@ -49,12 +49,13 @@ class ChatTurns:
 
 
 def between(text: str, start: str, end: str) -> str:
-    return text[text.index(start) + len(start): text.index(end)]
+    return text[text.index(start) + len(start) : text.index(end)]
 
 
 def chat_turns(tokenizer) -> ChatTurns | None:
     """The pieces of tokenizer's chat template, or None when they do not rebuild it (a template with logic beyond
     fixed text around each turn, or none at all)."""
+
     def render(messages, add_generation_prompt=False):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -62,27 +63,34 @@ def chat_turns(tokenizer) -> ChatTurns | None:
     try:
         one, prompted = render([user]), render([user], True)
         shared = os.path.commonprefix([one, prompted])
-        opening, closing = prompted[len(shared):], one[len(shared):]
+        opening, closing = prompted[len(shared) :], one[len(shared) :]
         answered = render([user, answer]).removesuffix(closing)
         two = render([user, answer, {"role": "user", "content": USER_2}])
-        user_close = shared[shared.index(USER) + len(USER):]
-        answer_close = answered[answered.index(ANSWER) + len(ANSWER):]
+        user_close = shared[shared.index(USER) + len(USER) :]
+        answer_close = answered[answered.index(ANSWER) + len(ANSWER) :]
         user_open = between(two, ANSWER, USER_2).removeprefix(answer_close)
         answer_open = between(two, USER, ANSWER).removeprefix(user_close)
-        preamble = one[:one.index(USER)].removesuffix(user_open)
+        preamble = one[: one.index(USER)].removesuffix(user_open)
         folded = False
         try:
             with_system = render([{"role": "system", "content": SYSTEM}, user])
-            system_text = with_system[:with_system.index(USER)].removesuffix(user_open)
+            system_text = with_system[: with_system.index(USER)].removesuffix(user_open)
             if with_system.startswith(preamble + user_open):  # Gemma's: no system turn, it opens the first user turn
-                folded, system_text = True, with_system[len(preamble + user_open):with_system.index(USER)]
-            system = (system_text[:system_text.index(SYSTEM)], system_text[system_text.index(SYSTEM) + len(SYSTEM):])
+                folded, system_text = True, with_system[len(preamble + user_open) : with_system.index(USER)]
+            system = (system_text[: system_text.index(SYSTEM)], system_text[system_text.index(SYSTEM) + len(SYSTEM) :])
         except Exception:  # noqa: BLE001 - templates without a system role raise, or drop it
             system = None
     except Exception:  # noqa: BLE001 - no chat template, or one that does not place contents as given
         return None
-    turns = ChatTurns(preamble, system, (user_open, user_close), (answer_open, answer_close), opening, closing,
-                      system_in_first_turn=folded)
+    turns = ChatTurns(
+        preamble,
+        system,
+        (user_open, user_close),
+        (answer_open, answer_close),
+        opening,
+        closing,
+        system_in_first_turn=folded,
+    )
     return turns if rebuilds(turns, render) else None
 
 
@@ -94,8 +102,12 @@ def rebuilds(turns: ChatTurns, render) -> bool:
     if turns.system:
         shapes += [[{"role": "system", "content": "Be brief."}, *shape] for shape in shapes]
     try:
-        return all(turns.render(shape, prompt) == render(shape, prompt) for shape in shapes for prompt in (False, True)
-                   if not (prompt and shape[-1]["role"] == "assistant"))
+        return all(
+            turns.render(shape, prompt) == render(shape, prompt)
+            for shape in shapes
+            for prompt in (False, True)
+            if not (prompt and shape[-1]["role"] == "assistant")
+        )
     except Exception:  # noqa: BLE001 - the template refuses a shape (say, turns that must alternate)
         return False
 
@@ -108,26 +120,51 @@ def go_text(text: str) -> str:
 def go_template(turns: ChatTurns, bos_token: str | None = None) -> str:
     """Ollama's TEMPLATE for these pieces: .System and .Messages as Ollama passes them. A bos_token is left out of the
     start: the model's GGUF has llama.cpp add it, and it must not come twice."""
-    preamble, system_open = (piece.removeprefix(bos_token) if bos_token else piece
-                             for piece in (turns.preamble, turns.system[0] if turns.system else ""))
+    preamble, system_open = (
+        piece.removeprefix(bos_token) if bos_token else piece
+        for piece in (turns.preamble, turns.system[0] if turns.system else "")
+    )
     answer_open, answer_close = (go_text(piece) for piece in turns.answer)
     user_open = go_text(turns.user[0])
     if turns.system and turns.system_in_first_turn:  # the system prompt goes into the first user turn, once
         system = go_text(preamble) + "{{ $system := .System }}"
-        user_open += ("{{ if $system }}" + go_text(turns.system[0]) + "{{ $system }}" + go_text(turns.system[1])
-                      + '{{ $system = "" }}{{ end }}')
+        user_open += (
+            "{{ if $system }}"
+            + go_text(turns.system[0])
+            + "{{ $system }}"
+            + go_text(turns.system[1])
+            + '{{ $system = "" }}{{ end }}'
+        )
     elif turns.system:
-        system = ("{{ if .System }}" + go_text(system_open) + "{{ .System }}" + go_text(turns.system[1])
-                  + "{{ else }}" + go_text(preamble) + "{{ end }}")
+        system = (
+            "{{ if .System }}"
+            + go_text(system_open)
+            + "{{ .System }}"
+            + go_text(turns.system[1])
+            + "{{ else }}"
+            + go_text(preamble)
+            + "{{ end }}"
+        )
     else:
         system = go_text(preamble)
-    return (system
-            + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-            + '{{ if eq .Role "user" }}' + user_open + "{{ .Content }}" + go_text(turns.user[1])
-            + "{{ if $last }}" + go_text(turns.answer_opening) + "{{ end }}"
-            + '{{ else if eq .Role "assistant" }}' + answer_open + "{{ .Content }}"
-            + "{{ if not $last }}" + answer_close + "{{ end }}"
-            + "{{ end }}{{ end }}")
+    return (
+        system
+        + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        + '{{ if eq .Role "user" }}'
+        + user_open
+        + "{{ .Content }}"
+        + go_text(turns.user[1])
+        + "{{ if $last }}"
+        + go_text(turns.answer_opening)
+        + "{{ end }}"
+        + '{{ else if eq .Role "assistant" }}'
+        + answer_open
+        + "{{ .Content }}"
+        + "{{ if not $last }}"
+        + answer_close
+        + "{{ end }}"
+        + "{{ end }}{{ end }}"
+    )
 
 
 def stop_words(turns: ChatTurns | None, tokenizer) -> list[str]:
@@ -149,8 +186,10 @@ def training_system_prompt(adapter_dir: Path) -> str | None:
         records = read_records(load_recipe(recipe_path).data, skip_bad_lines=True).records
     except (UserError, OSError):
         return None  # not a run folder, or its data has moved: nothing to say
-    prompts = {r["messages"][0]["content"] if r.get("messages") and r["messages"][0]["role"] == "system" else None
-               for r in records}
+    prompts = {
+        r["messages"][0]["content"] if r.get("messages") and r["messages"][0]["role"] == "system" else None
+        for r in records
+    }
     return prompts.pop() if len(prompts) == 1 else None
 
 
@@ -168,7 +207,9 @@ def gguf_adds_bos(path: Path | None) -> bool:
     if "tokenizer.ggml.add_bos_token" in fields:
         return bool(fields["tokenizer.ggml.add_bos_token"].contents())
     # Left unsaid, llama.cpp adds it for SentencePiece vocabularies and Llama 3's.
-    model, pre = (fields[key].contents() if key in fields else None for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+    model, pre = (
+        fields[key].contents() if key in fields else None for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+    )
     return model == "llama" or pre == "llama-bpe"
 
 
@@ -177,8 +218,9 @@ def model_name(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "my-model"
 
 
-def write_modelfile(folder: Path, from_: str, adapter: str | None, tokenizer, system: str | None,
-                    adds_bos: bool) -> tuple[Path, bool]:
+def write_modelfile(
+    folder: Path, from_: str, adapter: str | None, tokenizer, system: str | None, adds_bos: bool
+) -> tuple[Path, bool]:
     """Write folder/Modelfile; returns it and whether the chat template could be written as a TEMPLATE. adds_bos:
     the GGUF has llama.cpp add the beginning-of-sequence token, so the template must not."""
     turns = chat_turns(tokenizer)

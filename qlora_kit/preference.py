@@ -38,27 +38,42 @@ def check_method_fits_data(recipe, data_format: str) -> None:
     apply to pairs, nor a reference to methods without one."""
     pairs = data_format in PREFERENCE_FORMATS
     if recipe.method == "sft" and pairs:
-        raise UserError(f"{recipe.data} holds preference pairs (chosen and rejected answers), which SFT cannot learn from.",
-                        hint="Add --method dpo (or orpo), or train SFT on the chosen answers as prompt/completion data.")
+        raise UserError(
+            f"{recipe.data} holds preference pairs (chosen and rejected answers), which SFT cannot learn from.",
+            hint="Add --method dpo (or orpo), or train SFT on the chosen answers as prompt/completion data.",
+        )
     if recipe.method != "sft" and not pairs:
-        raise UserError(f"--method {recipe.method} learns from preference pairs, and {recipe.data} holds {data_format} data.",
-                        hint='Give each line a prompt (or messages), a "chosen" and a "rejected" answer; or use --method sft.')
+        raise UserError(
+            f"--method {recipe.method} learns from preference pairs, and {recipe.data} holds {data_format} data.",
+            hint='Give each line a prompt (or messages), a "chosen" and a "rejected" answer; or use --method sft.',
+        )
     check_reference_fits_method(recipe)
     if pairs and (recipe.packing or recipe.train_on_inputs):
-        raise UserError(f"--method {recipe.method} compares whole answers to one prompt, so "
-                        f"{'--packing' if recipe.packing else '--train-on-inputs'} does not apply.",
-                        hint="Leave it out for preference tuning.")
+        raise UserError(
+            f"--method {recipe.method} compares whole answers to one prompt, so "
+            f"{'--packing' if recipe.packing else '--train-on-inputs'} does not apply.",
+            hint="Leave it out for preference tuning.",
+        )
 
 
 def check_reference_fits_method(recipe) -> None:
     """Only DPO has a reference, so only DPO takes a say in how it is computed (plan checks this before any data)."""
     if recipe.method != "dpo" and recipe.reference != "auto":
-        raise UserError(f"--reference {recipe.reference} says how DPO computes its reference, and --method "
-                        f"{recipe.method} has none.", hint="Leave --reference out, or use --method dpo.")
+        raise UserError(
+            f"--reference {recipe.reference} says how DPO computes its reference, and --method "
+            f"{recipe.method} has none.",
+            hint="Leave --reference out, or use --method dpo.",
+        )
 
 
-def sequence_log_probs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
-                       chunk_tokens: int, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence, the summed log-probability of its labelled tokens, and how many there are: two (batch,) tensors.
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) token ids, IGNORE where no loss.
@@ -67,30 +82,58 @@ def sequence_log_probs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, label
     keep = targets != IGNORE
     rows, targets = hidden[:, :-1][keep], targets[keep]
     owner = keep.nonzero()[:, 0]  # which sequence each kept position belongs to
-    per_token = torch.cat([checkpoint(_chunk_log_probs, rows[start:start + chunk_tokens], lm_head_weight,
-                                      targets[start:start + chunk_tokens], softcap, use_reentrant=False)
-                           for start in range(0, rows.shape[0], chunk_tokens)]) if rows.shape[0] else rows.new_zeros(0)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, owner, per_token.float())
+    per_token = (
+        torch.cat(
+            [
+                checkpoint(
+                    _chunk_log_probs,
+                    rows[start : start + chunk_tokens],
+                    lm_head_weight,
+                    targets[start : start + chunk_tokens],
+                    softcap,
+                    use_reentrant=False,
+                )
+                for start in range(0, rows.shape[0], chunk_tokens)
+            ]
+        )
+        if rows.shape[0]
+        else rows.new_zeros(0)
+    )
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(
+        0, owner, per_token.float()
+    )
     return sums, keep.sum(dim=1)
 
 
-def _chunk_log_probs(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _chunk_log_probs(
+    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
     logits = (rows.to(weight.dtype) @ weight.t()).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO's sigmoid loss per pair from summed answer log-probs, with the implicit rewards beta * (policy - reference)
     of the chosen and rejected answers."""
     chosen_reward, rejected_reward = beta * (chosen - reference_chosen), beta * (rejected - reference_rejected)
     return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward.detach(), rejected_reward.detach()
 
 
-def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
-              weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def orpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORPO's loss per pair: the chosen answer's mean token NLL minus weight * log sigmoid(log odds ratio), from the
     mean token log-probs of each answer (as the paper, eq. 6-7); rewards are weight * those means, as TRL logs."""
     chosen_mean, rejected_mean = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
@@ -108,7 +151,9 @@ class PreferenceLoss(torch.nn.Module):
     """A micro-batch of preference pairs' summed loss as one module, like CausalLMLoss (so DDP and FSDP wrap it the
     same way). Returns (loss sum, pairs, attention mask, sums of the reward statistics)."""
 
-    def __init__(self, model, method: str, beta: float, loss_chunk_tokens: int = 0, reference_adapter: str | None = None):
+    def __init__(
+        self, model, method: str, beta: float, loss_chunk_tokens: int = 0, reference_adapter: str | None = None
+    ):
         super().__init__()
         self.model, self.method, self.beta = model, method, beta
         self.chunk_tokens = loss_chunk_tokens or default_chunk_tokens(lm_parts(model)[1].shape[0])
@@ -149,12 +194,18 @@ class PreferenceLoss(torch.nn.Module):
             losses, chosen, rejected = dpo_loss(sums[:n], sums[n:], reference[:n], reference[n:], self.beta)
         else:
             losses, chosen, rejected = orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], self.beta)
-        stats = {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
-                 "reward_margin": (chosen - rejected).sum(), "reward_accuracy": (chosen > rejected).float().sum()}
+        stats = {
+            "reward_chosen": chosen.sum(),
+            "reward_rejected": rejected.sum(),
+            "reward_margin": (chosen - rejected).sum(),
+            "reward_accuracy": (chosen > rejected).float().sum(),
+        }
         return losses.sum(), n, attention_mask, stats
 
 
-def reference_log_probs(loss: PreferenceLoss, examples, micro_batch: int, pad_id: int, device, advance=lambda n: None) -> torch.Tensor:
+def reference_log_probs(
+    loss: PreferenceLoss, examples, micro_batch: int, pad_id: int, device, advance=lambda n: None
+) -> torch.Tensor:
     """Every pair's reference log-probs as a (pairs, 2) float32 tensor of (chosen, rejected), micro_batch pairs at a
     time in order of length, so little is padded; advance(n) after each batch, for a progress bar."""
     values = torch.empty(len(examples), 2)
@@ -162,7 +213,7 @@ def reference_log_probs(loss: PreferenceLoss, examples, micro_batch: int, pad_id
     with torch.no_grad(), loss.reference_model():
         for start in range(0, len(order), micro_batch):
             CPU_SHARE.use_free_cores(device)
-            batch = order[start:start + micro_batch]
+            batch = order[start : start + micro_batch]
             sums, _, _ = loss.answer_log_probs([examples[i] for i in batch], pad_id, device)
             values[batch] = sums.view(2, len(batch)).t().cpu()
             advance(len(batch))

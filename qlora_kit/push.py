@@ -24,7 +24,9 @@ def adapter_and_run(folder: Path) -> tuple[Path, Path]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"No run folder at {folder}.", hint="Pass the folder a run wrote, e.g. runs/NAME (see `ls runs`).")
+        raise UserError(
+            f"No run folder at {folder}.", hint="Pass the folder a run wrote, e.g. runs/NAME (see `ls runs`)."
+        )
     if (folder / "adapter_config.json").is_file():
         adapter, run = folder, folder.parent if folder.name == "adapter" else folder
     else:
@@ -35,19 +37,27 @@ def adapter_and_run(folder: Path) -> tuple[Path, Path]:
 
 def files_to_push(adapter: Path, run: Path, gguf: bool = False, checkpoints: bool = False) -> dict[str, Path]:
     """{path in the repo: local file}: the adapter folder's own files, and what the flags add from its run."""
-    files = {p.name: p for p in sorted(adapter.iterdir())
-             if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name not in KEPT_BACK}
+    files = {
+        p.name: p
+        for p in sorted(adapter.iterdir())
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name not in KEPT_BACK
+    }
     if gguf:
         exported = sorted(p for p in run.glob("*.gguf") if p.is_file() and not p.is_symlink())
         if not exported:
-            raise UserError(f"{run} holds no GGUF export to push.",
-                            hint=f"Export one first: qlora-kit export --adapter {adapter} (or drop --gguf).")
+            raise UserError(
+                f"{run} holds no GGUF export to push.",
+                hint=f"Export one first: qlora-kit export --adapter {adapter} (or drop --gguf).",
+            )
         files |= {p.name: p for p in exported}
         if (run / "Modelfile").is_file() and not (run / "Modelfile").is_symlink():
             files["Modelfile"] = run / "Modelfile"
     if checkpoints:
-        saved = sorted(p for p in (run / "checkpoints").rglob("*")
-                       if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
+        saved = sorted(
+            p
+            for p in (run / "checkpoints").rglob("*")
+            if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+        )
         if not saved:
             raise UserError(f"{run} holds no checkpoints to push.", hint="Drop --checkpoints.")
         files |= {p.relative_to(run).as_posix(): p for p in saved}
@@ -68,28 +78,42 @@ def push_card(adapter: Path, run: Path, repo_id: str, pushed: list[str], base: s
     if local:
         card = card.replace(local, base)
     if "path/to/this/folder" not in card:  # an adapter without qlora-kit's card: say how to load it
-        card += (f"\n## Use it\n\n```python\nfrom peft import PeftModel\nfrom transformers import "
-                 f"AutoModelForCausalLM, AutoTokenizer\n\nbase = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
-                 f"model = PeftModel.from_pretrained(base, \"{repo_id}\")\ntokenizer = AutoTokenizer.from_pretrained("
-                 f"\"{repo_id}\")\n```\n")
+        card += (
+            f"\n## Use it\n\n```python\nfrom peft import PeftModel\nfrom transformers import "
+            f'AutoModelForCausalLM, AutoTokenizer\n\nbase = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\ntokenizer = AutoTokenizer.from_pretrained('
+            f'"{repo_id}")\n```\n'
+        )
     card = card.replace("path/to/this/folder", repo_id)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
     lines = [""]
     ggufs = [name for name in pushed if name.endswith(".gguf")]
     if "adapter.gguf" in ggufs:
-        lines += ["With llama.cpp, beside the base model as a GGUF of its own:", "", "```bash",
-                  f"hf download {repo_id} adapter.gguf --local-dir .",
-                  "llama-cli -m BASE.gguf --lora adapter.gguf -p \"...\"", "```", ""]
+        lines += [
+            "With llama.cpp, beside the base model as a GGUF of its own:",
+            "",
+            "```bash",
+            f"hf download {repo_id} adapter.gguf --local-dir .",
+            'llama-cli -m BASE.gguf --lora adapter.gguf -p "..."',
+            "```",
+            "",
+        ]
     merged = [name for name in ggufs if name != "adapter.gguf"]
     if merged:
-        lines += [f"`{merged[0]}` is the base with this adapter merged in: `llama-cli -m {merged[0]}`"
-                  + (", or `ollama create NAME -f Modelfile` beside it." if "Modelfile" in pushed else "."), ""]
+        lines += [
+            f"`{merged[0]}` is the base with this adapter merged in: `llama-cli -m {merged[0]}`"
+            + (", or `ollama create NAME -f Modelfile` beside it." if "Modelfile" in pushed else "."),
+            "",
+        ]
     try:
         measured = load_run(run)
         if measured.planned_gib:
             peak, what = peak_memory(measured)
-            lines += [f"Memory: `qlora-kit plan` predicted {measured.planned_gib:.2f} GiB on {measured.device}; "
-                      f"the run measured {peak:.2f} GiB ({what}).", ""]
+            lines += [
+                f"Memory: `qlora-kit plan` predicted {measured.planned_gib:.2f} GiB on {measured.device}; "
+                f"the run measured {peak:.2f} GiB ({what}).",
+                "",
+            ]
     except UserError:
         pass  # a run without metrics: the card says what it can
     data = recipe.get("data")
@@ -101,10 +125,23 @@ def push_card(adapter: Path, run: Path, repo_id: str, pushed: list[str], base: s
         lines += [f"Data: the hub dataset `{data}`, split `{recipe.get('data_split') or 'train'}`{fingerprint}.", ""]
     if recipe:
         # where things lay on this machine says nothing to a reader, and is not theirs to know
-        shown = {k: v for k, v in recipe.items() if v is not None and k not in ("model", "data", "eval_data")
-                 and not (isinstance(v, str) and (Path(v).is_absolute() or path_exists(Path(v))))}
-        lines += ["<details><summary>Recipe</summary>", "", "```yaml", yaml.safe_dump(shown, sort_keys=False).strip(),
-                  "```", "", "</details>", ""]
+        shown = {
+            k: v
+            for k, v in recipe.items()
+            if v is not None
+            and k not in ("model", "data", "eval_data")
+            and not (isinstance(v, str) and (Path(v).is_absolute() or path_exists(Path(v))))
+        }
+        lines += [
+            "<details><summary>Recipe</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(shown, sort_keys=False).strip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return card.rstrip() + "\n" + "\n".join(lines)
 
 
@@ -131,10 +168,12 @@ def hub_base(adapter: Path, named: str | None = None) -> tuple[str, str | None]:
     local = recorded if Path(recorded).is_absolute() else None
     base = named or (None if local else hub_id_of(recorded)) or ((recorded_base(adapter) or {}).get("hub_id"))
     if not base:
-        raise UserError(f"{adapter} was trained on the local folder {recorded or '(unnamed)'}, which nobody "
-                        "pulling it from the hub can load.",
-                        hint="Name the hub model that folder holds with --base ORG/NAME (the card and "
-                             "adapter_config.json will say it).")
+        raise UserError(
+            f"{adapter} was trained on the local folder {recorded or '(unnamed)'}, which nobody "
+            "pulling it from the hub can load.",
+            hint="Name the hub model that folder holds with --base ORG/NAME (the card and "
+            "adapter_config.json will say it).",
+        )
     return HubRepo.parse(base).repo_id, local
 
 
@@ -155,33 +194,49 @@ def _for_the_hub(path: Path, base: str, local: str | None) -> bytes | None:
     return None
 
 
-def push_run(folder: Path, repo_id: str, private: bool = False, gguf: bool = False, checkpoints: bool = False,
-             base: str | None = None, console=None) -> str:
+def push_run(
+    folder: Path,
+    repo_id: str,
+    private: bool = False,
+    gguf: bool = False,
+    checkpoints: bool = False,
+    base: str | None = None,
+    console=None,
+) -> str:
     """Upload a run's adapter (and what the flags add) with its card as one commit; the commit's URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     from qlora_kit.hub import HubRepo, explain_upload_error
 
     if not HUB_ID_SHAPE.match(repo_id.partition("@")[0]):
-        raise UserError(f"--repo {repo_id!r} is not a hub repo id.", hint="Name it USER/NAME or ORG/NAME, e.g. "
-                                                                          "--repo you/pirate-adapter.")
+        raise UserError(
+            f"--repo {repo_id!r} is not a hub repo id.",
+            hint="Name it USER/NAME or ORG/NAME, e.g. --repo you/pirate-adapter.",
+        )
     repo = HubRepo.parse(repo_id)
     if repo.revision:
-        raise UserError(f"--repo {repo_id} names a revision; a push goes to the repo's main branch.",
-                        hint="Drop the @ and what follows it.")
+        raise UserError(
+            f"--repo {repo_id} names a revision; a push goes to the repo's main branch.",
+            hint="Drop the @ and what follows it.",
+        )
     adapter, run = adapter_and_run(folder)
     files = files_to_push(adapter, run, gguf, checkpoints)
     base, local = hub_base(adapter, base)
     card = push_card(adapter, run, repo.repo_id, list(files), base, local)
-    operations = [CommitOperationAdd(name, _for_the_hub(path, base, local) or str(path)) for name, path in files.items()]
+    operations = [
+        CommitOperationAdd(name, _for_the_hub(path, base, local) or str(path)) for name, path in files.items()
+    ]
     operations.append(CommitOperationAdd("README.md", card.encode()))
     api = HfApi()
     try:
         api.create_repo(repo.repo_id, private=private, exist_ok=True)
         size = sum(path.stat().st_size for path in files.values())
         if console is not None:
-            console.print(f"Pushing {len(operations)} files ({size / 2**20:,.1f} MiB) to {repo.repo_id} ...",
-                          highlight=False, markup=False)
+            console.print(
+                f"Pushing {len(operations)} files ({size / 2**20:,.1f} MiB) to {repo.repo_id} ...",
+                highlight=False,
+                markup=False,
+            )
         commit = api.create_commit(repo.repo_id, operations, commit_message=f"qlora-kit push of {run.resolve().name}")
     except Exception as e:
         raise explain_upload_error(e, repo) or e from None

@@ -38,7 +38,9 @@ def load_run(folder: str | Path) -> Run:
     folder = Path(folder)
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
-        raise UserError(f"{folder} holds no metrics.jsonl, so it is not a qlora-kit run.", hint="Pass a folder under runs/.")
+        raise UserError(
+            f"{folder} holds no metrics.jsonl, so it is not a qlora-kit run.", hint="Pass a folder under runs/."
+        )
     records, lines = [], metrics.read_text().splitlines()
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -47,10 +49,15 @@ def load_run(folder: str | Path) -> Run:
             except json.JSONDecodeError:
                 if number == len(lines):  # being written right now, or cut short by a full disk: a resume drops it too
                     continue
-                raise UserError(f"{metrics}, line {number} is not valid JSON.", hint="The file may be damaged; the other lines are fine.") from None
+                raise UserError(
+                    f"{metrics}, line {number} is not valid JSON.",
+                    hint="The file may be damaged; the other lines are fine.",
+                ) from None
     run = Run(folder.name, folder, [r for r in records if "event" not in r], [r for r in records if "event" in r])
     if not run.steps:
-        raise UserError(f"{folder} has not finished a step yet.", hint="Wait for the first step, then run report again.")
+        raise UserError(
+            f"{folder} has not finished a step yet.", hint="Wait for the first step, then run report again."
+        )
     run.recipe = read_settings(folder / "recipe.yaml")
     if (folder / "plan.json").is_file():
         plan = json.loads((folder / "plan.json").read_text())
@@ -68,7 +75,11 @@ def summary_table(run: Run) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", str(run.recipe.get("model", "?")))
-    table.add_row("steps", f"{last['step']}" + (f" (rank {run.recipe['rank']}, seq {run.recipe['seq_len']})" if "rank" in run.recipe else ""))
+    table.add_row(
+        "steps",
+        f"{last['step']}"
+        + (f" (rank {run.recipe['rank']}, seq {run.recipe['seq_len']})" if "rank" in run.recipe else ""),
+    )
     seconds = last.get("time_s") or sum(s["step_s"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     table.add_row("time", f"{seconds:.0f} s ({seconds / len(steps):.2f} s/step)")
@@ -85,7 +96,10 @@ def summary_table(run: Run) -> Table:
     for event in run.events:
         table.add_row("[yellow]step-down", f"step {event['step']}: {describe_step_down(event)}")
     weights = run.folder / "adapter" / "adapter_model.safetensors"
-    table.add_row("adapter", f"{weights.parent} ({weights.stat().st_size / 2**20:.1f} MiB)" if weights.is_file() else "not written yet")
+    table.add_row(
+        "adapter",
+        f"{weights.parent} ({weights.stat().st_size / 2**20:.1f} MiB)" if weights.is_file() else "not written yet",
+    )
     return table
 
 
@@ -112,8 +126,14 @@ def plot_rewards(axes, run: Run, colour: str) -> None:
     axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
     accuracy = axes.twinx()
-    accuracy.plot(steps, [s["reward_accuracy"] for s in stepped], color=colour, alpha=0.4, linestyle="--",
-                  label=f"{run.name} accuracy")
+    accuracy.plot(
+        steps,
+        [s["reward_accuracy"] for s in stepped],
+        color=colour,
+        alpha=0.4,
+        linestyle="--",
+        label=f"{run.name} accuracy",
+    )
     accuracy.set_ylim(0, 1.05)
     accuracy.set_ylabel("reward accuracy")
 
@@ -124,7 +144,10 @@ def png_path(path: str | Path) -> Path:
     if path.is_dir():
         return path / "report.png"
     if path.suffix.lower() != ".png":
-        raise UserError(f"--png {path} does not name a .png file.", hint=f"Give a name ending in .png, e.g. --png {path.with_suffix('.png')}.")
+        raise UserError(
+            f"--png {path} does not name a .png file.",
+            hint=f"Give a name ending in .png, e.g. --png {path.with_suffix('.png')}.",
+        )
     check_not_under_a_file(path, hint="Choose another --png.")
     return path
 
@@ -139,7 +162,9 @@ def write_png(runs: list[Run], path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("Plotting needs matplotlib, which is not installed.", hint='Run: pip install "qlora-kit[plot]"') from None
+        raise UserError(
+            "Plotting needs matplotlib, which is not installed.", hint='Run: pip install "qlora-kit[plot]"'
+        ) from None
     preference = any("reward_accuracy" in s for run in runs for s in run.steps)
     figure, axes = plt.subplots(3 if preference else 2, 1, figsize=FIGURE_INCHES, dpi=DPI, sharex=True)
     loss_axes, memory_axes = axes[0], axes[-1]
@@ -151,8 +176,12 @@ def write_png(runs: list[Run], path: str | Path) -> Path:
         if evals:
             loss_axes.plot(*zip(*evals), color=colour, linestyle=":", marker="o", label=f"{run.name} eval loss")
         if any(s.get("mem_alloc_gib") is not None for s in run.steps):
-            memory_axes.plot(steps, [s["mem_alloc_gib"] for s in run.steps], color=colour, label=f"{run.name} allocated")
-            memory_axes.plot(steps, [s["mem_reserved_gib"] for s in run.steps], color=colour, alpha=0.5, label=f"{run.name} reserved")
+            memory_axes.plot(
+                steps, [s["mem_alloc_gib"] for s in run.steps], color=colour, label=f"{run.name} allocated"
+            )
+            memory_axes.plot(
+                steps, [s["mem_reserved_gib"] for s in run.steps], color=colour, alpha=0.5, label=f"{run.name} reserved"
+            )
         else:
             memory_axes.plot(steps, [s["rss_gib"] for s in run.steps], color=colour, label=f"{run.name} process RSS")
         if run.planned_gib is not None:

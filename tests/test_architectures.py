@@ -40,7 +40,10 @@ def test_a_family_that_overflows_fp16_computes_in_fp32_on_a_card_without_bf16(mo
     assert gemma.plan.total_bytes > as_if_bf16.plan.total_bytes
     assert any("computes in fp32, as Gemma overflows fp16" in note for note in gemma.plan.notes)
     llama = make_plan("llama-3.2-1b", Recipe(), t4)
-    assert llama.plan.total_bytes == make_plan("llama-3.2-1b", Recipe(), dataclasses.replace(t4, bf16=True)).plan.total_bytes
+    assert (
+        llama.plan.total_bytes
+        == make_plan("llama-3.2-1b", Recipe(), dataclasses.replace(t4, bf16=True)).plan.total_bytes
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert pick_device_and_dtype("auto", config={"model_type": "gemma"})[1] == torch.float32
@@ -58,22 +61,38 @@ class Recorded:
         return lambda *values: self.keys.__setitem__(name.removeprefix("add_"), values)
 
 
-@pytest.mark.parametrize("model_type, change, says", [
-    ("gemma3_text", {"layer_types": ["full_attention"] * 6}, "which layers attend within the sliding window"),
-    ("gemma3_text", {"query_pre_attn_scalar": 99}, "query_pre_attn_scalar (99)"),
-    ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "other layers than every 4th"),
-    ("olmo3", {"layer_types": ["sliding_attention"] * 4}, "other layers than three of every four"),
-    ("olmo3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0, "attention_factor": 2.0}}},
-     "attention factor or betas"),
-    ("olmo3", {"rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 5e5}}},
-     "a rotary base of their own"),
-    ("gpt_oss", {"layer_types": ["full_attention"] * 4}, "which layers attend within the sliding window"),
-    ("gpt_oss", {"swiglu_limit": 10.0}, "the SwiGLU clamp and scale (10.0, 1.702)")])
+@pytest.mark.parametrize(
+    "model_type, change, says",
+    [
+        ("gemma3_text", {"layer_types": ["full_attention"] * 6}, "which layers attend within the sliding window"),
+        ("gemma3_text", {"query_pre_attn_scalar": 99}, "query_pre_attn_scalar (99)"),
+        ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "other layers than every 4th"),
+        ("olmo3", {"layer_types": ["sliding_attention"] * 4}, "other layers than three of every four"),
+        (
+            "olmo3",
+            {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0, "attention_factor": 2.0}}},
+            "attention factor or betas",
+        ),
+        (
+            "olmo3",
+            {"rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 5e5}}},
+            "a rotary base of their own",
+        ),
+        ("gpt_oss", {"layer_types": ["full_attention"] * 4}, "which layers attend within the sliding window"),
+        ("gpt_oss", {"swiglu_limit": 10.0}, "the SwiGLU clamp and scale (10.0, 1.702)"),
+    ],
+)
 def test_what_llama_cpp_builds_in_differently_is_refused_on_export(model_type, change, says):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type, num_hidden_layers=6 if model_type == "gemma3_text" else 4, head_dim=16,
-                                  num_attention_heads=4, hidden_size=64, sliding_window=4).to_dict()
+    config = AutoConfig.for_model(
+        model_type,
+        num_hidden_layers=6 if model_type == "gemma3_text" else 4,
+        head_dim=16,
+        num_attention_heads=4,
+        hidden_size=64,
+        sliding_window=4,
+    ).to_dict()
     family = gguf_family(config)
     config["query_pre_attn_scalar"] = 16
     family.gguf_metadata(written := Recorded(), config)  # as transformers makes it: accepted
@@ -91,7 +110,7 @@ def hub_layout(folder):
     weights = load_file(folder / "model.safetensors")
     renamed = {}
     for name, tensor in weights.items():
-        old = next((old + name[len(new):] for old, new in OLD_MULTIMODAL_NAMES if name.startswith(new)), name)
+        old = next((old + name[len(new) :] for old, new in OLD_MULTIMODAL_NAMES if name.startswith(new)), name)
         renamed[old] = tensor
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     assert any(name.startswith("language_model.model.") for name in renamed)
@@ -121,17 +140,28 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
     if layout == "hub":
         hub_layout(base)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "one two"},
-                                                     {"role": "assistant", "content": f"three {i}"}]}) + "\n"
-                            for i in range(8)))
-    summary = run_training(Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=4, micro_batch=4),
-                           tmp_path / "run", Console(file=io.StringIO()))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": f"three {i}"}]}
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
+    summary = run_training(
+        Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=4, micro_batch=4),
+        tmp_path / "run",
+        Console(file=io.StringIO()),
+    )
     assert summary.last_loss < summary.first_loss
     adapter = tmp_path / "run" / "adapter"
     with safe_open(adapter / "adapter_model.safetensors", "pt") as lora:
         assert lora.keys() and all(".model.language_model.layers." in key for key in lora.keys())
     plain = PeftModel.from_pretrained(Gemma3ForConditionalGeneration.from_pretrained(base), adapter).eval()
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")
+    ).eval()
     assert type(merged).__name__ == "Gemma3ForConditionalGeneration"
     ids = torch.tensor([[7, 17, 42, 99, 11]])
     with torch.no_grad():
@@ -140,8 +170,23 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
     assert "blk.5.attn_q.weight" in names and len(names) == 1 + 1 + 6 * 13  # embeddings, norm, 13 a layer: no tower
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "smollm3", "gemma3_text", "gemma3", "olmo3", "phi4_mini", "qwen3_moe", "gpt_oss",
-                                  "qwen3_5_text", "lfm2", "qwen3_next", "gemma4"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "qwen3",
+        "smollm3",
+        "gemma3_text",
+        "gemma3",
+        "olmo3",
+        "phi4_mini",
+        "qwen3_moe",
+        "gpt_oss",
+        "qwen3_5_text",
+        "lfm2",
+        "qwen3_next",
+        "gemma4",
+    ],
+)
 def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind, monkeypatch):
     """Loss falls; a run that lost its last checkpoint and adapter (killed before writing them) resumes from the one
     before and ends bit for bit as the run that was never stopped. On one torch thread: beside the other test
@@ -161,7 +206,9 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
     base = save_tiny_model(tmp_path / kind, kind)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox jumps {i}"}}\n' for i in range(16)))
-    recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=2e-2, steps=4, micro_batch=2, checkpoint_every=2)
+    recipe = Recipe(
+        model=str(base), data=str(data), rank=4, alpha=8, lr=2e-2, steps=4, micro_batch=2, checkpoint_every=2
+    )
     quiet = Console(file=io.StringIO())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CpuShare leaves the thread count as the user set it
     threads = torch.get_num_threads()
@@ -195,13 +242,18 @@ def test_a_hybrids_or_gemma_4s_merge_is_the_base_plus_the_adapter(tmp_path, kind
     from tests.tiny_models import save_tiny_model
 
     base = save_tiny_model(tmp_path / "base", kind)
-    lora = models.attach_lora(models.load_base_4bit(base, torch.float32, torch.device("cpu")), Recipe(rank=4, dropout=0.0))
+    lora = models.attach_lora(
+        models.load_base_4bit(base, torch.float32, torch.device("cpu")), Recipe(rank=4, dropout=0.0)
+    )
     torch.manual_seed(1)
     for name, parameter in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)  # an adapter that changes the output
-    assert any(mixer in name for name, _ in lora.named_parameters()
-               for mixer in ("in_proj_qkv", "conv.in_proj.lora", "experts.lora"))
+    assert any(
+        mixer in name
+        for name, _ in lora.named_parameters()
+        for mixer in ("in_proj_qkv", "conv.in_proj.lora", "experts.lora")
+    )
     lora.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():

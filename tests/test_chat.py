@@ -38,7 +38,11 @@ def two_adapters(llama_dir, tmp_path_factory):
 def test_several_adapters_share_one_base_and_switch_by_name(two_adapters, llama_dir):
     model, tokenizer, names = load_with_adapters(None, list(two_adapters))
     assert names == ["pirate", "french"]
-    prompts = ["the", "hello world, this is a tiny tokenizer for tests", "one two"]  # unequal: batched with left padding
+    prompts = [
+        "the",
+        "hello world, this is a tiny tokenizer for tests",
+        "one two",
+    ]  # unequal: batched with left padding
     rows = list(chat.answer_each(model, tokenizer, prompts, [None, *names], GREEDY))
     for name, folder in zip(names, two_adapters):  # each switched, batched answer is what that adapter alone gives
         alone, alone_tokenizer = adapter.load_with_adapter(None, folder)
@@ -76,8 +80,23 @@ def test_the_chat_loop_keeps_history_and_obeys_commands(two_adapters, monkeypatc
         return "ok"
 
     monkeypatch.setattr(chat, "generate_reply", fake_reply)
-    lines = iter(["hello", "/system Be brief.", "again", "/adapter french", "bonjour", "/adapter nope", "/reset", "fresh",
-                  "/adapters", "/wat", "", "/quit", "never read"])
+    lines = iter(
+        [
+            "hello",
+            "/system Be brief.",
+            "again",
+            "/adapter french",
+            "bonjour",
+            "/adapter nope",
+            "/reset",
+            "fresh",
+            "/adapters",
+            "/wat",
+            "",
+            "/quit",
+            "never read",
+        ]
+    )
     console = Console(file=io.StringIO(), width=200)
     transcript = chat.run_chat(model, tokenizer, names, console, GREEDY, read_line=lambda: next(lines))
     assert transcript == [{"role": "user", "content": "fresh"}, {"role": "assistant", "content": "ok"}]
@@ -105,17 +124,38 @@ def test_chat_streams_a_real_reply_and_ends_at_end_of_input(two_adapters):
 
 def test_generate_a_file_of_prompts_with_compare(two_adapters, monkeypatch, capsys, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the"}, "hello"])
-    code, out, err = run_cli(monkeypatch, capsys, "generate", "--file", prompts, "--compare", "--json", "--max-new-tokens", "4",
-                             "--adapter", two_adapters[0], "--adapter", two_adapters[1])
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "generate",
+        "--file",
+        prompts,
+        "--compare",
+        "--json",
+        "--max-new-tokens",
+        "4",
+        "--adapter",
+        two_adapters[0],
+        "--adapter",
+        two_adapters[1],
+    )
     assert code in (0, None), err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["the", "hello"] and list(rows[0]["replies"]) == ["base", "pirate", "french"]
-    code, out, _ = run_cli(monkeypatch, capsys, "generate", "--prompt", "the", "--compare", "--adapter", two_adapters[0])
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "generate", "--prompt", "the", "--compare", "--adapter", two_adapters[0]
+    )
     assert code in (0, None) and "base" in out and "pirate" in out
 
 
-@pytest.mark.parametrize("content, message", [("", "holds no prompts"), ("{oops\n", "line 1: not valid JSON"),
-                                              ('{"text": "x"}\n', "line 1: no non-empty `prompt`")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no prompts"),
+        ("{oops\n", "line 1: not valid JSON"),
+        ('{"text": "x"}\n', "line 1: no non-empty `prompt`"),
+    ],
+)
 def test_prompt_files_with_problems(tmp_path, content, message):
     (tmp_path / "p.jsonl").write_text(content)
     with pytest.raises(UserError, match=message):
@@ -144,15 +184,27 @@ main()
 
 def start_slow(tmp_path: Path, *args, **popen) -> subprocess.Popen:
     env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *map(str, args)], env=env, text=True,
-                            cwd=Path(__file__).parents[1], **popen)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHILD, *map(str, args)], env=env, text=True, cwd=Path(__file__).parents[1], **popen
+    )
 
 
-def test_an_interrupted_generate_keeps_each_answer_and_the_same_command_answers_the_rest(two_adapters, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_an_interrupted_generate_keeps_each_answer_and_the_same_command_answers_the_rest(
+    two_adapters, tmp_path, monkeypatch, capsys
+):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"the sea {i}"} for i in range(300)])
     answers = tmp_path / "answers.jsonl"
-    command = ["generate", "--adapter", two_adapters[0], "--file", prompts, "--output", answers, "--max-new-tokens", "2"]
+    command = [
+        "generate",
+        "--adapter",
+        two_adapters[0],
+        "--file",
+        prompts,
+        "--output",
+        answers,
+        "--max-new-tokens",
+        "2",
+    ]
     child = start_slow(tmp_path, *command, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (answers.exists() and len(answers.read_text().splitlines()) >= 10):
@@ -171,13 +223,24 @@ def test_an_interrupted_generate_keeps_each_answer_and_the_same_command_answers_
     assert code in (0, None), err
     assert f"answers {len(kept)} of the 300 prompts already; answering the other {300 - len(kept)}" in out
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert [row["prompt"] for row in rows] == [f"the sea {i}" for i in range(300)] and rows[:len(kept)] == kept
+    assert [row["prompt"] for row in rows] == [f"the sea {i}" for i in range(300)] and rows[: len(kept)] == kept
 
 
 def test_ctrl_c_in_chat_stops_the_reply_not_the_session_and_a_line_not_utf8_is_asked_again(two_adapters, tmp_path):
     # Greedy: a sampled reply may end within the second before the Ctrl-C, and the Ctrl-C then meets the prompt
-    child = start_slow(tmp_path, "chat", "--adapter", two_adapters[0], "--max-new-tokens", "200", "--temperature", "0",
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = start_slow(
+        tmp_path,
+        "chat",
+        "--adapter",
+        two_adapters[0],
+        "--max-new-tokens",
+        "200",
+        "--temperature",
+        "0",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: child.stdout.read(1), "")), daemon=True)
     reader.start()

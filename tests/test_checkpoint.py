@@ -14,8 +14,15 @@ from tests.test_train import QUIET
 @pytest.fixture
 def run(llama_dir, chat_data, tmp_path):
     """A finished 6-step run with checkpoints every 2 steps, the newest 2 kept."""
-    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, checkpoint_every=2,
-                    keep_checkpoints=2)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(chat_data),
+        rank=4,
+        steps=6,
+        micro_batch=2,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+    )
     run_training(recipe, tmp_path / "run", QUIET)
     return tmp_path / "run"
 
@@ -23,8 +30,16 @@ def run(llama_dir, chat_data, tmp_path):
 def test_checkpoints_hold_everything_to_resume_and_only_the_newest_are_kept(run):
     assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-6", "step-4"]
     folder = run / "checkpoints" / "step-6"
-    assert {p.name for p in folder.iterdir()} == {"adapter", "optimizer.pt", "state.pt", "trainer_state.json", "manifest.json"}
-    assert (folder / "adapter" / "adapter_model.safetensors").is_file() and (folder / "adapter" / "adapter_config.json").is_file()
+    assert {p.name for p in folder.iterdir()} == {
+        "adapter",
+        "optimizer.pt",
+        "state.pt",
+        "trainer_state.json",
+        "manifest.json",
+    }
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file() and (
+        folder / "adapter" / "adapter_config.json"
+    ).is_file()
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["position"] == 12 and state["shape"]["micro_batch"] == 2
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -57,4 +72,6 @@ def test_random_states_survive_a_round_trip_through_weights_only_loading(tmp_pat
 
 
 def test_checkpoint_size_estimate_counts_the_optimizer_state():
-    assert checkpoint.checkpoint_bytes(10**6, "adamw") > checkpoint.checkpoint_bytes(10**6, "paged_adamw_8bit") > 6 * 10**6
+    assert (
+        checkpoint.checkpoint_bytes(10**6, "adamw") > checkpoint.checkpoint_bytes(10**6, "paged_adamw_8bit") > 6 * 10**6
+    )

@@ -35,23 +35,38 @@ def write(tmp_path, content, name="data.jsonl"):
 CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "arr"}]}\n'
 
 
-@pytest.mark.parametrize("content, problem", [
-    ('{"text": "ok"}\n{"text": "fine"}\nnot json\n', "line 3: not valid JSON"),
-    ('{"text": "ok", }\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 16 (a trailing comma?)"),
-    ('{oops\n', "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 2: {<<here>>oops."),
-    ('[1, 2]\n', "line 1: a JSON list, not an object"),
-    ('{"prompt_text": "x"}\n', "line 1: no known fields (has: prompt_text)"),
-    ('{"prompt": "x"}\n', "line 1: missing `completion`"),
-    ('{"text": 42}\n', "line 1: `text` must be a string, not int"),
-    ('{"text": "  "}\n', "line 1: `text` is empty"),
-    ('{"instruction": "do", "output": ""}\n', "line 1: `output` is empty"),
-    ('{"messages": []}\n', "`messages` must be a non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}\n', "line 1: turn 1 has unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the conversation has no assistant turn"),
-    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n', "turn 2 has unknown role 'robot'"),
-    (CHAT + '{"text": "plain"}\n', "line 2: looks like text, but the file is chat (from line 1); formats are mixed"),
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 text (byte 14)"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"text": "ok"}\n{"text": "fine"}\nnot json\n', "line 3: not valid JSON"),
+        (
+            '{"text": "ok", }\n',
+            "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 16 (a trailing comma?)",
+        ),
+        (
+            "{oops\n",
+            "line 1: not valid JSON, Expecting property name enclosed in double quotes at column 2: {<<here>>oops.",
+        ),
+        ("[1, 2]\n", "line 1: a JSON list, not an object"),
+        ('{"prompt_text": "x"}\n', "line 1: no known fields (has: prompt_text)"),
+        ('{"prompt": "x"}\n', "line 1: missing `completion`"),
+        ('{"text": 42}\n', "line 1: `text` must be a string, not int"),
+        ('{"text": "  "}\n', "line 1: `text` is empty"),
+        ('{"instruction": "do", "output": ""}\n', "line 1: `output` is empty"),
+        ('{"messages": []}\n', "`messages` must be a non-empty list"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}\n', "line 1: turn 1 has unknown role 'bot'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the conversation has no assistant turn"),
+        (
+            '{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n',
+            "turn 2 has unknown role 'robot'",
+        ),
+        (
+            CHAT + '{"text": "plain"}\n',
+            "line 2: looks like text, but the file is chat (from line 1); formats are mixed",
+        ),
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 text (byte 14)"),
+    ],
+)
 def test_each_bad_line_names_the_file_the_line_and_the_problem(tmp_path, content, problem):
     path = write(tmp_path, content)
     with pytest.raises(UserError) as error:
@@ -64,8 +79,10 @@ def test_a_json_error_far_into_a_line_names_its_column_and_shows_where(tmp_path)
     line = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant" "content": "arr"}]}'
     column = line.index('"content": "arr"') + 1  # the comma is missing just before it
     loaded = read_records(write(tmp_path, CHAT + line + "\n"), skip_bad_lines=True)
-    assert loaded.skipped == [f"line 2: not valid JSON, Expecting ',' delimiter at column {column}: "
-                              '…"role": "assistant" <<here>>"content": "arr"}]}']
+    assert loaded.skipped == [
+        f"line 2: not valid JSON, Expecting ',' delimiter at column {column}: "
+        '…"role": "assistant" <<here>>"content": "arr"}]}'
+    ]
     assert column == 71
 
 
@@ -116,16 +133,40 @@ def test_skipping_every_line_is_still_an_error(tmp_path):
         read_records(write(tmp_path, "oops\n"), skip_bad_lines=True)
 
 
-@pytest.mark.parametrize("line, format, normalised", [
-    ({"text": "t"}, "text", {"text": "t"}),
-    ({"prompt": "p", "completion": "c"}, "completion", {"prompt": "p", "completion": "c"}),
-    ({"instruction": "Add", "input": "2 and 2", "output": "4"}, "alpaca",
-     {"messages": [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]}),
-    ({"instruction": "Say hi", "output": "hi"}, "alpaca",
-     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}),
-    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt",
-     {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
-])
+@pytest.mark.parametrize(
+    "line, format, normalised",
+    [
+        ({"text": "t"}, "text", {"text": "t"}),
+        ({"prompt": "p", "completion": "c"}, "completion", {"prompt": "p", "completion": "c"}),
+        (
+            {"instruction": "Add", "input": "2 and 2", "output": "4"},
+            "alpaca",
+            {"messages": [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]},
+        ),
+        (
+            {"instruction": "Say hi", "output": "hi"},
+            "alpaca",
+            {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+            "sharegpt",
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ),
+    ],
+)
 def test_formats_are_detected_and_normalised(tmp_path, line, format, normalised):
     loaded = read_records(write(tmp_path, json.dumps(line) + "\n"))
     assert loaded.format == format and loaded.records == [normalised]
@@ -158,10 +199,22 @@ def test_masks_on_smollm2_for_every_format(smollm):
     cases = [
         ({"text": "Plain text."}, ["Plain text.<|im_end|>"]),
         ({"prompt": "Q: 2+2?", "completion": " A: 4"}, [" A: 4<|im_end|>"]),
-        ({"messages": [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "4"}]}, ["4<|im_end|>\n"]),
-        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                       {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                       {"role": "assistant", "content": "Farewell."}]}, ["Hello!<|im_end|>\n", "Farewell.<|im_end|>\n"]),
+        (
+            {"messages": [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "4"}]},
+            ["4<|im_end|>\n"],
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Bye"},
+                    {"role": "assistant", "content": "Farewell."},
+                ]
+            },
+            ["Hello!<|im_end|>\n", "Farewell.<|im_end|>\n"],
+        ),
     ]
     for record, expected in cases:
         ids, labels = tokenize_record(record, smollm)
@@ -178,7 +231,8 @@ def test_masks_on_smollm2_for_every_format(smollm):
 REWRITING_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|assistant|><think></think>"
     "{{ m['content'] }}</s>{% else %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_a_template_that_rewrites_earlier_turns_learns_the_last_turn_as_inference_meets_it(tokenizer):
@@ -186,8 +240,12 @@ def test_a_template_that_rewrites_earlier_turns_learns_the_last_turn_as_inferenc
 
     qwen3_like = build_tokenizer()
     qwen3_like.chat_template = REWRITING_TEMPLATE
-    chat = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},
-            {"role": "user", "content": "four five"}, {"role": "assistant", "content": "six"}]
+    chat = [
+        {"role": "user", "content": "one two"},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "four five"},
+        {"role": "assistant", "content": "six"},
+    ]
     ids, labels = tokenize_record({"messages": chat}, qwen3_like)
     assert trained_spans(qwen3_like, ids, labels) == ["<think></think>six</s>"]  # not the user turns, not "three"
     assert "only the last assistant turn" in history_note([{"messages": chat}], qwen3_like)
@@ -217,7 +275,9 @@ def test_text_learns_every_token_and_truncation_drops_what_has_nothing_to_learn(
     assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
     [cut] = tokenize([{"text": "one two three four five six seven eight nine ten " * 5}], tokenizer, seq_len=10)
     assert len(cut.input_ids) == 10
-    prompt_only = {"messages": [{"role": "user", "content": "the quick brown fox jumps"}, {"role": "assistant", "content": "ok"}]}
+    prompt_only = {
+        "messages": [{"role": "user", "content": "the quick brown fox jumps"}, {"role": "assistant", "content": "ok"}]
+    }
     with pytest.raises(UserError, match="No example has any token left"):
         tokenize([prompt_only], tokenizer, seq_len=4)
 
@@ -250,7 +310,9 @@ def test_truncate_cuts_ids_and_labels_together(tokenizer):
 
 
 def test_evaluation_split_is_seeded_and_keeps_both_sides(tokenizer):
-    examples = tokenize([{"text": f"{w} fox"} for w in "one two three four five six seven eight".split()], tokenizer, 32)
+    examples = tokenize(
+        [{"text": f"{w} fox"} for w in "one two three four five six seven eight".split()], tokenizer, 32
+    )
     train, held = split_off(examples, 0.25, seed=0)
     assert (len(train), len(held)) == (6, 2) and split_off(examples, 0.25, seed=0)[1].rows == held.rows
     assert len(split_off(examples[:2], 0.5, seed=0)[0]) == 1
@@ -259,13 +321,17 @@ def test_evaluation_split_is_seeded_and_keeps_both_sides(tokenizer):
 
 
 def test_packing_fills_sequences_restarts_positions_and_masks_boundaries(tokenizer):
-    examples = tokenize([{"text": w} for w in ["one two", "three four five", "six", "seven eight nine ten"]], tokenizer, 12)
+    examples = tokenize(
+        [{"text": w} for w in ["one two", "three four five", "six", "seven eight nine ten"]], tokenizer, 12
+    )
     packed = pack(examples, seq_len=24, seed=0)  # each example is at most 12 tokens: any two fit together
     assert sum(len(p) for p in packed) == sum(len(e) for e in examples) and all(len(p) <= 24 for p in packed)
     assert len(packed) < len(examples)
     for p in packed:
         starts = [i for i, position in enumerate(p.position_ids) if position == 0]
-        assert starts[0] == 0 and all(p.labels[i] == IGNORE for i in starts), "no example is predicted from the one before"
+        assert starts[0] == 0 and all(p.labels[i] == IGNORE for i in starts), (
+            "no example is predicted from the one before"
+        )
     input_ids, mask, labels, positions = collate(packed, pad_id=0)
     assert positions is not None and positions.shape == input_ids.shape
 
@@ -280,7 +346,10 @@ def test_drop_long_drops_instead_of_cutting(tokenizer):
 def test_parquet_and_csv_through_datasets(tmp_path):
     from datasets import Dataset
 
-    rows = [{"instruction": "Add 2 and 2", "input": "", "output": "4"}, {"instruction": "Say hi", "input": None, "output": "hi"}]
+    rows = [
+        {"instruction": "Add 2 and 2", "input": "", "output": "4"},
+        {"instruction": "Say hi", "input": None, "output": "hi"},
+    ]
     Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     (tmp_path / "d.csv").write_text("prompt,completion\nQ: 1+1?, A: 2\nQ: 2+2?,\n")
     loaded = read_records(tmp_path / "d.parquet")
@@ -295,7 +364,7 @@ def test_length_grouping_pads_less_and_still_draws_every_example_once_per_epoch(
     per_step = 8
 
     def padding(order):
-        steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+        steps = [order[k : k + per_step] for k in range(0, len(order), per_step)]
         return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
 
     grouped = [epoch_order(lengths, seed=0, epoch=epoch, per_step=per_step, group_by_length=True) for epoch in range(3)]
@@ -308,7 +377,7 @@ def test_length_grouping_pads_less_and_still_draws_every_example_once_per_epoch(
 def test_grouped_steps_stay_aligned_when_an_epoch_is_not_a_whole_number_of_steps():
     lengths = [7, 2, 9, 0, 5, 3, 8, 1, 6, 4]  # 10 distinct lengths, steps of 4: epochs end mid-step
     stream = [i for epoch in range(4) for i in epoch_order(lengths, 0, epoch, per_step=4, group_by_length=True)]
-    steps = [[lengths[i] for i in stream[k:k + 4]] for k in range(0, 40, 4)]
+    steps = [[lengths[i] for i in stream[k : k + 4]] for k in range(0, 40, 4)]
     within_epoch = [s for k, s in enumerate(steps) if (4 * k) // 10 == (4 * k + 3) // 10]
     assert len(within_epoch) == 8 and all(max(s) - min(s) == 3 for s in within_epoch), "neighbours in length"
 
@@ -322,7 +391,9 @@ def test_a_stream_started_at_a_position_continues_the_uninterrupted_stream(token
 
 
 def test_tokenized_tables_are_cached_and_memory_mapped(tmp_path, tokenizer, tokenized_cache):
-    loaded = read_records(write(tmp_path, "".join(json.dumps({"text": f"{w} fox"}) + "\n" for w in ["one", "two", "three"])))
+    loaded = read_records(
+        write(tmp_path, "".join(json.dumps({"text": f"{w} fox"}) + "\n" for w in ["one", "two", "three"]))
+    )
     key = cache_key(loaded, tokenizer)
     first = tokenize(loaded.records, tokenizer, 32, cache_key=key)
     assert (tokenized_cache / key).is_dir() and first.table.cache_files, "read back from disk, not held in memory"
@@ -333,8 +404,10 @@ def test_tokenized_tables_are_cached_and_memory_mapped(tmp_path, tokenizer, toke
 
 
 def test_large_files_tokenize_in_several_processes_with_the_same_result(tokenizer, monkeypatch):
-    records = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a " * (i % 7 + 1)}]}
-               for i in range(40)]
+    records = [
+        {"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a " * (i % 7 + 1)}]}
+        for i in range(40)
+    ]
     alone = tokenize(records, tokenizer, 64)
     monkeypatch.setattr("qlora_kit.data.PARALLEL_FROM", 10)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -352,7 +425,10 @@ def test_an_unwritable_cache_only_costs_the_reuse(tokenizer, tokenized_cache, mo
 
 
 def test_truncation_and_train_on_inputs_apply_to_the_cached_table(tokenizer):
-    records = [{"prompt": "one", "completion": " two three four five six"}, {"prompt": "one two three four five six", "completion": " x"}]
+    records = [
+        {"prompt": "one", "completion": " two three four five six"},
+        {"prompt": "one two three four five six", "completion": " x"},
+    ]
     prompt = len(tokenizer("one")["input_ids"])
     [short] = tokenize(records, tokenizer, seq_len=prompt + 2)  # the second's completion lies beyond: nothing to learn
     assert len(short.input_ids) == prompt + 2 and short.labels[:prompt] == [IGNORE] * prompt
@@ -365,7 +441,10 @@ def test_data_check_counts_as_nothing_to_learn_what_training_drops(tmp_path):
 
     from qlora_kit.data import check_report
 
-    records = [{"prompt": "one", "completion": " two"}, {"prompt": "one two three four five six seven", "completion": " eight"}]
+    records = [
+        {"prompt": "one", "completion": " two"},
+        {"prompt": "one two three four five six seven", "completion": " eight"},
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     tokenizer = build_tokenizer()
     console = Console(record=True, width=200, file=io.StringIO())
@@ -419,10 +498,27 @@ def test_ctrl_c_during_parallel_tokenizing_stops_with_130_and_no_traceback(llama
     data_file = tmp_path / "many.jsonl"
     data_file.write_text("".join(json.dumps({"text": f"line {n}"}) + "\n" for n in range(PARALLEL_FROM)))
     marker = tmp_path / "tokenizing"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZING_CHILD, str(marker), "train", "-m", str(llama_dir), "-d",
-                              str(data_file), "--out", str(tmp_path / "run"), "--plain"],
-                             env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")}, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_TOKENIZING_CHILD,
+            str(marker),
+            "train",
+            "-m",
+            str(llama_dir),
+            "-d",
+            str(data_file),
+            "--out",
+            str(tmp_path / "run"),
+            "--plain",
+        ],
+        env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
@@ -436,7 +532,8 @@ def test_ctrl_c_during_parallel_tokenizing_stops_with_130_and_no_traceback(llama
 THINKING_TEMPLATE = REWRITING_TEMPLATE.replace(
     "{% if add_generation_prompt %}<|assistant|>{% endif %}",
     "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}"
-    "<think></think>{% endif %}{% endif %}")
+    "<think></think>{% endif %}{% endif %}",
+)
 
 
 def test_chat_template_kwargs_set_the_thinking_switch_in_training_data_check_and_the_saved_template(tmp_path):
@@ -459,7 +556,8 @@ def test_chat_template_kwargs_set_the_thinking_switch_in_training_data_check_and
     assert cache_key(records, off) != cache_key(records, default)  # a tokenized cache of one is not the other's
     off.save_pretrained(tmp_path / "adapter")  # as training saves it beside the adapter: inference renders alike
     prompt = AutoTokenizer.from_pretrained(tmp_path / "adapter").apply_chat_template(
-        chat["messages"][:1], tokenize=False, add_generation_prompt=True)
+        chat["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|assistant|><think></think>")
     assert thinking_note(build_tokenizer()) is None  # no switch, nothing said
 
@@ -470,8 +568,11 @@ def test_chat_template_kwargs_that_are_not_key_value_pairs_are_refused(given, sa
 
     with pytest.raises(UserError, match=says):
         parse_template_variables(given)
-    assert parse_template_variables("enable_thinking=False, depth=2,name=x") == {"enable_thinking": False, "depth": 2,
-                                                                                  "name": "x"}
+    assert parse_template_variables("enable_thinking=False, depth=2,name=x") == {
+        "enable_thinking": False,
+        "depth": 2,
+        "name": "x",
+    }
 
 
 # Gemma's layout in small: no system turn; a system message opens the first user turn.
@@ -479,7 +580,8 @@ FOLDING_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + ' ' %}"
     "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
     "{% for m in turns %}<|{{ m['role'] }}|>{{ (first if loop.first else '') + m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_data_check_says_where_a_template_without_a_system_turn_puts_the_system_message(tokenizer):
@@ -487,8 +589,15 @@ def test_data_check_says_where_a_template_without_a_system_turn_puts_the_system_
 
     gemma_like = build_tokenizer()
     gemma_like.chat_template = FOLDING_TEMPLATE
-    chat = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"},
-                          {"role": "assistant", "content": "three"}]}]
+    chat = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "one two"},
+                {"role": "assistant", "content": "three"},
+            ]
+        }
+    ]
     assert "puts each system message at the start of the first user turn" in system_note(chat, gemma_like)
     ids, labels = tokenize_record(chat[0], gemma_like)
     assert gemma_like.decode(ids).startswith("<s><|user|>be brief one two</s>")
@@ -500,5 +609,7 @@ def test_data_check_says_where_a_template_without_a_system_turn_puts_the_system_
     assert "leaves system messages out" in system_note(chat, dropping)
 
 
-CHAT_TEMPLATE_WITHOUT_SYSTEM = ("{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}</s>"
-                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE_WITHOUT_SYSTEM = (
+    "{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}</s>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)

@@ -23,7 +23,9 @@ def test_next_free_run_dir_never_reuses_a_folder(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlora_kit", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_kit", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -76,7 +78,9 @@ def test_the_smollm2_adapter_evaluates_merges_and_answers(demo_run, tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Tell me about the moon."}\n{"prompt": "What is the capital of Japan?"}\n')
-    answered = cli("generate", "--adapter", out / "adapter", "--file", prompts, "--compare", "--json", "--max-new-tokens", "40")
+    answered = cli(
+        "generate", "--adapter", out / "adapter", "--file", prompts, "--compare", "--json", "--max-new-tokens", "40"
+    )
     assert answered.returncode == 0, answered.stderr[-3000:]
     rows = [json.loads(line) for line in answered.stdout.splitlines()]
     assert len(rows) == 2 and all(set(r["replies"]) == {"base", "run"} for r in rows)

@@ -21,8 +21,24 @@ ARGS = ["--rank", "4", "--steps", "6", "--micro-batch", "2", "--checkpoint-every
 
 
 def torchrun(out: Path, llama_dir, chat_data, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qlora_kit", "train",
-               "--model", str(llama_dir), "--data", str(chat_data), "--out", str(out), *ARGS, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "qlora_kit",
+        "train",
+        "--model",
+        str(llama_dir),
+        "--data",
+        str(chat_data),
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
     env = {**os.environ, "QLORA_KIT_CACHE": str(out.parent / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1])
 
@@ -31,17 +47,34 @@ def torchrun(out: Path, llama_dir, chat_data, *extra: str) -> subprocess.Complet
 def chat_data(tmp_path_factory):
     from tests.conftest import write_jsonl
 
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}, arr"}]}
-        for i in range(12)])
+    return write_jsonl(
+        tmp_path_factory.mktemp("data") / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {i} plus {i}?"},
+                    {"role": "assistant", "content": f"{2 * i}, arr"},
+                ]
+            }
+            for i in range(12)
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def single_run(llama_dir, chat_data, tmp_path_factory):
     """The reference: one process, micro-batch 2 x accumulation 2 (the effective batch of two ranks at 2)."""
     out = tmp_path_factory.mktemp("single") / "run"
-    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
-                    checkpoint_every=3, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(chat_data),
+        rank=4,
+        steps=6,
+        micro_batch=2,
+        grad_accum=2,
+        checkpoint_every=3,
+        dropout=0.0,
+    )
     run_training(recipe, out, Console(file=io.StringIO()))
     return out
 
@@ -69,7 +102,13 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(ddp_run, sin
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 7)), "one metrics line per step, written once"
     assert all(m["ranks"] == 2 and len(m["rank_memory"]) == 2 for m in lines), "every rank's memory is recorded"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "plan.json", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "metrics.jsonl",
+        "plan.json",
+        "recipe.yaml",
+    ]
 
     assert_same_training(out, single_run)
 
@@ -90,18 +129,25 @@ def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llam
     shutil.copytree(out, alone)
     shutil.rmtree(alone / "checkpoints" / "step-6")
     console = Console(file=io.StringIO(), width=300)
-    recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, checkpoint_every=3, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, checkpoint_every=3, dropout=0.0
+    )
     run_training(recipe, alone, console, resume=True)
     assert "Resuming on 1 process(es) instead of 2: a step now takes 2 examples instead of 4" in console.file.getvalue()
     assert len(losses(alone)) == 6
 
 
-@pytest.mark.parametrize("parallel, banner, extra", [
-    # FSDP wraps each decoder layer; the last one kept whole (not recomputed) must train the same.
-    ("fsdp", "Sharded (FSDP) over 2 processes", ["--uncheckpointed-layers", "1"]),
-    ("fsdp_offload", "Sharded (FSDP, shards in host RAM) over 2 processes", [])])
-def test_fsdp_shards_the_4bit_model_trains_like_one_process_and_resumes(llama_dir, chat_data, single_run, tmp_path,
-                                                                       parallel, banner, extra):
+@pytest.mark.parametrize(
+    "parallel, banner, extra",
+    [
+        # FSDP wraps each decoder layer; the last one kept whole (not recomputed) must train the same.
+        ("fsdp", "Sharded (FSDP) over 2 processes", ["--uncheckpointed-layers", "1"]),
+        ("fsdp_offload", "Sharded (FSDP, shards in host RAM) over 2 processes", []),
+    ],
+)
+def test_fsdp_shards_the_4bit_model_trains_like_one_process_and_resumes(
+    llama_dir, chat_data, single_run, tmp_path, parallel, banner, extra
+):
     import shutil
 
     out = tmp_path / parallel
@@ -128,8 +174,21 @@ def test_lora_variants_train_over_two_processes_like_one(llama_dir, chat_data, t
     settings = {"use_dora": True} if variant == "use_dora" else {"lora_init": "loftq"}
     flags = ["--use-dora"] if variant == "use_dora" else ["--lora-init", "loftq"]
     reference = tmp_path / "single"
-    run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, grad_accum=2,
-                        checkpoint_every=3, dropout=0.0, **settings), reference, Console(file=io.StringIO()))
+    run_training(
+        Recipe(
+            model=str(llama_dir),
+            data=str(chat_data),
+            rank=4,
+            steps=6,
+            micro_batch=2,
+            grad_accum=2,
+            checkpoint_every=3,
+            dropout=0.0,
+            **settings,
+        ),
+        reference,
+        Console(file=io.StringIO()),
+    )
     out = tmp_path / parallel
     result = torchrun(out, llama_dir, chat_data, "--parallel", parallel, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -138,8 +197,10 @@ def test_lora_variants_train_over_two_processes_like_one(llama_dir, chat_data, t
         assert any("lora_magnitude_vector" in key for key in adapter_tensors(out))
 
 
-@pytest.mark.parametrize("parallel, from_adapter, reference", [("ddp", False, "on_the_fly"), ("fsdp", False, "auto"),
-                                                                 ("fsdp", True, "on_the_fly")])
+@pytest.mark.parametrize(
+    "parallel, from_adapter, reference",
+    [("ddp", False, "on_the_fly"), ("fsdp", False, "auto"), ("fsdp", True, "on_the_fly")],
+)
 def test_dpo_over_two_processes_trains_like_one(llama_dir, tmp_path, parallel, from_adapter, reference):
     """The reference pass (the adapter switched off, or the adapter the run started from switched in) runs inside
     the wrapped loss module on every rank, or before the first step on every rank (auto precomputes it here: 24
@@ -149,15 +210,35 @@ def test_dpo_over_two_processes_trains_like_one(llama_dir, tmp_path, parallel, f
     pairs = preference_file(tmp_path)
     start = {}
     if from_adapter:
-        run_training(Recipe(model=str(llama_dir), data=str(pairs), method="orpo", rank=4, steps=2, lr=1e-2),
-                     tmp_path / "first", Console(file=io.StringIO()))
+        run_training(
+            Recipe(model=str(llama_dir), data=str(pairs), method="orpo", rank=4, steps=2, lr=1e-2),
+            tmp_path / "first",
+            Console(file=io.StringIO()),
+        )
         start = {"init_adapter": str(tmp_path / "first" / "adapter")}
     single = tmp_path / "single"
-    run_training(Recipe(model=str(llama_dir), data=str(pairs), method="dpo", rank=4, steps=6, micro_batch=2, grad_accum=2,
-                        checkpoint_every=3, dropout=0.0, reference=reference, **start), single, Console(file=io.StringIO()))
+    run_training(
+        Recipe(
+            model=str(llama_dir),
+            data=str(pairs),
+            method="dpo",
+            rank=4,
+            steps=6,
+            micro_batch=2,
+            grad_accum=2,
+            checkpoint_every=3,
+            dropout=0.0,
+            reference=reference,
+            **start,
+        ),
+        single,
+        Console(file=io.StringIO()),
+    )
     out = tmp_path / parallel
     flags = ["--from-adapter", start["init_adapter"]] if from_adapter else []
-    result = torchrun(out, llama_dir, pairs, "--parallel", parallel, "--method", "dpo", "--reference", reference, *flags)
+    result = torchrun(
+        out, llama_dir, pairs, "--parallel", parallel, "--method", "dpo", "--reference", reference, *flags
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_training(out, single)
     mode = json.loads((out / "plan.json").read_text())["reference"]["mode"]

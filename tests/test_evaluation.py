@@ -11,8 +11,16 @@ from tests.test_cli import run_cli
 
 
 def test_eval_shows_base_and_adapter_and_matches_the_runs_own_eval_loss(llama_dir, text_data, tmp_path):
-    recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), rank=8, lr=1e-2, steps=6,
-                    micro_batch=4, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(text_data),
+        eval_data=str(text_data),
+        rank=8,
+        lr=1e-2,
+        steps=6,
+        micro_batch=4,
+        dropout=0.0,
+    )
     run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
     result = run_eval(None, tmp_path / "run" / "adapter", text_data)
     assert result.adapter_loss < result.base_loss, "the adapter learned this data"

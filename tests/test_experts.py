@@ -22,7 +22,9 @@ FAMILIES = ["qwen3_moe", "gpt_oss", "gemma4_text"]  # Gemma 4: a linear router, 
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {kind: save_tiny_model(root / kind, kind) for kind in FAMILIES} | {"dense": save_tiny_model(root / "qwen3", "qwen3")}
+    return {kind: save_tiny_model(root / kind, kind) for kind in FAMILIES} | {
+        "dense": save_tiny_model(root / "qwen3", "qwen3")
+    }
 
 
 def ids(seed: int = 0) -> torch.Tensor:
@@ -36,8 +38,10 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def quantized_bytes(model) -> int:
     """The bytes the NF4 weights hold: packed values, 8-bit absmax, fp32 second-level absmax, the code tables."""
+
     def state_bytes(state):
         return state.absmax.numel() + 4 * state.state2.absmax.numel() + 4 * 256 + 4 + 4 * 16
+
     total = 0
     for module in model.modules():
         if isinstance(module, Experts4bit):
@@ -54,7 +58,9 @@ def test_experts_load_in_4bit_and_compute_as_the_model_quantized_tensor_by_tenso
     model = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
     experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
     shape = ModelShape.from_config(kind, json.loads((moe_dirs[kind] / "config.json").read_text()))
-    assert len(experts) == shape.moe_layers and all(m.gate_up_proj.stride() == (0, 0, 0) for m in experts)  # no 16-bit copy
+    assert len(experts) == shape.moe_layers and all(
+        m.gate_up_proj.stride() == (0, 0, 0) for m in experts
+    )  # no 16-bit copy
     assert quantized_bytes(model) == quantized_weight_bytes(shape)
     # The reference: the same model with each expert's weights dequantized into the original 3-D parameters
     reference = load_base_4bit(moe_dirs[kind], torch.float32, CPU)
@@ -62,10 +68,12 @@ def test_experts_load_in_4bit_and_compute_as_the_model_quantized_tensor_by_tenso
     assert not any(isinstance(m, Experts4bit) for m in reference.modules())
     tokens = ids()
     assert torch.allclose(logits(model, tokens), logits(reference, tokens), atol=1e-4)
+
     # Against the 32-bit original, NF4's error: on tiny random weights it moves logits by ~40% in a dense Qwen3 too
     def error_of_4bit(folder):
         full = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokens)
         return (logits(load_base_4bit(folder, torch.float32, CPU), tokens) - full).abs().mean() / full.abs().mean()
+
     assert error_of_4bit(moe_dirs[kind]) < 2 * error_of_4bit(moe_dirs["dense"])
 
 
@@ -79,8 +87,11 @@ def test_lora_goes_on_each_expert_not_the_router_and_loads_in_plain_peft(moe_dir
     config = model.peft_config["default"]
     assert set(config.target_parameters) == {"gate_up_proj", "down_proj"}
     # keyed by the experts module: Gemma 4's dense down_proj keeps the recipe's rank
-    assert config.rank_pattern == {"experts.gate_up_proj": 2, "experts.down_proj": 2} == {
-        k: rank_of_experts(recipe, 2) for k in config.rank_pattern}
+    assert (
+        config.rank_pattern
+        == {"experts.gate_up_proj": 2, "experts.down_proj": 2}
+        == {k: rank_of_experts(recipe, 2) for k in config.rank_pattern}
+    )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert not [name for name in trainable if ".gate." in name or "router" in name]  # the router stays frozen
     assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "router" in name)  # and 16-bit
@@ -135,7 +146,9 @@ def test_dropout_and_dora_on_experts_are_refused_in_one_sentence(moe_dirs, setti
     with pytest.raises(UserError, match="cannot be used on a mixture-of-experts model's experts") as refused:
         attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, **setting))
     assert "attention" in refused.value.hint
-    attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, target_modules="attention", **setting))
+    attach_lora(
+        load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, target_modules="attention", **setting)
+    )
 
 
 def test_fsdp_of_4bit_experts_is_refused_in_one_sentence(moe_dirs):
@@ -160,12 +173,19 @@ def test_a_merge_is_the_base_plus_the_adapter(moe_dirs, tmp_path):
     merged = merge_adapter(str(moe_dirs["qwen3_moe"]), tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
     base = AutoModelForCausalLM.from_pretrained(moe_dirs["qwen3_moe"], dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
-                          logits(plain, ids()), atol=1e-4)
-    rounded = merge_adapter(str(moe_dirs["qwen3_moe"]), tmp_path / "adapter", tmp_path / "rounded", dtype="fp32",
-                            from_quantized=True)
-    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32), ids()),
-                          logits(model, ids()), atol=1e-4)
+    assert torch.allclose(
+        logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
+        logits(plain, ids()),
+        atol=1e-4,
+    )
+    rounded = merge_adapter(
+        str(moe_dirs["qwen3_moe"]), tmp_path / "adapter", tmp_path / "rounded", dtype="fp32", from_quantized=True
+    )
+    assert torch.allclose(
+        logits(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32), ids()),
+        logits(model, ids()),
+        atol=1e-4,
+    )
 
 
 def test_gpt_oss_s_mxfp4_checkpoint_loads_in_4bit_and_merges(moe_dirs, tmp_path):
@@ -189,10 +209,15 @@ def test_gpt_oss_s_mxfp4_checkpoint_loads_in_4bit_and_merges(moe_dirs, tmp_path)
             torch.nn.init.normal_(parameter, std=0.05, generator=torch.Generator().manual_seed(1))
     lora.save_pretrained(tmp_path / "adapter")
     merged = merge_adapter(str(tmp_path / "mxfp4"), tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "decoded", dtype=torch.float32),
-                                          tmp_path / "adapter")
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
-                               logits(reference, ids()), rtol=1e-4, atol=1e-4)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "decoded", dtype=torch.float32), tmp_path / "adapter"
+    )
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids()),
+        logits(reference, ids()),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +237,14 @@ def moe_run(moe_dirs, tmp_path_factory):
     return folder / "run" / "adapter"
 
 
-def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwise_is_refused(moe_dirs, moe_run,
-                                                                                               tmp_path):
+def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwise_is_refused(
+    moe_dirs, moe_run, tmp_path
+):
     from qlora_kit.export import export_gguf_adapter, export_merged_gguf
 
-    with pytest.raises(UserError, match="adapts a mixture of experts' weights, which llama.cpp cannot apply") as refused:
+    with pytest.raises(
+        UserError, match="adapts a mixture of experts' weights, which llama.cpp cannot apply"
+    ) as refused:
         export_gguf_adapter(moe_run, tmp_path / "adapter.gguf")
     assert "--format gguf" in refused.value.hint and not (tmp_path / "adapter.gguf").exists()
     config = json.loads((moe_dirs["qwen3_moe"] / "config.json").read_text())
@@ -238,7 +266,9 @@ def test_an_experts_adapter_is_checked_against_the_base_s_expert_shapes(moe_dirs
     own = weight_shapes(moe_dirs["qwen3_moe"])
     assert expert_shapes(own, "model.layers.0.mlp.experts") == (8, {(64, 64), (64, 32)})
     assert expert_shapes(weight_shapes(moe_dirs["gpt_oss"]), "model.layers.0.mlp.experts") == (
-        8, {(64, 64), (32, 64), (64, 32)})
+        8,
+        {(64, 64), (32, 64), (64, 32)},
+    )
     check_layer_shapes(moe_run, own, moe_dirs["qwen3_moe"], hint="")
     wider = save_tiny_model(tmp_path / "wider", "qwen3_moe", moe_intermediate_size=48)
     with pytest.raises(UserError, match=r"was made for another model: its LoRA on model\.layers\.0\.mlp\.experts"):

@@ -14,8 +14,21 @@ from qlora_kit.recipes import Recipe
 from qlora_kit.train import run_training
 from tests.test_cli import run_cli
 
-FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo3", "phi3", "phi4_mini",
-            "lfm2", "qwen3_5_text")
+FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "olmo3",
+    "phi3",
+    "phi4_mini",
+    "lfm2",
+    "qwen3_5_text",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +56,10 @@ def merged_models(adapters, tmp_path_factory) -> dict:
     from qlora_kit.merge import merge_adapter
 
     folder = tmp_path_factory.mktemp("merged")
-    return {kind: AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter_dir, folder / kind, dtype="fp32")).eval()
-            for kind, (adapter_dir, _) in adapters.items()}
+    return {
+        kind: AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter_dir, folder / kind, dtype="fp32")).eval()
+        for kind, (adapter_dir, _) in adapters.items()
+    }
 
 
 IDS = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
@@ -102,11 +117,14 @@ def test_rslora_alpha_is_scaled_so_llama_cpp_scales_as_peft_did(adapters, tmp_pa
     assert fields["adapter.lora.alpha"] == pytest.approx(8 * 2), "alpha / sqrt(r) == (alpha * sqrt(r)) / r at r = 4"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"use_dora": True}, "DoRA adapter"),
-    ({"rank_pattern": {"q_proj": 8}}, "own rank or alpha"),
-    ({"peft_type": "IA3"}, "IA3 adapter; GGUF adapters are LoRA only"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_dora": True}, "DoRA adapter"),
+        ({"rank_pattern": {"q_proj": 8}}, "own rank or alpha"),
+        ({"peft_type": "IA3"}, "IA3 adapter; GGUF adapters are LoRA only"),
+    ],
+)
 def test_what_a_gguf_adapter_cannot_hold_is_refused(adapters, tmp_path, change, message):
     adapter_dir, _ = adapters["llama"]
     shutil.copytree(adapter_dir, tmp_path / "adapter")
@@ -156,8 +174,10 @@ def test_a_merged_gguf_holds_base_plus_adapter_and_the_tokenizer_training_used(a
     assert fields["tokenizer.ggml.eos_token_id"] == 2 and fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     assert len(tensors) == 3 + 2 * 9, "embeddings, final norm and output head; 9 tensors per block"
     weights, updates = load_file(base / "model.safetensors"), lora_updates(adapter_dir)
-    for name, gguf_name, heads in [("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", None),
-                                   ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", 2)]:
+    for name, gguf_name, heads in [
+        ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", None),
+        ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", 2),
+    ]:
         expected = updates[name].applied_to(weights[name])
         expected = interleave_rotary_rows(expected, heads) if heads else expected
         np.testing.assert_allclose(gguf_array(tensors[gguf_name]), expected.numpy(), rtol=1e-6, atol=1e-7)
@@ -165,7 +185,10 @@ def test_a_merged_gguf_holds_base_plus_adapter_and_the_tokenizer_training_used(a
 
 def test_a_q8_0_merged_gguf_quantizes_matrices_and_keeps_norms_in_f32(adapters, tmp_path):
     _, tensors = read_gguf(export_merged_gguf(adapters["llama"][0], tmp_path / "m.gguf", quant="q8_0"))
-    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q8_0" and tensors["output.weight"].tensor_type.name == "Q8_0"
+    assert (
+        tensors["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
+        and tensors["output.weight"].tensor_type.name == "Q8_0"
+    )
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
 
 
@@ -180,14 +203,19 @@ def with_config(base, folder, **changes):
 def test_what_the_merged_export_cannot_write_is_one_sentence(adapters, tmp_path, monkeypatch):
     adapter_dir, base = adapters["llama"]
     with pytest.raises(UserError, match="gpt_neox models to GGUF is not supported yet"):
-        export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "neox", model_type="gpt_neox"))
+        export_merged_gguf(
+            adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "neox", model_type="gpt_neox")
+        )
     yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
     with pytest.raises(UserError, match=r"scales its rotary embeddings \(yarn\)"):
         export_merged_gguf(adapter_dir, tmp_path / "m.gguf", with_config(base, tmp_path / "rope", rope_parameters=yarn))
     # llama.cpp scales Gemma 2's queries by head_dim whatever query_pre_attn_scalar says.
     with pytest.raises(UserError, match="query_pre_attn_scalar 32, and llama.cpp would use 16"):
-        export_merged_gguf(adapters["gemma2"][0], tmp_path / "m.gguf",
-                           with_config(adapters["gemma2"][1], tmp_path / "g2", query_pre_attn_scalar=32))
+        export_merged_gguf(
+            adapters["gemma2"][0],
+            tmp_path / "m.gguf",
+            with_config(adapters["gemma2"][1], tmp_path / "g2", query_pre_attn_scalar=32),
+        )
     with pytest.raises(UserError, match="Unknown --quant q3"):
         export_merged_gguf(adapter_dir, tmp_path / "m.gguf", quant="q3")
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
@@ -219,10 +247,14 @@ def test_a_merged_gguf_of_each_variant_is_what_peft_merges(adapters, tmp_path, v
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
     base = adapters["llama"][1]
-    run_training(Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4, **variant),
-                 tmp_path / "run", Console(file=io.StringIO()))
-    peft_merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, tmp_path / "run" / "adapter", tmp_path / "merged",
-                                                                     dtype="fp32"))
+    run_training(
+        Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4, **variant),
+        tmp_path / "run",
+        Console(file=io.StringIO()),
+    )
+    peft_merged = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(None, tmp_path / "run" / "adapter", tmp_path / "merged", dtype="fp32")
+    )
     path = export_merged_gguf(tmp_path / "run" / "adapter", tmp_path / "m.gguf", quant="f32")
     read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     assert relative_gap(logits_of(read_back), logits_of(peft_merged)) < 1e-6  # measured: 0.0
@@ -239,8 +271,11 @@ def test_a_loftq_adapter_exports_merged_into_the_weights_as_nf4_rounds_them(adap
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
     base = adapters["llama"][1]
-    run_training(Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4,
-                        lora_init="loftq"), tmp_path / "run", Console(file=io.StringIO()))
+    run_training(
+        Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4, lora_init="loftq"),
+        tmp_path / "run",
+        Console(file=io.StringIO()),
+    )
     adapter_dir = tmp_path / "run" / "adapter"
     with pytest.raises(UserError, match="started as LoftQ") as error:
         export_gguf_adapter(adapter_dir, tmp_path / "a.gguf")
@@ -248,7 +283,9 @@ def test_a_loftq_adapter_exports_merged_into_the_weights_as_nf4_rounds_them(adap
     path = export_merged_gguf(adapter_dir, tmp_path / "m.gguf", quant="f32")
     read_back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     # The 4-bit base dequantized: bnb's CPU matmul on the packed weights itself differs by ~0.4%.
-    as_trained = PeftModel.from_pretrained(load_base_4bit(base, torch.float32, torch.device("cpu")).dequantize(), adapter_dir)
+    as_trained = PeftModel.from_pretrained(
+        load_base_4bit(base, torch.float32, torch.device("cpu")).dequantize(), adapter_dir
+    )
     assert relative_gap(logits_of(read_back), logits_of(as_trained)) < 1e-5  # measured: 0.0
 
 
@@ -257,8 +294,10 @@ def test_a_gemma_gguf_holds_its_norms_as_llama_cpp_scales_them_and_no_output_hea
     fields, tensors = read_gguf(export_merged_gguf(adapter_dir, tmp_path / "g.gguf", quant="f32"))
     assert fields["general.architecture"] == "gemma" and fields["gemma.attention.key_length"] == 16
     weights = load_file(base / "model.safetensors")
-    np.testing.assert_array_equal(gguf_array(tensors["blk.1.ffn_norm.weight"]),
-                                  weights["model.layers.1.post_attention_layernorm.weight"].numpy() + 1)
+    np.testing.assert_array_equal(
+        gguf_array(tensors["blk.1.ffn_norm.weight"]),
+        weights["model.layers.1.post_attention_layernorm.weight"].numpy() + 1,
+    )
     assert "output.weight" not in tensors, "llama.cpp reads Gemma's tied output head from token_embd"
 
 
@@ -286,8 +325,14 @@ def test_a_merged_export_says_its_peak_ram_and_refuses_when_it_is_not_there(adap
 
 
 def llama_cpp_logits(llama_cpp, path, ids, lora_path=None) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=lora_path and str(lora_path), n_ctx=256, logits_all=True,
-                          n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=lora_path and str(lora_path),
+        n_ctx=256,
+        logits_all=True,
+        n_threads=2,
+        verbose=False,
+    )
     llm.eval(ids)
     scores = np.array(llm.scores[: len(ids)])
     llm.close()
@@ -326,8 +371,9 @@ def greedy_tokens(llm, ids, eos_id: int, count: int = 12) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transformers_does(adapters, merged_models,
-                                                                                          tmp_path, kind):
+def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transformers_does(
+    adapters, merged_models, tmp_path, kind
+):
     """Each tiny family three ways in llama.cpp itself: merged f16; the base alone in f16 with adapter.gguf on top;
     the merged model's greedy continuation."""
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
@@ -347,7 +393,7 @@ def test_llama_cpp_runs_each_family_merged_and_as_base_plus_adapter_as_transform
     tokens = greedy_tokens(llm, IDS, eos_id=2, count=8)
     llm.close()
     answer = merged_models[kind].generate(input_ids=torch.tensor([IDS]), max_new_tokens=8, do_sample=False)
-    assert tokens == answer[0, len(IDS):].tolist()[: len(tokens)]
+    assert tokens == answer[0, len(IDS) :].tolist()[: len(tokens)]
 
 
 @pytest.mark.slow
@@ -375,7 +421,9 @@ def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_pat
     recipe = Recipe(model=str(base), data=str(data), rank=4, alpha=8, lr=5e-2, steps=2, micro_batch=4)
     run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
     adapter = tmp_path / "run" / "adapter"
-    merged_model = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")
+    ).eval()
     expected = logits_of(merged_model)
     quant = "f32" if kind == "qwen3_next" else "f16"
     got = llama_cpp_logits(llama_cpp, export_merged_gguf(adapter, tmp_path / "merged.gguf", quant=quant), IDS)
@@ -385,7 +433,7 @@ def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_pat
     tokens = greedy_tokens(llm, IDS, eos_id=2, count=8)
     llm.close()
     answer = merged_model.generate(input_ids=torch.tensor([IDS]), max_new_tokens=8, do_sample=False)
-    assert tokens == answer[0, len(IDS):].tolist()[: len(tokens)]
+    assert tokens == answer[0, len(IDS) :].tolist()[: len(tokens)]
 
 
 def sentencepiece_style_tokenizer(space_prefix: bool):
@@ -408,8 +456,10 @@ def sentencepiece_style_tokenizer(space_prefix: bool):
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in learned["merges"]]
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     core.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * space_prefix + [normalizers.Replace(" ", "▁")])
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                     + [decoders.Strip(" ", 1, 0)] * space_prefix)
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + [decoders.Strip(" ", 1, 0)] * space_prefix
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
     return tokenizer
@@ -438,8 +488,14 @@ def test_llama_cpp_tokenizes_sentencepiece_style_tokenizers_as_transformers_does
     assert tokenized_by_llama_cpp(export_merged_gguf(None, tmp_path / "unscored.gguf", str(base))) != expected
 
 
-LLAMA_3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 64: the tiny head's frequencies span it
+LLAMA_3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # 64: the tiny head's frequencies span it
 
 
 @pytest.mark.slow
@@ -461,8 +517,11 @@ def test_llama_cpp_scales_rotary_frequencies_as_llama_3_does(adapters, tmp_path,
     assert relative_gap(got, expected) < 0.01 and relative_gap(unscaled, expected) > 0.1
 
 
-TOKENIZER_TEXT = ["IT'S 2024, THEY'LL pay 1234567 (or 89)!\nYes,ok  fine\n\n\tdone", "it's we've i'd 3.14159 ,,hello",
-                  "HelloWorld camelCaseWords XMLHttp a/b//\n"]
+TOKENIZER_TEXT = [
+    "IT'S 2024, THEY'LL pay 1234567 (or 89)!\nYes,ok  fine\n\n\tdone",
+    "it's we've i'd 3.14159 ,,hello",
+    "HelloWorld camelCaseWords XMLHttp a/b//\n",
+]
 
 
 def tokenizer_splitting_with(pattern: str | None):
@@ -472,11 +531,20 @@ def tokenizer_splitting_with(pattern: str | None):
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pattern is None else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    core.pre_tokenizer = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if pattern is None
+        else pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    )
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     core.train_from_iterator(TOKENIZER_TEXT * 50, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -522,11 +590,14 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
     out, _ = demo_run
     tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
     ids = chat_ids(tokenizer, MOON)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32),
-                                      out / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32), out / "adapter"
+    )
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-        answer = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        answer = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
     # Measured: f16 0.0014, q8_0 0.042, q4_k_m 0.140; all three gave the same 20 greedy tokens as transformers.
     for quant, largest_gap in [("f16", 0.01), ("q8_0", 0.08), ("q4_k_m", 0.25)]:
         path = export_merged_gguf(out / "adapter", tmp_path / f"{quant}.gguf", quant=quant)
@@ -536,7 +607,7 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
         assert tokens == answer[: len(tokens)], quant
         if quant == "f16":  # the chat template inside the file formats the conversation as training did
             reply = llm.create_chat_completion(MOON, temperature=0, max_tokens=12)["choices"][0]["message"]["content"]
-            assert reply.startswith(tokenizer.decode(answer[: 6]).strip()), reply
+            assert reply.startswith(tokenizer.decode(answer[:6]).strip()), reply
             merged_f16 = llama_cpp_logits(llama_cpp, path, ids)
         llm.close()
     # The other route to the same model: the base alone in f16 with adapter.gguf on top (measured: 0.0017 from the
@@ -573,7 +644,9 @@ def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(dem
     # adapter effect 0.49; the same adapter without the query/key row reordering: 0.086.
     base_gap, adapted_gap = relative_gap(cpp_base, hf_base), relative_gap(cpp_adapted, hf_adapted)
     effect = relative_gap(hf_adapted, hf_base)
-    print(f"relative logit gap to transformers: base {base_gap:.4f}, base + adapter {adapted_gap:.4f}; adapter effect {effect:.3f}")
+    print(
+        f"relative logit gap to transformers: base {base_gap:.4f}, base + adapter {adapted_gap:.4f}; adapter effect {effect:.3f}"
+    )
     assert adapted_gap < 1.5 * base_gap and effect > 10 * adapted_gap
     assert (cpp_adapted.argmax(-1) == hf_adapted.argmax(-1)).mean() >= 0.85
 
@@ -583,5 +656,7 @@ def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(dem
     cpp_tokens = greedy_tokens(llm, ids, tokenizer.eos_token_id)
     llm.close()
     with torch.no_grad():
-        hf_tokens = adapted.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        hf_tokens = adapted.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
     assert cpp_tokens == hf_tokens[: len(cpp_tokens)] and "arr" in tokenizer.decode(cpp_tokens).lower()

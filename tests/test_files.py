@@ -21,7 +21,10 @@ def test_a_staged_file_replaces_a_link_at_its_name_and_never_follows_it(tmp_path
         assert staging.parent != tmp_path and staging.parent.stat().st_mode & 0o777 == 0o700  # private, a new name
         staging.write_bytes(b"new")
     assert victim.read_bytes() == b"precious" and not (tmp_path / "out.bin").is_symlink()
-    assert (tmp_path / "out.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "victim"]
+    assert (tmp_path / "out.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.bin",
+        "victim",
+    ]
 
 
 def test_a_staged_file_that_fails_leaves_the_old_content_and_nothing_beside_it(tmp_path):
@@ -66,12 +69,18 @@ def test_check_can_replace_refuses_what_it_would_lose(tmp_path):
 
 
 def test_a_second_writer_of_one_output_is_refused_with_who_holds_it(tmp_path):
-    holder = "import sys, time; from qlora_kit.files import only_writer\nwith only_writer(sys.argv[1], 'exporting to'):\n" \
-             "    print('held', flush=True); time.sleep(30)"
-    child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "out.gguf")], stdout=subprocess.PIPE, text=True)
+    holder = (
+        "import sys, time; from qlora_kit.files import only_writer\nwith only_writer(sys.argv[1], 'exporting to'):\n"
+        "    print('held', flush=True); time.sleep(30)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / "out.gguf")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline() == "held\n"
-        with pytest.raises(UserError, match=rf"Another qlora-kit process is exporting to .*out.gguf \(pid {child.pid} on "):
+        with pytest.raises(
+            UserError, match=rf"Another qlora-kit process is exporting to .*out.gguf \(pid {child.pid} on "
+        ):
             with files.only_writer(tmp_path / "out.gguf", "exporting to"):
                 pass
     finally:

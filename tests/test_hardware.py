@@ -68,8 +68,12 @@ def test_a_smaller_target_than_the_gpu_holds_torch_to_it_less_the_cuda_context(m
     from qlora_kit.memory import CUDA_CONTEXT_BYTES, GIB
 
     fractions = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * GIB))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * GIB)
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction)
+    )
     assert cap_gpu_memory(6 * GIB, "cuda:0") == 6 * GIB - CUDA_CONTEXT_BYTES
     assert fractions == [(6 * GIB - CUDA_CONTEXT_BYTES) / (80 * GIB)]
     assert cap_gpu_memory(int(79.5 * GIB), "cuda:0") is None and len(fractions) == 1, "the probed card itself: no cap"

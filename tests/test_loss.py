@@ -11,8 +11,9 @@ def full_logits_loss(hidden, weight, labels, softcap=None):
     logits = (hidden @ weight.t()).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def random_case(seed=0, batch=3, seq=11, dim=16, vocab=50):

@@ -36,8 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_llama(tmp_path_factory):
     """Large enough that activations dwarf allocator noise, small enough to step in a second on CPU."""
     folder = tmp_path_factory.mktemp("small-llama")
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
@@ -50,7 +58,14 @@ def real_weight_bytes(model) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
-            for t in (module.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code):
+            for t in (
+                module.weight.data,
+                state.absmax,
+                state.code,
+                state.offset,
+                state.state2.absmax,
+                state.state2.code,
+            ):
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     quantized += t.numel() * t.element_size()
@@ -76,12 +91,23 @@ def test_a_multimodal_checkpoint_keeps_its_vision_tower_unquantized_and_counted(
     assert shape.tower_params == tower and (shape.unquantized_params() + shape.tower_params) * 2 == other
     assert quantized_weight_bytes(shape) == pytest.approx(quantized, rel=0.01)
     plan = estimate_peak_memory(shape, Recipe(rank=4))
-    assert plan.components["tower_weights"] == 2 * tower and plan.total_params - plan.trainable_params == shape.parameter_count()
+    assert (
+        plan.components["tower_weights"] == 2 * tower
+        and plan.total_params - plan.trainable_params == shape.parameter_count()
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3", "gemma3_text", "gemma3", "olmo3", "phi3"])
-@pytest.mark.parametrize("rank, targets, dora", [(8, "all-linear", False), (16, "q_proj,v_proj", False), (8, "all-linear", True),
-                                                 (4, "attention", False), (4, "mlp,q_proj", True)])
+@pytest.mark.parametrize(
+    "rank, targets, dora",
+    [
+        (8, "all-linear", False),
+        (16, "q_proj,v_proj", False),
+        (8, "all-linear", True),
+        (4, "attention", False),
+        (4, "mlp,q_proj", True),
+    ],
+)
 def test_lora_count_matches_peft_exactly(tmp_path, kind, rank, targets, dora):
     if kind == "phi3" and "q_proj" in targets:
         pytest.skip("Phi-3 has no q_proj: its queries, keys and values are one fused qkv_proj")
@@ -118,7 +144,12 @@ def test_gemma_4_s_full_attention_layers_moe_block_and_tower_are_counted_as_load
     vision tower: parameters and LoRA parameters exactly, for each preset of layers."""
     folder = save_tiny_model(tmp_path, kind)
     shape = ModelShape.from_config(kind, json.loads((folder / "config.json").read_text()))
-    assert (shape.global_layers, shape.global_head_dim, shape.global_kv_heads, shape.global_values_are_keys) == (1, 32, 1, True)
+    assert (shape.global_layers, shape.global_head_dim, shape.global_kv_heads, shape.global_values_are_keys) == (
+        1,
+        32,
+        1,
+        True,
+    )
     assert (shape.moe_layers, shape.shared_expert_size, shape.frozen_mlp_names) == (6, 48, False)
     assert bool(shape.tower_params) == (kind == "gemma4")
     for targets in ("all-linear", "attention", "mlp"):
@@ -135,8 +166,16 @@ def test_gemma_4_s_small_models_are_refused_by_the_plan_in_one_sentence():
 
 
 def test_catalogue_parameter_counts_match_the_published_sizes():
-    published = {"gemma-2b": 2.51e9, "llama-3.1-8b": 8.03e9, "mistral-7b-v0.3": 7.25e9, "qwen2.5-7b": 7.62e9,
-                 "phi-3-mini": 3.82e9, "smollm2-135m": 0.135e9, "llama-3.2-1b": 1.24e9, "gemma-2-9b": 9.24e9}
+    published = {
+        "gemma-2b": 2.51e9,
+        "llama-3.1-8b": 8.03e9,
+        "mistral-7b-v0.3": 7.25e9,
+        "qwen2.5-7b": 7.62e9,
+        "phi-3-mini": 3.82e9,
+        "smollm2-135m": 0.135e9,
+        "llama-3.2-1b": 1.24e9,
+        "gemma-2-9b": 9.24e9,
+    }
     for name, size in published.items():
         assert find_model_shape(name).parameter_count() == pytest.approx(size, rel=0.02), name
 
@@ -151,24 +190,39 @@ def test_weights_alone_match_the_design_anchors():
 def measured_transient(folder: Path, **settings) -> int:
     """Peak transient bytes of one training step on CPU (benchmarks/measure_cpu_memory.py says how)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_cpu_memory.py"), str(folder), json.dumps(settings)],
-                         capture_output=True, text=True, env=env, timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "measure_cpu_memory.py"), str(folder), json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["step_peak_transient"]
 
 
-@pytest.mark.parametrize("settings", [
-    dict(seq_len=1024, micro_batch=2),  # the loss chunk dominates the backward peak
-    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32),  # one recomputed layer dominates
-    dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, gradient_checkpointing=False),  # every layer's activations
-    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0),  # no per-LoRA dropout copies
-    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, uncheckpointed_layers=2),  # half the layers whole
-    # DoRA keeps each adapted layer's base and LoRA outputs (measured: +88 MiB, estimate/measured 1.08) ...
-    dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True),
-    dict(seq_len=1024, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True, gradient_checkpointing=False),  # ... 1.09
-    # A preference pair is two sequences; DPO's reference forward (no graph) fits inside the backward peak
-    dict(seq_len=1024, micro_batch=1, loss_chunk_tokens=32, dropout=0.0, method="dpo"),
-    dict(seq_len=1024, micro_batch=1, dropout=0.0, method="orpo"),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(seq_len=1024, micro_batch=2),  # the loss chunk dominates the backward peak
+        dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32),  # one recomputed layer dominates
+        dict(
+            seq_len=1024, micro_batch=2, loss_chunk_tokens=32, gradient_checkpointing=False
+        ),  # every layer's activations
+        dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0),  # no per-LoRA dropout copies
+        dict(
+            seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, uncheckpointed_layers=2
+        ),  # half the layers whole
+        # DoRA keeps each adapted layer's base and LoRA outputs (measured: +88 MiB, estimate/measured 1.08) ...
+        dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True),
+        dict(
+            seq_len=1024, micro_batch=2, loss_chunk_tokens=32, dropout=0.0, use_dora=True, gradient_checkpointing=False
+        ),  # ... 1.09
+        # A preference pair is two sequences; DPO's reference forward (no graph) fits inside the backward peak
+        dict(seq_len=1024, micro_batch=1, loss_chunk_tokens=32, dropout=0.0, method="dpo"),
+        dict(seq_len=1024, micro_batch=1, dropout=0.0, method="orpo"),
+    ],
+)
 def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, settings):
     """What one step allocates beyond the weights (activations, loss, LoRA gradients) against the estimate."""
     folder, shape = small_llama
@@ -178,25 +232,55 @@ def test_activation_and_loss_terms_track_measured_cpu_allocation(small_llama, se
     assert 0.9 * measured <= estimate <= 1.25 * measured, (estimate / 2**20, measured / 2**20)
 
 
-@pytest.mark.parametrize("kind, changes", [
-    ("qwen3", dict(head_dim=64)),  # q/k norms per head
-    ("gemma3_text", dict(head_dim=64, sliding_window=512, query_pre_attn_scalar=64)),  # 4 norms, q/k norms, a window
-    ("olmo3", dict(sliding_window=512)),  # q/k norms over all heads, post-norms, a window
-    # 16 experts of width 256, 4 a token, every one in NF4 with LoRA of rank 4
-    ("qwen3_moe", dict(head_dim=64, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4)),
-    # the same experts with biases, attention computed eagerly (its scores held whole), a window every 2nd layer
-    ("gpt_oss", dict(head_dim=64, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512)),
-    # 3 layers of Gated DeltaNet (its delta rule in fp32 chunks of 64), then 1 of gated attention
-    ("qwen3_5_text", dict(head_dim=64, linear_num_key_heads=2, linear_key_head_dim=64, linear_num_value_heads=4,
-                          linear_value_head_dim=64)),
-    # short convolutions in 2 layers, attention in 2
-    ("lfm2", dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])),
-    # 3 sliding-window layers, then a full one of 128-wide heads over 1 KV head, keys as values; a dense MLP beside 16
-    # experts of width 256 (4 a token), eight norms a layer
-    ("gemma4_text", dict(head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True,
-                         sliding_window=512, enable_moe_block=True, num_experts=16, top_k_experts=4,
-                         moe_intermediate_size=256, hidden_size_per_layer_input=0, final_logit_softcapping=30.0)),
-])
+@pytest.mark.parametrize(
+    "kind, changes",
+    [
+        ("qwen3", dict(head_dim=64)),  # q/k norms per head
+        (
+            "gemma3_text",
+            dict(head_dim=64, sliding_window=512, query_pre_attn_scalar=64),
+        ),  # 4 norms, q/k norms, a window
+        ("olmo3", dict(sliding_window=512)),  # q/k norms over all heads, post-norms, a window
+        # 16 experts of width 256, 4 a token, every one in NF4 with LoRA of rank 4
+        ("qwen3_moe", dict(head_dim=64, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4)),
+        # the same experts with biases, attention computed eagerly (its scores held whole), a window every 2nd layer
+        (
+            "gpt_oss",
+            dict(head_dim=64, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, sliding_window=512),
+        ),
+        # 3 layers of Gated DeltaNet (its delta rule in fp32 chunks of 64), then 1 of gated attention
+        (
+            "qwen3_5_text",
+            dict(
+                head_dim=64,
+                linear_num_key_heads=2,
+                linear_key_head_dim=64,
+                linear_num_value_heads=4,
+                linear_value_head_dim=64,
+            ),
+        ),
+        # short convolutions in 2 layers, attention in 2
+        ("lfm2", dict(layer_types=["conv", "full_attention", "conv", "full_attention"], full_attn_idxs=[1, 3])),
+        # 3 sliding-window layers, then a full one of 128-wide heads over 1 KV head, keys as values; a dense MLP beside 16
+        # experts of width 256 (4 a token), eight norms a layer
+        (
+            "gemma4_text",
+            dict(
+                head_dim=64,
+                global_head_dim=128,
+                num_global_key_value_heads=1,
+                attention_k_eq_v=True,
+                sliding_window=512,
+                enable_moe_block=True,
+                num_experts=16,
+                top_k_experts=4,
+                moe_intermediate_size=256,
+                hidden_size_per_layer_input=0,
+                final_logit_softcapping=30.0,
+            ),
+        ),
+    ],
+)
 def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path, kind, changes):
     """The recompute-dominated step (one layer run again and back-propagated) of families whose layers hold more than
     Llama's: measured estimate/measured 1.07 (Qwen3), 1.08 (Gemma 3), 1.06 (OLMo 3), Qwen3-MoE 1.03, gpt-oss 1.08;
@@ -207,17 +291,31 @@ def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path
     from transformers import AutoConfig
 
     if kind == "gemma4_text" and Version(transformers.__version__) < Version("5.24"):
-        pytest.skip("transformers 5.23's Gemma 4 keeps 9% less a step (the estimate 1.17 of it, on the safe side); the "
-                    "terms are fitted to 5.24 and later")
-    sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=False)
+        pytest.skip(
+            "transformers 5.23's Gemma 4 keeps 9% less a step (the estimate 1.17 of it, on the safe side); the "
+            "terms are fitted to 5.24 and later"
+        )
+    sizes = dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     config = AutoConfig.for_model(kind, **sizes | changes)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
     settings = dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0)
-    c = estimate_peak_memory(ModelShape.from_config(kind, config.to_dict()), Recipe(**settings), device="cpu").components
+    c = estimate_peak_memory(
+        ModelShape.from_config(kind, config.to_dict()), Recipe(**settings), device="cpu"
+    ).components
     estimate = c["saved_activations"] + c["backward_working_set"] + c["lora_gradients"]
     measured = measured_transient(tmp_path, **settings)
     assert 0.9 * measured <= estimate <= 1.1 * measured, (estimate / 2**20, measured / 2**20)
@@ -227,7 +325,10 @@ def test_longer_sequences_and_batches_cost_more_and_the_searches_agree():
     shape = find_model_shape("gemma-2b")
     recipe = Recipe(seq_len=2048, micro_batch=1)
     capacity = 6 * GIB
-    totals = [estimate_peak_memory(shape, Recipe(seq_len=s, micro_batch=b)).total_bytes for s, b in [(512, 1), (2048, 1), (2048, 4)]]
+    totals = [
+        estimate_peak_memory(shape, Recipe(seq_len=s, micro_batch=b)).total_bytes
+        for s, b in [(512, 1), (2048, 1), (2048, 4)]
+    ]
     assert totals == sorted(totals)
     longest = longest_sequence(shape, recipe, "cuda", capacity)
     assert estimate_peak_memory(shape, Recipe(seq_len=longest, micro_batch=1)).total_bytes <= capacity
@@ -249,8 +350,10 @@ def test_checkpointing_offload_and_8bit_optimizer_save_memory():
 
 def test_uncheckpointed_layers_sit_between_full_checkpointing_and_none_and_the_search_agrees():
     shape, recipe = find_model_shape("gemma-2b"), Recipe(seq_len=2048, micro_batch=1, gradient_checkpointing=True)
+
     def total(**settings):
         return estimate_peak_memory(shape, replace(recipe, **settings)).total_bytes
+
     every, none = total(), total(gradient_checkpointing=False)
     assert total(uncheckpointed_layers=0) == every and total(uncheckpointed_layers=shape.num_layers) == none
     assert total(uncheckpointed_layers=99) == none, "more layers than the model has: none is checkpointed"
@@ -270,7 +373,12 @@ def test_memory_model_needs_no_torch():
 
 def calibration_points() -> list[dict]:
     results = ROOT / "benchmarks" / "results"
-    lines = [line for path in sorted(results.glob("memory_*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
+    lines = [
+        line
+        for path in sorted(results.glob("memory_*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
     return [point for point in map(json.loads, lines) if point["status"] == "ok"]
 
 
@@ -295,8 +403,11 @@ def test_the_committed_cpu_calibration_points_hold_for_today_s_memory_model():
         assert 0.9 <= ratio <= 1.15, (point["model_type"], point["changes"], point["settings"], round(ratio, 3))
 
 
-@pytest.mark.skipif(not calibration_points(), reason="waits for a GPU run of benchmarks/calibrate_memory.py (benchmarks/"
-                    "gpu_session.sh) to commit benchmarks/results/memory_*.jsonl, which no session with a GPU has done yet")
+@pytest.mark.skipif(
+    not calibration_points(),
+    reason="waits for a GPU run of benchmarks/calibrate_memory.py (benchmarks/"
+    "gpu_session.sh) to commit benchmarks/results/memory_*.jsonl, which no session with a GPU has done yet",
+)
 def test_plan_matches_every_committed_gpu_measurement():
     """Within +-10% of torch's measured peak allocation, and never more than 5% under it."""
     misses = []
@@ -305,8 +416,10 @@ def test_plan_matches_every_committed_gpu_measurement():
         estimate = estimate_peak_memory(find_model_shape(point["model"]), recipe, "cuda").allocated_bytes
         ratio = estimate / point["peak_allocated"]
         if not 0.95 <= ratio <= 1.10:
-            misses.append(f"{point['model']} seq {recipe.seq_len} x {recipe.micro_batch} r{recipe.rank} "
-                          f"ckpt={recipe.gradient_checkpointing} kept={recipe.uncheckpointed_layers}: estimate/measured = {ratio:.2f}")
+            misses.append(
+                f"{point['model']} seq {recipe.seq_len} x {recipe.micro_batch} r{recipe.rank} "
+                f"ckpt={recipe.gradient_checkpointing} kept={recipe.uncheckpointed_layers}: estimate/measured = {ratio:.2f}"
+            )
     assert not misses, "\n".join(misses)
 
 
@@ -320,7 +433,9 @@ def test_several_gpus_ddp_adds_gradient_buckets_and_fsdp_shards_the_weights():
     assert ddp.components["ddp_gradient_buckets"] == one.components["lora_gradients"]
     assert ddp.total_bytes > one.total_bytes
     assert fsdp.components["quantized_weights"] == -(-one.components["quantized_weights"] // 4)
-    assert fsdp.components["saved_activations"] == one.components["saved_activations"], "activations are per GPU either way"
+    assert fsdp.components["saved_activations"] == one.components["saved_activations"], (
+        "activations are per GPU either way"
+    )
     assert fsdp.total_bytes < one.total_bytes and "fsdp_gathered_weights" in fsdp.components
     offload = estimate_peak_memory(shape, recipe, gpus=4, strategy="fsdp_offload")
     assert offload.components["quantized_weights"] == 0 and offload.total_bytes < fsdp.total_bytes

@@ -32,7 +32,9 @@ def logits(model) -> torch.Tensor:
 
 def test_an_exact_merge_gives_the_logits_of_base_plus_adapter(llama_dir, trained, tmp_path):
     """fp32: equal up to float rounding (1e-4); the default bf16 within 5% of the logits' mean size."""
-    reference = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), trained))
+    reference = logits(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), trained)
+    )
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, trained, tmp_path / "fp32", dtype="fp32"))
     assert not any("lora" in name for name, _ in merged.named_parameters()), "a plain model, no PEFT layers"
     torch.testing.assert_close(logits(merged), reference, rtol=1e-4, atol=1e-4)
@@ -51,7 +53,9 @@ def test_merging_into_the_dequantized_4bit_base_tracks_the_trained_model(llama_d
     quantized = PeftModel.from_pretrained(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")), trained)
     with models.no_dropout(quantized):
         reference = logits(quantized)
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, trained, tmp_path / "q", dtype="fp32", from_quantized=True))
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(None, trained, tmp_path / "q", dtype="fp32", from_quantized=True)
+    )
     torch.testing.assert_close(logits(merged), reference, rtol=1e-4, atol=1e-4)
 
 

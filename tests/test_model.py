@@ -42,7 +42,9 @@ def test_trainable_count_matches_peft_and_the_lora_formula(tiny_model_dir):
 
 
 def test_target_modules_can_be_named(llama_dir):
-    lora = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, target_modules="q_proj, v_proj"))
+    lora = models.attach_lora(
+        models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, target_modules="q_proj, v_proj")
+    )
     names = {n.split(".")[-4] for n, p in lora.named_parameters() if p.requires_grad}
     assert names == {"q_proj", "v_proj"}
     with pytest.raises(UserError, match="LoRA could not be attached"):
@@ -85,13 +87,17 @@ def test_only_the_last_uncheckpointed_layers_skip_recomputation(llama_dir, unche
     layers = models.lm_parts(lora)[0].layers
     runs = [0] * len(layers)
     for index, layer in enumerate(layers):  # counted in forward itself: module hooks do not fire on recomputation
+
         def counted(*args, index=index, forward=layer.mlp.forward, **kwargs):
             runs[index] += 1
             return forward(*args, **kwargs)
+
         layer.mlp.forward = counted
     lora.train()
     lora(input_ids=torch.arange(1, 17).unsqueeze(0)).logits.sum().backward()
-    assert runs == expected_runs, "a checkpointed layer runs twice (forward, then recomputed in backward), a kept one once"
+    assert runs == expected_runs, (
+        "a checkpointed layer runs twice (forward, then recomputed in backward), a kept one once"
+    )
 
 
 def test_an_adapter_made_for_another_base_is_refused_by_layer_and_shape(llama_dir, tmp_path):
@@ -108,18 +114,30 @@ def test_an_adapter_made_for_another_base_is_refused_by_layer_and_shape(llama_di
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(4)))
-    run_training(Recipe(model=str(llama_dir), data=str(data), rank=4, steps=1, micro_batch=4), tmp_path / "a", Console(file=io.StringIO()))
+    run_training(
+        Recipe(model=str(llama_dir), data=str(data), rank=4, steps=1, micro_batch=4),
+        tmp_path / "a",
+        Console(file=io.StringIO()),
+    )
     adapter = tmp_path / "a" / "adapter"
     phi3 = save_tiny_model(tmp_path / "phi3", "phi3")  # fused qkv_proj: no q_proj to adapt
-    with pytest.raises(UserError, match=r"adapts model.layers.0.(mlp.gate|self_attn.[qkv])_proj, which this base model does not have"):
-        models.attach_lora(models.load_base_4bit(phi3, torch.float32, torch.device("cpu")), Recipe(init_adapter=str(adapter)))
+    with pytest.raises(
+        UserError, match=r"adapts model.layers.0.(mlp.gate|self_attn.[qkv])_proj, which this base model does not have"
+    ):
+        models.attach_lora(
+            models.load_base_4bit(phi3, torch.float32, torch.device("cpu")), Recipe(init_adapter=str(adapter))
+        )
     shutil.copytree(adapter, tmp_path / "wider")
     weights = load_file(adapter / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     save_file({**weights, key: torch.zeros(4, 96)}, tmp_path / "wider" / "adapter_model.safetensors")
-    with pytest.raises(UserError, match="its model.layers.1.mlp.down_proj maps 96 to 64 features, this model's 128 to 64") as error:
-        models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")),
-                           Recipe(init_adapter=str(tmp_path / "wider")))
+    with pytest.raises(
+        UserError, match="its model.layers.1.mlp.down_proj maps 96 to 64 features, this model's 128 to 64"
+    ) as error:
+        models.attach_lora(
+            models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")),
+            Recipe(init_adapter=str(tmp_path / "wider")),
+        )
     assert "--model" in error.value.hint
 
 
@@ -134,8 +152,10 @@ def test_loftq_starts_the_4bit_model_closer_to_the_16bit_one(llama_dir):
         full = AutoModelForCausalLM.from_pretrained(llama_dir)(input_ids=ids).logits
         gaps = {}
         for init, rank in [("default", 16), ("loftq", 4), ("loftq", 16)]:
-            model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")),
-                                       Recipe(rank=rank, lora_init=init, gradient_checkpointing=False))
+            model = models.attach_lora(
+                models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")),
+                Recipe(rank=rank, lora_init=init, gradient_checkpointing=False),
+            )
             gaps[init, rank] = float((model(input_ids=ids).logits - full).norm() / full.norm())
     # Measured on the tiny Llama: 0.372, 0.342, 0.238.
     assert gaps["default", 16] > gaps["loftq", 4] > gaps["loftq", 16]

@@ -11,28 +11,33 @@ CHATML_WITH_DEFAULT_SYSTEM = (  # SmolLM2, Qwen2.5
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 LLAMA_3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
     " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 GEMMA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 PHI_3 = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 GEMMA_3 = (  # no system turn: a system message opens the first user turn
     "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
     "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
     "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}"
-    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 LLAMA_2 = (  # the system prompt goes inside the first user turn, as Gemma 3's
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -41,7 +46,8 @@ LLAMA_2 = (  # the system prompt goes inside the first user turn, as Gemma 3's
     "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
     "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 @pytest.fixture
@@ -52,14 +58,19 @@ def tokenizer_with():
         tokenizer = build_tokenizer()
         tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token = template, bos, eos
         return tokenizer
+
     return make
 
 
 def test_chatml_with_a_default_system_prompt_becomes_ollamas_go_template(tokenizer_with):
     turns = chat_turns(tokenizer_with(CHATML_WITH_DEFAULT_SYSTEM, eos="<|im_end|>"))
-    assert turns == ChatTurns(preamble="<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n",
-                              system=("<|im_start|>system\n", "<|im_end|>\n"), user=("<|im_start|>user\n", "<|im_end|>\n"),
-                              answer=("<|im_start|>assistant\n", "<|im_end|>\n"), answer_opening="<|im_start|>assistant\n")
+    assert turns == ChatTurns(
+        preamble="<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n",
+        system=("<|im_start|>system\n", "<|im_end|>\n"),
+        user=("<|im_start|>user\n", "<|im_end|>\n"),
+        answer=("<|im_start|>assistant\n", "<|im_end|>\n"),
+        answer_opening="<|im_start|>assistant\n",
+    )
     # The shape of Ollama's own templates: the system prompt or the default, then each turn; an answer left open
     # when it is the last message (Ollama continues it).
     assert go_template(turns) == (
@@ -68,7 +79,8 @@ def test_chatml_with_a_default_system_prompt_becomes_ollamas_go_template(tokeniz
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ if $last }}<|im_start|>assistant\n{{ end }}'
         '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{{ if not $last }}<|im_end|>\n{{ end }}'
-        "{{ end }}{{ end }}")
+        "{{ end }}{{ end }}"
+    )
 
 
 @pytest.mark.parametrize("template, system", [(LLAMA_3, True), (GEMMA, False), (PHI_3, True)])
@@ -86,8 +98,10 @@ def test_a_template_without_a_system_turn_gets_the_system_prompt_in_the_first_us
     template = go_template(turns, "<bos>")
     # Once, in the first user turn: Go's text/template assigns the outer $system inside range.
     assert template.startswith("{{ $system := .System }}{{ range")
-    assert ('{{ if eq .Role "user" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
-            "{{ .Content }}") in template
+    assert (
+        '{{ if eq .Role "user" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+        "{{ .Content }}"
+    ) in template
 
 
 def test_the_bos_token_is_left_to_llama_cpp_when_the_gguf_adds_it(tokenizer_with):
@@ -107,12 +121,14 @@ def test_a_template_with_logic_beyond_turns_gets_no_template(tokenizer_with, tmp
     tokenizer = tokenizer_with({"numbered": NUMBERED, "qwen3-like": THINKING_TEMPLATE}[template])
     assert chat_turns(tokenizer) is None
     modelfile, templated = write_modelfile(tmp_path, "./m.gguf", None, tokenizer, None, adds_bos=False)
-    assert not templated and "TEMPLATE" not in modelfile.read_text() and 'PARAMETER stop "</s>"' in modelfile.read_text()
+    assert (
+        not templated and "TEMPLATE" not in modelfile.read_text() and 'PARAMETER stop "</s>"' in modelfile.read_text()
+    )
 
 
 def test_go_templates_print_braces_in_the_text_literally():
     turns = ChatTurns("", None, ("{{user}}", "\n"), ("", "\n"), "")
-    assert go_template(turns).startswith('{{ range $i, $_ := .Messages }}') and '{{ "{{" }}user}}' in go_template(turns)
+    assert go_template(turns).startswith("{{ range $i, $_ := .Messages }}") and '{{ "{{" }}user}}' in go_template(turns)
 
 
 def write_run(folder, records):
@@ -143,9 +159,10 @@ def test_export_ollama_writes_the_modelfile_for_each_form(adapters_for_ollama, t
     modelfile = (run / "Modelfile").read_text()
     assert code == 0 and f"ollama create run -f {run / 'Modelfile'}" in out
     assert "ADAPTER ./adapter.gguf" in modelfile and 'SYSTEM """Talk like a pirate."""' in modelfile
-    assert "TEMPLATE \"\"\"{{ if .System }}<|system|>{{ .System }}</s>" in modelfile
-    code, out, _ = run_cli(monkeypatch, capsys, "export", "--adapter", run / "adapter", "--format", "gguf", "--ollama",
-                           "--overwrite")  # the Modelfile of the first export is replaced
+    assert 'TEMPLATE """{{ if .System }}<|system|>{{ .System }}</s>' in modelfile
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "export", "--adapter", run / "adapter", "--format", "gguf", "--ollama", "--overwrite"
+    )  # the Modelfile of the first export is replaced
     modelfile = (run / "Modelfile").read_text()
     assert code == 0 and "FROM ./run-f16.gguf" in modelfile and "ADAPTER" not in modelfile
 
@@ -161,11 +178,18 @@ def adapters_for_ollama(tmp_path, tiny_model_dir):
     from qlora_kit.train import run_training
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(chat(("system", "Talk like a pirate."), ("user", f"q{i}"), ("assistant", "arr")))
-                            + "\n" for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps(chat(("system", "Talk like a pirate."), ("user", f"q{i}"), ("assistant", "arr"))) + "\n"
+            for i in range(4)
+        )
+    )
     run = tmp_path / "run"
-    run_training(Recipe(model=str(tiny_model_dir), data=str(data), rank=4, steps=1, micro_batch=4), run,
-                 Console(file=io.StringIO()))
+    run_training(
+        Recipe(model=str(tiny_model_dir), data=str(data), rank=4, steps=1, micro_batch=4),
+        run,
+        Console(file=io.StringIO()),
+    )
     return run
 
 

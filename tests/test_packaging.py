@@ -10,8 +10,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_ships_every_module_the_catalogue_the_recipes_and_the_demo_data(tmp_path):
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
-                            "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     [wheel] = tmp_path.glob("qlora_kit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

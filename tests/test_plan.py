@@ -21,8 +21,15 @@ def test_gemma_2b_fits_a_3060_and_the_table_says_so():
     report = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=1), choose_target(gpu="RTX 3060"), compare=True)
     assert report.plan.verdict == "fits" and report.fix is None
     text = rendered(report)
-    for expected in ("FITS", "linear weights, NF4", "CUDA context", "total (what nvidia-smi shows)", "Longest sequence",
-                     "full fine-tuning", "Trainable: 19,611,648"):
+    for expected in (
+        "FITS",
+        "linear weights, NF4",
+        "CUDA context",
+        "total (what nvidia-smi shows)",
+        "Longest sequence",
+        "full fine-tuning",
+        "Trainable: 19,611,648",
+    ):
         assert expected in text
     assert report.alternatives["full_finetune"] > 10 * report.alternatives["qlora_4bit"]
     assert report.alternatives["qlora_4bit"] < report.alternatives["lora_16bit"] < report.alternatives["full_finetune"]
@@ -84,10 +91,24 @@ def test_no_bf16_card_gets_a_note_about_fp16():
 def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
     from tests.test_cli import run_cli
 
-    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--gpu", "RTX 3090", "--gpus", "2",
-                           "--strategy", "fsdp", "--json")
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "plan",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "RTX 3090",
+        "--gpus",
+        "2",
+        "--strategy",
+        "fsdp",
+        "--json",
+    )
     assert code in (0, None) and "fsdp_gathered_weights" in json.loads(out)["plan"]["components"]
-    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "T4", "--gpus", "2", "--strategy", "zero")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "plan", "--model", "gemma-2b", "--gpu", "T4", "--gpus", "2", "--strategy", "zero"
+    )
     assert code == 1 and "Unknown --strategy zero" in err
 
 
@@ -99,15 +120,23 @@ def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
     roomy = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4), choose_target(gpu="RTX 3090"))
     layers = roomy.uncheckpointed_layers
     assert 0 < layers < 18 and f"--uncheckpointed-layers {layers}" in rendered(roomy)
-    faster = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4, uncheckpointed_layers=layers), choose_target(gpu="RTX 3090"))
+    faster = make_plan(
+        "gemma-2b", Recipe(seq_len=2048, micro_batch=4, uncheckpointed_layers=layers), choose_target(gpu="RTX 3090")
+    )
     assert faster.plan.verdict == "fits" and faster.faster is None, "nothing more to spare"
     assert faster.plan.total_bytes <= 0.9 * faster.target.capacity_bytes
-    assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith("--no-gradient-checkpointing")
+    assert make_plan("gemma-2b", Recipe(seq_len=512, micro_batch=1), choose_target(gpu="RTX 3090")).faster.startswith(
+        "--no-gradient-checkpointing"
+    )
     assert make_plan("llama-3.1-8b", Recipe(seq_len=2048), choose_target(vram_gib=6)).faster is None
-    result = CliRunner().invoke(app, ["plan", "--model", "gemma-2b", "--gpu", "RTX 3090", "--seq-len", "2048", "--no-checkpointing", "--json"])
+    result = CliRunner().invoke(
+        app, ["plan", "--model", "gemma-2b", "--gpu", "RTX 3090", "--seq-len", "2048", "--no-checkpointing", "--json"]
+    )
     plan = json.loads(result.stdout)["plan"]  # the flag's old name still works, with a line saying the new one
     assert "--checkpointing is now --gradient-checkpointing" in result.stderr
-    assert plan["details"]["checkpointed_layers"] == 0 and result.exit_code == (3 if plan["verdict"] == "does not fit" else 0)
+    assert plan["details"]["checkpointed_layers"] == 0 and result.exit_code == (
+        3 if plan["verdict"] == "does not fit" else 0
+    )
 
 
 def test_a_cpu_plan_says_the_ram_other_programs_hold():
@@ -125,19 +154,39 @@ def test_plan_from_an_adapter_takes_its_settings_and_counts_dpos_frozen_copy(mon
     from safetensors.torch import save_file
 
     layer = "base_model.model.model.layers.0.self_attn.q_proj"  # plan reads the shapes only, to check the rank
-    save_file({f"{layer}.lora_A.weight": torch.zeros(64, 8), f"{layer}.lora_B.weight": torch.zeros(8, 64)},
-              adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "lora_alpha": 16,
-                                                             "target_modules": ["q_proj", "v_proj"], "use_dora": True}))
-    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--gpu", "RTX 3060", "--method", "dpo",
-                           "--from-adapter", str(adapter), "--json")
+    save_file(
+        {f"{layer}.lora_A.weight": torch.zeros(64, 8), f"{layer}.lora_B.weight": torch.zeros(8, 64)},
+        adapter / "adapter_model.safetensors",
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": 64, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
+        )
+    )
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "plan",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "RTX 3060",
+        "--method",
+        "dpo",
+        "--from-adapter",
+        str(adapter),
+        "--json",
+    )
     report = json.loads(out)
-    expected = estimate_peak_memory(find_model_shape("llama-3.1-8b"), Recipe(rank=64, target_modules="q_proj,v_proj",
-                                                                            use_dora=True))
+    expected = estimate_peak_memory(
+        find_model_shape("llama-3.1-8b"), Recipe(rank=64, target_modules="q_proj,v_proj", use_dora=True)
+    )
     assert report["plan"]["rank"] == 64 and report["plan"]["trainable_params"] == expected.trainable_params
     assert report["plan"]["components"]["reference_adapter"] == 4 * expected.trainable_params
     assert report["reference"]["mode"] == "on_the_fly"
-    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--from-adapter", str(adapter), "--rank", "8")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", "--from-adapter", str(adapter), "--rank", "8"
+    )
     assert code == 1 and "rank 8 (the adapter's: 64)" in err
 
 

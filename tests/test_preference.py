@@ -14,8 +14,10 @@ from qlora_kit.preference import PreferenceLoss, log1mexp
 from qlora_kit.recipes import Recipe
 from qlora_kit.train import run_training
 
-PAIRS = [{"prompt": "the quick brown", "chosen": "fox jumps over", "rejected": "dog sleeps"},
-         {"prompt": "what is two plus two", "chosen": "four, arr", "rejected": "five, I think so"}]
+PAIRS = [
+    {"prompt": "the quick brown", "chosen": "fox jumps over", "rejected": "dog sleeps"},
+    {"prompt": "what is two plus two", "chosen": "four, arr", "rejected": "five, I think so"},
+]
 
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -35,7 +37,9 @@ def pairs_from_trl_batch(batch) -> list[PreferencePair]:
     rows = []
     for ids, attention, completion in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
         n = int(attention.sum())
-        rows.append(Example(ids[:n].tolist(), [t if c else IGNORE for t, c in zip(ids[:n].tolist(), completion[:n].tolist())]))
+        rows.append(
+            Example(ids[:n].tolist(), [t if c else IGNORE for t, c in zip(ids[:n].tolist(), completion[:n].tolist())])
+        )
     half = len(rows) // 2
     return [PreferencePair(c, r) for c, r in zip(rows[:half], rows[half:])]
 
@@ -52,11 +56,23 @@ def test_dpo_loss_and_gradients_equal_trl_dpo_trainer(llama_dir, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, report_to=[],
-                     gradient_checkpointing=False, use_cpu=True, max_length=None)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        gradient_checkpointing=False,
+        use_cpu=True,
+        max_length=None,
+    )
     # A fresh adapter, as qlora-kit's: TRL's reference is then the base with the adapter off, as ours.
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), args=args,
-                         train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
     model = started_lora(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
     theirs = trainer.compute_loss(trainer.model, batch)
@@ -65,7 +81,9 @@ def test_dpo_loss_and_gradients_equal_trl_dpo_trainer(llama_dir, tmp_path):
     model.zero_grad()
 
     pairs = pairs_from_trl_batch(batch)
-    loss_sum, n, _, stats = PreferenceLoss(model, "dpo", 0.1, loss_chunk_tokens=3)(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    loss_sum, n, _, stats = PreferenceLoss(model, "dpo", 0.1, loss_chunk_tokens=3)(
+        pairs, tokenizer.pad_token_id, torch.device("cpu")
+    )
     ours = loss_sum / n
     ours.backward()
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5) and ours.item() != pytest.approx(0.6931, abs=1e-3)
@@ -86,12 +104,25 @@ def test_orpo_loss_and_gradients_equal_trl_orpo_trainer(llama_dir, tmp_path):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    rows = [{"prompt": "", "chosen": "cat sits down", "rejected": "dog sleeps"},
-            {"prompt": "", "chosen": "dog runs over", "rejected": "fox jumps over"}]
-    args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, per_device_train_batch_size=2, report_to=[],
-                      use_cpu=True, max_length=64)
-    trainer = ORPOTrainer(model=AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    rows = [
+        {"prompt": "", "chosen": "cat sits down", "rejected": "dog sleeps"},
+        {"prompt": "", "chosen": "dog runs over", "rejected": "fox jumps over"},
+    ]
+    args = ORPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.25,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        max_length=64,
+    )
+    trainer = ORPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
     model = started_lora(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     theirs, _ = trainer.get_batch_loss_metrics(model, batch)
@@ -99,11 +130,22 @@ def test_orpo_loss_and_gradients_equal_trl_orpo_trainer(llama_dir, tmp_path):
     their_grads = lora_grads(model)
     model.zero_grad()
 
-    pairs = [PreferencePair(*(Example(batch[f"{side}_input_ids"][i][batch[f"{side}_attention_mask"][i].bool()].tolist(),
-                                      batch[f"{side}_labels"][i][batch[f"{side}_attention_mask"][i].bool()].tolist())
-                              for side in ("chosen", "rejected"))) for i in range(len(rows))]
+    pairs = [
+        PreferencePair(
+            *(
+                Example(
+                    batch[f"{side}_input_ids"][i][batch[f"{side}_attention_mask"][i].bool()].tolist(),
+                    batch[f"{side}_labels"][i][batch[f"{side}_attention_mask"][i].bool()].tolist(),
+                )
+                for side in ("chosen", "rejected")
+            )
+        )
+        for i in range(len(rows))
+    ]
     assert len({len(p.chosen) for p in pairs}) == 1 and pairs[0].chosen.labels[0] == IGNORE
-    loss_sum, n, _, _ = PreferenceLoss(model, "orpo", 0.25, loss_chunk_tokens=5)(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    loss_sum, n, _, _ = PreferenceLoss(model, "orpo", 0.25, loss_chunk_tokens=5)(
+        pairs, tokenizer.pad_token_id, torch.device("cpu")
+    )
     ours = loss_sum / n
     ours.backward()
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
@@ -116,7 +158,9 @@ def test_orpo_loss_and_gradients_equal_trl_orpo_trainer(llama_dir, tmp_path):
 def test_log1mexp_is_accurate_at_both_ends():
     """Near 0 the naive log(1 - exp(x)) is log(0) in float32, far below it 1 - exp(x) rounds to 1."""
     x = torch.tensor([-1e-8, -1e-3, -0.5, -1.0, -30.0])
-    expected = [math.log(-math.expm1(v)) if v >= -1 else -math.exp(v) - math.exp(2 * v) / 2 for v in x.double().tolist()]
+    expected = [
+        math.log(-math.expm1(v)) if v >= -1 else -math.exp(v) - math.exp(2 * v) / 2 for v in x.double().tolist()
+    ]
     torch.testing.assert_close(log1mexp(x).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
     assert torch.log(1 - torch.exp(x[:1])).isinf() and torch.log(1 - torch.exp(x[-1:])) == 0
 
@@ -126,16 +170,47 @@ def test_log1mexp_is_accurate_at_both_ends():
 PROMPT = [{"role": "user", "content": "Add 2 and 2"}]
 
 
-@pytest.mark.parametrize("line, format, normalised", [
-    ({"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}, "preference", {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}),
-    ({"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
-     "preference_chat", {"messages": PROMPT, "chosen": [{"role": "assistant", "content": "4"}],
-                         "rejected": [{"role": "assistant", "content": "5"}]}),
-    ({"messages": PROMPT, "chosen": "4", "rejected": "5"}, "preference_chat",
-     {"messages": PROMPT, "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}),
-    ({"prompt": "Add 2 and 2", "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"}, "preference_chat",
-     {"messages": PROMPT, "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}),
-])
+@pytest.mark.parametrize(
+    "line, format, normalised",
+    [
+        (
+            {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"},
+            "preference",
+            {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"},
+        ),
+        (
+            {
+                "prompt": PROMPT,
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+            "preference_chat",
+            {
+                "messages": PROMPT,
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ),
+        (
+            {"messages": PROMPT, "chosen": "4", "rejected": "5"},
+            "preference_chat",
+            {
+                "messages": PROMPT,
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ),
+        (
+            {"prompt": "Add 2 and 2", "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"},
+            "preference_chat",
+            {
+                "messages": PROMPT,
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ),
+    ],
+)
 def test_preference_formats_are_detected_and_normalised(tmp_path, line, format, normalised):
     from qlora_kit.data import read_records
 
@@ -145,14 +220,23 @@ def test_preference_formats_are_detected_and_normalised(tmp_path, line, format, 
     assert loaded.format == format and loaded.records == [normalised]
 
 
-@pytest.mark.parametrize("line, problem", [
-    ({"prompt": "p", "chosen": "a"}, "line 1: missing `rejected`: a preference example needs a chosen and a rejected answer"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 1: `chosen` and `rejected` are the same answer"),
-    ({"prompt": "p", "chosen": " ", "rejected": "b"}, "line 1: `chosen` is empty"),
-    ({"chosen": "a", "rejected": "b"}, "line 1: missing `prompt`"),
-    ({"messages": PROMPT, "chosen": "", "rejected": "b"}, "line 1: turn 1 of `chosen` has empty `content`"),
-    ({"messages": PROMPT, "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "line 1: `chosen` has no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        (
+            {"prompt": "p", "chosen": "a"},
+            "line 1: missing `rejected`: a preference example needs a chosen and a rejected answer",
+        ),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 1: `chosen` and `rejected` are the same answer"),
+        ({"prompt": "p", "chosen": " ", "rejected": "b"}, "line 1: `chosen` is empty"),
+        ({"chosen": "a", "rejected": "b"}, "line 1: missing `prompt`"),
+        ({"messages": PROMPT, "chosen": "", "rejected": "b"}, "line 1: turn 1 of `chosen` has empty `content`"),
+        (
+            {"messages": PROMPT, "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+            "line 1: `chosen` has no assistant turn",
+        ),
+    ],
+)
 def test_each_bad_preference_line_is_named_with_its_problem(tmp_path, line, problem):
     from qlora_kit.data import read_records
     from qlora_kit.errors import UserError
@@ -169,13 +253,19 @@ def test_only_the_answers_are_learned_in_both_forms(smollm):
     from tests.test_data import trained_spans
 
     (chosen, chosen_labels), (rejected, rejected_labels) = tokenize_preference(
-        {"prompt": "Q: 2+2?", "chosen": " A: 4", "rejected": " A: 5"}, smollm)
+        {"prompt": "Q: 2+2?", "chosen": " A: 4", "rejected": " A: 5"}, smollm
+    )
     assert trained_spans(smollm, chosen, chosen_labels) == [" A: 4<|im_end|>"]
     assert trained_spans(smollm, rejected, rejected_labels) == [" A: 5<|im_end|>"]
     earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}, *PROMPT]
     (chosen, chosen_labels), (rejected, rejected_labels) = tokenize_preference(
-        {"messages": earlier, "chosen": [{"role": "assistant", "content": "4"}],
-         "rejected": [{"role": "assistant", "content": "5"}]}, smollm)
+        {
+            "messages": earlier,
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
+        smollm,
+    )
     # The prompt's own assistant turn is context, not an answer to prefer.
     assert trained_spans(smollm, chosen, chosen_labels) == ["4<|im_end|>\n"]
     assert trained_spans(smollm, rejected, rejected_labels) == ["5<|im_end|>\n"]
@@ -200,12 +290,21 @@ def test_data_check_shows_both_answers_as_the_model_sees_them(tmp_path):
 
 # Runs: DPO and ORPO train through the same loop as SFT, with the same checkpoints and exact resume.
 
+
 def preference_file(folder, n: int = 12, chat: bool = False):
-    rows = [{"prompt": f"what is {i} plus {i}?", "chosen": f" {2 * i}, arr", "rejected": f" {2 * i + 1}, I think"}
-            for i in range(n)]
+    rows = [
+        {"prompt": f"what is {i} plus {i}?", "chosen": f" {2 * i}, arr", "rejected": f" {2 * i + 1}, I think"}
+        for i in range(n)
+    ]
     if chat:
-        rows = [{"messages": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"].strip(),
-                 "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+        rows = [
+            {
+                "messages": [{"role": "user", "content": r["prompt"]}],
+                "chosen": r["chosen"].strip(),
+                "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+            }
+            for r in rows
+        ]
     path = folder / ("chat-pairs.jsonl" if chat else "pairs.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -220,8 +319,17 @@ def test_a_preference_run_learns_to_prefer_and_reports_rewards(llama_dir, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = Recipe(model=str(llama_dir), data=str(preference_file(tmp_path, chat=chat)), method=method, rank=4, lr=1e-2,
-                    steps=4, micro_batch=2, grad_accum=2, eval_fraction=0.25)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(preference_file(tmp_path, chat=chat)),
+        method=method,
+        rank=4,
+        lr=1e-2,
+        steps=4,
+        micro_batch=2,
+        grad_accum=2,
+        eval_fraction=0.25,
+    )
     summary = run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
     lines = metric_lines(tmp_path / "run")
     assert all({"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"} <= m.keys() for m in lines)
@@ -251,22 +359,38 @@ def test_a_preference_run_learns_to_prefer_and_reports_rewards(llama_dir, tmp_pa
 def test_a_preference_run_resumes_exactly(llama_dir, tmp_path, method):
     from tests.test_train import stopped_and_resumed_equals_whole
 
-    stopped_and_resumed_equals_whole(Recipe(model=str(llama_dir), data=str(preference_file(tmp_path)), method=method,
-                                            rank=4, lr=1e-2, steps=6, micro_batch=2, checkpoint_every=2,
-                                            keep_checkpoints=3, dropout=0.1), tmp_path)
+    stopped_and_resumed_equals_whole(
+        Recipe(
+            model=str(llama_dir),
+            data=str(preference_file(tmp_path)),
+            method=method,
+            rank=4,
+            lr=1e-2,
+            steps=6,
+            micro_batch=2,
+            checkpoint_every=2,
+            keep_checkpoints=3,
+            dropout=0.1,
+        ),
+        tmp_path,
+    )
 
 
 def test_method_and_data_must_match(llama_dir, text_data, tmp_path):
     from qlora_kit.errors import UserError
 
     pairs = preference_file(tmp_path)
-    cases = [(dict(data=str(pairs)), "holds preference pairs", "--method dpo"),
-             (dict(data=str(text_data), method="dpo"), "--method dpo learns from preference pairs", '"chosen"'),
-             (dict(data=str(pairs), method="orpo", packing=True), "--packing does not apply", "Leave it out"),
-             (dict(data=str(pairs), method="orpo", reference="precomputed"), "--method orpo has none", "--method dpo")]
+    cases = [
+        (dict(data=str(pairs)), "holds preference pairs", "--method dpo"),
+        (dict(data=str(text_data), method="dpo"), "--method dpo learns from preference pairs", '"chosen"'),
+        (dict(data=str(pairs), method="orpo", packing=True), "--packing does not apply", "Leave it out"),
+        (dict(data=str(pairs), method="orpo", reference="precomputed"), "--method orpo has none", "--method dpo"),
+    ]
     for settings, said, hint in cases:
         with pytest.raises(UserError, match=said) as error:
-            run_training(Recipe(model=str(llama_dir), steps=1, **settings), tmp_path / "refused", Console(file=io.StringIO()))
+            run_training(
+                Recipe(model=str(llama_dir), steps=1, **settings), tmp_path / "refused", Console(file=io.StringIO())
+            )
         assert hint in error.value.hint and not (tmp_path / "refused").exists()
 
 
@@ -277,12 +401,28 @@ def test_dpo_from_an_sft_adapter_compares_with_that_adapter_and_resumes_exactly(
 
     pairs = preference_file(tmp_path)
     sft = tmp_path / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n"
-                           for p in map(json.loads, pairs.read_text().splitlines())))
-    run_training(Recipe(model=str(llama_dir), data=str(sft), rank=4, lr=5e-2, steps=4, micro_batch=4), tmp_path / "sft",
-                 Console(file=io.StringIO()))
-    recipe = Recipe(model=str(llama_dir), data=str(pairs), method="dpo", lr=1e-2, steps=6, micro_batch=2, checkpoint_every=2,
-                    keep_checkpoints=3, init_adapter=str(tmp_path / "sft" / "adapter"))
+    sft.write_text(
+        "".join(
+            json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n"
+            for p in map(json.loads, pairs.read_text().splitlines())
+        )
+    )
+    run_training(
+        Recipe(model=str(llama_dir), data=str(sft), rank=4, lr=5e-2, steps=4, micro_batch=4),
+        tmp_path / "sft",
+        Console(file=io.StringIO()),
+    )
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(pairs),
+        method="dpo",
+        lr=1e-2,
+        steps=6,
+        micro_batch=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        init_adapter=str(tmp_path / "sft" / "adapter"),
+    )
     stopped_and_resumed_equals_whole(recipe, tmp_path)
     lines = metric_lines(tmp_path / "whole")
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[-1]["loss"] < lines[0]["loss"]
@@ -298,18 +438,30 @@ def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
     from qlora_kit.memory import estimate_peak_memory
 
     shape = find_model_shape("llama-3.1-8b")
-    sft, dpo, orpo = (estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=2, method=m)) for m in ("sft", "dpo", "orpo"))
+    sft, dpo, orpo = (
+        estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=2, method=m)) for m in ("sft", "dpo", "orpo")
+    )
     doubled = estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=4))
-    assert dpo.components["saved_activations"] == orpo.components["saved_activations"] == doubled.components["saved_activations"]
+    assert (
+        dpo.components["saved_activations"]
+        == orpo.components["saved_activations"]
+        == doubled.components["saved_activations"]
+    )
     assert sft.total_bytes < orpo.total_bytes <= dpo.total_bytes and "not a second model" in " ".join(dpo.notes)
-    after_sft = estimate_peak_memory(shape, Recipe(seq_len=1024, micro_batch=2, method="dpo", init_adapter="runs/sft/adapter"))
-    assert after_sft.total_bytes - dpo.total_bytes == after_sft.components["reference_adapter"] == 4 * dpo.trainable_params
+    after_sft = estimate_peak_memory(
+        shape, Recipe(seq_len=1024, micro_batch=2, method="dpo", init_adapter="runs/sft/adapter")
+    )
+    assert (
+        after_sft.total_bytes - dpo.total_bytes == after_sft.components["reference_adapter"] == 4 * dpo.trainable_params
+    )
     console = Console(file=io.StringIO(), width=200)
     choice = run_auto(str(llama_dir), preference_file(tmp_path), None, console, dry_run=True)
     said = console.file.getvalue()
     assert choice.recipe.method == "dpo" and "holds preference pairs: training with DPO" in said
     assert "method: sft -> dpo  (the data holds preference pairs)" in said and "DPO reference: " in said
-    choice = run_auto(str(llama_dir), preference_file(tmp_path), None, Console(file=io.StringIO()), dry_run=True, method="orpo")
+    choice = run_auto(
+        str(llama_dir), preference_file(tmp_path), None, Console(file=io.StringIO()), dry_run=True, method="orpo"
+    )
     assert choice.recipe.method == "orpo"
 
 
@@ -334,26 +486,43 @@ def test_out_of_memory_in_a_preference_step_steps_down_and_loses_no_step(llama_d
         return real(self, pairs, pad_id, device)
 
     monkeypatch.setattr(preference.PreferenceLoss, "forward", forward)
-    recipe = Recipe(model=str(llama_dir), data=str(preference_file(tmp_path)), method="dpo", rank=4, steps=4, micro_batch=4)
+    recipe = Recipe(
+        model=str(llama_dir), data=str(preference_file(tmp_path)), method="dpo", rank=4, steps=4, micro_batch=4
+    )
     summary = run_training(recipe, tmp_path / "run", Console(file=io.StringIO()))
     assert summary.step_downs == ["micro-batch 4 -> 2"] and calls[:5] == [4, 4, 4, 2, 2]
     steps = [m for m in metric_lines(tmp_path / "run") if "loss" in m]
     assert [(m["step"], m["micro_batch"]) for m in steps] == [(1, 4), (2, 4), (3, 2), (4, 2)], "no step lost"
 
 
-def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_the_kept_values(llama_dir, tmp_path,
-                                                                                                monkeypatch):
+def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_the_kept_values(
+    llama_dir, tmp_path, monkeypatch
+):
     """Precomputed once (and kept in the run folder), the reference gives the same run as computing it in each step;
     a resumed run reads the kept values back instead of computing them again."""
     from qlora_kit import train
     from qlora_kit.preference import reference_log_probs
     from tests.test_train import stopped_and_resumed_equals_whole
 
-    settings = dict(model=str(llama_dir), data=str(preference_file(tmp_path)), method="dpo", rank=4, lr=1e-2, steps=6,
-                    micro_batch=2, checkpoint_every=2, keep_checkpoints=3, dropout=0.1, eval_fraction=0.25, eval_every=3)
+    settings = dict(
+        model=str(llama_dir),
+        data=str(preference_file(tmp_path)),
+        method="dpo",
+        rank=4,
+        lr=1e-2,
+        steps=6,
+        micro_batch=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        dropout=0.1,
+        eval_fraction=0.25,
+        eval_every=3,
+    )
     run_training(Recipe(**settings, reference="on_the_fly"), tmp_path / "on-the-fly", Console(file=io.StringIO()))
     computed = []
-    monkeypatch.setattr(train, "reference_log_probs", lambda *a, **k: computed.append(1) or reference_log_probs(*a, **k))
+    monkeypatch.setattr(
+        train, "reference_log_probs", lambda *a, **k: computed.append(1) or reference_log_probs(*a, **k)
+    )
     stopped_and_resumed_equals_whole(Recipe(**settings, reference="precomputed"), tmp_path)
     assert len(computed) == 2, "train and eval pairs once, in the whole run; the resumed run read them back"
     fly, kept = metric_lines(tmp_path / "on-the-fly"), metric_lines(tmp_path / "whole")
@@ -371,8 +540,13 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
     shutil.rmtree(checkpoint.complete_checkpoints(tmp_path / "changed")[0])
     data = tmp_path / "pairs.jsonl"
     data.write_text(data.read_text().replace("I think", "I guess"))
-    run_training(load_recipe(tmp_path / "changed" / "recipe.yaml"), tmp_path / "changed", Console(file=io.StringIO()),
-                 resume=True, allow_changed_data=True)
+    run_training(
+        load_recipe(tmp_path / "changed" / "recipe.yaml"),
+        tmp_path / "changed",
+        Console(file=io.StringIO()),
+        resume=True,
+        allow_changed_data=True,
+    )
     assert len(computed) == 4
 
 
@@ -394,11 +568,16 @@ def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only
     shape = find_model_shape("llama-3.1-8b")
     unchecked = Recipe(method="dpo", seq_len=1024, micro_batch=1, gradient_checkpointing=False)
     fly, kept = (estimate_peak_memory(shape, replace(unchecked, reference=m)) for m in ("on_the_fly", "precomputed"))
-    assert kept.details["reference_forward"] == 0 < fly.details["reference_forward"] and kept.total_bytes < fly.total_bytes
+    assert (
+        kept.details["reference_forward"] == 0 < fly.details["reference_forward"] and kept.total_bytes < fly.total_bytes
+    )
     card = Target("between", "cuda", (fly.total_bytes + kept.total_bytes) // 2)
     assert make_plan(shape, unchecked, card).reference["mode"] == "precomputed"  # only precomputed fits this card
     report = make_plan(shape, replace(unchecked, gradient_checkpointing=True), card, reference_forwards=(300, 200))
-    assert report.reference["mode"] == "precomputed" and "200 pair forward passes before the first step" in report.reference["why"]
+    assert (
+        report.reference["mode"] == "precomputed"
+        and "200 pair forward passes before the first step" in report.reference["why"]
+    )
     console = Console(file=io.StringIO(), width=200)
     console.print(report.render())
     assert "DPO reference: precomputed (200 pair forward passes" in console.file.getvalue()
@@ -409,8 +588,12 @@ def test_a_pair_cut_shorter_by_a_step_down_loses_its_precomputed_reference(llama
     from qlora_kit.data import truncate
     from qlora_kit.model import attach_lora, load_base_4bit
 
-    short, long = (PreferencePair(Example([1, 2, 3], [IGNORE, 2, 3]), Example([1, 2, 4, 5][:n], [IGNORE, 2, 4, 5][:n]), (-1.5, -2.5))
-                   for n in (3, 4))
+    short, long = (
+        PreferencePair(
+            Example([1, 2, 3], [IGNORE, 2, 3]), Example([1, 2, 4, 5][:n], [IGNORE, 2, 4, 5][:n]), (-1.5, -2.5)
+        )
+        for n in (3, 4)
+    )
     assert [p.reference for p in truncate([short, long], 3)] == [(-1.5, -2.5), None]
     model = attach_lora(load_base_4bit(llama_dir, torch.float32, torch.device("cpu")), Recipe(rank=4))
     loss = PreferenceLoss(model, "dpo", 0.1)

@@ -20,8 +20,11 @@ def run(tmp_path_factory, llama_dir):
     folder = tmp_path_factory.mktemp("push")
     data = folder / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
-    run_training(Recipe(model=str(llama_dir), data=str(data), rank=4, steps=2, micro_batch=4, checkpoint_every=1),
-                 folder / "run", Console(file=io.StringIO()))
+    run_training(
+        Recipe(model=str(llama_dir), data=str(data), rank=4, steps=2, micro_batch=4, checkpoint_every=1),
+        folder / "run",
+        Console(file=io.StringIO()),
+    )
     return folder / "run"
 
 
@@ -41,7 +44,8 @@ def test_only_the_adapter_folder_s_own_files_unless_asked(run, tmp_path):
         (run / "Modelfile").unlink()
     with_checkpoints = files_to_push(adapter, run, checkpoints=True)
     assert "checkpoints/step-2/optimizer.pt" in with_checkpoints and not any(
-        name.startswith("checkpoints/") for name in plain)
+        name.startswith("checkpoints/") for name in plain
+    )
 
 
 def test_a_lone_adapter_folder_is_its_own_run_and_a_planted_link_stays_home(run, tmp_path):
@@ -61,8 +65,10 @@ def test_the_pushed_files_name_the_base_by_its_hub_id_never_a_local_path(run):
         hub_base(adapter)
     assert "--base ORG/NAME" in refused.value.hint
     base, local = hub_base(adapter, "org/tiny-llama@v1")
-    assert base == "org/tiny-llama" and local == json.loads((adapter / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
+    assert (
+        base == "org/tiny-llama"
+        and local == json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     card = push_card(adapter, run, "me/fox", list(files_to_push(adapter, run)), base, local)
     assert local not in card and str(run) not in card and "base_model: org/tiny-llama" in card
     assert 'PeftModel.from_pretrained(base, "me/fox")' in card and "path/to/this/folder" not in card

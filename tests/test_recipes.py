@@ -15,15 +15,18 @@ def test_recipe_yaml_round_trips_with_a_comment_per_setting(tmp_path):
     assert sum(line.startswith("# ") for line in lines) == len(lines) // 2
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"rnak": 8}, "unknown setting `rnak`"),
-    ({"rank": "eight"}, "`rank` is 'eight', but it must be a int from 1 to 1024"),
-    ({"rank": 0}, "`rank` is 0, but it must be int from 1 to 1024"),
-    ({"lr": -1.0}, "`lr` is -1.0"),
-    ({"optimizer": "sgd"}, "must be one of auto, paged_adamw_8bit"),
-    ({"gradient_checkpointing": "yes"}, "must be a bool"),
-    ({"micro_batch": True}, "must be a int"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"rnak": 8}, "unknown setting `rnak`"),
+        ({"rank": "eight"}, "`rank` is 'eight', but it must be a int from 1 to 1024"),
+        ({"rank": 0}, "`rank` is 0, but it must be int from 1 to 1024"),
+        ({"lr": -1.0}, "`lr` is -1.0"),
+        ({"optimizer": "sgd"}, "must be one of auto, paged_adamw_8bit"),
+        ({"gradient_checkpointing": "yes"}, "must be a bool"),
+        ({"micro_batch": True}, "must be a int"),
+    ],
+)
 def test_invalid_settings_name_the_key_and_what_is_allowed(values, message):
     with pytest.raises(UserError, match=message) as error:
         recipe_from_dict(values, where="my.yaml")
@@ -86,11 +89,22 @@ def test_the_recipes_table_in_the_docs_says_what_the_files_say():
     from qlora_kit.recipes import card_recipes
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
-    rows = {cells[0]: cells[1:5] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
-                                               if line.startswith("| ") and line.count("|") == 7)}
+    rows = {
+        cells[0]: cells[1:5]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in doc.splitlines()
+            if line.startswith("| ") and line.count("|") == 7
+        )
+    }
     for name in card_recipes():
         r = load_recipe(name)
-        assert rows[name] == [str(r.rank), str(r.seq_len), f"{r.micro_batch} x {r.grad_accum}", f"{r.checkpoint_every} steps"], name
+        assert rows[name] == [
+            str(r.rank),
+            str(r.seq_len),
+            f"{r.micro_batch} x {r.grad_accum}",
+            f"{r.checkpoint_every} steps",
+        ], name
 
 
 def test_every_recipe_is_checked_however_it_is_made():

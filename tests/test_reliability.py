@@ -51,16 +51,36 @@ main()
 
 def recipe_for(llama_dir, chat_data, **changes) -> Recipe:
     """The recipe the CLI builds from the flags in start_child (so a resume sees the same settings)."""
-    settings = dict(model=str(llama_dir), data=str(chat_data), rank=4, steps=STEPS, micro_batch=2, checkpoint_every=EVERY)
+    settings = dict(
+        model=str(llama_dir), data=str(chat_data), rank=4, steps=STEPS, micro_batch=2, checkpoint_every=EVERY
+    )
     return Recipe(**{**settings, **changes})
 
 
 def start_child(llama_dir, chat_data, out: Path, step_delay: float = 0.15, *extra: str) -> subprocess.Popen:
-    args = ["--model", str(llama_dir), "--data", str(chat_data), "--rank", "4", "--steps", str(STEPS),
-            "--micro-batch", "2", "--checkpoint-every", str(EVERY)]
+    args = [
+        "--model",
+        str(llama_dir),
+        "--data",
+        str(chat_data),
+        "--rank",
+        "4",
+        "--steps",
+        str(STEPS),
+        "--micro-batch",
+        "2",
+        "--checkpoint-every",
+        str(EVERY),
+    ]
     env = {**os.environ, "QLORA_KIT_CACHE": str(out.parent / "cache"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(step_delay), "train", "--out", str(out), "--plain", *args, *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(step_delay), "train", "--out", str(out), "--plain", *args, *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
 
 
 def wait_for_step(out: Path, step: int, child: subprocess.Popen, timeout: float = 120) -> None:
@@ -68,7 +88,9 @@ def wait_for_step(out: Path, step: int, child: subprocess.Popen, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line):
+        if metrics.exists() and any(
+            json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line
+        ):
             return
         assert child.poll() is None, child.communicate()[0]
         time.sleep(0.02)
@@ -76,7 +98,9 @@ def wait_for_step(out: Path, step: int, child: subprocess.Popen, timeout: float 
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m}
+    return {
+        m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m
+    }
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +137,9 @@ def test_a_run_killed_with_sigkill_resumes_exactly(llama_dir, chat_data, tmp_pat
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_the_first_signal_finishes_the_step_checkpoints_and_says_how_to_resume(llama_dir, chat_data, tmp_path, whole_run, sig, code):
+def test_the_first_signal_finishes_the_step_checkpoints_and_says_how_to_resume(
+    llama_dir, chat_data, tmp_path, whole_run, sig, code
+):
     out = tmp_path / "stopped"
     child = start_child(llama_dir, chat_data, out)
     wait_for_step(out, 7, child)
@@ -126,8 +152,12 @@ def test_the_first_signal_finishes_the_step_checkpoints_and_says_how_to_resume(l
     assert f"Resume with: qlora-kit train --out {out} --resume\n" in output, output
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # The resume command as printed, through the CLI: only --out and --resume.
-    resumed = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--resume", "--quiet"],
-                             capture_output=True, text=True, env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")})
+    resumed = subprocess.run(
+        [sys.executable, "-m", "qlora_kit", "train", "--out", str(out), "--resume", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")},
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(out, whole_run)
 
@@ -150,12 +180,16 @@ def test_an_8bit_optimizer_resumes_exactly(llama_dir, chat_data, tmp_path):
     """bitsandbytes' 8-bit AdamW (paged, the default on a GPU; unpaged here) through a checkpoint: its quantized
     states and their scaling constants survive the name-keyed save and load."""
     # Rank 64 makes most LoRA matrices at least 4,096 values: bitsandbytes keeps smaller ones' states in 32-bit.
-    recipe = recipe_for(llama_dir, chat_data, steps=8, checkpoint_every=4, keep_checkpoints=3, optimizer="adamw_8bit", rank=64)
+    recipe = recipe_for(
+        llama_dir, chat_data, steps=8, checkpoint_every=4, keep_checkpoints=3, optimizer="adamw_8bit", rank=64
+    )
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_training(recipe, whole, QUIET)
     state = torch.load(whole / "checkpoints" / "step-8" / "optimizer.pt", weights_only=True)["state"]
     quantized = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # how bitsandbytes nests them
-    assert any({"state1", "state2", "qmap1", "absmax1"} <= set(q) and q["state1"].dtype == torch.uint8 for q in quantized)
+    assert any(
+        {"state1", "state2", "qmap1", "absmax1"} <= set(q) and q["state1"].dtype == torch.uint8 for q in quantized
+    )
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     console = Console(file=io.StringIO(), width=200)
@@ -208,8 +242,11 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
 
     seen = []
     original = AutoTokenizer.from_pretrained
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
-                        lambda folder, **kwargs: seen.append(kwargs["trust_remote_code"]) or original(folder, **kwargs))
+    monkeypatch.setattr(
+        AutoTokenizer,
+        "from_pretrained",
+        lambda folder, **kwargs: seen.append(kwargs["trust_remote_code"]) or original(folder, **kwargs),
+    )
     models.load_tokenizer(llama_dir)
     models.load_tokenizer(llama_dir, trust_remote_code=True)
     assert seen == [False, True]
@@ -218,8 +255,11 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
 def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
     from qlora_kit.train import check_fits
 
-    plan = {"plan": {"verdict": "does not fit", "total_bytes": 100 * 2**30, "micro_batch": 64, "seq_len": 4096},
-            "target": {"capacity_bytes": 8 * 2**30, "name": "RAM"}, "fix": "--micro-batch 1"}
+    plan = {
+        "plan": {"verdict": "does not fit", "total_bytes": 100 * 2**30, "micro_batch": 64, "seq_len": 4096},
+        "target": {"capacity_bytes": 8 * 2**30, "name": "RAM"},
+        "fix": "--micro-batch 1",
+    }
     with pytest.raises(UserError, match="This run needs about 100.0 GiB of RAM") as error:
         check_fits(plan, torch.device("cpu"), QUIET)
     assert "--force starts it anyway" in error.value.hint
@@ -245,13 +285,33 @@ main()
 """
 
 
-def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exactly(llama_dir, chat_data, tmp_path, whole_run):
+def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exactly(
+    llama_dir, chat_data, tmp_path, whole_run
+):
     out, stuck = tmp_path / "stuck", tmp_path / "stuck-now"
-    args = ["--model", str(llama_dir), "--data", str(chat_data), "--rank", "4", "--steps", str(STEPS), "--micro-batch", "2",
-            "--checkpoint-every", str(EVERY)]
+    args = [
+        "--model",
+        str(llama_dir),
+        "--data",
+        str(chat_data),
+        "--rank",
+        "4",
+        "--steps",
+        str(STEPS),
+        "--micro-batch",
+        "2",
+        "--checkpoint-every",
+        str(EVERY),
+    ]
     env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    child = subprocess.Popen([sys.executable, "-c", STUCK_CHILD, str(stuck), "train", "--out", str(out), "--plain", *args],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+    child = subprocess.Popen(
+        [sys.executable, "-c", STUCK_CHILD, str(stuck), "train", "--out", str(out), "--plain", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     deadline = time.monotonic() + 120
     while not stuck.exists():
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
@@ -297,8 +357,25 @@ class Case:
 
     def train(self, *extra, out: Path | None = None, model: Path | None = None, data: Path | None = None) -> list:
         """The reference run's command line, into this row's folder."""
-        return ["train", "--out", out or self.out, "--model", model or self.ref.model, "--data", data or self.ref.data,
-                "--rank", "4", "--steps", STEPS, "--micro-batch", "2", "--checkpoint-every", EVERY, "--plain", *extra]
+        return [
+            "train",
+            "--out",
+            out or self.out,
+            "--model",
+            model or self.ref.model,
+            "--data",
+            data or self.ref.data,
+            "--rank",
+            "4",
+            "--steps",
+            STEPS,
+            "--micro-batch",
+            "2",
+            "--checkpoint-every",
+            EVERY,
+            "--plain",
+            *extra,
+        ]
 
     def resume(self) -> list:
         return ["train", "--out", self.out, "--resume", "--plain"]
@@ -337,6 +414,7 @@ def runs_when_trusted(command: Callable[[Case], list]) -> Callable[[Case], None]
     def check(case: Case) -> None:
         code, out, err = case.cli(*command(case), "--trust-remote-code")
         assert code == 0, out + err
+
     return check
 
 
@@ -374,9 +452,15 @@ def torn_metrics_line(case: Case, patches) -> list:
 def failed_checkpoint_write(error: OSError):
     def cause(case: Case, patches) -> list:
         original = torch.save
-        patches.setattr(checkpoint.torch, "save", lambda obj, path, *args, **kwargs: (
-            _raise(error) if "step-10" in str(path) else original(obj, path, *args, **kwargs)))
+        patches.setattr(
+            checkpoint.torch,
+            "save",
+            lambda obj, path, *args, **kwargs: (
+                _raise(error) if "step-10" in str(path) else original(obj, path, *args, **kwargs)
+            ),
+        )
         return case.train()
+
     return cause
 
 
@@ -397,8 +481,13 @@ def killed_rewriting_metrics(case: Case, patches) -> list:
 
 def deleted_mid_run(case: Case, patches) -> list:
     original = checkpoint.save_checkpoint
-    patches.setattr(checkpoint, "save_checkpoint", lambda run_dir, step, *args, **kwargs: (
-        shutil.rmtree(run_dir) if step == 10 else original(run_dir, step, *args, **kwargs)))
+    patches.setattr(
+        checkpoint,
+        "save_checkpoint",
+        lambda run_dir, step, *args, **kwargs: (
+            shutil.rmtree(run_dir) if step == 10 else original(run_dir, step, *args, **kwargs)
+        ),
+    )
     return case.train()
 
 
@@ -447,6 +536,7 @@ def wrong_rank(folder: Path) -> None:
 
 def damaged_checkpoint(damage: Callable[[Path], None], manifest_agrees: bool = True):
     """Damage the newest checkpoint; manifest_agrees rewrites its manifest to match, so checksums alone cannot see it."""
+
     def cause(case: Case, patches) -> list:
         case.copy_of_reference()
         newest = case.out / "checkpoints" / f"step-{STEPS}"
@@ -455,6 +545,7 @@ def damaged_checkpoint(damage: Callable[[Path], None], manifest_agrees: bool = T
             (newest / "manifest.json").unlink()
             checkpoint.write_manifest(newest, STEPS)
         return case.resume()
+
     return cause
 
 
@@ -483,6 +574,7 @@ def nan_updates(steps: set):
     def cause(case: Case, patches) -> list:
         nan_on_steps(patches, steps)
         return case.train()
+
     return cause
 
 
@@ -492,6 +584,7 @@ def recipe_edited(edit: dict):
         recipe = load_recipe(case.out / "recipe.yaml")
         (case.out / "recipe.yaml").write_text(Recipe(**{**recipe.__dict__, **edit}).to_yaml())
         return case.resume()
+
     return cause
 
 
@@ -505,6 +598,7 @@ def unwritable_out(error: OSError):
         case.out.mkdir()
         patches.setattr(run_folder.os, "open", lambda *args, **kwargs: _raise(error))
         return case.train()
+
     return cause
 
 
@@ -518,6 +612,7 @@ def with_python_tag(command: Callable[[Case], list]):
         case.copy_of_reference()
         (case.out / "recipe.yaml").write_text(f"rank: !!python/object/apply:os.system ['touch {case.tmp}/owned']\n")
         return command(case)
+
     return cause
 
 
@@ -526,6 +621,7 @@ def deep_json_data(command: str):
         deep = case.tmp / "deep.jsonl"
         deep.write_text('{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
         return ["data", "check", deep] if command == "data check" else case.train(data=deep)
+
     return cause
 
 
@@ -557,7 +653,15 @@ def eval_with_custom_tokenizer(case: Case) -> list:
 
 
 def merge_into_custom_model(case: Case) -> list:
-    return ["merge", "--adapter", case.ref.custom_model_adapter, "--model", case.ref.custom_model, "--out", case.tmp / "merged"]
+    return [
+        "merge",
+        "--adapter",
+        case.ref.custom_model_adapter,
+        "--model",
+        case.ref.custom_model,
+        "--out",
+        case.tmp / "merged",
+    ]
 
 
 def data_check_with_custom_tokenizer(case: Case) -> list:
@@ -570,9 +674,11 @@ def as_is(command: Callable[[Case], list]):
 
 def export_with(fault: Callable[[Case, pytest.MonkeyPatch], list]):
     """`qlora-kit export` of a copy of the reference run's adapter, with what fault adds to the command line."""
+
     def cause(case: Case, patches) -> list:
         case.copy_of_reference()
         return ["export", "--adapter", case.out / "adapter", *fault(case, patches)]
+
     return cause
 
 
@@ -617,6 +723,7 @@ def nothing_exported(case: Case) -> None:
 
 # Issue 31's faults: export, --from-adapter, DPO, generate, report and plan under faults and hostile files.
 
+
 def file_states(folder: Path) -> dict[str, tuple]:
     """Every file and link under folder, by path: its bytes' hash or where the link points."""
     import hashlib
@@ -636,15 +743,18 @@ def run_adapter(case: Case) -> Path:
 
 def with_reference(command: Callable[[Case], list]):
     """command, on a copy of the reference run."""
+
     def cause(case: Case, patches) -> list:
         case.copy_of_reference()
         return command(case)
+
     return cause
 
 
 def base_replaced_by(model_key: str, command: Callable[[Case], list]):
     """command, after the reference run's base (here at tmp/base, as its recipe and adapter record) was replaced by
     another model under the same path."""
+
     def cause(case: Case, patches) -> list:
         case.copy_of_reference()
         base = shutil.copytree(case.ref.model, case.tmp / "base")
@@ -654,6 +764,7 @@ def base_replaced_by(model_key: str, command: Callable[[Case], list]):
         shutil.rmtree(base)
         shutil.copytree(getattr(case.ref, model_key), base)
         return command(case)
+
     return cause
 
 
@@ -662,7 +773,9 @@ def adapter_from_elsewhere(case: Case, patches) -> list:
     case.copy_of_reference()
     (run_adapter(case) / IDENTITY_FILE).unlink()
     config = json.loads((run_adapter(case) / "adapter_config.json").read_text())
-    (run_adapter(case) / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/else"}))
+    (run_adapter(case) / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "someone/else"})
+    )
     return ["generate", "--adapter", run_adapter(case), "--model", case.ref.narrow, "--prompt", "hi"]
 
 
@@ -679,6 +792,7 @@ def edited_adapter_config(edit: dict, command: Callable[[Case], list]):
         config = json.loads((run_adapter(case) / "adapter_config.json").read_text())
         (run_adapter(case) / "adapter_config.json").write_text(json.dumps({**config, **edit}))
         return command(case)
+
     return cause
 
 
@@ -688,6 +802,7 @@ def damaged_adapter_file(name: str, content: Callable[[bytes], bytes], command: 
         path = run_adapter(case) / name
         path.write_bytes(content(path.read_bytes()))
         return command(case)
+
     return cause
 
 
@@ -706,12 +821,14 @@ def victim(case: Case) -> Path:
 def links_planted(*names: str, flags: tuple = ()):
     """An export after links to a file of the user's were planted at the output's names (and the old fixed staging
     name) in the run folder."""
+
     def cause(case: Case, patches) -> list:
         case.copy_of_reference()
         victim(case).write_bytes(b"precious")
         for name in names:
             (case.out / name).symlink_to(victim(case))
         return export_of(case, *flags)
+
     return cause
 
 
@@ -721,6 +838,7 @@ def links_replaced_not_followed(*names: str):
         for name in names:
             assert (case.out / name).is_file() and not (case.out / name).is_symlink(), name
         assert not [p.name for p in case.out.iterdir() if p.name.endswith(".partial") and not p.is_symlink()]
+
     return check
 
 
@@ -763,8 +881,10 @@ def full_disk_mid_adapter_export(case: Case, patches) -> list:
 def preference_pairs(case: Case) -> Path:
     """DPO pairs whose answers differ only past 16 tokens (they start alike), and pairs that differ early."""
     alike = " ".join(["four five"] * 12)
-    pairs = [{"prompt": "one two three?", "chosen": alike + " paris, arr!", "rejected": alike + " one"},
-             {"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"}] * 2
+    pairs = [
+        {"prompt": "one two three?", "chosen": alike + " paris, arr!", "rejected": alike + " one"},
+        {"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"},
+    ] * 2
     return write_lines(case.tmp / "pairs.jsonl", pairs)
 
 
@@ -775,11 +895,36 @@ def write_lines(path: Path, records: list) -> Path:
 
 def reference_damaged_on_resume(case: Case, patches) -> list:
     """A DPO run with a precomputed reference, stopped at step 2, its reference file torn before the resume."""
-    data = write_lines(case.tmp / "dpo.jsonl", [{"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"},
-                                                {"prompt": "what is the capital?", "chosen": "paris, arr!", "rejected": "four"}] * 2)
-    code, out, err = case.cli("train", "--out", case.out, "--model", case.ref.model, "--data", data, "--method", "dpo",
-                              "--reference", "precomputed", "--rank", "4", "--steps", "4", "--micro-batch", "2",
-                              "--checkpoint-every", "2", "--plain")
+    data = write_lines(
+        case.tmp / "dpo.jsonl",
+        [
+            {"prompt": "one two three?", "chosen": "four five, arr!", "rejected": "paris"},
+            {"prompt": "what is the capital?", "chosen": "paris, arr!", "rejected": "four"},
+        ]
+        * 2,
+    )
+    code, out, err = case.cli(
+        "train",
+        "--out",
+        case.out,
+        "--model",
+        case.ref.model,
+        "--data",
+        data,
+        "--method",
+        "dpo",
+        "--reference",
+        "precomputed",
+        "--rank",
+        "4",
+        "--steps",
+        "4",
+        "--micro-batch",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--plain",
+    )
     assert code in (0, None), out + err
     shutil.rmtree(case.out / "checkpoints" / "step-4")
     kept = case.out / run_folder.REFERENCE_FILE
@@ -796,16 +941,25 @@ def reference_computed_again(case: Case) -> None:
 
 def config_of_base(config: dict | str, command: Callable[[Case, Path], list]):
     """command on a copy of the tiny model whose config.json is `config` (text as it is, or a dict as JSON)."""
+
     def cause(case: Case, patches) -> list:
         base = shutil.copytree(case.ref.model, case.tmp / "base")
         (base / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
         return command(case, base)
+
     return cause
 
 
 def sizes(**changes) -> dict:
-    return {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 128, "vocab_size": 100, **changes}
+    return {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        **changes,
+    }
 
 
 def plan_of(case: Case, base: Path) -> list:
@@ -831,14 +985,17 @@ def bad_line_in(name: str, command: Callable[[Case, Path], list]):
         data = case.tmp / name
         data.write_text(case.ref.data.read_text() + "not json\n")
         return command(case, data)
+
     return cause
 
 
 def into_folder(name: str, cause: Callable[[Case, pytest.MonkeyPatch], list]):
     """cause's training run, with --out tmp/name."""
+
     def wrapped(case: Case, patches) -> list:
         cause(case, patches)
         return case.train(out=case.tmp / name)
+
     return wrapped
 
 
@@ -848,8 +1005,12 @@ def umask_022(case: Case, patches) -> list:
 
 
 def files_follow_umask_022(case: Case) -> None:
-    for path in (case.out / "adapter", case.out / "adapter" / "adapter_model.safetensors",
-                 case.out / "adapter" / IDENTITY_FILE, case.out / "checkpoints" / f"step-{STEPS}" / "adapter" / "adapter_model.safetensors"):
+    for path in (
+        case.out / "adapter",
+        case.out / "adapter" / "adapter_model.safetensors",
+        case.out / "adapter" / IDENTITY_FILE,
+        case.out / "checkpoints" / f"step-{STEPS}" / "adapter" / "adapter_model.safetensors",
+    ):
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
 
 
@@ -892,189 +1053,739 @@ class Fault:
 TRUSTED = "ships its own Python code .* only when you allow it"
 FINITE = "is (nan|inf), but it must be a finite"
 FAULTS = [
-    Fault(1, "full disk during a metrics write", full_disk_mid_metrics, 1, "Could not write metrics.jsonl: No space left on device",
-          hint="--resume"),
+    Fault(
+        1,
+        "full disk during a metrics write",
+        full_disk_mid_metrics,
+        1,
+        "Could not write metrics.jsonl: No space left on device",
+        hint="--resume",
+    ),
     Fault(1, "torn last line in metrics.jsonl", torn_metrics_line, 0, "Resuming from step-15", same_as_reference),
-    Fault(1, "full disk during a checkpoint write", failed_checkpoint_write(OSError(28, "No space left on device")), 1,
-          "Could not write the checkpoint of step 10: No space left on device", hint="step-5 is intact.*--resume"),
-    Fault(1, "no permission to write a checkpoint", failed_checkpoint_write(PermissionError(13, "Permission denied")), 1,
-          "Could not write the checkpoint of step 10: Permission denied", hint="step-5 is intact"),
-    Fault(1, "too little disk for the run", little_disk, 1, "MiB free; this run's checkpoints and adapter need about",
-          no_run_left),
+    Fault(
+        1,
+        "full disk during a checkpoint write",
+        failed_checkpoint_write(OSError(28, "No space left on device")),
+        1,
+        "Could not write the checkpoint of step 10: No space left on device",
+        hint="step-5 is intact.*--resume",
+    ),
+    Fault(
+        1,
+        "no permission to write a checkpoint",
+        failed_checkpoint_write(PermissionError(13, "Permission denied")),
+        1,
+        "Could not write the checkpoint of step 10: Permission denied",
+        hint="step-5 is intact",
+    ),
+    Fault(
+        1,
+        "too little disk for the run",
+        little_disk,
+        1,
+        "MiB free; this run's checkpoints and adapter need about",
+        no_run_left,
+    ),
     Fault(2, "kill while a resume rewrites metrics.jsonl", killed_rewriting_metrics, None, "", resumes_exactly),
-    Fault(3, "run folder deleted mid-run", deleted_mid_run, 1,
-          "Could not write the checkpoint of step 15: .*run was deleted, moved or replaced", lambda case: not case.out.exists()),
-    Fault(3, "run folder replaced by a file mid-run", replaced_by_a_file_mid_run, 1, "Could not write the checkpoint of step 10",
-          lambda case: case.out.is_file()),
-    Fault(4, "a run its plan says cannot fit", plan_cannot_fit, 1, r"This run needs about .* GiB of RAM .*, and 0.0 GiB is free",
-          no_run_left, hint="--force starts it anyway"),
-    Fault(5, "torn optimizer state", damaged_checkpoint(torn_optimizer, manifest_agrees=False), 0,
-          "step-20 is damaged \\(optimizer.pt has", same_as_reference),
-    Fault(5, "truncated adapter, manifest agrees", damaged_checkpoint(truncate_adapter), 0, "step-20 is damaged .*does not open",
-          same_as_reference),
-    Fault(5, "state file dropped, manifest agrees", damaged_checkpoint(drop_state), 0, "does not list state.pt", same_as_reference),
-    Fault(5, "invalid trainer_state.json, manifest agrees", damaged_checkpoint(invalid_trainer_state), 0,
-          "trainer_state.json is not a trainer state", same_as_reference),
-    Fault(5, "adapter of another rank, manifest agrees", damaged_checkpoint(wrong_rank), 0, "do not have the rank 8",
-          same_as_reference),
-    Fault(5, "manifest listing numbers", damaged_checkpoint(garbled_manifest, manifest_agrees=False), 0,
-          "manifest is missing or unreadable", same_as_reference),
-    *[Fault(6, f"{flag} {value}", as_is(lambda case, flag=flag, value=value: case.train(flag, value)), 1, FINITE, no_run_left)
-      for flag, value in [("--alpha", "nan"), ("--dropout", "inf"), ("--lr", "nan"), ("--epochs", "inf"),
-                          ("--eval-fraction", "nan")]],
-    Fault(6, "updates skipped as NaN", nan_updates({2, 4}), 0, "2 of 20 updates: the loss or gradient was NaN/inf", finite_adapter),
-    Fault(6, "NaN for steps in a row", nan_updates(set(range(3, 100))), 1,
-          r"NaN or infinite for 5 steps in a row \(up to step 7\).*weights are from step 2", finite_adapter, hint="--lr"),
-    Fault(7, "lr edited in recipe.yaml before a resume", recipe_edited({"lr": 0.001}), 1, "these differ: lr .* in the checkpoint",
-          recipe_put_back),
-    Fault(7, "rank edited in recipe.yaml before a resume", recipe_edited({"rank": 8}), 1, "these differ: rank", recipe_put_back),
-    Fault(8, "read-only --out", unwritable_out(OSError(30, "Read-only file system")), 1,
-          "Cannot write the run folder .*: Read-only file system", no_run_left),
-    Fault(8, "--out without write permission", unwritable_out(PermissionError(13, "Permission denied")), 1,
-          "Cannot write the run folder .*: Permission denied", no_run_left),
-    Fault(8, "--out under a file", out_under_a_file, 1, "Cannot write the run folder .*a-file/run: Not a directory", None),
-    Fault(8, "tokenizer code in train", as_is(trained_with_custom_tokenizer), 1, TRUSTED,
-          runs_when_trusted(trained_with_custom_tokenizer), hint="--trust-remote-code"),
-    Fault(8, "tokenizer code in data check", as_is(data_check_with_custom_tokenizer), 1, TRUSTED,
-          runs_when_trusted(data_check_with_custom_tokenizer)),
-    Fault(8, "tokenizer code in generate", as_is(generate_with("custom_tokenizer")), 1, TRUSTED,
-          runs_when_trusted(generate_with("custom_tokenizer"))),
-    Fault(8, "tokenizer code in eval", as_is(eval_with_custom_tokenizer), 1, TRUSTED, runs_when_trusted(eval_with_custom_tokenizer)),
-    Fault(8, "model code in merge", as_is(merge_into_custom_model), 1, TRUSTED, runs_when_trusted(merge_into_custom_model)),
-    Fault(8, "model code in generate", as_is(generate_with("custom_model")), 1, TRUSTED, runs_when_trusted(generate_with("custom_model"))),
-    Fault(8, "!!python recipe.yaml in generate",
-          with_python_tag(lambda case: ["generate", "--adapter", case.out / "adapter", "--prompt", "hi", "--max-new-tokens", "2"]),
-          1, "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
-    Fault(8, "!!python recipe.yaml in eval",
-          with_python_tag(lambda case: ["eval", "--adapter", case.out / "adapter", "--data", case.ref.data]),
-          1, "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
-    Fault(8, "!!python recipe.yaml in report", with_python_tag(lambda case: ["report", case.out]), 1,
-          "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
-    Fault(8, "!!python recipe.yaml in a resume", with_python_tag(lambda case: case.resume()), 1,
-          "recipe.yaml is not a recipe qlora-kit reads", nothing_ran),
-    Fault(8, "depth-100k JSON line in data check", deep_json_data("data check"), 1, "train would refuse .*deep.jsonl: 1 bad line",
-          None),
+    Fault(
+        3,
+        "run folder deleted mid-run",
+        deleted_mid_run,
+        1,
+        "Could not write the checkpoint of step 15: .*run was deleted, moved or replaced",
+        lambda case: not case.out.exists(),
+    ),
+    Fault(
+        3,
+        "run folder replaced by a file mid-run",
+        replaced_by_a_file_mid_run,
+        1,
+        "Could not write the checkpoint of step 10",
+        lambda case: case.out.is_file(),
+    ),
+    Fault(
+        4,
+        "a run its plan says cannot fit",
+        plan_cannot_fit,
+        1,
+        r"This run needs about .* GiB of RAM .*, and 0.0 GiB is free",
+        no_run_left,
+        hint="--force starts it anyway",
+    ),
+    Fault(
+        5,
+        "torn optimizer state",
+        damaged_checkpoint(torn_optimizer, manifest_agrees=False),
+        0,
+        "step-20 is damaged \\(optimizer.pt has",
+        same_as_reference,
+    ),
+    Fault(
+        5,
+        "truncated adapter, manifest agrees",
+        damaged_checkpoint(truncate_adapter),
+        0,
+        "step-20 is damaged .*does not open",
+        same_as_reference,
+    ),
+    Fault(
+        5,
+        "state file dropped, manifest agrees",
+        damaged_checkpoint(drop_state),
+        0,
+        "does not list state.pt",
+        same_as_reference,
+    ),
+    Fault(
+        5,
+        "invalid trainer_state.json, manifest agrees",
+        damaged_checkpoint(invalid_trainer_state),
+        0,
+        "trainer_state.json is not a trainer state",
+        same_as_reference,
+    ),
+    Fault(
+        5,
+        "adapter of another rank, manifest agrees",
+        damaged_checkpoint(wrong_rank),
+        0,
+        "do not have the rank 8",
+        same_as_reference,
+    ),
+    Fault(
+        5,
+        "manifest listing numbers",
+        damaged_checkpoint(garbled_manifest, manifest_agrees=False),
+        0,
+        "manifest is missing or unreadable",
+        same_as_reference,
+    ),
+    *[
+        Fault(
+            6,
+            f"{flag} {value}",
+            as_is(lambda case, flag=flag, value=value: case.train(flag, value)),
+            1,
+            FINITE,
+            no_run_left,
+        )
+        for flag, value in [
+            ("--alpha", "nan"),
+            ("--dropout", "inf"),
+            ("--lr", "nan"),
+            ("--epochs", "inf"),
+            ("--eval-fraction", "nan"),
+        ]
+    ],
+    Fault(
+        6,
+        "updates skipped as NaN",
+        nan_updates({2, 4}),
+        0,
+        "2 of 20 updates: the loss or gradient was NaN/inf",
+        finite_adapter,
+    ),
+    Fault(
+        6,
+        "NaN for steps in a row",
+        nan_updates(set(range(3, 100))),
+        1,
+        r"NaN or infinite for 5 steps in a row \(up to step 7\).*weights are from step 2",
+        finite_adapter,
+        hint="--lr",
+    ),
+    Fault(
+        7,
+        "lr edited in recipe.yaml before a resume",
+        recipe_edited({"lr": 0.001}),
+        1,
+        "these differ: lr .* in the checkpoint",
+        recipe_put_back,
+    ),
+    Fault(
+        7,
+        "rank edited in recipe.yaml before a resume",
+        recipe_edited({"rank": 8}),
+        1,
+        "these differ: rank",
+        recipe_put_back,
+    ),
+    Fault(
+        8,
+        "read-only --out",
+        unwritable_out(OSError(30, "Read-only file system")),
+        1,
+        "Cannot write the run folder .*: Read-only file system",
+        no_run_left,
+    ),
+    Fault(
+        8,
+        "--out without write permission",
+        unwritable_out(PermissionError(13, "Permission denied")),
+        1,
+        "Cannot write the run folder .*: Permission denied",
+        no_run_left,
+    ),
+    Fault(
+        8, "--out under a file", out_under_a_file, 1, "Cannot write the run folder .*a-file/run: Not a directory", None
+    ),
+    Fault(
+        8,
+        "tokenizer code in train",
+        as_is(trained_with_custom_tokenizer),
+        1,
+        TRUSTED,
+        runs_when_trusted(trained_with_custom_tokenizer),
+        hint="--trust-remote-code",
+    ),
+    Fault(
+        8,
+        "tokenizer code in data check",
+        as_is(data_check_with_custom_tokenizer),
+        1,
+        TRUSTED,
+        runs_when_trusted(data_check_with_custom_tokenizer),
+    ),
+    Fault(
+        8,
+        "tokenizer code in generate",
+        as_is(generate_with("custom_tokenizer")),
+        1,
+        TRUSTED,
+        runs_when_trusted(generate_with("custom_tokenizer")),
+    ),
+    Fault(
+        8,
+        "tokenizer code in eval",
+        as_is(eval_with_custom_tokenizer),
+        1,
+        TRUSTED,
+        runs_when_trusted(eval_with_custom_tokenizer),
+    ),
+    Fault(
+        8, "model code in merge", as_is(merge_into_custom_model), 1, TRUSTED, runs_when_trusted(merge_into_custom_model)
+    ),
+    Fault(
+        8,
+        "model code in generate",
+        as_is(generate_with("custom_model")),
+        1,
+        TRUSTED,
+        runs_when_trusted(generate_with("custom_model")),
+    ),
+    Fault(
+        8,
+        "!!python recipe.yaml in generate",
+        with_python_tag(
+            lambda case: ["generate", "--adapter", case.out / "adapter", "--prompt", "hi", "--max-new-tokens", "2"]
+        ),
+        1,
+        "recipe.yaml is not a recipe qlora-kit reads",
+        nothing_ran,
+    ),
+    Fault(
+        8,
+        "!!python recipe.yaml in eval",
+        with_python_tag(lambda case: ["eval", "--adapter", case.out / "adapter", "--data", case.ref.data]),
+        1,
+        "recipe.yaml is not a recipe qlora-kit reads",
+        nothing_ran,
+    ),
+    Fault(
+        8,
+        "!!python recipe.yaml in report",
+        with_python_tag(lambda case: ["report", case.out]),
+        1,
+        "recipe.yaml is not a recipe qlora-kit reads",
+        nothing_ran,
+    ),
+    Fault(
+        8,
+        "!!python recipe.yaml in a resume",
+        with_python_tag(lambda case: case.resume()),
+        1,
+        "recipe.yaml is not a recipe qlora-kit reads",
+        nothing_ran,
+    ),
+    Fault(
+        8,
+        "depth-100k JSON line in data check",
+        deep_json_data("data check"),
+        1,
+        "train would refuse .*deep.jsonl: 1 bad line",
+        None,
+    ),
     Fault(8, "depth-100k JSON line in train", deep_json_data("train"), 1, "line 2: nested too deeply", no_run_left),
-    Fault(9, "/dev/zero as data", as_is(lambda case: case.train(data=Path("/dev/zero"))), 1, "/dev/zero is a device", no_run_left),
+    Fault(
+        9,
+        "/dev/zero as data",
+        as_is(lambda case: case.train(data=Path("/dev/zero"))),
+        1,
+        "/dev/zero is a device",
+        no_run_left,
+    ),
     Fault(9, "a FIFO as data", fifo_as_data, 1, "pipe is a pipe \\(FIFO\\)", no_run_left),
-    Fault(9, "/dev/stdin as data", as_is(lambda case: case.train(data=Path("/dev/stdin"))), 1,
-          "/dev/stdin is (a pipe|a device|not a regular file)", no_run_left),
+    Fault(
+        9,
+        "/dev/stdin as data",
+        as_is(lambda case: case.train(data=Path("/dev/stdin"))),
+        1,
+        "/dev/stdin is (a pipe|a device|not a regular file)",
+        no_run_left,
+    ),
     Fault(10, "umask 027", with_umask, 0, "adapter", folders_follow_umask),
-    Fault(11, "export: the base model moved away", export_with(base_gone), 1, "No model found at .*moved-away",
-          nothing_exported),
-    Fault(11, "export: an architecture llama.cpp does not run", export_with(base_of_another_architecture), 1,
-          "Exporting gpt_neox models to GGUF is not supported yet", nothing_exported, hint=r"Supported: Gemma \(gemma\), Gemma 2 \(gemma2\)"),
-    Fault(11, "export: a k-quant without llama.cpp installed", export_with(no_llama_cpp), 1,
-          "--quant q4_k_m needs llama.cpp's quantizer", nothing_exported, hint=r"qlora-kit\[export\].*ollama create"),
-    Fault(11, "export: full disk mid-export", export_with(full_disk_mid_export), 1,
-          "Could not write .*run-f16.gguf: No space left on device", nothing_exported, hint="Nothing was left there"),
-    Fault(11, "export: too little RAM for a merged export", export_with(little_ram), 1,
-          "needs about .* GiB of RAM at its peak, and 0.0 GiB is available", nothing_exported, hint="--format gguf-adapter"),
-    Fault(11, "export: --quant on the adapter form", export_with(lambda case, patches: ["--quant", "q8_0"]), 1,
-          "--quant applies to --format gguf", nothing_exported, hint="--format gguf --quant q8_0"),
-    Fault(0, "a second process on the run folder", run_folder_in_use, 1,
-          r"run is in use by another qlora-kit process \(pid \d+ on .*, since", resumes_exactly, hint="Wait for it"),
+    Fault(
+        11,
+        "export: the base model moved away",
+        export_with(base_gone),
+        1,
+        "No model found at .*moved-away",
+        nothing_exported,
+    ),
+    Fault(
+        11,
+        "export: an architecture llama.cpp does not run",
+        export_with(base_of_another_architecture),
+        1,
+        "Exporting gpt_neox models to GGUF is not supported yet",
+        nothing_exported,
+        hint=r"Supported: Gemma \(gemma\), Gemma 2 \(gemma2\)",
+    ),
+    Fault(
+        11,
+        "export: a k-quant without llama.cpp installed",
+        export_with(no_llama_cpp),
+        1,
+        "--quant q4_k_m needs llama.cpp's quantizer",
+        nothing_exported,
+        hint=r"qlora-kit\[export\].*ollama create",
+    ),
+    Fault(
+        11,
+        "export: full disk mid-export",
+        export_with(full_disk_mid_export),
+        1,
+        "Could not write .*run-f16.gguf: No space left on device",
+        nothing_exported,
+        hint="Nothing was left there",
+    ),
+    Fault(
+        11,
+        "export: too little RAM for a merged export",
+        export_with(little_ram),
+        1,
+        "needs about .* GiB of RAM at its peak, and 0.0 GiB is available",
+        nothing_exported,
+        hint="--format gguf-adapter",
+    ),
+    Fault(
+        11,
+        "export: --quant on the adapter form",
+        export_with(lambda case, patches: ["--quant", "q8_0"]),
+        1,
+        "--quant applies to --format gguf",
+        nothing_exported,
+        hint="--format gguf --quant q8_0",
+    ),
+    Fault(
+        0,
+        "a second process on the run folder",
+        run_folder_in_use,
+        1,
+        r"run is in use by another qlora-kit process \(pid \d+ on .*, since",
+        resumes_exactly,
+        hint="Wait for it",
+    ),
     # Issue 31's list, items 1-9 as 12-20.
-    Fault(12, "--from-adapter its own run's adapter, with --overwrite",
-          with_reference(lambda case: case.train("--from-adapter", run_adapter(case), "--overwrite")), 1,
-          "--from-adapter .*/run/adapter is inside .*/run, whose adapter this run would delete before reading it",
-          same_as_reference, hint="Copy it out of"),
-    Fault(13, "export: the base replaced by a Gemma of the same shapes", base_replaced_by("gemma", lambda case: export_of(
-          case, "--format", "gguf")), 1, "was trained on another model: model_type 'llama' when it trained, 'gemma' in",
-          nothing_exported, hint="was replaced since: restore the model it held"),
-    Fault(13, "adapter export: the base replaced by a model of other shapes", base_replaced_by("narrow", export_of), 1,
-          "was trained on another model: hidden_size 64 when it trained, 32 in", nothing_exported),
-    Fault(13, "generate: the base replaced by other weights of the same architecture", base_replaced_by("other_weights",
-          generate_of), 1, "The base model at .* is not the one .* was trained on: its weights changed since", None,
-          hint="pass --model to use the adapter on this one anyway"),
-    Fault(13, "merge: the base replaced by a model of other shapes", base_replaced_by("narrow", lambda case: [
-          "merge", "--adapter", run_adapter(case), "--out", case.tmp / "merged"]), 1, "was trained on another model", None),
-    Fault(13, "eval: the base replaced by a model of other shapes", base_replaced_by("narrow", lambda case: [
-          "eval", "--adapter", run_adapter(case), "--data", case.ref.data]), 1, "was trained on another model", None),
-    Fault(13, "generate: a PEFT adapter from elsewhere on a model of other shapes", adapter_from_elsewhere, 1,
-          "was made for another model: its .* maps 128 to 64 features, the one in .* 128 to 32", None),
-    Fault(13, "recipe.yaml and base_model.json record absolute paths", recorded_absolute_paths, 0, "adapter",
-          paths_absolute_in_the_run),
-    Fault(14, "export: links planted at the output and the old staging name, --overwrite",
-          links_planted("run-f16.gguf", ".run-f16.gguf.partial", flags=("--format", "gguf", "--overwrite")), 0,
-          "Wrote .*run-f16.gguf", links_replaced_not_followed("run-f16.gguf")),
-    Fault(14, "export: a link planted at the output, without --overwrite", links_planted("adapter.gguf"), 1,
-          "adapter.gguf already exists", None, hint="Pass --overwrite to replace it"),
-    Fault(14, "export --ollama: a link planted at the Modelfile, --overwrite",
-          links_planted("Modelfile", "adapter.gguf", flags=("--ollama", "--overwrite")), 0, "ollama create run -f",
-          ollama_modelfile_from_anywhere),
-    Fault(14, "export --ollama: full disk while writing the Modelfile", full_disk_mid_modelfile, 1,
-          "Could not write .*/run/Modelfile: No space left on device", lambda case: not (case.out / "Modelfile").exists()),
-    Fault(14, "export: another export to the same --out running", export_already_running, 1,
-          "Another qlora-kit process is exporting to .*adapter.gguf \\(pid", nothing_exported, hint="Wait for it"),
-    Fault(15, "export: adapter_config.json's r beside rank-4 tensors", edited_adapter_config({"r": 1000000000}, export_of), 1,
-          "says rank 1000000000, but the adapter's weights have rank 4", nothing_exported, hint="restore the adapter's own adapter_config.json"),
-    Fault(16, "train: DPO pairs the same within --seq-len", as_is(lambda case: case.train(
-          "--method", "dpo", "--seq-len", "16", data=preference_pairs(case))), 1,
-          "has 2 preference pairs whose chosen and rejected answers are the same within the first 16 tokens \\(line 1, line 3\\)",
-          no_run_left, hint="--skip-bad-lines"),
-    Fault(16, "data check: DPO pairs the same within --seq-len", as_is(lambda case: [
-          "data", "check", preference_pairs(case), "--model", case.ref.model, "--seq-len", "16"]), 1,
-          "train would refuse .*pairs.jsonl", None),
-    Fault(18, "export --out an existing folder", with_reference(lambda case: export_of(case, "--out", case.out)), 1,
-          "--out .*/run is a folder; this writes one file", nothing_exported),
-    Fault(18, "export --out under a file", with_reference(lambda case: export_of(case, "--out", case.out / "recipe.yaml" / "x.gguf")),
-          1, "Cannot write .*: .*recipe.yaml is a file, not a folder", nothing_exported),
-    Fault(18, "merge --out an existing file", with_reference(lambda case: [
-          "merge", "--adapter", run_adapter(case), "--out", case.out / "recipe.yaml"]), 1,
-          "--out .*recipe.yaml is a file; merge writes a model folder there", None),
-    Fault(18, "generate: adapter_config.json not JSON", damaged_adapter_file("adapter_config.json", lambda b: b[:20], generate_of),
-          1, "adapter_config.json is not valid JSON", None, hint="The adapter folder is damaged"),
-    Fault(18, "export: adapter_config.json a JSON list", damaged_adapter_file("adapter_config.json", lambda b: b"[1, 2]", export_of),
-          1, "adapter_config.json holds a JSON list, not an adapter config", nothing_exported),
-    Fault(18, "export: adapter_model.safetensors truncated", damaged_adapter_file(
-          "adapter_model.safetensors", lambda b: b[: len(b) // 2], lambda case: export_of(case, "--format", "gguf")), 1,
-          "adapter_model.safetensors does not open as safetensors", nothing_exported),
-    Fault(18, "adapter export: full disk mid-export", export_with(full_disk_mid_adapter_export), 1,
-          "Could not write .*adapter.gguf: No space left on device", nothing_exported, hint="Nothing was left there"),
-    Fault(18, "DPO resume: the precomputed reference torn", reference_damaged_on_resume, 0,
-          "reference_log_probs.safetensors is damaged .*: computing the reference again", reference_computed_again),
-    Fault(18, "report --png x.txt", with_reference(lambda case: ["report", case.out, "--png", case.tmp / "x.txt"]), 1,
-          "--png .*x.txt does not name a .png file", None, hint="e.g. --png .*x.png"),
-    Fault(18, "report --png under a file", with_reference(lambda case: ["report", case.out, "--png", case.out / "recipe.yaml" / "x.png"]),
-          1, "Cannot write .*x.png: .*recipe.yaml is a file, not a folder", None),
-    Fault(18, "report --png where it may not write", with_reference(lambda case: ["report", case.out, "--png", "/proc/x.png"]),
-          1, "Could not write /proc/x.png", None),
-    *[Fault(18, f"plan --vram {value}", as_is(lambda case, value=value: ["plan", "--model", case.ref.model, "--vram", value]), 1,
-            f"--vram must be a positive number of gigabytes, not {value}", None) for value in ("nan", "inf", "-1")],
-    Fault(18, "train --vram-limit nan", as_is(lambda case: case.train("--vram-limit", "nan")), 1,
-          "--vram-limit must be a positive number of gigabytes, not nan", no_run_left),
-    *[Fault(18, f"{command} a model name of 300 characters", as_is(lambda case, command=command, name=name: (
-          ["plan", "--model", name, "--vram", "8"] if command == "plan" else case.train(model=name))), 1,
-          "No (config|model) found (for|at) '?" + name[:20], no_run_left)
-      for command in ("plan", "train") for name in ("a" * 300, "org/" + "a" * 300)],
-    *[Fault(18, f"train: config.json {what}", config_of_base(config, train_on), 1, says, no_run_left, hint="Restore the model's own config.json")
-      for what, config, says in [("garbage", "garbage{", "base/config.json is not valid JSON"),
-                                 ("a string", '"a string"', "base/config.json holds a JSON str, not a model config"),
-                                 ("without model_type", {"hidden_size": 64}, "base/config.json names no model_type")]],
-    Fault(18, "plan: config.json without the sizes", config_of_base({"model_type": "llama"}, plan_of), 1,
-          "The config of .*base gives no num_attention_heads", None),
-    *[Fault(19, f"plan: config.json with {key} {value}", config_of_base(sizes(**{key: value}), plan_of), 1,
-            f"base/config.json gives {key} {value}; it must be a whole number above 0", None)
-      for key, value in [("hidden_size", 0), ("hidden_size", -64), ("num_attention_heads", 0)]],
-    Fault(19, "plan --vram 0", as_is(lambda case: ["plan", "--model", case.ref.model, "--vram", "0"]), 1,
-          "--vram must be a positive number of gigabytes, not 0", None),
-    Fault(19, 'plan --gpu ""', as_is(lambda case: ["plan", "--model", case.ref.model, "--gpu", ""]), 1, "Unknown GPU ''", None),
-    Fault(19, "auto --epochs 0", as_is(lambda case: ["auto", "--model", case.ref.model, "--data", case.ref.data, "--out", case.out,
-          "--epochs", "0"]), 1, "`epochs` is 0 and `steps` is 0, so there is nothing to train", no_run_left, hint="--epochs above 0"),
-    Fault(19, "export --quant Q8_0", with_reference(lambda case: export_of(case, "--format", "gguf", "--quant", "Q8_0")), 0,
-          "Wrote .*run-q8_0.gguf", model_file_written("run-q8_0.gguf")),
-    Fault(19, "export: an existing file at --out", with_reference(lambda case: export_of(case, "--out", case.out / "metrics.jsonl")),
-          1, "metrics.jsonl already exists", nothing_exported, hint="--overwrite"),
-    Fault(19, "train --from-adapter: a Gemma adapter onto a Llama of the same shapes", gemma_adapter, 1,
-          "was trained on another model: model_type 'gemma' when it trained, 'llama' in", None),
+    Fault(
+        12,
+        "--from-adapter its own run's adapter, with --overwrite",
+        with_reference(lambda case: case.train("--from-adapter", run_adapter(case), "--overwrite")),
+        1,
+        "--from-adapter .*/run/adapter is inside .*/run, whose adapter this run would delete before reading it",
+        same_as_reference,
+        hint="Copy it out of",
+    ),
+    Fault(
+        13,
+        "export: the base replaced by a Gemma of the same shapes",
+        base_replaced_by("gemma", lambda case: export_of(case, "--format", "gguf")),
+        1,
+        "was trained on another model: model_type 'llama' when it trained, 'gemma' in",
+        nothing_exported,
+        hint="was replaced since: restore the model it held",
+    ),
+    Fault(
+        13,
+        "adapter export: the base replaced by a model of other shapes",
+        base_replaced_by("narrow", export_of),
+        1,
+        "was trained on another model: hidden_size 64 when it trained, 32 in",
+        nothing_exported,
+    ),
+    Fault(
+        13,
+        "generate: the base replaced by other weights of the same architecture",
+        base_replaced_by("other_weights", generate_of),
+        1,
+        "The base model at .* is not the one .* was trained on: its weights changed since",
+        None,
+        hint="pass --model to use the adapter on this one anyway",
+    ),
+    Fault(
+        13,
+        "merge: the base replaced by a model of other shapes",
+        base_replaced_by(
+            "narrow", lambda case: ["merge", "--adapter", run_adapter(case), "--out", case.tmp / "merged"]
+        ),
+        1,
+        "was trained on another model",
+        None,
+    ),
+    Fault(
+        13,
+        "eval: the base replaced by a model of other shapes",
+        base_replaced_by("narrow", lambda case: ["eval", "--adapter", run_adapter(case), "--data", case.ref.data]),
+        1,
+        "was trained on another model",
+        None,
+    ),
+    Fault(
+        13,
+        "generate: a PEFT adapter from elsewhere on a model of other shapes",
+        adapter_from_elsewhere,
+        1,
+        "was made for another model: its .* maps 128 to 64 features, the one in .* 128 to 32",
+        None,
+    ),
+    Fault(
+        13,
+        "recipe.yaml and base_model.json record absolute paths",
+        recorded_absolute_paths,
+        0,
+        "adapter",
+        paths_absolute_in_the_run,
+    ),
+    Fault(
+        14,
+        "export: links planted at the output and the old staging name, --overwrite",
+        links_planted("run-f16.gguf", ".run-f16.gguf.partial", flags=("--format", "gguf", "--overwrite")),
+        0,
+        "Wrote .*run-f16.gguf",
+        links_replaced_not_followed("run-f16.gguf"),
+    ),
+    Fault(
+        14,
+        "export: a link planted at the output, without --overwrite",
+        links_planted("adapter.gguf"),
+        1,
+        "adapter.gguf already exists",
+        None,
+        hint="Pass --overwrite to replace it",
+    ),
+    Fault(
+        14,
+        "export --ollama: a link planted at the Modelfile, --overwrite",
+        links_planted("Modelfile", "adapter.gguf", flags=("--ollama", "--overwrite")),
+        0,
+        "ollama create run -f",
+        ollama_modelfile_from_anywhere,
+    ),
+    Fault(
+        14,
+        "export --ollama: full disk while writing the Modelfile",
+        full_disk_mid_modelfile,
+        1,
+        "Could not write .*/run/Modelfile: No space left on device",
+        lambda case: not (case.out / "Modelfile").exists(),
+    ),
+    Fault(
+        14,
+        "export: another export to the same --out running",
+        export_already_running,
+        1,
+        "Another qlora-kit process is exporting to .*adapter.gguf \\(pid",
+        nothing_exported,
+        hint="Wait for it",
+    ),
+    Fault(
+        15,
+        "export: adapter_config.json's r beside rank-4 tensors",
+        edited_adapter_config({"r": 1000000000}, export_of),
+        1,
+        "says rank 1000000000, but the adapter's weights have rank 4",
+        nothing_exported,
+        hint="restore the adapter's own adapter_config.json",
+    ),
+    Fault(
+        16,
+        "train: DPO pairs the same within --seq-len",
+        as_is(lambda case: case.train("--method", "dpo", "--seq-len", "16", data=preference_pairs(case))),
+        1,
+        "has 2 preference pairs whose chosen and rejected answers are the same within the first 16 tokens \\(line 1, line 3\\)",
+        no_run_left,
+        hint="--skip-bad-lines",
+    ),
+    Fault(
+        16,
+        "data check: DPO pairs the same within --seq-len",
+        as_is(lambda case: ["data", "check", preference_pairs(case), "--model", case.ref.model, "--seq-len", "16"]),
+        1,
+        "train would refuse .*pairs.jsonl",
+        None,
+    ),
+    Fault(
+        18,
+        "export --out an existing folder",
+        with_reference(lambda case: export_of(case, "--out", case.out)),
+        1,
+        "--out .*/run is a folder; this writes one file",
+        nothing_exported,
+    ),
+    Fault(
+        18,
+        "export --out under a file",
+        with_reference(lambda case: export_of(case, "--out", case.out / "recipe.yaml" / "x.gguf")),
+        1,
+        "Cannot write .*: .*recipe.yaml is a file, not a folder",
+        nothing_exported,
+    ),
+    Fault(
+        18,
+        "merge --out an existing file",
+        with_reference(lambda case: ["merge", "--adapter", run_adapter(case), "--out", case.out / "recipe.yaml"]),
+        1,
+        "--out .*recipe.yaml is a file; merge writes a model folder there",
+        None,
+    ),
+    Fault(
+        18,
+        "generate: adapter_config.json not JSON",
+        damaged_adapter_file("adapter_config.json", lambda b: b[:20], generate_of),
+        1,
+        "adapter_config.json is not valid JSON",
+        None,
+        hint="The adapter folder is damaged",
+    ),
+    Fault(
+        18,
+        "export: adapter_config.json a JSON list",
+        damaged_adapter_file("adapter_config.json", lambda b: b"[1, 2]", export_of),
+        1,
+        "adapter_config.json holds a JSON list, not an adapter config",
+        nothing_exported,
+    ),
+    Fault(
+        18,
+        "export: adapter_model.safetensors truncated",
+        damaged_adapter_file(
+            "adapter_model.safetensors", lambda b: b[: len(b) // 2], lambda case: export_of(case, "--format", "gguf")
+        ),
+        1,
+        "adapter_model.safetensors does not open as safetensors",
+        nothing_exported,
+    ),
+    Fault(
+        18,
+        "adapter export: full disk mid-export",
+        export_with(full_disk_mid_adapter_export),
+        1,
+        "Could not write .*adapter.gguf: No space left on device",
+        nothing_exported,
+        hint="Nothing was left there",
+    ),
+    Fault(
+        18,
+        "DPO resume: the precomputed reference torn",
+        reference_damaged_on_resume,
+        0,
+        "reference_log_probs.safetensors is damaged .*: computing the reference again",
+        reference_computed_again,
+    ),
+    Fault(
+        18,
+        "report --png x.txt",
+        with_reference(lambda case: ["report", case.out, "--png", case.tmp / "x.txt"]),
+        1,
+        "--png .*x.txt does not name a .png file",
+        None,
+        hint="e.g. --png .*x.png",
+    ),
+    Fault(
+        18,
+        "report --png under a file",
+        with_reference(lambda case: ["report", case.out, "--png", case.out / "recipe.yaml" / "x.png"]),
+        1,
+        "Cannot write .*x.png: .*recipe.yaml is a file, not a folder",
+        None,
+    ),
+    Fault(
+        18,
+        "report --png where it may not write",
+        with_reference(lambda case: ["report", case.out, "--png", "/proc/x.png"]),
+        1,
+        "Could not write /proc/x.png",
+        None,
+    ),
+    *[
+        Fault(
+            18,
+            f"plan --vram {value}",
+            as_is(lambda case, value=value: ["plan", "--model", case.ref.model, "--vram", value]),
+            1,
+            f"--vram must be a positive number of gigabytes, not {value}",
+            None,
+        )
+        for value in ("nan", "inf", "-1")
+    ],
+    Fault(
+        18,
+        "train --vram-limit nan",
+        as_is(lambda case: case.train("--vram-limit", "nan")),
+        1,
+        "--vram-limit must be a positive number of gigabytes, not nan",
+        no_run_left,
+    ),
+    *[
+        Fault(
+            18,
+            f"{command} a model name of 300 characters",
+            as_is(
+                lambda case, command=command, name=name: (
+                    ["plan", "--model", name, "--vram", "8"] if command == "plan" else case.train(model=name)
+                )
+            ),
+            1,
+            "No (config|model) found (for|at) '?" + name[:20],
+            no_run_left,
+        )
+        for command in ("plan", "train")
+        for name in ("a" * 300, "org/" + "a" * 300)
+    ],
+    *[
+        Fault(
+            18,
+            f"train: config.json {what}",
+            config_of_base(config, train_on),
+            1,
+            says,
+            no_run_left,
+            hint="Restore the model's own config.json",
+        )
+        for what, config, says in [
+            ("garbage", "garbage{", "base/config.json is not valid JSON"),
+            ("a string", '"a string"', "base/config.json holds a JSON str, not a model config"),
+            ("without model_type", {"hidden_size": 64}, "base/config.json names no model_type"),
+        ]
+    ],
+    Fault(
+        18,
+        "plan: config.json without the sizes",
+        config_of_base({"model_type": "llama"}, plan_of),
+        1,
+        "The config of .*base gives no num_attention_heads",
+        None,
+    ),
+    *[
+        Fault(
+            19,
+            f"plan: config.json with {key} {value}",
+            config_of_base(sizes(**{key: value}), plan_of),
+            1,
+            f"base/config.json gives {key} {value}; it must be a whole number above 0",
+            None,
+        )
+        for key, value in [("hidden_size", 0), ("hidden_size", -64), ("num_attention_heads", 0)]
+    ],
+    Fault(
+        19,
+        "plan --vram 0",
+        as_is(lambda case: ["plan", "--model", case.ref.model, "--vram", "0"]),
+        1,
+        "--vram must be a positive number of gigabytes, not 0",
+        None,
+    ),
+    Fault(
+        19,
+        'plan --gpu ""',
+        as_is(lambda case: ["plan", "--model", case.ref.model, "--gpu", ""]),
+        1,
+        "Unknown GPU ''",
+        None,
+    ),
+    Fault(
+        19,
+        "auto --epochs 0",
+        as_is(
+            lambda case: [
+                "auto",
+                "--model",
+                case.ref.model,
+                "--data",
+                case.ref.data,
+                "--out",
+                case.out,
+                "--epochs",
+                "0",
+            ]
+        ),
+        1,
+        "`epochs` is 0 and `steps` is 0, so there is nothing to train",
+        no_run_left,
+        hint="--epochs above 0",
+    ),
+    Fault(
+        19,
+        "export --quant Q8_0",
+        with_reference(lambda case: export_of(case, "--format", "gguf", "--quant", "Q8_0")),
+        0,
+        "Wrote .*run-q8_0.gguf",
+        model_file_written("run-q8_0.gguf"),
+    ),
+    Fault(
+        19,
+        "export: an existing file at --out",
+        with_reference(lambda case: export_of(case, "--out", case.out / "metrics.jsonl")),
+        1,
+        "metrics.jsonl already exists",
+        nothing_exported,
+        hint="--overwrite",
+    ),
+    Fault(
+        19,
+        "train --from-adapter: a Gemma adapter onto a Llama of the same shapes",
+        gemma_adapter,
+        1,
+        "was trained on another model: model_type 'gemma' when it trained, 'llama' in",
+        None,
+    ),
     Fault(20, "report --png a folder", with_report_folder, 0, "Plot written to .*plots/report.png", plot_in_the_folder),
-    Fault(20, "eval: a bad data line", bad_line_in("bad.jsonl", lambda case, data: ["eval", "--model", case.ref.model, "--data", data]),
-          1, "bad.jsonl has 1 bad example", None, hint="^Hint: Fix them: `qlora-kit data check .*bad.jsonl` lists each"),
-    Fault(20, "a path with a space in a printed command", into_folder("my run", failed_checkpoint_write(OSError(28, "No space left on device"))), 1,
-          "Could not write the checkpoint of step 10", None, hint="resume: qlora-kit train --out '.*/my run' --resume"),
-    Fault(20, "an ESC character in a file name", bad_line_in("bad\x1b[2Jname.jsonl", lambda case, data: case.train(data=data)), 1,
-          r"bad\\x1b\[2Jname.jsonl has 1 bad example", no_run_left),
+    Fault(
+        20,
+        "eval: a bad data line",
+        bad_line_in("bad.jsonl", lambda case, data: ["eval", "--model", case.ref.model, "--data", data]),
+        1,
+        "bad.jsonl has 1 bad example",
+        None,
+        hint="^Hint: Fix them: `qlora-kit data check .*bad.jsonl` lists each",
+    ),
+    Fault(
+        20,
+        "a path with a space in a printed command",
+        into_folder("my run", failed_checkpoint_write(OSError(28, "No space left on device"))),
+        1,
+        "Could not write the checkpoint of step 10",
+        None,
+        hint="resume: qlora-kit train --out '.*/my run' --resume",
+    ),
+    Fault(
+        20,
+        "an ESC character in a file name",
+        bad_line_in("bad\x1b[2Jname.jsonl", lambda case, data: case.train(data=data)),
+        1,
+        r"bad\\x1b\[2Jname.jsonl has 1 bad example",
+        no_run_left,
+    ),
     Fault(20, "umask 022", umask_022, 0, "adapter", files_follow_umask_022),
 ]
 
@@ -1089,8 +1800,10 @@ def reference(llama_dir, tmp_path_factory) -> SimpleNamespace:
     """The uninterrupted run the catalogue compares with, its model and data, and two model folders that ship code:
     one whose tokenizer is its own class, one whose model is."""
     folder = tmp_path_factory.mktemp("catalogue")
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-             for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]]
+    chats = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in [("what is the capital of france?", "paris, arr!"), ("one two three?", "four five, arr!")]
+    ]
     data_file = folder / "chat.jsonl"
     data_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats * 4))
     with pytest.MonkeyPatch.context() as patches:
@@ -1100,20 +1813,28 @@ def reference(llama_dir, tmp_path_factory) -> SimpleNamespace:
     # The reference adapter as if trained on the custom model (its weights are the same): what merge is given.
     custom_model_adapter = shutil.copytree(folder / "reference" / "adapter", folder / "custom-model-run" / "adapter")
     (custom_model_adapter / IDENTITY_FILE).write_text(json.dumps(model_identity(custom_model, str(custom_model))))
-    return SimpleNamespace(run=folder / "reference", model=llama_dir, data=data_file,
-                           custom_tokenizer=with_tokenizer_code(llama_dir, folder / "custom-tokenizer"),
-                           custom_model=custom_model, custom_model_adapter=custom_model_adapter,
-                           gemma=save_tiny_model(folder / "gemma", "gemma"),  # the Llama's shapes, another architecture
-                           other_weights=save_tiny_model(folder / "llama-seed-1", "llama", seed=1),
-                           narrow=save_tiny_model(folder / "narrow", "llama", hidden_size=32))
+    return SimpleNamespace(
+        run=folder / "reference",
+        model=llama_dir,
+        data=data_file,
+        custom_tokenizer=with_tokenizer_code(llama_dir, folder / "custom-tokenizer"),
+        custom_model=custom_model,
+        custom_model_adapter=custom_model_adapter,
+        gemma=save_tiny_model(folder / "gemma", "gemma"),  # the Llama's shapes, another architecture
+        other_weights=save_tiny_model(folder / "llama-seed-1", "llama", seed=1),
+        narrow=save_tiny_model(folder / "narrow", "llama", hidden_size=32),
+    )
 
 
 def with_tokenizer_code(model: Path, folder: Path) -> Path:
     shutil.copytree(model, folder)
     (folder / "tokenization_mine.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\nclass MineTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass MineTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="MineTokenizer", auto_map={"AutoTokenizer": ["tokenization_mine.MineTokenizer", None]})
+    config.update(
+        tokenizer_class="MineTokenizer", auto_map={"AutoTokenizer": ["tokenization_mine.MineTokenizer", None]}
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -1122,11 +1843,15 @@ def with_model_code(model: Path, folder: Path) -> Path:
     shutil.copytree(model, folder)
     (folder / "modeling_mine.py").write_text(
         "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
-        "class MineConfig(LlamaConfig):\n    model_type = \"mine\"\n\n\n"
-        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n")
+        'class MineConfig(LlamaConfig):\n    model_type = "mine"\n\n\n'
+        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n"
+    )
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="mine", architectures=["MineForCausalLM"],
-                  auto_map={"AutoConfig": "modeling_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"})
+    config.update(
+        model_type="mine",
+        architectures=["MineForCausalLM"],
+        auto_map={"AutoConfig": "modeling_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"},
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -1159,10 +1884,22 @@ def test_fault_catalogue(fault, reference, tmp_path, monkeypatch, capsys):
 
 def kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth: int, flags: tuple = ()) -> list[dict]:
     """Run tests/kill_at_every_write.py: one row per write point killed, with what the user did after and its result."""
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("kill_at_every_write.py")), str(llama_dir),
-                             str(chat_data), str(tmp_path), str(every_nth), *flags], capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
-                            cwd=Path(__file__).parents[1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("kill_at_every_write.py")),
+            str(llama_dir),
+            str(chat_data),
+            str(tmp_path),
+            str(every_nth),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).parents[1],
+    )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -1170,7 +1907,9 @@ def kill_at_every_write(llama_dir, chat_data, tmp_path, every_nth: int, flags: t
 def assert_every_kill_recovers(rows: list[dict]) -> None:
     assert rows and all(row["killed"] == 137 for row in rows)
     failed = [row for row in rows if not row["same"] or row["traceback"]]
-    assert not failed, "\n".join(f"{row['point']}/{row['of']} {row['write']}: {row['then']} -> {row['said']}" for row in failed)
+    assert not failed, "\n".join(
+        f"{row['point']}/{row['of']} {row['write']}: {row['then']} -> {row['said']}" for row in failed
+    )
 
 
 def test_a_kill_at_every_fifth_write_point_recovers_exactly(llama_dir, chat_data, tmp_path):
@@ -1186,19 +1925,28 @@ def test_a_kill_at_every_write_point_recovers_exactly(llama_dir, chat_data, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dora", "loftq", "rslora-from-adapter", "dpo"])
-def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly(llama_dir, chat_data, tmp_path, variant):
+def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly(
+    llama_dir, chat_data, tmp_path, variant
+):
     """DoRA keeps magnitudes beside A and B, LoftQ starts from computed weights, a run from an adapter loads them
     first, DPO learns from pairs (with its reference precomputed and kept): each must come back from a kill exactly
     as the plain run does."""
-    flags = {"dora": ("--use-dora",), "loftq": ("--lora-init", "loftq"),
-             "dpo": ("--method", "dpo", "--reference", "precomputed")}.get(variant)
+    flags = {
+        "dora": ("--use-dora",),
+        "loftq": ("--lora-init", "loftq"),
+        "dpo": ("--method", "dpo", "--reference", "precomputed"),
+    }.get(variant)
     if variant == "dpo":
         from tests.test_preference import preference_file
 
         chat_data = preference_file(tmp_path, chat=True)
     if variant == "rslora-from-adapter":
-        train.run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2,
-                                  use_rslora=True), tmp_path / "a", Console(quiet=True), display="quiet")
+        train.run_training(
+            Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2, use_rslora=True),
+            tmp_path / "a",
+            Console(quiet=True),
+            display="quiet",
+        )
         flags = ("--from-adapter", str(tmp_path / "a" / "adapter"))
     (tmp_path / "kills").mkdir()
     assert_every_kill_recovers(kill_at_every_write(llama_dir, chat_data, tmp_path / "kills", every_nth=3, flags=flags))

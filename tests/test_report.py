@@ -25,10 +25,13 @@ def gpu_run(tmp_path: Path) -> Path:
     folder = tmp_path / "gpu-run"
     folder.mkdir()
     lines = [scripted(step) | ({"eval_loss": 1.0 / step} if step % 5 == 0 else {}) for step in range(1, 21)]
-    lines.insert(3, {"event": "out_of_memory_step_down", "step": 4, "from": {"micro_batch": 4}, "to": {"micro_batch": 2}})
+    lines.insert(
+        3, {"event": "out_of_memory_step_down", "step": 4, "from": {"micro_batch": 4}, "to": {"micro_batch": 2}}
+    )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (folder / "plan.json").write_text(json.dumps({"plan": {"total_bytes": 6 * 2**30, "device": "cuda"},
-                                                  "target": {"capacity_bytes": 8 * 2**30}}))
+    (folder / "plan.json").write_text(
+        json.dumps({"plan": {"total_bytes": 6 * 2**30, "device": "cuda"}, "target": {"capacity_bytes": 8 * 2**30}})
+    )
     return folder
 
 
@@ -40,8 +43,14 @@ def text_of(table) -> str:
 
 def test_summary_of_the_committed_run():
     text = text_of(summary_table(load_run(COMMITTED)))
-    for expected in ("smollm2-135m", "10 (rank 16, seq 128)", "first 4.2945, final 1.4563, best 1.1454",
-                     "process peak (RSS)", "planned 3.36 GiB", "not written yet"):
+    for expected in (
+        "smollm2-135m",
+        "10 (rank 16, seq 128)",
+        "first 4.2945, final 1.4563, best 1.1454",
+        "process peak (RSS)",
+        "planned 3.36 GiB",
+        "not written yet",
+    ):
         assert expected in text, expected
 
 

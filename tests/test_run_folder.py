@@ -18,7 +18,9 @@ QUIET = Console(file=io.StringIO())
 
 
 def finished_run(llama_dir, data, out, **changes):
-    recipe = Recipe(**{**dict(model=str(llama_dir), data=str(data), rank=4, steps=2, micro_batch=2, checkpoint_every=1), **changes})
+    recipe = Recipe(
+        **{**dict(model=str(llama_dir), data=str(data), rank=4, steps=2, micro_batch=2, checkpoint_every=1), **changes}
+    )
     run_training(recipe, out, QUIET)
     shutil.rmtree(out / "checkpoints" / "step-2")  # so a resume has a step left to do
     return recipe

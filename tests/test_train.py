@@ -24,8 +24,16 @@ def trained(folder, data_path, recipe, steps):
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
-    train_loop(model, examples, recipe, total_steps=steps, pad_id=tokenizer.pad_token_id, device=CPU, dtype=torch.float32,
-               on_step=lambda m: losses.append(m["loss"]))
+    train_loop(
+        model,
+        examples,
+        recipe,
+        total_steps=steps,
+        pad_id=tokenizer.pad_token_id,
+        device=CPU,
+        dtype=torch.float32,
+        on_step=lambda m: losses.append(m["loss"]),
+    )
     return model, before, losses
 
 
@@ -86,7 +94,11 @@ def test_run_writes_recipe_metrics_and_a_peft_adapter(llama_dir, chat_data, tmp_
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert {"loss", "lr", "tokens_per_s", "step_s", "rss_gib", "mem_alloc_gib"} <= set(lines[0])
-    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+    assert {p.name for p in (out / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    }
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder or lock left behind"
 
 
@@ -131,7 +143,9 @@ def flaky_loss(monkeypatch, fails):
 
 def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_path, monkeypatch):
     flaky_loss(monkeypatch, lambda step, batch: (step == 2 and batch == 4) or (step == 4 and batch == 2))
-    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=6, micro_batch=4, grad_accum=2, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir), data=str(text_data), rank=4, steps=6, micro_batch=4, grad_accum=2, dropout=0.0
+    )
     console = Console(file=io.StringIO())
     summary = run_training(recipe, tmp_path / "run", console)
     assert summary.steps == 6 and summary.step_downs == ["micro-batch 4 -> 2", "micro-batch 2 -> 1"]
@@ -154,8 +168,16 @@ def test_out_of_memory_in_evaluation_steps_down_like_in_training(llama_dir, text
         return real(hidden, *args, **kwargs)
 
     monkeypatch.setattr(losses, "chunked_cross_entropy", loss)
-    recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), eval_every=2, rank=4, steps=4,
-                    micro_batch=4, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(text_data),
+        eval_data=str(text_data),
+        eval_every=2,
+        rank=4,
+        steps=4,
+        micro_batch=4,
+        dropout=0.0,
+    )
     console = Console(file=io.StringIO(), width=200)
     summary = run_training(recipe, tmp_path / "run", console)
     assert summary.steps == 4 and summary.step_downs == ["micro-batch 4 -> 2"]
@@ -197,8 +219,17 @@ def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_
 
 
 def test_held_out_data_is_evaluated_on_schedule_and_at_the_end(llama_dir, text_data, tmp_path):
-    recipe = Recipe(model=str(llama_dir), data=str(text_data), eval_data=str(text_data), eval_every=2, rank=8,
-                    lr=1e-2, steps=5, micro_batch=4, dropout=0.0)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(text_data),
+        eval_data=str(text_data),
+        eval_every=2,
+        rank=8,
+        lr=1e-2,
+        steps=5,
+        micro_batch=4,
+        dropout=0.0,
+    )
     run_training(recipe, tmp_path / "run", QUIET)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evaluated = {line["step"]: line["eval_loss"] for line in lines if "eval_loss" in line}
@@ -215,7 +246,9 @@ def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
     torch.manual_seed(0)
     model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), recipe)
     first = evaluate(model, examples, recipe.micro_batch, tokenizer.pad_token_id, CPU)
-    assert evaluate(model, examples, recipe.micro_batch, tokenizer.pad_token_id, CPU) == first, "no dropout in evaluation"
+    assert evaluate(model, examples, recipe.micro_batch, tokenizer.pad_token_id, CPU) == first, (
+        "no dropout in evaluation"
+    )
     assert model.training and all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
@@ -227,12 +260,12 @@ def test_a_packed_sequence_gives_each_example_the_hidden_states_it_has_alone(lla
     decoder = models.lm_parts(model)[0]
     a, b = data.Example([5, 9, 14, 20], [5, 9, 14, 20]), data.Example([7, 8, 30], [7, 8, 30])
     [packed] = data.pack([a, b], seq_len=16, seed=0)
-    first, second = (a, b) if packed.input_ids[:len(a)] == a.input_ids else (b, a)
+    first, second = (a, b) if packed.input_ids[: len(a)] == a.input_ids else (b, a)
     with models.no_dropout(model), torch.no_grad():
         together = forward(decoder, [packed], 0, CPU)[0][0]
         alone = [forward(decoder, [e], 0, CPU)[0][0] for e in (first, second)]
-    torch.testing.assert_close(together[:len(first)], alone[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(together[len(first):], alone[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together[: len(first)], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together[len(first) :], alone[1], rtol=1e-4, atol=1e-4)
 
 
 def test_packed_training_runs_and_reports_the_fill(llama_dir, text_data, tmp_path):
@@ -240,7 +273,9 @@ def test_packed_training_runs_and_reports_the_fill(llama_dir, text_data, tmp_pat
     recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=3, micro_batch=2, seq_len=64, packing=True)
     summary = run_training(recipe, tmp_path / "run", console)
     assert summary.steps == 3 and "Packing: 16 examples in" in console.file.getvalue()
-    unpacked = run_training(dataclasses.replace(recipe, packing=False, group_by_length=False), tmp_path / "plain", console)
+    unpacked = run_training(
+        dataclasses.replace(recipe, packing=False, group_by_length=False), tmp_path / "plain", console
+    )
     assert 0 <= summary.padding_pct < unpacked.padding_pct, "packing leaves less padding than padding to the batch"
 
 
@@ -254,16 +289,28 @@ def test_keeping_the_last_layers_whole_trains_exactly_like_recomputing_them(llam
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(llama_dir, text_data, tmp_path, monkeypatch):
+def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(
+    llama_dir, text_data, tmp_path, monkeypatch
+):
     flaky_loss(monkeypatch, lambda step, batch: step == 2 and batch == 4)
-    recipe = Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=4, micro_batch=4, dropout=0.0,
-                    gradient_checkpointing=True, uncheckpointed_layers=1, checkpoint_every=2)
+    recipe = Recipe(
+        model=str(llama_dir),
+        data=str(text_data),
+        rank=4,
+        steps=4,
+        micro_batch=4,
+        dropout=0.0,
+        gradient_checkpointing=True,
+        uncheckpointed_layers=1,
+        checkpoint_every=2,
+    )
     summary = run_training(recipe, tmp_path / "run", QUIET)
     assert summary.step_downs == ["uncheckpointed layers 1 -> 0", "micro-batch 4 -> 2"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["shape"]["uncheckpointed_layers"] == 0 and state["shape"]["micro_batch"] == 2
 
     import shutil
+
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     monkeypatch.undo()
     from qlora_kit import train
@@ -280,8 +327,14 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(lla
 
 def test_a_run_with_memory_to_spare_says_how_to_go_faster(llama_dir, text_data, tmp_path):
     console = Console(file=io.StringIO(), width=300)
-    run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, gradient_checkpointing=True), tmp_path / "run", console)
-    assert "Room to go faster: --no-gradient-checkpointing" in console.file.getvalue(), "a tiny model's activations fit any machine"
+    run_training(
+        Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, gradient_checkpointing=True),
+        tmp_path / "run",
+        console,
+    )
+    assert "Room to go faster: --no-gradient-checkpointing" in console.file.getvalue(), (
+        "a tiny model's activations fit any machine"
+    )
 
 
 def test_staging_folders_a_killed_run_left_are_removed_when_it_resumes(llama_dir, chat_data, tmp_path):
@@ -309,7 +362,9 @@ def test_a_cpu_run_its_plan_says_cannot_fit_stops_before_loading_the_model(llama
     long_text = tmp_path / "long.jsonl"
     long_text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 200}) + "\n")
     recipe = Recipe(model=str(llama_dir), data=str(long_text), seq_len=100_000, micro_batch=4096)
-    with pytest.raises(UserError, match=r"This run needs about .* GiB of RAM \(micro-batch 4096 x \d+ tokens\)") as error:
+    with pytest.raises(
+        UserError, match=r"This run needs about .* GiB of RAM \(micro-batch 4096 x \d+ tokens\)"
+    ) as error:
         run_training(recipe, tmp_path / "run", QUIET)
     assert "To make it fit: --micro-batch" in error.value.hint
     assert not (tmp_path / "run").exists()
@@ -318,7 +373,9 @@ def test_a_cpu_run_its_plan_says_cannot_fit_stops_before_loading_the_model(llama
 def test_the_plan_is_made_for_the_longest_example_not_an_unused_seq_len(llama_dir, chat_data, tmp_path):
     out = tmp_path / "run"
     run_training(Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, seq_len=100_000), out, QUIET)
-    longest = max(len(e) for e in data.tokenize(data.read_records(chat_data).records, models.load_tokenizer(llama_dir), 512))
+    longest = max(
+        len(e) for e in data.tokenize(data.read_records(chat_data).records, models.load_tokenizer(llama_dir), 512)
+    )
     assert json.loads((out / "plan.json").read_text())["plan"]["seq_len"] == longest
 
 
@@ -352,31 +409,58 @@ def test_a_run_from_an_adapter_continues_from_its_loss_and_records_its_lineage(l
     from transformers import AutoModelForCausalLM
 
     settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=4, eval_fraction=0.25)
-    run_training(Recipe(**settings, rank=4, alpha=8, target_modules="q_proj,v_proj", lr=5e-2, steps=6), tmp_path / "a", QUIET)
+    run_training(
+        Recipe(**settings, rank=4, alpha=8, target_modules="q_proj,v_proj", lr=5e-2, steps=6), tmp_path / "a", QUIET
+    )
     # lr 0: one step that changes nothing, then the evaluation every run ends with.
-    run_training(Recipe(**settings, lr=0.0, steps=1, init_adapter=str(tmp_path / "a" / "adapter")), tmp_path / "b", QUIET)
+    run_training(
+        Recipe(**settings, lr=0.0, steps=1, init_adapter=str(tmp_path / "a" / "adapter")), tmp_path / "b", QUIET
+    )
     first = [m["eval_loss"] for m in metric_lines(tmp_path / "a") if "eval_loss" in m]
     then = [m["eval_loss"] for m in metric_lines(tmp_path / "b") if "eval_loss" in m]
     assert then[0] == pytest.approx(first[-1], rel=1e-6)  # measured: equal to the last digit
     recipe = load_recipe(tmp_path / "b" / "recipe.yaml")
     assert (recipe.rank, recipe.alpha, recipe.target_modules) == (4, 8.0, "q_proj,v_proj"), "taken from the adapter"
-    a, b = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "b" / "adapter")
-    run_training(Recipe(**settings, lr=1e-2, steps=1, init_adapter=str(tmp_path / "b" / "adapter")), tmp_path / "c", QUIET)
+    run_training(
+        Recipe(**settings, lr=1e-2, steps=1, init_adapter=str(tmp_path / "b" / "adapter")), tmp_path / "c", QUIET
+    )
     card = (tmp_path / "c" / "adapter" / "README.md").read_text()
     assert f"{tmp_path / 'a' / 'adapter'} → {tmp_path / 'b' / 'adapter'} → this adapter" in card
 
 
 def test_a_run_from_an_adapter_refuses_settings_its_adapter_contradicts(llama_dir, text_data, tmp_path):
-    run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, micro_batch=4), tmp_path / "a", QUIET)
-    with pytest.raises(UserError, match=r"has its own LoRA settings, and these differ: rank 8 \(the adapter's: 4\)") as error:
-        run_training(Recipe(model=str(llama_dir), data=str(text_data), rank=8, steps=1, init_adapter=str(tmp_path / "a" / "adapter")),
-                     tmp_path / "b", QUIET)
+    run_training(
+        Recipe(model=str(llama_dir), data=str(text_data), rank=4, steps=1, micro_batch=4), tmp_path / "a", QUIET
+    )
+    with pytest.raises(
+        UserError, match=r"has its own LoRA settings, and these differ: rank 8 \(the adapter's: 4\)"
+    ) as error:
+        run_training(
+            Recipe(
+                model=str(llama_dir), data=str(text_data), rank=8, steps=1, init_adapter=str(tmp_path / "a" / "adapter")
+            ),
+            tmp_path / "b",
+            QUIET,
+        )
     assert "takes them from it" in error.value.hint and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="lora_init loftq says how a fresh adapter starts") as error:
-        run_training(Recipe(model=str(llama_dir), data=str(text_data), lora_init="loftq", steps=1,
-                            init_adapter=str(tmp_path / "a" / "adapter")), tmp_path / "b", QUIET)
+        run_training(
+            Recipe(
+                model=str(llama_dir),
+                data=str(text_data),
+                lora_init="loftq",
+                steps=1,
+                init_adapter=str(tmp_path / "a" / "adapter"),
+            ),
+            tmp_path / "b",
+            QUIET,
+        )
     assert "Leave lora_init out" in error.value.hint and not (tmp_path / "b").exists()
 
 
@@ -395,7 +479,9 @@ def stopped_and_resumed_equals_whole(recipe, tmp_path) -> None:
         if checkpoint.step_of(folder) > 2:
             shutil.rmtree(folder)
     run_training(load_recipe(tmp_path / "stopped" / "recipe.yaml"), tmp_path / "stopped", QUIET, resume=True)
-    assert [m.get("loss") for m in metric_lines(tmp_path / "stopped")] == [m.get("loss") for m in metric_lines(tmp_path / "whole")]
+    assert [m.get("loss") for m in metric_lines(tmp_path / "stopped")] == [
+        m.get("loss") for m in metric_lines(tmp_path / "whole")
+    ]
     a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("stopped", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -403,20 +489,46 @@ def stopped_and_resumed_equals_whole(recipe, tmp_path) -> None:
 def test_a_run_from_an_adapter_resumes_exactly(llama_dir, text_data, tmp_path):
     settings = dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4)
     run_training(Recipe(**settings, steps=2), tmp_path / "a", QUIET)
-    stopped_and_resumed_equals_whole(Recipe(**settings, steps=6, checkpoint_every=2, keep_checkpoints=3, dropout=0.1,
-                                            init_adapter=str(tmp_path / "a" / "adapter")), tmp_path)
+    stopped_and_resumed_equals_whole(
+        Recipe(
+            **settings,
+            steps=6,
+            checkpoint_every=2,
+            keep_checkpoints=3,
+            dropout=0.1,
+            init_adapter=str(tmp_path / "a" / "adapter"),
+        ),
+        tmp_path,
+    )
 
 
-@pytest.mark.parametrize("variant", [dict(use_rslora=True, rank=16), dict(use_dora=True), dict(lora_init="loftq")],
-                         ids=["rslora", "dora", "loftq"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(use_rslora=True, rank=16), dict(use_dora=True), dict(lora_init="loftq")],
+    ids=["rslora", "dora", "loftq"],
+)
 def test_each_lora_variant_trains_resumes_exactly_and_merges_as_it_runs(llama_dir, text_data, tmp_path, variant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.merge import merge_adapter
 
-    recipe = Recipe(**{**dict(model=str(llama_dir), data=str(text_data), micro_batch=2, rank=4, lr=2e-2, steps=6,
-                              checkpoint_every=2, keep_checkpoints=3, dropout=0.1), **variant})
+    recipe = Recipe(
+        **{
+            **dict(
+                model=str(llama_dir),
+                data=str(text_data),
+                micro_batch=2,
+                rank=4,
+                lr=2e-2,
+                steps=6,
+                checkpoint_every=2,
+                keep_checkpoints=3,
+                dropout=0.1,
+            ),
+            **variant,
+        }
+    )
     stopped_and_resumed_equals_whole(recipe, tmp_path)
     adapter = tmp_path / "whole" / "adapter"
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -424,13 +536,19 @@ def test_each_lora_variant_trains_resumes_exactly_and_merges_as_it_runs(llama_di
     # A LoftQ adapter corrects NF4's rounding, so the model it makes is the 4-bit one as trained (dequantized: bnb's
     # CPU matmul on 4-bit weights itself differs by ~0.4%); merged from the 16-bit base, the weights it adapts (all
     # linear layers here) are rounded first.
-    base = (models.load_base_4bit(llama_dir, torch.float32, CPU).dequantize() if loftq
-            else AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32))
+    base = (
+        models.load_base_4bit(llama_dir, torch.float32, CPU).dequantize()
+        if loftq
+        else AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    )
     with torch.no_grad():
         expected = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
         for from_quantized in [False, True] if loftq else [False]:
-            merged = AutoModelForCausalLM.from_pretrained(merge_adapter(None, adapter, tmp_path / f"m{from_quantized}",
-                                                                        dtype="fp32", from_quantized=from_quantized))
+            merged = AutoModelForCausalLM.from_pretrained(
+                merge_adapter(
+                    None, adapter, tmp_path / f"m{from_quantized}", dtype="fp32", from_quantized=from_quantized
+                )
+            )
             got = merged(input_ids=ids).logits
             assert float((got - expected).norm() / expected.norm()) < 1e-4
         if loftq:  # the correction added to unrounded weights would make another model

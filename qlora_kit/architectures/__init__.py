@@ -14,8 +14,10 @@ from typing import Callable
 from qlora_kit.errors import UserError
 
 # The hint when a family's config differs from what llama.cpp builds in: the adapter GGUF still serves
-ADAPTER_INSTEAD = ("Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base made by "
-                   "llama.cpp's own converter.")
+ADAPTER_INSTEAD = (
+    "Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base made by "
+    "llama.cpp's own converter."
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class Family:
     output_is_embeddings: bool = False  # the output head is always the embeddings; llama.cpp reads token_embd
     rope_scalings: tuple[str, ...] = ()  # rotary scalings beyond "default" that llama.cpp computes as transformers
     gguf_metadata: Callable | None = None  # (writer, config) -> None: keys beyond the common ones; may refuse
-    gguf_overrides: Callable | None = None  # (config) -> {GGUFWriter.add_<key> suffix: value} for common keys it differs in
+    gguf_overrides: Callable | None = (
+        None  # (config) -> {GGUFWriter.add_<key> suffix: value} for common keys it differs in
+    )
     gguf_weight: Callable | None = None  # (name, weight, config) -> the weight as llama.cpp holds it, where it differs
     # (layer name, "a" or "b", matrix, config) -> the LoRA matrix as llama.cpp's layout of that layer's weight needs it
     gguf_lora: Callable | None = None
@@ -62,7 +66,9 @@ class Family:
     # (weights, config, updates) -> weights: the checkpoint's (name, tensor) stream renamed and split as the gguf
     # package's tensor map names them, any adapter change to a tensor it splits added first (and taken out of updates)
     gguf_weights: Callable | None = None
-    gguf_tensors: Callable | None = None  # (config) -> {name: float32 array}: tensors llama.cpp reads beside the weights
+    gguf_tensors: Callable | None = (
+        None  # (config) -> {name: float32 array}: tensors llama.cpp reads beside the weights
+    )
 
     @property
     def hint(self) -> str:
@@ -98,6 +104,8 @@ def gguf_family(config: dict) -> Family:
     if family is None or family.gguf_name is None:
         runs = ", ".join(f.hint for f in all_families() if f.gguf_name)
         what = family.name if family else config.get("model_type") or "this"
-        raise UserError(f"Exporting {what} models to GGUF is not supported{' yet' if family is None else ''}.",
-                        hint=f"Supported: {runs}.")
+        raise UserError(
+            f"Exporting {what} models to GGUF is not supported{' yet' if family is None else ''}.",
+            hint=f"Supported: {runs}.",
+        )
     return family

@@ -2,5 +2,6 @@
 
 from qlora_kit.architectures import Family
 
-FAMILY = Family("Gemma", ("gemma",), fp16_overflows=True, gguf_name="gemma", norms_plus_one=True,
-                output_is_embeddings=True)
+FAMILY = Family(
+    "Gemma", ("gemma",), fp16_overflows=True, gguf_name="gemma", norms_plus_one=True, output_is_embeddings=True
+)

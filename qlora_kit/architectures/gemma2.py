@@ -11,9 +11,11 @@ def gguf_metadata(writer, config: dict) -> None:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     scaled_by = config["hidden_size"] // heads if layers == 46 else head_dim
     if config.get("query_pre_attn_scalar", scaled_by) != scaled_by:
-        raise UserError(f"This Gemma 2 scales attention by query_pre_attn_scalar {config['query_pre_attn_scalar']}, "
-                        f"and llama.cpp would use {scaled_by}.",
-                        hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.")
+        raise UserError(
+            f"This Gemma 2 scales attention by query_pre_attn_scalar {config['query_pre_attn_scalar']}, "
+            f"and llama.cpp would use {scaled_by}.",
+            hint="Export the adapter instead (--format gguf-adapter) and use it on a GGUF of the base.",
+        )
     if config.get("attn_logit_softcapping"):
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
     if config.get("final_logit_softcapping"):
@@ -21,5 +23,13 @@ def gguf_metadata(writer, config: dict) -> None:
     writer.add_sliding_window(config["sliding_window"])
 
 
-FAMILY = Family("Gemma 2", ("gemma2",), norms_per_layer=4, fp16_overflows=True, gguf_name="gemma2",
-                norms_plus_one=True, output_is_embeddings=True, gguf_metadata=gguf_metadata)
+FAMILY = Family(
+    "Gemma 2",
+    ("gemma2",),
+    norms_per_layer=4,
+    fp16_overflows=True,
+    gguf_name="gemma2",
+    norms_plus_one=True,
+    output_is_embeddings=True,
+    gguf_metadata=gguf_metadata,
+)

@@ -16,19 +16,30 @@ def gguf_metadata(writer, config: dict) -> None:
 
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    expected = ["full_attention" if (i + 1) % LLAMA_CPP_SWA_PATTERN == 0 else "sliding_attention" for i in range(layers)]
+    expected = [
+        "full_attention" if (i + 1) % LLAMA_CPP_SWA_PATTERN == 0 else "sliding_attention" for i in range(layers)
+    ]
     rope = config.get("rope_parameters") or {}
     local = (rope.get("sliding_attention") or {}).get("rope_theta", LLAMA_CPP_LOCAL_ROPE_BASE)
     # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 62-layer 27B
     scaled_by = config["hidden_size"] // heads if layers == 62 else head_dim
-    differs = [what for what, same in (
-        ("which layers attend within the sliding window", config.get("layer_types", expected) == expected),
-        (f"the local layers' rotary base ({local:g})", local == LLAMA_CPP_LOCAL_ROPE_BASE),
-        (f"query_pre_attn_scalar ({config.get('query_pre_attn_scalar')})", config.get("query_pre_attn_scalar", scaled_by) == scaled_by),
-        ("logit soft-capping", not config.get("attn_logit_softcapping"))) if not same]
+    differs = [
+        what
+        for what, same in (
+            ("which layers attend within the sliding window", config.get("layer_types", expected) == expected),
+            (f"the local layers' rotary base ({local:g})", local == LLAMA_CPP_LOCAL_ROPE_BASE),
+            (
+                f"query_pre_attn_scalar ({config.get('query_pre_attn_scalar')})",
+                config.get("query_pre_attn_scalar", scaled_by) == scaled_by,
+            ),
+            ("logit soft-capping", not config.get("attn_logit_softcapping")),
+        )
+        if not same
+    ]
     if differs:
-        raise UserError(f"This Gemma 3 differs from what llama.cpp builds in: {', '.join(differs)}.",
-                        hint=ADAPTER_INSTEAD)
+        raise UserError(
+            f"This Gemma 3 differs from what llama.cpp builds in: {', '.join(differs)}.", hint=ADAPTER_INSTEAD
+        )
     writer.add_sliding_window(config["sliding_window"])
     full = rope.get("full_attention") or {}
     if full.get("rope_type") == "linear":
@@ -56,7 +67,17 @@ def vision_parameters(config: dict) -> int:
     return layers * layer + embeddings + 2 * d + head + projector  # 2 * d: the post layer norm
 
 
-FAMILY = Family("Gemma 3", ("gemma3_text", "gemma3"), towers=("vision_tower", "multi_modal_projector"),
-                tower_parameters=vision_parameters, qk_norms=True, norms_per_layer=4, fp16_overflows=True,
-                gguf_name="gemma3", norms_plus_one=True, output_is_embeddings=True, rope_scalings=("linear",),
-                gguf_metadata=gguf_metadata)
+FAMILY = Family(
+    "Gemma 3",
+    ("gemma3_text", "gemma3"),
+    towers=("vision_tower", "multi_modal_projector"),
+    tower_parameters=vision_parameters,
+    qk_norms=True,
+    norms_per_layer=4,
+    fp16_overflows=True,
+    gguf_name="gemma3",
+    norms_plus_one=True,
+    output_is_embeddings=True,
+    rope_scalings=("linear",),
+    gguf_metadata=gguf_metadata,
+)

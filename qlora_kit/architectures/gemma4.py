@@ -15,14 +15,17 @@ FULL_EVERY = 6  # transformers' default layer_types: five sliding-window layers,
 def full_attention_layers(config: dict) -> list[int]:
     layers = config["num_hidden_layers"]
     types = config.get("layer_types") or [
-        "full_attention" if (i + 1) % FULL_EVERY == 0 or i == layers - 1 else "sliding_attention" for i in range(layers)]
+        "full_attention" if (i + 1) % FULL_EVERY == 0 or i == layers - 1 else "sliding_attention" for i in range(layers)
+    ]
     return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
 def shape_fields(config: dict) -> dict:
     if config.get("hidden_size_per_layer_input") or config.get("num_kv_shared_layers"):
-        raise UserError("Gemma 4 E2B and E4B (per-layer embeddings, shared KV layers) are not in qlora-kit's memory "
-                        "model yet.", hint="Plan and train Gemma 4 26B-A4B or 31B, or Gemma 3.")
+        raise UserError(
+            "Gemma 4 E2B and E4B (per-layer embeddings, shared KV layers) are not in qlora-kit's memory model yet.",
+            hint="Plan and train Gemma 4 26B-A4B or 31B, or Gemma 3.",
+        )
     full = full_attention_layers(config)
     # A saved config spells the full layers' shape per layer (per_layer_config, keyed by the layer's index as "5" in
     # config.json, "05" in a config object's dict); a published one by two keys
@@ -30,9 +33,12 @@ def shape_fields(config: dict) -> dict:
     overrides = per_layer.get(full[0], {}) if full else {}
     values_are_keys = bool(config.get("attention_k_eq_v"))
     kv_heads = config.get("num_global_key_value_heads") if values_are_keys else None
-    fields = dict(global_layers=len(full), global_values_are_keys=values_are_keys,
-                  global_head_dim=overrides.get("head_dim") or config.get("global_head_dim") or 512,
-                  global_kv_heads=overrides.get("num_key_value_heads") or kv_heads or config["num_key_value_heads"])
+    fields = dict(
+        global_layers=len(full),
+        global_values_are_keys=values_are_keys,
+        global_head_dim=overrides.get("head_dim") or config.get("global_head_dim") or 512,
+        global_kv_heads=overrides.get("num_key_value_heads") or kv_heads or config["num_key_value_heads"],
+    )
     if config.get("enable_moe_block"):
         # The dense MLP beside the experts (no gate of its own), and four more norms (one the router's). Their weights:
         # four hidden vectors, the router's scale and a scale per expert. What they keep for backward is one norm's
@@ -40,8 +46,12 @@ def shape_fields(config: dict) -> dict:
         # weights frozen each keeps only its input (with all eight counted as Llama's, a step
         # measured on CPU came out 1.14 of its estimate; so, 1.02-1.09 at five points: benchmarks/family_memory.py)
         h = config["hidden_size"]
-        fields |= dict(shared_expert_size=config["intermediate_size"], shared_expert_gated=False, norms_per_layer=5,
-                       layer_params=3 * h + config["num_experts"])
+        fields |= dict(
+            shared_expert_size=config["intermediate_size"],
+            shared_expert_gated=False,
+            norms_per_layer=5,
+            layer_params=3 * h + config["num_experts"],
+        )
     return fields
 
 
@@ -59,7 +69,16 @@ def vision_parameters(config: dict) -> int:
     return layers * layer + embedder + d * config["text_config"]["hidden_size"]  # and the projection to the text
 
 
-FAMILY = Family("Gemma 4", ("gemma4_text", "gemma4"), towers=("vision_tower", "embed_vision", "audio_tower", "embed_audio"),
-                tower_parameters=vision_parameters, qk_norms=True, norms_per_layer=4, fp16_overflows=True,
-                output_is_embeddings=True, shape_fields=shape_fields, mlp_names_taken_by_peft=False,
-                routers=("router",))
+FAMILY = Family(
+    "Gemma 4",
+    ("gemma4_text", "gemma4"),
+    towers=("vision_tower", "embed_vision", "audio_tower", "embed_audio"),
+    tower_parameters=vision_parameters,
+    qk_norms=True,
+    norms_per_layer=4,
+    fp16_overflows=True,
+    output_is_embeddings=True,
+    shape_fields=shape_fields,
+    mlp_names_taken_by_peft=False,
+    routers=("router",),
+)

@@ -21,12 +21,19 @@ def gguf_metadata(writer, config: dict) -> None:
     layers = config["num_hidden_layers"]
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     swiglu = (config.get("swiglu_limit", 7.0), config.get("swiglu_alpha", 1.702))
-    differs = [what for what, same in (
-        ("which layers attend within the sliding window", config.get("layer_types", alternating) == alternating),
-        (f"the SwiGLU clamp and scale {swiglu}", swiglu == LLAMA_CPP_SWIGLU)) if not same]
+    differs = [
+        what
+        for what, same in (
+            ("which layers attend within the sliding window", config.get("layer_types", alternating) == alternating),
+            (f"the SwiGLU clamp and scale {swiglu}", swiglu == LLAMA_CPP_SWIGLU),
+        )
+        if not same
+    ]
     if differs:
-        raise UserError(f"This gpt-oss differs from what llama.cpp builds in: {', '.join(differs)}.",
-                        hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.")
+        raise UserError(
+            f"This gpt-oss differs from what llama.cpp builds in: {', '.join(differs)}.",
+            hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.",
+        )
     moe, rope = moe_shape(config), config.get("rope_parameters") or config.get("rope_scaling") or {}
     writer.add_sliding_window(config["sliding_window"])
     writer.add_expert_count(moe["num_experts"])
@@ -67,8 +74,10 @@ def gguf_weights(weights, config: dict, updates: dict):
                 weight = convert_moe_packed_tensors(blocks.pop(fused), weight, dtype=torch.float32)
             yield from experts_as_llama_cpp(match[1], match[2], weight, updates)
     if blocks:
-        raise UserError(f"The base's checkpoint has MXFP4 blocks without scales: {', '.join(blocks)}.",
-                        hint="Check that every shard of the model is in its folder.")
+        raise UserError(
+            f"The base's checkpoint has MXFP4 blocks without scales: {', '.join(blocks)}.",
+            hint="Check that every shard of the model is in its folder.",
+        )
 
 
 def experts_as_llama_cpp(layer: str, projection: str, weight, updates: dict):
@@ -87,6 +96,15 @@ def experts_as_llama_cpp(layer: str, projection: str, weight, updates: dict):
         yield f"{layer}.up_proj.weight", stack[:, 1::2]
 
 
-FAMILY = Family("gpt-oss", ("gpt_oss",), eager_attention=True, attention_sinks=True, expert_biases=True,
-                gguf_name="gpt-oss", rope_scalings=("yarn",), gguf_metadata=gguf_metadata, gguf_weights=gguf_weights,
-                gguf_f32=("_exps.bias",))
+FAMILY = Family(
+    "gpt-oss",
+    ("gpt_oss",),
+    eager_attention=True,
+    attention_sinks=True,
+    expert_biases=True,
+    gguf_name="gpt-oss",
+    rope_scalings=("yarn",),
+    gguf_metadata=gguf_metadata,
+    gguf_weights=gguf_weights,
+    gguf_f32=("_exps.bias",),
+)

@@ -37,8 +37,11 @@ def gguf_overrides(config: dict) -> dict:
     """llama.cpp's LFM2 reads the MLP's real width, a KV head count per layer (0 in a convolution layer) and norm_eps."""
     kinds = config.get("layer_types") or ["conv"] * config["num_hidden_layers"]
     heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    return dict(feed_forward_length=feed_forward_width(config), layer_norm_rms_eps=config["norm_eps"],
-                head_count_kv=[heads if kind == "full_attention" else 0 for kind in kinds])
+    return dict(
+        feed_forward_length=feed_forward_width(config),
+        layer_norm_rms_eps=config["norm_eps"],
+        head_count_kv=[heads if kind == "full_attention" else 0 for kind in kinds],
+    )
 
 
 def gguf_metadata(writer, config: dict) -> None:
@@ -50,6 +53,14 @@ def gguf_weight(name: str, weight, config: dict):
     return weight.squeeze(1) if name.endswith("conv.conv.weight") else weight
 
 
-FAMILY = Family("LFM2", ("lfm2",), qk_norms=True, shape_fields=short_convolutions, gguf_name="lfm2",
-                gguf_overrides=gguf_overrides, gguf_metadata=gguf_metadata, gguf_weight=gguf_weight,
-                gguf_f32=("shortconv.conv.weight",))
+FAMILY = Family(
+    "LFM2",
+    ("lfm2",),
+    qk_norms=True,
+    shape_fields=short_convolutions,
+    gguf_name="lfm2",
+    gguf_overrides=gguf_overrides,
+    gguf_metadata=gguf_metadata,
+    gguf_weight=gguf_weight,
+    gguf_f32=("shortconv.conv.weight",),
+)

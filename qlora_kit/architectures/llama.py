@@ -3,5 +3,6 @@ reordered on export; Llama 3.1's rotary scaling is written as llama.cpp's rope_f
 
 from qlora_kit.architectures import Family
 
-FAMILY = Family("Llama 2/3.x, SmolLM2", ("llama",), gguf_name="llama", rotary_rows_interleaved=True,
-                rope_scalings=("llama3",))
+FAMILY = Family(
+    "Llama 2/3.x, SmolLM2", ("llama",), gguf_name="llama", rotary_rows_interleaved=True, rope_scalings=("llama3",)
+)

@@ -12,8 +12,11 @@ def rotary_scaling(config: dict) -> dict:
 
 
 def original_context(config: dict) -> int:
-    return (rotary_scaling(config).get("original_max_position_embeddings")
-            or config.get("original_max_position_embeddings") or config["max_position_embeddings"])
+    return (
+        rotary_scaling(config).get("original_max_position_embeddings")
+        or config.get("original_max_position_embeddings")
+        or config["max_position_embeddings"]
+    )
 
 
 def is_longrope(config: dict) -> bool:
@@ -37,9 +40,18 @@ def gguf_tensors(config: dict) -> dict:
     if not is_longrope(config):
         return {}
     rope = rotary_scaling(config)
-    return {f"rope_factors_{kind}.weight": np.array(rope[f"{kind}_factor"], dtype=np.float32)
-            for kind in ("long", "short")}
+    return {
+        f"rope_factors_{kind}.weight": np.array(rope[f"{kind}_factor"], dtype=np.float32) for kind in ("long", "short")
+    }
 
 
-FAMILY = Family("Phi-3, Phi-4-mini", ("phi3",), fused_qkv=True, fused_gate_up=True, gguf_name="phi3",
-                rope_scalings=("longrope", "su"), gguf_metadata=gguf_metadata, gguf_tensors=gguf_tensors)
+FAMILY = Family(
+    "Phi-3, Phi-4-mini",
+    ("phi3",),
+    fused_qkv=True,
+    fused_gate_up=True,
+    gguf_name="phi3",
+    rope_scalings=("longrope", "su"),
+    gguf_metadata=gguf_metadata,
+    gguf_tensors=gguf_tensors,
+)

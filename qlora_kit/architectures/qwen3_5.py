@@ -14,7 +14,8 @@ def mixer_layers(config: dict) -> int:
     """How many layers are Gated DeltaNet: layer_types, or every layer but each full_attention_interval-th."""
     every = config.get("full_attention_interval") or 4
     kinds = config.get("layer_types") or [
-        "full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(config["num_hidden_layers"])]
+        "full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(config["num_hidden_layers"])
+    ]
     return kinds.count("linear_attention")
 
 
@@ -27,14 +28,21 @@ def gated_delta_net(config: dict) -> dict:
     convolved = 2 * keys + values  # queries, keys and values pass the convolution together
     return dict(
         mixer_layers=mixer_layers(config),
-        mixer_linears=(("in_proj_qkv", h, convolved), ("in_proj_z", h, values), ("in_proj_b", h, value_heads),
-                       ("in_proj_a", h, value_heads), ("out_proj", values, h)),
+        mixer_linears=(
+            ("in_proj_qkv", h, convolved),
+            ("in_proj_z", h, values),
+            ("in_proj_b", h, value_heads),
+            ("in_proj_a", h, value_heads),
+            ("out_proj", values, h),
+        ),
         mixer_params=convolved * kernel + value_dim + 2 * value_heads,  # convolution, gated norm, decay and its bias
         # Fitted on CPU (benchmarks/family_memory.py): projections, convolution and its activation, the gate and the
         # output in the compute dtype; the delta rule's fp32 copies of queries and keys (widened to the value heads),
         # values, and each chunk's decays and attention (chunk x chunk a head)
-        mixer_activations=(6 * (keys + values),
-                           12 * value_heads * key_dim + 5 * values + 11 * DELTA_RULE_CHUNK * value_heads // 2),
+        mixer_activations=(
+            6 * (keys + values),
+            12 * value_heads * key_dim + 5 * values + 11 * DELTA_RULE_CHUNK * value_heads // 2,
+        ),
         attention_output_gate=True,
     )
 
@@ -93,7 +101,7 @@ def value_heads_tiled(weight, dim: int, config: dict, head_dim: int):
     if per_group == 1:
         return weight
     shape = list(weight.shape)
-    grouped = weight.reshape(*shape[:dim], groups, per_group, head_dim, *shape[dim + 1:])
+    grouped = weight.reshape(*shape[:dim], groups, per_group, head_dim, *shape[dim + 1 :])
     return grouped.transpose(dim, dim + 1).reshape(shape)
 
 
@@ -108,7 +116,7 @@ def gguf_weight(name: str, weight, config: dict):
     if name.endswith((".A_log", ".dt_proj.bias", ".in_proj_a.weight", ".in_proj_b.weight")):
         return value_heads_tiled(weight, 0, config, 1)
     if name.endswith((".in_proj_qkv.weight", ".conv1d.weight")):
-        return torch.cat([weight[:2 * keys], value_heads_tiled(weight[2 * keys:], 0, config, value_dim)])
+        return torch.cat([weight[: 2 * keys], value_heads_tiled(weight[2 * keys :], 0, config, value_dim)])
     if name.endswith(".in_proj_z.weight"):
         return value_heads_tiled(weight, 0, config, value_dim)
     if name.endswith(".out_proj.weight"):
@@ -125,7 +133,16 @@ def gguf_lora(layer: str, part: str, matrix, config: dict):
     return matrix
 
 
-FAMILY = Family("Qwen3.5", ("qwen3_5", "qwen3_5_text"), qk_norms=True, shape_fields=gated_delta_net, gguf_name="qwen35",
-                gguf_overrides=gguf_overrides, gguf_metadata=gguf_metadata, gguf_weights=gguf_weights,
-                gguf_weight=gguf_weight, gguf_lora=gguf_lora,
-                gguf_f32=("ssm_conv1d.weight",))
+FAMILY = Family(
+    "Qwen3.5",
+    ("qwen3_5", "qwen3_5_text"),
+    qk_norms=True,
+    shape_fields=gated_delta_net,
+    gguf_name="qwen35",
+    gguf_overrides=gguf_overrides,
+    gguf_metadata=gguf_metadata,
+    gguf_weights=gguf_weights,
+    gguf_weight=gguf_weight,
+    gguf_lora=gguf_lora,
+    gguf_f32=("ssm_conv1d.weight",),
+)

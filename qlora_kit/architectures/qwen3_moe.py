@@ -12,13 +12,25 @@ def gguf_metadata(writer, config: dict) -> None:
     from qlora_kit.memory import moe_shape
 
     moe = moe_shape(config)
-    differs = [what for what, same in (
-        ("norm_topk_prob false (llama.cpp renormalises the chosen experts' weights)", config.get("norm_topk_prob", True)),
-        ("dense MLP layers (mlp_only_layers, decoder_sparse_step)", moe["moe_layers"] == config["num_hidden_layers"]))
-        if not same]
+    differs = [
+        what
+        for what, same in (
+            (
+                "norm_topk_prob false (llama.cpp renormalises the chosen experts' weights)",
+                config.get("norm_topk_prob", True),
+            ),
+            (
+                "dense MLP layers (mlp_only_layers, decoder_sparse_step)",
+                moe["moe_layers"] == config["num_hidden_layers"],
+            ),
+        )
+        if not same
+    ]
     if differs:
-        raise UserError(f"This Qwen3-MoE differs from what llama.cpp builds in: {', '.join(differs)}.",
-                        hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.")
+        raise UserError(
+            f"This Qwen3-MoE differs from what llama.cpp builds in: {', '.join(differs)}.",
+            hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.",
+        )
     writer.add_expert_count(moe["num_experts"])
     writer.add_expert_used_count(moe["experts_per_token"])
     writer.add_expert_feed_forward_length(moe["expert_size"])

@@ -19,8 +19,10 @@ def shape_fields(config: dict) -> dict:
     h, key_heads, value_heads = config["hidden_size"], config["linear_num_key_heads"], config["linear_num_value_heads"]
     keys, values = key_heads * config["linear_key_head_dim"], value_heads * config["linear_value_head_dim"]
     fused = (("in_proj_qkvz", h, 2 * keys + 2 * values), ("in_proj_ba", h, 2 * value_heads), ("out_proj", values, h))
-    return gated_delta_net(config) | {"mixer_linears": fused,
-                                      "shared_expert_size": config.get("shared_expert_intermediate_size") or 0}
+    return gated_delta_net(config) | {
+        "mixer_linears": fused,
+        "shared_expert_size": config.get("shared_expert_intermediate_size") or 0,
+    }
 
 
 def gguf_metadata(writer, config: dict) -> None:
@@ -28,8 +30,10 @@ def gguf_metadata(writer, config: dict) -> None:
 
     moe = moe_shape(config)
     if not config.get("norm_topk_prob", True) or moe["moe_layers"] != config["num_hidden_layers"]:
-        raise UserError("This Qwen3-Next differs from what llama.cpp builds in: norm_topk_prob false or dense MLP layers.",
-                        hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.")
+        raise UserError(
+            "This Qwen3-Next differs from what llama.cpp builds in: norm_topk_prob false or dense MLP layers.",
+            hint="Keep the adapter for transformers and PEFT; llama.cpp cannot run this model as trained.",
+        )
     write_delta_net_sizes(writer, config)
     writer.add_expert_count(moe["num_experts"])
     writer.add_expert_used_count(moe["experts_per_token"])
@@ -62,11 +66,23 @@ def gguf_weight(name: str, weight, config: dict):
 
 def gguf_lora(layer: str, part: str, matrix, config: dict):
     if layer.endswith("in_proj_qkvz"):  # llama.cpp holds it as two weights, which one LoRA pair cannot carry
-        raise UserError("A GGUF adapter cannot hold LoRA on Qwen3-Next's in_proj_qkvz, which llama.cpp splits in two.",
-                        hint="Export it merged instead: --format gguf.")
+        raise UserError(
+            "A GGUF adapter cannot hold LoRA on Qwen3-Next's in_proj_qkvz, which llama.cpp splits in two.",
+            hint="Export it merged instead: --format gguf.",
+        )
     return matrix
 
 
-FAMILY = Family("Qwen3-Next", ("qwen3_next",), qk_norms=True, shape_fields=shape_fields, gguf_name="qwen3next",
-                gguf_overrides=gguf_overrides, gguf_metadata=gguf_metadata, gguf_weights=gguf_weights,
-                gguf_weight=gguf_weight, gguf_lora=gguf_lora, gguf_f32=("ssm_conv1d.weight",))
+FAMILY = Family(
+    "Qwen3-Next",
+    ("qwen3_next",),
+    qk_norms=True,
+    shape_fields=shape_fields,
+    gguf_name="qwen3next",
+    gguf_overrides=gguf_overrides,
+    gguf_metadata=gguf_metadata,
+    gguf_weights=gguf_weights,
+    gguf_weight=gguf_weight,
+    gguf_lora=gguf_lora,
+    gguf_f32=("ssm_conv1d.weight",),
+)

@@ -11,9 +11,10 @@ def gguf_metadata(writer, config: dict) -> None:
     layers = config["num_hidden_layers"]
     expected = [int((i + 1) % LLAMA_CPP_NO_ROPE_STEP != 0) for i in range(layers)]
     if config.get("no_rope_layers", expected) != expected:
-        raise UserError("This SmolLM3 leaves rotary embeddings out of other layers than every 4th, which llama.cpp "
-                        "assumes.", hint=ADAPTER_INSTEAD)
+        raise UserError(
+            "This SmolLM3 leaves rotary embeddings out of other layers than every 4th, which llama.cpp assumes.",
+            hint=ADAPTER_INSTEAD,
+        )
 
 
-FAMILY = Family("SmolLM3", ("smollm3",), gguf_name="smollm3", rotary_rows_interleaved=True,
-                gguf_metadata=gguf_metadata)
+FAMILY = Family("SmolLM3", ("smollm3",), gguf_name="smollm3", rotary_rows_interleaved=True, gguf_metadata=gguf_metadata)

@@ -73,11 +73,16 @@ def find_gpu(query: str) -> GpuSpec:
     if len(partial) == 1:
         return by_name[partial[0]]
     if partial:
-        raise UserError(f"'{query}' matches several GPUs: {', '.join(partial[:8])}.", hint="Give the full name, e.g. with its memory size.")
+        raise UserError(
+            f"'{query}' matches several GPUs: {', '.join(partial[:8])}.",
+            hint="Give the full name, e.g. with its memory size.",
+        )
     close = difflib.get_close_matches(key, aliases, n=5, cutoff=0.5)
     names = sorted({aliases[c] for c in close})
-    raise UserError(f"Unknown GPU '{query}'." + (f" Did you mean: {', '.join(names)}?" if names else ""),
-                    hint="Use --vram GB for a card that is not in the catalogue.")
+    raise UserError(
+        f"Unknown GPU '{query}'." + (f" Did you mean: {', '.join(names)}?" if names else ""),
+        hint="Use --vram GB for a card that is not in the catalogue.",
+    )
 
 
 def catalogue_id(query: str) -> str | None:
@@ -111,12 +116,16 @@ def find_model_shape(query: str) -> ModelShape:
         try:
             return ModelShape.from_config(query, config)
         except KeyError as e:
-            raise UserError(f"The config of {query} gives no {e.args[0]}, which the plan needs to size the model.",
-                            hint="Restore the model's own config.json, or plan a catalogue model of the same size.") from None
-    raise UserError(f"No config found for '{query}': not in the catalogue, not a local folder, and not in the hub cache "
-                    "or on the hub."
-                    + did_you_mean(query, model_names(), cutoff=0.4),
-                    hint="Pass a model folder with config.json, or one of: " + ", ".join(c["short"][0] for c in catalogue["models"].values()))
+            raise UserError(
+                f"The config of {query} gives no {e.args[0]}, which the plan needs to size the model.",
+                hint="Restore the model's own config.json, or plan a catalogue model of the same size.",
+            ) from None
+    raise UserError(
+        f"No config found for '{query}': not in the catalogue, not a local folder, and not in the hub cache "
+        "or on the hub." + did_you_mean(query, model_names(), cutoff=0.4),
+        hint="Pass a model folder with config.json, or one of: "
+        + ", ".join(c["short"][0] for c in catalogue["models"].values()),
+    )
 
 
 def _local_config(query: str) -> dict | None:
@@ -135,9 +144,11 @@ def _local_config(query: str) -> dict | None:
 
         config = fetch_config(hub_id_of(query))  # config.json alone, from the cache or the hub
         if config is None:
-            raise UserError(f"{query} is not in the catalogue or the local Hugging Face cache, and the hub cannot be "
-                            "reached (no network, or HF_HUB_OFFLINE is set) to read its config.json.",
-                            hint="Plan it on a machine with network (plan fetches config.json alone, a few kB), or "
-                                 "pass a model folder, or a catalogue model of the same size.")
+            raise UserError(
+                f"{query} is not in the catalogue or the local Hugging Face cache, and the hub cannot be "
+                "reached (no network, or HF_HUB_OFFLINE is set) to read its config.json.",
+                hint="Plan it on a machine with network (plan fetches config.json alone, a few kB), or "
+                "pass a model folder, or a catalogue model of the same size.",
+            )
         return config
     return None
