@@ -30,24 +30,52 @@ def chunked_cross_entropy(
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) token ids, IGNORE where no loss.
     """
+    chunks, labelled = labelled_token_losses(hidden, lm_head_weight, labels, chunk_tokens, softcap, "sum")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for chunk in chunks:
+        total = total + chunk
+    return total, int(labelled.sum())
+
+
+def labelled_token_losses(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    softcap: float | None,
+    reduction: str,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The cross-entropy of each labelled next token, a chunk of rows at a time (reduction "sum": one sum a chunk;
+    "none": a value a token, in order), and the (batch, seq - 1) mask of labelled positions. The loss sums them; DPO
+    and ORPO add each sequence's up (preference.sequence_log_probs)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    rows = hidden[:, :-1][keep]  # (n, dim): padded and prompt positions never reach the vocabulary
-    targets = targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk_tokens):
-        end = start + chunk_tokens
-        total = total + checkpoint(
-            _chunk_loss, rows[start:end], lm_head_weight, targets[start:end], softcap, use_reentrant=False
+    rows, targets = (
+        hidden[:, :-1][keep],
+        targets[keep],
+    )  # (n, dim): padded and prompt positions never reach the vocabulary
+    chunks = [
+        checkpoint(
+            _chunk_loss,
+            rows[start : start + chunk_tokens],
+            lm_head_weight,
+            targets[start : start + chunk_tokens],
+            softcap,
+            reduction,
+            use_reentrant=False,
         )
-    return total, int(targets.numel())
+        for start in range(0, rows.shape[0], chunk_tokens)
+    ]
+    return chunks, keep
 
 
-def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _chunk_loss(
+    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None, reduction: str
+) -> torch.Tensor:
     logits = (rows.to(weight.dtype) @ weight.t()).float()
     if softcap:  # Gemma-2 style final-logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 class CausalLMLoss(torch.nn.Module):

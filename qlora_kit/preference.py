@@ -21,12 +21,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from qlora_kit.data import IGNORE, PREFERENCE_FORMATS
+from qlora_kit.data import PREFERENCE_FORMATS
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import CPU_SHARE
-from qlora_kit.loss import final_hidden_states
+from qlora_kit.loss import final_hidden_states, labelled_token_losses
 from qlora_kit.memory import default_chunk_tokens
 from qlora_kit.model import lm_parts, no_dropout
 
@@ -78,40 +77,13 @@ def sequence_log_probs(
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq) token ids, IGNORE where no loss.
     """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    rows, targets = hidden[:, :-1][keep], targets[keep]
+    chunks, keep = labelled_token_losses(hidden, lm_head_weight, labels, chunk_tokens, softcap, "none")
+    per_token = -torch.cat(chunks) if chunks else hidden.new_zeros(0)
     owner = keep.nonzero()[:, 0]  # which sequence each kept position belongs to
-    per_token = (
-        torch.cat(
-            [
-                checkpoint(
-                    _chunk_log_probs,
-                    rows[start : start + chunk_tokens],
-                    lm_head_weight,
-                    targets[start : start + chunk_tokens],
-                    softcap,
-                    use_reentrant=False,
-                )
-                for start in range(0, rows.shape[0], chunk_tokens)
-            ]
-        )
-        if rows.shape[0]
-        else rows.new_zeros(0)
-    )
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(
         0, owner, per_token.float()
     )
     return sums, keep.sum(dim=1)
-
-
-def _chunk_log_probs(
-    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
-) -> torch.Tensor:
-    logits = (rows.to(weight.dtype) @ weight.t()).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, targets, reduction="none")
 
 
 def dpo_loss(
