@@ -22,6 +22,7 @@ from qlora_kit.sources import (
     IDENTITY_FILE,
     check_adapter_folder,
     describe_source,
+    lora_layers,
     model_identity,
     packaged_model,
     path_exists,
@@ -216,12 +217,8 @@ def check_layer_shapes(adapter_dir: Path, shapes: dict[str, tuple], folder: Path
     if not shapes:  # weights the headers cannot tell (a pre-quantized checkpoint): loading checks them
         return
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as weights:
-        for key in weights.keys():
-            if ".lora_A." not in key:
-                continue
-            module = key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
-            a = weights.get_slice(key).get_shape()
-            b = weights.get_slice(key.replace(".lora_A.", ".lora_B.")).get_shape()
+        for module, (a_key, b_key) in lora_layers(weights.keys()).items():
+            a, b = weights.get_slice(a_key).get_shape(), weights.get_slice(b_key).get_shape()
             shape = shapes.get(module + ".weight") or unique_suffix_match(shapes, module + ".weight")
             experts = expert_shapes(shapes, module.replace(".base_layer", ""))
             if shape is None and experts:  # LoRA on a layer's experts' weights: A holds rank rows an expert
@@ -263,7 +260,6 @@ def expert_shapes(shapes: dict[str, tuple], module: str) -> tuple[int, set] | No
 
 
 UNKNOWN = ()  # a layer found more than once by its end (a vision tower's beside the language model's)
-PEFT_PREFIX = "base_model.model."
 
 
 def unique_suffix_match(shapes: dict[str, tuple], name: str):

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from qlora_kit.adapter import (
-    PEFT_PREFIX,
     base_source_for,
     check_adapter_on_base,
     corrects_nf4_rounding,
@@ -38,9 +37,11 @@ from qlora_kit.files import staged_file
 from qlora_kit.memory import moe_shape
 from qlora_kit.model import nf4_rounded
 from qlora_kit.sources import (
+    PEFT_PREFIX,
     check_adapter_folder,
     gguf_file_of,
     language_model_name,
+    lora_layers,
     model_weights,
     read_adapter_config,
     read_model_config,
@@ -221,15 +222,10 @@ def lora_updates(adapter_dir: Path) -> dict[str, LoraUpdate]:
     lora = load_file(adapter_dir / "adapter_model.safetensors")
     loftq = corrects_nf4_rounding(adapter_dir)
     return {
-        key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] + ".weight": LoraUpdate(
-            a,
-            lora[key.replace(".lora_A.", ".lora_B.")],
-            scale,
-            lora.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")),
-            loftq,
+        layer + ".weight": LoraUpdate(
+            lora[a_key], lora[b_key], scale, lora.get(a_key.replace(".lora_A.weight", ".lora_magnitude_vector")), loftq
         )
-        for key, a in lora.items()
-        if ".lora_A." in key
+        for layer, (a_key, b_key) in lora_layers(lora).items()
     }
 
 

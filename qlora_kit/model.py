@@ -27,7 +27,14 @@ from qlora_kit.experts import (
 )
 from qlora_kit.memory import NAMES_PEFT_TAKES_FOR_EXPERTS, moe_shape
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
-from qlora_kit.sources import adapter_in, check_adapter_folder, model_weights, read_model_config, text_config
+from qlora_kit.sources import (
+    adapter_in,
+    check_adapter_folder,
+    lora_layers,
+    model_weights,
+    read_model_config,
+    text_config,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -419,11 +426,8 @@ def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) 
         f"Train on the base it was made for ({made_for or 'see its adapter_config.json'}) "
         "with --model, or start a fresh run without --from-adapter."
     )
-    for key, a in weights.items():
-        if ".lora_A." not in key:
-            continue
-        name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        b = weights[key.replace(".lora_A.", ".lora_B.")]
+    for name, (a_key, b_key) in lora_layers(weights).items():
+        a, b = weights[a_key], weights[b_key]
         try:
             layer = base.get_submodule(name.replace(".base_layer", ""))  # PEFT nests one wrapper per expert weight
         except AttributeError:

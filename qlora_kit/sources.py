@@ -420,6 +420,19 @@ def _adapts_a_layer(key: str, config: dict) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets) if isinstance(targets, list) else True
 
 
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's names in an adapter's weights
+
+
+def lora_layers(keys) -> dict[str, tuple[str, str]]:
+    """Each layer an adapter's weight names adapt (model.layers.0.mlp.up_proj; a layer's experts as
+    ...experts.base_layer, one PEFT wrapper per expert weight), with the names of its LoRA A and B matrices."""
+    return {
+        key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]: (key, key.replace(".lora_A.", ".lora_B."))
+        for key in keys
+        if ".lora_A." in key
+    }
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
     """adapter_config.json, checked against the weights beside it: valid JSON, a rank and an alpha, and LoRA
     matrices that have that rank (a config copied from another adapter would scale the weights wrongly)."""
