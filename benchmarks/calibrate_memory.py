@@ -32,9 +32,10 @@ from benchmarks.random_model import build_random_model  # noqa: E402
 from qlora_kit import data, model as models  # noqa: E402
 from qlora_kit.catalog import find_model_shape  # noqa: E402
 from qlora_kit.hardware import gpu_readings  # noqa: E402
-from qlora_kit.memory import GIB, estimate_peak_memory  # noqa: E402
+from qlora_kit.memory import estimate_peak_memory  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
 from qlora_kit.train import train_loop  # noqa: E402
+from qlora_kit.units import GIB  # noqa: E402
 
 
 def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-GIB = 2**30
+
+from qlora_kit.units import GIB  # noqa: E402
 
 
 def peak_rss_bytes() -> int:

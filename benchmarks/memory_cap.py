@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit.memory import CUDA_CONTEXT_BYTES, GIB  # noqa: E402
+from qlora_kit.memory import CUDA_CONTEXT_BYTES  # noqa: E402
+from qlora_kit.units import GIB  # noqa: E402
 
 
 def read_run(run_dir: Path) -> dict:

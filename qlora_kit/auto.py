@@ -27,7 +27,7 @@ from rich.text import Text
 from qlora_kit.catalog import find_model_shape
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
-from qlora_kit.memory import GIB, TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
+from qlora_kit.memory import TIGHT_FRACTION, ModelShape, estimate_peak_memory, most_uncheckpointed_layers
 from qlora_kit.plan import (
     StepShape,
     Target,
@@ -40,6 +40,7 @@ from qlora_kit.plan import (
 )
 from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
 from qlora_kit.sources import describe_source
+from qlora_kit.units import GIB
 
 # Plan to use no more of the card than `plan` calls a fit (90%): fragmentation and other processes need the rest.
 HEADROOM = TIGHT_FRACTION

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-GIB = 2**30
+from qlora_kit.units import GIB
 
 
 def check_ram_available(needed: float, doing: str, hint: str, what: str = "") -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from qlora_kit.recipes import Recipe, optimizer_in_use, rank_of_experts, target_names
+from qlora_kit.units import GIB
 
-GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax constant
 DQ_BLOCK = 256  # absmax constants per second-level constant with double quantization
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace: seen by nvidia-smi, not by torch

@@ -16,7 +16,6 @@ from qlora_kit import hardware
 from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids
 from qlora_kit.errors import UserError
 from qlora_kit.memory import (
-    GIB,
     TIGHT_FRACTION,
     MemoryPlan,
     ModelShape,
@@ -26,6 +25,7 @@ from qlora_kit.memory import (
     most_uncheckpointed_layers,
 )
 from qlora_kit.recipes import Recipe
+from qlora_kit.units import GIB
 
 LABELS = {
     "quantized_weights": "linear weights, NF4 + constants",

@@ -16,8 +16,8 @@ from qlora_kit.dashboard import describe_rewards, describe_step_down
 from qlora_kit.errors import UserError
 from qlora_kit.files import check_not_under_a_file, staged_file
 from qlora_kit.recipes import read_settings
+from qlora_kit.units import GIB
 
-GIB = 2**30
 FIGURE_INCHES, DPI = (10, 7), 100  # 1000 x 700 pixels
 
 

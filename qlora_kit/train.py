@@ -63,8 +63,8 @@ from qlora_kit.run_folder import (
 )
 from qlora_kit.sources import describe_source, model_identity, read_model_config, resolve_model
 from qlora_kit.trackers import Trackers, recorded_trackers
+from qlora_kit.units import GIB
 
-GIB = 2**30
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/inf steps tolerated before the run stops
 FEW_STEPS = 20  # a run of fewer optimizer steps, derived from epochs, is warned about: it will learn little
 FOLDER_GONE_HINT = "Nothing more is written there. Start the run again, or resume a copy of the folder if you moved it."

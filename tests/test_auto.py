@@ -12,9 +12,9 @@ from qlora_kit.catalog import find_model_shape, gpu_catalogue
 from qlora_kit.data import percentile
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import probe
-from qlora_kit.memory import GIB
 from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
 from qlora_kit.recipes import card_gb, load_recipe
+from qlora_kit.units import GIB
 
 LONG_DATA = [300] * 500 + [1500] * 450 + [6000] * 50  # p95 = 1500 tokens
 MODELS = [

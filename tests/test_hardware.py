@@ -65,7 +65,8 @@ def test_a_smaller_target_than_the_gpu_holds_torch_to_it_less_the_cuda_context(m
 
     import torch
 
-    from qlora_kit.memory import CUDA_CONTEXT_BYTES, GIB
+    from qlora_kit.memory import CUDA_CONTEXT_BYTES
+    from qlora_kit.units import GIB
 
     fractions = []
     monkeypatch.setattr(

@@ -16,7 +16,6 @@ from qlora_kit import model as models
 from qlora_kit.catalog import find_model_shape
 from qlora_kit.errors import UserError
 from qlora_kit.memory import (
-    GIB,
     ModelShape,
     estimate_peak_memory,
     largest_micro_batch,
@@ -25,6 +24,7 @@ from qlora_kit.memory import (
     quantized_weight_bytes,
 )
 from qlora_kit.recipes import Recipe
+from qlora_kit.units import GIB
 from tests.conftest import build_tokenizer, save_tiny_model
 from tests.tiny_models import tiny_config
 

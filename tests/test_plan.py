@@ -6,9 +6,10 @@ from rich.console import Console
 from qlora_kit.catalog import find_model_shape
 from qlora_kit.errors import UserError
 from qlora_kit.hardware import Gpu, probe
-from qlora_kit.memory import GIB, estimate_peak_memory
+from qlora_kit.memory import estimate_peak_memory
 from qlora_kit.plan import choose_target, make_plan, render, suggest_fix
 from qlora_kit.recipes import Recipe
+from qlora_kit.units import GIB
 
 
 def rendered(report) -> str:
