@@ -288,37 +288,16 @@ def test_todays_families_activation_terms_track_measured_cpu_allocation(tmp_path
     mixture-of-experts and hybrid grid)."""
     import transformers
     from packaging.version import Version
-    from transformers import AutoConfig
+
+    from benchmarks.family_memory import RECOMPUTED, measure_point
 
     if kind == "gemma4_text" and Version(transformers.__version__) < Version("5.24"):
         pytest.skip(
             "transformers 5.23's Gemma 4 keeps 9% less a step (the estimate 1.17 of it, on the safe side); the "
             "terms are fitted to 5.24 and later"
         )
-    sizes = dict(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    config = AutoConfig.for_model(kind, **sizes | changes)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    build_tokenizer().save_pretrained(tmp_path)
-    settings = dict(seq_len=2048, micro_batch=2, loss_chunk_tokens=32, dropout=0.0)
-    c = estimate_peak_memory(
-        ModelShape.from_config(kind, config.to_dict()), Recipe(**settings), device="cpu"
-    ).components
-    estimate = c["saved_activations"] + c["backward_working_set"] + c["lora_gradients"]
-    measured = measured_transient(tmp_path, **settings)
-    assert 0.9 * measured <= estimate <= 1.1 * measured, (estimate / 2**20, measured / 2**20)
+    point = measure_point(kind, changes, RECOMPUTED, tmp_path)  # 4 layers, h 256, head_dim 64, V 8192
+    assert 0.9 <= point["ratio"] <= 1.1, (point["estimate"] / 2**20, point["measured"] / 2**20)
 
 
 def test_longer_sequences_and_batches_cost_more_and_the_searches_agree():
