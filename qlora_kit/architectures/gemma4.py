@@ -43,8 +43,8 @@ def shape_fields(config: dict) -> dict:
         # The dense MLP beside the experts (no gate of its own), and four more norms (one the router's). Their weights:
         # four hidden vectors, the router's scale and a scale per expert. What they keep for backward is one norm's
         # worth: the router's and the experts' norms read the residual the MLP's norm keeps already, and with their
-        # weights frozen each keeps only its input (with all eight counted as Llama's, a step
-        # measured on CPU came out 1.14 of its estimate; so, 1.02-1.09 at five points: benchmarks/family_memory.py)
+        # weights frozen each keeps only its input. Counting all eight norms as Llama's two, a CPU step measured 1.14
+        # of its estimate; counted so, 1.02-1.09 at five points (benchmarks/family_memory.py)
         h = config["hidden_size"]
         fields |= dict(
             shared_expert_size=config["intermediate_size"],
