@@ -218,11 +218,7 @@ def attach_lora(model, recipe: Recipe):
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        set_checkpointing(
-            model,
-            offload=recipe.activation_offload and torch.cuda.is_available(),
-            uncheckpointed_layers=recipe.uncheckpointed_layers,
-        )
+        set_checkpointing(model, offload=recipe.activation_offload, uncheckpointed_layers=recipe.uncheckpointed_layers)
     model = start_from_adapter(model, recipe) if recipe.init_adapter else add_fresh_lora(model, recipe)
     for param in model.parameters():
         if param.requires_grad:
@@ -457,12 +453,14 @@ def check_adapter_fits(base, weights: dict, folder: Path, made_for: str | None) 
 
 def set_checkpointing(model, offload: bool = False, uncheckpointed_layers: int = 0) -> None:
     """Checkpoint every decoder layer but the last `uncheckpointed_layers` (non-reentrant); with offload, the saved
-    layer inputs wait in pinned host RAM."""
+    layer inputs of a model on a GPU wait in pinned host RAM (on the CPU they are in host RAM already). The one place
+    these settings are applied: at the start of a run, after an out-of-memory step-down, and on resuming."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    on_gpu = next(base.parameters()).device.type == "cuda"
     # Non-reentrant checkpointing needs no requires_grad on the inputs, so embeddings stay frozen as they are.
-    base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+    base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload and on_gpu)
     # The last layers are the ones left whole: backward reaches them first and frees their activations before
     # any checkpointed layer is recomputed, so the two never add up.
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]

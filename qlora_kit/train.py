@@ -882,9 +882,7 @@ def step_down(state: TrainerState, model, device: torch.device, ranks: Ranks, st
         before.offload,
         before.uncheckpointed_layers,
     ):
-        set_checkpointing(
-            model, offload=after.offload and device.type == "cuda", uncheckpointed_layers=after.uncheckpointed_layers
-        )
+        set_checkpointing(model, offload=after.offload, uncheckpointed_layers=after.uncheckpointed_layers)
     state.shape = after
     on_event(
         {
@@ -968,9 +966,7 @@ def resume(
         )
     shape = state.shape
     if shape.checkpointing:  # as the run last stepped, which an out-of-memory step-down may have changed
-        set_checkpointing(
-            model, offload=shape.offload and device.type == "cuda", uncheckpointed_layers=shape.uncheckpointed_layers
-        )
+        set_checkpointing(model, offload=shape.offload, uncheckpointed_layers=shape.uncheckpointed_layers)
     return state
 
 
