@@ -50,10 +50,8 @@ def labelled_token_losses(
     and ORPO add each sequence's up (preference.sequence_log_probs)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    rows, targets = (
-        hidden[:, :-1][keep],
-        targets[keep],
-    )  # (n, dim): padded and prompt positions never reach the vocabulary
+    # (n, dim): padded and prompt positions never reach the vocabulary
+    rows, targets = hidden[:, :-1][keep], targets[keep]
     chunks = [
         checkpoint(
             _chunk_loss,

@@ -60,8 +60,7 @@ class ModelShape:
     eager_attention: bool = False  # Family.eager_attention
     shared_expert_size: int = 0  # a dense expert every token takes beside the routed ones, with a sigmoid gate
     shared_expert_gated: bool = True  # False: the dense MLP beside the experts has no gate of its own (Gemma 4)
-    # PEFT 0.21 takes layers named gate_proj/up_proj/down_proj for this MoE family's experts: they stay frozen
-    frozen_mlp_names: bool = False
+    frozen_mlp_names: tuple[str, ...] = ()  # names_peft_takes_for_experts: layers of these names stay frozen
     layer_params: int = 0  # other 16-bit weights in each layer (Gemma 4's per-expert router scales)
     # Hybrids: in `mixer_layers` of the layers a linear-attention or convolution mixer (its family's shape_fields say
     # what) takes softmax attention's place: its linear layers, its other weights (16-bit) and what its forward keeps
@@ -115,9 +114,9 @@ class ModelShape:
             and config.get("use_sliding_window", True)
             and "sliding_attention" in config.get("layer_types", ["sliding_attention"]),
             max_positions=config.get("max_position_embeddings") or 131072,
+            frozen_mlp_names=names_peft_takes_for_experts(config),
             **moe_shape(config),
         )
-        fields["frozen_mlp_names"] = bool(fields.get("num_experts")) and family.mlp_names_taken_by_peft
         return cls(**fields | (family.shape_fields(config) if family.shape_fields else {}))
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
@@ -240,6 +239,16 @@ class MemoryPlan:
         }
 
 
+def names_peft_takes_for_experts(config: dict) -> tuple[str, ...]:
+    """The layer names PEFT 0.21 moves onto a mixture-of-experts model's fused experts (Family.mlp_names_taken_by_peft),
+    so that a shared expert's or dense MLP's layers of those names cannot be adapted; none for a dense model."""
+    from qlora_kit.architectures import family_of
+
+    family = family_of(config)
+    taken = moe_shape(config) and (family is None or family.mlp_names_taken_by_peft)
+    return NAMES_PEFT_TAKES_FOR_EXPERTS if taken else ()
+
+
 def moe_shape(config: dict) -> dict:
     """ModelShape's mixture-of-experts fields from a config.json (none for a dense model)."""
     experts = config.get("num_experts") or config.get("num_local_experts") or 0  # transformers 5 saves the latter
@@ -270,9 +279,7 @@ def lora_params(
     for shapes, count in shape.layer_counts():
         experts = bool(shapes) and shapes == shape.expert_shapes()
         layers = [
-            layer
-            for layer in targeted(shapes, target_modules)
-            if experts or not (shape.frozen_mlp_names and layer[0] in NAMES_PEFT_TAKES_FOR_EXPERTS)
+            layer for layer in targeted(shapes, target_modules) if experts or layer[0] not in shape.frozen_mlp_names
         ]
         r = (expert_rank or rank) if experts else rank
         total += count * (r * sum(a + b for _, a, b in layers) + (sum(b for _, _, b in layers) if use_dora else 0))

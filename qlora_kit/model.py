@@ -25,7 +25,7 @@ from qlora_kit.experts import (
     is_experts,
     with_experts_lora,
 )
-from qlora_kit.memory import NAMES_PEFT_TAKES_FOR_EXPERTS, moe_shape
+from qlora_kit.memory import moe_shape, names_peft_takes_for_experts
 from qlora_kit.recipes import Recipe, rank_of_experts, target_names
 from qlora_kit.sources import (
     adapter_in,
@@ -140,7 +140,7 @@ def load_base_4bit(
             hint="Train it with parallel ddp (each GPU holds the whole model), or on one GPU.",
         )
     # A linear router (Gemma 4's) stays 16-bit like the other families' parameter routers
-    towers = [f".*{module}" for module in family.towers + family.routers] if family else []
+    kept_16bit = [f".*{module}" for module in family.towers + family.routers] if family else []
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -149,7 +149,7 @@ def load_base_4bit(
         bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         # A multimodal checkpoint's vision tower stays as it is: text training never runs it, nor adapts it.
         # transformers matches these from the start of a module's path, as regular expressions: hence the ".*"
-        llm_int8_skip_modules=[*towers, "lm_head"] if towers else None,
+        llm_int8_skip_modules=[*kept_16bit, "lm_head"] if kept_16bit else None,
     )
     mxfp4 = stored_in_mxfp4(config)
     try:
@@ -255,8 +255,7 @@ def add_fresh_lora(model, recipe: Recipe):
         # Named, not "all-linear": PEFT reads a MoE model's "all-linear" (and the names gate, gate_proj, up_proj,
         # down_proj) as transformers 4's per-expert layers, and adds the router with a doubled rank on gate_up_proj;
         # a shared expert's layers of those names are frozen for that reason, in the families it does that for
-        family = family_of(model.config.get_text_config().to_dict())
-        taken = NAMES_PEFT_TAKES_FOR_EXPERTS if family is None or family.mlp_names_taken_by_peft else ()
+        taken = names_peft_takes_for_experts(model.config.get_text_config().to_dict())
         layers = [
             name for name in (linear_layer_names(model) if names == "all-linear" else layers) if name not in taken
         ]

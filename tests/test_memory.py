@@ -150,7 +150,7 @@ def test_gemma_4_s_full_attention_layers_moe_block_and_tower_are_counted_as_load
         1,
         True,
     )
-    assert (shape.moe_layers, shape.shared_expert_size, shape.frozen_mlp_names) == (6, 48, False)
+    assert (shape.moe_layers, shape.shared_expert_size, shape.frozen_mlp_names) == (6, 48, ())
     assert bool(shape.tower_params) == (kind == "gemma4")
     for targets in ("all-linear", "attention", "mlp"):
         recipe = Recipe(rank=8, target_modules=targets, dropout=0.0)
