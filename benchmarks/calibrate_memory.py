@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -32,15 +33,14 @@ from benchmarks.random_model import build_random_model  # noqa: E402
 from qlora_kit import data, model as models  # noqa: E402
 from qlora_kit.catalog import find_model_shape  # noqa: E402
 from qlora_kit.hardware import gpu_readings  # noqa: E402
+from qlora_kit.loop import StepsKept, train_model  # noqa: E402
 from qlora_kit.memory import estimate_peak_memory  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
-from qlora_kit.train import train_loop  # noqa: E402
 from qlora_kit.units import GIB  # noqa: E402
 
 
 def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
     """Attach LoRA to the loaded base, train `steps` steps, read the peaks, and take the LoRA off again."""
-    device = torch.device("cuda", 0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     lora = models.attach_lora(base, recipe)
@@ -52,16 +52,9 @@ def measure_point(base, shape, recipe: Recipe, steps: int = 3) -> dict:
     timings = []
     result = {}
     try:
-        train_loop(
-            lora,
-            examples,
-            recipe,
-            total_steps=steps,
-            pad_id=0,
-            device=device,
-            dtype=torch.bfloat16,
-            on_step=lambda m: timings.append(m["tokens_per_s"]),
-        )
+        hooks = StepsKept()
+        train_model(lora, examples, replace(recipe, steps=steps), hooks, pad_id=0, dtype=torch.bfloat16)
+        timings += [m["tokens_per_s"] for m in hooks.steps]
         torch.cuda.synchronize()
         result = {
             "status": "ok",

@@ -3,7 +3,7 @@
 Each side runs in its own fresh process:
   hf   transformers Trainer + prepare_model_for_kbit_training, LoRA on all linear layers, gradient checkpointing,
        paged 8-bit AdamW (torch AdamW on CPU), bf16 on GPU, NF4 with double quantization;
-  ours qlora_kit.train.train_loop with the same model, data, sequence, batch and rank, and qlora-kit's own choices
+  ours qlora_kit.loop.train_model with the same model, data, sequence, batch and rank, and qlora-kit's own choices
        where they differ: LoRA dropout 0 (--ours-dropout) and, where memory allows, the last layers kept whole
        instead of recomputed (--ours-layers auto: the plan's choice under the cap or the device's memory).
 The model has its catalogue config and random weights (no download); the data is random tokens of exactly
@@ -158,9 +158,9 @@ def train_ours(args, rows, step_times) -> dict:
 
     from qlora_kit import data, model as models
     from qlora_kit.catalog import find_model_shape
+    from qlora_kit.loop import StepsKept, train_model
     from qlora_kit.memory import TIGHT_FRACTION, most_uncheckpointed_layers
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import train_loop
 
     cuda = args.device == "cuda"
     device, dtype = (torch.device("cuda", 0), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
@@ -181,16 +181,9 @@ def train_ours(args, rows, step_times) -> dict:
     recipe = dataclasses.replace(recipe, uncheckpointed_layers=layers)
     model = models.attach_lora(models.load_base_4bit(Path(args.folder), dtype, device), recipe)
     examples = [data.Example(row, row) for row in rows]
-    train_loop(
-        model,
-        examples,
-        recipe,
-        total_steps=args.steps + 1,
-        pad_id=0,
-        device=device,
-        dtype=dtype,
-        on_step=lambda m: step_times.append(m["step_s"]),
-    )
+    hooks = StepsKept()
+    train_model(model, examples, dataclasses.replace(recipe, steps=args.steps + 1), hooks, pad_id=0, dtype=dtype)
+    step_times += [m["step_s"] for m in hooks.steps]
     return {"dropout": args.ours_dropout, "checkpointed_layers": shape.num_layers - min(layers, shape.num_layers)}
 
 

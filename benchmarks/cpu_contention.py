@@ -27,14 +27,14 @@ PROMPT = "Tell me about the moon."
 
 
 def train_worker(steps: int, seq: int, batch: int) -> dict:
-    """Median seconds of a training step of the demo's shape (LoRA r16 on the 4-bit base), through train_loop."""
+    """Median seconds of a training step of the demo's shape (LoRA r16 on the 4-bit base), through the training loop."""
     import torch
 
     from qlora_kit import data, model as models
     from qlora_kit.demo import DEMO_DATA
+    from qlora_kit.loop import StepsKept, train_model
     from qlora_kit.recipes import Recipe
     from qlora_kit.sources import resolve_model
-    from qlora_kit.train import train_loop
 
     recipe = Recipe(
         rank=16,
@@ -51,17 +51,9 @@ def train_worker(steps: int, seq: int, batch: int) -> dict:
     tokenizer = models.load_tokenizer(folder)
     examples = data.tokenize(data.read_records(DEMO_DATA).records, tokenizer, seq)
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, torch.device("cpu")), recipe)
-    seen = []
-    train_loop(
-        model,
-        examples,
-        recipe,
-        total_steps=steps + 1,
-        pad_id=tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        on_step=seen.append,
-    )
+    hooks = StepsKept()
+    train_model(model, examples, recipe, hooks, pad_id=tokenizer.pad_token_id, dtype=torch.float32)
+    seen = hooks.steps
     timed = seen[1:]  # the first step warms allocators and kernels up
     return {
         "step_s": statistics.median(m["step_s"] for m in timed),

@@ -11,6 +11,7 @@ Usage: python benchmarks/dashboard_overhead.py
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -25,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_kit import data, model as models  # noqa: E402
 from qlora_kit.dashboard import Dashboard, RunInfo  # noqa: E402
+from qlora_kit.loop import Hooks, train_model  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
-from qlora_kit.train import train_loop  # noqa: E402
 from tests.conftest import save_tiny_model  # noqa: E402
 from tests.test_dashboard import scripted  # noqa: E402
 
@@ -68,20 +69,13 @@ def training_step_seconds(folder: Path, mode: str, steps: int = 12) -> float:
     info = RunInfo("bench", "tiny", "cpu", steps, 16.0, 2.0)
     with Dashboard(terminal(), info, mode) as dashboard:
 
-        def on_step(m):
-            dashboard.step(m)
-            times.append(m["step_s"])
+        class Shown(Hooks):
+            def step(self, metrics: dict) -> None:
+                dashboard.step(metrics)
+                times.append(metrics["step_s"])
 
-        train_loop(
-            model,
-            examples,
-            recipe,
-            total_steps=steps,
-            pad_id=tokenizer.pad_token_id,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            on_step=on_step,
-        )
+        recipe = dataclasses.replace(recipe, steps=steps)
+        train_model(model, examples, recipe, Shown(), pad_id=tokenizer.pad_token_id, dtype=torch.float32)
     return statistics.mean(times[2:])  # the first steps warm up
 
 

@@ -9,6 +9,7 @@ check and exits non-zero on the first failure. Without a GPU it runs the same ch
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from dataclasses import replace
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_kit import checkpoint, data, model as models  # noqa: E402
+from qlora_kit.loop import StepsKept, train_model  # noqa: E402
 from qlora_kit.recipes import Recipe  # noqa: E402
-from qlora_kit.train import train_loop  # noqa: E402
 
 STEPS, SAVED_AT = 6, 3
 
@@ -52,33 +53,27 @@ def train(folder: Path, recipe: Recipe, device, dtype, run_dir: Path, resume_fro
     rows = torch.randint(3, 1024, (recipe.micro_batch, recipe.seq_len), generator=generator).tolist()
     examples = [data.Example(row, row) for row in rows * STEPS]  # the same rows again and again: the loss must fall
 
-    def save(step, optimizer, scheduler, scaler, state):
-        lora, optimizer_state = checkpoint.gather_trainable(model), checkpoint.gather_optimizer(model, optimizer)
-        checkpoint.save_checkpoint(
-            run_dir,
-            step,
-            lambda where: model.save_pretrained(where, state_dict=lora),
-            optimizer_state,
-            scheduler,
-            scaler,
-            state,
-            keep=1,
-        )
+    class SavedOnce(StepsKept):
+        def checkpoint(self, state) -> None:
+            if state.progress.step != SAVED_AT:
+                return
+            lora = checkpoint.gather_trainable(model)
+            optimizer_state = checkpoint.gather_optimizer(model, state.optimizer)
+            checkpoint.save_checkpoint(
+                run_dir,
+                SAVED_AT,
+                lambda where: model.save_pretrained(where, state_dict=lora),
+                optimizer_state,
+                state.scheduler,
+                state.scaler,
+                state.progress,
+                keep=1,
+            )
 
-    losses: list[float] = []
-    train_loop(
-        model,
-        examples,
-        recipe,
-        total_steps=STEPS,
-        pad_id=0,
-        device=device,
-        dtype=dtype,
-        on_step=lambda m: losses.append(m["loss"]),
-        save=lambda step, *rest: save(step, *rest) if step == SAVED_AT else None,
-        resume_from=resume_from,
-    )
-    return losses
+    hooks = SavedOnce()
+    recipe = dataclasses.replace(recipe, steps=STEPS)
+    train_model(model, examples, recipe, hooks, pad_id=0, dtype=dtype, resume_from=resume_from)
+    return [m["loss"] for m in hooks.steps]
 
 
 def check(name: str, ok: bool, detail: str) -> None:

@@ -12,6 +12,7 @@ Usage: MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/measure_cpu_memory.py MODE
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 
 from qlora_kit import data, model as models
+from qlora_kit.loop import Hooks, train_model
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import train_loop
 
 
 def rss_bytes(field: str) -> int:
@@ -44,11 +45,11 @@ def measure(model_dir: Path, recipe: Recipe) -> dict:
     ]
     if recipe.method != "sft":  # preference pairs: two full-length answers each
         examples = [data.PreferencePair(a, b) for a, b in zip(examples[::2], examples[1::2])]
-    one_step = dict(total_steps=1, pad_id=0, device=cpu, dtype=torch.float32, on_step=lambda m: None)
-    train_loop(model, examples, recipe, **one_step)  # warm-up step
+    one_step = dataclasses.replace(recipe, steps=1)
+    train_model(model, examples, one_step, Hooks(), pad_id=0, dtype=torch.float32)  # warm-up step
     before = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    train_loop(model, examples, recipe, **one_step)
+    train_model(model, examples, one_step, Hooks(), pad_id=0, dtype=torch.float32)
     return {"rss_before_step": before, "step_peak_transient": rss_bytes("VmHWM") - before}
 
 

@@ -38,7 +38,7 @@ from qlora_kit.plan import (
     make_plan,
     reference_forwards,
 )
-from qlora_kit.recipes import Recipe, card_gb, card_recipes, load_recipe, recipe_summary, with_overrides
+from qlora_kit.recipes import Recipe, card_gb, card_recipes, count_steps, load_recipe, recipe_summary, with_overrides
 from qlora_kit.sources import describe_source
 from qlora_kit.units import GIB
 
@@ -418,10 +418,10 @@ def run_auto(
         recipe,
         replace(target, strategy=recipe.parallel),
         reference_forwards=_reference_forwards(recipe, len(lengths), target.gpus),
-    ).to_dict()
+    )
     if dry_run:  # a run says it as it starts
-        if plan["reference"]:
-            console.print(f"DPO reference: {describe_reference(plan['reference'])}")
+        if plan.reference:
+            console.print(f"DPO reference: {describe_reference(plan.reference)}")
         return choice
     return run_training(
         recipe,
@@ -437,7 +437,6 @@ def run_auto(
 def _reference_forwards(recipe: Recipe, examples: int, world: int) -> tuple[int, int] | None:
     """plan.reference_forwards for a DPO run on these examples, before they are split: the held-out share is
     recipe.eval_fraction of them (an eval_data file, not read yet, is not counted)."""
-    from qlora_kit.train import count_steps
 
     if recipe.method != "dpo":
         return None

@@ -19,11 +19,13 @@ from qlora_kit.errors import UserError
 
 
 @dataclass(frozen=True)
-class Ranks:
-    """This process's place among the training processes (rank 0 of 1 when not distributed)."""
+class World:
+    """The training processes, as this one sees them (one process, rank 0, when not distributed): every collective
+    the run needs is a method here, each doing nothing but return its argument for a single process, so the loop
+    reads as single-device code."""
 
     rank: int = 0
-    world: int = 1
+    size: int = 1
     local_rank: int = 0
 
     @property
@@ -32,26 +34,86 @@ class Ranks:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.size > 1
+
+    def share(self, items: list) -> list:
+        """This process's share of what every process drew alike."""
+        return items[self.rank :: self.size]
+
+    def total(self, value: float) -> float:
+        """The sum of value over all processes."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+        dist.all_reduce(tensor)
+        return tensor.item()
+
+    def largest(self, value: int) -> int:
+        """The largest value over all processes: a stop signal seen by one stops them all at the same step."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def gather(self, value) -> list:
+        """Every process's value, in rank order."""
+        if not self.active:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_main(self, value):
+        """Rank 0's value, on every process."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, work):
+        """work() run on rank 0 only (it may write files), its result or UserError shared with every process."""
+        if not self.active:
+            return work()
+        outcome = None
+        if self.main:
+            try:
+                outcome = ("done", work())
+            except UserError as e:
+                outcome = ("error", e)
+        kind, value = self.from_main(outcome)
+        if kind == "error":
+            raise value
+        return value
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, strategy: str, dtype: torch.dtype):
+        """The loss module made data parallel (see wrap_for_data_parallel); itself for a single process."""
+        return wrap_for_data_parallel(module, device, strategy, dtype) if self.active else module
+
+    def finish(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def start() -> Ranks:
+def start() -> World:
     """Join the process group when torchrun started this process (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         on_gpu = torch.cuda.is_available()
         if on_gpu:
-            if torch.cuda.device_count() <= ranks.local_rank:
+            if torch.cuda.device_count() <= world.local_rank:
                 raise UserError(
-                    f"Rank {ranks.rank} needs GPU {ranks.local_rank}, but {torch.cuda.device_count()} are visible.",
+                    f"Rank {world.rank} needs GPU {world.local_rank}, but {torch.cuda.device_count()} are visible.",
                     hint="Start at most one process per GPU (--gpus N with N no more than the GPUs).",
                 )
-            torch.cuda.set_device(ranks.local_rank)
+            torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if on_gpu else "gloo")
-    return ranks
+    return world
 
 
 def launch(n_gpus: int, argv: list[str]) -> None:
@@ -89,18 +151,11 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
     return kept
 
 
-def wrap(
-    module: torch.nn.Module,
-    ranks: Ranks,
-    device: torch.device,
-    strategy: str = "ddp",
-    dtype: torch.dtype = torch.float32,
+def wrap_for_data_parallel(
+    module: torch.nn.Module, device: torch.device, strategy: str, dtype: torch.dtype
 ) -> torch.nn.Module:
-    """The loss module made data parallel when distributed: DistributedDataParallel (ddp), or FSDP2's fully_shard on
-    every decoder layer and then on the whole (fsdp, fsdp_offload), which shards the 4-bit weights and LoRA state
-    across ranks."""
-    if not ranks.active:
-        return module
+    """The loss module made data parallel: DistributedDataParallel (ddp), or FSDP2's fully_shard on every decoder
+    layer and then on the whole (fsdp, fsdp_offload), which shards the 4-bit weights and LoRA state across ranks."""
     if strategy in ("fsdp", "fsdp_offload"):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -128,61 +183,3 @@ def wrap(
 def _device() -> torch.device:
     """Where collective tensors must live: the rank's GPU for NCCL, the CPU for gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def total(value: float, ranks: Ranks) -> float:
-    """The sum of value over all ranks (value itself when not distributed)."""
-    if not ranks.active:
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor)
-    return tensor.item()
-
-
-def largest(value: int, ranks: Ranks) -> int:
-    """The largest value over all ranks: a stop signal seen by one rank stops them all at the same step."""
-    if not ranks.active:
-        return value
-    tensor = torch.tensor([int(value)], dtype=torch.int64, device=_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
-def gather(value, ranks: Ranks) -> list:
-    """Every rank's value, in rank order."""
-    if not ranks.active:
-        return [value]
-    values = [None] * ranks.world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def from_main(value, ranks: Ranks):
-    """Rank 0's value, on every rank."""
-    if not ranks.active:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_main(work, ranks: Ranks):
-    """work() run on rank 0 only (it may write files), its result or UserError shared with every rank."""
-    if not ranks.active:
-        return work()
-    outcome = None
-    if ranks.main:
-        try:
-            outcome = ("done", work())
-        except UserError as e:
-            outcome = ("error", e)
-    kind, value = from_main(outcome, ranks)
-    if kind == "error":
-        raise value
-    return value
-
-
-def finish(ranks: Ranks) -> None:
-    if ranks.active and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

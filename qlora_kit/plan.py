@@ -6,7 +6,7 @@ Builds on memory.py's arithmetic; nothing here loads a model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from rich.console import Group
 from rich.table import Table
@@ -147,6 +147,15 @@ class PlanReport:
 
     def render(self) -> Group:
         return render(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PlanReport:
+        """A plan as to_dict wrote it (a run's plan.json), of this version or an earlier one: fields added since take
+        their defaults, the derived totals are derived again."""
+        plan = {k: v for k, v in values["plan"].items() if k in {f.name for f in fields(MemoryPlan)}}
+        target = {k: v for k, v in values["target"].items() if k in {f.name for f in fields(Target)}}
+        known = {f.name for f in fields(cls)} - {"plan", "target"}
+        return cls(MemoryPlan(**plan), Target(**target), **{k: v for k, v in values.items() if k in known})
 
 
 def check_positive(gigabytes: float, flag: str) -> None:

@@ -389,3 +389,10 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise UserError(
         f"No recipe named {name_or_path}.", hint=f"Use one of {', '.join(recipes)}, or a path to a YAML file."
     )
+
+
+def count_steps(n_examples: int, recipe: Recipe, processes: int = 1) -> int:
+    """Optimizer steps: recipe.steps, else enough for recipe.epochs passes over the data (processes share a step)."""
+    if recipe.steps:
+        return recipe.steps
+    return max(1, math.ceil(recipe.epochs * n_examples / (recipe.micro_batch * recipe.grad_accum * processes)))

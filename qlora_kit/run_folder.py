@@ -26,6 +26,7 @@ from rich.console import Console
 from qlora_kit import checkpoint
 from qlora_kit.errors import UserError
 from qlora_kit.files import Busy, free_space, hold_lock, release_lock, write_atomically
+from qlora_kit.plan import PlanReport
 from qlora_kit.recipes import Recipe, load_recipe
 
 REFERENCE_FILE = "reference_log_probs.safetensors"  # a DPO run's precomputed reference, when the plan chose that
@@ -87,7 +88,7 @@ class RunFolder:
             same = False
         return None if same else f"{self.path} was deleted, moved or replaced while the run trained"
 
-    def start(self, recipe: Recipe, plan: dict) -> list[dict]:
+    def start(self, recipe: Recipe, plan: PlanReport) -> list[dict]:
         """Create the folder (locked), write recipe.yaml and plan.json, and return the metrics lines of the steps a
         resumed run has done (the later ones are redone, so they are dropped)."""
         with writing(self.path):
@@ -102,7 +103,7 @@ class RunFolder:
             if not (
                 self.resume_from and (self.path / "plan.json").is_file()
             ):  # a resumed run keeps the plan it started with
-                write_atomically(self.path / "plan.json", json.dumps(plan, indent=2))
+                write_atomically(self.path / "plan.json", json.dumps(plan.to_dict(), indent=2))
             return self.history_up_to(self.resume_step)
 
     def save_reference_log_probs(self, values: dict, trained_on: dict) -> None:
@@ -133,11 +134,11 @@ class RunFolder:
         except (SafetensorError, OSError) as e:
             return None, f"{REFERENCE_FILE} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
 
-    def plan(self) -> dict | None:
-        """The plan the run started with, when it has one."""
+    def plan(self) -> PlanReport | None:
+        """The plan the run started with, when it has a readable one."""
         try:
-            return json.loads((self.path / "plan.json").read_text())
-        except (OSError, ValueError):
+            return PlanReport.from_dict(json.loads((self.path / "plan.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def history_up_to(self, step: int) -> list[dict]:

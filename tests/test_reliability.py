@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from qlora_kit import checkpoint, cli, run_folder, train
+from qlora_kit import checkpoint, cli, loop, run_folder, train
 from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.run_folder import named_run_dir
@@ -37,12 +37,12 @@ STEPS, EVERY = 20, 5
 
 CHILD = """
 import sys, time
-import qlora_kit.train as train
-original, delay = train.forward_backward, float(sys.argv[1])
+import qlora_kit.loop as loop
+original, delay = loop.forward_backward, float(sys.argv[1])
 def slow(*args, **kwargs):
     time.sleep(delay)
     return original(*args, **kwargs)
-train.forward_backward = slow
+loop.forward_backward = slow
 sys.argv = ["qlora-kit", *sys.argv[2:]]
 from qlora_kit.cli import main
 main()
@@ -253,13 +253,12 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
 
 
 def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
+    from qlora_kit.memory import MemoryPlan
+    from qlora_kit.plan import PlanReport, Target
     from qlora_kit.train import check_fits
 
-    plan = {
-        "plan": {"verdict": "does not fit", "total_bytes": 100 * 2**30, "micro_batch": 64, "seq_len": 4096},
-        "target": {"capacity_bytes": 8 * 2**30, "name": "RAM"},
-        "fix": "--micro-batch 1",
-    }
+    needs = MemoryPlan("m", "cpu", 4096, 64, 8, {"activations": 100 * 2**30}, 0, 0, 0, capacity_bytes=8 * 2**30)
+    plan = PlanReport(needs, Target("RAM", "cpu", 8 * 2**30), 512, 1, "--micro-batch 1")
     with pytest.raises(UserError, match="This run needs about 100.0 GiB of RAM") as error:
         check_fits(plan, torch.device("cpu"), QUIET)
     assert "--force starts it anyway" in error.value.hint
@@ -270,15 +269,15 @@ def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
 
 STUCK_CHILD = """
 import hashlib, sys
-import qlora_kit.train as train
-original, calls, marker = train.forward_backward, [], sys.argv[1]
+import qlora_kit.loop as loop
+original, calls, marker = loop.forward_backward, [], sys.argv[1]
 def stuck(*args, **kwargs):
     calls.append(1)
     if len(calls) == 7:
         open(marker, "w").close()  # tell the test the step is stuck now
         hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10**9)  # minutes in one C call, as a huge CPU attention would be
     return original(*args, **kwargs)
-train.forward_backward = stuck
+loop.forward_backward = stuck
 sys.argv = ["qlora-kit", *sys.argv[2:]]
 from qlora_kit.cli import main
 main()
@@ -555,19 +554,19 @@ def garbled_manifest(folder: Path) -> None:
 
 def nan_on_steps(monkeypatch, bad_steps: set) -> None:
     """Make the loss NaN on the given optimizer steps (counted by forward_backward calls)."""
-    original, calls = train.forward_backward, []
+    original, calls = loop.forward_backward, []
 
-    def forward_backward(model, examples, shape, *args):
+    def forward_backward(state, *args):
         calls.append(1)
-        loss, tokens, padding, stats = original(model, examples, shape, *args)
+        loss, tokens, padding, stats = original(state, *args)
         if len(calls) in bad_steps:
-            for p in model.parameters():
+            for p in state.model.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
             return float("nan"), tokens, padding, stats
         return loss, tokens, padding, stats
 
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
 
 
 def nan_updates(steps: set):

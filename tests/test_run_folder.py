@@ -10,11 +10,16 @@ from rich.console import Console
 
 from qlora_kit import run_folder
 from qlora_kit.errors import UserError
+from qlora_kit.memory import MemoryPlan
+from qlora_kit.plan import PlanReport, Target
 from qlora_kit.recipes import Recipe
 from qlora_kit.run_folder import RunFolder, open_run_folder
 from qlora_kit.train import run_training
 
 QUIET = Console(file=io.StringIO())
+A_PLAN = PlanReport(
+    MemoryPlan("m", "cpu", 64, 1, 8, {"weights": 2**30}, 0, 0, 0), Target("RAM", "cpu", 2**33), 64, 1, None
+)
 
 
 def finished_run(llama_dir, data, out, **changes):
@@ -45,13 +50,13 @@ def test_a_killed_holder_leaves_no_lock_behind(tmp_path):
 
 def test_two_runs_started_on_one_new_folder_are_refused_once_it_holds_a_run(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    folder.start(Recipe(), {"plan": {}})
+    folder.start(Recipe(), A_PLAN)
     second = RunFolder(tmp_path / "run")
     with pytest.raises(UserError, match="in use by another qlora-kit process"):
-        second.start(Recipe(), {"plan": {}})
+        second.start(Recipe(), A_PLAN)
     folder.close()
     with pytest.raises(UserError, match="already holds a run"):
-        second.start(Recipe(), {"plan": {}})
+        second.start(Recipe(), A_PLAN)
 
 
 def test_a_resume_refuses_data_changed_in_place_unless_allowed(llama_dir, chat_data, tmp_path):

@@ -9,8 +9,9 @@ from rich.console import Console
 
 from qlora_kit import data, model as models
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe, load_recipe
-from qlora_kit.train import count_steps, lr_multiplier, run_training, train_loop
+from qlora_kit.loop import StepsKept, lr_multiplier, train_model
+from qlora_kit.recipes import Recipe, count_steps, load_recipe
+from qlora_kit.train import run_training
 
 CPU = torch.device("cpu")
 QUIET = Console(file=io.StringIO())
@@ -23,18 +24,10 @@ def trained(folder, data_path, recipe, steps):
     torch.manual_seed(recipe.seed)
     model = models.attach_lora(models.load_base_4bit(folder, torch.float32, CPU), recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = []
-    train_loop(
-        model,
-        examples,
-        recipe,
-        total_steps=steps,
-        pad_id=tokenizer.pad_token_id,
-        device=CPU,
-        dtype=torch.float32,
-        on_step=lambda m: losses.append(m["loss"]),
-    )
-    return model, before, losses
+    hooks = StepsKept()
+    recipe = dataclasses.replace(recipe, steps=steps)
+    train_model(model, examples, recipe, hooks, pad_id=tokenizer.pad_token_id, dtype=torch.float32)
+    return model, before, [m["loss"] for m in hooks.steps]
 
 
 def test_loss_falls_and_only_lora_weights_change(tiny_model_dir, text_data):
@@ -120,9 +113,9 @@ def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path
 def flaky_loss(monkeypatch, fails):
     """Make the loss raise CUDA's out-of-memory error on the last micro-batch of the steps fails(step, batch) picks,
     after earlier micro-batches have already accumulated gradients."""
-    from qlora_kit import loss as losses, train
+    from qlora_kit import loop, loss as losses
 
-    real_loss, real_step = losses.chunked_cross_entropy, train.forward_backward
+    real_loss, real_step = losses.chunked_cross_entropy, loop.forward_backward
     state = {"step": 1, "calls": 0, "per_step": 0}
 
     def loss(hidden, *args, **kwargs):
@@ -131,14 +124,14 @@ def flaky_loss(monkeypatch, fails):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_loss(hidden, *args, **kwargs)
 
-    def forward_backward(model, examples, shape, *args):
-        state["calls"], state["per_step"] = 0, -(-len(examples) // shape.micro_batch)
-        result = real_step(model, examples, shape, *args)
+    def forward_backward(loop_state, examples, *args):
+        state["calls"], state["per_step"] = 0, -(-len(examples) // loop_state.progress.shape.micro_batch)
+        result = real_step(loop_state, examples, *args)
         state["step"] += 1
         return result
 
     monkeypatch.setattr(losses, "chunked_cross_entropy", loss)
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
 
 
 def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_path, monkeypatch):
@@ -313,13 +306,13 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     monkeypatch.undo()
-    from qlora_kit import train
+    from qlora_kit import loop
 
     calls = []
     real = models.set_checkpointing
     spy = lambda model, **kw: (calls.append(kw), real(model, **kw))  # noqa: E731
     monkeypatch.setattr(models, "set_checkpointing", spy)  # as attach_lora calls it
-    monkeypatch.setattr(train, "set_checkpointing", spy)  # as resuming calls it
+    monkeypatch.setattr(loop, "set_checkpointing", spy)  # as resuming calls it
     run_training(recipe, tmp_path / "run", QUIET, resume=True)
     assert calls[0]["uncheckpointed_layers"] == 1, "the recipe's setting, when LoRA is attached"
     assert calls[-1] == {"offload": False, "uncheckpointed_layers": 0}, "then the checkpoint's, as the run last stepped"
@@ -387,7 +380,7 @@ def test_signal_handling_ends_quietly_when_its_watcher_has_ended_first():
     import time
     from types import SimpleNamespace
 
-    from qlora_kit.train import StopOnSignal
+    from qlora_kit.signals import StopOnSignal
 
     signals = StopOnSignal(SimpleNamespace(note=print, restore_terminal=lambda: None))
     signals.__enter__()
