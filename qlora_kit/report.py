@@ -16,6 +16,7 @@ from qlora_kit.dashboard import describe_rewards, describe_step_down
 from qlora_kit.errors import UserError
 from qlora_kit.files import check_not_under_a_file, staged_file
 from qlora_kit.recipes import read_settings
+from qlora_kit.run_folder import RunFolder
 from qlora_kit.units import GIB
 
 FIGURE_INCHES, DPI = (10, 7), 100  # 1000 x 700 pixels
@@ -59,11 +60,9 @@ def load_run(folder: str | Path) -> Run:
             f"{folder} has not finished a step yet.", hint="Wait for the first step, then run report again."
         )
     run.recipe = read_settings(folder / "recipe.yaml")
-    if (folder / "plan.json").is_file():
-        plan = json.loads((folder / "plan.json").read_text())
-        run.planned_gib = plan["plan"]["total_bytes"] / GIB
-        run.capacity_gib = plan["target"]["capacity_bytes"] / GIB
-        run.device = plan["plan"]["device"]
+    if plan := RunFolder(folder).plan():
+        run.planned_gib, run.capacity_gib = plan.plan.total_bytes / GIB, plan.target.capacity_bytes / GIB
+        run.device = plan.plan.device
     return run
 
 

@@ -8,6 +8,8 @@ import pytest
 from rich.console import Console
 
 from qlora_kit.errors import UserError
+from qlora_kit.memory import MemoryPlan
+from qlora_kit.plan import PlanReport, Target
 from qlora_kit.report import load_run, summary_table, write_png
 from tests.test_dashboard import scripted
 
@@ -29,9 +31,9 @@ def gpu_run(tmp_path: Path) -> Path:
         3, {"event": "out_of_memory_step_down", "step": 4, "from": {"micro_batch": 4}, "to": {"micro_batch": 2}}
     )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (folder / "plan.json").write_text(
-        json.dumps({"plan": {"total_bytes": 6 * 2**30, "device": "cuda"}, "target": {"capacity_bytes": 8 * 2**30}})
-    )
+    planned = MemoryPlan("m", "cuda", 512, 4, 8, {"weights": 6 * 2**30}, 0, 0, 0, capacity_bytes=8 * 2**30)
+    plan = PlanReport(planned, Target("a card", "cuda", 8 * 2**30), 512, 4, None)
+    (folder / "plan.json").write_text(json.dumps(plan.to_dict()))
     return folder
 
 
