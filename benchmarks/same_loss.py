@@ -54,7 +54,7 @@ def train_one(folder: Path, kind: str, records: list, changes: dict) -> list[str
     from rich.console import Console
 
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
     from tests.tiny_models import save_tiny_model
 
     model = save_tiny_model(folder / "model", kind)
@@ -63,7 +63,7 @@ def train_one(folder: Path, kind: str, records: list, changes: dict) -> list[str
     settings = dict(rank=4, micro_batch=2, steps=8, lr=1e-2, warmup_ratio=0.1, checkpoint_every=4, seed=7)
     recipe = Recipe(model=str(model), data=str(data), **{**settings, **changes})
     torch.use_deterministic_algorithms(True)
-    run_training(recipe, folder / "run", Console(file=io.StringIO()), display="quiet", force=True)
+    run_training(recipe, folder / "run", Console(file=io.StringIO()), RunOptions(display="quiet", force=True))
     lines = []
     for line in (folder / "run" / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)

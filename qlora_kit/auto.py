@@ -358,7 +358,7 @@ def run_auto(
     from qlora_kit.model import load_tokenizer
     from qlora_kit.run_folder import next_free_run_dir
     from qlora_kit.sources import resolve_model
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     loaded = data_module.read_records(data_path, can_skip=False, split=data_split, config=data_config)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
@@ -427,10 +427,7 @@ def run_auto(
         recipe,
         out or next_free_run_dir(Path("runs"), "auto"),
         console,
-        display,
-        trust_remote_code=trust_remote_code,
-        plan=plan,
-        report_to=report_to,
+        RunOptions(display=display, trust_remote_code=trust_remote_code, plan=plan, report_to=report_to),
     )
 
 

@@ -206,7 +206,7 @@ def train(
     from qlora_kit.recipes import Recipe, load_recipe, with_overrides
     from qlora_kit.run_folder import recipe_of_run
     from qlora_kit.trackers import parse_report_to
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     trackers = parse_report_to(report_to)
     if resume and settings.get("init_adapter"):
@@ -225,14 +225,16 @@ def train(
         with_overrides(base, **settings),
         out,
         run_console,
-        display=mode,
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_changed_data=allow_changed_data,
-        force=force,
-        vram_limit=vram_limit,
-        report_to=trackers,
+        RunOptions(
+            display=mode,
+            resume=resume,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            allow_changed_data=allow_changed_data,
+            force=force,
+            vram_limit=vram_limit,
+            report_to=trackers,
+        ),
     )
     print_summary(summary)
 
@@ -722,7 +724,7 @@ def auto(
     from qlora_kit.auto import run_auto
     from qlora_kit.run_folder import recipe_of_run
     from qlora_kit.trackers import parse_report_to
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     trackers = parse_report_to(report_to)
     model = _at_revision(model, revision)
@@ -736,10 +738,7 @@ def auto(
                 recipe_of_run(out),
                 out,
                 run_console,
-                mode,
-                resume=True,
-                trust_remote_code=trust_remote_code,
-                report_to=trackers,
+                RunOptions(display=mode, resume=True, trust_remote_code=trust_remote_code, report_to=trackers),
             )
         )
         return

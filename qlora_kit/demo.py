@@ -17,7 +17,7 @@ from qlora_kit.adapter import generate, load_with_adapter
 from qlora_kit.dashboard import shown_path, summary_table
 from qlora_kit.recipes import Recipe
 from qlora_kit.run_folder import next_free_run_dir
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 
 DEMO_DATA = Path(str(resources.files("qlora_kit").joinpath("demo_data", "pirate.jsonl")))
 # None of these is in the training data (see demo_data/make_pirate_data.py).
@@ -45,7 +45,7 @@ def run_demo(out: Path | None, steps: int | None, console: Console, display: str
     out = out or next_free_run_dir(Path("runs"), "demo")
     recipe = DEMO_RECIPE if steps is None else dataclasses.replace(DEMO_RECIPE, steps=steps)
     console.rule("qlora-kit demo: teach SmolLM2-135M to talk like a pirate")
-    summary = run_training(recipe, out, console, display)
+    summary = run_training(recipe, out, console, RunOptions(display=display))
     console.print(summary_table(summary, summary.info))
     with console.status("Loading the saved adapter and answering questions it never saw ..."):
         model, tokenizer = load_with_adapter(recipe.model, summary.adapter_dir)

@@ -173,41 +173,39 @@ class RunRecord:
             ) from None
 
 
-def run_training(
-    recipe: Recipe,
-    out_dir: Path,
-    console: Console,
-    display: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    plan: dict | None = None,
-    allow_changed_data: bool = False,
-    force: bool = False,
-    vram_limit: float | None = None,
-    report_to: list[str] | None = None,
-) -> RunSummary:
-    """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input.
-    With resume, continue exactly from the run's last good checkpoint. plan: the plan that chose the settings
-    (auto's), written as the run's plan.json; without it the run plans for this machine itself, capped at
-    vram_limit GB of its GPU when given. force: start a CPU run its plan says cannot fit. report_to: trackers the
-    steps also go to (a resume without it goes on with those the run used)."""
-    if vram_limit is not None:
-        check_vram_limit(vram_limit)
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a recipe, beside the recipe's own settings: the flags of `train` and `auto` that are not settings."""
+
+    display: str = "auto"  # the dashboard: auto, live, plain or quiet
+    resume: bool = False  # continue exactly from the run's last good checkpoint
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    plan: PlanReport | None = None  # the plan that chose the settings (auto's), else the run plans for this machine
+    allow_changed_data: bool = False  # a resume may go on with other data
+    force: bool = False  # start a CPU run its plan says cannot fit
+    vram_limit: float | None = None  # GB of this machine's GPU the run may use (and plans for)
+    report_to: list[str] | None = None  # trackers the steps also go to (a resume without goes on with the run's own)
+
+
+def run_training(recipe: Recipe, out_dir: Path, console: Console, options: RunOptions = RunOptions()) -> RunSummary:
+    """Validate everything a user can get wrong, then train and write out_dir; nothing is written on bad input."""
+    if options.vram_limit is not None:
+        check_vram_limit(options.vram_limit)
     recipe = settings_from_adapter(recipe)  # before recipe.yaml is written: it records what the adapter fixed
     recipe = absolute_paths(recipe)  # so that export, generate or a resume run from another folder find the same files
     world = distributed.start()
     out_dir = Path(world.from_main(str(out_dir)))  # a default name (runs/auto-N) is rank 0's choice
     if not world.main:  # rank 0 speaks and writes for all
-        console, display = Console(quiet=True), "quiet"
-    out = world.on_main(lambda: open_run_folder(out_dir, recipe, resume, overwrite, console))
+        console, options = Console(quiet=True), replace(options, display="quiet")
+    out = world.on_main(lambda: open_run_folder(out_dir, recipe, options.resume, options.overwrite, console))
     if not world.main:
         out.lock_fd = None  # the lock is rank 0's
     try:
         loaded, held_out = _read_data(recipe)
         pick_device_and_dtype(recipe.precision, world.local_rank)  # a precision this machine lacks, said at once
         # Before the status line: a download shows its own progress (one live display at a time); rank 0 fetches.
-        folder = world.on_main(lambda: resolve_model(recipe.model, trust_remote_code, console))
+        folder = world.on_main(lambda: resolve_model(recipe.model, options.trust_remote_code, console))
         device, dtype = pick_device_and_dtype(recipe.precision, world.local_rank, read_model_config(folder))
         with console.status(f"Preparing {recipe.model} ..."):
             if recipe.init_adapter:
@@ -215,20 +213,20 @@ def run_training(
                 if note:
                     console.print(f"[yellow]{escape(note)}[/]", highlight=False)
             base = model_identity(folder, recipe.model)
-            tokenizer = load_tokenizer(folder, trust_remote_code, recipe.chat_template_kwargs)
+            tokenizer = load_tokenizer(folder, options.trust_remote_code, recipe.chat_template_kwargs)
             training = _setup_data(recipe, loaded, held_out, tokenizer)
             total_steps = count_steps(len(training.examples), recipe, world.size)
             trained_on = fingerprint([loaded.path, held_out and held_out.path], folder)  # a hub dataset's file
             if out.resume_from:
-                _check_resume_point(out, recipe, training, total_steps, trained_on, allow_changed_data)
-            plan = _setup_plan(plan, out, folder, recipe, training, total_steps, world, vram_limit)
-            check_fits(plan, device, console, force)
+                _check_resume_point(out, recipe, training, total_steps, trained_on, options.allow_changed_data)
+            plan = _setup_plan(options, out, folder, recipe, training, total_steps, world)
+            check_fits(plan, device, console, options.force)
             if device.type == "cuda" and (cap := cap_gpu_memory(plan.target.capacity_bytes, device)):
                 console.print(
                     f"GPU memory: torch is held to {cap / GIB:.1f} GiB, the plan's {plan.target.name} "
                     "less the CUDA context; past it the run steps down."
                 )
-            model = _setup_model(folder, recipe, dtype, device, world, trust_remote_code)
+            model = _setup_model(folder, recipe, dtype, device, world, options.trust_remote_code)
         setup = Run(
             out,
             recipe,
@@ -243,10 +241,10 @@ def run_training(
             world,
             total_steps,
             trained_on,
-            report_to=report_to or (recorded_trackers(out.path) if out.resume_from else []),
+            report_to=options.report_to or (recorded_trackers(out.path) if out.resume_from else []),
         )
         _report_setup(setup, console)
-        record, outcome = _fit(setup, console, display)
+        record, outcome = _fit(setup, console, options.display)
         return _finish(setup, record, outcome, console)
     finally:
         out.close()
@@ -318,24 +316,24 @@ def _check_resume_point(
 
 
 def _setup_plan(
-    plan: PlanReport | None,
+    options: RunOptions,
     run: RunFolder,
     folder: Path,
     recipe: Recipe,
     training: TrainingData,
     total_steps: int,
     world: World,
-    vram_limit: float | None = None,
 ) -> PlanReport:
     """The plan the caller made (auto's), else the plan a resumed run started with (unless a new vram_limit is
     given), else one made now for this machine's GPU (or RAM, or the GPU capped at vram_limit GB) and this run's
     layout, at the longest example: micro-batches are padded only to their longest, so a seq_len longer than every
     example costs nothing."""
-    if plan is None and run.resume_from and vram_limit is None:
+    plan = options.plan
+    if plan is None and run.resume_from and options.vram_limit is None:
         plan = world.from_main(run.plan())
     if plan is not None:
         return plan
-    target = choose_target(hardware=probe(check_bnb=False), vram_limit=vram_limit)
+    target = choose_target(hardware=probe(check_bnb=False), vram_limit=options.vram_limit)
     target = replace(target, gpus=world.size, strategy=recipe.parallel)
     longest = max(8, min(recipe.seq_len, max(data.lengths_of(training.examples), default=8)))
     forwards = reference_forwards(recipe, total_steps, len(training.examples), len(training.eval_examples), world.size)

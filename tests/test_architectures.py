@@ -199,7 +199,7 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
     from rich.console import Console
 
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
     from tests.test_reliability import assert_same_run, losses
     from tests.tiny_models import save_tiny_model
 
@@ -218,7 +218,7 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
         run_training(recipe, tmp_path / "killed", quiet)
         shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step-4")
         shutil.rmtree(tmp_path / "killed" / "adapter")
-        run_training(recipe, tmp_path / "killed", quiet, resume=True)
+        run_training(recipe, tmp_path / "killed", quiet, RunOptions(resume=True))
     finally:
         torch.set_num_threads(threads)
     assert_same_run(tmp_path / "killed", tmp_path / "whole")

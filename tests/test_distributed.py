@@ -14,7 +14,7 @@ from rich.console import Console
 from qlora_kit import checkpoint
 from qlora_kit.distributed import without_gpus_flag
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 from tests.test_reliability import adapter_tensors, losses
 
 ARGS = ["--rank", "4", "--steps", "6", "--micro-batch", "2", "--checkpoint-every", "3", "--dropout", "0", "--plain"]
@@ -132,7 +132,7 @@ def test_a_distributed_run_resumes_across_ranks_and_on_one_process(ddp_run, llam
     recipe = Recipe(
         model=str(llama_dir), data=str(chat_data), rank=4, steps=6, micro_batch=2, checkpoint_every=3, dropout=0.0
     )
-    run_training(recipe, alone, console, resume=True)
+    run_training(recipe, alone, console, RunOptions(resume=True))
     assert "Resuming on 1 process(es) instead of 2: a step now takes 2 examples instead of 4" in console.file.getvalue()
     assert len(losses(alone)) == 6
 

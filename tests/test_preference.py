@@ -12,7 +12,7 @@ from rich.console import Console
 from qlora_kit.data import IGNORE, Example, PreferencePair
 from qlora_kit.preference import PreferenceLoss, log1mexp
 from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 
 PAIRS = [
     {"prompt": "the quick brown", "chosen": "fox jumps over", "rejected": "dog sleeps"},
@@ -544,8 +544,7 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
         load_recipe(tmp_path / "changed" / "recipe.yaml"),
         tmp_path / "changed",
         Console(file=io.StringIO()),
-        resume=True,
-        allow_changed_data=True,
+        RunOptions(resume=True, allow_changed_data=True),
     )
     assert len(computed) == 4
 

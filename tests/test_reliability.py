@@ -29,7 +29,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.recipes import Recipe, load_recipe
 from qlora_kit.run_folder import named_run_dir
 from qlora_kit.sources import IDENTITY_FILE, model_identity
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 from tests.tiny_models import save_tiny_model
 
 QUIET = Console(file=io.StringIO())
@@ -129,7 +129,7 @@ def test_a_run_killed_with_sigkill_resumes_exactly(llama_dir, chat_data, tmp_pat
     assert max(losses(out)) >= 12 and not (out / "adapter").exists()
     assert [p.name for p in checkpoint.complete_checkpoints(out)][0] == "step-10"
     console = Console(file=io.StringIO(), width=200)
-    summary = run_training(recipe_for(llama_dir, chat_data), out, console, resume=True)
+    summary = run_training(recipe_for(llama_dir, chat_data), out, console, RunOptions(resume=True))
     assert "Resuming from step-10" in console.file.getvalue() and summary.steps == STEPS
     assert_same_run(out, whole_run)
     times = [m["time_s"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
@@ -193,7 +193,7 @@ def test_an_8bit_optimizer_resumes_exactly(llama_dir, chat_data, tmp_path):
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     console = Console(file=io.StringIO(), width=200)
-    run_training(recipe, resumed, console, resume=True)
+    run_training(recipe, resumed, console, RunOptions(resume=True))
     assert "Resuming from step-4" in console.file.getvalue() and "AdamW8bit" in console.file.getvalue()
     assert_same_run(resumed, whole)
 
@@ -205,15 +205,17 @@ def test_an_existing_run_needs_resume_or_overwrite(llama_dir, chat_data, tmp_pat
         run_training(recipe, tmp_path / "run", QUIET)
     assert "--resume" in error.value.hint and "--overwrite" in error.value.hint
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    run_training(recipe, tmp_path / "run", QUIET, overwrite=True)
+    run_training(recipe, tmp_path / "run", QUIET, RunOptions(overwrite=True))
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine", "only the run's own files are replaced"
     assert len(losses(tmp_path / "run")) == 2
     with pytest.raises(UserError, match="these differ: rank"):
-        run_training(recipe_for(llama_dir, chat_data, steps=2, rank=8), tmp_path / "run", QUIET, resume=True)
+        run_training(
+            recipe_for(llama_dir, chat_data, steps=2, rank=8), tmp_path / "run", QUIET, RunOptions(resume=True)
+        )
     with pytest.raises(UserError, match="holds no run to resume"):
-        run_training(recipe, tmp_path / "empty", QUIET, resume=True)
+        run_training(recipe, tmp_path / "empty", QUIET, RunOptions(resume=True))
     with pytest.raises(UserError, match="contradict"):
-        run_training(recipe, tmp_path / "run", QUIET, resume=True, overwrite=True)
+        run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True, overwrite=True))
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "", "x" * 101])
@@ -322,7 +324,7 @@ def test_two_signals_stop_a_step_stuck_in_one_long_call_and_the_run_resumes_exac
     output = child.communicate(timeout=30)[0]
     assert child.returncode == 143 and time.monotonic() - sent < 10, output
     assert "Stopped at once. Resume from step-5 with: qlora-kit train --out" in output and "Traceback" not in output
-    run_training(recipe_for(llama_dir, chat_data), out, QUIET, resume=True)
+    run_training(recipe_for(llama_dir, chat_data), out, QUIET, RunOptions(resume=True))
     assert_same_run(out, whole_run)
 
 
@@ -1944,7 +1946,7 @@ def test_a_kill_at_every_third_write_point_of_each_lora_variant_recovers_exactly
             Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2, use_rslora=True),
             tmp_path / "a",
             Console(quiet=True),
-            display="quiet",
+            RunOptions(display="quiet"),
         )
         flags = ("--from-adapter", str(tmp_path / "a" / "adapter"))
     (tmp_path / "kills").mkdir()

@@ -14,7 +14,7 @@ from qlora_kit.memory import MemoryPlan
 from qlora_kit.plan import PlanReport, Target
 from qlora_kit.recipes import Recipe
 from qlora_kit.run_folder import RunFolder, open_run_folder
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 
 QUIET = Console(file=io.StringIO())
 A_PLAN = PlanReport(
@@ -66,9 +66,9 @@ def test_a_resume_refuses_data_changed_in_place_unless_allowed(llama_dir, chat_d
     lines = data.read_text().splitlines()
     data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # shuffled: same lines, other order
     with pytest.raises(UserError, match="data file's content changed") as error:
-        run_training(recipe, tmp_path / "run", QUIET, resume=True)
+        run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True))
     assert "--allow-changed-data" in error.value.hint
-    assert run_training(recipe, tmp_path / "run", QUIET, resume=True, allow_changed_data=True).steps == 2
+    assert run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True, allow_changed_data=True)).steps == 2
 
 
 def test_a_resume_refuses_another_base_model_under_the_run_s_settings(llama_dir, chat_data, tmp_path):
@@ -78,7 +78,7 @@ def test_a_resume_refuses_another_base_model_under_the_run_s_settings(llama_dir,
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
     with pytest.raises(UserError, match="base model differs"):
-        run_training(recipe, tmp_path / "run", QUIET, resume=True, allow_changed_data=True)
+        run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True, allow_changed_data=True))
 
 
 def test_the_same_data_file_by_another_path_is_the_same_setting(llama_dir, chat_data, tmp_path, monkeypatch):
@@ -86,14 +86,14 @@ def test_the_same_data_file_by_another_path_is_the_same_setting(llama_dir, chat_
     shutil.copy(chat_data, tmp_path / "data.jsonl")
     recipe = finished_run(llama_dir, "data.jsonl", tmp_path / "run")
     absolute = Recipe(**{**recipe.__dict__, "data": str(tmp_path / "data.jsonl")})
-    assert run_training(absolute, tmp_path / "run", QUIET, resume=True).steps == 2
+    assert run_training(absolute, tmp_path / "run", QUIET, RunOptions(resume=True)).steps == 2
 
 
 def test_a_torn_metrics_line_is_dropped_when_the_run_resumes(llama_dir, chat_data, tmp_path):
     recipe = finished_run(llama_dir, chat_data, tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 61, "loss": 5.4, "lr": 0.0')  # a write a full disk cut short
-    run_training(recipe, tmp_path / "run", QUIET, resume=True)
+    run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
 

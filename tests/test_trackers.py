@@ -210,7 +210,7 @@ def test_a_resume_goes_on_in_the_same_tracker_run(llama_dir, chat_data, tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -218,13 +218,13 @@ def test_a_resume_goes_on_in_the_same_tracker_run(llama_dir, chat_data, tmp_path
     monkeypatch.setattr(Recorder, "opened", [])
     recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=4, checkpoint_every=2, micro_batch=2)
     whole = tmp_path / "whole"
-    run_training(recipe, whole, Console(file=io.StringIO()), report_to=["tensorboard", "mlflow", "trackio"])
+    run_training(recipe, whole, Console(file=io.StringIO()), RunOptions(report_to=["tensorboard", "mlflow", "trackio"]))
     assert Recorder.opened[0][:2] == ("first-id", 0) and Recorder.opened[0][2].steps == [1, 2, 3, 4]
     run_id = json.loads((whole / "trackers.json").read_text())["mlflow"]
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
-    run_training(recipe, resumed, Console(file=io.StringIO()), resume=True)  # no --report-to: the run's own
+    run_training(recipe, resumed, Console(file=io.StringIO()), RunOptions(resume=True))  # no --report-to: the run's own
     assert Recorder.opened[1][:2] == ("first-id", 2) and Recorder.opened[1][2].steps == [3, 4]
     assert json.loads((resumed / "trackers.json").read_text())["mlflow"] == run_id
     history = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
@@ -235,12 +235,12 @@ def test_a_resume_goes_on_in_the_same_tracker_run(llama_dir, chat_data, tmp_path
 
 def test_a_tracker_that_fails_mid_run_is_said_once_and_costs_no_step(llama_dir, chat_data, tmp_path, monkeypatch):
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     monkeypatch.setitem(trackers.OPENERS, "mlflow", Breaking)
     shown = Console(file=io.StringIO(), width=300)
     recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=3, micro_batch=2)
-    assert run_training(recipe, tmp_path / "run", shown, display="plain", report_to=["mlflow"]).steps == 3
+    assert run_training(recipe, tmp_path / "run", shown, RunOptions(display="plain", report_to=["mlflow"])).steps == 3
     said = shown.file.getvalue()
     assert said.count("--report-to mlflow stopped at step 2 (ConnectionError: server went away)") == 1, said
 
@@ -249,7 +249,7 @@ def test_a_tracker_that_will_not_start_is_one_sentence_and_leaves_no_run_behind(
     llama_dir, chat_data, tmp_path, monkeypatch
 ):
     from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.train import RunOptions, run_training
 
     def refuses(*args):
         raise RuntimeError("The store is read-only. Long explanation follows.\nMore lines.")
@@ -258,5 +258,7 @@ def test_a_tracker_that_will_not_start_is_one_sentence_and_leaves_no_run_behind(
     monkeypatch.setitem(trackers.OPENERS, "tensorboard", Recorder)
     recipe = Recipe(model=str(llama_dir), data=str(chat_data), rank=4, steps=1, micro_batch=2)
     with pytest.raises(UserError, match=r"^--report-to mlflow could not start: RuntimeError: The store is read-only$"):
-        run_training(recipe, tmp_path / "run", Console(file=io.StringIO()), report_to=["tensorboard", "mlflow"])
+        run_training(
+            recipe, tmp_path / "run", Console(file=io.StringIO()), RunOptions(report_to=["tensorboard", "mlflow"])
+        )
     assert run_training(recipe, tmp_path / "run", Console(file=io.StringIO())).steps == 1  # the same --out again

@@ -11,7 +11,7 @@ from qlora_kit import data, model as models
 from qlora_kit.errors import UserError
 from qlora_kit.loop import StepsKept, lr_multiplier, train_model
 from qlora_kit.recipes import Recipe, count_steps, load_recipe
-from qlora_kit.train import run_training
+from qlora_kit.train import RunOptions, run_training
 
 CPU = torch.device("cpu")
 QUIET = Console(file=io.StringIO())
@@ -313,7 +313,7 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(
     spy = lambda model, **kw: (calls.append(kw), real(model, **kw))  # noqa: E731
     monkeypatch.setattr(models, "set_checkpointing", spy)  # as attach_lora calls it
     monkeypatch.setattr(loop, "set_checkpointing", spy)  # as resuming calls it
-    run_training(recipe, tmp_path / "run", QUIET, resume=True)
+    run_training(recipe, tmp_path / "run", QUIET, RunOptions(resume=True))
     assert calls[0]["uncheckpointed_layers"] == 1, "the recipe's setting, when LoRA is attached"
     assert calls[-1] == {"offload": False, "uncheckpointed_layers": 0}, "then the checkpoint's, as the run last stepped"
 
@@ -337,11 +337,11 @@ def test_staging_folders_a_killed_run_left_are_removed_when_it_resumes(llama_dir
     leftovers = [out / ".adapter.partial-x1y2", out / "checkpoints" / ".step-3.partial-z9"]
     for folder in leftovers:
         (folder / "adapter").mkdir(parents=True)
-    run_training(dataclasses.replace(recipe, steps=2), out, QUIET, resume=True)
+    run_training(dataclasses.replace(recipe, steps=2), out, QUIET, RunOptions(resume=True))
     assert not any(folder.exists() for folder in leftovers)
     for folder in leftovers:
         folder.mkdir()
-    run_training(recipe, out, QUIET, overwrite=True)
+    run_training(recipe, out, QUIET, RunOptions(overwrite=True))
     assert not any(folder.exists() for folder in leftovers)
 
 
@@ -471,7 +471,9 @@ def stopped_and_resumed_equals_whole(recipe, tmp_path) -> None:
     for folder in checkpoint.complete_checkpoints(tmp_path / "stopped"):
         if checkpoint.step_of(folder) > 2:
             shutil.rmtree(folder)
-    run_training(load_recipe(tmp_path / "stopped" / "recipe.yaml"), tmp_path / "stopped", QUIET, resume=True)
+    run_training(
+        load_recipe(tmp_path / "stopped" / "recipe.yaml"), tmp_path / "stopped", QUIET, RunOptions(resume=True)
+    )
     assert [m.get("loss") for m in metric_lines(tmp_path / "stopped")] == [
         m.get("loss") for m in metric_lines(tmp_path / "whole")
     ]
