@@ -354,7 +354,6 @@ def run_auto(
     lora_init, init_adapter, chat_template_kwargs), which the choice plans with and keeps; preference data without
     a method trains with DPO."""
     from qlora_kit import data as data_module
-    from qlora_kit.hardware import probe
     from qlora_kit.model import load_tokenizer
     from qlora_kit.run_folder import next_free_run_dir
     from qlora_kit.sources import resolve_model
@@ -362,24 +361,12 @@ def run_auto(
 
     loaded = data_module.read_records(data_path, can_skip=False, split=data_split, config=data_config)
     with_overrides(Recipe(), steps=steps, epochs=epochs)  # a bad value is reported before anything is loaded
-    from_data = {}
-    if loaded.format in data_module.PREFERENCE_FORMATS and lora.get("method") is None:
-        from_data["method"] = "dpo"  # pairs of a chosen and a rejected answer are what DPO learns from
-        console.print(f"{data_path} holds preference pairs: training with DPO (--method orpo for ORPO).")
+    from_data = _settings_from_data(loaded, data_path, lora, console)
     chosen = lora_choices(lora)
     shape = find_model_shape(model)
-    hardware = probe(check_bnb=False)
-    target = choose_target(gpu=gpu, hardware=hardware, vram_limit=vram_limit)
-    gpus = int(os.environ.get("WORLD_SIZE", gpus))  # under torchrun: one process per GPU
-    if gpus > 1:
-        target = replace(target, gpus=gpus)
+    target = _target_here(gpu, vram_limit, gpus, dry_run)
     if os.environ.get("RANK", "0") != "0":  # rank 0 explains the choice; every rank makes the same one
         console = Console(quiet=True)
-    if not dry_run and target.device == "cuda" and not hardware.gpus:
-        raise UserError(
-            f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
-            hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.",
-        )
     try:
         tokenizer = load_tokenizer(
             resolve_model(model, trust_remote_code, console), trust_remote_code, chosen.get("chat_template_kwargs", "")
@@ -395,14 +382,7 @@ def run_auto(
             "The model's tokenizer is not available here: token lengths are estimated at 4 characters per token."
         )
     console.print(render_choice(choice, shape, model))
-    if not choice.fits:
-        smaller = catalogue_models_that_fit(replace(target, strategy=choice.recipe.parallel), choice.recipe)
-        raise UserError(
-            f"{shape.name} does not fit {target.name} even at the smallest settings: "
-            f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
-            hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
-            + " `qlora-kit plan` shows the details.",
-        )
+    check_choice_fits(choice, shape, target)
     recipe = with_overrides(
         choice.recipe,
         model=model,
@@ -428,6 +408,47 @@ def run_auto(
         out or next_free_run_dir(Path("runs"), "auto"),
         console,
         RunOptions(display=display, trust_remote_code=trust_remote_code, plan=plan, report_to=report_to),
+    )
+
+
+def _settings_from_data(loaded, data_path: Path, lora: dict, console: Console) -> dict:
+    """What the data decides when the user did not: preference pairs train with DPO."""
+    from qlora_kit.data import PREFERENCE_FORMATS
+
+    if loaded.format in PREFERENCE_FORMATS and lora.get("method") is None:
+        console.print(f"{data_path} holds preference pairs: training with DPO (--method orpo for ORPO).")
+        return {"method": "dpo"}  # pairs of a chosen and a rejected answer are what DPO learns from
+    return {}
+
+
+def _target_here(gpu: str | None, vram_limit: float | None, gpus: int, dry_run: bool) -> Target:
+    """The card to choose for (--gpu), else this machine's GPU (capped at vram_limit) or RAM, times the GPUs the run
+    trains on; a choice for a card is trained only on a machine with a GPU."""
+    from qlora_kit.hardware import probe
+
+    hardware = probe(check_bnb=False)
+    target = choose_target(gpu=gpu, hardware=hardware, vram_limit=vram_limit)
+    gpus = int(os.environ.get("WORLD_SIZE", gpus))  # under torchrun: one process per GPU
+    if gpus > 1:
+        target = replace(target, gpus=gpus)
+    if not dry_run and target.device == "cuda" and not hardware.gpus:
+        raise UserError(
+            f"This machine has no GPU, so it cannot train the choice made for {target.name}.",
+            hint="Add --dry-run to see the choice, or drop --gpu/--vram-limit to train on the CPU.",
+        )
+    return target
+
+
+def check_choice_fits(choice: Choice, shape: ModelShape, target: Target) -> None:
+    """Refuse a choice that does not fit even at the smallest settings, naming catalogue models that would."""
+    if choice.fits:
+        return
+    smaller = catalogue_models_that_fit(replace(target, strategy=choice.recipe.parallel), choice.recipe)
+    raise UserError(
+        f"{shape.name} does not fit {target.name} even at the smallest settings: "
+        f"{choice.planned_bytes / GIB:.1f} GiB planned for {target.capacity_bytes / GIB:.1f} GiB.",
+        hint=(f"These catalogue models fit: {', '.join(smaller[:4])}." if smaller else "Use a larger card.")
+        + " `qlora-kit plan` shows the details.",
     )
 
 

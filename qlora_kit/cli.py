@@ -366,9 +366,8 @@ def generate(
     """Answer prompts with a base model and its adapters. One prompt, or a file of them, side by side."""
     _check_adapters(adapter)
     from qlora_kit.adapter import Sampling, load_with_adapters
-    from qlora_kit.chat import answer_each, answered_in, answers_table, not_yet_answered, read_prompts
+    from qlora_kit.chat import answers_table, read_prompts
     from qlora_kit.dashboard import printable
-    from qlora_kit.files import open_for_appending
 
     if (prompt is None) == (file is None):
         raise UserError(
@@ -383,21 +382,45 @@ def generate(
         lm, tokenizer, names = load_with_adapters(model, adapter or [], trust_remote_code=trust_remote_code)
     columns = ([None] if compare or not names else []) + names
     if output:
-        done = answered_in(output, [name or "base" for name in columns])
-        pending = not_yet_answered(prompts, done)
-        if len(pending) < len(prompts):
-            console.print(
-                f"{printable(output)} answers {len(prompts) - len(pending)} of the {len(prompts)} prompts "
-                f"already; answering the other {len(pending)}.",
-                highlight=False,
-            )
-        prompts = pending
+        prompts = _not_yet_answered_in(output, prompts, columns)
+    sampling = Sampling(temperature, top_p, max_new_tokens)
+    rows = _answer_all(lm, tokenizer, prompts, columns, sampling, not raw, output, as_json)
+    if as_json or not rows:
+        return
+    if output:
+        console.print(f"Wrote {len(rows)} answers to {printable(output)}.", highlight=False, soft_wrap=True)
+    elif len(rows) == 1 and len(columns) == 1:
+        console.print(next(iter(rows[0]["replies"].values())), highlight=False, markup=False)
+    else:
+        console.print(answers_table(rows))
+
+
+def _not_yet_answered_in(output: Path, prompts: list, columns: list) -> list:
+    """The prompts whose answers --output does not hold yet, saying how many it holds."""
+    from qlora_kit.chat import answered_in, not_yet_answered
+    from qlora_kit.dashboard import printable
+
+    pending = not_yet_answered(prompts, answered_in(output, [name or "base" for name in columns]))
+    if len(pending) < len(prompts):
+        console.print(
+            f"{printable(output)} answers {len(prompts) - len(pending)} of the {len(prompts)} prompts "
+            f"already; answering the other {len(pending)}.",
+            highlight=False,
+        )
+    return pending
+
+
+def _answer_all(lm, tokenizer, prompts, columns, sampling, chat: bool, output: Path | None, as_json: bool) -> list:
+    """Every prompt's answers, each appended to output (and printed with as_json) as it is made; Ctrl-C ends
+    the command with what was answered kept."""
+    from qlora_kit.chat import answer_each, answers_table
+    from qlora_kit.dashboard import printable
+    from qlora_kit.files import open_for_appending
+
     rows, sink = [], open_for_appending(output) if output else None
     try:
         with console.status(f"Answering {len(prompts)} prompt{'s' * (len(prompts) != 1)} ...") as status:
-            for row in answer_each(
-                lm, tokenizer, prompts, columns, Sampling(temperature, top_p, max_new_tokens), chat=not raw
-            ):
+            for row in answer_each(lm, tokenizer, prompts, columns, sampling, chat=chat):
                 if sink:
                     sink.write(json.dumps(row) + "\n")
                     sink.flush()  # an interrupted run keeps every answer it finished
@@ -420,14 +443,7 @@ def generate(
     finally:
         if sink:
             sink.close()
-    if as_json or not rows:
-        return
-    if output:
-        console.print(f"Wrote {len(rows)} answers to {printable(output)}.", highlight=False, soft_wrap=True)
-    elif len(rows) == 1 and len(columns) == 1:
-        console.print(next(iter(rows[0]["replies"].values())), highlight=False, markup=False)
-    else:
-        console.print(answers_table(rows))
+    return rows
 
 
 @app.command()
@@ -560,27 +576,14 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the .gguf file (and Modelfile) if they exist."),
 ) -> None:
     """Export an adapter as GGUF, for llama.cpp, Ollama and LM Studio: alone (small, on a GGUF of its base) or merged."""
-    from qlora_kit.adapter import base_source_for, tokenizer_folder
-    from qlora_kit.dashboard import printable, shown_path
-    from qlora_kit.export import export_gguf_adapter, export_merged_gguf, run_name_of
+    from qlora_kit.adapter import base_source_for
+    from qlora_kit.dashboard import shown_path
+    from qlora_kit.export import run_name_of
     from qlora_kit.files import check_can_replace, only_writer
-    from qlora_kit.ollama import gguf_adds_bos, model_name, training_system_prompt, write_modelfile
-    from qlora_kit.sources import gguf_file_of, resolve_model
+    from qlora_kit.ollama import model_name
+    from qlora_kit.sources import resolve_model
 
-    if adapter is None and (export_format is not ExportFormat.gguf or model is None):
-        raise UserError(
-            "Give the --adapter to export.",
-            hint="qlora-kit export --adapter runs/NAME/adapter; or the base "
-            "alone: qlora-kit export --format gguf --model BASE.",
-        )
-    quant = quant.lower() if quant else None
-    if quant and export_format is ExportFormat.gguf_adapter:
-        raise UserError(
-            "--quant applies to --format gguf: an adapter GGUF keeps its LoRA matrices in f32 (a few MB), "
-            "and llama.cpp applies them to a base of any quantization.",
-            hint=f"Quantize the merged model: --format gguf --quant {quant}.",
-        )
-    _check_adapters([adapter] if adapter else [])
+    quant = _check_export_flags(adapter, export_format, model, quant)
     source = model or base_source_for(adapter)
     name = run_name_of(adapter) if adapter else resolve_model(source).name
     merged = export_format is ExportFormat.gguf
@@ -595,31 +598,9 @@ def export(
     say = lambda sentence: console.print(sentence, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     with only_writer(target, "exporting to"):
         if merged:
-            with console.status(f"{'Merging and writing' if adapter else 'Writing'} {target} ..."):
-                written = export_merged_gguf(adapter, target, model, quant, say=say)
-            console.print(
-                f"Wrote {printable(written)} ({written.stat().st_size / 2**20:,.1f} MiB), "
-                f"{'base + adapter merged' if adapter else 'the base model'}, with its tokenizer and chat "
-                f"template:\n  llama.cpp:  llama-cli -m {shown_path(written)} -cnv",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
-            from_, lora = f"./{written.name}", None
+            written, from_, lora = _export_merged(adapter, target, model, quant, say)
         else:
-            with console.status(f"Writing {target} ..."):
-                written = export_gguf_adapter(adapter, target, model, say=say)
-            base = gguf_file_of(source)  # a GGUF of the base, when qlora-kit knows one
-            console.print(
-                f"Wrote {printable(written)} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on "
-                f"a GGUF of the same base model, quantized or not:\n  llama.cpp:  llama-cli -m "
-                f"{shown_path(base) if base else 'BASE.gguf'} --lora {shown_path(written)}",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
-            # Ollama reads FROM relative to the Modelfile; the base's absolute path holds from anywhere.
-            from_, lora = str((base or resolve_model(source)).absolute()), f"./{written.name}"
+            written, from_, lora = _export_adapter_alone(adapter, target, model, source, say)
         name = model_name(name)  # as `ollama create` takes it
         if not ollama:
             console.print(
@@ -629,18 +610,7 @@ def export(
                 soft_wrap=True,
             )
             return
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, resolve_model(source)))
-        system = training_system_prompt(adapter) if adapter else None
-        modelfile, templated = write_modelfile(
-            written.parent,
-            from_,
-            lora,
-            tokenizer,
-            system,
-            gguf_adds_bos(written if lora is None else gguf_file_of(source)),
-        )
+        modelfile, templated = _write_modelfile_beside(written, from_, lora, adapter, source)
     console.print(
         f"  Ollama:     ollama create {name} -f {shown_path(modelfile)}   then   ollama run {name}",
         highlight=False,
@@ -653,6 +623,78 @@ def export(
             "TEMPLATE: Ollama reads the template inside the GGUF.[/]",
             highlight=False,
         )
+
+
+def _check_export_flags(adapter: Path | None, export_format: ExportFormat, model: str | None, quant: str | None):
+    """Refuse what export cannot do before any work; returns the quantization asked for, lower-cased."""
+    if adapter is None and (export_format is not ExportFormat.gguf or model is None):
+        raise UserError(
+            "Give the --adapter to export.",
+            hint="qlora-kit export --adapter runs/NAME/adapter; or the base "
+            "alone: qlora-kit export --format gguf --model BASE.",
+        )
+    quant = quant.lower() if quant else None
+    if quant and export_format is ExportFormat.gguf_adapter:
+        raise UserError(
+            "--quant applies to --format gguf: an adapter GGUF keeps its LoRA matrices in f32 (a few MB), "
+            "and llama.cpp applies them to a base of any quantization.",
+            hint=f"Quantize the merged model: --format gguf --quant {quant}.",
+        )
+    _check_adapters([adapter] if adapter else [])
+    return quant
+
+
+def _export_merged(adapter: Path | None, target: Path, model: str | None, quant: str, say) -> tuple[Path, str, None]:
+    """Base and adapter merged into one GGUF (or the base alone); returns it and how a Modelfile names it."""
+    from qlora_kit.dashboard import printable, shown_path
+    from qlora_kit.export import export_merged_gguf
+
+    with console.status(f"{'Merging and writing' if adapter else 'Writing'} {target} ..."):
+        written = export_merged_gguf(adapter, target, model, quant, say=say)
+    console.print(
+        f"Wrote {printable(written)} ({written.stat().st_size / 2**20:,.1f} MiB), "
+        f"{'base + adapter merged' if adapter else 'the base model'}, with its tokenizer and chat "
+        f"template:\n  llama.cpp:  llama-cli -m {shown_path(written)} -cnv",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    return written, f"./{written.name}", None
+
+
+def _export_adapter_alone(adapter: Path, target: Path, model: str | None, source: str, say) -> tuple[Path, str, str]:
+    """The LoRA weights alone as a GGUF adapter; returns it and how a Modelfile names the base and the adapter."""
+    from qlora_kit.dashboard import printable, shown_path
+    from qlora_kit.export import export_gguf_adapter
+    from qlora_kit.sources import gguf_file_of, resolve_model
+
+    with console.status(f"Writing {target} ..."):
+        written = export_gguf_adapter(adapter, target, model, say=say)
+    base = gguf_file_of(source)  # a GGUF of the base, when qlora-kit knows one
+    console.print(
+        f"Wrote {printable(written)} ({written.stat().st_size / 2**20:.2f} MiB), a LoRA adapter in GGUF. Use it on "
+        f"a GGUF of the same base model, quantized or not:\n  llama.cpp:  llama-cli -m "
+        f"{shown_path(base) if base else 'BASE.gguf'} --lora {shown_path(written)}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    # Ollama reads FROM relative to the Modelfile; the base's absolute path holds from anywhere.
+    return written, str((base or resolve_model(source)).absolute()), f"./{written.name}"
+
+
+def _write_modelfile_beside(written: Path, from_: str, lora: str | None, adapter: Path | None, source: str):
+    """An Ollama Modelfile beside the GGUF written; returns it and whether it holds the chat template."""
+    from transformers import AutoTokenizer
+
+    from qlora_kit.adapter import tokenizer_folder
+    from qlora_kit.ollama import gguf_adds_bos, training_system_prompt, write_modelfile
+    from qlora_kit.sources import gguf_file_of, resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, resolve_model(source)))
+    system = training_system_prompt(adapter) if adapter else None
+    adds_bos = gguf_adds_bos(written if lora is None else gguf_file_of(source))
+    return write_modelfile(written.parent, from_, lora, tokenizer, system, adds_bos)
 
 
 @app.command()

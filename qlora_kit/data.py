@@ -967,24 +967,27 @@ def check_report(
         parts.append(Text(f"Bad lines ({len(bad)}):", style="bold red"))
         parts += [Text(f"  {problem}", style="red") for problem in bad]
     if tokenizer is not None:
-        first = tokenized[0]
-        shown_sides = [("", "input_ids", "labels")]
-        if "rejected_ids" in first:
-            shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
-        for note in (
-            thinking_note(tokenizer),
-            history_note(loaded.records, tokenizer),
-            system_note(loaded.records, tokenizer),
-        ):
-            if note:
-                parts.append(Text(note, style="yellow"))
-        parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
-        for title, ids_key, labels_key in shown_sides:
-            shown = Text(title, style="bold")
-            for token, label in zip(first[ids_key][:seq_len], first[labels_key][:seq_len]):
-                shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
-            parts.append(shown)
+        parts += _as_the_model_sees_it(loaded.records, tokenized[0], tokenizer, seq_len)
     return Group(*parts), refusals
+
+
+def _as_the_model_sees_it(records: list, first: dict, tokenizer, seq_len: int) -> list:
+    """The template's notes (thinking, history, system prompt) and the first example's tokens, those the loss is
+    on highlighted."""
+    from rich.text import Text
+
+    notes = (thinking_note(tokenizer), history_note(records, tokenizer), system_note(records, tokenizer))
+    parts = [Text(note, style="yellow") for note in notes if note]
+    parts.append(Text("First example as the model sees it (loss on the bright green tokens):", style="bold"))
+    shown_sides = [("", "input_ids", "labels")]
+    if "rejected_ids" in first:
+        shown_sides = [("Chosen: ", "input_ids", "labels"), ("Rejected: ", "rejected_ids", "rejected_labels")]
+    for title, ids_key, labels_key in shown_sides:
+        shown = Text(title, style="bold")
+        for token, label in zip(first[ids_key][:seq_len], first[labels_key][:seq_len]):
+            shown.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
+        parts.append(shown)
+    return parts
 
 
 def _histogram(lengths: list[int], bins: int = 8, width: int = 40):
