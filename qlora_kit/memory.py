@@ -447,6 +447,36 @@ def estimate_peak_memory(
         components["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         components["process_overhead"] = HOST_PROCESS_BYTES
+    sizes = {"lora": lora, "compute_bytes": cb, "offloaded": offloaded, "scores": scores, "sequences": sequences}
+    notes = plan_notes(shape, recipe, on_gpu, gpus, strategy, sizes)
+    details = {
+        "layer_recompute": recompute if checkpointed else backward_only,
+        "loss_working_set": loss,
+        "loss_chunk_tokens": chunk,
+        "checkpointed_layers": checkpointed,
+        "reference_forward": reference,
+    }
+    return MemoryPlan(
+        model=shape.name,
+        device=device,
+        seq_len=recipe.seq_len,
+        micro_batch=recipe.micro_batch,
+        rank=recipe.rank,
+        components=components,
+        trainable_params=lora,
+        total_params=shape.parameter_count() + lora,
+        adapter_bytes=4 * lora,
+        capacity_bytes=capacity_bytes,
+        details=details,
+        notes=notes,
+    )
+
+
+def plan_notes(shape: ModelShape, recipe: Recipe, on_gpu: bool, gpus: int, strategy: str, sizes: dict) -> list[str]:
+    """The plan's notes: what the figures assume or leave out, for this model and recipe (sizes: the estimate's
+    lora parameters, compute_bytes, offloaded and scores bytes, sequences a micro-batch)."""
+    lora, cb, offloaded, scores = sizes["lora"], sizes["compute_bytes"], sizes["offloaded"], sizes["scores"]
+    sequences, L = sizes["sequences"], shape.num_layers
     notes = [f"{offloaded / GIB:.2f} GiB of checkpointed activations are offloaded to host RAM."] if offloaded else []
     if shape.moe_layers:
         notes.append(
@@ -498,27 +528,7 @@ def estimate_peak_memory(
             + (f"; the reference is {model}, not a second model" if recipe.method == "dpo" else "")
             + "."
         )
-    details = {
-        "layer_recompute": recompute if checkpointed else backward_only,
-        "loss_working_set": loss,
-        "loss_chunk_tokens": chunk,
-        "checkpointed_layers": checkpointed,
-        "reference_forward": reference,
-    }
-    return MemoryPlan(
-        model=shape.name,
-        device=device,
-        seq_len=recipe.seq_len,
-        micro_batch=recipe.micro_batch,
-        rank=recipe.rank,
-        components=components,
-        trainable_params=lora,
-        total_params=shape.parameter_count() + lora,
-        adapter_bytes=4 * lora,
-        capacity_bytes=capacity_bytes,
-        details=details,
-        notes=notes,
-    )
+    return notes
 
 
 def optimizer_state_bytes(optimizer: str) -> int:
