@@ -30,12 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.random_model import build_random_model  # noqa: E402
-from qlora_kit import data, model as models  # noqa: E402
-from qlora_kit.catalog import find_model_shape  # noqa: E402
-from qlora_kit.hardware import gpu_readings  # noqa: E402
-from qlora_kit.loop import StepsKept, train_model  # noqa: E402
-from qlora_kit.memory import estimate_peak_memory  # noqa: E402
-from qlora_kit.recipes import Recipe  # noqa: E402
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models  # noqa: E402
+from qlora_kit.plan.memory import estimate_peak_memory  # noqa: E402
+from qlora_kit.plan.recipes import Recipe  # noqa: E402
+from qlora_kit.probe.catalog import find_model_shape  # noqa: E402
+from qlora_kit.probe.hardware import gpu_readings  # noqa: E402
+from qlora_kit.train.loop import StepsKept, train_model  # noqa: E402
 from qlora_kit.units import GIB  # noqa: E402
 
 

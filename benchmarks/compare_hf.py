@@ -3,7 +3,7 @@
 Each side runs in its own fresh process:
   hf   transformers Trainer + prepare_model_for_kbit_training, LoRA on all linear layers, gradient checkpointing,
        paged 8-bit AdamW (torch AdamW on CPU), bf16 on GPU, NF4 with double quantization;
-  ours qlora_kit.loop.train_model with the same model, data, sequence, batch and rank, and qlora-kit's own choices
+  ours qlora_kit.train.loop.train_model with the same model, data, sequence, batch and rank, and qlora-kit's own choices
        where they differ: LoRA dropout 0 (--ours-dropout) and, where memory allows, the last layers kept whole
        instead of recomputed (--ours-layers auto: the plan's choice under the cap or the device's memory).
 The model has its catalogue config and random weights (no download); the data is random tokens of exactly
@@ -83,7 +83,7 @@ def _memory(cuda: bool) -> dict:
         return {"peak_rss_gib": peak_rss_bytes() / GIB}
     import torch
 
-    from qlora_kit.hardware import gpu_readings
+    from qlora_kit.probe.hardware import gpu_readings
 
     return {
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
@@ -156,11 +156,12 @@ def train_ours(args, rows, step_times) -> dict:
     """qlora-kit's loop on the same rows; returns its dropout and how many layers it checkpointed."""
     import torch
 
-    from qlora_kit import data, model as models
-    from qlora_kit.catalog import find_model_shape
-    from qlora_kit.loop import StepsKept, train_model
-    from qlora_kit.memory import TIGHT_FRACTION, most_uncheckpointed_layers
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.data import dataset as data
+    from qlora_kit.model import load as models
+    from qlora_kit.plan.memory import TIGHT_FRACTION, most_uncheckpointed_layers
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.probe.catalog import find_model_shape
+    from qlora_kit.train.loop import StepsKept, train_model
 
     cuda = args.device == "cuda"
     device, dtype = (torch.device("cuda", 0), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)

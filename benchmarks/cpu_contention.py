@@ -30,11 +30,12 @@ def train_worker(steps: int, seq: int, batch: int) -> dict:
     """Median seconds of a training step of the demo's shape (LoRA r16 on the 4-bit base), through the training loop."""
     import torch
 
-    from qlora_kit import data, model as models
-    from qlora_kit.demo import DEMO_DATA
-    from qlora_kit.loop import StepsKept, train_model
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.cli.demo import DEMO_DATA
+    from qlora_kit.data import dataset as data
+    from qlora_kit.model import load as models
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.probe.sources import resolve_model
+    from qlora_kit.train.loop import StepsKept, train_model
 
     recipe = Recipe(
         rank=16,
@@ -66,9 +67,9 @@ def generate_worker(kind: str, tokens: int, repeats: int) -> dict:
     """Greedy tokens/s for one chat prompt: qlora-kit's 4-bit path, or plain transformers on the 16-bit folder."""
     import torch
 
-    from qlora_kit import model as models
-    from qlora_kit.adapter import Sampling, generate_replies
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.adapter.folder import Sampling, generate_replies
+    from qlora_kit.model import load as models
+    from qlora_kit.probe.sources import resolve_model
 
     folder = resolve_model("smollm2-135m")
     tokenizer = models.load_tokenizer(folder)

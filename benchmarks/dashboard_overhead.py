@@ -24,10 +24,11 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit import data, model as models  # noqa: E402
-from qlora_kit.dashboard import Dashboard, RunInfo  # noqa: E402
-from qlora_kit.loop import Hooks, train_model  # noqa: E402
-from qlora_kit.recipes import Recipe  # noqa: E402
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models  # noqa: E402
+from qlora_kit.plan.recipes import Recipe  # noqa: E402
+from qlora_kit.train.dashboard import Dashboard, RunInfo  # noqa: E402
+from qlora_kit.train.loop import Hooks, train_model  # noqa: E402
 from tests.conftest import save_tiny_model  # noqa: E402
 from tests.test_dashboard import scripted  # noqa: E402
 

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit import data  # noqa: E402
-from qlora_kit.model import load_tokenizer  # noqa: E402
-from qlora_kit.sources import resolve_model  # noqa: E402
+from qlora_kit.data import dataset as data  # noqa: E402
+from qlora_kit.model.load import load_tokenizer  # noqa: E402
+from qlora_kit.probe.sources import resolve_model  # noqa: E402
 
 
 def anonymous_memory() -> int:

@@ -32,11 +32,11 @@ def main() -> None:
 
     import torch
 
-    from qlora_kit import data
-    from qlora_kit.model import attach_lora, load_base_4bit, load_tokenizer
-    from qlora_kit.preference import PreferenceLoss, reference_log_probs
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.data import dataset as data
+    from qlora_kit.model.load import attach_lora, load_base_4bit, load_tokenizer
+    from qlora_kit.objectives.preference import PreferenceLoss, reference_log_probs
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.probe.sources import resolve_model
 
     folder, cpu = resolve_model(args.model), torch.device("cpu")
     tokenizer = load_tokenizer(folder)

@@ -78,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from benchmarks.random_model import build_random_model
-    from qlora_kit.export import merged_export_ram
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.export.gguf import merged_export_ram
+    from qlora_kit.probe.sources import resolve_model
     from tests.tiny_models import build_tokenizer
 
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def main() -> None:
             build_tokenizer().save_pretrained(llama_1b)  # a stand-in: export needs a tokenizer to write
         models["Llama-3.2-1B (random)"] = llama_1b
 
-    floor_s, floor_gib = run_measured("import torch, gguf, safetensors, transformers, qlora_kit.export")
+    floor_s, floor_gib = run_measured("import torch, gguf, safetensors, transformers, qlora_kit.export.gguf")
     print(
         f"uptime: {os.getloadavg()}; floor (Python, torch, transformers, gguf imported): {floor_gib:.2f} GiB RSS, {floor_s:.1f} s"
     )
@@ -114,7 +114,7 @@ def main() -> None:
                 if form == "adapter"
                 else f"export_merged_gguf({str(adapter)!r}, {str(out)!r}, {str(base)!r}, {quant!r})"
             )
-            seconds, peak = run_measured(f"from qlora_kit.export import *; {call}")
+            seconds, peak = run_measured(f"from qlora_kit.export.gguf import *; {call}")
             said = "" if form == "adapter" else f"{merged_export_ram(base) / 2**30:.2f}"
             print(
                 f"{label:<24}{size / 2**30:>12.2f}{form + ' ' + (quant or 'f32'):>22}{seconds:>9.1f}"

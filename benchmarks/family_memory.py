@@ -88,8 +88,9 @@ def measure_point(kind: str, changes: dict, settings: dict, folder: Path) -> dic
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_kit.memory import ModelShape, estimate_peak_memory
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.architectures.shape import ModelShape
+    from qlora_kit.plan.memory import estimate_peak_memory
+    from qlora_kit.plan.recipes import Recipe
     from tests.tiny_models import build_tokenizer
 
     config = AutoConfig.for_model(kind, **SIZES | changes)

@@ -20,9 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit import checkpoint, data, model as models  # noqa: E402
-from qlora_kit.loop import StepsKept, train_model  # noqa: E402
-from qlora_kit.recipes import Recipe  # noqa: E402
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models  # noqa: E402
+from qlora_kit.plan.recipes import Recipe  # noqa: E402
+from qlora_kit.train import checkpoint
+from qlora_kit.train.loop import StepsKept, train_model  # noqa: E402
 
 STEPS, SAVED_AT = 6, 3
 

@@ -41,8 +41,8 @@ TRAIN = """
 import json, sys, time, re
 from pathlib import Path
 from rich.console import Console
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 settings, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 started = time.perf_counter()
 summary = run_training(Recipe(**settings), out, Console(quiet=True), display="quiet")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit import data, model as models
-from qlora_kit.loop import Hooks, train_model
-from qlora_kit.recipes import Recipe
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.loop import Hooks, train_model
 
 
 def rss_bytes(field: str) -> int:

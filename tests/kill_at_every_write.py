@@ -57,7 +57,7 @@ def in_child(work, log: Path) -> int:
 
 
 def run_cli(*args) -> int:
-    from qlora_kit.cli import main
+    from qlora_kit.cli.app import main
 
     sys.argv = ["qlora-kit", *map(str, args)]
     main()
@@ -68,7 +68,7 @@ def watch_writes(run_dir: Path, kill_at: int | None, seen: list) -> None:
     """Record each write point under run_dir in `seen`; at number kill_at, die as SIGKILL would."""
     import torch
 
-    from qlora_kit import dashboard
+    from qlora_kit.train import dashboard
 
     root = str(run_dir)
 
@@ -140,7 +140,7 @@ def same_run(a: Path, b: Path) -> bool:
 def main(model: str, data: str, work: Path, every_nth: int = 1, flags: list[str] = ()) -> None:
     # Imported once, before the forks, so that each child starts with them loaded (seconds each otherwise); qlora_kit
     # first, as it quiets a bitsandbytes logger.
-    from qlora_kit import cli, train  # noqa: F401, I001
+    from qlora_kit.train import run as train  # noqa: F401, I001
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch

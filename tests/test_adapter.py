@@ -6,9 +6,11 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora_kit import adapter, data, model as models
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.adapter import folder as adapter
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 
 CPU = torch.device("cpu")
 
@@ -86,7 +88,7 @@ def test_every_run_writes_an_adapter_card(llama_dir, chat_data, tmp_path):
 
 
 def test_the_card_of_an_adapter_trained_on_a_shipped_gguf_says_so():
-    from qlora_kit.adapter import adapter_card
+    from qlora_kit.adapter.folder import adapter_card
 
     facts = dict(
         steps=3,

@@ -30,9 +30,9 @@ def test_a_family_that_overflows_fp16_computes_in_fp32_on_a_card_without_bf16(mo
 
     import torch
 
-    from qlora_kit.model import pick_device_and_dtype
-    from qlora_kit.plan import choose_target, make_plan
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.model.load import pick_device_and_dtype
+    from qlora_kit.plan.planner import choose_target, make_plan
+    from qlora_kit.plan.recipes import Recipe
 
     t4 = choose_target(gpu="T4")
     gemma = make_plan("gemma-2b", Recipe(), t4)
@@ -105,7 +105,7 @@ def hub_layout(folder):
     """Rewrite a checkpoint's weight names as the hub's Gemma 3 4B-27B have them (saved before transformers 4.52)."""
     from safetensors.torch import load_file, save_file
 
-    from qlora_kit.sources import OLD_MULTIMODAL_NAMES
+    from qlora_kit.probe.sources import OLD_MULTIMODAL_NAMES
 
     weights = load_file(folder / "model.safetensors")
     renamed = {}
@@ -130,10 +130,10 @@ def test_gemma_3_multimodal_trains_on_text_and_its_adapter_is_plain_peft_on_its_
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
-    from qlora_kit.export import export_merged_gguf
-    from qlora_kit.merge import merge_adapter
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.export.gguf import export_merged_gguf
+    from qlora_kit.export.merge import merge_adapter
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import run_training
     from tests.tiny_models import save_tiny_model
 
     base = save_tiny_model(tmp_path / "gemma-3", "gemma3")
@@ -198,8 +198,8 @@ def test_each_new_family_learns_and_resumes_exactly_after_a_kill(tmp_path, kind,
     import torch
     from rich.console import Console
 
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import RunOptions, run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import RunOptions, run_training
     from tests.test_reliability import assert_same_run, losses
     from tests.tiny_models import save_tiny_model
 
@@ -236,9 +236,9 @@ def test_a_hybrids_or_gemma_4s_merge_is_the_base_plus_the_adapter(tmp_path, kind
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit import model as models
-    from qlora_kit.merge import merge_adapter
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.export.merge import merge_adapter
+    from qlora_kit.model import load as models
+    from qlora_kit.plan.recipes import Recipe
     from tests.tiny_models import save_tiny_model
 
     base = save_tiny_model(tmp_path / "base", kind)

@@ -7,13 +7,14 @@ import pytest
 import yaml
 from rich.console import Console
 
-from qlora_kit.auto import choose_recipe, render_choice, run_auto
-from qlora_kit.catalog import find_model_shape, gpu_catalogue
-from qlora_kit.data import percentile
+from qlora_kit.cli.auto import run_auto
+from qlora_kit.data.dataset import percentile
 from qlora_kit.errors import UserError
-from qlora_kit.hardware import probe
-from qlora_kit.plan import Target, catalogue_models_that_fit, choose_target
-from qlora_kit.recipes import card_gb, load_recipe
+from qlora_kit.plan.choose import choose_recipe, render_choice
+from qlora_kit.plan.planner import Target, catalogue_models_that_fit, choose_target
+from qlora_kit.plan.recipes import card_gb, load_recipe
+from qlora_kit.probe.catalog import find_model_shape, gpu_catalogue
+from qlora_kit.probe.hardware import probe
 from qlora_kit.units import GIB
 
 LONG_DATA = [300] * 500 + [1500] * 450 + [6000] * 50  # p95 = 1500 tokens
@@ -95,7 +96,7 @@ def test_percentile_is_nearest_rank():
 
 
 def test_every_shipped_recipe_is_valid_and_documented():
-    from qlora_kit.recipes import card_recipes
+    from qlora_kit.plan.recipes import card_recipes
 
     recipes = card_recipes()
     assert list(recipes) == ["4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
@@ -134,7 +135,7 @@ def test_auto_dry_run_trains_nothing_and_a_gpu_choice_needs_a_gpu(chat_data, tmp
 
 
 def test_length_estimates_cover_every_format_without_a_tokenizer():
-    from qlora_kit.auto import data_lengths
+    from qlora_kit.cli.auto import data_lengths
 
     records = [
         {"text": "x" * 400},
@@ -213,8 +214,8 @@ def test_the_choice_names_the_shipped_model_as_what_trains():
 
 def test_the_run_auto_starts_keeps_the_plan_auto_printed(llama_dir, chat_data, tmp_path, monkeypatch):
     """auto --vram-limit 6 on a machine with a (pretend) GPU: plan.json is the plan of the choice, not a new one."""
-    from qlora_kit import hardware
-    from qlora_kit.hardware import Gpu
+    from qlora_kit.probe import hardware
+    from qlora_kit.probe.hardware import Gpu
 
     real = hardware.probe(check_bnb=False)
     with_gpu = dataclasses.replace(real, gpus=[Gpu(0, "Pretend GPU", "8.6", 24.0, 23.0, True, "torch")])
@@ -242,8 +243,8 @@ def test_lora_choices_are_planned_with_and_kept():
 
 
 def test_auto_starts_from_an_adapter_with_its_settings(llama_dir, chat_data, tmp_path, monkeypatch):
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import run_training
 
     run_training(
         Recipe(model=str(llama_dir), data=str(chat_data), rank=4, alpha=8, target_modules="attention", steps=1),

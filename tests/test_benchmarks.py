@@ -221,8 +221,8 @@ def test_memory_cap_reads_a_stepped_down_run_and_auto_takes_its_what_if_model(
     from rich.console import Console
 
     from benchmarks.memory_cap import lost_or_repeated_steps, prepare, read_run
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import run_training
     from tests.test_cli import run_cli
     from tests.test_train import flaky_loss
 

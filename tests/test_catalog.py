@@ -3,8 +3,8 @@ from dataclasses import replace
 
 import pytest
 
-from qlora_kit.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids, read_catalogue
 from qlora_kit.errors import UserError
+from qlora_kit.probe.catalog import find_gpu, find_model_shape, gpu_catalogue, model_ids, read_catalogue
 
 REQUIRED = [
     "gemma-2b",
@@ -95,8 +95,8 @@ def test_catalogue_entries_are_valid_transformers_configs(model_id):
     """benchmarks/calibrate_memory.py builds models from these entries; transformers must read them the same way."""
     from transformers import AutoConfig
 
-    from qlora_kit.catalog import _models
-    from qlora_kit.memory import ModelShape
+    from qlora_kit.architectures.shape import ModelShape
+    from qlora_kit.probe.catalog import _models
 
     entry = {k: v for k, v in _models()["models"][model_id].items() if k != "short"}
     config = AutoConfig.for_model(**entry).to_dict()
@@ -166,8 +166,8 @@ def test_the_memory_model_counts_every_norm_of_their_layers(name):
 def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
     """At 2,048 x 1, rank 16: Qwen3-30B-A3B fits an RTX 4090 and not an RTX 3060, whose plan names a card that would
     run it; gpt-oss-20b fits 16 GB; Gemma 4 26B-A4B fits 24 GB, not 16."""
-    from qlora_kit.plan import plan_for_layout
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.plan.planner import plan_for_layout
+    from qlora_kit.plan.recipes import Recipe
 
     def verdict(model, **target):
         return plan_for_layout(model, Recipe(seq_len=2048, micro_batch=1), **target)
@@ -183,8 +183,8 @@ def test_the_mixture_of_experts_models_fit_the_cards_people_train_them_on():
 def test_the_hybrids_fit_small_cards_and_qwen3_next_fits_no_consumer_card():
     """At 2,048 x 1, rank 16: LFM2-2.6B on an 8 GB card, Qwen3.5-9B on 12 GB; Qwen3-Next-80B-A3B not even on 24 GB,
     where the plan names a card that would run it."""
-    from qlora_kit.plan import plan_for_layout
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.plan.planner import plan_for_layout
+    from qlora_kit.plan.recipes import Recipe
 
     def verdict(model, **target):
         return plan_for_layout(model, Recipe(seq_len=2048, micro_batch=1), **target)

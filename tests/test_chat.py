@@ -13,11 +13,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_kit import adapter, chat
-from qlora_kit.adapter import Sampling, load_with_adapters
+from qlora_kit.adapter import folder as adapter
+from qlora_kit.adapter.folder import Sampling, load_with_adapters
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.inference import chat
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 from tests.conftest import write_jsonl
 from tests.test_cli import run_cli
 
@@ -165,7 +166,7 @@ def test_prompt_files_with_problems(tmp_path, content, message):
 # The real CLI in a child process, each answer (or streamed token) slowed so that a signal lands mid-way.
 SLOW_CHILD = """
 import sys, time
-import qlora_kit.chat as chat
+import qlora_kit.inference.chat as chat
 from transformers import TextIteratorStreamer
 answer_each, put = chat.answer_each, TextIteratorStreamer.put
 def slow_answers(*args, **kwargs):
@@ -177,7 +178,7 @@ def slow_put(self, value):
     return put(self, value)
 chat.answer_each, TextIteratorStreamer.put = slow_answers, slow_put
 sys.argv = ["qlora-kit", *sys.argv[1:]]
-from qlora_kit.cli import main
+from qlora_kit.cli.app import main
 main()
 """
 

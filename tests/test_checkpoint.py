@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_kit import checkpoint
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train import checkpoint
+from qlora_kit.train.run import run_training
 from tests.test_train import QUIET
 
 

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from qlora_kit import cli
+from qlora_kit.cli import app as cli
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -192,7 +192,12 @@ def test_generate_with_a_folder_that_is_not_an_adapter(monkeypatch, capsys, tmp_
 def test_a_missing_adapter_is_named_before_anything_loads(monkeypatch, capsys, tmp_path, command):
     import sys
 
-    for heavy in ("qlora_kit.adapter", "qlora_kit.chat", "qlora_kit.evaluation", "qlora_kit.merge"):
+    for heavy in (
+        "qlora_kit.adapter.folder",
+        "qlora_kit.inference.chat",
+        "qlora_kit.inference.evaluation",
+        "qlora_kit.export.merge",
+    ):
         monkeypatch.setitem(sys.modules, heavy, None)  # importing one now would fail: the check must come first
     code, _, err = run_cli(monkeypatch, capsys, *command, "--adapter", tmp_path / "no-such-run" / "adapter")
     assert code == 1 and "no-such-run/adapter does not exist" in err and "Traceback" not in err
@@ -395,12 +400,12 @@ def test_peft_advice_to_library_authors_stays_off_the_screen_and_ours_shows():
         warnings.warn_explicit(
             "fan_in_fan_out is set to True", UserWarning, "layer.py", 1, module="peft.tuners.lora.layer"
         )
-        warnings.warn_explicit("our own", UserWarning, "train.py", 1, module="qlora_kit.train")
+        warnings.warn_explicit("our own", UserWarning, "train.py", 1, module="qlora_kit.train.run")
     assert [str(w.message) for w in shown] == ["our own"]
 
 
 def test_the_flags_users_have_today_still_work_and_every_setting_has_one(monkeypatch, capsys, tmp_path, llama_dir):
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.plan.recipes import Recipe
 
     old = [
         "--format",

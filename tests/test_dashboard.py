@@ -4,8 +4,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qlora_kit.dashboard import Dashboard, MetricsLog, RunInfo, memory_bar, sparkline, summary_table
-from qlora_kit.train import RunSummary
+from qlora_kit.train.dashboard import Dashboard, MetricsLog, RunInfo, memory_bar, sparkline, summary_table
+from qlora_kit.train.run import RunSummary
 
 GPU = RunInfo("run-a", "gemma-2b", "cuda", total_steps=40, capacity_gib=8.0, planned_gib=6.0)
 
@@ -181,7 +181,7 @@ def test_the_live_view_stops_the_terminal_echoing_ctrl_c_and_gives_it_back(monke
     import sys
     import termios
 
-    from qlora_kit.dashboard import hide_control_echo
+    from qlora_kit.train.dashboard import hide_control_echo
 
     leader, follower = pty.openpty()
     with os.fdopen(follower, "r") as terminal:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from qlora_kit.data import (
+from qlora_kit.data.dataset import (
     FALLBACK_TEMPLATE,
     IGNORE,
     cache_key,
@@ -236,7 +236,7 @@ REWRITING_TEMPLATE = (
 
 
 def test_a_template_that_rewrites_earlier_turns_learns_the_last_turn_as_inference_meets_it(tokenizer):
-    from qlora_kit.data import history_note
+    from qlora_kit.data.dataset import history_note
 
     qwen3_like = build_tokenizer()
     qwen3_like.chat_template = REWRITING_TEMPLATE
@@ -409,7 +409,7 @@ def test_large_files_tokenize_in_several_processes_with_the_same_result(tokenize
         for i in range(40)
     ]
     alone = tokenize(records, tokenizer, 64)
-    monkeypatch.setattr("qlora_kit.data.PARALLEL_FROM", 10)
+    monkeypatch.setattr("qlora_kit.data.dataset.PARALLEL_FROM", 10)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     together = tokenize(records, tokenizer, 64)
     assert [(e.input_ids, e.labels) for e in together] == [(e.input_ids, e.labels) for e in alone]
@@ -439,7 +439,7 @@ def test_truncation_and_train_on_inputs_apply_to_the_cached_table(tokenizer):
 def test_data_check_counts_as_nothing_to_learn_what_training_drops(tmp_path):
     from rich.console import Console
 
-    from qlora_kit.data import check_report
+    from qlora_kit.data.dataset import check_report
 
     records = [
         {"prompt": "one", "completion": " two"},
@@ -456,7 +456,7 @@ def test_data_check_counts_as_nothing_to_learn_what_training_drops(tmp_path):
 
 
 def test_data_check_refuses_what_training_refuses(tmp_path):
-    from qlora_kit.data import check_report
+    from qlora_kit.data.dataset import check_report
 
     bad = write(tmp_path, '{"text": "ok"}\n' + "oops\n" * 12)
     report, refusals = check_report(bad)
@@ -473,7 +473,7 @@ def test_data_check_refuses_what_training_refuses(tmp_path):
 
 SLOW_TOKENIZING_CHILD = """
 import sys, time
-import qlora_kit.data as data
+import qlora_kit.data.dataset as data
 original, marker = data._tokenize_batch, sys.argv[1]
 def slow(*args, **kwargs):
     open(marker, "w").close()  # a worker has started: the test presses Ctrl-C now
@@ -481,7 +481,7 @@ def slow(*args, **kwargs):
     return original(*args, **kwargs)
 data._tokenize_batch = slow
 sys.argv = ["qlora-kit", *sys.argv[2:]]
-from qlora_kit.cli import main
+from qlora_kit.cli.app import main
 main()
 """
 
@@ -493,7 +493,7 @@ def test_ctrl_c_during_parallel_tokenizing_stops_with_130_and_no_traceback(llama
     import sys
     import time
 
-    from qlora_kit.data import PARALLEL_FROM
+    from qlora_kit.data.dataset import PARALLEL_FROM
 
     data_file = tmp_path / "many.jsonl"
     data_file.write_text("".join(json.dumps({"text": f"line {n}"}) + "\n" for n in range(PARALLEL_FROM)))
@@ -539,8 +539,8 @@ THINKING_TEMPLATE = REWRITING_TEMPLATE.replace(
 def test_chat_template_kwargs_set_the_thinking_switch_in_training_data_check_and_the_saved_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from qlora_kit.data import thinking_note
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.data.dataset import thinking_note
+    from qlora_kit.model.load import load_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = THINKING_TEMPLATE
@@ -564,7 +564,7 @@ def test_chat_template_kwargs_set_the_thinking_switch_in_training_data_check_and
 
 @pytest.mark.parametrize("given, says", [("enable_thinking", "is not KEY=VALUE"), ("1x=2", "is not KEY=VALUE")])
 def test_chat_template_kwargs_that_are_not_key_value_pairs_are_refused(given, says):
-    from qlora_kit.model import parse_template_variables
+    from qlora_kit.model.load import parse_template_variables
 
     with pytest.raises(UserError, match=says):
         parse_template_variables(given)
@@ -585,7 +585,7 @@ FOLDING_TEMPLATE = (
 
 
 def test_data_check_says_where_a_template_without_a_system_turn_puts_the_system_message(tokenizer):
-    from qlora_kit.data import system_note
+    from qlora_kit.data.dataset import system_note
 
     gemma_like = build_tokenizer()
     gemma_like.chat_template = FOLDING_TEMPLATE

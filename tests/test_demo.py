@@ -8,11 +8,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from qlora_kit import data, model as models
-from qlora_kit.demo import DEMO_DATA
-from qlora_kit.loss import chunked_cross_entropy
-from qlora_kit.run_folder import next_free_run_dir
-from qlora_kit.sources import resolve_model
+from qlora_kit.cli.demo import DEMO_DATA
+from qlora_kit.data import dataset as data
+from qlora_kit.model import load as models
+from qlora_kit.objectives.sft import chunked_cross_entropy
+from qlora_kit.probe.sources import resolve_model
+from qlora_kit.train.run_folder import next_free_run_dir
 
 
 def test_next_free_run_dir_never_reuses_a_folder(tmp_path):

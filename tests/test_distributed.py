@@ -11,10 +11,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_kit import checkpoint
-from qlora_kit.distributed import without_gpus_flag
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import RunOptions, run_training
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train import checkpoint
+from qlora_kit.train.distributed import without_gpus_flag
+from qlora_kit.train.run import RunOptions, run_training
 from tests.test_reliability import adapter_tensors, losses
 
 ARGS = ["--rank", "4", "--steps", "6", "--micro-batch", "2", "--checkpoint-every", "3", "--dropout", "0", "--plain"]

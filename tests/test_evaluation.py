@@ -4,9 +4,9 @@ import math
 
 from rich.console import Console
 
-from qlora_kit.evaluation import run_eval
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.inference.evaluation import run_eval
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 from tests.test_cli import run_cli
 
 

@@ -8,11 +8,12 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
+from qlora_kit.architectures.shape import ModelShape
 from qlora_kit.errors import UserError
-from qlora_kit.experts import Experts4bit, dequantize_experts
-from qlora_kit.memory import ModelShape, lora_params, quantized_weight_bytes
-from qlora_kit.model import attach_lora, load_base_4bit, no_dropout
-from qlora_kit.recipes import Recipe, rank_of_experts
+from qlora_kit.model.experts import Experts4bit, dequantize_experts
+from qlora_kit.model.load import attach_lora, load_base_4bit, no_dropout
+from qlora_kit.plan.memory import lora_params, quantized_weight_bytes
+from qlora_kit.plan.recipes import Recipe, rank_of_experts
 from tests.tiny_models import save_tiny_model
 
 CPU = torch.device("cpu")
@@ -108,8 +109,8 @@ def test_lora_goes_on_each_expert_not_the_router_and_loads_in_plain_peft(moe_dir
     model.save_pretrained(tmp_path / "adapter")
     ours = logits(model, ids(1))
     # generate, chat and eval load it onto the 4-bit base as training had it
-    from qlora_kit.adapter import load_with_adapters
-    from qlora_kit.experts import experts_lora_class
+    from qlora_kit.adapter.folder import load_with_adapters
+    from qlora_kit.model.experts import experts_lora_class
 
     loaded, _, _ = load_with_adapters(str(moe_dirs[kind]), [tmp_path / "adapter"], precision="fp32")
     assert any(isinstance(m, experts_lora_class()) for m in loaded.modules())
@@ -162,7 +163,7 @@ def test_a_merge_is_the_base_plus_the_adapter(moe_dirs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
 
     model = attach_lora(load_base_4bit(moe_dirs["qwen3_moe"], torch.float32, CPU), Recipe(rank=4, alpha=8))
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_gpt_oss_s_mxfp4_checkpoint_loads_in_4bit_and_merges(moe_dirs, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
     from tests.tiny_models import save_mxfp4_copies
 
     save_mxfp4_copies(moe_dirs["gpt_oss"], tmp_path / "mxfp4", tmp_path / "decoded")
@@ -227,7 +228,7 @@ def moe_run(moe_dirs, tmp_path_factory):
 
     from rich.console import Console
 
-    from qlora_kit.train import run_training
+    from qlora_kit.train.run import run_training
 
     folder = tmp_path_factory.mktemp("moe-run")
     data = folder / "d.jsonl"
@@ -240,7 +241,7 @@ def moe_run(moe_dirs, tmp_path_factory):
 def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwise_is_refused(
     moe_dirs, moe_run, tmp_path
 ):
-    from qlora_kit.export import export_gguf_adapter, export_merged_gguf
+    from qlora_kit.export.gguf import export_gguf_adapter, export_merged_gguf
 
     with pytest.raises(
         UserError, match="adapts a mixture of experts' weights, which llama.cpp cannot apply"
@@ -260,8 +261,8 @@ def test_an_experts_adapter_exports_merged_only_and_what_llama_cpp_reads_otherwi
 def test_an_experts_adapter_is_checked_against_the_base_s_expert_shapes(moe_dirs, moe_run, tmp_path):
     """Without base_model.json (another tool's adapter), the checkpoint's headers tell whether each expert maps as
     many features in and out as the adapter's LoRA does: experts stored apart (Qwen3-MoE) or fused (gpt-oss)."""
-    from qlora_kit.adapter import check_layer_shapes, expert_shapes
-    from qlora_kit.sources import weight_shapes
+    from qlora_kit.adapter.folder import check_layer_shapes, expert_shapes
+    from qlora_kit.probe.sources import weight_shapes
 
     own = weight_shapes(moe_dirs["qwen3_moe"])
     assert expert_shapes(own, "model.layers.0.mlp.experts") == (8, {(64, 64), (64, 32)})

@@ -9,9 +9,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from qlora_kit.errors import UserError
-from qlora_kit.export import export_gguf_adapter, export_merged_gguf, interleave_rotary_rows, lora_updates
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.export.gguf import export_gguf_adapter, export_merged_gguf, interleave_rotary_rows, lora_updates
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 from tests.test_cli import run_cli
 
 FAMILIES = (
@@ -53,7 +53,7 @@ def merged_models(adapters, tmp_path_factory) -> dict:
     """Each family's adapter merged into its base by peft, in fp32: what every export is compared with."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
 
     folder = tmp_path_factory.mktemp("merged")
     return {
@@ -242,7 +242,7 @@ def test_transformers_reads_each_merged_gguf_back_as_the_merged_model(adapters, 
 def test_a_merged_gguf_of_each_variant_is_what_peft_merges(adapters, tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
@@ -266,7 +266,7 @@ def test_a_loftq_adapter_exports_merged_into_the_weights_as_nf4_rounds_them(adap
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.model import load_base_4bit
+    from qlora_kit.model.load import load_base_4bit
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(8)))
@@ -313,7 +313,7 @@ def test_the_base_alone_exports_for_gguf_adapters_to_ride_on(adapters, tmp_path)
 def test_a_merged_export_says_its_peak_ram_and_refuses_when_it_is_not_there(adapters, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from qlora_kit.export import WRITE_BUFFER_BYTES, merged_export_ram
+    from qlora_kit.export.gguf import WRITE_BUFFER_BYTES, merged_export_ram
 
     adapter_dir, base = adapters["llama"]
     largest = 300 * 64  # the tiny Llama's embeddings and output head, the largest weights it has
@@ -408,7 +408,7 @@ def test_llama_cpp_runs_a_merged_mixture_of_experts_as_transformers_does(tmp_pat
     rule carries f16 weights' rounding on to a gap of 0.042 in this tiny model, against 0.0001 in f32 (effect 1.06)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
     from tests.tiny_models import save_mxfp4_copies, save_tiny_model
 
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
@@ -505,7 +505,7 @@ def test_llama_cpp_scales_rotary_frequencies_as_llama_3_does(adapters, tmp_path,
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
     from transformers import AutoModelForCausalLM
 
-    import qlora_kit.export as export
+    import qlora_kit.export.gguf as export
 
     base = with_config(adapters["llama"][1], tmp_path / "llama3", rope_parameters=LLAMA_3_ROPE)
     ids = list(range(5, 250, 4))
@@ -556,7 +556,7 @@ def test_llama_cpp_tokenizes_as_transformers_does_with_each_splitting_rule(adapt
     digits in threes, Qwen2 one by one, both split contractions case-blind; o200k splits words at case changes);
     llama.cpp knows them by name."""
     llama_cpp = pytest.importorskip("llama_cpp", reason='llama.cpp: pip install "qlora-kit[export]"')
-    import qlora_kit.export as export
+    import qlora_kit.export.gguf as export
 
     pattern = next((regex for regex, known in export.SPLIT_PATTERNS.items() if known == name), None)
     tokenizer = tokenizer_splitting_with(pattern)
@@ -585,7 +585,7 @@ def test_llama_cpp_runs_the_merged_smollm2_demo_as_transformers_does(demo_run, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit.sources import resolve_model
+    from qlora_kit.probe.sources import resolve_model
 
     out, _ = demo_run
     tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
@@ -626,7 +626,7 @@ def test_llama_cpp_applies_the_exported_smollm2_adapter_as_transformers_does(dem
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit.sources import gguf_file_of, resolve_model
+    from qlora_kit.probe.sources import gguf_file_of, resolve_model
 
     out, _ = demo_run
     adapter_gguf = export_gguf_adapter(out / "adapter", tmp_path / "adapter.gguf")

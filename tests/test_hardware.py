@@ -2,7 +2,7 @@ import json
 
 from rich.console import Console
 
-from qlora_kit.hardware import cap_gpu_memory, probe, render
+from qlora_kit.probe.hardware import cap_gpu_memory, probe, render
 
 
 def test_probe_without_a_gpu_reports_the_rest():
@@ -25,7 +25,7 @@ def test_threads_follow_the_cores_other_programs_leave_free(monkeypatch):
 
     import torch
 
-    from qlora_kit import hardware
+    from qlora_kit.probe import hardware
 
     cores = len(os.sched_getaffinity(0))
     readings = iter([(10.0, 10.0 * cores, 0.0), (20.0, 20.0 * cores, 10.0 * cores), (20.5, 0.0, 0.0)])
@@ -49,7 +49,7 @@ def test_threads_follow_the_cores_other_programs_leave_free(monkeypatch):
 def test_cpu_seconds_count_this_process_among_all_programs():
     import time
 
-    from qlora_kit.hardware import _cpu_seconds
+    from qlora_kit.probe.hardware import _cpu_seconds
 
     start = _cpu_seconds()
     until = time.process_time() + 0.3
@@ -65,7 +65,7 @@ def test_a_smaller_target_than_the_gpu_holds_torch_to_it_less_the_cuda_context(m
 
     import torch
 
-    from qlora_kit.memory import CUDA_CONTEXT_BYTES
+    from qlora_kit.probe.hardware import CUDA_CONTEXT_BYTES
     from qlora_kit.units import GIB
 
     fractions = []

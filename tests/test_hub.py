@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit import hub
 from qlora_kit.errors import UserError
-from qlora_kit.sources import resolve_model
+from qlora_kit.probe import hub
+from qlora_kit.probe.sources import resolve_model
 from tests.hub_stand_in import HubStandIn
 from tests.tiny_models import save_tiny_model
 
@@ -149,7 +149,7 @@ def test_a_hub_model_is_fetched_once_with_its_chat_template_and_found_offline_af
         "generation_config.json",
     }
     assert (folder / "chat_template.jinja").is_file() and not (folder / "original").exists()
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.model.load import load_tokenizer
 
     assert load_tokenizer(folder).chat_template  # the model's own template, not a fallback layout
     stand_in.requests.clear()
@@ -187,7 +187,7 @@ def test_an_adapter_on_the_hub_is_named_as_a_folder_is(stand_in, tmp_path, monke
     a model repo is not taken for an adapter."""
     from huggingface_hub import constants
 
-    from qlora_kit.sources import adapter_in, check_adapter_folder
+    from qlora_kit.probe.sources import adapter_in, check_adapter_folder
 
     stand_in.add_repo(
         "me/fox-adapter",
@@ -251,7 +251,7 @@ def test_too_little_free_disk_is_said_before_the_first_byte(stand_in, monkeypatc
 
 
 def test_plan_reads_a_hub_model_from_its_config_alone(stand_in):
-    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.probe.catalog import find_model_shape
 
     shape = find_model_shape("org/tiny-qwen3")
     assert shape.hidden_size == 64
@@ -262,7 +262,7 @@ def test_plan_of_a_hub_model_says_when_the_hub_cannot_be_reached(stand_in, monke
     """Not "no such model": the listing fails at once (a file download would retry for half a minute first)."""
     from huggingface_hub import constants
 
-    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.probe.catalog import find_model_shape
 
     find_model_shape("org/tiny-qwen3")  # planned once online: its config.json is cached
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
@@ -400,7 +400,7 @@ def test_revision_is_the_same_as_naming_it_after_an_at(stand_in, monkeypatch, ca
 
 DATASET_PROBE = """
 import json, sys
-from qlora_kit.data import read_records
+from qlora_kit.data.dataset import read_records
 from qlora_kit.errors import UserError
 for name, split in json.loads(sys.argv[1]):
     try:

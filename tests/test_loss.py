@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_kit.data import IGNORE
-from qlora_kit.loss import chunked_cross_entropy, default_chunk_tokens
+from qlora_kit.data.dataset import IGNORE
+from qlora_kit.objectives.sft import chunked_cross_entropy, default_chunk_tokens
 
 
 def full_logits_loss(hidden, weight, labels, softcap=None):

@@ -12,18 +12,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from qlora_kit import model as models
-from qlora_kit.catalog import find_model_shape
+from qlora_kit.architectures.shape import ModelShape
 from qlora_kit.errors import UserError
-from qlora_kit.memory import (
-    ModelShape,
+from qlora_kit.model import load as models
+from qlora_kit.plan.memory import (
     estimate_peak_memory,
     largest_micro_batch,
     longest_sequence,
     most_uncheckpointed_layers,
     quantized_weight_bytes,
 )
-from qlora_kit.recipes import Recipe
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.probe.catalog import find_model_shape
 from qlora_kit.units import GIB
 from tests.conftest import build_tokenizer, save_tiny_model
 from tests.tiny_models import tiny_config
@@ -346,7 +346,7 @@ def test_uncheckpointed_layers_sit_between_full_checkpointing_and_none_and_the_s
 
 
 def test_memory_model_needs_no_torch():
-    code = "import sys; import qlora_kit.memory; assert 'torch' not in sys.modules"
+    code = "import sys; import qlora_kit.plan.memory; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
@@ -403,7 +403,7 @@ def test_plan_matches_every_committed_gpu_measurement():
 
 
 def test_several_gpus_ddp_adds_gradient_buckets_and_fsdp_shards_the_weights():
-    from qlora_kit.catalog import find_model_shape
+    from qlora_kit.probe.catalog import find_model_shape
 
     shape, recipe = find_model_shape("llama-3.1-8b"), Recipe(seq_len=2048, micro_batch=1)
     one = estimate_peak_memory(shape, recipe)

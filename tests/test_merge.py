@@ -7,9 +7,9 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from qlora_kit.errors import UserError
-from qlora_kit.merge import merge_adapter
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.export.merge import merge_adapter
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 from tests.test_cli import run_cli
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -47,7 +47,7 @@ def test_an_exact_merge_gives_the_logits_of_base_plus_adapter(llama_dir, trained
 
 
 def test_merging_into_the_dequantized_4bit_base_tracks_the_trained_model(llama_dir, trained, tmp_path):
-    from qlora_kit import model as models
+    from qlora_kit.model import load as models
 
     # What training saw: the 4-bit base + adapter, in train mode (see models.no_dropout on bitsandbytes' CPU repacking).
     quantized = PeftModel.from_pretrained(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")), trained)

@@ -2,9 +2,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qlora_kit import model as models
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe
+from qlora_kit.model import load as models
+from qlora_kit.plan.recipes import Recipe
 from tests.conftest import save_tiny_model
 
 CPU = torch.device("cpu")
@@ -108,8 +108,8 @@ def test_an_adapter_made_for_another_base_is_refused_by_layer_and_shape(llama_di
     from safetensors.torch import load_file, save_file
 
     from qlora_kit.errors import UserError
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import run_training
     from tests.conftest import save_tiny_model
 
     data = tmp_path / "d.jsonl"
@@ -145,7 +145,7 @@ def test_loftq_starts_the_4bit_model_closer_to_the_16bit_one(llama_dir):
     """A and B start as the best rank-r fit of each weight's NF4 rounding error (default: B = 0, the 4-bit base)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.plan.recipes import Recipe
 
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_loftq_starts_the_4bit_model_closer_to_the_16bit_one(llama_dir):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_inits_that_would_change_a_4bit_base_are_refused(llama_dir, init):
     from qlora_kit.errors import UserError
-    from qlora_kit.recipes import Recipe
+    from qlora_kit.plan.recipes import Recipe
 
     with pytest.raises(UserError, match=f"lora_init {init} moves the main directions") as error:
         models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, torch.device("cpu")), Recipe(lora_init=init))

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from qlora_kit.ollama import ChatTurns, chat_turns, go_template, training_system_prompt, write_modelfile
+from qlora_kit.export.ollama import ChatTurns, chat_turns, go_template, training_system_prompt, write_modelfile
 from tests.test_cli import run_cli
 
 # Chat templates as the model families ship them (shortened where they only add tool calling).
@@ -174,8 +174,8 @@ def adapters_for_ollama(tmp_path, tiny_model_dir):
 
     from rich.console import Console
 
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import run_training
 
     data = tmp_path / "d.jsonl"
     data.write_text(

@@ -3,12 +3,12 @@ import json
 import pytest
 from rich.console import Console
 
-from qlora_kit.catalog import find_model_shape
 from qlora_kit.errors import UserError
-from qlora_kit.hardware import Gpu, probe
-from qlora_kit.memory import estimate_peak_memory
-from qlora_kit.plan import choose_target, make_plan, render, suggest_fix
-from qlora_kit.recipes import Recipe
+from qlora_kit.plan.memory import estimate_peak_memory
+from qlora_kit.plan.planner import choose_target, make_plan, render, suggest_fix
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.probe.catalog import find_model_shape
+from qlora_kit.probe.hardware import Gpu, probe
 from qlora_kit.units import GIB
 
 
@@ -116,7 +116,7 @@ def test_plan_for_several_gpus_through_the_cli(monkeypatch, capsys):
 def test_spare_memory_is_offered_as_layers_that_skip_recomputation():
     from typer.testing import CliRunner
 
-    from qlora_kit.cli import app
+    from qlora_kit.cli.app import app
 
     roomy = make_plan("gemma-2b", Recipe(seq_len=2048, micro_batch=4), choose_target(gpu="RTX 3090"))
     layers = roomy.uncheckpointed_layers

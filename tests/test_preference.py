@@ -9,10 +9,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_kit.data import IGNORE, Example, PreferencePair
-from qlora_kit.preference import PreferenceLoss, log1mexp
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import RunOptions, run_training
+from qlora_kit.data.dataset import IGNORE, Example, PreferencePair
+from qlora_kit.objectives.preference import PreferenceLoss, log1mexp
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import RunOptions, run_training
 
 PAIRS = [
     {"prompt": "the quick brown", "chosen": "fox jumps over", "rejected": "dog sleeps"},
@@ -212,7 +212,7 @@ PROMPT = [{"role": "user", "content": "Add 2 and 2"}]
     ],
 )
 def test_preference_formats_are_detected_and_normalised(tmp_path, line, format, normalised):
-    from qlora_kit.data import read_records
+    from qlora_kit.data.dataset import read_records
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(line) + "\n")
@@ -238,7 +238,7 @@ def test_preference_formats_are_detected_and_normalised(tmp_path, line, format, 
     ],
 )
 def test_each_bad_preference_line_is_named_with_its_problem(tmp_path, line, problem):
-    from qlora_kit.data import read_records
+    from qlora_kit.data.dataset import read_records
     from qlora_kit.errors import UserError
 
     path = tmp_path / "p.jsonl"
@@ -249,7 +249,7 @@ def test_each_bad_preference_line_is_named_with_its_problem(tmp_path, line, prob
 
 
 def test_only_the_answers_are_learned_in_both_forms(smollm):
-    from qlora_kit.data import tokenize_preference
+    from qlora_kit.data.dataset import tokenize_preference
     from tests.test_data import trained_spans
 
     (chosen, chosen_labels), (rejected, rejected_labels) = tokenize_preference(
@@ -275,7 +275,7 @@ def test_only_the_answers_are_learned_in_both_forms(smollm):
 def test_data_check_shows_both_answers_as_the_model_sees_them(tmp_path):
     from rich.console import Console as RichConsole
 
-    from qlora_kit.data import check_report
+    from qlora_kit.data.dataset import check_report
     from tests.tiny_models import build_tokenizer
 
     path = tmp_path / "p.jsonl"
@@ -339,12 +339,12 @@ def test_a_preference_run_learns_to_prefer_and_reports_rewards(llama_dir, tmp_pa
     if method == "dpo":  # at the start the adapter is off, so the policy is its reference
         assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[0]["reward_margin"] == 0
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "run" / "adapter")
-    from qlora_kit.dashboard import describe_step
-    from qlora_kit.report import load_run, summary_table, write_png
+    from qlora_kit.train.dashboard import describe_step
+    from qlora_kit.train.report import load_run, summary_table, write_png
     from tests.test_report import png_size
 
     assert "accuracy 1.00 margin" in describe_step(last)
-    from qlora_kit.dashboard import summary_table as end_of_run_table
+    from qlora_kit.train.dashboard import summary_table as end_of_run_table
 
     console = Console(file=io.StringIO(), width=200)
     console.print(end_of_run_table(summary, summary.info))
@@ -433,9 +433,9 @@ def test_dpo_from_an_sft_adapter_compares_with_that_adapter_and_resumes_exactly(
 
 
 def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
-    from qlora_kit.auto import run_auto
-    from qlora_kit.catalog import find_model_shape
-    from qlora_kit.memory import estimate_peak_memory
+    from qlora_kit.cli.auto import run_auto
+    from qlora_kit.plan.memory import estimate_peak_memory
+    from qlora_kit.probe.catalog import find_model_shape
 
     shape = find_model_shape("llama-3.1-8b")
     sft, dpo, orpo = (
@@ -467,7 +467,7 @@ def test_plan_and_auto_count_both_sequences_of_a_pair(llama_dir, tmp_path):
 
 def test_eval_on_preference_pairs_says_where_the_reward_accuracy_is(tmp_path):
     from qlora_kit.errors import UserError
-    from qlora_kit.evaluation import run_eval
+    from qlora_kit.inference.evaluation import run_eval
 
     with pytest.raises(UserError, match="holds preference pairs") as error:
         run_eval("smollm2-135m", None, preference_file(tmp_path))
@@ -475,7 +475,7 @@ def test_eval_on_preference_pairs_says_where_the_reward_accuracy_is(tmp_path):
 
 
 def test_out_of_memory_in_a_preference_step_steps_down_and_loses_no_step(llama_dir, tmp_path, monkeypatch):
-    from qlora_kit import preference
+    from qlora_kit.objectives import preference
 
     real, calls = preference.PreferenceLoss.forward, []
 
@@ -500,8 +500,8 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
 ):
     """Precomputed once (and kept in the run folder), the reference gives the same run as computing it in each step;
     a resumed run reads the kept values back instead of computing them again."""
-    from qlora_kit import train
-    from qlora_kit.preference import reference_log_probs
+    from qlora_kit.objectives.preference import reference_log_probs
+    from qlora_kit.train import run as train
     from tests.test_train import stopped_and_resumed_equals_whole
 
     settings = dict(
@@ -533,8 +533,8 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
     # Resumed on changed pairs (--allow-changed-data), the kept values are not theirs: they are computed again.
     import shutil
 
-    from qlora_kit import checkpoint
-    from qlora_kit.recipes import load_recipe
+    from qlora_kit.plan.recipes import load_recipe
+    from qlora_kit.train import checkpoint
 
     shutil.copytree(tmp_path / "whole", tmp_path / "changed")
     shutil.rmtree(checkpoint.complete_checkpoints(tmp_path / "changed")[0])
@@ -550,9 +550,9 @@ def test_a_precomputed_reference_trains_as_the_one_on_the_fly_and_resumes_from_t
 
 
 def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only_that_fits():
-    from qlora_kit.catalog import find_model_shape
-    from qlora_kit.memory import estimate_peak_memory
-    from qlora_kit.plan import Target, choose_reference, make_plan, reference_forwards
+    from qlora_kit.plan.memory import estimate_peak_memory
+    from qlora_kit.plan.planner import Target, choose_reference, make_plan, reference_forwards
+    from qlora_kit.probe.catalog import find_model_shape
 
     recipe = Recipe(method="dpo", micro_batch=2, grad_accum=4, eval_every=10)
     assert reference_forwards(recipe, total_steps=25, pairs=100, eval_pairs=20) == (25 * 8 + 3 * 20, 120)
@@ -584,8 +584,8 @@ def test_the_plan_precomputes_the_reference_when_that_takes_fewer_passes_or_only
 
 
 def test_a_pair_cut_shorter_by_a_step_down_loses_its_precomputed_reference(llama_dir):
-    from qlora_kit.data import truncate
-    from qlora_kit.model import attach_lora, load_base_4bit
+    from qlora_kit.data.dataset import truncate
+    from qlora_kit.model.load import attach_lora, load_base_4bit
 
     short, long = (
         PreferencePair(

@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 from qlora_kit.errors import UserError
-from qlora_kit.push import adapter_and_run, files_to_push, hub_base, push_card
-from qlora_kit.recipes import Recipe
-from qlora_kit.train import run_training
+from qlora_kit.export.push import adapter_and_run, files_to_push, hub_base, push_card
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train.run import run_training
 
 
 @pytest.fixture(scope="module")

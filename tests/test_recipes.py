@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe, load_recipe, recipe_from_dict, with_overrides
+from qlora_kit.plan.recipes import Recipe, load_recipe, recipe_from_dict, with_overrides
 
 
 def test_recipe_yaml_round_trips_with_a_comment_per_setting(tmp_path):
@@ -52,7 +52,7 @@ def test_recipe_file_errors_are_user_errors(tmp_path):
 
 
 def test_the_optimizer_in_use_is_the_one_memory_disk_and_training_all_assume():
-    from qlora_kit.recipes import optimizer_in_use
+    from qlora_kit.plan.recipes import optimizer_in_use
 
     assert optimizer_in_use(Recipe(), "cuda") == "paged_adamw_8bit" and optimizer_in_use(Recipe(), "cpu") == "adamw"
     assert optimizer_in_use(Recipe(optimizer="paged_adamw_8bit"), "cpu") == "adamw", "paging needs CUDA"
@@ -63,7 +63,7 @@ def test_the_optimizer_in_use_is_the_one_memory_disk_and_training_all_assume():
 def test_shipped_recipes_are_read_from_the_installed_package():
     from importlib import resources
 
-    from qlora_kit.recipes import SHIPPED_RECIPES, card_recipes
+    from qlora_kit.plan.recipes import SHIPPED_RECIPES, card_recipes
 
     assert list(card_recipes()) == ["4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
     shipped = {f.name for f in resources.files(SHIPPED_RECIPES).iterdir()}
@@ -86,7 +86,7 @@ def test_recipes_show_redirected_to_a_file_is_the_recipe_itself(monkeypatch, cap
 def test_the_recipes_table_in_the_docs_says_what_the_files_say():
     from pathlib import Path
 
-    from qlora_kit.recipes import card_recipes
+    from qlora_kit.plan.recipes import card_recipes
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     rows = {

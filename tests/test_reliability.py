@@ -24,12 +24,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from qlora_kit import checkpoint, cli, loop, run_folder, train
+from qlora_kit.cli import app as cli
 from qlora_kit.errors import UserError
-from qlora_kit.recipes import Recipe, load_recipe
-from qlora_kit.run_folder import named_run_dir
-from qlora_kit.sources import IDENTITY_FILE, model_identity
-from qlora_kit.train import RunOptions, run_training
+from qlora_kit.plan.recipes import Recipe, load_recipe
+from qlora_kit.probe.sources import IDENTITY_FILE, model_identity
+from qlora_kit.train import checkpoint, loop, run as train, run_folder
+from qlora_kit.train.run import RunOptions, run_training
+from qlora_kit.train.run_folder import named_run_dir
 from tests.tiny_models import save_tiny_model
 
 QUIET = Console(file=io.StringIO())
@@ -37,14 +38,14 @@ STEPS, EVERY = 20, 5
 
 CHILD = """
 import sys, time
-import qlora_kit.loop as loop
+import qlora_kit.train.loop as loop
 original, delay = loop.forward_backward, float(sys.argv[1])
 def slow(*args, **kwargs):
     time.sleep(delay)
     return original(*args, **kwargs)
 loop.forward_backward = slow
 sys.argv = ["qlora-kit", *sys.argv[2:]]
-from qlora_kit.cli import main
+from qlora_kit.cli.app import main
 main()
 """
 
@@ -229,7 +230,7 @@ def test_run_names_that_are_plain_stay_under_runs():
 
 
 def test_adapters_are_read_only_as_safetensors(tmp_path):
-    from qlora_kit.adapter import load_with_adapter
+    from qlora_kit.adapter.folder import load_with_adapter
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
@@ -240,7 +241,7 @@ def test_adapters_are_read_only_as_safetensors(tmp_path):
 def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
     from transformers import AutoTokenizer
 
-    from qlora_kit import model as models
+    from qlora_kit.model import load as models
 
     seen = []
     original = AutoTokenizer.from_pretrained
@@ -255,9 +256,9 @@ def test_model_code_runs_only_when_trusted(llama_dir, monkeypatch):
 
 
 def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
-    from qlora_kit.memory import MemoryPlan
-    from qlora_kit.plan import PlanReport, Target
-    from qlora_kit.train import check_fits
+    from qlora_kit.plan.memory import MemoryPlan
+    from qlora_kit.plan.planner import PlanReport, Target
+    from qlora_kit.train.run import check_fits
 
     needs = MemoryPlan("m", "cpu", 4096, 64, 8, {"activations": 100 * 2**30}, 0, 0, 0, capacity_bytes=8 * 2**30)
     plan = PlanReport(needs, Target("RAM", "cpu", 8 * 2**30), 512, 1, "--micro-batch 1")
@@ -271,7 +272,7 @@ def test_force_starts_a_cpu_run_its_plan_says_cannot_fit(tmp_path):
 
 STUCK_CHILD = """
 import hashlib, sys
-import qlora_kit.loop as loop
+import qlora_kit.train.loop as loop
 original, calls, marker = loop.forward_backward, [], sys.argv[1]
 def stuck(*args, **kwargs):
     calls.append(1)
@@ -281,7 +282,7 @@ def stuck(*args, **kwargs):
     return original(*args, **kwargs)
 loop.forward_backward = stuck
 sys.argv = ["qlora-kit", *sys.argv[2:]]
-from qlora_kit.cli import main
+from qlora_kit.cli.app import main
 main()
 """
 
@@ -428,7 +429,7 @@ def nothing_ran(case: Case) -> None:
 
 
 def full_disk_mid_metrics(case: Case, patches) -> list:
-    from qlora_kit.dashboard import MetricsLog
+    from qlora_kit.train.dashboard import MetricsLog
 
     original = MetricsLog.write
 
@@ -506,7 +507,7 @@ def replaced_by_a_file_mid_run(case: Case, patches) -> list:
 
 
 def plan_cannot_fit(case: Case, patches) -> list:
-    from qlora_kit.hardware import probe
+    from qlora_kit.probe.hardware import probe
 
     patches.setattr(train, "probe", lambda **kwargs: replace(probe(**kwargs), ram_available_gib=0.001))
     return case.train()
@@ -1808,7 +1809,7 @@ def reference(llama_dir, tmp_path_factory) -> SimpleNamespace:
     data_file = folder / "chat.jsonl"
     data_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats * 4))
     with pytest.MonkeyPatch.context() as patches:
-        patches.setattr("qlora_kit.data.cache_dir", lambda: folder / "cache")
+        patches.setattr("qlora_kit.data.dataset.cache_dir", lambda: folder / "cache")
         run_training(recipe_for(llama_dir, data_file), folder / "reference", QUIET)
     custom_model = with_model_code(llama_dir, folder / "custom-model")
     # The reference adapter as if trained on the custom model (its weights are the same): what merge is given.

@@ -8,9 +8,9 @@ import pytest
 from rich.console import Console
 
 from qlora_kit.errors import UserError
-from qlora_kit.memory import MemoryPlan
-from qlora_kit.plan import PlanReport, Target
-from qlora_kit.report import load_run, summary_table, write_png
+from qlora_kit.plan.memory import MemoryPlan
+from qlora_kit.plan.planner import PlanReport, Target
+from qlora_kit.train.report import load_run, summary_table, write_png
 from tests.test_dashboard import scripted
 
 COMMITTED = Path(__file__).parent / "data" / "cpu-run"  # 10 steps of the demo on 2 CPU cores

@@ -8,13 +8,13 @@ import sys
 import pytest
 from rich.console import Console
 
-from qlora_kit import run_folder
 from qlora_kit.errors import UserError
-from qlora_kit.memory import MemoryPlan
-from qlora_kit.plan import PlanReport, Target
-from qlora_kit.recipes import Recipe
-from qlora_kit.run_folder import RunFolder, open_run_folder
-from qlora_kit.train import RunOptions, run_training
+from qlora_kit.plan.memory import MemoryPlan
+from qlora_kit.plan.planner import PlanReport, Target
+from qlora_kit.plan.recipes import Recipe
+from qlora_kit.train import run_folder
+from qlora_kit.train.run import RunOptions, run_training
+from qlora_kit.train.run_folder import RunFolder, open_run_folder
 
 QUIET = Console(file=io.StringIO())
 A_PLAN = PlanReport(
@@ -42,7 +42,7 @@ def test_a_second_process_on_a_folder_in_use_is_refused_and_named(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_lock_behind(tmp_path):
-    code = "import os, sys, pathlib; from qlora_kit.run_folder import lock; lock(pathlib.Path(sys.argv[1])); os.kill(os.getpid(), 9)"
+    code = "import os, sys, pathlib; from qlora_kit.train.run_folder import lock; lock(pathlib.Path(sys.argv[1])); os.kill(os.getpid(), 9)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
     assert (tmp_path / ".lock").exists(), "the file stays, but the kernel released the lock with the process"
     open_run_folder(tmp_path, Recipe(), resume=False, overwrite=True, console=QUIET).close()

@@ -2,8 +2,8 @@ import importlib.util
 
 import pytest
 
-from qlora_kit import sources
 from qlora_kit.errors import UserError
+from qlora_kit.probe import sources
 
 
 def test_a_model_folder_resolves_to_itself(llama_dir):
@@ -82,7 +82,7 @@ def test_converted_gguf_folders_of_files_that_are_gone_are_removed_on_the_next_c
 ):
     """Each virtual environment ships its own copy of a packaged GGUF: without pruning, every deleted environment
     would leave a dequantized model folder behind in the cache for good."""
-    from qlora_kit.export import export_merged_gguf
+    from qlora_kit.export.gguf import export_merged_gguf
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
     first, second = (

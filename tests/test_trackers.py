@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from qlora_kit import trackers
 from qlora_kit.errors import UserError
-from qlora_kit.trackers import parse_report_to, tracked_values
+from qlora_kit.train import trackers
+from qlora_kit.train.trackers import parse_report_to, tracked_values
 
 ROOT = Path(__file__).parents[1]
 needs_all = pytest.mark.skipif(
@@ -209,8 +209,8 @@ def test_a_resume_goes_on_in_the_same_tracker_run(llama_dir, chat_data, tmp_path
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import RunOptions, run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import RunOptions, run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -234,8 +234,8 @@ def test_a_resume_goes_on_in_the_same_tracker_run(llama_dir, chat_data, tmp_path
 
 
 def test_a_tracker_that_fails_mid_run_is_said_once_and_costs_no_step(llama_dir, chat_data, tmp_path, monkeypatch):
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import RunOptions, run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import RunOptions, run_training
 
     monkeypatch.setitem(trackers.OPENERS, "mlflow", Breaking)
     shown = Console(file=io.StringIO(), width=300)
@@ -248,8 +248,8 @@ def test_a_tracker_that_fails_mid_run_is_said_once_and_costs_no_step(llama_dir, 
 def test_a_tracker_that_will_not_start_is_one_sentence_and_leaves_no_run_behind(
     llama_dir, chat_data, tmp_path, monkeypatch
 ):
-    from qlora_kit.recipes import Recipe
-    from qlora_kit.train import RunOptions, run_training
+    from qlora_kit.plan.recipes import Recipe
+    from qlora_kit.train.run import RunOptions, run_training
 
     def refuses(*args):
         raise RuntimeError("The store is read-only. Long explanation follows.\nMore lines.")

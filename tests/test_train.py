@@ -7,11 +7,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_kit import data, model as models
+from qlora_kit.data import dataset as data
 from qlora_kit.errors import UserError
-from qlora_kit.loop import StepsKept, lr_multiplier, train_model
-from qlora_kit.recipes import Recipe, count_steps, load_recipe
-from qlora_kit.train import RunOptions, run_training
+from qlora_kit.model import load as models
+from qlora_kit.plan.recipes import Recipe, count_steps, load_recipe
+from qlora_kit.train.loop import StepsKept, lr_multiplier, train_model
+from qlora_kit.train.run import RunOptions, run_training
 
 CPU = torch.device("cpu")
 QUIET = Console(file=io.StringIO())
@@ -113,7 +114,8 @@ def test_existing_run_and_bad_input_write_nothing(llama_dir, chat_data, tmp_path
 def flaky_loss(monkeypatch, fails):
     """Make the loss raise CUDA's out-of-memory error on the last micro-batch of the steps fails(step, batch) picks,
     after earlier micro-batches have already accumulated gradients."""
-    from qlora_kit import loop, loss as losses
+    from qlora_kit.objectives import sft as losses
+    from qlora_kit.train import loop
 
     real_loss, real_step = losses.chunked_cross_entropy, loop.forward_backward
     state = {"step": 1, "calls": 0, "per_step": 0}
@@ -151,7 +153,7 @@ def test_out_of_memory_steps_down_and_loses_no_step(llama_dir, text_data, tmp_pa
 
 
 def test_out_of_memory_in_evaluation_steps_down_like_in_training(llama_dir, text_data, tmp_path, monkeypatch):
-    from qlora_kit import loss as losses
+    from qlora_kit.objectives import sft as losses
 
     real = losses.chunked_cross_entropy
 
@@ -192,7 +194,7 @@ def test_a_redone_step_gives_the_same_update(llama_dir, text_data, tmp_path, mon
 
 
 def test_when_nothing_fits_the_run_stops_with_the_adapter_saved(llama_dir, text_data, tmp_path, monkeypatch):
-    from qlora_kit import loss as losses
+    from qlora_kit.objectives import sft as losses
 
     real = losses.chunked_cross_entropy
     calls = {"n": 0}
@@ -231,7 +233,7 @@ def test_held_out_data_is_evaluated_on_schedule_and_at_the_end(llama_dir, text_d
 
 
 def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
-    from qlora_kit.loss import evaluate
+    from qlora_kit.objectives.sft import evaluate
 
     recipe = Recipe(rank=4, micro_batch=4, dropout=0.1)
     tokenizer = models.load_tokenizer(llama_dir)
@@ -247,7 +249,7 @@ def test_evaluation_leaves_training_exactly_as_it_was(llama_dir, text_data):
 
 def test_a_packed_sequence_gives_each_example_the_hidden_states_it_has_alone(llama_dir):
     """Restarting position ids must mean no attention across packed examples (transformers' block-diagonal mask)."""
-    from qlora_kit.loss import final_hidden_states as forward
+    from qlora_kit.objectives.sft import final_hidden_states as forward
 
     model = models.attach_lora(models.load_base_4bit(llama_dir, torch.float32, CPU), Recipe(rank=4, dropout=0.0))
     decoder = models.lm_parts(model)[0]
@@ -306,7 +308,7 @@ def test_out_of_memory_first_recomputes_every_layer_and_a_resume_keeps_it_so(
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     monkeypatch.undo()
-    from qlora_kit import loop
+    from qlora_kit.train import loop
 
     calls = []
     real = models.set_checkpointing
@@ -346,7 +348,7 @@ def test_staging_folders_a_killed_run_left_are_removed_when_it_resumes(llama_dir
 
 
 def test_a_cpu_run_its_plan_says_cannot_fit_stops_before_loading_the_model(llama_dir, tmp_path, monkeypatch):
-    from qlora_kit import train
+    from qlora_kit.train import run as train
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
@@ -380,7 +382,7 @@ def test_signal_handling_ends_quietly_when_its_watcher_has_ended_first():
     import time
     from types import SimpleNamespace
 
-    from qlora_kit.signals import StopOnSignal
+    from qlora_kit.train.signals import StopOnSignal
 
     signals = StopOnSignal(SimpleNamespace(note=print, restore_terminal=lambda: None))
     signals.__enter__()
@@ -464,7 +466,7 @@ def stopped_and_resumed_equals_whole(recipe, tmp_path) -> None:
 
     from safetensors.torch import load_file
 
-    from qlora_kit import checkpoint
+    from qlora_kit.train import checkpoint
 
     run_training(recipe, tmp_path / "whole", QUIET)
     shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
@@ -506,7 +508,7 @@ def test_each_lora_variant_trains_resumes_exactly_and_merges_as_it_runs(llama_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.merge import merge_adapter
+    from qlora_kit.export.merge import merge_adapter
 
     recipe = Recipe(
         **{

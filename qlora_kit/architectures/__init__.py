@@ -75,12 +75,13 @@ class Family:
         return f"{self.name} ({', '.join(self.model_types)})"
 
 
+SHARED_MODULES = {"shape", "fused_experts"}  # the family-neutral shape, and what fused experts' LoRA changes
+
+
 def all_families() -> list[Family]:
-    """Every family module's FAMILY, in module name order."""
-    found = []
-    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        found.append(importlib.import_module(f"{__name__}.{module}").FAMILY)
-    return found
+    """Every family module's FAMILY, in module name order (the package's other modules hold what all share)."""
+    modules = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED_MODULES)
+    return [importlib.import_module(f"{__name__}.{module}").FAMILY for module in modules]
 
 
 def frozen_modules_pattern(model) -> str | None:

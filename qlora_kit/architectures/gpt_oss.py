@@ -16,7 +16,7 @@ LLAMA_CPP_SWIGLU = (7.0, 1.702)  # the clamp and sigmoid scale llama.cpp's gpt-o
 def gguf_metadata(writer, config: dict) -> None:
     import gguf
 
-    from qlora_kit.memory import moe_shape
+    from qlora_kit.architectures.shape import moe_shape
 
     layers = config["num_hidden_layers"]
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
@@ -82,7 +82,7 @@ def gguf_weights(weights, config: dict, updates: dict):
 
 def experts_as_llama_cpp(layer: str, projection: str, weight, updates: dict):
     """One fused experts weight (experts x in x out) as llama.cpp's stacked out x in tensors, with its change."""
-    from qlora_kit.export import experts_change
+    from qlora_kit.architectures.fused_experts import experts_change
 
     stack = weight.float().transpose(1, 2)
     key, change = experts_change(layer, projection, stack, updates)

@@ -9,7 +9,7 @@ from qlora_kit.errors import UserError
 
 
 def gguf_metadata(writer, config: dict) -> None:
-    from qlora_kit.memory import moe_shape
+    from qlora_kit.architectures.shape import moe_shape
 
     moe = moe_shape(config)
     differs = [

@@ -26,7 +26,7 @@ def shape_fields(config: dict) -> dict:
 
 
 def gguf_metadata(writer, config: dict) -> None:
-    from qlora_kit.memory import moe_shape
+    from qlora_kit.architectures.shape import moe_shape
 
     moe = moe_shape(config)
     if not config.get("norm_topk_prob", True) or moe["moe_layers"] != config["num_hidden_layers"]:
