@@ -42,10 +42,10 @@ import json, sys, time, re
 from pathlib import Path
 from rich.console import Console
 from qlora_kit.plan.recipes import Recipe
-from qlora_kit.train.run import run_training
+from qlora_kit.train.run import RunOptions, run_training
 settings, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 started = time.perf_counter()
-summary = run_training(Recipe(**settings), out, Console(quiet=True), display="quiet")
+summary = run_training(Recipe(**settings), out, Console(quiet=True), RunOptions(display="quiet"))
 metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 tokens = sum(m.get("tokens", 0) for m in metrics)
 print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens,
