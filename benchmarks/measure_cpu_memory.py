@@ -4,7 +4,7 @@ How: in this process (started with MALLOC_MMAP_THRESHOLD_=65536 so every tensor 
 mmap and is returned to the OS when freed), run one warm-up step so optimizer states exist, reset the
 kernel's peak-RSS counter (/proc/self/clear_refs), run one more step, and read the peak (VmHWM). The peak
 minus the resident size before the step is the step's transient memory: gradients, saved activations,
-the recomputed layer and the loss working set, which is what memory.py predicts for those components.
+the recomputed layer and the loss working set, which is what plan/memory.py predicts for those components.
 
 Usage: MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/measure_cpu_memory.py MODEL_DIR '{"seq_len": 1024, ...}'
 (the JSON holds Recipe settings). Prints one JSON line.

@@ -1,4 +1,4 @@
-"""Mixture-of-experts models in 4-bit (qlora_kit/experts.py): the experts NF4 expert by expert, LoRA on each expert and
+"""Mixture-of-experts models in 4-bit (qlora_kit/model/experts.py): the experts NF4 expert by expert, LoRA on each expert and
 not on the router, the adapter plain PEFT's, and the plan's counts those of the loaded model; on tiny Qwen3-MoE and
 gpt-oss models (8 experts, 2 routed a token)."""
 

@@ -51,7 +51,7 @@ class Family:
     fp16_overflows: bool = False
     # GGUF, as llama.cpp reads it (gguf_name None: llama.cpp does not run the family, and export says so)
     gguf_name: str | None = None  # general.architecture, and the gguf package's tensor name map
-    rotary_rows_interleaved: bool = False  # llama.cpp's Llama layout: q and k rows reordered (export.py's doc)
+    rotary_rows_interleaved: bool = False  # llama.cpp's Llama layout: q and k rows reordered (export/gguf.py's doc)
     norms_plus_one: bool = False  # RMSNorm scales by 1 + weight in transformers, by the weight llama.cpp reads
     output_is_embeddings: bool = False  # the output head is always the embeddings; llama.cpp reads token_embd
     rope_scalings: tuple[str, ...] = ()  # rotary scalings beyond "default" that llama.cpp computes as transformers

@@ -1,6 +1,6 @@
 """Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B): Qwen3's attention (q/k norms, head_dim 128) with a mixture of experts in
 every layer's MLP: 128 experts of width moe_intermediate_size, 8 routed a token, no shared expert. The experts are
-held in 4-bit and adapted per expert (qlora_kit/experts.py); the router stays frozen. llama.cpp runs it as
+held in 4-bit and adapted per expert (qlora_kit/model/experts.py); the router stays frozen. llama.cpp runs it as
 qwen3moe, with the experts' weights stacked per layer; it renormalises the routed experts' weights always and has
 every layer sparse, so a config that differs is refused on export."""
 

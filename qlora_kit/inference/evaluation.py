@@ -1,7 +1,7 @@
 """`qlora-kit eval`: loss and perplexity on held-out data, the base model beside base + adapter.
 
-The examples are read, rendered and masked exactly as training does (data.py), and the loss is the training
-loop's own (loss.evaluate), so an eval loss here equals the eval loss a run reports on the same data.
+The examples are read, rendered and masked exactly as training does (data/dataset.py), and the loss is the training
+loop's own (objectives/sft.py), so an eval loss here equals the eval loss a run reports on the same data.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Recipe: every setting of a training run, with a help line, type and allowed range per field.
 
 The same field metadata drives validation (of every Recipe made), YAML loading, the run's recipe.yaml and the
-command-line flags of `train` (cli.py makes one per field), so a new setting is one edit here.
+command-line flags of `train` (cli/app.py makes one per field), so a new setting is one edit here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 run_training() is what `train` and `auto` call. It reads top to bottom as the steps of a run: the run folder,
 the data, the plan, the model, the loop (with dashboard, checkpoints and signals), the adapter; one function each.
-loop.py holds the loop itself, loss.py what a micro-batch costs, run_folder.py what lands on disk.
+loop.py holds the loop itself, objectives/ what a micro-batch costs, run_folder.py what lands on disk.
 """
 
 from __future__ import annotations
