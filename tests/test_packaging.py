@@ -30,7 +30,8 @@ def test_the_wheel_ships_every_module_the_catalogue_the_recipes_and_the_demo_dat
     assert built.returncode == 0, built.stderr[-2000:]
     [wheel] = tmp_path.glob("qlora_kit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    needed = {f"qlora_kit/catalog/{f}" for f in ("models.yaml", "gpus.yaml")} | {"qlora_kit/demo_data/pirate.jsonl"}
+    needed = {f"qlora_kit/probe/catalog/{f}" for f in ("models.yaml", "gpus.yaml")}
+    needed |= {"qlora_kit/demo_data/pirate.jsonl"}
     needed |= {f"qlora_kit/recipe_files/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
     # every module, subpackages too: setuptools' package list is explicit (qlora_kit.architectures was once left out)
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "qlora_kit").rglob("*.py")}
