@@ -1,4 +1,5 @@
-"""`qlora-kit auto`: probe -> plan -> choose a recipe and tune it to this card, model and data -> train.
+"""The choice `qlora-kit auto` makes: a shipped recipe picked and tuned to this card, model and data (cli/auto.py
+probes, reads the data, and trains with it).
 
 The choice, in a fixed order so it is predictable:
 1. start from the largest shipped recipe whose card size is not above the usable memory (cpu.yaml without a GPU);
@@ -24,14 +25,7 @@ from rich.text import Text
 from qlora_kit.architectures.shape import ModelShape
 from qlora_kit.plan.memory import TIGHT_FRACTION, estimate_peak_memory, most_uncheckpointed_layers
 from qlora_kit.plan.planner import StepShape, Target, cheaper, reference_forwards
-from qlora_kit.plan.recipes import (
-    Recipe,
-    card_gb,
-    card_recipes,
-    count_steps,
-    load_recipe,
-    recipe_summary,
-)
+from qlora_kit.plan.recipes import Recipe, card_gb, card_recipes, count_steps, load_recipe, recipe_summary
 from qlora_kit.probe.sources import describe_source
 from qlora_kit.units import GIB
 

@@ -40,16 +40,13 @@ class LoopState:
 
     model: torch.nn.Module
     loss: torch.nn.Module  # CausalLMLoss or PreferenceLoss, wrapped for data parallelism
+    trainable: list[torch.nn.Parameter]  # what the optimizer steps and the gradient clipping measures
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     progress: TrainerState  # the step, the data position, the step's shape after step-downs, skipped updates
     device: torch.device
     world: World = World()
-
-    @property
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 class Hooks:
@@ -107,10 +104,11 @@ def start_loop(
     )
     # Wrapped first: FSDP replaces the parameters with sharded ones, which are what the optimizer must hold.
     loss = world.wrap(loss, device, recipe.parallel, dtype)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe, device, console)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, recipe, device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(progress.total_steps, recipe))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    state = LoopState(model, loss, optimizer, scheduler, scaler, progress, device, world)
+    state = LoopState(model, loss, trainable, optimizer, scheduler, scaler, progress, device, world)
     if resume_from:
         resume(state, resume_from, recipe, console)
     return state

@@ -669,7 +669,8 @@ def write_checkpoint(setup: Run, state: LoopState) -> None:
 def _finish(setup: Run, record: RunRecord, outcome: Outcome, console: Console) -> RunSummary:
     """Write the adapter of the last finished step (also after a stop or an error), then say how the run ended."""
     adapter_dir, steps = setup.folder.path / "adapter", len(record.losses)
-    adapter_bytes = _save_final_adapter(setup, record, outcome)
+    trainable, total = parameter_counts(setup.model)
+    adapter_bytes = _save_final_adapter(setup, record, outcome, trainable)
     match outcome:
         case Outcome(error=UserError() as error):
             raise UserError(error.message, hint=f"The adapter of step {steps} is saved in {adapter_dir}. {error.hint}")
@@ -682,7 +683,6 @@ def _finish(setup: Run, record: RunRecord, outcome: Outcome, console: Console) -
                 soft_wrap=True,
             )
     setup.world.finish()
-    trainable, total = parameter_counts(setup.model)
     return RunSummary(
         steps,
         record.losses[0],
@@ -705,7 +705,7 @@ def _finish(setup: Run, record: RunRecord, outcome: Outcome, console: Console) -
     )
 
 
-def _save_final_adapter(setup: Run, record: RunRecord, outcome: Outcome) -> int:
+def _save_final_adapter(setup: Run, record: RunRecord, outcome: Outcome, trainable: int) -> int:
     """Write the adapter of the record's last step with its card; returns its bytes (0 on other ranks). Where it
     cannot be written, a failed run's own error is what is raised: it is what the user must act on first."""
     steps, adapter_dir = len(record.losses), setup.folder.path / "adapter"
@@ -722,7 +722,7 @@ def _save_final_adapter(setup: Run, record: RunRecord, outcome: Outcome) -> int:
         eval_loss=record.eval_losses[-1] if record.eval_losses else None,
         peak_memory_gib=max(record.peaks_gib),
         memory_kind="GPU reserved" if setup.device.type == "cuda" else "process RSS",
-        trainable_params=parameter_counts(setup.model)[0],
+        trainable_params=trainable,
         precision=str(setup.dtype).removeprefix("torch."),
     )
     lora = checkpoint.gather_trainable(setup.model)
